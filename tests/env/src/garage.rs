@@ -1,0 +1,177 @@
+//! A single-node Garage server (S3-compatible) on loopback, for tests and the demo.
+//!
+//! Garage is AGPL software; it runs as a separate process and is never linked. `cargo xtask
+//! setup` installs it into `.tools/bin/garage`.
+
+use std::{
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::{random_hex, tools_dir};
+
+/// A running Garage server with one bucket and one key, stopped and removed on drop.
+#[derive(Debug)]
+pub struct Garage {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    /// S3 endpoint, `http://127.0.0.1:PORT`.
+    pub endpoint: String,
+    /// Region clients must sign with.
+    pub region: String,
+    /// The bucket created at start.
+    pub bucket: String,
+    /// Access key id.
+    pub access_key: String,
+    /// Secret key.
+    pub secret_key: String,
+    s3_addr: SocketAddr,
+}
+
+/// A port on 127.0.0.1 that was free a moment ago.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("bind a free port").port()
+}
+
+impl Garage {
+    /// The installed Garage binary.
+    pub fn binary() -> PathBuf {
+        let path = tools_dir().join("bin/garage");
+        assert!(path.is_file(), "Garage is not installed at {}: run `cargo xtask setup`", path.display());
+        path
+    }
+
+    /// Starts a server with a fresh directory, keys and bucket, and waits until it answers.
+    pub fn start() -> Self {
+        let dir = tempfile::Builder::new().prefix("tapstream-garage-").tempdir().expect("temp dir");
+        let (rpc, s3, admin) = (free_port(), free_port(), free_port());
+        let config = dir.path().join("garage.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"metadata_dir = "{dir}/meta"
+data_dir = "{dir}/data"
+db_engine = "sqlite"
+replication_factor = 1
+rpc_bind_addr = "127.0.0.1:{rpc}"
+rpc_public_addr = "127.0.0.1:{rpc}"
+rpc_secret = "{secret}"
+
+[s3_api]
+s3_region = "garage"
+api_bind_addr = "127.0.0.1:{s3}"
+root_domain = ".s3.garage.localhost"
+
+[admin]
+api_bind_addr = "127.0.0.1:{admin}"
+"#,
+                dir = dir.path().display(),
+                secret = random_hex(32),
+            ),
+        )
+        .expect("write garage.toml");
+        let mut garage = Self {
+            child: None,
+            config,
+            endpoint: format!("http://127.0.0.1:{s3}"),
+            region: "garage".into(),
+            bucket: "tapstream-test".into(),
+            access_key: format!("GK{}", random_hex(12)),
+            secret_key: random_hex(32),
+            s3_addr: SocketAddr::from(([127, 0, 0, 1], s3)),
+            dir,
+        };
+        garage.resume();
+        garage
+    }
+
+    /// Starts the server process again after [`Garage::stop`] (same data, keys and port).
+    pub fn resume(&mut self) {
+        assert!(self.child.is_none(), "Garage is already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("garage.log"))
+            .expect("garage log");
+        let child = Command::new(Self::binary())
+            .arg("-c")
+            .arg(&self.config)
+            .args(["server", "--single-node", "--default-bucket"])
+            .env("GARAGE_DEFAULT_ACCESS_KEY", &self.access_key)
+            .env("GARAGE_DEFAULT_SECRET_KEY", &self.secret_key)
+            .env("GARAGE_DEFAULT_BUCKET", &self.bucket)
+            .env("RUST_LOG", "garage=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .spawn()
+            .expect("start garage");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    /// Stops the server process (an outage); [`Garage::resume`] starts it again.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("garage.log")).unwrap_or_default()
+    }
+
+    /// Waits until the S3 API answers HTTP. Garage creates the default key and bucket before
+    /// it starts listening, so an answer means the bucket is there.
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().expect("wait garage")) {
+                panic!("Garage exited ({status}) before it was ready:\n{}", self.log());
+            }
+            if self.answers_http() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "Garage not ready after 30 s:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Whether the S3 port answers an (anonymous) HTTP request.
+    fn answers_http(&self) -> bool {
+        use std::io::{Read as _, Write as _};
+        let Ok(mut stream) = TcpStream::connect_timeout(&self.s3_addr, Duration::from_millis(200)) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+        let request =
+            format!("HEAD /{} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", self.bucket, self.s3_addr);
+        if stream.write_all(request.as_bytes()).is_err() {
+            return false;
+        }
+        let mut reply = String::new();
+        let _ = stream.read_to_string(&mut reply);
+        reply.starts_with("HTTP/1.1 ")
+    }
+
+    /// Environment variables that point the AWS SDK (and tapstream) at this server.
+    pub fn aws_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ACCESS_KEY_ID", self.access_key.clone()),
+            ("AWS_SECRET_ACCESS_KEY", self.secret_key.clone()),
+            ("AWS_REGION", self.region.clone()),
+            ("AWS_ENDPOINT_URL", self.endpoint.clone()),
+        ]
+    }
+}
+
+impl Drop for Garage {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

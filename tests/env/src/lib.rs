@@ -1,0 +1,83 @@
+//! The test environment every integration test, the demo and the benchmarks use.
+//!
+//! Each piece creates what it needs under a unique name, so tests can run in parallel, and
+//! removes it when dropped:
+//! - [`Netns`]: a network namespace;
+//! - [`VethPair`]: two namespaces joined by a veth pair, optionally with several RX queues;
+//! - [`Sender`]: an `AF_PACKET` socket on the sending end, to replay corpus files or send
+//!   generated frames;
+//! - [`Garage`]: an S3-compatible server on a free loopback port, with its own directory,
+//!   keys and bucket.
+//!
+//! Everything here needs root (or CAP_NET_ADMIN and CAP_SYS_ADMIN) and the tools that
+//! `cargo xtask setup` installs.
+
+mod garage;
+mod netns;
+mod sender;
+
+use std::path::PathBuf;
+
+pub use garage::Garage;
+pub use netns::{Netns, VethPair};
+pub use sender::{CorpusFrame, Sender, corpus_frames, read_pcap_frames};
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("workspace root")
+}
+
+/// Where `cargo xtask setup` installs tools (bpf-linker, Garage).
+pub fn tools_dir() -> PathBuf {
+    workspace_root().join(".tools")
+}
+
+/// The folder of real Ethernet captures (tcpdump's test suite): `$TAPSTREAM_CORPUS`, else
+/// `../shared/corpus/tcpdump-ethernet` beside the checkout, else the workplace's shared
+/// folder `/work/shared/corpus/tcpdump-ethernet`.
+pub fn corpus_dir() -> PathBuf {
+    let candidates = match std::env::var_os("TAPSTREAM_CORPUS") {
+        Some(dir) => vec![PathBuf::from(dir)],
+        None => vec![
+            workspace_root().join("../shared/corpus/tcpdump-ethernet"),
+            PathBuf::from("/work/shared/corpus/tcpdump-ethernet"),
+        ],
+    };
+    candidates.iter().find(|dir| dir.is_dir()).cloned().unwrap_or_else(|| {
+        panic!(
+            "the capture corpus is in none of {candidates:?}: set TAPSTREAM_CORPUS to the folder of tcpdump's Ethernet test captures"
+        )
+    })
+}
+
+/// A name no other test in this or another process uses at the same time: `prefix`, the
+/// process id and a counter, at most 15 bytes so it can name an interface.
+pub fn unique_name(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let name = format!("{prefix}{}x{n}", std::process::id() % 1_000_000);
+    assert!(name.len() <= 15, "name {name} is longer than an interface name may be");
+    name
+}
+
+/// Random bytes as lower-case hex, from the kernel's generator.
+pub fn random_hex(bytes: usize) -> String {
+    use std::io::Read as _;
+    let mut buf = vec![0u8; bytes];
+    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut buf)).expect("read /dev/urandom");
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Runs a command to completion and panics with its output if it fails.
+pub fn run(cmd: &mut std::process::Command) -> String {
+    let output = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        output.status.success(),
+        "{cmd:?} failed ({}): {}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}

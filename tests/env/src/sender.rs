@@ -1,0 +1,129 @@
+//! Sends frames into the sender end of a veth pair through an `AF_PACKET` socket, and reads
+//! the corpus of real captures to send.
+
+use std::{
+    ffi::CString,
+    io,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::{Path, PathBuf},
+};
+
+use crate::{VethPair, corpus_dir};
+
+/// A raw socket bound to the sender end of a veth pair.
+#[derive(Debug)]
+pub struct Sender {
+    fd: OwnedFd,
+    max_frame_len: usize,
+}
+
+/// One frame of a corpus file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CorpusFrame {
+    /// The file it came from.
+    pub file: PathBuf,
+    /// Its index in that file.
+    pub index: usize,
+    /// The stored bytes (what is sent).
+    pub data: Vec<u8>,
+}
+
+impl Sender {
+    /// Opens a raw socket in the sender namespace, bound to the sender interface.
+    pub fn new(veth: &VethPair) -> Self {
+        let ifname = CString::new(veth.sender_if.as_str()).expect("interface name");
+        let fd = veth.sender_ns.enter(|| {
+            // SAFETY: plain socket(2) call; the returned descriptor is owned below.
+            let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+            assert!(raw >= 0, "socket(AF_PACKET): {}", io::Error::last_os_error());
+            // SAFETY: `raw` is a fresh descriptor that nothing else owns.
+            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+            // SAFETY: `ifname` is a valid NUL-terminated string.
+            let ifindex = unsafe { libc::if_nametoindex(ifname.as_ptr()) };
+            assert_ne!(ifindex, 0, "no interface {ifname:?} in the sender namespace");
+            // SAFETY: sockaddr_ll is plain data; all-zero is a valid starting value.
+            let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_ifindex = ifindex as i32;
+            // SAFETY: `addr` is a valid sockaddr_ll of the length passed.
+            let rc = unsafe {
+                libc::bind(
+                    fd.as_raw_fd(),
+                    (&raw const addr).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                )
+            };
+            assert_eq!(rc, 0, "bind AF_PACKET to {ifname:?}: {}", io::Error::last_os_error());
+            fd
+        });
+        Self { fd, max_frame_len: veth.max_frame_len() }
+    }
+
+    /// Whether a frame can cross the veth unchanged: at least an Ethernet header (the kernel
+    /// pads shorter ones) and no longer than the MTU allows.
+    pub fn can_send(&self, frame: &[u8]) -> bool {
+        (14..=self.max_frame_len).contains(&frame.len())
+    }
+
+    /// Sends one frame as is. Errors (e.g. a full queue) are returned, not retried.
+    pub fn send(&self, frame: &[u8]) -> io::Result<()> {
+        // SAFETY: `frame` is valid for `frame.len()` bytes for the duration of the call.
+        let rc = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        assert_eq!(rc as usize, frame.len(), "short send");
+        Ok(())
+    }
+
+    /// Sends every frame that [`Sender::can_send`] allows, retrying on a full queue, and
+    /// returns the frames sent, in order.
+    pub fn send_all<'a>(&self, frames: impl IntoIterator<Item = &'a CorpusFrame>) -> Vec<&'a CorpusFrame> {
+        let mut sent = Vec::new();
+        for frame in frames {
+            if !self.can_send(&frame.data) {
+                continue;
+            }
+            loop {
+                match self.send(&frame.data) {
+                    Ok(()) => break,
+                    Err(e)
+                        if e.raw_os_error() == Some(libc::ENOBUFS)
+                            || e.kind() == io::ErrorKind::WouldBlock =>
+                    {
+                        std::thread::sleep(std::time::Duration::from_micros(100));
+                    }
+                    Err(e) => panic!("send frame {} of {}: {e}", frame.index, frame.file.display()),
+                }
+            }
+            sent.push(frame);
+        }
+        sent
+    }
+}
+
+/// The frames of one PCAP file, as stored. Records after a malformed one are skipped (the
+/// corpus holds deliberately broken files).
+pub fn read_pcap_frames(path: &Path) -> Vec<CorpusFrame> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let Ok(reader) = tapstream_pcap::Reader::new(&bytes) else {
+        return Vec::new();
+    };
+    reader
+        .map_while(Result::ok)
+        .enumerate()
+        .map(|(index, record)| CorpusFrame { file: path.to_owned(), index, data: record.data.to_vec() })
+        .collect()
+}
+
+/// Every frame of every corpus file, files in name order.
+pub fn corpus_frames() -> Vec<CorpusFrame> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(corpus_dir())
+        .expect("read corpus folder")
+        .map(|entry| entry.expect("corpus entry").path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "pcap"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no .pcap files in {}", corpus_dir().display());
+    files.iter().flat_map(|path| read_pcap_frames(path)).collect()
+}

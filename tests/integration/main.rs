@@ -1,0 +1,5 @@
+//! Integration tests: one binary, one module per stage. They need root (network namespaces,
+//! XDP) and the tools `cargo xtask setup` installs; each test makes its own namespaces and
+//! servers and removes them when done.
+
+mod smoke;
