@@ -1,6 +1,23 @@
 //! tapstream: packet capture from XDP through AF_XDP rings to PCAP chunks, compressed and
 //! streamed to object storage.
 //!
-//! A frame's path reads in the module names: [`xdp`] (the kernel program and its counters).
+//! A frame's path reads in the module names:
+//! [`xdp`] (the kernel program: metadata, counters, redirect) ->
+//! [`xsk`] (AF_XDP rings) ->
+//! [`writer`] (one thread per RX queue) ->
+//! [`chunk`] (PCAP records in pooled buffers) ->
+//! [`session`] (a capture's output).
+//! Beside them: [`capture`] (what a capture asks for and the state its writers share),
+//! [`pipeline`] (an interface with its writers), [`clock`] (kernel time to wall-clock),
+//! [`metrics`] and [`sys`].
 
+pub mod capture;
+pub mod chunk;
+pub mod clock;
+pub mod metrics;
+pub mod pipeline;
+pub mod session;
+pub mod sys;
+pub mod writer;
 pub mod xdp;
+pub mod xsk;

@@ -1,22 +1,35 @@
-//! The XDP program: loading, attaching to an interface, and reading its counters.
+//! The XDP program: loading, attaching to an interface, its settings, its socket map and its
+//! counters. The program's own diagnostics (aya-log) are carried to the daemon's log by a
+//! background thread; nothing is logged per frame.
 
-use std::ffi::CString;
+use std::{
+    os::fd::{AsFd as _, AsRawFd as _},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+};
 
 use aya::{
     Ebpf,
-    maps::PerCpuArray,
+    maps::{Array, MapData, PerCpuArray, XskMap},
     programs::{Xdp, XdpMode, xdp::XdpLinkId},
 };
-use capture_common::XdpCounters;
+use capture_common::{MAX_QUEUES, XdpConfig, XdpCounters};
 
 /// The XDP program built by `build.rs` from the `capture-ebpf` crate.
 static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tapstream-xdp"));
 
 const ENTRY_PROGRAM: &str = "tapstream_xdp";
+const REDIRECT_PROGRAM: &str = "tapstream_redirect";
 const COUNTERS_MAP: &str = "COUNTERS";
+const CONFIG_MAP: &str = "CONFIG";
+const XSKS_MAP: &str = "XSKS";
 
 /// How the program is attached to the interface.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum AttachMode {
     /// Native (driver) mode if the driver supports it, else generic.
     #[default]
@@ -37,6 +50,18 @@ impl std::fmt::Display for AttachMode {
     }
 }
 
+impl std::str::FromStr for AttachMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "native" => Ok(Self::Native),
+            "generic" => Ok(Self::Generic),
+            other => Err(format!("unknown XDP mode {other:?} (auto, native or generic)")),
+        }
+    }
+}
+
 /// Errors loading or attaching the XDP program.
 #[derive(Debug, thiserror::Error)]
 pub enum XdpError {
@@ -44,8 +69,12 @@ pub enum XdpError {
     Load(#[source] aya::EbpfError),
     #[error("the XDP object has no {kind} named {name}")]
     Missing { kind: &'static str, name: &'static str },
-    #[error("cannot load the XDP program into the kernel")]
-    Verify(#[source] aya::programs::ProgramError),
+    #[error("the kernel refused the XDP program {name}")]
+    Verify {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
     #[error("no interface named {interface:?}")]
     NoSuchInterface { interface: String },
     #[error("cannot attach XDP to {interface} in {mode} mode")]
@@ -55,8 +84,14 @@ pub enum XdpError {
         #[source]
         source: aya::programs::ProgramError,
     },
-    #[error("cannot read the XDP counters")]
-    Counters(#[source] aya::maps::MapError),
+    #[error("cannot use the XDP map {name}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("RX queue {queue} is beyond the {MAX_QUEUES} queues the XDP program supports")]
+    TooManyQueues { queue: u32 },
 }
 
 /// The loaded XDP program, attached to one interface. Detached when dropped.
@@ -65,42 +100,59 @@ pub struct XdpProgram {
     interface: String,
     link: Option<XdpLinkId>,
     mode: AttachMode,
+    config: XdpConfig,
+    logger: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
 }
 
 impl XdpProgram {
-    /// Loads the program into the kernel (not attached yet).
+    /// Loads the programs into the kernel (not attached yet).
     pub fn load(interface: &str) -> Result<Self, XdpError> {
         let mut ebpf = Ebpf::load(PROGRAM_OBJECT).map_err(XdpError::Load)?;
-        let program = Self::entry(&mut ebpf)?;
-        program.load().map_err(XdpError::Verify)?;
-        Ok(Self { ebpf, interface: interface.to_owned(), link: None, mode: AttachMode::Auto })
-    }
-
-    fn entry(ebpf: &mut Ebpf) -> Result<&mut Xdp, XdpError> {
-        let missing = XdpError::Missing { kind: "program", name: ENTRY_PROGRAM };
-        ebpf.program_mut(ENTRY_PROGRAM)
-            .ok_or(missing)?
-            .try_into()
-            .map_err(|_| XdpError::Missing { kind: "XDP program", name: ENTRY_PROGRAM })
-    }
-
-    /// Attaches the program to the interface. In `Auto` mode native is tried first, then
-    /// generic; [`XdpProgram::mode`] says which one is in use.
-    pub fn attach(&mut self, mode: AttachMode) -> Result<AttachMode, XdpError> {
-        let name = CString::new(self.interface.as_str())
-            .map_err(|_| XdpError::NoSuchInterface { interface: self.interface.clone() })?;
-        // SAFETY: `name` is a valid NUL-terminated string that outlives the call.
-        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-        if ifindex == 0 {
-            return Err(XdpError::NoSuchInterface { interface: self.interface.clone() });
+        for name in [ENTRY_PROGRAM, REDIRECT_PROGRAM] {
+            Self::program(&mut ebpf, name)?.load().map_err(|source| XdpError::Verify { name, source })?;
         }
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => Some(spawn_logger(logger)),
+            Err(e) => {
+                log::warn!("XDP program diagnostics will not be logged: {e}");
+                None
+            }
+        };
+        let mut program = Self {
+            ebpf,
+            interface: interface.to_owned(),
+            link: None,
+            mode: AttachMode::Auto,
+            config: XdpConfig::default(),
+            logger,
+        };
+        program.set_config(XdpConfig::default())?;
+        Ok(program)
+    }
+
+    fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, XdpError> {
+        ebpf.program_mut(name)
+            .ok_or(XdpError::Missing { kind: "program", name })?
+            .try_into()
+            .map_err(|_| XdpError::Missing { kind: "XDP program", name })
+    }
+
+    fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, XdpError> {
+        self.ebpf.map_mut(name).ok_or(XdpError::Missing { kind: "map", name })
+    }
+
+    /// Attaches the entry program to the interface. In `Auto` mode native is tried first,
+    /// then generic; the mode in use is returned and logged.
+    pub fn attach(&mut self, mode: AttachMode) -> Result<AttachMode, XdpError> {
+        let ifindex = crate::sys::ifindex(&self.interface)
+            .map_err(|_| XdpError::NoSuchInterface { interface: self.interface.clone() })?;
         let tries: &[(AttachMode, XdpMode)] = match mode {
             AttachMode::Auto => &[(AttachMode::Native, XdpMode::Driver), (AttachMode::Generic, XdpMode::Skb)],
             AttachMode::Native => &[(AttachMode::Native, XdpMode::Driver)],
             AttachMode::Generic => &[(AttachMode::Generic, XdpMode::Skb)],
         };
         let interface = self.interface.clone();
-        let program = Self::entry(&mut self.ebpf)?;
+        let program = Self::program(&mut self.ebpf, ENTRY_PROGRAM)?;
         let mut last = None;
         for &(ours, theirs) in tries {
             match program.attach(ifindex, theirs) {
@@ -111,12 +163,22 @@ impl XdpProgram {
                     return Ok(ours);
                 }
                 Err(source) => {
-                    log::debug!("XDP {ours} attach to {interface} failed: {source}");
+                    log::info!("XDP {ours} attach to {interface} failed: {source}");
                     last = Some(XdpError::Attach { interface: interface.clone(), mode: ours, source });
                 }
             }
         }
         Err(last.expect("at least one attach mode is tried"))
+    }
+
+    /// Detaches the program from the interface (it stays loaded).
+    pub fn detach(&mut self) {
+        if let Some(link) = self.link.take()
+            && let Ok(program) = Self::program(&mut self.ebpf, ENTRY_PROGRAM)
+            && let Err(e) = program.detach(link)
+        {
+            log::warn!("detaching XDP from {}: {e}", self.interface);
+        }
     }
 
     /// The mode the program is attached in.
@@ -129,15 +191,87 @@ impl XdpProgram {
         &self.interface
     }
 
-    /// The program's counters, summed over all CPUs.
-    pub fn counters(&self) -> Result<XdpCounters, XdpError> {
+    /// The settings in force.
+    pub fn config(&self) -> XdpConfig {
+        self.config
+    }
+
+    /// Replaces the settings (takes effect for the next frame).
+    pub fn set_config(&mut self, config: XdpConfig) -> Result<(), XdpError> {
+        let map = self.map_mut(CONFIG_MAP)?;
+        let mut array = Array::<_, XdpConfig>::try_from(map)
+            .map_err(|source| XdpError::Map { name: CONFIG_MAP, source })?;
+        array.set(0, &config, 0).map_err(|source| XdpError::Map { name: CONFIG_MAP, source })?;
+        self.config = config;
+        Ok(())
+    }
+
+    /// Puts an AF_XDP socket in the socket map for `queue`.
+    pub fn register_socket(&mut self, queue: u32, socket_fd: i32) -> Result<(), XdpError> {
+        if queue >= MAX_QUEUES {
+            return Err(XdpError::TooManyQueues { queue });
+        }
+        let map = self.map_mut(XSKS_MAP)?;
+        let mut xsks = XskMap::<&mut MapData>::try_from(map)
+            .map_err(|source| XdpError::Map { name: XSKS_MAP, source })?;
+        xsks.set(queue, socket_fd, 0).map_err(|source| XdpError::Map { name: XSKS_MAP, source })
+    }
+
+    /// The program's counters for each of the first `queues` RX queues, summed over CPUs.
+    pub fn queue_counters(&self, queues: u32) -> Result<Vec<XdpCounters>, XdpError> {
         let map = self.ebpf.map(COUNTERS_MAP).ok_or(XdpError::Missing { kind: "map", name: COUNTERS_MAP })?;
-        let array = PerCpuArray::<_, XdpCounters>::try_from(map).map_err(XdpError::Counters)?;
-        let per_cpu = array.get(&0, 0).map_err(XdpError::Counters)?;
+        let array = PerCpuArray::<_, XdpCounters>::try_from(map)
+            .map_err(|source| XdpError::Map { name: COUNTERS_MAP, source })?;
+        (0..queues.min(MAX_QUEUES))
+            .map(|queue| {
+                let per_cpu =
+                    array.get(&queue, 0).map_err(|source| XdpError::Map { name: COUNTERS_MAP, source })?;
+                let mut total = XdpCounters::default();
+                for cpu in per_cpu.iter() {
+                    total.add(cpu);
+                }
+                Ok(total)
+            })
+            .collect()
+    }
+
+    /// The program's counters over every queue and CPU.
+    pub fn counters(&self) -> Result<XdpCounters, XdpError> {
         let mut total = XdpCounters::default();
-        for cpu in per_cpu.iter() {
-            total.add(cpu);
+        for queue in self.queue_counters(MAX_QUEUES)? {
+            total.add(&queue);
         }
         Ok(total)
     }
+}
+
+impl Drop for XdpProgram {
+    fn drop(&mut self) {
+        self.detach();
+        if let Some((stop, thread)) = self.logger.take() {
+            stop.store(true, Ordering::Release);
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Forwards the XDP program's log records (aya-log ring buffer) to the `log` crate.
+fn spawn_logger(mut logger: aya_log::EbpfLogger<&'static dyn log::Log>) -> (Arc<AtomicBool>, JoinHandle<()>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let thread = std::thread::Builder::new()
+        .name("tapstream-xdplog".into())
+        .spawn({
+            let stop = stop.clone();
+            move || {
+                while !stop.load(Ordering::Acquire) {
+                    let mut pfd =
+                        libc::pollfd { fd: logger.as_fd().as_raw_fd(), events: libc::POLLIN, revents: 0 };
+                    // SAFETY: one valid pollfd for the duration of the call.
+                    unsafe { libc::poll(&mut pfd, 1, 200) };
+                    logger.flush();
+                }
+            }
+        })
+        .expect("spawn the XDP log thread");
+    (stop, thread)
 }

@@ -1,0 +1,168 @@
+//! Every metric tapstream exports, defined in one place.
+//!
+//! Names follow Prometheus practice: `tapstream_<what>_<unit>_total` for counters, base units
+//! (bytes, seconds), and bounded labels only (`queue`, `cause`, `result`, `reason`; never a
+//! capture id). Stages emit through the `metrics` facade once per batch, not per frame, using
+//! handles created when the stage starts, which also makes every series exist at zero from the
+//! start.
+
+use metrics::{Counter, Gauge, Unit, counter, describe_counter, describe_gauge, gauge};
+
+use crate::xsk::XskStats;
+use capture_common::XdpCounters;
+
+/// Frames the XDP program saw, by outcome (`result`: redirected, redirect_error, passed,
+/// dropped, meta_error) and RX queue.
+pub const XDP_FRAMES: &str = "tapstream_xdp_frames_total";
+/// Frames the XDP program saw, per RX queue.
+pub const XDP_SEEN: &str = "tapstream_xdp_seen_frames_total";
+/// Frames a capture wanted (a filter matched), per RX queue.
+pub const XDP_MATCHED: &str = "tapstream_xdp_matched_frames_total";
+/// Frames cut to fit a UMEM frame, per RX queue.
+pub const XDP_TRUNCATED: &str = "tapstream_xdp_truncated_frames_total";
+/// Frames the AF_XDP socket lost, by `cause` (rx_dropped, rx_ring_full, fill_ring_empty,
+/// invalid_descs), per RX queue.
+pub const XSK_DROPS: &str = "tapstream_xsk_dropped_frames_total";
+/// Frames the writer took off the RX ring, per queue.
+pub const WRITER_FRAMES: &str = "tapstream_writer_frames_total";
+/// Bytes of the frames the writer took off the RX ring, per queue.
+pub const WRITER_BYTES: &str = "tapstream_writer_bytes_total";
+/// Records appended to capture chunks (a frame wanted by two captures counts twice).
+pub const WRITER_RECORDS: &str = "tapstream_writer_records_total";
+/// Frames a writer could not store for a capture, by `cause` (chunk_queue_full,
+/// no_chunk_buffer), per queue.
+pub const WRITER_DROPS: &str = "tapstream_writer_dropped_frames_total";
+/// Chunks handed to the next stage, per queue.
+pub const CHUNKS: &str = "tapstream_chunks_total";
+/// Chunk buffers in use (queued or open), out of the pool.
+pub const CHUNK_BUFFERS_IN_USE: &str = "tapstream_chunk_buffers_in_use";
+/// Chunks waiting in the queue to the next stage.
+pub const CHUNK_QUEUE_DEPTH: &str = "tapstream_chunk_queue_depth";
+
+/// Registers descriptions of every metric.
+pub fn describe() {
+    describe_counter!(XDP_FRAMES, Unit::Count, "Frames the XDP program handled, by result");
+    describe_counter!(XDP_SEEN, Unit::Count, "Frames the XDP program saw");
+    describe_counter!(XDP_MATCHED, Unit::Count, "Frames at least one capture wanted");
+    describe_counter!(XDP_TRUNCATED, Unit::Count, "Frames cut to fit a UMEM frame");
+    describe_counter!(XSK_DROPS, Unit::Count, "Frames the AF_XDP socket lost, by cause");
+    describe_counter!(WRITER_FRAMES, Unit::Count, "Frames taken off the RX ring");
+    describe_counter!(WRITER_BYTES, Unit::Bytes, "Bytes of frames taken off the RX ring");
+    describe_counter!(WRITER_RECORDS, Unit::Count, "PCAP records appended to capture chunks");
+    describe_counter!(WRITER_DROPS, Unit::Count, "Frames a writer could not store, by cause");
+    describe_counter!(CHUNKS, Unit::Count, "Chunks handed to the next stage");
+    describe_gauge!(CHUNK_BUFFERS_IN_USE, Unit::Count, "Chunk buffers in use");
+    describe_gauge!(CHUNK_QUEUE_DEPTH, Unit::Count, "Chunks queued for the next stage");
+}
+
+/// Handles for one RX queue's XDP and socket counters, set from absolute kernel values.
+pub struct QueueKernelMetrics {
+    seen: Counter,
+    matched: Counter,
+    truncated: Counter,
+    results: [Counter; 5],
+    xsk: [Counter; 4],
+}
+
+impl QueueKernelMetrics {
+    /// Creates (at zero) the series of `queue`.
+    pub fn new(queue: u32) -> Self {
+        let q = queue.to_string();
+        let result = |r: &'static str| counter!(XDP_FRAMES, "queue" => q.clone(), "result" => r);
+        let cause = |c: &'static str| counter!(XSK_DROPS, "queue" => q.clone(), "cause" => c);
+        Self {
+            seen: counter!(XDP_SEEN, "queue" => q.clone()),
+            matched: counter!(XDP_MATCHED, "queue" => q.clone()),
+            truncated: counter!(XDP_TRUNCATED, "queue" => q.clone()),
+            results: [
+                result("redirected"),
+                result("redirect_error"),
+                result("passed"),
+                result("dropped"),
+                result("meta_error"),
+            ],
+            xsk: [
+                cause("rx_dropped"),
+                cause("rx_ring_full"),
+                cause("fill_ring_empty"),
+                cause("invalid_descs"),
+            ],
+        }
+    }
+
+    /// Publishes the XDP program's counters of this queue.
+    pub fn set_xdp(&self, c: &XdpCounters) {
+        self.seen.absolute(c.seen);
+        self.matched.absolute(c.matched);
+        self.truncated.absolute(c.truncated);
+        for (counter, value) in
+            self.results.iter().zip([c.redirected, c.redirect_errors, c.passed, c.dropped, c.meta_errors])
+        {
+            counter.absolute(value);
+        }
+    }
+
+    /// Publishes the socket's counters.
+    pub fn set_xsk(&self, s: &XskStats) {
+        for (counter, value) in self.xsk.iter().zip([
+            s.rx_dropped,
+            s.rx_ring_full,
+            s.rx_fill_ring_empty_descs,
+            s.rx_invalid_descs,
+        ]) {
+            counter.absolute(value);
+        }
+    }
+}
+
+/// Handles for one writer.
+pub struct WriterMetrics {
+    /// Frames off the ring.
+    pub frames: Counter,
+    /// Bytes off the ring.
+    pub bytes: Counter,
+    /// Records appended.
+    pub records: Counter,
+    /// Drops because the chunk queue was full.
+    pub drops_queue_full: Counter,
+    /// Drops because no chunk buffer was free.
+    pub drops_no_buffer: Counter,
+    /// Chunks handed on.
+    pub chunks: Counter,
+}
+
+impl WriterMetrics {
+    /// Creates (at zero) the series of `queue`.
+    pub fn new(queue: u32) -> Self {
+        let q = queue.to_string();
+        Self {
+            frames: counter!(WRITER_FRAMES, "queue" => q.clone()),
+            bytes: counter!(WRITER_BYTES, "queue" => q.clone()),
+            records: counter!(WRITER_RECORDS, "queue" => q.clone()),
+            drops_queue_full: counter!(WRITER_DROPS, "queue" => q.clone(), "cause" => "chunk_queue_full"),
+            drops_no_buffer: counter!(WRITER_DROPS, "queue" => q.clone(), "cause" => "no_chunk_buffer"),
+            chunks: counter!(CHUNKS, "queue" => q),
+        }
+    }
+}
+
+/// Gauges of the chunk pool and queue.
+pub struct ChunkGauges {
+    /// Buffers in use.
+    pub buffers_in_use: Gauge,
+    /// Queue depth.
+    pub queue_depth: Gauge,
+}
+
+impl ChunkGauges {
+    /// Creates (at zero) the gauges.
+    pub fn new() -> Self {
+        Self { buffers_in_use: gauge!(CHUNK_BUFFERS_IN_USE), queue_depth: gauge!(CHUNK_QUEUE_DEPTH) }
+    }
+}
+
+impl Default for ChunkGauges {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,306 @@
+//! One capture interface at work: the XDP program, an AF_XDP socket and a writer per RX queue,
+//! the chunk pool, and the channel to the next stage.
+//!
+//! [`InterfaceRuntime::start`] sets it up in the order that loses nothing: program loaded,
+//! sockets bound and registered in the socket map, writers running, and only then the program
+//! attached. Captures are started and stopped on a running interface with
+//! [`InterfaceRuntime::start_capture`] and [`InterfaceRuntime::stop_capture`].
+
+use std::{sync::Arc, time::Duration};
+
+use capture_common::{MAX_CAPTURES, Unmatched, XdpConfig, XdpCounters};
+use crossbeam_channel::Receiver;
+
+use crate::{
+    capture::CaptureShared,
+    chunk::ChunkPool,
+    metrics::QueueKernelMetrics,
+    writer::{Output, QueueStats, Writer, WriterCommand, WriterConfig},
+    xdp::{AttachMode, XdpError, XdpProgram},
+    xsk::{XskConfig, XskError, XskMode, XskSocket, XskStats},
+};
+
+/// Everything about how one interface is captured from.
+#[derive(Clone, Debug)]
+pub struct InterfaceConfig {
+    /// Interface name.
+    pub interface: String,
+    /// XDP attach mode.
+    pub attach: AttachMode,
+    /// RX queues to open; `None`: as many as the device has.
+    pub queues: Option<u32>,
+    /// Cores to pin writers to, in queue order (wrapping); empty: unpinned.
+    pub cores: Vec<usize>,
+    /// Socket and UMEM sizes.
+    pub xsk: XskConfig,
+    /// Writer behaviour (its `core` is set from `cores`).
+    pub writer: WriterConfig,
+    /// What to do with frames no capture wants.
+    pub unmatched: Unmatched,
+    /// Bytes per chunk buffer.
+    pub chunk_bytes: usize,
+    /// Chunk buffers in all (the memory budget is `chunk_bytes * chunk_buffers`).
+    pub chunk_buffers: usize,
+    /// Chunks the queue to the next stage holds.
+    pub chunk_queue: usize,
+}
+
+impl InterfaceConfig {
+    /// Defaults for `interface`.
+    pub fn new(interface: &str) -> Self {
+        Self {
+            interface: interface.to_owned(),
+            attach: AttachMode::Auto,
+            queues: None,
+            cores: Vec::new(),
+            xsk: XskConfig::default(),
+            writer: WriterConfig::default(),
+            unmatched: Unmatched::Pass,
+            chunk_bytes: 1 << 20,
+            chunk_buffers: 64,
+            chunk_queue: 32,
+        }
+    }
+}
+
+/// Errors starting or running an interface.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Xdp(#[from] XdpError),
+    #[error(transparent)]
+    Xsk(#[from] XskError),
+    #[error("cannot read the RX queue count of {interface}")]
+    Queues {
+        interface: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start the writer thread for queue {queue}")]
+    Thread {
+        queue: u32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the writer of queue {queue} did not take the new capture within 5 s (it has stopped)")]
+    WriterGone { queue: u32 },
+    #[error("all {MAX_CAPTURES} capture slots of {interface} are in use")]
+    NoFreeSlot { interface: String },
+}
+
+/// The state of one queue at a moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueSnapshot {
+    /// RX queue.
+    pub queue: u32,
+    /// The XDP program's counters for the queue.
+    pub xdp: XdpCounters,
+    /// The socket's counters.
+    pub xsk: XskStats,
+    /// Frames the writer took off the ring.
+    pub frames: u64,
+    /// Bytes of those frames.
+    pub bytes: u64,
+    /// Records appended.
+    pub records: u64,
+    /// Frames dropped because a chunk could not be queued.
+    pub drops_queue_full: u64,
+    /// Frames dropped for lack of a chunk buffer.
+    pub drops_no_buffer: u64,
+}
+
+/// A capture interface at work.
+pub struct InterfaceRuntime {
+    config: InterfaceConfig,
+    xdp: XdpProgram,
+    // Dropped before the writers, so that writers stopped by a drop see the next stage gone
+    // (and count what they held as dropped) instead of waiting for room in the channel.
+    outputs: Receiver<Output>,
+    writers: Vec<Writer>,
+    pool: Arc<ChunkPool>,
+    slots: Vec<Option<Arc<CaptureShared>>>,
+    xsk_mode: XskMode,
+    kernel_metrics: Vec<QueueKernelMetrics>,
+}
+
+impl InterfaceRuntime {
+    /// Sets up the interface and starts its writers; no capture runs yet.
+    pub fn start(config: InterfaceConfig) -> Result<Self, PipelineError> {
+        let interface = config.interface.clone();
+        let queues = match config.queues {
+            Some(q) => q,
+            None => crate::sys::rx_queues(&interface)
+                .map_err(|source| PipelineError::Queues { interface: interface.clone(), source })?,
+        };
+        let mut xdp = XdpProgram::load(&interface)?;
+        xdp.set_config(XdpConfig {
+            default_mask: 0,
+            max_frame_len: config.xsk.max_frame_len(),
+            unmatched: config.unmatched as u32,
+        })?;
+        let pool = ChunkPool::new(config.chunk_buffers, config.chunk_bytes);
+        let (output_tx, outputs) = crossbeam_channel::bounded(config.chunk_queue.max(1));
+        let mut writers = Vec::with_capacity(queues as usize);
+        let mut xsk_mode = XskMode::ZeroCopy;
+        for queue in 0..queues {
+            let socket = XskSocket::open(&interface, queue, &config.xsk)?;
+            if socket.mode() == XskMode::Copy {
+                xsk_mode = XskMode::Copy;
+            }
+            xdp.register_socket(queue, socket.raw_fd())?;
+            let mut writer_config = config.writer.clone();
+            writer_config.core =
+                (!config.cores.is_empty()).then(|| config.cores[queue as usize % config.cores.len()]);
+            let writer = Writer::spawn(socket, writer_config, output_tx.clone(), pool.clone())
+                .map_err(|source| PipelineError::Thread { queue, source })?;
+            writers.push(writer);
+        }
+        let mode = xdp.attach(config.attach)?;
+        log::info!("attached to {interface}: {queues} RX queue(s), XDP {mode} mode, AF_XDP {xsk_mode} mode");
+        let kernel_metrics = (0..queues).map(QueueKernelMetrics::new).collect();
+        Ok(Self {
+            config,
+            xdp,
+            writers,
+            outputs,
+            pool,
+            slots: (0..MAX_CAPTURES).map(|_| None).collect(),
+            xsk_mode,
+            kernel_metrics,
+        })
+    }
+
+    /// The interface name.
+    pub fn interface(&self) -> &str {
+        &self.config.interface
+    }
+
+    /// Number of RX queues captured.
+    pub fn queues(&self) -> u32 {
+        self.writers.len() as u32
+    }
+
+    /// XDP attach mode in use.
+    pub fn attach_mode(&self) -> AttachMode {
+        self.xdp.mode()
+    }
+
+    /// AF_XDP mode in use (copy if any queue is in copy mode).
+    pub fn xsk_mode(&self) -> XskMode {
+        self.xsk_mode
+    }
+
+    /// Chunks and end-of-capture notes from the writers.
+    pub fn outputs(&self) -> &Receiver<Output> {
+        &self.outputs
+    }
+
+    /// The chunk pool (downstream stages give buffers back to it).
+    pub fn pool(&self) -> &Arc<ChunkPool> {
+        &self.pool
+    }
+
+    /// Starts a capture of every frame (until the filter stage assigns masks): returns its
+    /// slot.
+    pub fn start_capture(&mut self, capture: Arc<CaptureShared>) -> Result<usize, PipelineError> {
+        let slot = self
+            .slots
+            .iter()
+            .position(Option::is_none)
+            .ok_or_else(|| PipelineError::NoFreeSlot { interface: self.config.interface.clone() })?;
+        // Every writer must take the capture's frames before the program marks any.
+        let (started, acks) = crossbeam_channel::bounded(self.writers.len());
+        for writer in &self.writers {
+            writer.command(WriterCommand::Start { slot, capture: capture.clone(), started: started.clone() });
+        }
+        for writer in &self.writers {
+            if acks.recv_timeout(Duration::from_secs(5)).is_err() {
+                for w in &self.writers {
+                    w.command(WriterCommand::Stop { slot });
+                }
+                return Err(PipelineError::WriterGone { queue: writer.queue() });
+            }
+        }
+        self.slots[slot] = Some(capture);
+        let mut config = self.xdp.config();
+        config.default_mask |= 1 << slot;
+        self.xdp.set_config(config)?;
+        Ok(slot)
+    }
+
+    /// Stops the capture in `slot`: the program stops marking frames for it, and each writer
+    /// hands on its last chunk and then an [`Output::Done`].
+    pub fn stop_capture(&mut self, slot: usize) -> Result<(), PipelineError> {
+        let mut config = self.xdp.config();
+        config.default_mask &= !(1 << slot);
+        self.xdp.set_config(config)?;
+        for writer in &self.writers {
+            writer.command(WriterCommand::Stop { slot });
+        }
+        self.slots[slot] = None;
+        Ok(())
+    }
+
+    /// Counters of every queue now; also published as metrics.
+    pub fn snapshot(&self) -> Result<Vec<QueueSnapshot>, PipelineError> {
+        let xdp = self.xdp.queue_counters(self.queues())?;
+        Ok(self
+            .writers
+            .iter()
+            .zip(xdp)
+            .zip(&self.kernel_metrics)
+            .map(|((writer, xdp), metrics)| {
+                let stats: &QueueStats = writer.stats();
+                let xsk = *stats.kernel.lock().unwrap_or_else(|e| e.into_inner());
+                metrics.set_xdp(&xdp);
+                metrics.set_xsk(&xsk);
+                let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+                QueueSnapshot {
+                    queue: writer.queue(),
+                    xdp,
+                    xsk,
+                    frames: load(&stats.frames),
+                    bytes: load(&stats.bytes),
+                    records: load(&stats.records),
+                    drops_queue_full: load(&stats.drops_queue_full),
+                    drops_no_buffer: load(&stats.drops_no_buffer),
+                }
+            })
+            .collect())
+    }
+
+    /// Detaches the program, stops the writers (they hand on what they hold), and returns the
+    /// final counters. Outputs still queued stay readable from [`Self::outputs`] until the
+    /// returned receiver is dropped.
+    pub fn shutdown(mut self) -> (Vec<QueueSnapshot>, Receiver<Output>) {
+        self.xdp.detach();
+        // Let frames already redirected reach the rings before the writers go.
+        std::thread::sleep(Duration::from_millis(20));
+        let writers = std::mem::take(&mut self.writers);
+        let queues = writers.len() as u32;
+        let mut finals = Vec::new();
+        for writer in writers {
+            let stats = writer.stats().clone();
+            let queue = writer.queue();
+            let socket = writer.stop();
+            let xsk = socket.as_ref().map(XskSocket::stats).unwrap_or_default();
+            finals.push((queue, stats, xsk));
+        }
+        let xdp = self.xdp.queue_counters(queues).unwrap_or_default();
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        let snapshots = finals
+            .into_iter()
+            .map(|(queue, stats, xsk)| QueueSnapshot {
+                queue,
+                xdp: xdp.get(queue as usize).copied().unwrap_or_default(),
+                xsk,
+                frames: load(&stats.frames),
+                bytes: load(&stats.bytes),
+                records: load(&stats.records),
+                drops_queue_full: load(&stats.drops_queue_full),
+                drops_no_buffer: load(&stats.drops_no_buffer),
+            })
+            .collect();
+        (snapshots, self.outputs.clone())
+    }
+}

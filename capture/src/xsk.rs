@@ -1,0 +1,372 @@
+//! AF_XDP sockets: one UMEM, fill ring and RX ring per RX queue of the capture interface.
+//!
+//! The XDP program redirects wanted frames into the socket of their RX queue. The kernel takes
+//! free UMEM frames from the fill ring, writes the frame (with the XDP metadata in front of it)
+//! and puts a descriptor on the RX ring. [`XskSocket::receive`] hands each frame to the writer
+//! and gives the UMEM frame straight back to the fill ring, so the number of frames lent to
+//! the kernel stays constant.
+//!
+//! Zero-copy binding is tried first (real NICs with zero-copy drivers), then copy mode (veth,
+//! and every other driver); [`XskSocket::mode`] says which one is in use.
+//!
+//! This module and `sys` hold the project's ring and syscall `unsafe`.
+
+use std::{ffi::CString, num::NonZeroU32, ptr::NonNull};
+
+use capture_common::{FRAME_META_LEN, FrameMeta};
+use xdpilone::{DeviceQueue, IfInfo, RingRx, Socket, SocketConfig, Umem, UmemConfig, User};
+
+/// Headroom the kernel keeps in front of a frame in each UMEM frame (`XDP_PACKET_HEADROOM`);
+/// the XDP metadata lives in it.
+pub const XDP_PACKET_HEADROOM: u32 = 256;
+
+/// Whether to use zero-copy binding.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ZeroCopy {
+    /// Try zero-copy, fall back to copy mode.
+    #[default]
+    Auto,
+    /// Zero-copy or fail.
+    Required,
+    /// Copy mode only.
+    Off,
+}
+
+/// How a socket is bound.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XskMode {
+    /// The driver DMAs straight into the UMEM.
+    ZeroCopy,
+    /// The kernel copies each frame into the UMEM.
+    Copy,
+}
+
+impl std::fmt::Display for XskMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::ZeroCopy => "zero-copy",
+            Self::Copy => "copy",
+        })
+    }
+}
+
+/// Ring and UMEM sizes of one socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct XskConfig {
+    /// Bytes per UMEM frame: 2048 or 4096.
+    pub frame_size: u32,
+    /// UMEM frames per queue.
+    pub umem_frames: u32,
+    /// Entries of the fill ring (a power of two).
+    pub fill_ring_size: u32,
+    /// Frames lent to the kernel through the fill ring (at most `fill_ring_size` and
+    /// `umem_frames`). Keeping the fill ring about half full lost the fewest frames here.
+    pub fill_frames: u32,
+    /// Entries of the RX ring (a power of two).
+    pub rx_ring_size: u32,
+    /// Zero-copy policy.
+    pub zero_copy: ZeroCopy,
+}
+
+impl Default for XskConfig {
+    fn default() -> Self {
+        Self {
+            frame_size: 4096,
+            umem_frames: 8192,
+            fill_ring_size: 4096,
+            fill_frames: 2048,
+            rx_ring_size: 4096,
+            zero_copy: ZeroCopy::Auto,
+        }
+    }
+}
+
+impl XskConfig {
+    /// The longest frame a UMEM frame holds; the XDP program cuts longer ones to this.
+    pub fn max_frame_len(&self) -> u32 {
+        self.frame_size - XDP_PACKET_HEADROOM
+    }
+}
+
+/// Errors setting up a socket.
+#[derive(Debug, thiserror::Error)]
+pub enum XskError {
+    #[error("cannot map {bytes} bytes of UMEM for queue {queue}")]
+    Mmap {
+        queue: u32,
+        bytes: usize,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("AF_XDP {step} failed for {interface} queue {queue}: {errno}")]
+    Socket { interface: String, queue: u32, step: &'static str, errno: String },
+    #[error("zero-copy AF_XDP is required but {interface} queue {queue} does not support it: {errno}")]
+    NoZeroCopy { interface: String, queue: u32, errno: String },
+}
+
+/// Counters of one socket, from the kernel (`XDP_STATISTICS`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct XskStats {
+    /// Frames dropped by the socket for lack of a UMEM frame or because they were too long.
+    pub rx_dropped: u64,
+    /// Frames dropped because the RX ring was full.
+    pub rx_ring_full: u64,
+    /// Times the kernel found the fill ring empty (frames then dropped; overlaps
+    /// `rx_dropped` in copy mode).
+    pub rx_fill_ring_empty_descs: u64,
+    /// Invalid descriptors.
+    pub rx_invalid_descs: u64,
+}
+
+/// An anonymous, page-aligned mapping for the UMEM, unmapped on drop.
+struct Area {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+impl Area {
+    fn new(len: usize) -> std::io::Result<Self> {
+        // SAFETY: an anonymous private mapping with no address hint has no preconditions.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let ptr = NonNull::new(ptr.cast()).ok_or_else(std::io::Error::last_os_error)?;
+        Ok(Self { ptr, len })
+    }
+}
+
+impl Drop for Area {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`len` are exactly the mapping made in `new`; the sockets that used it
+        // are dropped before the area (field order of `XskSocket`).
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// One AF_XDP socket with its own UMEM, bound to one RX queue.
+pub struct XskSocket {
+    queue: u32,
+    mode: XskMode,
+    rx: RingRx,
+    device: DeviceQueue,
+    user: User,
+    _umem: Umem,
+    // Dropped last: the rings above refer to it.
+    area: Area,
+}
+
+// SAFETY: the rings and UMEM are owned by this value alone and used from one thread at a time;
+// the raw pointers inside point into mappings that live as long as the value.
+unsafe impl Send for XskSocket {}
+
+impl XskSocket {
+    /// Creates the UMEM and rings for `interface` queue `queue` and binds them, zero-copy
+    /// first if allowed.
+    pub fn open(interface: &str, queue: u32, config: &XskConfig) -> Result<Self, XskError> {
+        let err = |step: &'static str, errno: xdpilone::Errno| XskError::Socket {
+            interface: interface.to_owned(),
+            queue,
+            step,
+            errno: errno.to_string(),
+        };
+        let bytes = config.frame_size as usize * config.umem_frames as usize;
+        let area = Area::new(bytes).map_err(|source| XskError::Mmap { queue, bytes, source })?;
+        let mut info = IfInfo::invalid();
+        let name = CString::new(interface).map_err(|_| XskError::Socket {
+            interface: interface.to_owned(),
+            queue,
+            step: "interface name",
+            errno: "contains a NUL byte".into(),
+        })?;
+        info.from_name(&name).map_err(|e| err("interface lookup", e))?;
+        info.set_queue(queue);
+
+        let attempts: &[(u16, XskMode)] = match config.zero_copy {
+            ZeroCopy::Auto => &[
+                (SocketConfig::XDP_BIND_ZEROCOPY, XskMode::ZeroCopy),
+                (SocketConfig::XDP_BIND_COPY, XskMode::Copy),
+            ],
+            ZeroCopy::Required => &[(SocketConfig::XDP_BIND_ZEROCOPY, XskMode::ZeroCopy)],
+            ZeroCopy::Off => &[(SocketConfig::XDP_BIND_COPY, XskMode::Copy)],
+        };
+        let mut last = None;
+        let mut bound = None;
+        for &(flags, mode) in attempts {
+            // Each attempt starts from a new socket: rings cannot be set up twice on one.
+            match Self::bind(&area, config, &info, flags) {
+                Ok(parts) => {
+                    bound = Some((parts, mode));
+                    break;
+                }
+                Err((step, errno)) => {
+                    log::debug!("AF_XDP {mode} setup of {interface} queue {queue} failed at {step}: {errno}");
+                    last = Some((step, errno));
+                }
+            }
+        }
+        let Some(((umem, mut device, user), mode)) = bound else {
+            let (step, errno) = last.expect("at least one attempt");
+            return Err(if config.zero_copy == ZeroCopy::Required && step == "bind" {
+                XskError::NoZeroCopy { interface: interface.to_owned(), queue, errno: errno.to_string() }
+            } else {
+                err(step, errno)
+            });
+        };
+        let rx = user.map_rx().map_err(|e| err("RX ring mapping", e))?;
+
+        // Lend frames to the kernel.
+        let lend = config.fill_frames.min(config.fill_ring_size).min(config.umem_frames);
+        let frame_size = u64::from(config.frame_size);
+        let mut fill = device.fill(lend);
+        let filled = fill.insert((0..u64::from(lend)).map(|i| i * frame_size));
+        fill.commit();
+        drop(fill);
+        if filled != lend {
+            return Err(XskError::Socket {
+                interface: interface.to_owned(),
+                queue,
+                step: "initial fill",
+                errno: format!("only {filled} of {lend} frames fitted"),
+            });
+        }
+        log::info!("AF_XDP socket on {interface} queue {queue} bound in {mode} mode");
+        Ok(Self { queue, mode, rx, device, user, _umem: umem, area })
+    }
+
+    /// Registers the UMEM on a new socket, sets up its rings and binds it with `flags`.
+    fn bind(
+        area: &Area,
+        config: &XskConfig,
+        info: &IfInfo,
+        flags: u16,
+    ) -> Result<(Umem, DeviceQueue, User), (&'static str, xdpilone::Errno)> {
+        let umem_config = UmemConfig {
+            fill_size: config.fill_ring_size,
+            complete_size: config.fill_ring_size,
+            frame_size: config.frame_size,
+            headroom: 0,
+            flags: 0,
+        };
+        let slice = NonNull::slice_from_raw_parts(area.ptr, area.len);
+        // SAFETY: `slice` is a page-aligned mapping of exactly `len` bytes, which outlives the
+        // UMEM: both live in the same `XskSocket`, whose field order drops the area last.
+        let umem = unsafe { Umem::new(umem_config, slice) }.map_err(|e| ("UMEM registration", e))?;
+        let socket = Socket::with_shared(info, &umem).map_err(|e| ("socket", e))?;
+        let device = umem.fq_cq(&socket).map_err(|e| ("fill/completion rings", e))?;
+        let socket_config = SocketConfig {
+            rx_size: NonZeroU32::new(config.rx_ring_size),
+            tx_size: None,
+            bind_flags: flags | SocketConfig::XDP_BIND_NEED_WAKEUP,
+        };
+        let user = umem.rx_tx(&socket, &socket_config).map_err(|e| ("RX ring", e))?;
+        umem.bind(&user).map_err(|e| ("bind", e))?;
+        Ok((umem, device, user))
+    }
+
+    /// The RX queue this socket is bound to.
+    pub fn queue(&self) -> u32 {
+        self.queue
+    }
+
+    /// How the socket is bound.
+    pub fn mode(&self) -> XskMode {
+        self.mode
+    }
+
+    /// The socket's descriptor, for the XDP program's socket map.
+    pub fn raw_fd(&self) -> i32 {
+        self.user.as_raw_fd()
+    }
+
+    /// Hands up to `max` received frames to `f` (metadata, frame bytes), then returns their
+    /// UMEM frames to the fill ring. Returns the number of frames.
+    ///
+    /// Frames whose descriptor does not fit the UMEM (never expected) are skipped and counted
+    /// in the return value's second field.
+    #[inline]
+    pub fn receive(&mut self, max: u32, mut f: impl FnMut(&FrameMeta, &[u8])) -> (u32, u32) {
+        let area_ptr = self.area.ptr.as_ptr();
+        let area_len = self.area.len as u64;
+        let mut rx = self.rx.receive(max);
+        let n = rx.capacity();
+        if n == 0 {
+            return (0, 0);
+        }
+        let mut invalid = 0;
+        let mut handled = 0;
+        // Every frame taken from the RX ring goes straight back to the fill ring. The fill ring
+        // always has room for them (the number of lent frames is fixed and at most its size),
+        // but one reservation can return fewer slots than asked: the ring's cached consumer
+        // index is refreshed only when the cached view shows no room at all. So when a
+        // reservation runs out, it is committed and a new one taken, which refreshes the view.
+        let mut fill = self.device.fill(n);
+        while let Some(desc) = rx.read() {
+            let start = desc.addr;
+            let end = start + u64::from(desc.len);
+            if start < FRAME_META_LEN as u64 || end > area_len {
+                invalid += 1;
+            } else {
+                // SAFETY: `start - FRAME_META_LEN .. end` lies inside the UMEM mapping (checked
+                // above). The kernel wrote this frame and its metadata before publishing the
+                // descriptor (the RX ring's acquire load in `receive` orders our reads after its
+                // writes), and does not touch the frame again until we return it to the fill
+                // ring, after `f` has returned.
+                let (meta, data) = unsafe {
+                    let meta =
+                        area_ptr.add((start as usize) - FRAME_META_LEN).cast::<FrameMeta>().read_unaligned();
+                    let data = std::slice::from_raw_parts(area_ptr.add(start as usize), desc.len as usize);
+                    (meta, data)
+                };
+                f(&meta, data);
+            }
+            handled += 1;
+            while !fill.insert_once(desc.addr) {
+                fill.commit();
+                drop(fill);
+                fill = self.device.fill(n - handled + 1);
+            }
+        }
+        fill.commit();
+        drop(fill);
+        rx.release();
+        drop(rx);
+        if self.device.needs_wakeup() {
+            self.device.wake();
+        }
+        (handled, invalid)
+    }
+
+    /// Waits up to `timeout_ms` for frames on the RX ring.
+    pub fn wait(&self, timeout_ms: i32) {
+        let mut pfd = libc::pollfd { fd: self.raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd for the duration of the call.
+        unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+    }
+
+    /// The kernel's counters for this socket.
+    pub fn stats(&self) -> XskStats {
+        match self.user.statistics_v2() {
+            Ok(s) => XskStats {
+                rx_dropped: s.rx_dropped,
+                rx_ring_full: s.rx_ring_full,
+                rx_fill_ring_empty_descs: s.rx_fill_ring_empty_descs,
+                rx_invalid_descs: s.rx_invalid_descs,
+            },
+            Err(e) => {
+                log::warn!("XDP_STATISTICS on queue {}: {e}", self.queue);
+                XskStats::default()
+            }
+        }
+    }
+}
