@@ -2,4 +2,6 @@
 //! XDP) and the tools `cargo xtask setup` installs; each test makes its own namespaces and
 //! servers and removes them when done.
 
+mod common;
+mod datapath;
 mod smoke;

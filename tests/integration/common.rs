@@ -1,0 +1,170 @@
+//! Running the `tapstream` binary inside a test namespace.
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _},
+    path::Path,
+    process::{Child, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use tapstream::session::CaptureSummary;
+use tapstream_testenv::{CorpusFrame, Netns};
+
+/// Path of the tapstream binary under test.
+pub fn tapstream_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_tapstream")
+}
+
+/// A `tapstream` process running in a namespace; killed if dropped unfinished.
+pub struct Running {
+    child: Option<Child>,
+    ready: mpsc::Receiver<()>,
+    stderr: std::thread::JoinHandle<String>,
+}
+
+impl Running {
+    /// Starts `tapstream args...` in `ns`.
+    pub fn start(ns: &Netns, args: &[&str]) -> Self {
+        let mut child = ns
+            .command(tapstream_bin())
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start tapstream");
+        let (tx, ready) = mpsc::channel();
+        let stderr = child.stderr.take().expect("stderr");
+        let stderr = std::thread::spawn(move || {
+            let mut all = String::new();
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("capturing on") {
+                    let _ = tx.send(());
+                }
+                all.push_str(&line);
+                all.push('\n');
+            }
+            all
+        });
+        Self { child: Some(child), ready, stderr }
+    }
+
+    /// Waits until the capture is attached and running; panics with the log if it exits.
+    pub fn wait_ready(&mut self) {
+        match self.ready.recv_timeout(Duration::from_secs(60)) {
+            Ok(()) => {}
+            Err(_) => {
+                let mut child = self.child.take().expect("child");
+                let _ = child.kill();
+                let status = child.wait().expect("wait");
+                let log = std::mem::replace(&mut self.stderr, std::thread::spawn(String::new));
+                panic!("tapstream never became ready ({status}):\n{}", log.join().unwrap_or_default());
+            }
+        }
+    }
+
+    /// Waits for the process to exit (it must, by one of its limits) and returns its exit
+    /// status, stdout and stderr.
+    pub fn finish(mut self) -> (std::process::ExitStatus, String, String) {
+        let mut child = self.child.take().expect("child");
+        let mut stdout = String::new();
+        child.stdout.take().expect("stdout").read_to_string(&mut stdout).expect("read stdout");
+        let status = child.wait().expect("wait tapstream");
+        let stderr = std::mem::replace(&mut self.stderr, std::thread::spawn(String::new));
+        (status, stdout, stderr.join().unwrap_or_default())
+    }
+
+    /// Like [`Running::finish`], requiring success and a JSON summary on stdout.
+    pub fn summary(self) -> CaptureSummary {
+        let (status, stdout, stderr) = self.finish();
+        // Shown by the test harness when the test fails.
+        eprintln!("tapstream log:\n{stderr}");
+        assert!(status.success(), "tapstream failed ({status}):\n{stderr}");
+        eprintln!("summary: {stdout}");
+        serde_json::from_str(&stdout)
+            .unwrap_or_else(|e| panic!("summary is not JSON ({e}):\n{stdout}\n{stderr}"))
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The records of a PCAP file as (wire length, stored bytes), after checking that tshark and
+/// capinfos read it cleanly.
+pub fn read_capture(path: &Path) -> Vec<(u32, Vec<u8>)> {
+    let capinfos = std::process::Command::new("capinfos").arg("-c").arg(path).output().expect("run capinfos");
+    assert!(
+        capinfos.status.success(),
+        "capinfos rejects {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&capinfos.stderr)
+    );
+    let tshark = std::process::Command::new("tshark").arg("-r").arg(path).output().expect("run tshark");
+    let tshark_err = String::from_utf8_lossy(&tshark.stderr);
+    assert!(tshark.status.success(), "tshark rejects {}: {tshark_err}", path.display());
+    assert!(
+        !tshark_err.contains("cut short") && !tshark_err.contains("isn't a capture file"),
+        "tshark: {tshark_err}"
+    );
+
+    let bytes = std::fs::read(path).expect("read capture");
+    let reader = tapstream_pcap::Reader::new(&bytes).expect("PCAP header");
+    assert!(reader.header().nanos, "tapstream writes nanosecond timestamps");
+    let records: Vec<_> =
+        reader.map(|r| r.map(|r| (r.origlen, r.data.to_vec()))).collect::<Result<_, _>>().expect("records");
+    let count: usize = String::from_utf8_lossy(&capinfos.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("Number of packets:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("capinfos packet count");
+    assert_eq!(count, records.len(), "capinfos and our reader agree on the count");
+    records
+}
+
+/// Asserts that `stored` holds exactly the frames of `sent`, each as often, in any order (captures
+/// taken over several queues interleave them); on failure, says how many differ and shows a few.
+pub fn assert_same_frames(
+    stored: impl IntoIterator<Item = Vec<u8>>,
+    sent: impl IntoIterator<Item = Vec<u8>>,
+) {
+    let mut counts = std::collections::HashMap::<Vec<u8>, i64>::new();
+    let mut n_sent = 0;
+    let mut n_stored = 0;
+    for f in sent {
+        n_sent += 1;
+        *counts.entry(f).or_default() += 1;
+    }
+    for f in stored {
+        n_stored += 1;
+        *counts.entry(f).or_default() -= 1;
+    }
+    let missing: Vec<_> = counts.iter().filter(|&(_, &c)| c > 0).collect();
+    let extra: Vec<_> = counts.iter().filter(|&(_, &c)| c < 0).collect();
+    let show = |v: &[(&Vec<u8>, &i64)]| {
+        v.iter()
+            .take(3)
+            .map(|(f, c)| format!("{} bytes x{}: {:02x?}", f.len(), c.abs(), &f[..f.len().min(24)]))
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "{n_sent} frames sent, {n_stored} stored; {} distinct frames missing {:?}; {} distinct frames extra {:?}",
+        missing.len(),
+        show(&missing),
+        extra.len(),
+        show(&extra)
+    );
+}
+
+/// The data of corpus frames.
+pub fn data<'a>(frames: impl IntoIterator<Item = &'a CorpusFrame>) -> Vec<Vec<u8>> {
+    frames.into_iter().map(|f| f.data.clone()).collect()
+}
