@@ -67,12 +67,22 @@ struct CaptureArgs {
     /// UMEM frame size: 2048 or 4096 (longer frames are cut and counted).
     #[arg(long, default_value_t = 4096, value_parser = parse_frame_size)]
     frame_size: u32,
+    /// Entries of each socket's RX and fill rings (a power of two). The UMEM holds half as
+    /// many frames, all lent to the kernel: that is how many frames a queue buffers while its
+    /// writer is busy (memory per queue: ring size / 2 x frame size, 16 MiB by default).
+    #[arg(long, default_value_t = 8192, value_parser = parse_ring_size)]
+    ring_size: u32,
     /// RX queues to capture (default: all the device has).
     #[arg(long)]
     queues: Option<u32>,
     /// Cores to pin the writers to, one per queue in order (e.g. 2,3).
     #[arg(long, value_delimiter = ',')]
     cores: Vec<usize>,
+    /// After a writer finds only a few frames, it waits this long for more before the next
+    /// look at its ring: fewer wakeups per frame at moderate rates, at the cost of latency.
+    /// The ring holds frames meanwhile; full batches are taken without waiting.
+    #[arg(long, value_name = "TIME", default_value = "1ms", value_parser = humantime::parse_duration)]
+    batch_wait: Duration,
     /// Drop the frames no capture wants instead of passing them to the kernel stack.
     #[arg(long)]
     drop_unmatched: bool,
@@ -86,6 +96,13 @@ enum ZeroCopyArg {
     Auto,
     Required,
     Off,
+}
+
+fn parse_ring_size(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(n) if n.is_power_of_two() && (64..=65536).contains(&n) => Ok(n),
+        _ => Err(format!("ring size must be a power of two from 64 to 65536, not {s}")),
+    }
 }
 
 fn parse_frame_size(s: &str) -> Result<u32, String> {
@@ -134,6 +151,11 @@ fn capture(args: CaptureArgs) -> anyhow::Result<()> {
     let mut config = InterfaceConfig::new(&args.interface);
     config.attach = args.xdp_mode;
     config.xsk.frame_size = args.frame_size;
+    config.writer.coalesce = args.batch_wait;
+    config.xsk.rx_ring_size = args.ring_size;
+    config.xsk.fill_ring_size = args.ring_size;
+    config.xsk.fill_frames = args.ring_size / 2;
+    config.xsk.umem_frames = args.ring_size / 2;
     config.xsk.zero_copy = match args.zero_copy {
         ZeroCopyArg::Auto => ZeroCopy::Auto,
         ZeroCopyArg::Required => ZeroCopy::Required,

@@ -3,7 +3,7 @@
 
 use std::{
     fs::File,
-    io::{BufWriter, Write as _},
+    io::Write as _,
     path::{Path, PathBuf},
     sync::{
         Arc,
@@ -121,7 +121,7 @@ impl From<&QueueSnapshot> for QueueSummary {
 struct FileOutput {
     path: PathBuf,
     snaplen: u32,
-    file: Option<BufWriter<File>>,
+    file: Option<File>,
     packets: u64,
     bytes: u64,
 }
@@ -130,7 +130,8 @@ impl FileOutput {
     fn write(&mut self, chunk_frames: u32, records: &[u8]) -> Result<(), SessionError> {
         let err = |source| SessionError::Write { path: self.path.clone(), source };
         if self.file.is_none() {
-            let mut file = BufWriter::with_capacity(1 << 20, File::create(&self.path).map_err(err)?);
+            // Chunks are large already: written as they are, without another copy into a buffer.
+            let mut file = File::create(&self.path).map_err(err)?;
             let header = FileHeader { snaplen: self.snaplen, linktype: LINKTYPE_ETHERNET, nanos: true };
             file.write_all(&header.encode()).map_err(err)?;
             self.file = Some(file);
@@ -147,7 +148,10 @@ impl FileOutput {
         let Some(mut file) = self.file.take() else { return Ok(None) };
         let err = |source| SessionError::Write { path: self.path.clone(), source };
         file.flush().map_err(err)?;
-        file.get_ref().sync_all().map_err(err)?;
+        // Regular files are synced; a device such as /dev/null has nothing to sync.
+        if file.metadata().map_err(err)?.is_file() {
+            file.sync_all().map_err(err)?;
+        }
         Ok(Some(self.path.clone()))
     }
 }

@@ -73,10 +73,10 @@ impl Default for XskConfig {
     fn default() -> Self {
         Self {
             frame_size: 4096,
-            umem_frames: 8192,
-            fill_ring_size: 4096,
-            fill_frames: 2048,
-            rx_ring_size: 4096,
+            umem_frames: 4096,
+            fill_ring_size: 8192,
+            fill_frames: 4096,
+            rx_ring_size: 8192,
             zero_copy: ZeroCopy::Auto,
         }
     }
