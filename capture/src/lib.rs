@@ -11,6 +11,8 @@
 //! [`pipeline`] (an interface with its writers), [`clock`] (kernel time to wall-clock),
 //! [`metrics`] and [`sys`].
 
+#[cfg(test)]
+mod alloc_count;
 pub mod capture;
 pub mod chunk;
 pub mod clock;
