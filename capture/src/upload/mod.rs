@@ -1,0 +1,195 @@
+//! Upload: compressed chunks become objects in a store while the capture runs.
+//!
+//! [`Sink`] is the small interface to a store, with two implementations: [`s3::S3Sink`]
+//! (aws-sdk-s3, any S3-compatible endpoint) and [`dir::DirSink`] (a local directory).
+//! [`object::Uploader`] turns a capture's compressed frames into objects: rotation by size and
+//! age, multipart uploads with parts in order and CRC32C checksums, a single PutObject for small
+//! objects, bounded parts in flight, and an index object beside each object.
+
+pub mod dir;
+pub mod object;
+pub mod read;
+pub mod s3;
+pub mod stream;
+
+use std::future::Future;
+
+/// Object metadata stored with every object (S3 user metadata).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ObjectMeta {
+    /// Content type of the object.
+    pub content_type: String,
+    /// User metadata (`x-amz-meta-*`), e.g. capture id, filter, node.
+    pub metadata: Vec<(String, String)>,
+}
+
+/// A finished part of a multipart upload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartDone {
+    /// 1-based part number.
+    pub number: i32,
+    /// ETag the store gave it.
+    pub etag: String,
+    /// Base64 CRC32C of the part, as the store computed it (S3 only).
+    pub crc32c: Option<String>,
+}
+
+/// A multipart upload that was started and not finished.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingUpload {
+    /// Object key.
+    pub key: String,
+    /// Upload id.
+    pub upload_id: String,
+}
+
+/// Errors of a store. Each says whether trying again may help.
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    #[error("{operation} {key}: {message}")]
+    Store {
+        operation: &'static str,
+        key: String,
+        message: String,
+        /// Whether the same request may succeed later (network, throttling, 5xx).
+        retryable: bool,
+    },
+    #[error("{operation} {path}")]
+    Io {
+        operation: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid destination {url:?}: {reason}")]
+    Destination { url: String, reason: String },
+    #[error("compression failed")]
+    Compress(#[from] crate::compress::CompressError),
+    #[error("upload task failed: {0}")]
+    Task(String),
+}
+
+impl UploadError {
+    /// Whether the same request may succeed later.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Store { retryable, .. } => *retryable,
+            Self::Io { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// A store of objects. Keys are relative to the store's bucket or directory.
+pub trait Sink: Send + Sync + 'static {
+    /// Stores `body` as `key` in one request.
+    fn put_object(
+        &self,
+        key: &str,
+        body: Vec<u8>,
+        meta: &ObjectMeta,
+    ) -> impl Future<Output = Result<(), UploadError>> + Send;
+    /// Starts a multipart upload; returns its id.
+    fn create_multipart(
+        &self,
+        key: &str,
+        meta: &ObjectMeta,
+    ) -> impl Future<Output = Result<String, UploadError>> + Send;
+    /// Uploads part `number` (1-based).
+    fn upload_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: i32,
+        body: Vec<u8>,
+    ) -> impl Future<Output = Result<PartDone, UploadError>> + Send;
+    /// Completes an upload from its parts, in order.
+    fn complete_multipart(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: Vec<PartDone>,
+    ) -> impl Future<Output = Result<(), UploadError>> + Send;
+    /// Aborts an upload.
+    fn abort_multipart(
+        &self,
+        key: &str,
+        upload_id: &str,
+    ) -> impl Future<Output = Result<(), UploadError>> + Send;
+    /// Unfinished multipart uploads under `prefix`.
+    fn list_multipart(
+        &self,
+        prefix: &str,
+    ) -> impl Future<Output = Result<Vec<PendingUpload>, UploadError>> + Send;
+    /// Bytes `range` (start, inclusive end) of `key`, or all of it.
+    fn get(
+        &self,
+        key: &str,
+        range: Option<(u64, u64)>,
+    ) -> impl Future<Output = Result<Vec<u8>, UploadError>> + Send;
+    /// A URL naming `key`, for summaries (`s3://bucket/key`, `file:///dir/key`).
+    fn url(&self, key: &str) -> String;
+}
+
+/// A destination given on the command line: `s3://bucket/prefix` or a local directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Destination {
+    /// A bucket and a key prefix (no leading or trailing slash).
+    S3 { bucket: String, prefix: String },
+    /// A local directory.
+    Dir { path: std::path::PathBuf },
+}
+
+impl std::str::FromStr for Destination {
+    type Err = UploadError;
+
+    fn from_str(url: &str) -> Result<Self, UploadError> {
+        if let Some(rest) = url.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(UploadError::Destination { url: url.into(), reason: "no bucket name".into() });
+            }
+            return Ok(Self::S3 { bucket: bucket.into(), prefix: prefix.trim_matches('/').into() });
+        }
+        if url.contains("://") {
+            return Err(UploadError::Destination {
+                url: url.into(),
+                reason: "only s3:// URLs and local directories are supported".into(),
+            });
+        }
+        Ok(Self::Dir { path: url.into() })
+    }
+}
+
+/// Splits `s3://bucket/key` into bucket and key.
+pub fn parse_object_url(url: &str) -> Result<(String, String), UploadError> {
+    match url.parse::<Destination>()? {
+        Destination::S3 { bucket, prefix } if !prefix.is_empty() => Ok((bucket, prefix)),
+        _ => Err(UploadError::Destination { url: url.into(), reason: "expected s3://bucket/key".into() }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn destinations_parse_or_say_why_not() {
+        assert_eq!(
+            "s3://b/captures/x/".parse::<Destination>().unwrap(),
+            Destination::S3 { bucket: "b".into(), prefix: "captures/x".into() }
+        );
+        assert_eq!(
+            "s3://b".parse::<Destination>().unwrap(),
+            Destination::S3 { bucket: "b".into(), prefix: "".into() }
+        );
+        assert_eq!(
+            "/var/tmp/c".parse::<Destination>().unwrap(),
+            Destination::Dir { path: "/var/tmp/c".into() }
+        );
+        let e = "gs://b/x".parse::<Destination>().unwrap_err().to_string();
+        assert!(e.contains("only s3://"), "{e}");
+        assert!("s3:///x".parse::<Destination>().unwrap_err().to_string().contains("no bucket"));
+        assert!(parse_object_url("s3://b").is_err());
+    }
+}

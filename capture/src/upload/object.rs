@@ -1,0 +1,352 @@
+//! A capture's objects: compressed frames in, finished objects (and their indexes) out.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tokio::{sync::Semaphore, task::JoinSet};
+
+use super::{ObjectMeta, PartDone, Sink, UploadError};
+use crate::compress::{Compression, Compressor, FrameEntry, Index, seek_table};
+
+/// The smallest part S3 accepts (except the last).
+pub const MIN_PART_BYTES: usize = 5 << 20;
+
+/// How a capture's objects are made.
+#[derive(Clone, Debug)]
+pub struct UploadConfig {
+    /// Bytes per multipart part (at least 5 MiB).
+    pub part_bytes: usize,
+    /// Parts of one object uploading at once at most.
+    pub parts_in_flight_per_object: usize,
+    /// An object is finished and a new one begun past this many bytes.
+    pub object_max_bytes: u64,
+    /// ... or when it is this old, so recent traffic is readable soon.
+    pub object_max_age: Duration,
+    /// Key template: `{prefix}`, `{node}`, `{capture}`, `{start}` (UTC, e.g. 20261124T010203Z),
+    /// `{seq}` (0000, 0001, ...), `{ext}` (`pcap.zst` or `pcap`).
+    pub key_template: String,
+    /// How chunks are stored.
+    pub compression: Compression,
+}
+
+impl Default for UploadConfig {
+    fn default() -> Self {
+        Self {
+            part_bytes: 8 << 20,
+            parts_in_flight_per_object: 4,
+            object_max_bytes: 1 << 30,
+            object_max_age: Duration::from_secs(300),
+            key_template: "{prefix}/{node}/{capture}/{start}-{seq}.{ext}".into(),
+            compression: Compression::default(),
+        }
+    }
+}
+
+/// One compressed chunk, ready to append.
+#[derive(Debug)]
+pub struct CompressedChunk {
+    /// The frame's bytes.
+    pub data: Vec<u8>,
+    /// Bytes it decompresses to.
+    pub decompressed_len: u64,
+    /// First and last record timestamps (ns since the Unix epoch).
+    pub first_ns: u64,
+    pub last_ns: u64,
+    /// Records in it.
+    pub packets: u64,
+}
+
+/// Who the objects belong to, for their names and metadata.
+#[derive(Clone, Debug, Default)]
+pub struct ObjectOwner {
+    /// Key prefix (no slashes at the ends).
+    pub prefix: String,
+    /// This host's name.
+    pub node: String,
+    /// Capture id.
+    pub capture: String,
+    /// Object metadata (capture id, filter, node, tags, ...).
+    pub metadata: Vec<(String, String)>,
+}
+
+struct OpenObject {
+    key: String,
+    opened: Instant,
+    upload_id: Option<String>,
+    /// Bytes of the object so far.
+    length: u64,
+    /// Bytes not yet in a part.
+    pending: Vec<u8>,
+    next_part: i32,
+    parts: JoinSet<Result<PartDone, UploadError>>,
+    /// Parts already uploaded.
+    done: Vec<PartDone>,
+    frames: Vec<FrameEntry>,
+}
+
+/// Makes the objects of one capture.
+pub struct Uploader<S: Sink> {
+    sink: Arc<S>,
+    config: UploadConfig,
+    owner: ObjectOwner,
+    /// Parts in flight over all uploaders sharing it.
+    global: Arc<Semaphore>,
+    per_object: Arc<Semaphore>,
+    header: Vec<u8>,
+    open: Option<OpenObject>,
+    seq: u32,
+    done: Vec<String>,
+}
+
+impl<S: Sink> Uploader<S> {
+    /// An uploader whose objects start with the PCAP file header `pcap_header`. `global`
+    /// bounds the parts in flight over every uploader that shares it.
+    pub fn new(
+        sink: Arc<S>,
+        config: UploadConfig,
+        owner: ObjectOwner,
+        pcap_header: &[u8],
+        global: Arc<Semaphore>,
+    ) -> Result<Self, UploadError> {
+        let mut compressor = Compressor::new(config.compression)?;
+        let header = compressor.frame(pcap_header)?;
+        let per_object = Arc::new(Semaphore::new(config.parts_in_flight_per_object.max(1)));
+        Ok(Self { sink, config, owner, global, per_object, header, open: None, seq: 0, done: Vec::new() })
+    }
+
+    /// Appends a chunk to the open object (beginning one if needed), uploading full parts and
+    /// finishing the object when it is large enough.
+    pub async fn push(&mut self, chunk: CompressedChunk) -> Result<(), UploadError> {
+        if self.open.is_none() {
+            self.begin(chunk.first_ns);
+        }
+        let obj = self.open.as_mut().expect("begun above");
+        obj.frames.push(FrameEntry {
+            offset: obj.length,
+            length: chunk.data.len() as u64,
+            decompressed_length: chunk.decompressed_len,
+            first_ns: chunk.first_ns,
+            last_ns: chunk.last_ns,
+            packets: chunk.packets,
+        });
+        obj.length += chunk.data.len() as u64;
+        obj.pending.extend_from_slice(&chunk.data);
+        if obj.pending.len() >= self.config.part_bytes.max(MIN_PART_BYTES) {
+            self.send_part().await?;
+        }
+        if self.open.as_ref().is_some_and(|o| o.length >= self.config.object_max_bytes) {
+            self.finish_object().await?;
+        }
+        Ok(())
+    }
+
+    /// Finishes the open object if it is older than the age limit.
+    pub async fn tick(&mut self) -> Result<(), UploadError> {
+        if self.open.as_ref().is_some_and(|o| o.opened.elapsed() >= self.config.object_max_age) {
+            self.finish_object().await?;
+        }
+        Ok(())
+    }
+
+    /// Finishes the open object and returns the URLs of every object made.
+    pub async fn finish(mut self) -> Result<Vec<String>, UploadError> {
+        self.finish_object().await?;
+        Ok(self.done)
+    }
+
+    fn begin(&mut self, first_ns: u64) {
+        let key = object_key(&self.config, &self.owner, first_ns, self.seq);
+        self.seq += 1;
+        let header = FrameEntry {
+            offset: 0,
+            length: self.header.len() as u64,
+            decompressed_length: tapstream_pcap::FILE_HEADER_LEN as u64,
+            ..FrameEntry::default()
+        };
+        self.open = Some(OpenObject {
+            key,
+            opened: Instant::now(),
+            upload_id: None,
+            length: self.header.len() as u64,
+            pending: self.header.clone(),
+            next_part: 1,
+            parts: JoinSet::new(),
+            done: Vec::new(),
+            frames: vec![header],
+        });
+    }
+
+    fn meta(&self) -> ObjectMeta {
+        let content_type = match self.config.compression {
+            Compression::None => "application/vnd.tcpdump.pcap",
+            Compression::Zstd { .. } => "application/zstd",
+        };
+        ObjectMeta { content_type: content_type.into(), metadata: self.owner.metadata.clone() }
+    }
+
+    /// Uploads the pending bytes of the open object as its next part, waiting for room under
+    /// the in-flight limits first.
+    async fn send_part(&mut self) -> Result<(), UploadError> {
+        let meta = self.meta();
+        let obj = self.open.as_mut().expect("an open object");
+        if obj.upload_id.is_none() {
+            obj.upload_id = Some(self.sink.create_multipart(&obj.key, &meta).await?);
+        }
+        let closed = |_| UploadError::Task("semaphore closed".into());
+        let global = self.global.clone().acquire_owned().await.map_err(closed)?;
+        let local = self.per_object.clone().acquire_owned().await.map_err(closed)?;
+        let body = std::mem::take(&mut obj.pending);
+        let number = obj.next_part;
+        obj.next_part += 1;
+        let (sink, key, id) =
+            (self.sink.clone(), obj.key.clone(), obj.upload_id.clone().expect("created above"));
+        obj.parts.spawn(async move {
+            let _permits = (global, local);
+            sink.upload_part(&key, &id, number, body).await
+        });
+        // Surface failures early rather than at the end of the object.
+        while let Some(done) = obj.parts.try_join_next() {
+            match done.map_err(|e| UploadError::Task(e.to_string())).and_then(|r| r) {
+                Ok(part) => obj.done.push(part),
+                Err(e) => {
+                    let obj = self.open.take().expect("open");
+                    return Err(self.abandon(obj, e).await);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the open object: the seek table goes last; a small object is one PutObject, a
+    /// large one's last part is sent and the upload completed with its parts in order. Then the
+    /// index object is stored beside it.
+    async fn finish_object(&mut self) -> Result<(), UploadError> {
+        let meta = self.meta();
+        let Some(obj) = self.open.as_mut() else { return Ok(()) };
+        let table = seek_table(self.config.compression, &obj.frames);
+        obj.length += table.len() as u64;
+        obj.pending.extend_from_slice(&table);
+        if obj.upload_id.is_none() {
+            let obj = self.open.take().expect("open");
+            self.sink.put_object(&obj.key, obj.pending, &meta).await?;
+            return self.store_index(obj.key, obj.frames, obj.length).await;
+        }
+        if !obj.pending.is_empty() {
+            self.send_part().await?;
+        }
+        let mut obj = self.open.take().expect("open");
+        let mut parts = std::mem::take(&mut obj.done);
+        while let Some(done) = obj.parts.join_next().await {
+            match done.map_err(|e| UploadError::Task(e.to_string())).and_then(|r| r) {
+                Ok(part) => parts.push(part),
+                Err(e) => return Err(self.abandon(obj, e).await),
+            }
+        }
+        parts.sort_by_key(|p| p.number);
+        let id = obj.upload_id.clone().expect("multipart");
+        if let Err(e) = self.sink.complete_multipart(&obj.key, &id, parts).await {
+            return Err(self.abandon(obj, e).await);
+        }
+        self.store_index(obj.key, obj.frames, obj.length).await
+    }
+
+    async fn store_index(
+        &mut self,
+        key: String,
+        frames: Vec<FrameEntry>,
+        length: u64,
+    ) -> Result<(), UploadError> {
+        let index = Index {
+            version: 1,
+            object: key.clone(),
+            capture_id: self.owner.capture.clone(),
+            compression: self.config.compression,
+            frames,
+            object_length: length,
+        };
+        let body = serde_json::to_vec(&index).expect("an index serializes");
+        let meta =
+            ObjectMeta { content_type: "application/json".into(), metadata: self.owner.metadata.clone() };
+        self.sink.put_object(&index_key(&key), body, &meta).await?;
+        self.done.push(self.sink.url(&key));
+        Ok(())
+    }
+
+    /// Aborts a failed multipart upload so it costs nothing, and returns the error.
+    async fn abandon(&self, mut obj: OpenObject, error: UploadError) -> UploadError {
+        obj.parts.shutdown().await;
+        if let Some(id) = &obj.upload_id
+            && let Err(e) = self.sink.abort_multipart(&obj.key, id).await
+        {
+            log::error!("cannot abort the upload of {}: {e}", obj.key);
+        }
+        error
+    }
+}
+
+/// The key of an index object.
+pub fn index_key(object_key: &str) -> String {
+    format!("{object_key}.idx.json")
+}
+
+/// The key of object `seq` of a capture whose first frame is at `first_ns`.
+pub fn object_key(config: &UploadConfig, owner: &ObjectOwner, first_ns: u64, seq: u32) -> String {
+    let key = config
+        .key_template
+        .replace("{prefix}", &owner.prefix)
+        .replace("{node}", &owner.node)
+        .replace("{capture}", &owner.capture)
+        .replace("{start}", &utc_compact(first_ns))
+        .replace("{seq}", &format!("{seq:04}"))
+        .replace("{ext}", config.compression.extension());
+    key.trim_start_matches('/').replace("//", "/")
+}
+
+/// `ns` since the Unix epoch as `YYYYMMDDTHHMMSSZ`.
+pub fn utc_compact(ns: u64) -> String {
+    let secs = ns / 1_000_000_000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}{month:02}{day:02}T{:02}{:02}{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_follow_the_template() {
+        let owner = ObjectOwner {
+            prefix: "caps".into(),
+            node: "tap1".into(),
+            capture: "c42".into(),
+            ..Default::default()
+        };
+        let key = object_key(&UploadConfig::default(), &owner, 1_795_000_000_123_000_000, 3);
+        assert_eq!(key, "caps/tap1/c42/20261118T110640Z-0003.pcap.zst");
+        let owner = ObjectOwner { prefix: "".into(), ..owner };
+        assert!(
+            object_key(&UploadConfig::default(), &owner, 0, 0).starts_with("tap1/c42/19700101T000000Z-0000")
+        );
+    }
+
+    #[test]
+    fn utc_dates_are_right_across_leap_years() {
+        assert_eq!(utc_compact(0), "19700101T000000Z");
+        assert_eq!(utc_compact(951_782_400 * 1_000_000_000), "20000229T000000Z");
+        // 2100 is not a leap year; `date -u -d @4107542399` agrees.
+        assert_eq!(utc_compact(4_107_542_399 * 1_000_000_000), "21000228T235959Z");
+        assert_eq!(utc_compact(4_107_542_400 * 1_000_000_000), "21000301T000000Z");
+    }
+}
