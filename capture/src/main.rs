@@ -12,8 +12,18 @@ use capture_common::Unmatched;
 use clap::{Args, Parser, Subcommand};
 use tapstream::{
     capture::{CaptureSpec, DEFAULT_SNAPLEN, Limits},
+    compress::Compression,
     pipeline::InterfaceConfig,
-    session::{CaptureSummary, capture_to_file},
+    session::{CaptureSummary, StartStore, StoreTarget, Target, run_capture},
+    upload::{
+        Destination,
+        dir::DirSink,
+        object::{MIN_PART_BYTES, ObjectOwner, UploadConfig},
+        parse_object_url,
+        read::read_window,
+        s3::{S3Config, S3Sink},
+        stream::StoreOutput,
+    },
     xdp::AttachMode,
     xsk::ZeroCopy,
 };
@@ -28,8 +38,11 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Capture from an interface until the first limit, into a local PCAP file.
-    Capture(CaptureArgs),
+    /// Capture from an interface until the first limit, into a local PCAP file or a store.
+    Capture(Box<CaptureArgs>),
+    /// Write a stored capture object as PCAP to stdout (for `tshark -r -`), optionally only
+    /// the frames of a time window, fetched with ranged GETs.
+    Read(Box<ReadArgs>),
 }
 
 #[derive(Args, Debug)]
@@ -38,8 +51,21 @@ struct CaptureArgs {
     #[arg(short, long = "iface", value_name = "IF")]
     interface: String,
     /// PCAP file to write (nanosecond timestamps).
-    #[arg(short, long, value_name = "FILE.pcap")]
-    write: PathBuf,
+    #[arg(
+        short,
+        long,
+        value_name = "FILE.pcap",
+        required_unless_present = "upload",
+        conflicts_with = "upload"
+    )]
+    write: Option<PathBuf>,
+    /// Store the capture as compressed objects: `s3://bucket/prefix` or a local directory.
+    #[arg(long, value_name = "URL")]
+    upload: Option<String>,
+    #[command(flatten)]
+    store: StoreArgs,
+    #[command(flatten)]
+    objects: ObjectArgs,
     /// Stop after this many frames.
     #[arg(short = 'c', long, value_name = "N")]
     packets: Option<u64>,
@@ -91,6 +117,120 @@ struct CaptureArgs {
     json: bool,
 }
 
+/// How to reach an S3-compatible store. Credentials come from the AWS default chain
+/// (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, web identity, IMDSv2).
+#[derive(Args, Debug, Clone)]
+struct StoreArgs {
+    /// Endpoint of an S3-compatible store (e.g. http://127.0.0.1:3900); default: AWS.
+    #[arg(long, value_name = "URL")]
+    s3_endpoint: Option<String>,
+    /// Region (default: from the environment or profile).
+    #[arg(long)]
+    s3_region: Option<String>,
+    /// Path-style addressing (endpoint/bucket/key), which most S3-compatible stores need.
+    #[arg(long)]
+    s3_path_style: bool,
+    /// Server-side encryption: AES256 or aws:kms.
+    #[arg(long, value_name = "ALG")]
+    sse: Option<String>,
+    /// KMS key id for --sse aws:kms.
+    #[arg(long, value_name = "ID")]
+    sse_kms_key_id: Option<String>,
+    /// Storage class (e.g. STANDARD_IA).
+    #[arg(long)]
+    storage_class: Option<String>,
+    /// Canned ACL (e.g. bucket-owner-full-control).
+    #[arg(long)]
+    acl: Option<String>,
+}
+
+/// How objects are cut, compressed and uploaded.
+#[derive(Args, Debug, Clone)]
+struct ObjectArgs {
+    /// Multipart part size (at least 5MiB).
+    #[arg(long, value_name = "SIZE", default_value = "8MiB", value_parser = parse_bytes)]
+    part_size: u64,
+    /// Parts uploading at once at most.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    parts_in_flight: usize,
+    /// Start a new object past this size.
+    #[arg(long, value_name = "SIZE", default_value = "1GiB", value_parser = parse_bytes)]
+    rotate_size: u64,
+    /// Start a new object when the open one is this old.
+    #[arg(long, value_name = "TIME", default_value = "5m", value_parser = humantime::parse_duration)]
+    rotate_age: Duration,
+    /// Compression: a zstd level (1-19) or `none`.
+    #[arg(long, value_name = "LEVEL", default_value = "3")]
+    compression: String,
+    /// Compression threads (they run off the writers' cores).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    compress_threads: usize,
+    /// This host's name in object keys (default: the hostname).
+    #[arg(long)]
+    node: Option<String>,
+    /// Object key template: {prefix}, {node}, {capture}, {start}, {seq}, {ext}.
+    #[arg(long, default_value = "{prefix}/{node}/{capture}/{start}-{seq}.{ext}")]
+    key_template: String,
+}
+
+#[derive(Args, Debug)]
+struct ReadArgs {
+    /// The object: s3://bucket/key, or a path under a local store directory given with --dir.
+    url: String,
+    /// Local store directory the key is relative to (instead of S3).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Only frames at or after this time (RFC 3339, e.g. 2026-11-24T01:02:03Z, or Unix seconds).
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    since: Option<u64>,
+    /// Only frames at or before this time.
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    until: Option<u64>,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+/// A time as ns since the Unix epoch: RFC 3339 or (fractional) Unix seconds.
+fn parse_time(s: &str) -> Result<u64, String> {
+    // Unix seconds with up to nine decimals, exactly (a float would round nanoseconds).
+    let (int, frac) = s.split_once('.').unwrap_or((s, ""));
+    if !int.is_empty() && int.bytes().all(|b| b.is_ascii_digit()) && frac.bytes().all(|b| b.is_ascii_digit())
+    {
+        if frac.len() > 9 {
+            return Err(format!("at most nine decimals (nanoseconds): {s}"));
+        }
+        let secs: u64 = int.parse().map_err(|_| format!("not a time: {s}"))?;
+        let nanos: u64 = if frac.is_empty() {
+            0
+        } else {
+            format!("{frac:0<9}").parse().map_err(|_| format!("not a time: {s}"))?
+        };
+        return secs
+            .checked_mul(1_000_000_000)
+            .and_then(|n| n.checked_add(nanos))
+            .ok_or_else(|| format!("too late: {s}"));
+    }
+    let t = humantime::parse_rfc3339_weak(s).map_err(|e| format!("not a time ({e}): {s}"))?;
+    Ok(t.duration_since(std::time::UNIX_EPOCH).map_err(|_| format!("before 1970: {s}"))?.as_nanos() as u64)
+}
+
+impl StoreArgs {
+    fn s3(&self, bucket: String) -> S3Config {
+        S3Config {
+            bucket,
+            endpoint: self.s3_endpoint.clone(),
+            region: self.s3_region.clone(),
+            path_style: self.s3_path_style,
+            sse: self.sse.clone(),
+            sse_kms_key_id: self.sse_kms_key_id.clone(),
+            storage_class: self.storage_class.clone(),
+            acl: self.acl.clone(),
+            max_attempts: 5,
+            static_credentials: None,
+        }
+    }
+}
+
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 enum ZeroCopyArg {
     Auto,
@@ -136,7 +276,8 @@ fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Capture(args) => capture(args),
+        Command::Capture(args) => capture(*args),
+        Command::Read(args) => read(*args),
     };
     if let Err(e) = result {
         eprintln!("tapstream: {e:#}");
@@ -173,7 +314,12 @@ fn capture(args: CaptureArgs) -> anyhow::Result<()> {
         signal_hook::flag::register(signal, stop.clone()).context("install signal handler")?;
     }
     let tty = std::io::stderr().is_terminal() && !args.json;
-    let summary = capture_to_file(config, spec, limits, &args.write, &stop, |packets, bytes, elapsed| {
+    let target = match (&args.write, &args.upload) {
+        (Some(path), _) => Target::File(path.clone()),
+        (None, Some(url)) => store_target(&args, url)?,
+        (None, None) => bail!("give --write FILE or --upload URL"),
+    };
+    let summary = run_capture(config, spec, limits, target, &stop, |packets, bytes, elapsed| {
         if tty {
             eprint!("\r{packets} packets, {bytes} bytes, {:.1} s   ", elapsed.as_secs_f64());
         }
@@ -187,6 +333,93 @@ fn capture(args: CaptureArgs) -> anyhow::Result<()> {
     } else {
         print_summary(&summary);
     }
+    Ok(())
+}
+
+/// Validates the store options into a target that starts the upload with the capture.
+fn store_target(args: &CaptureArgs, url: &str) -> anyhow::Result<Target> {
+    let o = &args.objects;
+    if o.part_size < MIN_PART_BYTES as u64 {
+        bail!("--part-size must be at least 5MiB (S3's minimum part), not {}", o.part_size);
+    }
+    if o.parts_in_flight == 0 || o.compress_threads == 0 {
+        bail!("--parts-in-flight and --compress-threads must be at least 1");
+    }
+    let compression = match o.compression.as_str() {
+        "none" => Compression::None,
+        level => match level.parse::<i32>() {
+            Ok(l) if (1..=19).contains(&l) => Compression::Zstd { level: l },
+            _ => bail!("--compression must be a zstd level from 1 to 19 or none, not {level:?}"),
+        },
+    };
+    let node = match &o.node {
+        Some(n) => n.clone(),
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "node".into()),
+    };
+    let destination: Destination = url.parse()?;
+    let prefix = match &destination {
+        Destination::S3 { prefix, .. } => prefix.clone(),
+        Destination::Dir { .. } => String::new(),
+    };
+    let config = UploadConfig {
+        part_bytes: o.part_size as usize,
+        parts_in_flight_per_object: o.parts_in_flight,
+        object_max_bytes: o.rotate_size,
+        object_max_age: o.rotate_age,
+        key_template: o.key_template.clone(),
+        compression,
+    };
+    let owner = ObjectOwner {
+        prefix,
+        node: node.clone(),
+        capture: args.id.clone(),
+        metadata: vec![("capture-id".into(), args.id.clone()), ("node".into(), node)],
+    };
+    let threads = o.compress_threads;
+    let store = args.store.clone();
+    let start: StartStore = match destination {
+        Destination::S3 { bucket, .. } => Box::new(move |pool, header| {
+            let s3 = store.s3(bucket);
+            StoreOutput::start(
+                || async move { Ok(S3Sink::new(s3).await) },
+                config,
+                owner,
+                header,
+                threads,
+                pool,
+            )
+        }),
+        Destination::Dir { path } => Box::new(move |pool, header| {
+            StoreOutput::start(|| async move { DirSink::new(path) }, config, owner, header, threads, pool)
+        }),
+    };
+    Ok(Target::Store(StoreTarget { start }))
+}
+
+fn read(args: ReadArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (since, until) = (args.since.unwrap_or(0), args.until.unwrap_or(u64::MAX));
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let stats = runtime
+        .block_on(async {
+            match &args.dir {
+                Some(dir) => read_window(&DirSink::new(dir)?, &args.url, since, until, &mut out).await,
+                None => {
+                    let (bucket, key) = parse_object_url(&args.url)?;
+                    let sink = S3Sink::new(args.store.s3(bucket)).await;
+                    read_window(&sink, &key, since, until, &mut out).await
+                }
+            }
+        })
+        .with_context(|| format!("read {}", args.url))?;
+    log::info!(
+        "{} packets; fetched {} of {} bytes of the object",
+        stats.packets,
+        stats.bytes_fetched,
+        stats.object_bytes
+    );
     Ok(())
 }
 
@@ -208,6 +441,16 @@ fn print_summary(s: &CaptureSummary) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_parse_exactly() {
+        assert_eq!(parse_time("1795000000.123456789"), Ok(1_795_000_000_123_456_789));
+        assert_eq!(parse_time("1795000000.5"), Ok(1_795_000_000_500_000_000));
+        assert_eq!(parse_time("10"), Ok(10_000_000_000));
+        assert_eq!(parse_time("1970-01-01T00:00:01Z"), Ok(1_000_000_000));
+        assert!(parse_time("1.1234567891").is_err());
+        assert!(parse_time("yesterday").unwrap_err().contains("not a time"));
+    }
 
     #[test]
     fn byte_counts() {

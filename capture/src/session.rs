@@ -4,7 +4,7 @@
 use std::{
     fs::File,
     io::Write as _,
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -18,6 +18,7 @@ use crate::{
     capture::{CaptureShared, CaptureSpec, Limits, StopReason},
     clock::TaiClock,
     pipeline::{InterfaceConfig, InterfaceRuntime, PipelineError, QueueSnapshot},
+    upload::stream::StoreOutput,
     writer::Output,
 };
 
@@ -26,6 +27,8 @@ use crate::{
 pub enum SessionError {
     #[error(transparent)]
     Pipeline(#[from] PipelineError),
+    #[error("upload failed")]
+    Upload(#[from] crate::upload::UploadError),
     #[error("cannot write {path}")]
     Write {
         path: PathBuf,
@@ -156,59 +159,134 @@ impl FileOutput {
     }
 }
 
-/// Runs one capture on `config.interface` into the PCAP file `path` until a limit is reached
-/// or `stop` is set. `progress` is called about every 200 ms with (packets, bytes, elapsed).
-pub fn capture_to_file(
+/// Where a capture's frames go.
+pub enum Target {
+    /// A local PCAP file.
+    File(PathBuf),
+    /// Objects in a store; see [`crate::upload`].
+    Store(StoreTarget),
+}
+
+/// Starts a store output, given the chunk pool and the PCAP file header objects begin with.
+pub type StartStore =
+    Box<dyn FnOnce(Arc<crate::chunk::ChunkPool>, &[u8]) -> Result<StoreOutput, crate::upload::UploadError>>;
+
+/// A store target, started when the capture starts.
+pub struct StoreTarget {
+    /// Starts the output, given the chunk pool and the PCAP file header objects begin with.
+    pub start: StartStore,
+}
+
+enum Out {
+    File(FileOutput),
+    Store { output: StoreOutput, packets: u64, bytes: u64 },
+}
+
+/// Runs one capture on `config.interface` until a limit is reached or `stop` is set, into
+/// `target`. `progress` is called about every 200 ms with (packets, bytes, elapsed).
+pub fn run_capture(
     config: InterfaceConfig,
     spec: CaptureSpec,
     limits: Limits,
-    path: &Path,
+    target: Target,
     stop: &AtomicBool,
     mut progress: impl FnMut(u64, u64, Duration),
 ) -> Result<CaptureSummary, SessionError> {
     let mut runtime = InterfaceRuntime::start(config)?;
     let capture = CaptureShared::new(spec, limits);
     let queues = runtime.queues();
+    let pool = runtime.pool().clone();
+    let header =
+        FileHeader { snaplen: capture.spec.snaplen, linktype: LINKTYPE_ETHERNET, nanos: true }.encode();
+    let (mut out, description) = match target {
+        Target::File(path) => {
+            let d = path.display().to_string();
+            (
+                Out::File(FileOutput {
+                    path,
+                    snaplen: capture.spec.snaplen,
+                    file: None,
+                    packets: 0,
+                    bytes: 0,
+                }),
+                d,
+            )
+        }
+        Target::Store(store) => (
+            Out::Store { output: (store.start)(pool.clone(), &header)?, packets: 0, bytes: 0 },
+            "the store".into(),
+        ),
+    };
     let started = Instant::now();
     let started_tai = TaiClock::now_tai_ns();
     let slot = runtime.start_capture(capture.clone())?;
-    log::info!("capturing on {} into {}", runtime.interface(), path.display());
-    let mut output =
-        FileOutput { path: path.to_owned(), snaplen: capture.spec.snaplen, file: None, packets: 0, bytes: 0 };
+    log::info!("capturing on {} into {description}", runtime.interface());
     let mut reason = None;
     let mut done_queues = 0;
     let mut last_progress = Instant::now();
     let outputs = runtime.outputs().clone();
-    let pool = runtime.pool().clone();
     let mut failure = None;
     while done_queues < queues {
         match outputs.recv_timeout(Duration::from_millis(20)) {
             Ok(Output::Chunk(chunk)) => {
-                if failure.is_none()
-                    && let Err(e) = output.write(chunk.frames, &chunk.data)
-                {
-                    capture.count_dropped(u64::from(chunk.frames));
-                    failure = Some(e);
-                    reason.get_or_insert(StopReason::Error);
-                } else if failure.is_some() {
-                    capture.count_dropped(u64::from(chunk.frames));
+                let frames = u64::from(chunk.frames);
+                match &mut out {
+                    _ if failure.is_some() => {
+                        capture.count_dropped(frames);
+                        pool.put(chunk.data);
+                    }
+                    Out::File(file) => {
+                        if let Err(e) = file.write(chunk.frames, &chunk.data) {
+                            capture.count_dropped(frames);
+                            failure = Some(e);
+                            reason.get_or_insert(StopReason::Error);
+                        }
+                        pool.put(chunk.data);
+                    }
+                    Out::Store { output, packets, bytes } => {
+                        let data =
+                            chunk.data.len() as u64 - frames * tapstream_pcap::RECORD_HEADER_LEN as u64;
+                        match output.write(chunk) {
+                            Ok(()) => {
+                                *packets += frames;
+                                *bytes += data;
+                            }
+                            Err(chunk) => {
+                                capture.count_dropped(frames);
+                                pool.put(chunk.data);
+                                reason.get_or_insert(StopReason::Error);
+                            }
+                        }
+                    }
                 }
-                pool.put(chunk.data);
             }
             Ok(Output::Done { capture: done, .. }) if Arc::ptr_eq(&done, &capture) => done_queues += 1,
             Ok(Output::Done { .. }) => {}
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                log::error!("every writer has stopped");
+                reason.get_or_insert(StopReason::Error);
+                break;
+            }
         }
         if reason.is_none() {
-            reason = check_limits(&capture, &limits, started, started_tai, stop);
+            if matches!(&out, Out::Store { output, .. } if output.has_failed()) {
+                log::error!("the upload has stopped; ending the capture");
+                reason = Some(StopReason::Error);
+            } else {
+                reason = check_limits(&capture, &limits, started, started_tai, stop);
+            }
             if reason.is_some() {
                 runtime.stop_capture(slot)?;
             }
         }
         if last_progress.elapsed() >= Duration::from_millis(200) {
             last_progress = Instant::now();
-            progress(output.packets, output.bytes, started.elapsed());
+            let (p, b) = match &out {
+                Out::File(f) => (f.packets, f.bytes),
+                Out::Store { packets, bytes, .. } => (*packets, *bytes),
+            };
+            progress(p, b, started.elapsed());
             let _ = runtime.snapshot();
         }
     }
@@ -218,15 +296,21 @@ pub fn capture_to_file(
     if let Some(e) = failure {
         return Err(e);
     }
-    let stored = output.finish()?;
+    let (packets, bytes, stored) = match out {
+        Out::File(mut file) => {
+            let stored = file.finish()?;
+            (file.packets, file.bytes, stored.iter().map(|p| p.display().to_string()).collect())
+        }
+        Out::Store { output, packets, bytes } => (packets, bytes, output.finish()?),
+    };
     Ok(CaptureSummary {
         id: capture.spec.id.clone(),
         interface,
         stop_reason: reason.unwrap_or(StopReason::Stopped),
-        packets: output.packets,
-        bytes: output.bytes,
+        packets,
+        bytes,
         elapsed_secs: elapsed.as_secs_f64(),
-        outputs: stored.iter().map(|p| p.display().to_string()).collect(),
+        outputs: stored,
         dropped_writer: capture.dropped(),
         dropped_kernel: queues.iter().map(|q| q.xsk.rx_dropped + q.xsk.rx_ring_full).sum(),
         redirect_errors: queues.iter().map(|q| q.xdp.redirect_errors).sum(),
