@@ -26,9 +26,15 @@ pub struct Running {
 impl Running {
     /// Starts `tapstream args...` in `ns`.
     pub fn start(ns: &Netns, args: &[&str]) -> Self {
+        Self::start_with_env(ns, args, &[])
+    }
+
+    /// Starts `tapstream args...` in `ns` with extra environment variables.
+    pub fn start_with_env(ns: &Netns, args: &[&str], env: &[(&str, String)]) -> Self {
         let mut child = ns
             .command(tapstream_bin())
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

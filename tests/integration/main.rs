@@ -5,3 +5,4 @@
 mod common;
 mod datapath;
 mod smoke;
+mod upload;

@@ -17,6 +17,8 @@ use crate::{random_hex, tools_dir};
 pub struct Garage {
     child: Option<Child>,
     dir: tempfile::TempDir,
+    /// Network namespace the server runs in (`None`: the test's own).
+    netns: Option<String>,
     config: PathBuf,
     /// S3 endpoint, `http://127.0.0.1:PORT`.
     pub endpoint: String,
@@ -46,6 +48,16 @@ impl Garage {
 
     /// Starts a server with a fresh directory, keys and bucket, and waits until it answers.
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// Like [`Garage::start`], but inside network namespace `ns`, so that processes there
+    /// (a capture attached to the namespace's veth end) reach it on the namespace's loopback.
+    pub fn start_in(ns: &crate::Netns) -> Self {
+        Self::start_with(Some(ns.name().to_owned()))
+    }
+
+    fn start_with(netns: Option<String>) -> Self {
         let dir = tempfile::Builder::new().prefix("tapstream-garage-").tempdir().expect("temp dir");
         let (rpc, s3, admin) = (free_port(), free_port(), free_port());
         let config = dir.path().join("garage.toml");
@@ -83,6 +95,7 @@ api_bind_addr = "127.0.0.1:{admin}"
             secret_key: random_hex(32),
             s3_addr: SocketAddr::from(([127, 0, 0, 1], s3)),
             dir,
+            netns,
         };
         garage.resume();
         garage
@@ -96,7 +109,15 @@ api_bind_addr = "127.0.0.1:{admin}"
             .append(true)
             .open(self.dir.path().join("garage.log"))
             .expect("garage log");
-        let child = Command::new(Self::binary())
+        let mut command = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(Self::binary());
+                c
+            }
+            None => Command::new(Self::binary()),
+        };
+        let child = command
             .arg("-c")
             .arg(&self.config)
             .args(["server", "--single-node", "--default-bucket"])
@@ -144,13 +165,23 @@ api_bind_addr = "127.0.0.1:{admin}"
 
     /// Whether the S3 port answers an (anonymous) HTTP request.
     fn answers_http(&self) -> bool {
+        let (addr, bucket) = (self.s3_addr, self.bucket.clone());
+        match &self.netns {
+            Some(ns) => crate::netns::enter_named(ns, move || answers_http(addr, &bucket)),
+            None => answers_http(addr, &bucket),
+        }
+    }
+}
+
+/// Whether an S3 server at `addr` answers a HEAD of `bucket` with HTTP.
+fn answers_http(s3_addr: SocketAddr, bucket: &str) -> bool {
+    {
         use std::io::{Read as _, Write as _};
-        let Ok(mut stream) = TcpStream::connect_timeout(&self.s3_addr, Duration::from_millis(200)) else {
+        let Ok(mut stream) = TcpStream::connect_timeout(&s3_addr, Duration::from_millis(200)) else {
             return false;
         };
         let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-        let request =
-            format!("HEAD /{} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", self.bucket, self.s3_addr);
+        let request = format!("HEAD /{bucket} HTTP/1.1\r\nHost: {s3_addr}\r\nConnection: close\r\n\r\n");
         if stream.write_all(request.as_bytes()).is_err() {
             return false;
         }
@@ -158,7 +189,9 @@ api_bind_addr = "127.0.0.1:{admin}"
         let _ = stream.read_to_string(&mut reply);
         reply.starts_with("HTTP/1.1 ")
     }
+}
 
+impl Garage {
     /// Environment variables that point the AWS SDK (and tapstream) at this server.
     pub fn aws_env(&self) -> Vec<(&'static str, String)> {
         vec![

@@ -42,21 +42,26 @@ impl Netns {
     /// Runs `f` on a new thread that has entered the namespace, and returns its result.
     /// Sockets and BPF links made there stay in the namespace after the thread ends.
     pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/run/netns/{}", self.name);
-        let ns = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    // SAFETY: `ns` is an open namespace file for the whole call; setns only
-                    // changes this new thread's network namespace.
-                    let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-                    assert_eq!(rc, 0, "setns into {}: {}", self.name, std::io::Error::last_os_error());
-                    f()
-                })
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-        })
+        enter_named(&self.name, f)
     }
+}
+
+/// Runs `f` on a new thread inside the namespace called `name`.
+pub(crate) fn enter_named<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> T {
+    let path = format!("/run/netns/{name}");
+    let ns = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: `ns` is an open namespace file for the whole call; setns only
+                // changes this new thread's network namespace.
+                let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(rc, 0, "setns into {name}: {}", std::io::Error::last_os_error());
+                f()
+            })
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
 }
 
 impl Drop for Netns {

@@ -1,0 +1,289 @@
+//! Captures stored as compressed objects in a real Garage, read back with `tapstream read`,
+//! `zstd -d`, capinfos and tshark.
+
+use std::{
+    process::{Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
+
+use tapstream::{
+    compress::Compression,
+    upload::{
+        ObjectMeta, PartDone, PendingUpload, Sink, UploadError,
+        object::{CompressedChunk, ObjectOwner, UploadConfig, Uploader},
+        s3::{S3Config, S3Sink},
+    },
+};
+use tapstream_testenv::{Garage, Netns, Sender, VethPair, corpus_frames, unique_name};
+
+use crate::common::{Running, tapstream_bin};
+
+fn s3_args(garage: &Garage) -> Vec<String> {
+    ["--s3-endpoint", &garage.endpoint, "--s3-region", &garage.region, "--s3-path-style"]
+        .map(String::from)
+        .to_vec()
+}
+
+/// `tapstream read` of an object; returns (stdout, stderr).
+fn read(ns: &Netns, garage: &Garage, url: &str, window: &[&str]) -> (Vec<u8>, String) {
+    let out = ns
+        .command(tapstream_bin())
+        .arg("read")
+        .arg(url)
+        .args(window)
+        .args(s3_args(garage))
+        .envs(garage.aws_env())
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("run tapstream read");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "tapstream read {url} failed: {stderr}");
+    (out.stdout, stderr)
+}
+
+/// The raw bytes of an object, fetched from inside `ns`.
+fn raw_object(ns: &Netns, garage: &Garage, key: &str) -> Vec<u8> {
+    ns.enter(|| {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async { sink(garage).await.get(key, None).await.expect("GET the object") })
+    })
+}
+
+async fn sink(garage: &Garage) -> S3Sink {
+    S3Sink::new(S3Config {
+        static_credentials: Some((garage.access_key.clone(), garage.secret_key.clone())),
+        bucket: garage.bucket.clone(),
+        endpoint: Some(garage.endpoint.clone()),
+        region: Some(garage.region.clone()),
+        path_style: true,
+        max_attempts: 3,
+        ..S3Config::default()
+    })
+    .await
+}
+
+fn records(pcap: &[u8]) -> Vec<(u64, Vec<u8>)> {
+    tapstream_pcap::Reader::new(pcap)
+        .expect("a PCAP header")
+        .map(|r| r.map(|r| (r.ts_nanos, r.data.to_vec())))
+        .collect::<Result<_, _>>()
+        .expect("records")
+}
+
+#[test]
+fn corpus_capture_lands_as_objects_that_read_back_byte_for_byte() {
+    let veth = VethPair::new(1);
+    let garage = Garage::start_in(&veth.capture_ns);
+    let frames = corpus_frames();
+    let sender = Sender::new(&veth);
+    let prefix = unique_name("it");
+    let url = format!("s3://{}/{prefix}", garage.bucket);
+    let mut args: Vec<String> = [
+        "capture",
+        "-i",
+        &veth.capture_if,
+        "--upload",
+        &url,
+        "--idle",
+        "3s",
+        "--duration",
+        "120s",
+        "--json",
+        "--id",
+        "corpus",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(s3_args(&garage));
+    args.extend(["--node", "it-node", "--part-size", "5MiB"].map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut run = Running::start_with_env(&veth.capture_ns, &args, &garage.aws_env());
+    run.wait_ready();
+    let sent = sender.send_all(&frames);
+    let summary = run.summary();
+
+    assert_eq!(summary.packets, sent.len() as u64);
+    assert_eq!(summary.outputs.len(), 1, "one object: {:?}", summary.outputs);
+    let object_url = &summary.outputs[0];
+    let key = object_url.strip_prefix(&format!("s3://{}/", garage.bucket)).expect("an s3 URL in the bucket");
+    assert!(key.starts_with(&format!("{prefix}/it-node/corpus/")) && key.ends_with(".pcap.zst"), "{key}");
+
+    // The whole object through `tapstream read`: every frame sent, in order, byte for byte.
+    let (pcap, _) = read(&veth.capture_ns, &garage, object_url, &[]);
+    let stored = records(&pcap);
+    assert_eq!(stored.len(), sent.len());
+    for (i, ((_, data), frame)) in stored.iter().zip(&sent).enumerate() {
+        assert_eq!(data, &frame.data, "frame {i} differs");
+    }
+
+    // The raw object through the zstd tool: the same PCAP (the seek table is skipped).
+    let raw = raw_object(&veth.capture_ns, &garage, key);
+    let mut zstd =
+        Command::new("zstd").args(["-d", "-c"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    let mut stdin = zstd.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || std::io::Write::write_all(&mut stdin, &raw));
+    let decompressed = zstd.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
+    assert!(decompressed.status.success());
+    assert_eq!(decompressed.stdout, pcap, "zstd -d gives the same PCAP as tapstream read");
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), &pcap).unwrap();
+    crate::common::read_capture(file.path());
+
+    // A time window: exactly the frames in it, from fewer bytes than the object.
+    let times: Vec<u64> = stored.iter().map(|(t, _)| *t).collect();
+    let (since, until) = (times[times.len() / 2], times[times.len() * 3 / 4]);
+    let secs = |ns: u64| format!("{}.{:09}", ns / 1_000_000_000, ns % 1_000_000_000);
+    let (window, log) =
+        read(&veth.capture_ns, &garage, object_url, &["--since", &secs(since), "--until", &secs(until)]);
+    let expected: Vec<_> = stored.iter().filter(|(t, _)| (since..=until).contains(t)).collect();
+    let got = records(&window);
+    assert_eq!(got.len(), expected.len(), "frames in the window");
+    assert!(got.iter().zip(&expected).all(|(a, b)| a == *b));
+    let fetched = log
+        .lines()
+        .find_map(|l| l.split("fetched ").nth(1))
+        .and_then(|t| {
+            let mut w = t.split_whitespace();
+            Some((w.next()?.parse::<u64>().ok()?, w.nth(1)?.parse::<u64>().ok()?))
+        })
+        .unwrap_or_else(|| panic!("no fetch statistics in: {log}"));
+    assert!(fetched.0 < fetched.1, "the window read fetched {} of {} bytes", fetched.0, fetched.1);
+}
+
+#[test]
+fn a_missing_bucket_is_named_and_the_capture_fails() {
+    let veth = VethPair::new(1);
+    let garage = Garage::start_in(&veth.capture_ns);
+    let url = "s3://no-such-bucket-here/x";
+    let mut args: Vec<String> =
+        ["capture", "-i", &veth.capture_if, "--upload", url, "--duration", "60s", "--idle", "3s"]
+            .map(String::from)
+            .to_vec();
+    args.extend(s3_args(&garage));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut run = Running::start_with_env(&veth.capture_ns, &args, &garage.aws_env());
+    run.wait_ready();
+    let frames = corpus_frames();
+    Sender::new(&veth).send_all(frames.iter().take(500));
+    let (status, _, stderr) = run.finish();
+    assert!(!status.success(), "the capture must fail: {stderr}");
+    assert!(stderr.contains("no-such-bucket-here") || stderr.contains("NoSuchBucket"), "{stderr}");
+    assert!(!stderr.contains(&garage.secret_key), "the secret never appears in the log");
+}
+
+/// Counts parts in flight around a real store.
+struct Counting<S> {
+    inner: S,
+    now: AtomicUsize,
+    max: AtomicUsize,
+}
+
+impl<S: Sink> Sink for Counting<S> {
+    async fn put_object(&self, key: &str, body: Vec<u8>, meta: &ObjectMeta) -> Result<(), UploadError> {
+        self.inner.put_object(key, body, meta).await
+    }
+    async fn create_multipart(&self, key: &str, meta: &ObjectMeta) -> Result<String, UploadError> {
+        self.inner.create_multipart(key, meta).await
+    }
+    async fn upload_part(
+        &self,
+        key: &str,
+        id: &str,
+        number: i32,
+        body: Vec<u8>,
+    ) -> Result<PartDone, UploadError> {
+        let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max.fetch_max(now, Ordering::SeqCst);
+        let r = self.inner.upload_part(key, id, number, body).await;
+        self.now.fetch_sub(1, Ordering::SeqCst);
+        r
+    }
+    async fn complete_multipart(&self, key: &str, id: &str, parts: Vec<PartDone>) -> Result<(), UploadError> {
+        self.inner.complete_multipart(key, id, parts).await
+    }
+    async fn abort_multipart(&self, key: &str, id: &str) -> Result<(), UploadError> {
+        self.inner.abort_multipart(key, id).await
+    }
+    async fn list_multipart(&self, prefix: &str) -> Result<Vec<PendingUpload>, UploadError> {
+        self.inner.list_multipart(prefix).await
+    }
+    async fn get(&self, key: &str, range: Option<(u64, u64)>) -> Result<Vec<u8>, UploadError> {
+        self.inner.get(key, range).await
+    }
+    fn url(&self, key: &str) -> String {
+        self.inner.url(key)
+    }
+}
+
+#[test]
+fn parts_in_flight_never_exceed_the_limit_and_the_object_is_exact() {
+    let garage = Garage::start();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let sink = Arc::new(Counting {
+            inner: sink(&garage).await,
+            now: AtomicUsize::new(0),
+            max: AtomicUsize::new(0),
+        });
+        let limit = 2;
+        let config = UploadConfig {
+            part_bytes: 5 << 20,
+            parts_in_flight_per_object: limit,
+            compression: Compression::None,
+            ..UploadConfig::default()
+        };
+        let owner = ObjectOwner {
+            prefix: unique_name("parts"),
+            node: "n".into(),
+            capture: "c".into(),
+            ..Default::default()
+        };
+        let global = Arc::new(tokio::sync::Semaphore::new(limit));
+        let header = [7u8; 24];
+        let mut up = Uploader::new(sink.clone(), config, owner, &header, global).unwrap();
+        let mut expected = header.to_vec();
+        let mut seed = 0x1234_5678_u32;
+        for i in 0..48 {
+            // Incompressible, distinct 1 MiB chunks: 48 MiB, ten parts.
+            let data: Vec<u8> = (0..1 << 20)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 17;
+                    seed ^= seed << 5;
+                    seed as u8
+                })
+                .collect();
+            expected.extend_from_slice(&data);
+            let chunk = CompressedChunk {
+                decompressed_len: data.len() as u64,
+                data,
+                first_ns: i,
+                last_ns: i,
+                packets: 1,
+            };
+            up.push(chunk).await.unwrap();
+        }
+        let urls = up.finish().await.unwrap();
+        assert_eq!(urls.len(), 1);
+        let max = sink.max.load(Ordering::SeqCst);
+        assert!(max <= limit, "{max} parts were in flight with a limit of {limit}");
+        assert_eq!(max, limit, "parts did upload concurrently");
+        let key = urls[0].strip_prefix(&format!("s3://{}/", garage.bucket)).unwrap();
+        let stored = sink.get(key, None).await.unwrap();
+        let tail =
+            sink.get(key, Some((expected.len() as u64 - 10, expected.len() as u64 - 1))).await.unwrap();
+        assert_eq!(tail, expected[expected.len() - 10..], "the last bytes, by a ranged GET");
+        assert!(
+            stored == expected,
+            "the object is the bytes pushed, in order ({} vs {} bytes)",
+            stored.len(),
+            expected.len()
+        );
+        let pending = sink.list_multipart("").await.unwrap();
+        assert!(pending.is_empty(), "no multipart upload left behind: {pending:?}");
+    });
+}
