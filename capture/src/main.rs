@@ -22,7 +22,7 @@ use tapstream::{
         parse_object_url,
         read::read_window,
         s3::{S3Config, S3Sink},
-        stream::StoreOutput,
+        stream::{StoreOptions, StoreOutput},
     },
     xdp::AttachMode,
     xsk::ZeroCopy,
@@ -165,6 +165,19 @@ struct ObjectArgs {
     /// Compression threads (they run off the writers' cores).
     #[arg(long, value_name = "N", default_value_t = 1)]
     compress_threads: usize,
+    /// Directory where chunks wait while the store is unreachable (one subdirectory per
+    /// capture); what an earlier run left there is uploaded on start.
+    #[arg(long, value_name = "DIR", default_value = "/var/tmp/tapstream/spool")]
+    spool_dir: PathBuf,
+    /// Bytes one capture may spool at most; beyond, frames are dropped and counted.
+    #[arg(long, value_name = "SIZE", default_value = "4GiB", value_parser = parse_bytes)]
+    spool_max: u64,
+    /// Compressed chunks held in memory while the store is slow; more go to the spool.
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    upload_queue: usize,
+    /// How long the store may stay unreachable before the capture fails.
+    #[arg(long, value_name = "TIME", default_value = "1h", value_parser = humantime::parse_duration)]
+    outage_max: Duration,
     /// This host's name in object keys (default: the hostname).
     #[arg(long)]
     node: Option<String>,
@@ -370,6 +383,7 @@ fn store_target(args: &CaptureArgs, url: &str) -> anyhow::Result<Target> {
         object_max_age: o.rotate_age,
         key_template: o.key_template.clone(),
         compression,
+        outage_max: o.outage_max,
     };
     let owner = ObjectOwner {
         prefix,
@@ -377,7 +391,12 @@ fn store_target(args: &CaptureArgs, url: &str) -> anyhow::Result<Target> {
         capture: args.id.clone(),
         metadata: vec![("capture-id".into(), args.id.clone()), ("node".into(), node)],
     };
-    let threads = o.compress_threads;
+    let options = StoreOptions {
+        threads: o.compress_threads,
+        spool_root: o.spool_dir.clone(),
+        spool_max_bytes: o.spool_max,
+        memory_chunks: o.upload_queue,
+    };
     let store = args.store.clone();
     let start: StartStore = match destination {
         Destination::S3 { bucket, .. } => Box::new(move |pool, header| {
@@ -387,12 +406,12 @@ fn store_target(args: &CaptureArgs, url: &str) -> anyhow::Result<Target> {
                 config,
                 owner,
                 header,
-                threads,
+                options,
                 pool,
             )
         }),
         Destination::Dir { path } => Box::new(move |pool, header| {
-            StoreOutput::start(|| async move { DirSink::new(path) }, config, owner, header, threads, pool)
+            StoreOutput::start(|| async move { DirSink::new(path) }, config, owner, header, options, pool)
         }),
     };
     Ok(Target::Store(StoreTarget { start }))

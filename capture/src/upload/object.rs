@@ -29,6 +29,9 @@ pub struct UploadConfig {
     pub key_template: String,
     /// How chunks are stored.
     pub compression: Compression,
+    /// How long a store may stay unreachable (retryable errors) before the capture fails;
+    /// meanwhile requests are retried with backoff and chunks spool to disk.
+    pub outage_max: Duration,
 }
 
 impl Default for UploadConfig {
@@ -40,6 +43,41 @@ impl Default for UploadConfig {
             object_max_age: Duration::from_secs(300),
             key_template: "{prefix}/{node}/{capture}/{start}-{seq}.{ext}".into(),
             compression: Compression::default(),
+            outage_max: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// Runs `op` until it succeeds, fails with an error that is not retryable, or has failed for
+/// longer than `outage_max`; waits between attempts with exponential backoff (0.2 s to 10 s).
+pub async fn with_retry<T, F, Fut>(what: &str, outage_max: Duration, mut op: F) -> Result<T, UploadError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, UploadError>>,
+{
+    let started = Instant::now();
+    let mut wait = Duration::from_millis(200);
+    let mut warned = false;
+    loop {
+        match op().await {
+            Ok(v) => {
+                if warned {
+                    log::info!(
+                        "{what}: the store answers again after {:.1} s",
+                        started.elapsed().as_secs_f64()
+                    );
+                }
+                return Ok(v);
+            }
+            Err(e) if e.is_retryable() && started.elapsed() < outage_max => {
+                if !warned {
+                    log::warn!("{what}: {e}; retrying (chunks spool to disk meanwhile)");
+                    warned = true;
+                }
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => return Err(e),
         }
     }
 }
@@ -192,7 +230,12 @@ impl<S: Sink> Uploader<S> {
         let meta = self.meta();
         let obj = self.open.as_mut().expect("an open object");
         if obj.upload_id.is_none() {
-            obj.upload_id = Some(self.sink.create_multipart(&obj.key, &meta).await?);
+            let (sink, key) = (&self.sink, &obj.key);
+            let id = with_retry("CreateMultipartUpload", self.config.outage_max, || {
+                sink.create_multipart(key, &meta)
+            })
+            .await?;
+            obj.upload_id = Some(id);
         }
         let closed = |_| UploadError::Task("semaphore closed".into());
         let global = self.global.clone().acquire_owned().await.map_err(closed)?;
@@ -202,9 +245,10 @@ impl<S: Sink> Uploader<S> {
         obj.next_part += 1;
         let (sink, key, id) =
             (self.sink.clone(), obj.key.clone(), obj.upload_id.clone().expect("created above"));
+        let outage_max = self.config.outage_max;
         obj.parts.spawn(async move {
             let _permits = (global, local);
-            sink.upload_part(&key, &id, number, body).await
+            with_retry("UploadPart", outage_max, || sink.upload_part(&key, &id, number, body.clone())).await
         });
         // Surface failures early rather than at the end of the object.
         while let Some(done) = obj.parts.try_join_next() {
@@ -230,7 +274,9 @@ impl<S: Sink> Uploader<S> {
         obj.pending.extend_from_slice(&table);
         if obj.upload_id.is_none() {
             let obj = self.open.take().expect("open");
-            self.sink.put_object(&obj.key, obj.pending, &meta).await?;
+            let (sink, key, body) = (&self.sink, &obj.key, &obj.pending);
+            with_retry("PutObject", self.config.outage_max, || sink.put_object(key, body.clone(), &meta))
+                .await?;
             return self.store_index(obj.key, obj.frames, obj.length).await;
         }
         if !obj.pending.is_empty() {
@@ -246,7 +292,12 @@ impl<S: Sink> Uploader<S> {
         }
         parts.sort_by_key(|p| p.number);
         let id = obj.upload_id.clone().expect("multipart");
-        if let Err(e) = self.sink.complete_multipart(&obj.key, &id, parts).await {
+        let (sink, key) = (&self.sink, &obj.key);
+        let completed = with_retry("CompleteMultipartUpload", self.config.outage_max, || {
+            sink.complete_multipart(key, &id, parts.clone())
+        })
+        .await;
+        if let Err(e) = completed {
             return Err(self.abandon(obj, e).await);
         }
         self.store_index(obj.key, obj.frames, obj.length).await
@@ -269,7 +320,9 @@ impl<S: Sink> Uploader<S> {
         let body = serde_json::to_vec(&index).expect("an index serializes");
         let meta =
             ObjectMeta { content_type: "application/json".into(), metadata: self.owner.metadata.clone() };
-        self.sink.put_object(&index_key(&key), body, &meta).await?;
+        let (sink, ikey) = (&self.sink, index_key(&key));
+        with_retry("PutObject", self.config.outage_max, || sink.put_object(&ikey, body.clone(), &meta))
+            .await?;
         self.done.push(self.sink.url(&key));
         Ok(())
     }

@@ -1,0 +1,201 @@
+//! The spool: compressed chunks that cannot go to the uploader now (the store is slow or
+//! unreachable) wait in a bounded local directory, in files named by their sequence number,
+//! and go up in order when the store answers again. Chunks left by a process that was killed
+//! are found on the next start and uploaded ([`Spool::leftovers`]).
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use super::object::CompressedChunk;
+
+/// Bytes before the chunk in a spool file: decompressed length, first and last timestamp,
+/// record count, each a little-endian u64.
+const HEADER: usize = 32;
+
+/// The file holding the PCAP file header of a spooled capture.
+pub const PCAP_HEADER_FILE: &str = "header.pcap";
+
+/// The lock file a live spool holds (flock), so another process never takes its chunks.
+const LOCK_FILE: &str = "lock";
+
+/// A capture's spool directory.
+pub struct Spool {
+    dir: PathBuf,
+    _lock: std::fs::File,
+    limit_bytes: u64,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    files: BTreeMap<u64, u64>,
+    bytes: u64,
+    spooled: u64,
+}
+
+impl Spool {
+    /// A spool in `dir` (created) holding at most `limit_bytes`; `pcap_header` is kept beside
+    /// the chunks so leftovers can be made into objects after a restart.
+    pub fn create(dir: PathBuf, limit_bytes: u64, pcap_header: &[u8]) -> std::io::Result<Self> {
+        std::fs::create_dir_all(&dir)?;
+        let lock = std::fs::File::create(dir.join(LOCK_FILE))?;
+        if !try_lock(&lock)? {
+            return Err(std::io::Error::other(format!("{} is in use by another process", dir.display())));
+        }
+        std::fs::write(dir.join(PCAP_HEADER_FILE), pcap_header)?;
+        Ok(Self { dir, _lock: lock, limit_bytes, state: Mutex::default() })
+    }
+
+    fn path(&self, seq: u64) -> PathBuf {
+        self.dir.join(format!("{seq:016}.chunk"))
+    }
+
+    /// Stores chunk `seq`; false if the spool is full (the caller must wait instead).
+    pub fn put(&self, seq: u64, chunk: &CompressedChunk) -> std::io::Result<bool> {
+        let len = (HEADER + chunk.data.len()) as u64;
+        {
+            let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if state.bytes + len > self.limit_bytes {
+                return Ok(false);
+            }
+        }
+        let mut body = Vec::with_capacity(len as usize);
+        for v in [chunk.decompressed_len, chunk.first_ns, chunk.last_ns, chunk.packets] {
+            body.extend_from_slice(&v.to_le_bytes());
+        }
+        body.extend_from_slice(&chunk.data);
+        let path = self.path(seq);
+        let tmp = path.with_extension("partial");
+        std::fs::write(&tmp, &body)?;
+        std::fs::rename(&tmp, &path)?;
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.files.insert(seq, len);
+        state.bytes += len;
+        state.spooled += 1;
+        Ok(true)
+    }
+
+    /// Takes chunk `seq` out of the spool, if it is there.
+    pub fn take(&self, seq: u64) -> std::io::Result<Option<CompressedChunk>> {
+        let len = {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(len) = state.files.remove(&seq) else { return Ok(None) };
+            state.bytes -= len;
+            len
+        };
+        let path = self.path(seq);
+        let chunk = read_chunk(&path)?;
+        debug_assert_eq!((HEADER + chunk.data.len()) as u64, len);
+        std::fs::remove_file(&path)?;
+        Ok(Some(chunk))
+    }
+
+    /// The lowest sequence number in the spool.
+    pub fn first(&self) -> Option<u64> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).files.keys().next().copied()
+    }
+
+    /// Chunks spooled so far, and chunks in the spool now.
+    pub fn counts(&self) -> (u64, usize) {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        (state.spooled, state.files.len())
+    }
+
+    /// Removes the spool directory if it holds no chunk.
+    pub fn remove_if_empty(&self) -> std::io::Result<()> {
+        if self.counts().1 == 0 {
+            std::fs::remove_dir_all(&self.dir)?;
+        }
+        Ok(())
+    }
+
+    /// Spool directories under `root` left by earlier runs (their lock is free).
+    pub fn leftovers(root: &Path) -> std::io::Result<Vec<Leftover>> {
+        let mut out = Vec::new();
+        let Ok(entries) = std::fs::read_dir(root) else { return Ok(out) };
+        for entry in entries {
+            let dir = entry?.path();
+            // A spool whose lock is held belongs to a running capture.
+            match std::fs::File::open(dir.join(LOCK_FILE)) {
+                Ok(lock) if !try_lock(&lock)? => continue,
+                _ => {}
+            }
+            let Ok(header) = std::fs::read(dir.join(PCAP_HEADER_FILE)) else { continue };
+            let mut chunks: Vec<PathBuf> = std::fs::read_dir(&dir)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "chunk"))
+                .collect();
+            chunks.sort();
+            let id = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            out.push((id, header, chunks));
+        }
+        Ok(out)
+    }
+}
+
+/// Takes an exclusive flock on `file` without waiting; false if another holds it. The lock
+/// goes with the file descriptor (closed when the process dies, even when it is killed).
+fn try_lock(file: &std::fs::File) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: flock on a descriptor we own for the duration of the call.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EWOULDBLOCK) { Ok(false) } else { Err(err) }
+}
+
+/// A spool left by an earlier run: (directory name, PCAP header, chunk files in order).
+pub type Leftover = (String, Vec<u8>, Vec<PathBuf>);
+
+/// Reads a spooled chunk file.
+pub fn read_chunk(path: &Path) -> std::io::Result<CompressedChunk> {
+    let body = std::fs::read(path)?;
+    if body.len() < HEADER {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{} is truncated", path.display()),
+        ));
+    }
+    let at = |i: usize| u64::from_le_bytes(body[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+    Ok(CompressedChunk {
+        decompressed_len: at(0),
+        first_ns: at(1),
+        last_ns: at(2),
+        packets: at(3),
+        data: body[HEADER..].to_vec(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(n: u8) -> CompressedChunk {
+        CompressedChunk { data: vec![n; 100], decompressed_len: 300, first_ns: 1, last_ns: 2, packets: 3 }
+    }
+
+    #[test]
+    fn chunks_come_back_in_order_and_the_limit_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::create(dir.path().join("cap"), 3 * 132, b"hdr").unwrap();
+        for seq in 0..3 {
+            assert!(spool.put(seq, &chunk(seq as u8)).unwrap());
+        }
+        assert!(!spool.put(3, &chunk(3)).unwrap(), "full");
+        assert!(Spool::leftovers(dir.path()).unwrap().is_empty(), "a live spool is not a leftover");
+        let back = spool.take(1).unwrap().unwrap();
+        assert_eq!((back.data, back.decompressed_len, back.packets), (vec![1; 100], 300, 3));
+        assert!(spool.take(1).unwrap().is_none());
+        assert!(spool.put(3, &chunk(3)).unwrap(), "room again");
+        assert_eq!(spool.counts(), (4, 3));
+        drop(spool);
+        let left = Spool::leftovers(dir.path()).unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!((left[0].0.as_str(), left[0].1.as_slice(), left[0].2.len()), ("cap", &b"hdr"[..], 3));
+    }
+}
