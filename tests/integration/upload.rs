@@ -98,7 +98,11 @@ fn corpus_capture_lands_as_objects_that_read_back_byte_for_byte() {
     .map(String::from)
     .to_vec();
     args.extend(s3_args(&garage));
-    args.extend(["--node", "it-node", "--part-size", "5MiB"].map(String::from));
+    let spool = tempfile::tempdir().unwrap();
+    args.extend(
+        ["--node", "it-node", "--part-size", "5MiB", "--spool-dir", spool.path().to_str().unwrap()]
+            .map(String::from),
+    );
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut run = Running::start_with_env(&veth.capture_ns, &args, &garage.aws_env());
     run.wait_ready();
@@ -155,7 +159,7 @@ fn corpus_capture_lands_as_objects_that_read_back_byte_for_byte() {
 }
 
 #[test]
-fn a_missing_bucket_is_named_and_the_capture_fails() {
+fn a_missing_bucket_is_named_and_nothing_starts() {
     let veth = VethPair::new(1);
     let garage = Garage::start_in(&veth.capture_ns);
     let url = "s3://no-such-bucket-here/x";
@@ -165,13 +169,11 @@ fn a_missing_bucket_is_named_and_the_capture_fails() {
             .to_vec();
     args.extend(s3_args(&garage));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut run = Running::start_with_env(&veth.capture_ns, &args, &garage.aws_env());
-    run.wait_ready();
-    let frames = corpus_frames();
-    Sender::new(&veth).send_all(frames.iter().take(500));
+    let run = Running::start_with_env(&veth.capture_ns, &args, &garage.aws_env());
     let (status, _, stderr) = run.finish();
     assert!(!status.success(), "the capture must fail: {stderr}");
-    assert!(stderr.contains("no-such-bucket-here") || stderr.contains("NoSuchBucket"), "{stderr}");
+    assert!(stderr.contains("no-such-bucket-here") && stderr.contains("NoSuchBucket"), "{stderr}");
+    assert!(!stderr.contains("capturing on"), "nothing started: {stderr}");
     assert!(!stderr.contains(&garage.secret_key), "the secret never appears in the log");
 }
 
@@ -286,4 +288,74 @@ fn parts_in_flight_never_exceed_the_limit_and_the_object_is_exact() {
         let pending = sink.list_multipart("").await.unwrap();
         assert!(pending.is_empty(), "no multipart upload left behind: {pending:?}");
     });
+}
+
+#[test]
+fn a_store_outage_spools_and_loses_nothing() {
+    let veth = VethPair::new(1);
+    let mut garage = Garage::start_in(&veth.capture_ns);
+    let frames = corpus_frames();
+    let sender = Sender::new(&veth);
+    let spool = tempfile::tempdir().unwrap();
+    let url = format!("s3://{}/{}", garage.bucket, unique_name("outage"));
+    let mut args: Vec<String> = [
+        "capture",
+        "-i",
+        &veth.capture_if,
+        "--upload",
+        &url,
+        "--idle",
+        "6s",
+        "--duration",
+        "120s",
+        "--json",
+        "--rotate-age",
+        "1s",
+        "--upload-queue",
+        "1",
+        "--spool-dir",
+        spool.path().to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(s3_args(&garage));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut run = Running::start_with_env(&veth.capture_ns, &args, &garage.aws_env());
+    run.wait_ready();
+
+    let parts: Vec<_> = frames.chunks(frames.len() / 6 + 1).collect();
+    let mut sent = sender.send_all(parts[0]);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    garage.stop();
+    // While the store is down: chunks flush every second, objects end every second.
+    for part in &parts[1..5] {
+        sent.extend(sender.send_all(*part));
+        std::thread::sleep(std::time::Duration::from_millis(1200));
+    }
+    let spooled = std::fs::read_dir(spool.path())
+        .unwrap()
+        .flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
+        .filter(|f| f.as_ref().unwrap().path().extension().is_some_and(|x| x == "chunk"))
+        .count();
+    assert!(spooled > 0, "chunks wait in the spool during the outage");
+    garage.resume();
+    sent.extend(sender.send_all(parts[5]));
+    let summary = run.summary();
+
+    assert_eq!(summary.packets, sent.len() as u64);
+    assert_eq!(summary.dropped_writer, 0);
+    let mut urls = summary.outputs.clone();
+    urls.sort();
+    assert!(urls.len() >= 2, "objects rotate by age: {urls:?}");
+    let mut stored = Vec::new();
+    for url in &urls {
+        let (pcap, _) = read(&veth.capture_ns, &garage, url, &[]);
+        stored.extend(records(&pcap));
+    }
+    assert_eq!(stored.len(), sent.len(), "frames stored across the outage");
+    for (i, ((_, data), frame)) in stored.iter().zip(&sent).enumerate() {
+        assert_eq!(data, &frame.data, "frame {i} differs");
+    }
+    let left: Vec<_> = std::fs::read_dir(spool.path()).unwrap().collect();
+    assert!(left.is_empty(), "the spool is empty at the end: {left:?}");
 }
