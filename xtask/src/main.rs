@@ -134,9 +134,10 @@ fn demo(root: &Path) -> anyhow::Result<()> {
     cargo(root, None, &["build", "--release", "--package", "tapstream"])?;
     let bin = root.join("target/release/tapstream");
     let veth = tapstream_testenv::VethPair::new(1);
-    let garage = tapstream_testenv::Garage::start();
+    // Garage runs in the capture namespace, so the capture reaches it on that loopback.
+    let garage = tapstream_testenv::Garage::start_in(&veth.capture_ns);
     println!(
-        "demo: veth {} (namespace {}) <- {} (namespace {}); Garage at {}, bucket {}",
+        "demo: veth {} (namespace {}) <- {} (namespace {}); Garage at {} in the capture namespace, bucket {}",
         veth.capture_if,
         veth.capture_ns.name(),
         veth.sender_if,
@@ -146,15 +147,19 @@ fn demo(root: &Path) -> anyhow::Result<()> {
     );
     let out_dir = root.join("target/demo");
     std::fs::create_dir_all(&out_dir)?;
-    let out = out_dir.join("demo.pcap");
-    let _ = std::fs::remove_file(&out);
-    // A bounded capture: the first 5,000 frames, or 30 s, or 3 s without traffic.
+    let s3 = ["--s3-endpoint", &garage.endpoint, "--s3-region", &garage.region, "--s3-path-style"];
+    // A bounded capture: the first 5,000 frames, or 30 s, or 3 s without traffic, streamed
+    // as zstd-compressed objects to the bucket.
     let mut capture = veth
         .capture_ns
         .command(&bin)
-        .args(["capture", "-i", &veth.capture_if, "-w"])
-        .arg(&out)
-        .args(["--packets", "5000", "--duration", "30s", "--idle", "3s"])
+        .args(["capture", "-i", &veth.capture_if, "--upload", &format!("s3://{}/demo", garage.bucket)])
+        .args(["--packets", "5000", "--duration", "30s", "--idle", "3s", "--id", "demo", "--json"])
+        .args(["--spool-dir"])
+        .arg(out_dir.join("spool"))
+        .args(s3)
+        .envs(garage.aws_env())
+        .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .context("start tapstream")?;
@@ -171,24 +176,41 @@ fn demo(root: &Path) -> anyhow::Result<()> {
     });
     if ready.recv_timeout(std::time::Duration::from_secs(30)).is_err() {
         let _ = capture.kill();
+        let _ = log.join();
         bail!("tapstream did not start capturing");
     }
     let frames = tapstream_testenv::corpus_frames();
     let sent = tapstream_testenv::Sender::new(&veth).send_all(&frames);
     println!("demo: replayed {} frames of the tcpdump test corpus into {}", sent.len(), veth.sender_if);
-    let exit = capture.wait()?;
+    let output = capture.wait_with_output()?;
     let _ = log.join();
-    if !exit.success() {
-        bail!("tapstream capture failed: {exit}");
+    if !output.status.success() {
+        bail!("tapstream capture failed: {}", output.status);
     }
-    println!("demo: reading {} back", out.display());
-    status(Command::new("capinfos").arg(&out))?;
-    let tshark = Command::new("tshark").arg("-r").arg(&out).output().context("run tshark")?;
+    let summary = String::from_utf8_lossy(&output.stdout);
+    println!("demo: capture summary:\n{summary}");
+    let parsed: serde_json::Value = serde_json::from_str(&summary).context("the summary is JSON")?;
+    let object = parsed["outputs"][0].as_str().context("no object URL in the summary")?.to_owned();
+    let pcap = out_dir.join("demo.pcap");
+    println!("demo: reading {object} back into {}", pcap.display());
+    let read = veth
+        .capture_ns
+        .command(&bin)
+        .args(["read", &object])
+        .args(s3)
+        .envs(garage.aws_env())
+        .output()
+        .context("run tapstream read")?;
+    if !read.status.success() {
+        bail!("tapstream read failed: {}", String::from_utf8_lossy(&read.stderr));
+    }
+    std::fs::write(&pcap, &read.stdout)?;
+    status(Command::new("capinfos").arg(&pcap))?;
+    let tshark = Command::new("tshark").arg("-r").arg(&pcap).output().context("run tshark")?;
     let text = String::from_utf8_lossy(&tshark.stdout);
     println!("demo: tshark reads {} frames; the first five:", text.lines().count());
     for line in text.lines().take(5) {
         println!("  {line}");
     }
-    println!("demo: upload of the capture to Garage (S3) is not yet there (issue 5)");
     Ok(())
 }
