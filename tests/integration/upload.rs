@@ -359,3 +359,128 @@ fn a_store_outage_spools_and_loses_nothing() {
     let left: Vec<_> = std::fs::read_dir(spool.path()).unwrap().collect();
     assert!(left.is_empty(), "the spool is empty at the end: {left:?}");
 }
+
+/// Ethernet frames with incompressible payloads (so chunks fill parts quickly), each unique.
+fn random_frames(count: usize, seed: u64) -> Vec<Vec<u8>> {
+    let mut x = seed | 1;
+    (0..count)
+        .map(|i| {
+            let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x88, 0xb5];
+            f.extend_from_slice(&(i as u64).to_be_bytes());
+            f.extend((0..1378).map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            }));
+            f
+        })
+        .collect()
+}
+
+#[test]
+fn a_killed_capture_leaves_no_orphan_upload_and_its_spool_is_uploaded_on_restart() {
+    let veth = VethPair::new(1);
+    let mut garage = Garage::start_in(&veth.capture_ns);
+    let sender = Sender::new(&veth);
+    let spool = tempfile::tempdir().unwrap();
+    let prefix = unique_name("killed");
+    let url = format!("s3://{}/{prefix}", garage.bucket);
+    let store_args = s3_args(&garage);
+    let args = |extra: &[&str]| {
+        let mut a: Vec<String> = [
+            "capture",
+            "-i",
+            &veth.capture_if,
+            "--upload",
+            &url,
+            "--id",
+            "killme",
+            "--node",
+            "n",
+            "--compression",
+            "1",
+            "--part-size",
+            "5MiB",
+            "--parts-in-flight",
+            "1",
+            "--upload-queue",
+            "1",
+            "--spool-dir",
+            spool.path().to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a.extend(store_args.iter().cloned());
+        a
+    };
+    let first = args(&["--duration", "120s"]);
+    let first: Vec<&str> = first.iter().map(String::as_str).collect();
+    let mut run = Running::start_with_env(&veth.capture_ns, &first, &garage.aws_env());
+    run.wait_ready();
+    let frames = random_frames(16_000, 7);
+    let (before, during) = frames.split_at(5_000);
+    for f in before {
+        sender.send(f).unwrap();
+    }
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    garage.stop();
+    for burst in during.chunks(2_000) {
+        for f in burst {
+            sender.send(f).unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+    }
+    let spooled = |dir: &std::path::Path| {
+        walk(dir).into_iter().filter(|p| p.extension().is_some_and(|x| x == "chunk")).count()
+    };
+    assert!(spooled(spool.path()) > 0, "chunks spooled while the store was down");
+    drop(run); // SIGKILL, as a crash would
+
+    garage.resume();
+    let second = args(&["--duration", "2s"]);
+    let second: Vec<&str> = second.iter().map(String::as_str).collect();
+    let run = Running::start_with_env(&veth.capture_ns, &second, &garage.aws_env());
+    let (status, _, log) = run.finish();
+    assert!(status.success(), "{log}");
+    assert!(
+        log.contains("aborting an unfinished upload"),
+        "the killed run's multipart upload is aborted: {log}"
+    );
+    let recovered = log
+        .lines()
+        .find_map(|l| l.split(" by an earlier run as ").nth(1))
+        .unwrap_or_else(|| panic!("no recovered object in: {log}"))
+        .trim()
+        .to_owned();
+    let (pcap, _) = read(&veth.capture_ns, &garage, &recovered, &[]);
+    let got = records(&pcap);
+    assert!(!got.is_empty());
+    // The recovered frames are frames that were sent, in the order they were sent.
+    let index: std::collections::HashMap<&[u8], usize> =
+        frames.iter().enumerate().map(|(i, f)| (f.as_slice(), i)).collect();
+    let positions: Vec<usize> =
+        got.iter().map(|(_, d)| *index.get(d.as_slice()).expect("a frame that was sent")).collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "in order");
+
+    let pending = veth.capture_ns.enter(|| {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async { sink(&garage).await.list_multipart(&prefix).await.unwrap() })
+    });
+    assert!(pending.is_empty(), "no multipart upload left under the prefix: {pending:?}");
+    assert_eq!(spooled(spool.path()), 0, "the spool is empty");
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
