@@ -39,7 +39,12 @@ fn compress(c: &mut Criterion) {
     for level in [1, 3, 9] {
         let mut compressor = Compressor::new(Compression::Zstd { level }).expect("a compressor");
         let out = compressor.frame(&chunk).expect("compresses");
-        println!("zstd level {level}: {} -> {} bytes, ratio {:.2}", chunk.len(), out.len(), chunk.len() as f64 / out.len() as f64);
+        println!(
+            "zstd level {level}: {} -> {} bytes, ratio {:.2}",
+            chunk.len(),
+            out.len(),
+            chunk.len() as f64 / out.len() as f64
+        );
         group.bench_with_input(BenchmarkId::new("level", level), &chunk, |b, chunk| {
             b.iter(|| compressor.frame(chunk).expect("compresses"))
         });

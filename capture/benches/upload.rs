@@ -51,10 +51,19 @@ fn main() {
         let t = aws_cli(&garage, &data, round);
         rows.push(("aws s3 cp", t));
     }
-    println!("\n| uploader ({} MiB, {} MiB parts, {IN_FLIGHT} in flight) | run | seconds | MiB/s |", TOTAL / MIB, PART / MIB);
+    println!(
+        "\n| uploader ({} MiB, {} MiB parts, {IN_FLIGHT} in flight) | run | seconds | MiB/s |",
+        TOTAL / MIB,
+        PART / MIB
+    );
     println!("|---|---:|---:|---:|");
     for (i, (name, t)) in rows.iter().enumerate() {
-        println!("| {name} | {} | {:.2} | {:.0} |", i / 3 + 1, t.as_secs_f64(), TOTAL as f64 / MIB as f64 / t.as_secs_f64());
+        println!(
+            "| {name} | {} | {:.2} | {:.0} |",
+            i / 3 + 1,
+            t.as_secs_f64(),
+            TOTAL as f64 / MIB as f64 / t.as_secs_f64()
+        );
     }
 }
 
@@ -78,12 +87,23 @@ async fn tapstream_upload(config: &S3Config, data: Arc<Vec<u8>>, round: usize) -
         compression: Compression::None,
         ..UploadConfig::default()
     };
-    let owner = ObjectOwner { prefix: format!("bench/tapstream{round}"), node: "n".into(), capture: "c".into(), ..Default::default() };
+    let owner = ObjectOwner {
+        prefix: format!("bench/tapstream{round}"),
+        node: "n".into(),
+        capture: "c".into(),
+        ..Default::default()
+    };
     let started = Instant::now();
     let global = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
     let mut up = Uploader::new(sink, upload, owner, &[0u8; 24], global).unwrap();
     for (i, chunk) in data.chunks(MIB).enumerate() {
-        let c = CompressedChunk { data: chunk.to_vec(), decompressed_len: chunk.len() as u64, first_ns: i as u64, last_ns: i as u64, packets: 1 };
+        let c = CompressedChunk {
+            data: chunk.to_vec(),
+            decompressed_len: chunk.len() as u64,
+            first_ns: i as u64,
+            last_ns: i as u64,
+            packets: 1,
+        };
         up.push(c).await.unwrap();
     }
     up.finish().await.unwrap();
@@ -98,7 +118,9 @@ async fn bare_sdk(config: &S3Config, data: Arc<Vec<u8>>, round: usize) -> Durati
         .credentials_provider(aws_sdk_s3::config::Credentials::new(id, secret, None, None, "bench"))
         .load()
         .await;
-    let client = aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&shared).force_path_style(true).build());
+    let client = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&shared).force_path_style(true).build(),
+    );
     let key = format!("bench/bare{round}");
     let started = Instant::now();
     let upload = client
@@ -155,7 +177,11 @@ fn aws_cli(garage: &Garage, data: &[u8], round: usize) -> Duration {
     if !aws.exists() {
         let venv = tools_dir().join("awscli");
         let ok = Command::new("python3").arg("-m").arg("venv").arg(&venv).status().unwrap().success()
-            && Command::new(venv.join("bin/pip")).args(["install", "-q", "awscli"]).status().unwrap().success();
+            && Command::new(venv.join("bin/pip"))
+                .args(["install", "-q", "awscli"])
+                .status()
+                .unwrap()
+                .success();
         assert!(ok, "cannot install awscli into {}", venv.display());
     }
     let dir = tempfile::tempdir().unwrap();
