@@ -112,6 +112,10 @@ struct CaptureArgs {
     /// Drop the frames no capture wants instead of passing them to the kernel stack.
     #[arg(long)]
     drop_unmatched: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics while the capture runs (e.g.
+    /// 127.0.0.1:9464).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
@@ -322,6 +326,14 @@ fn capture(args: CaptureArgs) -> anyhow::Result<()> {
     let limits =
         Limits { packets: args.packets, bytes: args.bytes, duration: args.duration, idle: args.idle };
 
+    if let Some(addr) = args.metrics_listen {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .with_context(|| format!("serve metrics on {addr}"))?;
+        tapstream::metrics::register_all();
+        log::info!("metrics at http://{addr}/metrics");
+    }
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, stop.clone()).context("install signal handler")?;

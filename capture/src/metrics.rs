@@ -39,8 +39,78 @@ pub const CHUNK_BUFFERS_IN_USE: &str = "tapstream_chunk_buffers_in_use";
 /// Chunks waiting in the queue to the next stage.
 pub const CHUNK_QUEUE_DEPTH: &str = "tapstream_chunk_queue_depth";
 
+/// Bytes of objects sent to the store (parts and single PUTs, indexes excluded).
+pub const UPLOAD_BYTES: &str = "tapstream_upload_bytes_total";
+/// Parts uploaded.
+pub const UPLOAD_PARTS: &str = "tapstream_upload_parts_total";
+/// Time to upload one part, retries included.
+pub const UPLOAD_PART_SECONDS: &str = "tapstream_upload_part_duration_seconds";
+/// Parts uploading now.
+pub const UPLOAD_PARTS_IN_FLIGHT: &str = "tapstream_upload_parts_in_flight";
+/// Store requests retried after a retryable error, by `operation`.
+pub const UPLOAD_RETRIES: &str = "tapstream_upload_retries_total";
+/// Store requests that failed for good, by `retryable` (true: the outage lasted too long).
+pub const UPLOAD_ERRORS: &str = "tapstream_upload_errors_total";
+/// Objects completed.
+pub const OBJECTS: &str = "tapstream_objects_total";
+/// Chunks waiting in spools now.
+pub const SPOOL_CHUNKS: &str = "tapstream_spool_chunks";
+/// Chunk bytes into compression, and compressed bytes out.
+pub const COMPRESS_INPUT_BYTES: &str = "tapstream_compress_input_bytes_total";
+pub const COMPRESS_OUTPUT_BYTES: &str = "tapstream_compress_output_bytes_total";
+/// Time to compress one chunk.
+pub const COMPRESS_SECONDS: &str = "tapstream_compress_chunk_duration_seconds";
+/// Captures running now.
+pub const CAPTURES_ACTIVE: &str = "tapstream_captures_active";
+/// Captures ended, by `reason` (duration, packets, bytes, idle, stopped, error, interrupted).
+pub const CAPTURES_ENDED: &str = "tapstream_captures_ended_total";
+
+/// Operations that are retried, for the `operation` label.
+pub const OPERATIONS: [&str; 4] =
+    ["PutObject", "CreateMultipartUpload", "UploadPart", "CompleteMultipartUpload"];
+
+/// Registers every series that has no per-queue handle at zero, so dashboards and alerts see
+/// them from the start.
+pub fn register_all() {
+    describe();
+    for name in [UPLOAD_BYTES, UPLOAD_PARTS, OBJECTS, COMPRESS_INPUT_BYTES, COMPRESS_OUTPUT_BYTES] {
+        counter!(name).absolute(0);
+    }
+    metrics::histogram!(COMPRESS_SECONDS).record(0.0);
+    for op in OPERATIONS {
+        counter!(UPLOAD_RETRIES, "operation" => op).absolute(0);
+    }
+    for r in ["true", "false"] {
+        counter!(UPLOAD_ERRORS, "retryable" => r).absolute(0);
+    }
+    for reason in crate::capture::StopReason::ALL {
+        counter!(CAPTURES_ENDED, "reason" => reason.as_str()).absolute(0);
+    }
+    gauge!(UPLOAD_PARTS_IN_FLIGHT).set(0.0);
+    gauge!(SPOOL_CHUNKS).set(0.0);
+    gauge!(CAPTURES_ACTIVE).set(0.0);
+    metrics::histogram!(UPLOAD_PART_SECONDS).record(0.0);
+}
+
 /// Registers descriptions of every metric.
 pub fn describe() {
+    describe_counter!(UPLOAD_BYTES, Unit::Bytes, "Bytes of objects sent to the store");
+    describe_counter!(UPLOAD_PARTS, Unit::Count, "Multipart parts uploaded");
+    metrics::describe_histogram!(
+        UPLOAD_PART_SECONDS,
+        Unit::Seconds,
+        "Time to upload one part, retries included"
+    );
+    describe_gauge!(UPLOAD_PARTS_IN_FLIGHT, Unit::Count, "Parts uploading now");
+    describe_counter!(UPLOAD_RETRIES, Unit::Count, "Store requests retried, by operation");
+    describe_counter!(UPLOAD_ERRORS, Unit::Count, "Store requests failed for good");
+    describe_counter!(OBJECTS, Unit::Count, "Objects completed");
+    describe_gauge!(SPOOL_CHUNKS, Unit::Count, "Chunks waiting in spools");
+    describe_counter!(COMPRESS_INPUT_BYTES, Unit::Bytes, "Chunk bytes compressed");
+    describe_counter!(COMPRESS_OUTPUT_BYTES, Unit::Bytes, "Compressed bytes produced");
+    metrics::describe_histogram!(COMPRESS_SECONDS, Unit::Seconds, "Time to compress one chunk");
+    describe_gauge!(CAPTURES_ACTIVE, Unit::Count, "Captures running");
+    describe_counter!(CAPTURES_ENDED, Unit::Count, "Captures ended, by reason");
     describe_counter!(XDP_FRAMES, Unit::Count, "Frames the XDP program handled, by result");
     describe_counter!(XDP_SEEN, Unit::Count, "Frames the XDP program saw");
     describe_counter!(XDP_MATCHED, Unit::Count, "Frames at least one capture wanted");

@@ -221,6 +221,7 @@ pub fn run_capture(
     let started_tai = TaiClock::now_tai_ns();
     let slot = runtime.start_capture(capture.clone())?;
     log::info!("capturing on {} into {description}", runtime.interface());
+    metrics::gauge!(crate::metrics::CAPTURES_ACTIVE).increment(1.0);
     let mut reason = None;
     let mut done_queues = 0;
     let mut last_progress = Instant::now();
@@ -291,6 +292,9 @@ pub fn run_capture(
         }
     }
     let elapsed = started.elapsed();
+    metrics::gauge!(crate::metrics::CAPTURES_ACTIVE).decrement(1.0);
+    let ended = reason.unwrap_or(StopReason::Stopped);
+    metrics::counter!(crate::metrics::CAPTURES_ENDED, "reason" => ended.as_str()).increment(1);
     let interface = runtime.interface().to_owned();
     let (queues, _) = runtime.shutdown();
     if let Some(e) = failure {

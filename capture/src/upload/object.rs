@@ -9,6 +9,7 @@ use tokio::{sync::Semaphore, task::JoinSet};
 
 use super::{ObjectMeta, PartDone, Sink, UploadError};
 use crate::compress::{Compression, Compressor, FrameEntry, Index, seek_table};
+use crate::metrics as m;
 
 /// The smallest part S3 accepts (except the last).
 pub const MIN_PART_BYTES: usize = 5 << 20;
@@ -50,7 +51,11 @@ impl Default for UploadConfig {
 
 /// Runs `op` until it succeeds, fails with an error that is not retryable, or has failed for
 /// longer than `outage_max`; waits between attempts with exponential backoff (0.2 s to 10 s).
-pub async fn with_retry<T, F, Fut>(what: &str, outage_max: Duration, mut op: F) -> Result<T, UploadError>
+pub async fn with_retry<T, F, Fut>(
+    what: &'static str,
+    outage_max: Duration,
+    mut op: F,
+) -> Result<T, UploadError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, UploadError>>,
@@ -70,6 +75,7 @@ where
                 return Ok(v);
             }
             Err(e) if e.is_retryable() && started.elapsed() < outage_max => {
+                metrics::counter!(m::UPLOAD_RETRIES, "operation" => what).increment(1);
                 if !warned {
                     log::warn!("{what}: {e}; retrying (chunks spool to disk meanwhile)");
                     warned = true;
@@ -77,7 +83,11 @@ where
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(10));
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                metrics::counter!(m::UPLOAD_ERRORS, "retryable" => if e.is_retryable() { "true" } else { "false" })
+                    .increment(1);
+                return Err(e);
+            }
         }
     }
 }
@@ -248,7 +258,20 @@ impl<S: Sink> Uploader<S> {
         let outage_max = self.config.outage_max;
         obj.parts.spawn(async move {
             let _permits = (global, local);
-            with_retry("UploadPart", outage_max, || sink.upload_part(&key, &id, number, body.clone())).await
+            let in_flight = metrics::gauge!(m::UPLOAD_PARTS_IN_FLIGHT);
+            in_flight.increment(1.0);
+            let started = Instant::now();
+            let len = body.len() as u64;
+            let done =
+                with_retry("UploadPart", outage_max, || sink.upload_part(&key, &id, number, body.clone()))
+                    .await;
+            in_flight.decrement(1.0);
+            if done.is_ok() {
+                metrics::histogram!(m::UPLOAD_PART_SECONDS).record(started.elapsed().as_secs_f64());
+                metrics::counter!(m::UPLOAD_PARTS).increment(1);
+                metrics::counter!(m::UPLOAD_BYTES).increment(len);
+            }
+            done
         });
         // Surface failures early rather than at the end of the object.
         while let Some(done) = obj.parts.try_join_next() {
@@ -324,6 +347,7 @@ impl<S: Sink> Uploader<S> {
         with_retry("PutObject", self.config.outage_max, || sink.put_object(&ikey, body.clone(), &meta))
             .await?;
         self.done.push(self.sink.url(&key));
+        metrics::counter!(m::OBJECTS).increment(1);
         Ok(())
     }
 

@@ -75,6 +75,7 @@ impl Spool {
         state.files.insert(seq, len);
         state.bytes += len;
         state.spooled += 1;
+        metrics::gauge!(crate::metrics::SPOOL_CHUNKS).increment(1.0);
         Ok(true)
     }
 
@@ -84,6 +85,7 @@ impl Spool {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
             let Some(len) = state.files.remove(&seq) else { return Ok(None) };
             state.bytes -= len;
+            metrics::gauge!(crate::metrics::SPOOL_CHUNKS).decrement(1.0);
             len
         };
         let path = self.path(seq);

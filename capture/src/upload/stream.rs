@@ -201,7 +201,13 @@ fn compress_loop(
         }
     };
     for (seq, chunk) in chunks {
+        let started = std::time::Instant::now();
         let frame = compressor.frame(&chunk.data);
+        metrics::histogram!(crate::metrics::COMPRESS_SECONDS).record(started.elapsed().as_secs_f64());
+        metrics::counter!(crate::metrics::COMPRESS_INPUT_BYTES).increment(chunk.data.len() as u64);
+        if let Ok(f) = &frame {
+            metrics::counter!(crate::metrics::COMPRESS_OUTPUT_BYTES).increment(f.len() as u64);
+        }
         let (packets, first_ns, last_ns, len) =
             (u64::from(chunk.frames), chunk.first_ns, chunk.last_ns, chunk.data.len() as u64);
         match frame {
