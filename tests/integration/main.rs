@@ -4,5 +4,6 @@
 
 mod common;
 mod datapath;
+mod metrics;
 mod smoke;
 mod upload;

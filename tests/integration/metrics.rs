@@ -1,0 +1,114 @@
+//! The real Prometheus server scrapes a running capture; what it stores agrees with the
+//! capture's own summary.
+
+use std::{
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+use tapstream_testenv::{Netns, Sender, VethPair, corpus_frames};
+
+use crate::common::Running;
+
+/// A Prometheus server in a namespace, scraping 127.0.0.1:9464 every second; killed on drop.
+struct Prometheus {
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    fn start(ns: &Netns) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &config,
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: tapstream\n    static_configs:\n      - targets: ['127.0.0.1:9464']\n",
+        )
+        .unwrap();
+        let child = ns
+            .command("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+            .arg("--web.listen-address=127.0.0.1:9090")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start prometheus");
+        Self { child, _dir: dir }
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The value of an instant query, if Prometheus answers with one sample.
+fn query(ns: &Netns, expr: &str) -> Option<f64> {
+    let out = ns
+        .command("curl")
+        .args(["-sf", "--get", "http://127.0.0.1:9090/api/v1/query", "--data-urlencode"])
+        .arg(format!("query={expr}"))
+        .output()
+        .ok()?;
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    reply["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+}
+
+/// Polls `expr` until it equals `want` or `timeout` passes; returns the last value.
+fn wait_for(ns: &Netns, expr: &str, want: f64, timeout: Duration) -> Option<f64> {
+    let deadline = Instant::now() + timeout;
+    let mut last = None;
+    while Instant::now() < deadline {
+        last = query(ns, expr);
+        if last == Some(want) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    last
+}
+
+#[test]
+fn prometheus_scrapes_counters_that_agree_with_the_summary() {
+    let veth = VethPair::new(1);
+    let frames = corpus_frames();
+    let sender = Sender::new(&veth);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("m.pcap");
+    let prometheus = Prometheus::start(&veth.capture_ns);
+    let mut run = Running::start(
+        &veth.capture_ns,
+        &[
+            "capture",
+            "-i",
+            &veth.capture_if,
+            "-w",
+            out.to_str().unwrap(),
+            "--duration",
+            "15s",
+            "--json",
+            "--metrics-listen",
+            "127.0.0.1:9464",
+        ],
+    );
+    run.wait_ready();
+    let sent = sender.send_all(&frames).len() as f64;
+    let ns = &veth.capture_ns;
+    let records = wait_for(ns, "sum(tapstream_writer_records_total)", sent, Duration::from_secs(12));
+    let seen = wait_for(ns, "sum(tapstream_xdp_seen_frames_total)", sent, Duration::from_secs(5));
+    // Series with nothing to count yet exist at zero from the start.
+    let retries = query(ns, "count(tapstream_upload_retries_total)");
+    let ended = query(ns, "count(tapstream_captures_ended_total)");
+    let summary = run.summary();
+    drop(prometheus);
+
+    assert_eq!(records, Some(summary.packets as f64), "records scraped vs the summary");
+    assert_eq!(records, Some(sent));
+    let summary_seen: u64 = summary.queues.iter().map(|q| q.xdp_seen).sum();
+    assert_eq!(seen, Some(summary_seen as f64), "frames XDP saw, scraped vs the summary");
+    assert_eq!(retries, Some(4.0), "one retry series per store operation, at zero");
+    assert_eq!(ended, Some(7.0), "one series per stop reason");
+}
