@@ -121,6 +121,7 @@ pub struct InterfaceRuntime {
     slots: Vec<Option<Arc<CaptureShared>>>,
     xsk_mode: XskMode,
     kernel_metrics: Vec<QueueKernelMetrics>,
+    chunk_gauges: crate::metrics::ChunkGauges,
 }
 
 impl InterfaceRuntime {
@@ -167,6 +168,7 @@ impl InterfaceRuntime {
             slots: (0..MAX_CAPTURES).map(|_| None).collect(),
             xsk_mode,
             kernel_metrics,
+            chunk_gauges: crate::metrics::ChunkGauges::new(),
         })
     }
 
@@ -244,6 +246,9 @@ impl InterfaceRuntime {
     /// Counters of every queue now; also published as metrics.
     pub fn snapshot(&self) -> Result<Vec<QueueSnapshot>, PipelineError> {
         let xdp = self.xdp.queue_counters(self.queues())?;
+        let pool = self.pool();
+        self.chunk_gauges.buffers_in_use.set((pool.capacity() - pool.available()) as f64);
+        self.chunk_gauges.queue_depth.set(self.outputs().len() as f64);
         Ok(self
             .writers
             .iter()
