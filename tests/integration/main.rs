@@ -4,6 +4,7 @@
 
 mod common;
 mod datapath;
+mod deploy;
 mod metrics;
 mod smoke;
 mod upload;

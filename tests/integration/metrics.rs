@@ -102,6 +102,9 @@ fn prometheus_scrapes_counters_that_agree_with_the_summary() {
     // Series with nothing to count yet exist at zero from the start.
     let retries = query(ns, "count(tapstream_upload_retries_total)");
     let ended = query(ns, "count(tapstream_captures_ended_total)");
+    let exported =
+        ns.command("curl").args(["-sf", "http://127.0.0.1:9464/metrics"]).output().expect("curl /metrics");
+    let exported = String::from_utf8_lossy(&exported.stdout).into_owned();
     let summary = run.summary();
     drop(prometheus);
 
@@ -111,4 +114,14 @@ fn prometheus_scrapes_counters_that_agree_with_the_summary() {
     assert_eq!(seen, Some(summary_seen as f64), "frames XDP saw, scraped vs the summary");
     assert_eq!(retries, Some(4.0), "one retry series per store operation, at zero");
     assert_eq!(ended, Some(7.0), "one series per stop reason");
+
+    // Every metric the dashboard and the alert rules use is exported.
+    let names: std::collections::BTreeSet<&str> = exported
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| l.split(['{', ' ']).next().unwrap())
+        .collect();
+    let missing: Vec<_> =
+        crate::deploy::referenced_metrics().into_iter().filter(|n| !names.contains(n.as_str())).collect();
+    assert!(missing.is_empty(), "deploy files use metrics that are not exported: {missing:?}\n{exported}");
 }
