@@ -484,3 +484,43 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[test]
+fn wrong_credentials_are_named_and_nothing_starts() {
+    let veth = VethPair::new(1);
+    let garage = Garage::start_in(&veth.capture_ns);
+    let spool = tempfile::tempdir().unwrap();
+    let url = format!("s3://{}/creds", garage.bucket);
+    let mut args: Vec<String> = [
+        "capture",
+        "-i",
+        &veth.capture_if,
+        "--upload",
+        &url,
+        "--duration",
+        "60s",
+        "--spool-dir",
+        spool.path().to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(s3_args(&garage));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let wrong_secret = "0".repeat(64);
+    let mut env = garage.aws_env();
+    for (k, v) in &mut env {
+        if *k == "AWS_SECRET_ACCESS_KEY" {
+            *v = wrong_secret.clone();
+        }
+    }
+    let (status, _, stderr) = Running::start_with_env(&veth.capture_ns, &args, &env).finish();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        ["SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "Forbidden"]
+            .iter()
+            .any(|e| stderr.contains(e)),
+        "the store's refusal is named: {stderr}"
+    );
+    assert!(!stderr.contains("capturing on"), "nothing started: {stderr}");
+    assert!(!stderr.contains(&wrong_secret) && !stderr.contains(&garage.secret_key), "no secret in the log");
+}
