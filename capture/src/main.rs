@@ -84,6 +84,15 @@ struct CaptureArgs {
     /// Capture id (for summaries and object names).
     #[arg(long, default_value = "capture")]
     id: String,
+    /// A tag stored in each object's metadata as x-amz-meta-tag-KEY (repeatable).
+    #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = parse_tag)]
+    tags: Vec<(String, String)>,
+    /// The alert that asked for this capture, stored in the objects' metadata.
+    #[arg(long, value_name = "ID")]
+    alert_id: Option<String>,
+    /// The customer the capture is for, stored in the objects' metadata.
+    #[arg(long)]
+    customer: Option<String>,
     /// XDP attach mode.
     #[arg(long, default_value_t = AttachMode::Auto)]
     xdp_mode: AttachMode,
@@ -255,6 +264,19 @@ enum ZeroCopyArg {
     Off,
 }
 
+/// A `KEY=VALUE` tag: the key a metadata token (letters, digits, `-`, `_`), the value printable
+/// ASCII, as S3 user metadata requires.
+fn parse_tag(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("a tag is KEY=VALUE, not {s:?}"))?;
+    if k.is_empty() || !k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        return Err(format!("tag key {k:?}: only letters, digits, - and _"));
+    }
+    if !v.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return Err(format!("tag {k}: the value must be printable ASCII"));
+    }
+    Ok((k.to_ascii_lowercase(), v.to_owned()))
+}
+
 fn parse_ring_size(s: &str) -> Result<u32, String> {
     match s.parse::<u32>() {
         Ok(n) if n.is_power_of_two() && (64..=65536).contains(&n) => Ok(n),
@@ -401,7 +423,7 @@ fn store_target(args: &CaptureArgs, url: &str) -> anyhow::Result<Target> {
         prefix,
         node: node.clone(),
         capture: args.id.clone(),
-        metadata: vec![("capture-id".into(), args.id.clone()), ("node".into(), node)],
+        metadata: object_metadata(args, &node)?,
     };
     let options = StoreOptions {
         threads: o.compress_threads,
@@ -427,6 +449,24 @@ fn store_target(args: &CaptureArgs, url: &str) -> anyhow::Result<Target> {
         }),
     };
     Ok(Target::Store(StoreTarget { start }))
+}
+
+/// The user metadata stored with every object of the capture; S3 allows 2 KB in all.
+fn object_metadata(args: &CaptureArgs, node: &str) -> anyhow::Result<Vec<(String, String)>> {
+    let mut meta = vec![("capture-id".to_owned(), args.id.clone()), ("node".to_owned(), node.to_owned())];
+    meta.extend(args.alert_id.iter().map(|a| ("alert-id".to_owned(), a.clone())));
+    meta.extend(args.customer.iter().map(|c| ("customer".to_owned(), c.clone())));
+    meta.extend(args.tags.iter().map(|(k, v)| (format!("tag-{k}"), v.clone())));
+    for (k, v) in &meta {
+        if !v.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+            bail!("{k} must be printable ASCII to be stored as object metadata");
+        }
+    }
+    let size: usize = meta.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if size > 2048 {
+        bail!("object metadata (capture id, node, alert id, customer, tags) is {size} bytes; S3 allows 2048");
+    }
+    Ok(meta)
 }
 
 fn read(args: ReadArgs) -> anyhow::Result<()> {
@@ -472,6 +512,14 @@ fn print_summary(s: &CaptureSummary) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tags_are_checked() {
+        assert_eq!(parse_tag("Team=net ops"), Ok(("team".into(), "net ops".into())));
+        assert!(parse_tag("no-equals").unwrap_err().contains("KEY=VALUE"));
+        assert!(parse_tag("bad key=x").unwrap_err().contains("only letters"));
+        assert!(parse_tag("k=caf\u{e9}").unwrap_err().contains("printable ASCII"));
+    }
 
     #[test]
     fn times_parse_exactly() {

@@ -103,6 +103,7 @@ fn corpus_capture_lands_as_objects_that_read_back_byte_for_byte() {
         ["--node", "it-node", "--part-size", "5MiB", "--spool-dir", spool.path().to_str().unwrap()]
             .map(String::from),
     );
+    args.extend(["--alert-id", "A-17", "--customer", "acme", "--tag", "site=ams1"].map(String::from));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut run = Running::start_with_env(&veth.capture_ns, &args, &garage.aws_env());
     run.wait_ready();
@@ -114,6 +115,39 @@ fn corpus_capture_lands_as_objects_that_read_back_byte_for_byte() {
     let object_url = &summary.outputs[0];
     let key = object_url.strip_prefix(&format!("s3://{}/", garage.bucket)).expect("an s3 URL in the bucket");
     assert!(key.starts_with(&format!("{prefix}/it-node/corpus/")) && key.ends_with(".pcap.zst"), "{key}");
+
+    // The object carries who it belongs to.
+    let head = veth.capture_ns.enter(|| {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
+                .region(aws_config::Region::new(garage.region.clone()))
+                .endpoint_url(&garage.endpoint)
+                .credentials_provider(aws_sdk_s3::config::Credentials::new(
+                    &garage.access_key,
+                    &garage.secret_key,
+                    None,
+                    None,
+                    "test",
+                ))
+                .load()
+                .await;
+            let client = aws_sdk_s3::Client::from_conf(
+                aws_sdk_s3::config::Builder::from(&shared).force_path_style(true).build(),
+            );
+            client.head_object().bucket(&garage.bucket).key(key).send().await.expect("HEAD the object")
+        })
+    });
+    let meta = head.metadata().cloned().unwrap_or_default();
+    for (k, v) in [
+        ("capture-id", "corpus"),
+        ("node", "it-node"),
+        ("alert-id", "A-17"),
+        ("customer", "acme"),
+        ("tag-site", "ams1"),
+    ] {
+        assert_eq!(meta.get(k).map(String::as_str), Some(v), "metadata {k}: {meta:?}");
+    }
 
     // The whole object through `tapstream read`: every frame sent, in order, byte for byte.
     let (pcap, _) = read(&veth.capture_ns, &garage, object_url, &[]);
