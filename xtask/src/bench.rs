@@ -2,14 +2,14 @@
 //!
 //! `cargo xtask bench capture`: trafgen (pinned to CPU 0) offers the same number of 64-byte
 //! frames to a veth end, once per capturer: tapstream (`tapstream capture`, writer pinned to
-//! CPU 1) and `tcpdump -w` (pinned to CPU 1). For each it reports the frames captured of the
-//! frames offered and the CPU time of the capturing process per frame (user + system, from
-//! `wait4`'s rusage). Kernel work done in softirq on the sender's CPU (XDP and the copy into the
-//! UMEM for tapstream, the packet socket's copy into its ring for tcpdump) is not in either
-//! process's time.
+//! CPU 1), `tcpdump -w` and `netsniff-ng --out` (pinned to CPU 1). For each it reports the
+//! frames captured of the frames offered, the CPU time of the capturing process per frame
+//! (user + system, from `wait4`'s rusage) and its peak memory. Kernel work done in softirq on
+//! the sender's CPU (XDP and the copy into the UMEM for tapstream, the packet socket's copy into
+//! its ring for tcpdump and netsniff-ng) is in no capturer's time.
 
 use std::{
-    io::{BufRead as _, BufReader, Read as _},
+    io::{BufRead as _, BufReader},
     path::Path,
     process::Stdio,
     time::{Duration, Instant},
@@ -39,6 +39,8 @@ struct Outcome {
     user_secs: f64,
     /// Frames the capturer says it lost.
     counted_drops: u64,
+    /// Peak resident memory.
+    max_rss_mib: f64,
 }
 
 pub fn capture(root: &Path, opts: &CaptureBench) -> anyhow::Result<()> {
@@ -49,7 +51,7 @@ pub fn capture(root: &Path, opts: &CaptureBench) -> anyhow::Result<()> {
     // 64-byte frames (60 + FCS on a wire); four random bytes so frames differ.
     std::fs::write(&cfg, "{ 0x02,0,0,0,0,0x01, 0x02,0,0,0,0,0x02, c16(0x0800), drnd(4), fill(0x00, 42) }\n")?;
     let mut results = Vec::new();
-    for tool in ["tapstream", "tcpdump"] {
+    for tool in ["tapstream", "tcpdump", "netsniff-ng"] {
         let veth = VethPair::new(1);
         let out = if opts.null { "/dev/null".into() } else { work.join(format!("{tool}.pcap")) };
         let mut cmd = veth.capture_ns.command("taskset");
@@ -67,27 +69,35 @@ pub fn capture(root: &Path, opts: &CaptureBench) -> anyhow::Result<()> {
                 cmd.args(&opts.tapstream_args);
                 cmd.env("RUST_LOG", "info");
             }
-            _ => {
+            "tcpdump" => {
                 cmd.args(["tcpdump", "-i", &veth.capture_if, "-n", "-B", "65536", "-s", "262144", "-w"])
                     .arg(&out);
+            }
+            _ => {
+                cmd.args(["netsniff-ng", "--in", &veth.capture_if, "--silent", "--out"]).arg(&out);
             }
         }
         let mut child =
             cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().context("start the capturer")?;
         let pid = child.id() as libc::pid_t;
-        let stderr = child.stderr.take().expect("piped");
         let (ready_tx, ready) = std::sync::mpsc::channel();
-        let log = std::thread::spawn(move || {
-            let mut all = String::new();
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("capturing on") || line.contains("listening on") {
-                    let _ = ready_tx.send(());
+        // Each tool says it is ready on one of its outputs: tapstream "capturing on" and
+        // tcpdump "listening on" on stderr, netsniff-ng "Running!" on stdout.
+        let reader = |pipe: Box<dyn std::io::Read + Send>, ready_tx: std::sync::mpsc::Sender<()>| {
+            std::thread::spawn(move || {
+                let mut all = String::new();
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    if ["capturing on", "listening on", "Running!"].iter().any(|m| line.contains(m)) {
+                        let _ = ready_tx.send(());
+                    }
+                    all.push_str(&line);
+                    all.push('\n');
                 }
-                all.push_str(&line);
-                all.push('\n');
-            }
-            all
-        });
+                all
+            })
+        };
+        let log = reader(Box::new(child.stderr.take().expect("piped")), ready_tx.clone());
+        let out_text = reader(Box::new(child.stdout.take().expect("piped")), ready_tx);
         if ready.recv_timeout(Duration::from_secs(30)).is_err() {
             let _ = child.kill();
             bail!("{tool} did not start:\n{}", log.join().unwrap_or_default());
@@ -113,13 +123,11 @@ pub fn capture(root: &Path, opts: &CaptureBench) -> anyhow::Result<()> {
             .and_then(|n| n.trim().parse().ok())
             .with_context(|| format!("trafgen's packet count not found in: {text}"))?;
 
-        if tool == "tcpdump" {
+        if tool != "tapstream" {
             std::thread::sleep(Duration::from_secs(2));
             // SAFETY: plain kill(2) on our own child's pid, which has not been reaped yet.
             unsafe { libc::kill(pid, libc::SIGINT) };
         }
-        let mut stdout = String::new();
-        child.stdout.take().expect("piped").read_to_string(&mut stdout)?;
         let mut status = 0;
         // SAFETY: an all-zero rusage is a valid value for the kernel to overwrite.
         let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
@@ -129,10 +137,18 @@ pub fn capture(root: &Path, opts: &CaptureBench) -> anyhow::Result<()> {
             bail!("wait4 for {tool}: {}", std::io::Error::last_os_error());
         }
         let log = log.join().unwrap_or_default();
+        let stdout = out_text.join().unwrap_or_default();
+        let max_rss_mib = usage.ru_maxrss as f64 / 1024.0;
         let cpu_secs = tv(usage.ru_utime) + tv(usage.ru_stime);
         let counted_drops = if tool == "tcpdump" {
             log.lines()
                 .find_map(|l| l.strip_suffix(" packets dropped by kernel"))
+                .and_then(|n| n.trim().parse().ok())
+                .unwrap_or(0)
+        } else if tool == "netsniff-ng" {
+            stdout
+                .lines()
+                .find_map(|l| l.trim().strip_suffix("packets failed filter (out of space)"))
                 .and_then(|n| n.trim().parse().ok())
                 .unwrap_or(0)
         } else {
@@ -147,6 +163,12 @@ pub fn capture(root: &Path, opts: &CaptureBench) -> anyhow::Result<()> {
             let bytes = std::fs::read(&out).with_context(|| format!("{tool} wrote no file:\n{log}"))?;
             tapstream_pcap::Reader::new(&bytes).map_err(|e| anyhow::anyhow!("{tool}'s file: {e}"))?.count()
                 as u64
+        } else if tool == "netsniff-ng" {
+            stdout
+                .lines()
+                .find_map(|l| l.trim().strip_suffix("packets passed filter"))
+                .and_then(|n| n.trim().parse().ok())
+                .with_context(|| format!("netsniff-ng's count not found:\n{stdout}"))?
         } else if tool == "tcpdump" {
             log.lines()
                 .find_map(|l| l.strip_suffix(" packets captured"))
@@ -174,15 +196,16 @@ pub fn capture(root: &Path, opts: &CaptureBench) -> anyhow::Result<()> {
             cpu_secs,
             user_secs: tv(usage.ru_utime),
             counted_drops,
+            max_rss_mib,
         });
         drop(veth);
     }
     println!(
-        "\n| capturer | frames offered | offered rate (kpps) | captured | lost | drops it reports | CPU s (user) | CPU ns/frame |\n|---|---:|---:|---:|---:|---:|---:|---:|"
+        "\n| capturer | frames offered | offered rate (kpps) | captured | lost | drops it reports | CPU s (user) | CPU ns/frame | peak RSS MiB |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for r in &results {
         println!(
-            "| {} | {} | {:.0} | {} | {:.3}% | {} | {:.2} ({:.2}) | {:.0} |",
+            "| {} | {} | {:.0} | {} | {:.3}% | {} | {:.2} ({:.2}) | {:.0} | {:.0} |",
             r.tool,
             r.offered,
             r.offered as f64 / r.send_secs / 1000.0,
@@ -192,9 +215,10 @@ pub fn capture(root: &Path, opts: &CaptureBench) -> anyhow::Result<()> {
             r.cpu_secs,
             r.user_secs,
             r.cpu_secs * 1e9 / r.captured.max(1) as f64,
+            r.max_rss_mib,
         );
     }
-    if let [ours, tcpdump] = &results[..] {
+    if let [ours, tcpdump, ..] = &results[..] {
         let a = ours.cpu_secs / ours.captured.max(1) as f64;
         let b = tcpdump.cpu_secs / tcpdump.captured.max(1) as f64;
         println!("\ntapstream CPU per frame / tcpdump CPU per frame = {:.2}", a / b);
