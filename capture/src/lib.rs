@@ -17,6 +17,7 @@ pub mod capture;
 pub mod chunk;
 pub mod clock;
 pub mod compress;
+pub mod filter;
 pub mod metrics;
 pub mod pipeline;
 pub mod session;

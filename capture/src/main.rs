@@ -13,6 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use tapstream::{
     capture::{CaptureSpec, DEFAULT_SNAPLEN, Limits},
     compress::Compression,
+    filter::CbpfProgram,
     pipeline::InterfaceConfig,
     session::{CaptureSummary, StartStore, StoreTarget, Target, run_capture},
     upload::{
@@ -43,6 +44,9 @@ enum Command {
     /// Write a stored capture object as PCAP to stdout (for `tshark -r -`), optionally only
     /// the frames of a time window, fetched with ranged GETs.
     Read(Box<ReadArgs>),
+    /// tcpdump filter expressions.
+    #[command(subcommand)]
+    Filter(FilterCommand),
 }
 
 #[derive(Args, Debug)]
@@ -199,6 +203,18 @@ struct ObjectArgs {
     key_template: String,
 }
 
+#[derive(Subcommand, Debug)]
+enum FilterCommand {
+    /// Compile EXPR with libpcap, print its classic BPF as `tcpdump -d` does, and with a
+    /// capture file, which of its frames match (libpcap's interpreter).
+    Check {
+        /// The filter, in tcpdump syntax.
+        expression: String,
+        /// A PCAP file of Ethernet frames to try the filter on.
+        file: Option<PathBuf>,
+    },
+}
+
 #[derive(Args, Debug)]
 struct ReadArgs {
     /// The object: s3://bucket/key, or a path under a local store directory given with --dir.
@@ -317,6 +333,9 @@ fn main() {
     let result = match cli.command {
         Command::Capture(args) => capture(*args),
         Command::Read(args) => read(*args),
+        Command::Filter(FilterCommand::Check { expression, file }) => {
+            filter_check(&expression, file.as_deref())
+        }
     };
     if let Err(e) = result {
         eprintln!("tapstream: {e:#}");
@@ -467,6 +486,32 @@ fn object_metadata(args: &CaptureArgs, node: &str) -> anyhow::Result<Vec<(String
         bail!("object metadata (capture id, node, alert id, customer, tags) is {size} bytes; S3 allows 2048");
     }
     Ok(meta)
+}
+
+fn filter_check(expression: &str, file: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let program = CbpfProgram::compile(expression)?;
+    println!("{expression:?} compiles to {} classic BPF instructions:", program.instructions().len());
+    print!("{}", program.dump());
+    let Some(path) = file else { return Ok(()) };
+    let bytes = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
+    let reader = tapstream_pcap::Reader::new(&bytes)
+        .with_context(|| format!("{} is not a PCAP file", path.display()))?;
+    if reader.header().linktype != tapstream_pcap::LINKTYPE_ETHERNET {
+        bail!("{} holds link type {}, not Ethernet (1)", path.display(), reader.header().linktype);
+    }
+    let (mut total, mut matched) = (0u64, Vec::new());
+    for record in reader {
+        let record = record.with_context(|| format!("{}: frame {}", path.display(), total + 1))?;
+        total += 1;
+        if program.matches(record.data, record.origlen) {
+            matched.push(total);
+        }
+    }
+    println!("{} of {total} frames of {} match (libpcap's interpreter):", matched.len(), path.display());
+    for n in matched {
+        println!("  frame {n}");
+    }
+    Ok(())
 }
 
 fn read(args: ReadArgs) -> anyhow::Result<()> {

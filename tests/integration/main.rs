@@ -5,6 +5,7 @@
 mod common;
 mod datapath;
 mod deploy;
+mod filter_check;
 mod metrics;
 mod smoke;
 mod upload;
