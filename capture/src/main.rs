@@ -13,7 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use tapstream::{
     capture::{CaptureSpec, DEFAULT_SNAPLEN, Limits},
     compress::Compression,
-    filter::CbpfProgram,
+    filter::{CaptureFilter, CbpfProgram, LoadedFilter, program::Instructions},
     pipeline::InterfaceConfig,
     session::{CaptureSummary, StartStore, StoreTarget, Target, run_capture},
     upload::{
@@ -132,6 +132,11 @@ struct CaptureArgs {
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
+    /// tcpdump filter expression, as tcpdump takes it (the remaining words, e.g.
+    /// `tcp port 443 and net 10.0.0.0/8`); none captures every frame. It runs in the kernel:
+    /// frames it rejects never leave it.
+    #[arg(value_name = "EXPR", trailing_var_arg = true)]
+    filter: Vec<String>,
 }
 
 /// How to reach an S3-compatible store. Credentials come from the AWS default chain
@@ -363,7 +368,16 @@ fn capture(args: CaptureArgs) -> anyhow::Result<()> {
     config.queues = args.queues;
     config.cores = args.cores.clone();
     config.unmatched = if args.drop_unmatched { Unmatched::Drop } else { Unmatched::Pass };
-    let spec = CaptureSpec { id: args.id.clone(), filter: None, snaplen: args.snaplen };
+    let filter = args.filter.join(" ");
+    let filter = if filter.trim().is_empty() {
+        None
+    } else {
+        // Checked before anything starts: libpcap's message for a syntax error, the reason for
+        // what the kernel cannot run.
+        Instructions::build(&[CaptureFilter { slot: 0, filter: Some(&CbpfProgram::compile(&filter)?) }])?;
+        Some(filter)
+    };
+    let spec = CaptureSpec { id: args.id.clone(), filter, snaplen: args.snaplen };
     let limits =
         Limits { packets: args.packets, bytes: args.bytes, duration: args.duration, idle: args.idle };
 
@@ -492,6 +506,9 @@ fn filter_check(expression: &str, file: Option<&std::path::Path>) -> anyhow::Res
     let program = CbpfProgram::compile(expression)?;
     println!("{expression:?} compiles to {} classic BPF instructions:", program.instructions().len());
     print!("{}", program.dump());
+    let capture = [CaptureFilter { slot: 0, filter: Some(&program) }];
+    let instructions = Instructions::build(&capture)?;
+    println!("and to an XDP filter program of {} eBPF instructions", instructions.len());
     let Some(path) = file else { return Ok(()) };
     let bytes = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
     let reader = tapstream_pcap::Reader::new(&bytes)
@@ -499,20 +516,40 @@ fn filter_check(expression: &str, file: Option<&std::path::Path>) -> anyhow::Res
     if reader.header().linktype != tapstream_pcap::LINKTYPE_ETHERNET {
         bail!("{} holds link type {}, not Ethernet (1)", path.display(), reader.header().linktype);
     }
-    let (mut total, mut matched) = (0u64, Vec::new());
+    let loaded = LoadedFilter::load(&capture).context("load the filter program into the kernel")?;
+    let (mut total, mut matched, mut skipped) = (0u64, Vec::new(), Vec::new());
     for record in reader {
         let record = record.with_context(|| format!("{}: frame {}", path.display(), total + 1))?;
         total += 1;
-        if program.matches(record.data, record.origlen) {
+        if !(MIN_TEST_FRAME..=MAX_TEST_FRAME).contains(&record.data.len()) {
+            skipped.push((total, record.data.len()));
+            continue;
+        }
+        let run = loaded.test_run(record.data, 1).with_context(|| format!("frame {total}"))?;
+        if run.mask != 0 {
             matched.push(total);
         }
     }
-    println!("{} of {total} frames of {} match (libpcap's interpreter):", matched.len(), path.display());
+    println!(
+        "{} of {total} frames of {} match (the program run by the kernel, BPF_PROG_TEST_RUN):",
+        matched.len(),
+        path.display()
+    );
     for n in matched {
         println!("  frame {n}");
     }
+    for (n, len) in skipped {
+        println!(
+            "  frame {n} not tried: {len} bytes (XDP sees frames of {MIN_TEST_FRAME} to {MAX_TEST_FRAME} bytes)"
+        );
+    }
     Ok(())
 }
+
+/// Shortest frame the kernel runs an XDP program on in a test (an Ethernet header).
+const MIN_TEST_FRAME: usize = 14;
+/// Longest (a page less XDP's headroom and tailroom).
+const MAX_TEST_FRAME: usize = 3_520;
 
 fn read(args: ReadArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

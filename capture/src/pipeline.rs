@@ -14,6 +14,7 @@ use crossbeam_channel::Receiver;
 use crate::{
     capture::CaptureShared,
     chunk::ChunkPool,
+    filter::{CaptureFilter, CbpfProgram, FilterError, LoadedFilter},
     metrics::QueueKernelMetrics,
     writer::{Output, QueueStats, Writer, WriterCommand, WriterConfig},
     xdp::{AttachMode, XdpError, XdpProgram},
@@ -84,6 +85,8 @@ pub enum PipelineError {
     },
     #[error("the writer of queue {queue} did not take the new capture within 5 s (it has stopped)")]
     WriterGone { queue: u32 },
+    #[error(transparent)]
+    Filter(#[from] FilterError),
     #[error("all {MAX_CAPTURES} capture slots of {interface} are in use")]
     NoFreeSlot { interface: String },
 }
@@ -109,6 +112,12 @@ pub struct QueueSnapshot {
     pub drops_no_buffer: u64,
 }
 
+/// A running capture and its compiled filter.
+struct Slot {
+    capture: Arc<CaptureShared>,
+    filter: Option<CbpfProgram>,
+}
+
 /// A capture interface at work.
 pub struct InterfaceRuntime {
     config: InterfaceConfig,
@@ -118,7 +127,8 @@ pub struct InterfaceRuntime {
     outputs: Receiver<Output>,
     writers: Vec<Writer>,
     pool: Arc<ChunkPool>,
-    slots: Vec<Option<Arc<CaptureShared>>>,
+    slots: Vec<Option<Slot>>,
+    next_slot: usize,
     xsk_mode: XskMode,
     kernel_metrics: Vec<QueueKernelMetrics>,
     chunk_gauges: crate::metrics::ChunkGauges,
@@ -166,6 +176,7 @@ impl InterfaceRuntime {
             outputs,
             pool,
             slots: (0..MAX_CAPTURES).map(|_| None).collect(),
+            next_slot: 0,
             xsk_mode,
             kernel_metrics,
             chunk_gauges: crate::metrics::ChunkGauges::new(),
@@ -202,14 +213,23 @@ impl InterfaceRuntime {
         &self.pool
     }
 
-    /// Starts a capture of every frame (until the filter stage assigns masks): returns its
-    /// slot.
+    /// Starts a capture: returns its slot. Its filter is compiled and the filter program for
+    /// every running capture plus this one is built and verified first, so a filter that
+    /// cannot run starts nothing; then every writer takes the capture, and only then does the
+    /// kernel mark frames for it.
     pub fn start_capture(&mut self, capture: Arc<CaptureShared>) -> Result<usize, PipelineError> {
-        let slot = self
-            .slots
-            .iter()
-            .position(Option::is_none)
+        // Slots are taken round-robin, so a slot just freed (whose last frames may still be in
+        // the rings) is not handed to the next capture at once.
+        let slot = (0..MAX_CAPTURES)
+            .map(|i| (self.next_slot + i) % MAX_CAPTURES)
+            .find(|&i| self.slots[i].is_none())
             .ok_or_else(|| PipelineError::NoFreeSlot { interface: self.config.interface.clone() })?;
+        let filter = match capture.spec.filter.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(expression) => Some(CbpfProgram::compile(expression)?),
+        };
+        let program = self.filter_program(Some((slot, filter.as_ref())))?;
+
         // Every writer must take the capture's frames before the program marks any.
         let (started, acks) = crossbeam_channel::bounded(self.writers.len());
         for writer in &self.writers {
@@ -223,23 +243,79 @@ impl InterfaceRuntime {
                 return Err(PipelineError::WriterGone { queue: writer.queue() });
             }
         }
-        self.slots[slot] = Some(capture);
-        let mut config = self.xdp.config();
-        config.default_mask |= 1 << slot;
-        self.xdp.set_config(config)?;
+        self.slots[slot] = Some(Slot { capture, filter });
+        self.next_slot = (slot + 1) % MAX_CAPTURES;
+        self.install(program)?;
         Ok(slot)
     }
 
-    /// Stops the capture in `slot`: the program stops marking frames for it, and each writer
+    /// Stops the capture in `slot`: the kernel stops marking frames for it, and each writer
     /// hands on its last chunk and then an [`Output::Done`].
     pub fn stop_capture(&mut self, slot: usize) -> Result<(), PipelineError> {
-        let mut config = self.xdp.config();
-        config.default_mask &= !(1 << slot);
-        self.xdp.set_config(config)?;
+        let Some(stopped) = self.slots[slot].take() else { return Ok(()) };
+        let result = match self.filter_program(None) {
+            Ok(program) => self.install(program),
+            Err(e) => {
+                // The program without this capture is the one before it plus nothing, so
+                // this is not expected; still, the capture's bit must go. Filtered captures
+                // get nothing until the next program is built.
+                log::error!(
+                    "cannot rebuild the filter program after stopping {}: {e}",
+                    stopped.capture.spec.id
+                );
+                self.install(None)
+            }
+        };
         for writer in &self.writers {
             writer.command(WriterCommand::Stop { slot });
         }
-        self.slots[slot] = None;
+        result
+    }
+
+    /// The filter program for the running captures, plus `adding`; `None` when no capture
+    /// has a filter (every running capture takes every frame: `default_mask` does it).
+    fn filter_program(
+        &self,
+        adding: Option<(usize, Option<&CbpfProgram>)>,
+    ) -> Result<Option<LoadedFilter>, PipelineError> {
+        let mut captures: Vec<CaptureFilter<'_>> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, s)| s.as_ref().map(|s| CaptureFilter { slot, filter: s.filter.as_ref() }))
+            .collect();
+        if let Some((slot, filter)) = adding {
+            captures.push(CaptureFilter { slot, filter });
+        }
+        if captures.iter().all(|c| c.filter.is_none()) {
+            return Ok(None);
+        }
+        Ok(Some(LoadedFilter::load(&captures)?))
+    }
+
+    /// Puts `program` in force with the running captures' default mask. Each frame sees
+    /// either the state before or the state after.
+    fn install(&mut self, program: Option<LoadedFilter>) -> Result<(), PipelineError> {
+        let mask = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.is_some())
+            .fold(0u64, |m, (slot, _)| m | 1 << slot);
+        let mut config = self.xdp.config();
+        config.default_mask = mask;
+        match program {
+            // The program decides every bit; the default mask is not used while it is there.
+            Some(program) => {
+                self.xdp.install_filter(Some(program))?;
+                self.xdp.set_config(config)?;
+            }
+            // The default mask must be right before the program goes.
+            None => {
+                self.xdp.set_config(config)?;
+                self.xdp.install_filter(None)?;
+            }
+        }
         Ok(())
     }
 

@@ -13,10 +13,12 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{Array, MapData, PerCpuArray, XskMap},
+    maps::{Array, MapData, PerCpuArray, ProgramArray, XskMap},
     programs::{Xdp, XdpMode, xdp::XdpLinkId},
 };
-use capture_common::{MAX_QUEUES, XdpConfig, XdpCounters};
+use capture_common::{FILTER_SLOT, MAX_QUEUES, XdpConfig, XdpCounters};
+
+use crate::filter::LoadedFilter;
 
 /// The XDP program built by `build.rs` from the `capture-ebpf` crate.
 static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tapstream-xdp"));
@@ -26,6 +28,7 @@ const REDIRECT_PROGRAM: &str = "tapstream_redirect";
 const COUNTERS_MAP: &str = "COUNTERS";
 const CONFIG_MAP: &str = "CONFIG";
 const XSKS_MAP: &str = "XSKS";
+const FILTERS_MAP: &str = "FILTERS";
 
 /// How the program is attached to the interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
@@ -92,6 +95,8 @@ pub enum XdpError {
     },
     #[error("RX queue {queue} is beyond the {MAX_QUEUES} queues the XDP program supports")]
     TooManyQueues { queue: u32 },
+    #[error("cannot install the filter program")]
+    Filter(#[source] crate::filter::FilterError),
 }
 
 /// The loaded XDP program, attached to one interface. Detached when dropped.
@@ -101,6 +106,12 @@ pub struct XdpProgram {
     link: Option<XdpLinkId>,
     mode: AttachMode,
     config: XdpConfig,
+    /// The filter program in `FILTERS[FILTER_SLOT]`, kept loaded while it is installed.
+    filter: Option<LoadedFilter>,
+    /// The program installed before it, kept loaded until the next swap: a frame still
+    /// running in it on another CPU must find its `NEXT` map intact (closing the map empties
+    /// it).
+    retired: Option<LoadedFilter>,
     logger: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
 }
 
@@ -124,6 +135,8 @@ impl XdpProgram {
             link: None,
             mode: AttachMode::Auto,
             config: XdpConfig::default(),
+            filter: None,
+            retired: None,
             logger,
         };
         program.set_config(XdpConfig::default())?;
@@ -203,6 +216,38 @@ impl XdpProgram {
             .map_err(|source| XdpError::Map { name: CONFIG_MAP, source })?;
         array.set(0, &config, 0).map_err(|source| XdpError::Map { name: CONFIG_MAP, source })?;
         self.config = config;
+        Ok(())
+    }
+
+    /// Installs `filter` as the program the entry program tail-calls (an atomic swap: every
+    /// frame sees either the old program or the new one), or with `None` removes it, so that
+    /// frames get `default_mask`. The program replaced is unloaded.
+    pub fn install_filter(&mut self, filter: Option<LoadedFilter>) -> Result<(), XdpError> {
+        let map_err = |source| XdpError::Map { name: FILTERS_MAP, source };
+        match filter {
+            Some(mut filter) => {
+                let redirect = Self::program(&mut self.ebpf, REDIRECT_PROGRAM)?
+                    .fd()
+                    .and_then(|fd| fd.try_clone().map_err(Into::into))
+                    .map_err(|source| XdpError::Verify { name: REDIRECT_PROGRAM, source })?;
+                filter.set_next(&redirect).map_err(XdpError::Filter)?;
+                let fd = filter.fd().map_err(XdpError::Filter)?.try_clone().map_err(|e| {
+                    XdpError::Filter(crate::filter::FilterError::Load { reason: e.to_string() })
+                })?;
+                let mut filters = ProgramArray::try_from(self.map_mut(FILTERS_MAP)?).map_err(map_err)?;
+                filters.set(FILTER_SLOT, &fd, 0).map_err(map_err)?;
+                self.retired = self.filter.replace(filter);
+            }
+            None => {
+                if self.filter.is_some() {
+                    let mut filters = ProgramArray::try_from(self.map_mut(FILTERS_MAP)?).map_err(map_err)?;
+                    filters.clear_index(&FILTER_SLOT).map_err(map_err)?;
+                }
+                if let Some(old) = self.filter.take() {
+                    self.retired = Some(old);
+                }
+            }
+        }
         Ok(())
     }
 

@@ -6,6 +6,7 @@ mod common;
 mod datapath;
 mod deploy;
 mod filter_check;
+mod filter_kernel;
 mod metrics;
 mod smoke;
 mod upload;

@@ -1,10 +1,45 @@
-//! tcpdump filters.
+//! tcpdump filters, run in the kernel.
 //!
 //! Expressions are compiled by libpcap itself ([`pcap`]), so a filter means exactly what it
-//! means to tcpdump. The translation of the classic BPF to eBPF for the XDP program (issue 4)
-//! builds on this module; until it lands, filters can be checked and tried on saved captures
-//! with libpcap's own interpreter, not applied to live captures.
+//! means to tcpdump. The classic BPF is translated to eBPF with libpcap's semantics
+//! ([`ebpf`]), and the filters of every capture on an interface become one XDP program
+//! ([`program`]) that the fixed XDP program tail-calls: frames no capture wants never leave
+//! the kernel.
 
+pub mod ebpf;
 pub mod pcap;
+pub mod program;
 
-pub use pcap::{CbpfProgram, FilterError};
+pub use pcap::CbpfProgram;
+pub use program::{CaptureFilter, LoadedFilter};
+
+/// Errors of filter expressions and the filter program.
+#[derive(Debug, thiserror::Error)]
+pub enum FilterError {
+    /// libpcap refused the expression; `message` is its own words.
+    #[error("invalid filter {expression:?}: {message}")]
+    Syntax { expression: String, message: String },
+    #[error("the filter expression contains a NUL byte")]
+    Nul,
+    #[error("libpcap could not open a dead Ethernet handle")]
+    NoHandle,
+    /// libpcap compiled it, but the kernel cannot run it as it is.
+    #[error("filter {expression:?} cannot run in XDP")]
+    Translate {
+        expression: String,
+        #[source]
+        source: ebpf::TranslateError,
+    },
+    #[error("capture slot {slot} is beyond the {} the filter program supports", capture_common::MAX_CAPTURES)]
+    TooManyCaptures { slot: usize },
+    #[error("cannot load the filter program: {reason}")]
+    Load { reason: String },
+    /// The kernel verifier refused the program; `message` ends with its reason.
+    #[error("the kernel verifier refused the filter program: {message}")]
+    Verifier { message: String },
+    #[error("cannot run the filter program on a frame (BPF_PROG_TEST_RUN)")]
+    TestRun {
+        #[source]
+        source: std::io::Error,
+    },
+}

@@ -10,6 +10,8 @@ use std::{
     sync::Mutex,
 };
 
+use super::FilterError;
+
 /// DLT_EN10MB: Ethernet.
 const DLT_EN10MB: c_int = 1;
 /// The snapshot length the program is compiled for (tcpdump's default).
@@ -60,18 +62,6 @@ unsafe extern "C" {
 /// Serializes calls into libpcap's compiler and `bpf_image`.
 static LIBPCAP: Mutex<()> = Mutex::new(());
 
-/// Errors of filter expressions.
-#[derive(Debug, thiserror::Error)]
-pub enum FilterError {
-    /// libpcap refused the expression; `message` is its own words.
-    #[error("invalid filter {expression:?}: {message}")]
-    Syntax { expression: String, message: String },
-    #[error("the filter expression contains a NUL byte")]
-    Nul,
-    #[error("libpcap could not open a dead Ethernet handle")]
-    NoHandle,
-}
-
 /// A compiled filter: libpcap's classic BPF for Ethernet frames.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CbpfProgram {
@@ -110,6 +100,12 @@ impl CbpfProgram {
         // SAFETY: `handle` came from pcap_open_dead and is closed once.
         unsafe { pcap_close(handle) };
         result
+    }
+
+    /// A program given as instructions (for tests of the translation); `label` stands in for
+    /// the expression.
+    pub fn from_instructions(label: &str, insns: Vec<BpfInsn>) -> Self {
+        Self { expression: label.to_owned(), insns }
     }
 
     /// The expression it was compiled from.
