@@ -137,3 +137,168 @@ fn what_the_kernel_cannot_run_is_refused_with_the_reason() {
     let text = format!("{err:#}");
     assert!(text.contains("ip protochain 6") && text.contains("protochain"), "{text}");
 }
+
+/// Frames of `sent` that libpcap's interpreter accepts for `expression`, as stored.
+fn libpcap_selects(expression: &str, sent: &[&tapstream_testenv::CorpusFrame]) -> Vec<Vec<u8>> {
+    let filter = CbpfProgram::compile(expression).unwrap();
+    sent.iter().filter(|f| filter.matches(&f.data, f.data.len() as u32)).map(|f| f.data.clone()).collect()
+}
+
+/// Three captures with different filters run at once on one interface; each stores exactly
+/// the frames of the corpus its filter matches, in order, and nothing else.
+#[test]
+fn concurrent_captures_each_store_exactly_what_their_filter_matches() {
+    use std::{sync::Arc, time::Duration};
+
+    use tapstream::{
+        capture::{CaptureShared, CaptureSpec, Limits},
+        pipeline::{InterfaceConfig, InterfaceRuntime},
+        writer::Output,
+    };
+    use tapstream_testenv::{Sender, VethPair, corpus_frames};
+
+    let expressions = ["tcp and not port 80", "udp port 53 or arp", "ip6 and not icmp6"];
+    let veth = VethPair::new(1);
+    let frames = corpus_frames();
+    let sender = Sender::new(&veth);
+    let dir = tempfile::tempdir().unwrap();
+    let (sent, queues) = veth.capture_ns.enter(|| {
+        let mut runtime = InterfaceRuntime::start(InterfaceConfig::new(&veth.capture_if)).unwrap();
+        let captures: Vec<Arc<CaptureShared>> = expressions
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let spec =
+                    CaptureSpec { id: format!("c{i}"), filter: Some((*e).into()), ..Default::default() };
+                CaptureShared::new(spec, Limits::default())
+            })
+            .collect();
+        let slots: Vec<usize> = captures.iter().map(|c| runtime.start_capture(c.clone()).unwrap()).collect();
+        let sent = sender.send_all(&frames);
+
+        // Wait until every frame sent has been through XDP and off the rings.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let snap = runtime.snapshot().unwrap();
+            let seen: u64 = snap.iter().map(|q| q.xdp.seen).sum();
+            let redirected: u64 = snap.iter().map(|q| q.xdp.redirected).sum();
+            let taken: u64 = snap.iter().map(|q| q.frames + q.xsk.rx_dropped + q.xsk.rx_ring_full).sum();
+            if seen == sent.len() as u64 && taken == redirected {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "frames still in flight: {snap:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for slot in slots {
+            runtime.stop_capture(slot).unwrap();
+        }
+        // Each capture's chunks, into a PCAP file of its own.
+        let mut files: Vec<Vec<u8>> = captures
+            .iter()
+            .map(|_| {
+                tapstream_pcap::FileHeader { snaplen: 262_144, linktype: 1, nanos: true }.encode().to_vec()
+            })
+            .collect();
+        let mut done = 0;
+        while done < captures.len() {
+            match runtime
+                .outputs()
+                .recv_timeout(Duration::from_secs(10))
+                .expect("writers hand on every capture")
+            {
+                Output::Chunk(chunk) => {
+                    let i = captures.iter().position(|c| Arc::ptr_eq(c, &chunk.capture)).unwrap();
+                    files[i].extend_from_slice(&chunk.data);
+                    runtime.pool().put(chunk.data);
+                }
+                Output::Done { .. } => done += 1,
+            }
+        }
+        for (i, file) in files.iter().enumerate() {
+            std::fs::write(dir.path().join(format!("c{i}.pcap")), file).unwrap();
+        }
+        let (queues, _) = runtime.shutdown();
+        (sent, queues)
+    });
+
+    let drops: u64 = queues
+        .iter()
+        .map(|q| q.xsk.rx_dropped + q.xsk.rx_ring_full + q.drops_queue_full + q.drops_no_buffer)
+        .sum();
+    assert_eq!(drops, 0, "no frame lost: {queues:?}");
+    let mut wanted_by_any = std::collections::HashSet::new();
+    for (i, expression) in expressions.iter().enumerate() {
+        let stored: Vec<Vec<u8>> = crate::common::read_capture(&dir.path().join(format!("c{i}.pcap")))
+            .into_iter()
+            .map(|(_, data)| data)
+            .collect();
+        let expected = libpcap_selects(expression, &sent);
+        assert!(!expected.is_empty(), "the corpus has frames for {expression:?}");
+        assert_eq!(stored.len(), expected.len(), "{expression:?}: frames stored vs matched by libpcap");
+        assert!(stored == expected, "{expression:?}: the stored frames are the matching frames, in order");
+        wanted_by_any.extend(expected);
+    }
+    // The kernel redirected only frames some capture wanted; it passed the rest on.
+    let redirected: u64 = queues.iter().map(|q| q.xdp.redirected).sum();
+    let passed: u64 = queues.iter().map(|q| q.xdp.passed).sum();
+    let distinct_wanted = sent.iter().filter(|f| wanted_by_any.contains(&f.data)).count() as u64;
+    assert_eq!(redirected, distinct_wanted, "frames redirected = frames at least one filter matched");
+    assert_eq!(passed, sent.len() as u64 - distinct_wanted, "the others stayed in the kernel");
+}
+
+/// The one-shot capture with a filter: only matching frames are stored; a bad filter starts
+/// nothing and says what libpcap says.
+#[test]
+fn a_filtered_capture_stores_only_matching_frames() {
+    use tapstream_testenv::{Sender, VethPair, corpus_frames};
+
+    use crate::common::Running;
+
+    let veth = VethPair::new(1);
+    let frames = corpus_frames();
+    let sender = Sender::new(&veth);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("dns.pcap");
+    let expression = "udp port 53 and not vlan";
+    let mut run = Running::start(
+        &veth.capture_ns,
+        &[
+            "capture",
+            "-i",
+            &veth.capture_if,
+            "-w",
+            out.to_str().unwrap(),
+            "--idle",
+            "3s",
+            "--json",
+            "udp",
+            "port",
+            "53",
+            "and",
+            "not",
+            "vlan",
+        ],
+    );
+    run.wait_ready();
+    let sent = sender.send_all(&frames);
+    let summary = run.summary();
+    let expected = libpcap_selects(expression, &sent);
+    let stored: Vec<Vec<u8>> = crate::common::read_capture(&out).into_iter().map(|(_, d)| d).collect();
+    assert!(expected.len() > 10, "{} frames of the corpus match", expected.len());
+    assert!(stored == expected, "stored {} frames, libpcap matches {}", stored.len(), expected.len());
+    assert_eq!(summary.packets, expected.len() as u64);
+    let passed: u64 = summary.queues.iter().map(|q| q.xdp_passed).sum();
+    assert_eq!(passed, (sent.len() - expected.len()) as u64, "unmatched frames stay in the kernel");
+
+    let bad = std::process::Command::new(crate::common::tapstream_bin())
+        .args(["capture", "-i", &veth.capture_if, "-w"])
+        .arg(dir.path().join("never.pcap"))
+        .args(["--duration", "1s", "tcp", "port"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(stderr.contains("syntax error") && stderr.contains("\"tcp port\""), "{stderr}");
+    assert!(!stderr.contains("attached"), "nothing started: {stderr}");
+    assert!(!dir.path().join("never.pcap").exists());
+}
