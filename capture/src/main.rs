@@ -399,9 +399,9 @@ fn capture(args: CaptureArgs) -> anyhow::Result<()> {
         (None, Some(url)) => store_target(&args, url)?,
         (None, None) => bail!("give --write FILE or --upload URL"),
     };
-    let summary = run_capture(config, spec, limits, target, &stop, |packets, bytes, elapsed| {
+    let summary = run_capture(config, spec, limits, target, &stop, |p| {
         if tty {
-            eprint!("\r{packets} packets, {bytes} bytes, {:.1} s   ", elapsed.as_secs_f64());
+            eprint!("\r{} packets, {} bytes, {:.1} s   ", p.packets, p.bytes, p.elapsed_secs);
         }
     })
     .with_context(|| format!("capture on {}", args.interface))?;

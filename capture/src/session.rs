@@ -1,12 +1,14 @@
-//! A capture session: one capture on one interface, run until its first limit, its chunks
-//! written to a local PCAP file. This is the one-shot `tapstream capture --write FILE`.
+//! Captures at work on an interface: [`InterfaceService`] runs any number of them at once
+//! (the daemon), [`run_capture`] one until its first limit (the one-shot `tapstream
+//! capture`). Each capture's chunks go to its own output: a local PCAP file, or objects in a
+//! store ([`crate::upload`]).
 
 use std::{
     fs::File,
     io::Write as _,
     path::PathBuf,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
@@ -16,6 +18,7 @@ use tapstream_pcap::{FileHeader, LINKTYPE_ETHERNET};
 
 use crate::{
     capture::{CaptureShared, CaptureSpec, Limits, StopReason},
+    chunk::{Chunk, ChunkPool},
     clock::TaiClock,
     pipeline::{InterfaceConfig, InterfaceRuntime, PipelineError, QueueSnapshot},
     upload::stream::StoreOutput,
@@ -29,6 +32,15 @@ pub enum SessionError {
     Pipeline(#[from] PipelineError),
     #[error("upload failed")]
     Upload(#[from] crate::upload::UploadError),
+    #[error("the upload has stopped")]
+    UploadStopped,
+    #[error("the interface's service has stopped")]
+    ServiceGone,
+    #[error("cannot start the interface's service thread")]
+    Thread {
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot write {path}")]
     Write {
         path: PathBuf,
@@ -99,23 +111,24 @@ pub struct QueueSummary {
     pub drops_no_buffer: u64,
 }
 
-impl From<&QueueSnapshot> for QueueSummary {
-    fn from(q: &QueueSnapshot) -> Self {
+impl QueueSummary {
+    /// What changed on the queue from `start` to `end`.
+    fn delta(start: &QueueSnapshot, end: &QueueSnapshot) -> Self {
         Self {
-            queue: q.queue,
-            xdp_seen: q.xdp.seen,
-            xdp_redirected: q.xdp.redirected,
-            xdp_redirect_errors: q.xdp.redirect_errors,
-            xdp_passed: q.xdp.passed,
-            xdp_dropped: q.xdp.dropped,
-            xdp_meta_errors: q.xdp.meta_errors,
-            xdp_truncated: q.xdp.truncated,
-            xsk_rx_dropped: q.xsk.rx_dropped,
-            xsk_rx_ring_full: q.xsk.rx_ring_full,
-            frames: q.frames,
-            records: q.records,
-            drops_queue_full: q.drops_queue_full,
-            drops_no_buffer: q.drops_no_buffer,
+            queue: end.queue,
+            xdp_seen: end.xdp.seen - start.xdp.seen,
+            xdp_redirected: end.xdp.redirected - start.xdp.redirected,
+            xdp_redirect_errors: end.xdp.redirect_errors - start.xdp.redirect_errors,
+            xdp_passed: end.xdp.passed - start.xdp.passed,
+            xdp_dropped: end.xdp.dropped - start.xdp.dropped,
+            xdp_meta_errors: end.xdp.meta_errors - start.xdp.meta_errors,
+            xdp_truncated: end.xdp.truncated - start.xdp.truncated,
+            xsk_rx_dropped: end.xsk.rx_dropped - start.xsk.rx_dropped,
+            xsk_rx_ring_full: end.xsk.rx_ring_full - start.xsk.rx_ring_full,
+            frames: end.frames - start.frames,
+            records: end.records - start.records,
+            drops_queue_full: end.drops_queue_full - start.drops_queue_full,
+            drops_no_buffer: end.drops_no_buffer - start.drops_no_buffer,
         }
     }
 }
@@ -168,8 +181,9 @@ pub enum Target {
 }
 
 /// Starts a store output, given the chunk pool and the PCAP file header objects begin with.
-pub type StartStore =
-    Box<dyn FnOnce(Arc<crate::chunk::ChunkPool>, &[u8]) -> Result<StoreOutput, crate::upload::UploadError>>;
+pub type StartStore = Box<
+    dyn FnOnce(Arc<crate::chunk::ChunkPool>, &[u8]) -> Result<StoreOutput, crate::upload::UploadError> + Send,
+>;
 
 /// A store target, started when the capture starts.
 pub struct StoreTarget {
@@ -182,145 +196,439 @@ enum Out {
     Store { output: StoreOutput, packets: u64, bytes: u64 },
 }
 
+impl Out {
+    fn stored(&self) -> (u64, u64) {
+        match self {
+            Out::File(f) => (f.packets, f.bytes),
+            Out::Store { packets, bytes, .. } => (*packets, *bytes),
+        }
+    }
+
+    /// Hands a chunk on; the chunk's frames are counted as dropped if that fails.
+    fn write(&mut self, chunk: Chunk, capture: &CaptureShared, pool: &ChunkPool) -> Result<(), SessionError> {
+        let frames = u64::from(chunk.frames);
+        match self {
+            Out::File(file) => {
+                let result = file.write(chunk.frames, &chunk.data);
+                if result.is_err() {
+                    capture.count_dropped(frames);
+                }
+                pool.put(chunk.data);
+                result
+            }
+            Out::Store { output, packets, bytes } => {
+                let data = chunk.data.len() as u64 - frames * tapstream_pcap::RECORD_HEADER_LEN as u64;
+                match output.write(chunk) {
+                    Ok(()) => {
+                        *packets += frames;
+                        *bytes += data;
+                        Ok(())
+                    }
+                    Err(chunk) => {
+                        capture.count_dropped(frames);
+                        pool.put(chunk.data);
+                        Err(SessionError::UploadStopped)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Finishes the output: the file synced, or every object complete. Returns where the
+    /// capture is stored.
+    fn finish(self) -> Result<(u64, u64, Vec<String>), SessionError> {
+        match self {
+            Out::File(mut file) => {
+                let stored = file.finish()?;
+                Ok((file.packets, file.bytes, stored.iter().map(|p| p.display().to_string()).collect()))
+            }
+            Out::Store { output, packets, bytes } => Ok((packets, bytes, output.finish()?)),
+        }
+    }
+}
+
+/// How far a running capture has got; updated about every 200 ms.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Progress {
+    /// Frames handed to the output.
+    pub packets: u64,
+    /// Their bytes (after snaplen).
+    pub bytes: u64,
+    /// Seconds since the start.
+    pub elapsed_secs: f64,
+    /// Frames of this capture lost in the writers.
+    pub dropped: u64,
+}
+
+/// Called once with a capture's outcome.
+pub type OnDone = Box<dyn FnOnce(Result<CaptureSummary, SessionError>) + Send>;
+
+/// A capture to start on an interface.
+pub struct CaptureOrder {
+    /// What to capture.
+    pub spec: CaptureSpec,
+    /// When to stop.
+    pub limits: Limits,
+    /// Where the frames go.
+    pub target: Target,
+    /// Receives the outcome, from a thread of its own once the output is finished.
+    pub on_done: OnDone,
+}
+
+enum ServiceCommand {
+    Start {
+        order: CaptureOrder,
+        reply: crossbeam_channel::Sender<Result<Arc<Mutex<Progress>>, SessionError>>,
+    },
+    Stop {
+        id: String,
+        reason: StopReason,
+    },
+    Shutdown {
+        reason: StopReason,
+    },
+}
+
+/// A capture running in the service.
+struct Active {
+    capture: Arc<CaptureShared>,
+    slot: usize,
+    out: Out,
+    started: Instant,
+    started_tai: u64,
+    /// Counters when it started: its summary reports what changed while it ran.
+    start_counters: Vec<QueueSnapshot>,
+    reason: Option<StopReason>,
+    failure: Option<SessionError>,
+    done_queues: u32,
+    progress: Arc<Mutex<Progress>>,
+    on_done: Option<OnDone>,
+}
+
+/// An interface at work with any number of captures: its runtime lives on a thread of its
+/// own, which hands each capture's chunks to the capture's output, ends captures at their
+/// first limit, and finishes their outputs.
+pub struct InterfaceService {
+    interface: String,
+    commands: crossbeam_channel::Sender<ServiceCommand>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl InterfaceService {
+    /// Sets up the interface (on the calling thread, so in its network namespace) and starts
+    /// the service thread; no capture runs yet.
+    pub fn start(config: InterfaceConfig) -> Result<Self, SessionError> {
+        let runtime = InterfaceRuntime::start(config)?;
+        let interface = runtime.interface().to_owned();
+        let (commands, rx) = crossbeam_channel::unbounded();
+        let thread = std::thread::Builder::new()
+            .name(format!("tapstream-{interface}"))
+            .spawn(move || Service { runtime, commands: rx, active: Vec::new() }.run())
+            .map_err(|source| SessionError::Thread { source })?;
+        Ok(Self { interface, commands, thread: Some(thread) })
+    }
+
+    /// The interface name.
+    pub fn interface(&self) -> &str {
+        &self.interface
+    }
+
+    /// Starts a capture; returns its progress once the kernel marks frames for it. A filter
+    /// the kernel cannot run, or an output that cannot start, starts nothing.
+    pub fn start_capture(&self, order: CaptureOrder) -> Result<Arc<Mutex<Progress>>, SessionError> {
+        let (reply, result) = crossbeam_channel::bounded(1);
+        self.commands.send(ServiceCommand::Start { order, reply }).map_err(|_| SessionError::ServiceGone)?;
+        result.recv().map_err(|_| SessionError::ServiceGone)?
+    }
+
+    /// Ends capture `id` with `reason` (if it is still running).
+    pub fn stop_capture(&self, id: &str, reason: StopReason) {
+        let _ = self.commands.send(ServiceCommand::Stop { id: id.to_owned(), reason });
+    }
+
+    /// Ends every capture with `reason`, waits for their outputs to finish, and takes the
+    /// interface down.
+    pub fn shutdown(mut self, reason: StopReason) {
+        self.stop_all(reason);
+    }
+
+    fn stop_all(&mut self, reason: StopReason) {
+        let _ = self.commands.send(ServiceCommand::Shutdown { reason });
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for InterfaceService {
+    fn drop(&mut self) {
+        self.stop_all(StopReason::Interrupted);
+    }
+}
+
+struct Service {
+    runtime: InterfaceRuntime,
+    commands: crossbeam_channel::Receiver<ServiceCommand>,
+    active: Vec<Active>,
+}
+
+impl Service {
+    fn run(mut self) {
+        let mut shutdown = None;
+        let mut last_progress = Instant::now();
+        let mut finishing = Vec::new();
+        loop {
+            while let Ok(command) = self.commands.try_recv() {
+                match command {
+                    ServiceCommand::Start { order, reply } => {
+                        let result = if shutdown.is_some() {
+                            Err(SessionError::ServiceGone)
+                        } else {
+                            self.start(order)
+                        };
+                        let _ = reply.send(result);
+                    }
+                    ServiceCommand::Stop { id, reason } => self.end(|a| a.capture.spec.id == id, reason),
+                    ServiceCommand::Shutdown { reason } => {
+                        shutdown = Some(reason);
+                        self.end(|_| true, reason);
+                    }
+                }
+            }
+            match self.runtime.outputs().recv_timeout(Duration::from_millis(20)) {
+                Ok(Output::Chunk(chunk)) => self.dispatch(chunk),
+                Ok(Output::Done { capture, .. }) => {
+                    if let Some(a) = self.active.iter_mut().find(|a| Arc::ptr_eq(&a.capture, &capture)) {
+                        a.done_queues += 1;
+                    }
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                    log::error!("every writer of {} has stopped", self.runtime.interface());
+                    self.end(|_| true, StopReason::Error);
+                    for a in &mut self.active {
+                        a.done_queues = self.runtime.queues();
+                    }
+                }
+            }
+            self.check_limits();
+            if last_progress.elapsed() >= Duration::from_millis(200) {
+                last_progress = Instant::now();
+                let _ = self.runtime.snapshot();
+                for a in &self.active {
+                    a.publish_progress();
+                }
+            }
+            finishing.extend(self.finish_done());
+            if shutdown.is_some() && self.active.is_empty() {
+                break;
+            }
+        }
+        // Outputs finish (uploads complete) before the interface goes down.
+        for thread in finishing {
+            let _ = thread.join();
+        }
+        let _ = self.runtime.shutdown();
+    }
+
+    fn start(&mut self, order: CaptureOrder) -> Result<Arc<Mutex<Progress>>, SessionError> {
+        let capture = CaptureShared::new(order.spec, order.limits);
+        let header =
+            FileHeader { snaplen: capture.spec.snaplen, linktype: LINKTYPE_ETHERNET, nanos: true }.encode();
+        let out = match order.target {
+            Target::File(path) => Out::File(FileOutput {
+                path,
+                snaplen: capture.spec.snaplen,
+                file: None,
+                packets: 0,
+                bytes: 0,
+            }),
+            Target::Store(store) => Out::Store {
+                output: (store.start)(self.runtime.pool().clone(), &header)?,
+                packets: 0,
+                bytes: 0,
+            },
+        };
+        let start_counters = self.runtime.snapshot()?;
+        let started = Instant::now();
+        let started_tai = TaiClock::now_tai_ns();
+        let slot = self.runtime.start_capture(capture.clone())?;
+        log::info!("capture {} running on {}", capture.spec.id, self.runtime.interface());
+        metrics::gauge!(crate::metrics::CAPTURES_ACTIVE).increment(1.0);
+        let progress = Arc::new(Mutex::new(Progress::default()));
+        self.active.push(Active {
+            capture,
+            slot,
+            out,
+            started,
+            started_tai,
+            start_counters,
+            reason: None,
+            failure: None,
+            done_queues: 0,
+            progress: progress.clone(),
+            on_done: Some(order.on_done),
+        });
+        Ok(progress)
+    }
+
+    fn dispatch(&mut self, chunk: Chunk) {
+        let pool = self.runtime.pool().clone();
+        let Some(a) = self.active.iter_mut().find(|a| Arc::ptr_eq(&a.capture, &chunk.capture)) else {
+            // Its capture has finished: nothing wants it (never expected).
+            chunk.capture.count_dropped(u64::from(chunk.frames));
+            pool.put(chunk.data);
+            return;
+        };
+        if a.failure.is_some() {
+            a.capture.count_dropped(u64::from(chunk.frames));
+            pool.put(chunk.data);
+            return;
+        }
+        if let Err(e) = a.out.write(chunk, &a.capture, &pool) {
+            log::error!("capture {}: {e}", a.capture.spec.id);
+            a.failure = Some(e);
+        }
+    }
+
+    /// Ends the captures `which` selects with `reason` (if still running).
+    fn end(&mut self, which: impl Fn(&Active) -> bool, reason: StopReason) {
+        for i in 0..self.active.len() {
+            if self.active[i].reason.is_none() && which(&self.active[i]) {
+                self.active[i].reason = Some(reason);
+                let slot = self.active[i].slot;
+                if let Err(e) = self.runtime.stop_capture(slot) {
+                    log::error!("stopping capture {}: {e}", self.active[i].capture.spec.id);
+                }
+            }
+        }
+    }
+
+    fn check_limits(&mut self) {
+        for i in 0..self.active.len() {
+            let a = &self.active[i];
+            if a.reason.is_some() {
+                continue;
+            }
+            let failed =
+                a.failure.is_some() || matches!(&a.out, Out::Store { output, .. } if output.has_failed());
+            let reason = if failed {
+                log::error!("capture {}: its output has stopped; ending the capture", a.capture.spec.id);
+                Some(StopReason::Error)
+            } else {
+                check_limits(&a.capture, &a.capture.limits, a.started, a.started_tai)
+            };
+            if let Some(reason) = reason {
+                let id = a.capture.spec.id.clone();
+                self.end(|a| a.capture.spec.id == id, reason);
+            }
+        }
+    }
+
+    /// Hands each capture every queue has finished to a thread that finishes its output and
+    /// reports.
+    fn finish_done(&mut self) -> Vec<std::thread::JoinHandle<()>> {
+        let queues = self.runtime.queues();
+        let mut threads = Vec::new();
+        let mut i = 0;
+        while i < self.active.len() {
+            if self.active[i].done_queues < queues {
+                i += 1;
+                continue;
+            }
+            let mut a = self.active.swap_remove(i);
+            let end_counters = self.runtime.snapshot().unwrap_or_default();
+            let interface = self.runtime.interface().to_owned();
+            let elapsed = a.started.elapsed();
+            metrics::gauge!(crate::metrics::CAPTURES_ACTIVE).decrement(1.0);
+            let reason = a.reason.unwrap_or(StopReason::Stopped);
+            let reason = if a.failure.is_some() { StopReason::Error } else { reason };
+            metrics::counter!(crate::metrics::CAPTURES_ENDED, "reason" => reason.as_str()).increment(1);
+            a.publish_progress();
+            let on_done = a.on_done.take().expect("reported once");
+            let queues: Vec<QueueSummary> = end_counters
+                .iter()
+                .map(|end| {
+                    let start =
+                        a.start_counters.iter().find(|s| s.queue == end.queue).copied().unwrap_or_default();
+                    QueueSummary::delta(&start, end)
+                })
+                .collect();
+            let spawned = std::thread::Builder::new().name("tapstream-finish".into()).spawn(move || {
+                let result = match (a.failure, a.out.finish()) {
+                    (Some(e), _) | (None, Err(e)) => Err(e),
+                    (None, Ok((packets, bytes, outputs))) => Ok(CaptureSummary {
+                        id: a.capture.spec.id.clone(),
+                        interface,
+                        stop_reason: reason,
+                        packets,
+                        bytes,
+                        elapsed_secs: elapsed.as_secs_f64(),
+                        outputs,
+                        dropped_writer: a.capture.dropped(),
+                        dropped_kernel: queues.iter().map(|q| q.xsk_rx_dropped + q.xsk_rx_ring_full).sum(),
+                        redirect_errors: queues.iter().map(|q| q.xdp_redirect_errors).sum(),
+                        truncated: queues.iter().map(|q| q.xdp_truncated).sum(),
+                        queues,
+                    }),
+                };
+                on_done(result);
+            });
+            match spawned {
+                Ok(thread) => threads.push(thread),
+                Err(e) => log::error!("cannot start a thread to finish a capture: {e}"),
+            }
+        }
+        threads
+    }
+}
+
+impl Active {
+    fn publish_progress(&self) {
+        let (packets, bytes) = self.out.stored();
+        let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        *p = Progress {
+            packets,
+            bytes,
+            elapsed_secs: self.started.elapsed().as_secs_f64(),
+            dropped: self.capture.dropped(),
+        };
+    }
+}
+
 /// Runs one capture on `config.interface` until a limit is reached or `stop` is set, into
-/// `target`. `progress` is called about every 200 ms with (packets, bytes, elapsed).
+/// `target` (the one-shot `tapstream capture`). `progress` is called about every 200 ms.
 pub fn run_capture(
     config: InterfaceConfig,
     spec: CaptureSpec,
     limits: Limits,
     target: Target,
     stop: &AtomicBool,
-    mut progress: impl FnMut(u64, u64, Duration),
+    mut progress: impl FnMut(&Progress),
 ) -> Result<CaptureSummary, SessionError> {
-    let mut runtime = InterfaceRuntime::start(config)?;
-    let capture = CaptureShared::new(spec, limits);
-    let queues = runtime.queues();
-    let pool = runtime.pool().clone();
-    let header =
-        FileHeader { snaplen: capture.spec.snaplen, linktype: LINKTYPE_ETHERNET, nanos: true }.encode();
-    let (mut out, description) = match target {
-        Target::File(path) => {
-            let d = path.display().to_string();
-            (
-                Out::File(FileOutput {
-                    path,
-                    snaplen: capture.spec.snaplen,
-                    file: None,
-                    packets: 0,
-                    bytes: 0,
-                }),
-                d,
-            )
-        }
-        Target::Store(store) => (
-            Out::Store { output: (store.start)(pool.clone(), &header)?, packets: 0, bytes: 0 },
-            "the store".into(),
-        ),
-    };
-    let started = Instant::now();
-    let started_tai = TaiClock::now_tai_ns();
-    let slot = runtime.start_capture(capture.clone())?;
-    log::info!("capturing on {} into {description}", runtime.interface());
-    metrics::gauge!(crate::metrics::CAPTURES_ACTIVE).increment(1.0);
-    let mut reason = None;
-    let mut done_queues = 0;
-    let mut last_progress = Instant::now();
-    let outputs = runtime.outputs().clone();
-    let mut failure = None;
-    while done_queues < queues {
-        match outputs.recv_timeout(Duration::from_millis(20)) {
-            Ok(Output::Chunk(chunk)) => {
-                let frames = u64::from(chunk.frames);
-                match &mut out {
-                    _ if failure.is_some() => {
-                        capture.count_dropped(frames);
-                        pool.put(chunk.data);
-                    }
-                    Out::File(file) => {
-                        if let Err(e) = file.write(chunk.frames, &chunk.data) {
-                            capture.count_dropped(frames);
-                            failure = Some(e);
-                            reason.get_or_insert(StopReason::Error);
-                        }
-                        pool.put(chunk.data);
-                    }
-                    Out::Store { output, packets, bytes } => {
-                        let data =
-                            chunk.data.len() as u64 - frames * tapstream_pcap::RECORD_HEADER_LEN as u64;
-                        match output.write(chunk) {
-                            Ok(()) => {
-                                *packets += frames;
-                                *bytes += data;
-                            }
-                            Err(chunk) => {
-                                capture.count_dropped(frames);
-                                pool.put(chunk.data);
-                                reason.get_or_insert(StopReason::Error);
-                            }
-                        }
-                    }
-                }
-            }
-            Ok(Output::Done { capture: done, .. }) if Arc::ptr_eq(&done, &capture) => done_queues += 1,
-            Ok(Output::Done { .. }) => {}
+    let service = InterfaceService::start(config)?;
+    let id = spec.id.clone();
+    let (done_tx, done) = crossbeam_channel::bounded(1);
+    let on_done: OnDone = Box::new(move |result| {
+        let _ = done_tx.send(result);
+    });
+    let shared = service.start_capture(CaptureOrder { spec, limits, target, on_done })?;
+    log::info!("capturing on {}", service.interface());
+    let mut stopping = false;
+    let result = loop {
+        match done.recv_timeout(Duration::from_millis(200)) {
+            Ok(result) => break result,
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
-                log::error!("every writer has stopped");
-                reason.get_or_insert(StopReason::Error);
-                break;
-            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break Err(SessionError::ServiceGone),
         }
-        if reason.is_none() {
-            if matches!(&out, Out::Store { output, .. } if output.has_failed()) {
-                log::error!("the upload has stopped; ending the capture");
-                reason = Some(StopReason::Error);
-            } else {
-                reason = check_limits(&capture, &limits, started, started_tai, stop);
-            }
-            if reason.is_some() {
-                runtime.stop_capture(slot)?;
-            }
+        if !stopping && stop.load(Ordering::Relaxed) {
+            stopping = true;
+            service.stop_capture(&id, StopReason::Stopped);
         }
-        if last_progress.elapsed() >= Duration::from_millis(200) {
-            last_progress = Instant::now();
-            let (p, b) = match &out {
-                Out::File(f) => (f.packets, f.bytes),
-                Out::Store { packets, bytes, .. } => (*packets, *bytes),
-            };
-            progress(p, b, started.elapsed());
-            let _ = runtime.snapshot();
-        }
-    }
-    let elapsed = started.elapsed();
-    metrics::gauge!(crate::metrics::CAPTURES_ACTIVE).decrement(1.0);
-    let ended = reason.unwrap_or(StopReason::Stopped);
-    metrics::counter!(crate::metrics::CAPTURES_ENDED, "reason" => ended.as_str()).increment(1);
-    let interface = runtime.interface().to_owned();
-    let (queues, _) = runtime.shutdown();
-    if let Some(e) = failure {
-        return Err(e);
-    }
-    let (packets, bytes, stored) = match out {
-        Out::File(mut file) => {
-            let stored = file.finish()?;
-            (file.packets, file.bytes, stored.iter().map(|p| p.display().to_string()).collect())
-        }
-        Out::Store { output, packets, bytes } => (packets, bytes, output.finish()?),
+        progress(&shared.lock().unwrap_or_else(|e| e.into_inner()));
     };
-    Ok(CaptureSummary {
-        id: capture.spec.id.clone(),
-        interface,
-        stop_reason: reason.unwrap_or(StopReason::Stopped),
-        packets,
-        bytes,
-        elapsed_secs: elapsed.as_secs_f64(),
-        outputs: stored,
-        dropped_writer: capture.dropped(),
-        dropped_kernel: queues.iter().map(|q| q.xsk.rx_dropped + q.xsk.rx_ring_full).sum(),
-        redirect_errors: queues.iter().map(|q| q.xdp.redirect_errors).sum(),
-        truncated: queues.iter().map(|q| q.xdp.truncated).sum(),
-        queues: queues.iter().map(QueueSummary::from).collect(),
-    })
+    service.shutdown(StopReason::Stopped);
+    result
 }
 
 /// The limit that ends the capture now, if any.
@@ -329,13 +637,9 @@ fn check_limits(
     limits: &Limits,
     started: Instant,
     started_tai: u64,
-    stop: &AtomicBool,
 ) -> Option<StopReason> {
     if let Some(reason) = capture.limit_reached() {
         return Some(reason);
-    }
-    if stop.load(Ordering::Relaxed) {
-        return Some(StopReason::Stopped);
     }
     if limits.duration.is_some_and(|d| started.elapsed() >= d) {
         return Some(StopReason::Duration);

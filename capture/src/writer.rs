@@ -389,6 +389,8 @@ impl WriterState {
             }
             send_waiting(slot, &self.output, &self.pool, &mut counts);
             if slot.stopping && slot.waiting.is_empty() && !slot.done_sent {
+                // The capture's summary reads the socket's counters once every queue is done.
+                *self.stats.kernel.lock().unwrap_or_else(|e| e.into_inner()) = self.socket.stats();
                 let done = Output::Done { capture: slot.capture.clone(), queue: self.socket.queue() };
                 match self.output.try_send(done) {
                     Ok(()) | Err(TrySendError::Disconnected(_)) => slot.done_sent = true,
