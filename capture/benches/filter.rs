@@ -1,0 +1,101 @@
+//! What a filter costs per frame: in the kernel (the generated XDP program, timed by the
+//! kernel with `BPF_PROG_TEST_RUN`), against the same program with no filter; and the same
+//! expressions in user space after the copy (libpcap's interpreter, as a capture tool that
+//! filters after AF_XDP, like Arkime's XDP reader, must do for every frame).
+//!
+//! Each expression is measured 32 times over (in 32 capture slots of one program): the
+//! cost one filter adds per frame is (kernel_x32 - no filter) / 32.
+//!
+//! Frames: a sample of the corpus (every 16th frame of an Ethernet header or more, cut to
+//! the 3520 bytes a test run takes), so each figure is a mean over real traffic.
+//!
+//! Run (as root): `cargo bench -p tapstream --bench filter`
+
+use std::{hint::black_box, time::Duration};
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use tapstream::filter::{CaptureFilter, CbpfProgram, LoadedFilter};
+
+/// The expressions.
+const EXPRESSIONS: &[&str] = &[
+    "tcp port 443 and net 10.0.0.0/8",
+    "vlan and udp",
+    "ip6 and not icmp6",
+    "host 192.168.1.10",
+    "udp portrange 1024-65535",
+    "tcp[tcpflags] & (tcp-syn|tcp-ack) == tcp-syn",
+    "icmp[icmptype] == icmp-echo",
+    "ip[6:2] & 0x1fff != 0",
+    "ip multicast",
+    "ether broadcast",
+    "vlan 100 and vlan 200",
+    "arp or (ip and icmp)",
+    "greater 1000",
+    "mpls and udp",
+];
+
+/// Copies of one expression in the program, so that its cost can be told from the noise.
+const COPIES: usize = 32;
+
+fn sample() -> Vec<Vec<u8>> {
+    tapstream_testenv::corpus_frames()
+        .into_iter()
+        .filter(|f| f.data.len() >= 14)
+        .step_by(16)
+        .map(|f| f.data[..f.data.len().min(3_520)].to_vec())
+        .collect()
+}
+
+/// Mean kernel time per frame of `program` over the sample, `iters` runs in all.
+fn kernel_time(program: &LoadedFilter, frames: &[Vec<u8>], iters: u64) -> Duration {
+    let repeat = (iters / frames.len() as u64).max(1) as u32;
+    let mut total_ns = 0u64;
+    for frame in frames {
+        let run = program.test_run(frame, repeat).expect("test run");
+        total_ns += u64::from(run.duration_ns) * u64::from(repeat);
+    }
+    // Scaled to the `iters` runs criterion asked for.
+    Duration::from_nanos(total_ns * iters / (u64::from(repeat) * frames.len() as u64))
+}
+
+fn filters(c: &mut Criterion) {
+    let frames = sample();
+    let mut group = c.benchmark_group("filter");
+    group.throughput(Throughput::Elements(1));
+    group.measurement_time(Duration::from_secs(3));
+
+    let none = LoadedFilter::load(&[CaptureFilter { slot: 0, filter: None }]).expect("load");
+    group.bench_function(BenchmarkId::new("kernel", "no filter"), |b| {
+        b.iter_custom(|iters| kernel_time(&none, &frames, iters))
+    });
+    let compiled: Vec<CbpfProgram> = EXPRESSIONS.iter().map(|e| CbpfProgram::compile(e).unwrap()).collect();
+    for program in &compiled {
+        // The expression in 32 capture slots: its cost, 32 times over, stands clear of the
+        // test run's own (about 90 ns, and noisy to a few ns).
+        let slots: Vec<CaptureFilter<'_>> =
+            (0..COPIES).map(|slot| CaptureFilter { slot, filter: Some(program) }).collect();
+        let loaded = LoadedFilter::load(&slots).expect("load");
+        group.bench_function(BenchmarkId::new("kernel_x32", program.expression()), |b| {
+            b.iter_custom(|iters| kernel_time(&loaded, &frames, iters))
+        });
+        group.bench_function(BenchmarkId::new("libpcap_user_space", program.expression()), |b| {
+            let mut i = 0;
+            b.iter(|| {
+                let frame = &frames[i % frames.len()];
+                i += 1;
+                black_box(program.matches(black_box(frame), frame.len() as u32))
+            })
+        });
+    }
+    // Every expression at once, one capture each: a busy interface's program.
+    let all: Vec<CaptureFilter<'_>> =
+        compiled.iter().enumerate().map(|(slot, f)| CaptureFilter { slot, filter: Some(f) }).collect();
+    let loaded = LoadedFilter::load(&all).expect("load");
+    group.bench_function(BenchmarkId::new("kernel", "all 14 at once"), |b| {
+        b.iter_custom(|iters| kernel_time(&loaded, &frames, iters))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, filters);
+criterion_main!(benches);
