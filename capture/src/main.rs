@@ -12,18 +12,18 @@ use capture_common::Unmatched;
 use clap::{Args, Parser, Subcommand};
 use tapstream::{
     capture::{CaptureSpec, DEFAULT_SNAPLEN, Limits},
-    compress::Compression,
+    config::Config,
+    control::{CaptureInfo, CaptureRequest, CaptureState, client::Client, server},
+    daemon::Daemon,
     filter::{CaptureFilter, CbpfProgram, LoadedFilter, program::Instructions},
     pipeline::InterfaceConfig,
-    session::{CaptureSummary, StartStore, StoreTarget, Target, run_capture},
+    session::{CaptureSummary, Target, run_capture},
     upload::{
-        Destination,
         dir::DirSink,
-        object::{MIN_PART_BYTES, ObjectOwner, UploadConfig},
         parse_object_url,
         read::read_window,
-        s3::{S3Config, S3Sink},
-        stream::{StoreOptions, StoreOutput},
+        s3::S3Sink,
+        settings::{ObjectLabels, StoreSettings, hostname, object_metadata},
     },
     xdp::AttachMode,
     xsk::ZeroCopy,
@@ -39,8 +39,18 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Capture from an interface until the first limit, into a local PCAP file or a store.
-    Capture(Box<CaptureArgs>),
+    /// Capture from an interface until the first limit, into a local PCAP file or a store
+    /// (`capture -i IF ...`, no daemon needed); or ask the daemon (`capture start|list|
+    /// status|stop|wait`).
+    Capture(Box<CaptureCli>),
+    /// Run the daemon: attach to the configured interfaces and take capture requests on the
+    /// control socket.
+    Daemon(DaemonArgs),
+    /// Check a daemon configuration file: exit 0 if it is valid, else name the wrong field.
+    CheckConfig {
+        /// The configuration file.
+        file: PathBuf,
+    },
     /// Write a stored capture object as PCAP to stdout (for `tshark -r -`), optionally only
     /// the frames of a time window, fetched with ranged GETs.
     Read(Box<ReadArgs>),
@@ -51,9 +61,6 @@ enum Command {
 
 #[derive(Args, Debug)]
 struct CaptureArgs {
-    /// Interface to capture from.
-    #[arg(short, long = "iface", value_name = "IF")]
-    interface: String,
     /// PCAP file to write (nanosecond timestamps).
     #[arg(
         short,
@@ -70,33 +77,6 @@ struct CaptureArgs {
     store: StoreArgs,
     #[command(flatten)]
     objects: ObjectArgs,
-    /// Stop after this many frames.
-    #[arg(short = 'c', long, value_name = "N")]
-    packets: Option<u64>,
-    /// Stop before the stored frame bytes exceed this (suffixes K, M, G, KiB, MiB, GiB).
-    #[arg(long, value_name = "SIZE", value_parser = parse_bytes)]
-    bytes: Option<u64>,
-    /// Stop after this long (e.g. 30s, 5m, 1h).
-    #[arg(long, value_name = "TIME", value_parser = humantime::parse_duration)]
-    duration: Option<Duration>,
-    /// Stop after this long without a frame.
-    #[arg(long, value_name = "TIME", value_parser = humantime::parse_duration)]
-    idle: Option<Duration>,
-    /// Bytes stored per frame at most.
-    #[arg(short, long, default_value_t = DEFAULT_SNAPLEN)]
-    snaplen: u32,
-    /// Capture id (for summaries and object names).
-    #[arg(long, default_value = "capture")]
-    id: String,
-    /// A tag stored in each object's metadata as x-amz-meta-tag-KEY (repeatable).
-    #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = parse_tag)]
-    tags: Vec<(String, String)>,
-    /// The alert that asked for this capture, stored in the objects' metadata.
-    #[arg(long, value_name = "ID")]
-    alert_id: Option<String>,
-    /// The customer the capture is for, stored in the objects' metadata.
-    #[arg(long)]
-    customer: Option<String>,
     /// XDP attach mode.
     #[arg(long, default_value_t = AttachMode::Auto)]
     xdp_mode: AttachMode,
@@ -132,11 +112,120 @@ struct CaptureArgs {
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    request: RequestArgs,
+}
+
+/// What a capture asks, the same for the one-shot and for the daemon.
+#[derive(Args, Debug)]
+struct RequestArgs {
+    /// Interface: the device (one-shot), or an alias or device the daemon is configured with.
+    #[arg(short, long = "iface", value_name = "IF")]
+    interface: Option<String>,
+    /// Stop after this many frames.
+    #[arg(short = 'c', long, value_name = "N")]
+    packets: Option<u64>,
+    /// Stop before the stored frame bytes exceed this (suffixes K, M, G, KiB, MiB, GiB).
+    #[arg(long, value_name = "SIZE", value_parser = parse_bytes)]
+    bytes: Option<u64>,
+    /// Stop after this long (e.g. 30s, 5m, 1h).
+    #[arg(long, value_name = "TIME", value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Stop after this long without a frame.
+    #[arg(long, value_name = "TIME", value_parser = humantime::parse_duration)]
+    idle: Option<Duration>,
+    /// Bytes stored per frame at most (default 262144).
+    #[arg(short, long)]
+    snaplen: Option<u32>,
+    /// Capture id, for summaries and object names (default: `capture` for the one-shot, a
+    /// generated one for the daemon).
+    #[arg(long)]
+    id: Option<String>,
+    /// A tag stored in each object's metadata as x-amz-meta-tag-KEY (repeatable).
+    #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = parse_tag)]
+    tags: Vec<(String, String)>,
+    /// The alert that asked for this capture, stored in the objects' metadata.
+    #[arg(long, value_name = "ID")]
+    alert_id: Option<String>,
+    /// The customer the capture is for, stored in the objects' metadata.
+    #[arg(long)]
+    customer: Option<String>,
     /// tcpdump filter expression, as tcpdump takes it (the remaining words, e.g.
     /// `tcp port 443 and net 10.0.0.0/8`); none captures every frame. It runs in the kernel:
     /// frames it rejects never leave it.
     #[arg(value_name = "EXPR", trailing_var_arg = true)]
     filter: Vec<String>,
+}
+
+impl RequestArgs {
+    fn filter(&self) -> Option<String> {
+        let filter = self.filter.join(" ");
+        (!filter.trim().is_empty()).then_some(filter)
+    }
+}
+
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct CaptureCli {
+    #[command(subcommand)]
+    action: Option<CaptureAction>,
+    #[command(flatten)]
+    oneshot: CaptureArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum CaptureAction {
+    /// Ask the daemon for a capture.
+    Start(Box<StartArgs>),
+    /// Every capture the daemon knows, newest first.
+    List(ClientArgs),
+    /// One capture: state, progress, and its summary once ended.
+    Status(IdArgs),
+    /// End a running capture; its output is finished as for any other end.
+    Stop(IdArgs),
+    /// Wait for a capture to end, then print its summary.
+    Wait(IdArgs),
+}
+
+#[derive(Args, Debug)]
+struct StartArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// Where to store it: one of the daemon's destinations, a place under one, or `local`
+    /// (default: the daemon's first destination).
+    #[arg(long, value_name = "URL")]
+    destination: Option<String>,
+    /// Wait for the capture to end, with a live progress line on a terminal, then print its
+    /// summary.
+    #[arg(long)]
+    wait: bool,
+    #[command(flatten)]
+    request: RequestArgs,
+}
+
+#[derive(Args, Debug)]
+struct ClientArgs {
+    /// The daemon's control socket.
+    #[arg(long, env = "TAPSTREAM_SOCKET", default_value = "/run/tapstream/control.sock")]
+    socket: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct IdArgs {
+    /// The capture id.
+    id: String,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+#[derive(Args, Debug)]
+struct DaemonArgs {
+    /// Configuration file.
+    #[arg(long, value_name = "FILE", default_value = "/etc/tapstream/tapstream.toml")]
+    config: PathBuf,
 }
 
 /// How to reach an S3-compatible store. Credentials come from the AWS default chain
@@ -262,19 +351,18 @@ fn parse_time(s: &str) -> Result<u64, String> {
 }
 
 impl StoreArgs {
-    fn s3(&self, bucket: String) -> S3Config {
-        S3Config {
-            bucket,
-            endpoint: self.s3_endpoint.clone(),
-            region: self.s3_region.clone(),
-            path_style: self.s3_path_style,
+    fn s3(&self, bucket: String) -> tapstream::upload::s3::S3Config {
+        StoreSettings {
+            s3_endpoint: self.s3_endpoint.clone(),
+            s3_region: self.s3_region.clone(),
+            s3_path_style: self.s3_path_style,
             sse: self.sse.clone(),
             sse_kms_key_id: self.sse_kms_key_id.clone(),
             storage_class: self.storage_class.clone(),
             acl: self.acl.clone(),
-            max_attempts: 5,
-            static_credentials: None,
+            ..StoreSettings::default()
         }
+        .s3(bucket)
     }
 }
 
@@ -336,7 +424,12 @@ fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Capture(args) => capture(*args),
+        Command::Capture(cli) => match cli.action {
+            None => capture(cli.oneshot),
+            Some(action) => control(action),
+        },
+        Command::Daemon(args) => daemon(&args.config),
+        Command::CheckConfig { file } => check_config(&file),
         Command::Read(args) => read(*args),
         Command::Filter(FilterCommand::Check { expression, file }) => {
             filter_check(&expression, file.as_deref())
@@ -349,10 +442,14 @@ fn main() {
 }
 
 fn capture(args: CaptureArgs) -> anyhow::Result<()> {
-    if args.snaplen == 0 {
+    let r = &args.request;
+    let Some(interface) = r.interface.clone() else { bail!("give the interface to capture from with -i IF") };
+    let snaplen = r.snaplen.unwrap_or(DEFAULT_SNAPLEN);
+    if snaplen == 0 {
         bail!("--snaplen must be at least 1");
     }
-    let mut config = InterfaceConfig::new(&args.interface);
+    let id = r.id.clone().unwrap_or_else(|| "capture".into());
+    let mut config = InterfaceConfig::new(&interface);
     config.attach = args.xdp_mode;
     config.xsk.frame_size = args.frame_size;
     config.writer.coalesce = args.batch_wait;
@@ -368,18 +465,14 @@ fn capture(args: CaptureArgs) -> anyhow::Result<()> {
     config.queues = args.queues;
     config.cores = args.cores.clone();
     config.unmatched = if args.drop_unmatched { Unmatched::Drop } else { Unmatched::Pass };
-    let filter = args.filter.join(" ");
-    let filter = if filter.trim().is_empty() {
-        None
-    } else {
+    let filter = r.filter();
+    if let Some(filter) = &filter {
         // Checked before anything starts: libpcap's message for a syntax error, the reason for
         // what the kernel cannot run.
-        Instructions::build(&[CaptureFilter { slot: 0, filter: Some(&CbpfProgram::compile(&filter)?) }])?;
-        Some(filter)
-    };
-    let spec = CaptureSpec { id: args.id.clone(), filter, snaplen: args.snaplen };
-    let limits =
-        Limits { packets: args.packets, bytes: args.bytes, duration: args.duration, idle: args.idle };
+        Instructions::build(&[CaptureFilter { slot: 0, filter: Some(&CbpfProgram::compile(filter)?) }])?;
+    }
+    let spec = CaptureSpec { id: id.clone(), filter, snaplen };
+    let limits = Limits { packets: r.packets, bytes: r.bytes, duration: r.duration, idle: r.idle };
 
     if let Some(addr) = args.metrics_listen {
         metrics_exporter_prometheus::PrometheusBuilder::new()
@@ -396,7 +489,7 @@ fn capture(args: CaptureArgs) -> anyhow::Result<()> {
     let tty = std::io::stderr().is_terminal() && !args.json;
     let target = match (&args.write, &args.upload) {
         (Some(path), _) => Target::File(path.clone()),
-        (None, Some(url)) => store_target(&args, url)?,
+        (None, Some(url)) => store_target(&args, url, &id, spec.filter.as_deref())?,
         (None, None) => bail!("give --write FILE or --upload URL"),
     };
     let summary = run_capture(config, spec, limits, target, &stop, |p| {
@@ -404,7 +497,7 @@ fn capture(args: CaptureArgs) -> anyhow::Result<()> {
             eprint!("\r{} packets, {} bytes, {:.1} s   ", p.packets, p.bytes, p.elapsed_secs);
         }
     })
-    .with_context(|| format!("capture on {}", args.interface))?;
+    .with_context(|| format!("capture on {interface}"))?;
     if tty {
         eprintln!();
     }
@@ -416,90 +509,253 @@ fn capture(args: CaptureArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Validates the store options into a target that starts the upload with the capture.
-fn store_target(args: &CaptureArgs, url: &str) -> anyhow::Result<Target> {
-    let o = &args.objects;
-    if o.part_size < MIN_PART_BYTES as u64 {
-        bail!("--part-size must be at least 5MiB (S3's minimum part), not {}", o.part_size);
-    }
-    if o.parts_in_flight == 0 || o.compress_threads == 0 {
-        bail!("--parts-in-flight and --compress-threads must be at least 1");
-    }
-    let compression = match o.compression.as_str() {
-        "none" => Compression::None,
-        level => match level.parse::<i32>() {
-            Ok(l) if (1..=19).contains(&l) => Compression::Zstd { level: l },
-            _ => bail!("--compression must be a zstd level from 1 to 19 or none, not {level:?}"),
-        },
-    };
-    let node = match &o.node {
-        Some(n) => n.clone(),
-        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_owned())
-            .unwrap_or_else(|_| "node".into()),
-    };
-    let destination: Destination = url.parse()?;
-    let prefix = match &destination {
-        Destination::S3 { prefix, .. } => prefix.clone(),
-        Destination::Dir { .. } => String::new(),
-    };
-    let config = UploadConfig {
-        part_bytes: o.part_size as usize,
-        parts_in_flight_per_object: o.parts_in_flight,
-        object_max_bytes: o.rotate_size,
-        object_max_age: o.rotate_age,
+/// The store settings the flags give.
+fn store_settings(args: &CaptureArgs) -> StoreSettings {
+    let (o, st) = (&args.objects, &args.store);
+    StoreSettings {
+        destinations: Vec::new(),
+        s3_endpoint: st.s3_endpoint.clone(),
+        s3_region: st.s3_region.clone(),
+        s3_path_style: st.s3_path_style,
+        sse: st.sse.clone(),
+        sse_kms_key_id: st.sse_kms_key_id.clone(),
+        storage_class: st.storage_class.clone(),
+        acl: st.acl.clone(),
+        part_size_bytes: o.part_size,
+        parts_in_flight: o.parts_in_flight,
+        rotate_size_bytes: o.rotate_size,
+        rotate_age_secs: o.rotate_age.as_secs().max(1),
+        compression: o.compression.clone(),
+        compress_threads: o.compress_threads,
         key_template: o.key_template.clone(),
-        compression,
-        outage_max: o.outage_max,
-    };
-    let owner = ObjectOwner {
-        prefix,
-        node: node.clone(),
-        capture: args.id.clone(),
-        metadata: object_metadata(args, &node)?,
-    };
-    let options = StoreOptions {
-        threads: o.compress_threads,
-        spool_root: o.spool_dir.clone(),
+        spool_dir: o.spool_dir.clone(),
         spool_max_bytes: o.spool_max,
-        memory_chunks: o.upload_queue,
-    };
-    let store = args.store.clone();
-    let start: StartStore = match destination {
-        Destination::S3 { bucket, .. } => Box::new(move |pool, header| {
-            let s3 = store.s3(bucket);
-            StoreOutput::start(
-                || async move { Ok(S3Sink::new(s3).await) },
-                config,
-                owner,
-                header,
-                options,
-                pool,
-            )
-        }),
-        Destination::Dir { path } => Box::new(move |pool, header| {
-            StoreOutput::start(|| async move { DirSink::new(path) }, config, owner, header, options, pool)
-        }),
-    };
-    Ok(Target::Store(StoreTarget { start }))
+        upload_queue: o.upload_queue,
+        outage_max_secs: o.outage_max.as_secs(),
+    }
 }
 
-/// The user metadata stored with every object of the capture; S3 allows 2 KB in all.
-fn object_metadata(args: &CaptureArgs, node: &str) -> anyhow::Result<Vec<(String, String)>> {
-    let mut meta = vec![("capture-id".to_owned(), args.id.clone()), ("node".to_owned(), node.to_owned())];
-    meta.extend(args.alert_id.iter().map(|a| ("alert-id".to_owned(), a.clone())));
-    meta.extend(args.customer.iter().map(|c| ("customer".to_owned(), c.clone())));
-    meta.extend(args.tags.iter().map(|(k, v)| (format!("tag-{k}"), v.clone())));
-    for (k, v) in &meta {
-        if !v.bytes().all(|b| (0x20..0x7f).contains(&b)) {
-            bail!("{k} must be printable ASCII to be stored as object metadata");
+/// Validates the store options into a target that starts the upload with the capture.
+fn store_target(args: &CaptureArgs, url: &str, id: &str, filter: Option<&str>) -> anyhow::Result<Target> {
+    let settings = store_settings(args);
+    if let Err((field, message)) = settings.validate() {
+        bail!("--{}: {message}", flag_of(field));
+    }
+    let node = args.objects.node.clone().unwrap_or_else(hostname);
+    let r = &args.request;
+    let metadata = object_metadata(id, &node, filter, r.alert_id.as_deref(), r.customer.as_deref(), &r.tags)
+        .map_err(anyhow::Error::msg)?;
+    Ok(settings.target(url, ObjectLabels { capture: id.to_owned(), node, metadata })?)
+}
+
+/// The flag that sets a store setting.
+fn flag_of(field: &str) -> String {
+    match field {
+        "part_size_bytes" => "part-size".into(),
+        "rotate_size_bytes" => "rotate-size".into(),
+        "spool_max_bytes" => "spool-max".into(),
+        other => other.replace('_', "-"),
+    }
+}
+
+fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
+    let config = Config::load(file)?;
+    println!(
+        "{}: valid; {} interface(s): {}; {} destination(s)",
+        file.display(),
+        config.interfaces.len(),
+        config.interfaces.iter().map(|(a, i)| format!("{a} ({})", i.device)).collect::<Vec<_>>().join(", "),
+        config.store.destinations.len()
+    );
+    Ok(())
+}
+
+fn daemon(file: &std::path::Path) -> anyhow::Result<()> {
+    let config = Config::load(file)?;
+    if let Some(addr) = &config.daemon.metrics_listen {
+        let addr: std::net::SocketAddr = addr.parse()?;
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .with_context(|| format!("serve metrics on {addr}"))?;
+        tapstream::metrics::register_all();
+        log::info!("metrics at http://{addr}/metrics");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("tapstream-control")
+        .enable_all()
+        .build()?;
+    let (unix, tcp) = runtime.block_on(async {
+        let unix = server::bind_unix(
+            &config.daemon.socket,
+            config.socket_mode(),
+            config.daemon.socket_group.as_deref(),
+        )?;
+        let tcp = match (&config.daemon.tcp_listen, &config.daemon.token_file) {
+            (Some(addr), Some(token_file)) => {
+                let token = server::read_token(token_file)?;
+                let listener =
+                    tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listen on {addr}"))?;
+                Some((listener, token))
+            }
+            _ => None,
+        };
+        anyhow::Ok((unix, tcp))
+    })?;
+    let socket = config.daemon.socket.clone();
+    let daemon = Arc::new(Daemon::start(config)?);
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, stop.clone()).context("install signal handler")?;
+    }
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let server = runtime.spawn(server::serve(daemon.clone(), unix, tcp, shutdown_rx));
+    log::info!("daemon ready: control socket {}", socket.display());
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(500));
+        daemon.save_progress();
+    }
+    log::info!("stopping: running captures end as interrupted, their outputs are finished");
+    let _ = shutdown_tx.send(true);
+    let _ = runtime.block_on(server);
+    let _ = std::fs::remove_file(&socket);
+    // Connections still open hold the daemon; give them a moment, then shut down with it.
+    let mut daemon = daemon;
+    for _ in 0..50 {
+        match Arc::try_unwrap(daemon) {
+            Ok(d) => {
+                d.shutdown();
+                return Ok(());
+            }
+            Err(d) => daemon = d,
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    log::warn!("control connections still open; stopping anyway");
+    Ok(())
+}
+
+fn control(action: CaptureAction) -> anyhow::Result<()> {
+    match action {
+        CaptureAction::Start(args) => {
+            let r = &args.request;
+            let request = CaptureRequest {
+                id: r.id.clone(),
+                interface: r.interface.clone(),
+                filter: r.filter(),
+                snaplen: r.snaplen,
+                packets: r.packets,
+                bytes: r.bytes,
+                duration_secs: r.duration.map(|d| d.as_secs_f64()),
+                idle_timeout_secs: r.idle.map(|d| d.as_secs_f64()),
+                tags: r.tags.iter().cloned().collect(),
+                customer: r.customer.clone(),
+                alert_id: r.alert_id.clone(),
+                destination: args.destination.clone(),
+            };
+            let client = Client::new(&args.client.socket);
+            let info = client.start(&request)?;
+            if !args.wait {
+                return show(&info, args.client.json);
+            }
+            if !args.client.json {
+                eprintln!("capture {} started on {} ({})", info.id, info.interface, info.device);
+            }
+            let info = wait_for(&client, &info.id, !args.client.json && std::io::stderr().is_terminal())?;
+            show(&info, args.client.json)
+        }
+        CaptureAction::List(client_args) => {
+            let all = Client::new(&client_args.socket).list()?;
+            if client_args.json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else {
+                println!(
+                    "{:<28} {:<10} {:<9} {:>10} {:>12}  filter",
+                    "id", "interface", "state", "packets", "bytes"
+                );
+                for c in all {
+                    let state = match (&c.state, &c.summary) {
+                        (_, Some(s)) => s.stop_reason.as_str().to_owned(),
+                        (state, None) => format!("{state:?}").to_lowercase(),
+                    };
+                    println!(
+                        "{:<28} {:<10} {:<9} {:>10} {:>12}  {}",
+                        c.id,
+                        c.interface,
+                        state,
+                        c.progress.packets,
+                        c.progress.bytes,
+                        c.request.filter.as_deref().unwrap_or("")
+                    );
+                }
+            }
+            Ok(())
+        }
+        CaptureAction::Status(a) => show(&Client::new(&a.client.socket).status(&a.id)?, a.client.json),
+        CaptureAction::Stop(a) => {
+            let client = Client::new(&a.client.socket);
+            client.stop(&a.id)?;
+            let info = wait_for(&client, &a.id, false)?;
+            show(&info, a.client.json)
+        }
+        CaptureAction::Wait(a) => {
+            let client = Client::new(&a.client.socket);
+            let info = wait_for(&client, &a.id, !a.client.json && std::io::stderr().is_terminal())?;
+            show(&info, a.client.json)
         }
     }
-    let size: usize = meta.iter().map(|(k, v)| k.len() + v.len()).sum();
-    if size > 2048 {
-        bail!("object metadata (capture id, node, alert id, customer, tags) is {size} bytes; S3 allows 2048");
+}
+
+/// Waits for a capture to end; on a terminal, with a progress line against its limits.
+fn wait_for(client: &Client, id: &str, live: bool) -> anyhow::Result<CaptureInfo> {
+    loop {
+        let info =
+            client.wait(id, if live { Duration::from_millis(500) } else { Duration::from_secs(60) })?;
+        if info.state != CaptureState::Running {
+            if live {
+                eprintln!();
+            }
+            return Ok(info);
+        }
+        if live {
+            eprint!("\r{}   ", progress_line(&info));
+        }
     }
-    Ok(meta)
+}
+
+/// `1234 packets / 10000, 5.6 MB, 12.3 s / 60 s, 0 dropped`.
+fn progress_line(info: &CaptureInfo) -> String {
+    let p = &info.progress;
+    let r = &info.request;
+    let of = |limit: Option<String>| limit.map(|l| format!(" / {l}")).unwrap_or_default();
+    format!(
+        "{} packets{}, {} bytes{}, {:.1} s{}, {} dropped",
+        p.packets,
+        of(r.packets.map(|n| n.to_string())),
+        p.bytes,
+        of(r.bytes.map(|n| n.to_string())),
+        p.elapsed_secs,
+        of(r.duration_secs.map(|d| format!("{d} s"))),
+        p.dropped
+    )
+}
+
+fn show(info: &CaptureInfo, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(info)?);
+        return Ok(());
+    }
+    match (&info.state, &info.summary, &info.error) {
+        (_, Some(summary), _) => print_summary(summary),
+        (CaptureState::Failed, _, Some(error)) => println!("capture {} failed: {error}", info.id),
+        _ => {
+            println!("capture {} running on {} ({})", info.id, info.interface, info.device);
+            println!("  {}", progress_line(info));
+            println!("  into {}", info.location);
+        }
+    }
+    Ok(())
 }
 
 fn filter_check(expression: &str, file: Option<&std::path::Path>) -> anyhow::Result<()> {

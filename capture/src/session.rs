@@ -50,7 +50,7 @@ pub enum SessionError {
 }
 
 /// What a finished capture reports.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct CaptureSummary {
     /// Capture id.
     pub id: String,

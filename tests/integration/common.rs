@@ -31,6 +31,11 @@ impl Running {
 
     /// Starts `tapstream args...` in `ns` with extra environment variables.
     pub fn start_with_env(ns: &Netns, args: &[&str], env: &[(&str, String)]) -> Self {
+        Self::start_until(ns, args, env, "capturing on")
+    }
+
+    /// Starts `tapstream args...` in `ns`; it is ready once its log shows `marker`.
+    pub fn start_until(ns: &Netns, args: &[&str], env: &[(&str, String)], marker: &'static str) -> Self {
         let mut child = ns
             .command(tapstream_bin())
             .args(args)
@@ -46,7 +51,7 @@ impl Running {
         let stderr = std::thread::spawn(move || {
             let mut all = String::new();
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("capturing on") {
+                if line.contains(marker) {
                     let _ = tx.send(());
                 }
                 all.push_str(&line);
@@ -69,6 +74,16 @@ impl Running {
                 panic!("tapstream never became ready ({status}):\n{}", log.join().unwrap_or_default());
             }
         }
+    }
+
+    /// Sends `signal` and waits for the process to exit; returns its log.
+    pub fn signal_and_wait(mut self, signal: i32) -> (std::process::ExitStatus, String) {
+        let mut child = self.child.take().expect("child");
+        // SAFETY: plain kill(2) on our own child, which has not been reaped yet.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let status = child.wait().expect("wait tapstream");
+        let stderr = std::mem::replace(&mut self.stderr, std::thread::spawn(String::new));
+        (status, stderr.join().unwrap_or_default())
     }
 
     /// Waits for the process to exit (it must, by one of its limits) and returns its exit

@@ -10,6 +10,7 @@ pub mod dir;
 pub mod object;
 pub mod read;
 pub mod s3;
+pub mod settings;
 pub mod spool;
 pub mod stream;
 

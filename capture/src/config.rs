@@ -1,0 +1,536 @@
+//! The daemon's configuration file (TOML): `tapstream daemon --config FILE`.
+//!
+//! Every field has a default; the doc comments here are the configuration reference (the
+//! README's table is checked against them by a test). [`Config::load`] parses and validates;
+//! errors name the file and the field (`interfaces.public.ring_size: ...`).
+
+use std::{collections::BTreeMap, path::PathBuf, time::Duration};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{capture::DEFAULT_SNAPLEN, upload::settings::StoreSettings, xdp::AttachMode, xsk::ZeroCopy};
+
+/// Errors in a configuration file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// TOML syntax, an unknown field or a value of the wrong type; `message` names the field
+    /// and the line.
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    /// A value out of range; `field` is its dotted path.
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { field: field.into(), message: message.into() }
+}
+
+/// The whole file.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The daemon itself: control socket, state, metrics.
+    pub daemon: DaemonSection,
+    /// Interfaces to capture from, by alias (e.g. `[interfaces.public]`): a request names the
+    /// alias, so one request works on hosts whose NICs are named differently.
+    pub interfaces: BTreeMap<String, InterfaceSection>,
+    /// Caps on what one request may ask (a request above one is refused, naming it).
+    pub limits: LimitsSection,
+    /// What a request gets for what it leaves out.
+    pub defaults: DefaultsSection,
+    /// Where captures are stored and how objects are cut, compressed and uploaded.
+    pub store: StoreSettings,
+}
+
+/// `[daemon]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DaemonSection {
+    /// Unix socket of the control API (HTTP and JSON). Whoever may open it may start
+    /// captures.
+    pub socket: PathBuf,
+    /// Group that owns the socket (its members may start captures); none: the daemon's.
+    pub socket_group: Option<String>,
+    /// Permissions of the socket, in octal.
+    pub socket_mode: String,
+    /// Also serve the control API over TCP at this address (e.g. `127.0.0.1:9465`); every
+    /// request must then carry `Authorization: Bearer <token>`.
+    pub tcp_listen: Option<String>,
+    /// File holding the bearer token for `tcp_listen` (required with it; never put the token
+    /// in this file).
+    pub token_file: Option<PathBuf>,
+    /// Directory where the state of captures is kept, so it survives a restart.
+    pub state_dir: PathBuf,
+    /// Serve Prometheus metrics at `http://ADDR/metrics` (e.g. `127.0.0.1:9464`).
+    pub metrics_listen: Option<String>,
+    /// This host's name in object keys and metadata; default: the hostname.
+    pub node: Option<String>,
+}
+
+impl Default for DaemonSection {
+    fn default() -> Self {
+        Self {
+            socket: "/run/tapstream/control.sock".into(),
+            socket_group: None,
+            socket_mode: "0660".into(),
+            tcp_listen: None,
+            token_file: None,
+            state_dir: "/var/lib/tapstream".into(),
+            metrics_listen: None,
+            node: None,
+        }
+    }
+}
+
+/// `[interfaces.<alias>]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InterfaceSection {
+    /// The network device (e.g. `eth1`).
+    pub device: String,
+    /// RX queues to capture; default: all the device has.
+    pub queues: Option<u32>,
+    /// Cores to pin the writers to, one per queue in order (wrapping); empty: unpinned.
+    pub cores: Vec<usize>,
+    /// XDP attach mode: `auto` (native, else generic), `native` or `generic`.
+    pub attach: AttachMode,
+    /// AF_XDP zero-copy: `auto` (try, then copy), `required` or `off`.
+    pub zero_copy: ZeroCopy,
+    /// UMEM frame size: 2048 or 4096 (longer frames are cut and counted).
+    pub frame_size_bytes: u32,
+    /// Entries of each socket's RX and fill rings (a power of two); the UMEM holds half as
+    /// many frames per queue.
+    pub ring_size: u32,
+    /// How long a writer that found only a few frames waits for more, in microseconds.
+    pub batch_wait_us: u64,
+    /// Drop the frames no capture wants (`true`, usual on a tap host) instead of passing
+    /// them to the kernel stack.
+    pub drop_unmatched: bool,
+    /// Bytes per chunk buffer.
+    pub chunk_bytes: usize,
+    /// Chunk buffers in all (memory: `chunk_bytes * chunk_buffers`).
+    pub chunk_buffers: usize,
+}
+
+impl Default for InterfaceSection {
+    fn default() -> Self {
+        Self {
+            device: String::new(),
+            queues: None,
+            cores: Vec::new(),
+            attach: AttachMode::Auto,
+            zero_copy: ZeroCopy::Auto,
+            frame_size_bytes: 4096,
+            ring_size: 8192,
+            batch_wait_us: 1000,
+            drop_unmatched: true,
+            chunk_bytes: 1 << 20,
+            chunk_buffers: 64,
+        }
+    }
+}
+
+/// `[limits]`: server-side caps.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsSection {
+    /// Longest duration a request may ask, in seconds.
+    pub max_duration_secs: u64,
+    /// Most frame bytes a request may ask to store.
+    pub max_bytes: u64,
+    /// Most frames a request may ask to store.
+    pub max_packets: u64,
+    /// Most captures running at once (on all interfaces; at most 64 per interface).
+    pub max_concurrent_captures: usize,
+    /// Largest snaplen a request may ask.
+    pub max_snaplen: u32,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        Self {
+            max_duration_secs: 3600,
+            max_bytes: 10_000_000_000,
+            max_packets: 100_000_000,
+            max_concurrent_captures: 16,
+            max_snaplen: DEFAULT_SNAPLEN,
+        }
+    }
+}
+
+/// `[defaults]`: what a request gets for what it leaves out.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DefaultsSection {
+    /// Bytes stored per frame.
+    pub snaplen: u32,
+    /// Duration of a capture that names no duration, in seconds (every capture is bounded).
+    pub duration_secs: u64,
+    /// Idle timeout of a capture that names none, in seconds; 0: none.
+    pub idle_timeout_secs: u64,
+}
+
+impl Default for DefaultsSection {
+    fn default() -> Self {
+        Self { snaplen: DEFAULT_SNAPLEN, duration_secs: 60, idle_timeout_secs: 0 }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates `path`.
+    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates `text` (read from `path`, for messages).
+    pub fn parse(text: &str, path: &std::path::Path) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every value; the error names the first field that is wrong.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let d = &self.daemon;
+        if d.socket.as_os_str().is_empty() {
+            return Err(invalid("daemon.socket", "must be a path"));
+        }
+        u32::from_str_radix(d.socket_mode.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .ok_or_else(|| {
+                invalid(
+                    "daemon.socket_mode",
+                    format!("{:?} is not an octal mode such as \"0660\"", d.socket_mode),
+                )
+            })?;
+        if d.tcp_listen.is_some() && d.token_file.is_none() {
+            return Err(invalid(
+                "daemon.token_file",
+                "is required with daemon.tcp_listen (the TCP API needs a bearer token)",
+            ));
+        }
+        if let Some(addr) = &d.tcp_listen {
+            addr.parse::<std::net::SocketAddr>()
+                .map_err(|e| invalid("daemon.tcp_listen", format!("{addr:?}: {e}")))?;
+        }
+        if let Some(addr) = &d.metrics_listen {
+            addr.parse::<std::net::SocketAddr>()
+                .map_err(|e| invalid("daemon.metrics_listen", format!("{addr:?}: {e}")))?;
+        }
+        if self.interfaces.is_empty() {
+            return Err(invalid(
+                "interfaces",
+                "at least one interface is needed, e.g. [interfaces.capture] device = \"eth1\"",
+            ));
+        }
+        let mut devices = std::collections::HashSet::new();
+        for (alias, i) in &self.interfaces {
+            let field = |name: &str| format!("interfaces.{alias}.{name}");
+            if i.device.is_empty() {
+                return Err(invalid(field("device"), "is required (the network device, e.g. \"eth1\")"));
+            }
+            if !devices.insert(&i.device) {
+                return Err(invalid(
+                    field("device"),
+                    format!("{} is already captured under another alias", i.device),
+                ));
+            }
+            if ![2048, 4096].contains(&i.frame_size_bytes) {
+                return Err(invalid(
+                    field("frame_size_bytes"),
+                    format!("{} is not 2048 or 4096", i.frame_size_bytes),
+                ));
+            }
+            if !i.ring_size.is_power_of_two() || !(64..=1 << 20).contains(&i.ring_size) {
+                return Err(invalid(
+                    field("ring_size"),
+                    format!("{} is not a power of two from 64 to 1048576", i.ring_size),
+                ));
+            }
+            if i.queues == Some(0) {
+                return Err(invalid(field("queues"), "must be at least 1"));
+            }
+            if i.chunk_bytes < 64 * 1024 || i.chunk_buffers < 2 {
+                return Err(invalid(field("chunk_bytes"), "chunks need at least 64 KiB each and 2 buffers"));
+            }
+        }
+        let l = &self.limits;
+        if l.max_concurrent_captures == 0 || l.max_concurrent_captures > capture_common::MAX_CAPTURES {
+            return Err(invalid(
+                "limits.max_concurrent_captures",
+                format!("{} is not from 1 to {}", l.max_concurrent_captures, capture_common::MAX_CAPTURES),
+            ));
+        }
+        if l.max_snaplen == 0 {
+            return Err(invalid("limits.max_snaplen", "must be at least 1"));
+        }
+        let def = &self.defaults;
+        if def.snaplen == 0 || def.snaplen > l.max_snaplen {
+            return Err(invalid(
+                "defaults.snaplen",
+                format!("{} is not from 1 to limits.max_snaplen = {}", def.snaplen, l.max_snaplen),
+            ));
+        }
+        if def.duration_secs == 0 || def.duration_secs > l.max_duration_secs {
+            return Err(invalid(
+                "defaults.duration_secs",
+                format!(
+                    "{} is not from 1 to limits.max_duration_secs = {}",
+                    def.duration_secs, l.max_duration_secs
+                ),
+            ));
+        }
+        self.store.validate().map_err(|(field, message)| invalid(format!("store.{field}"), message))
+    }
+
+    /// The interface a request names: an alias, or a device name. Returns the alias.
+    pub fn interface(&self, name: &str) -> Option<(&str, &InterfaceSection)> {
+        self.interfaces
+            .get_key_value(name)
+            .or_else(|| self.interfaces.iter().find(|(_, i)| i.device == name))
+            .map(|(alias, i)| (alias.as_str(), i))
+    }
+
+    /// The socket's permission bits (validated).
+    pub fn socket_mode(&self) -> u32 {
+        u32::from_str_radix(self.daemon.socket_mode.trim_start_matches("0o"), 8).unwrap_or(0o660)
+    }
+}
+
+impl InterfaceSection {
+    /// The pipeline settings for this interface.
+    pub fn pipeline(&self) -> crate::pipeline::InterfaceConfig {
+        let mut config = crate::pipeline::InterfaceConfig::new(&self.device);
+        config.attach = self.attach;
+        config.queues = self.queues;
+        config.cores = self.cores.clone();
+        config.xsk.frame_size = self.frame_size_bytes;
+        config.xsk.zero_copy = self.zero_copy;
+        config.xsk.rx_ring_size = self.ring_size;
+        config.xsk.fill_ring_size = self.ring_size;
+        config.xsk.fill_frames = self.ring_size / 2;
+        config.xsk.umem_frames = self.ring_size / 2;
+        config.writer.coalesce = Duration::from_micros(self.batch_wait_us);
+        config.unmatched = if self.drop_unmatched {
+            capture_common::Unmatched::Drop
+        } else {
+            capture_common::Unmatched::Pass
+        };
+        config.chunk_bytes = self.chunk_bytes;
+        config.chunk_buffers = self.chunk_buffers;
+        config
+    }
+}
+
+/// What a request asks, as the caps see it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Asked {
+    pub duration_secs: u64,
+    pub bytes: Option<u64>,
+    pub packets: Option<u64>,
+    pub snaplen: u32,
+    /// Captures running now.
+    pub running: usize,
+}
+
+/// A request above a cap.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{what} {asked} exceeds the server's {cap} = {limit}")]
+pub struct CapExceeded {
+    pub what: &'static str,
+    pub asked: u64,
+    pub cap: &'static str,
+    pub limit: u64,
+}
+
+impl LimitsSection {
+    /// Refuses what a request asks above a cap, naming the cap.
+    pub fn check(&self, asked: &Asked) -> Result<(), CapExceeded> {
+        let checks = [
+            ("duration (s)", Some(asked.duration_secs), "limits.max_duration_secs", self.max_duration_secs),
+            ("byte limit", asked.bytes, "limits.max_bytes", self.max_bytes),
+            ("packet limit", asked.packets, "limits.max_packets", self.max_packets),
+            ("snaplen", Some(u64::from(asked.snaplen)), "limits.max_snaplen", u64::from(self.max_snaplen)),
+        ];
+        for (what, value, cap, limit) in checks {
+            if let Some(value) = value
+                && value > limit
+            {
+                return Err(CapExceeded { what, asked: value, cap, limit });
+            }
+        }
+        if asked.running >= self.max_concurrent_captures {
+            return Err(CapExceeded {
+                what: "concurrent captures",
+                asked: asked.running as u64 + 1,
+                cap: "limits.max_concurrent_captures",
+                limit: self.max_concurrent_captures as u64,
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../../config/tapstream.toml");
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, std::path::Path::new("test.toml"))
+    }
+
+    #[test]
+    fn the_shipped_config_is_valid() {
+        let config = parse(EXAMPLE).unwrap();
+        assert!(config.interface("capture").is_some());
+    }
+
+    /// Each public field of `strukt` in `source` with its doc comment, joined into one line.
+    fn documented_fields(source: &str, strukt: &str) -> Vec<(String, String)> {
+        let start = source.find(&format!("pub struct {strukt} {{")).expect("struct in source");
+        let body = &source[start..start + source[start..].find("\n}\n").expect("end of struct")];
+        let mut out = Vec::new();
+        let mut doc = Vec::new();
+        for line in body.lines().skip(1).map(str::trim) {
+            if let Some(d) = line.strip_prefix("///") {
+                doc.push(d.trim());
+            } else if let Some(field) = line.strip_prefix("pub ") {
+                let name = field.split(':').next().unwrap().to_owned();
+                out.push((name, doc.join(" ")));
+                doc.clear();
+            } else if !line.starts_with('#') {
+                doc.clear();
+            }
+        }
+        out
+    }
+
+    /// Every field of every section: its dotted path and its doc comment.
+    fn all_fields() -> Vec<(String, String)> {
+        let config = include_str!("config.rs");
+        let settings = include_str!("upload/settings.rs");
+        let mut out = Vec::new();
+        for (section, source, strukt) in [
+            ("daemon", config, "DaemonSection"),
+            ("interfaces.<alias>", config, "InterfaceSection"),
+            ("limits", config, "LimitsSection"),
+            ("defaults", config, "DefaultsSection"),
+            ("store", settings, "StoreSettings"),
+        ] {
+            for (name, doc) in documented_fields(source, strukt) {
+                out.push((format!("{section}.{name}"), doc));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_field_is_in_the_shipped_config_and_the_readme_with_its_docs() {
+        let readme = include_str!("../../README.md");
+        let fields = all_fields();
+        // The structs as serde sees them have exactly these fields.
+        let mut config = Config::default();
+        config.interfaces.insert("a".into(), InterfaceSection::default());
+        let value = toml::Value::try_from(&config).unwrap();
+        let count = |t: &toml::Value| t.as_table().map_or(0, |t| t.len());
+        let serde_fields =
+            ["daemon", "limits", "defaults", "store"].iter().map(|s| count(&value[s])).sum::<usize>()
+                + count(&value["interfaces"]["a"]);
+        // Optional fields left unset are not serialized; count them from the sources.
+        let unset = fields.iter().filter(|(f, _)| value_at(&value, f).is_none()).count();
+        assert_eq!(serde_fields + unset, fields.len(), "every serde field has a doc comment");
+        assert!(fields.len() > 40, "{fields:?}");
+        for (field, doc) in fields {
+            assert!(!doc.is_empty(), "{field} has no doc comment");
+            let key = field.rsplit('.').next().unwrap();
+            assert!(
+                EXAMPLE
+                    .lines()
+                    .any(|l| l.trim_start_matches('#').trim_start().starts_with(&format!("{key} ="))),
+                "config/tapstream.toml does not show {field}"
+            );
+            let row = format!("| `{field}` | {doc} |");
+            assert!(readme.contains(&row), "README.md's configuration reference lacks the row\n{row}");
+        }
+    }
+
+    fn value_at<'a>(value: &'a toml::Value, field: &str) -> Option<&'a toml::Value> {
+        let path = field.replace("<alias>", "a");
+        path.split('.').try_fold(value, |v, k| v.get(k))
+    }
+
+    #[test]
+    fn unknown_fields_and_credentials_are_refused_by_name() {
+        let err = parse("[store]\naccess_key = \"AKIA\"\n").unwrap_err().to_string();
+        assert!(err.contains("test.toml") && err.contains("access_key") && err.contains("line 2"), "{err}");
+        let err = parse("[daemon]\nsocket_mode = 660\n").unwrap_err().to_string();
+        assert!(err.contains("socket_mode"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        let base = "[interfaces.public]\ndevice = \"eth1\"\n";
+        let cases = [
+            ("[interfaces.public]\ndevice = \"eth1\"\nring_size = 1000\n", "interfaces.public.ring_size"),
+            (
+                "[interfaces.public]\ndevice = \"eth1\"\nframe_size_bytes = 3000\n",
+                "interfaces.public.frame_size_bytes",
+            ),
+            ("[interfaces.public]\n", "interfaces.public.device"),
+            ("[interfaces.a]\ndevice = \"eth1\"\n[interfaces.b]\ndevice = \"eth1\"\n", "interfaces.b.device"),
+            ("", "interfaces"),
+        ];
+        for (text, field) in cases {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.starts_with(field), "{text:?}: {err}");
+        }
+        for (extra, field) in [
+            ("[daemon]\ntcp_listen = \"127.0.0.1:9\"\n", "daemon.token_file"),
+            ("[daemon]\nsocket_mode = \"999\"\n", "daemon.socket_mode"),
+            ("[limits]\nmax_concurrent_captures = 65\n", "limits.max_concurrent_captures"),
+            ("[defaults]\nduration_secs = 7200\n", "defaults.duration_secs"),
+            ("[store]\npart_size_bytes = 1000\n", "store.part_size_bytes"),
+            ("[store]\ncompression = \"fast\"\n", "store.compression"),
+            ("[store]\ndestinations = [\"ftp://x\"]\n", "store.destinations"),
+        ] {
+            let err = parse(&format!("{base}{extra}")).unwrap_err().to_string();
+            assert!(err.starts_with(field), "{extra:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn caps_name_the_cap() {
+        let limits = LimitsSection::default();
+        let ok = Asked { duration_secs: 60, snaplen: 128, ..Default::default() };
+        assert!(limits.check(&ok).is_ok());
+        let err = limits.check(&Asked { duration_secs: 7200, ..ok }).unwrap_err().to_string();
+        assert_eq!(err, "duration (s) 7200 exceeds the server's limits.max_duration_secs = 3600");
+        let err = limits.check(&Asked { packets: Some(1 << 40), ..ok }).unwrap_err().to_string();
+        assert!(err.contains("limits.max_packets"), "{err}");
+        let err = limits.check(&Asked { running: 16, ..ok }).unwrap_err().to_string();
+        assert!(err.contains("limits.max_concurrent_captures = 16"), "{err}");
+    }
+
+    #[test]
+    fn an_interface_is_found_by_alias_or_device() {
+        let config = parse("[interfaces.public]\ndevice = \"eth1\"\n").unwrap();
+        assert_eq!(config.interface("public").unwrap().0, "public");
+        assert_eq!(config.interface("eth1").unwrap().0, "public");
+        assert!(config.interface("eth2").is_none());
+    }
+}

@@ -1,0 +1,129 @@
+//! The control API: how operators ask the daemon for captures.
+//!
+//! HTTP and JSON on a Unix socket (whose permissions decide who may ask), optionally also on
+//! TCP with a bearer token. Routes:
+//!
+//! | Method and path                            | Does                                     |
+//! |--------------------------------------------|------------------------------------------|
+//! | `POST /v1/captures` (a [`CaptureRequest`]) | starts a capture; 201 and its [`CaptureInfo`] |
+//! | `GET /v1/captures`                         | every capture the daemon knows           |
+//! | `GET /v1/captures/{id}`                    | one capture                              |
+//! | `POST /v1/captures/{id}/stop`              | ends a running capture                   |
+//! | `GET /v1/captures/{id}/wait?timeout_secs=N`| returns once it has ended, or after N s  |
+//!
+//! Errors are `{"error": "..."}` with 400 (malformed or invalid request), 401 (TCP without
+//! the token), 403 (above a server cap, or a destination not allowed), 404 (no such
+//! capture), 409 (id taken) or 500.
+
+pub mod client;
+pub mod server;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::session::{CaptureSummary, Progress};
+
+/// A request for a capture. Everything but the bounds is optional; the daemon's
+/// `[defaults]` fill in what is left out, and its `[limits]` cap what is asked.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CaptureRequest {
+    /// Capture id (letters, digits, `.`, `_`, `-`); default: generated.
+    pub id: Option<String>,
+    /// Interface alias (from the configuration) or device name; default: the only
+    /// configured interface.
+    pub interface: Option<String>,
+    /// tcpdump filter expression; none: every frame.
+    pub filter: Option<String>,
+    /// Bytes stored per frame at most.
+    pub snaplen: Option<u32>,
+    /// Stop after this many frames (exact).
+    pub packets: Option<u64>,
+    /// Stop before the stored frame bytes exceed this (exact).
+    pub bytes: Option<u64>,
+    /// Stop after this many seconds.
+    pub duration_secs: Option<f64>,
+    /// Stop after this many seconds without a frame.
+    pub idle_timeout_secs: Option<f64>,
+    /// Tags stored in the objects' metadata.
+    pub tags: BTreeMap<String, String>,
+    /// The customer the capture is for.
+    pub customer: Option<String>,
+    /// The alert that asked for the capture.
+    pub alert_id: Option<String>,
+    /// Where to store it: one of the configured destinations or a place under one, or
+    /// `local` (the first local directory); default: the first destination.
+    pub destination: Option<String>,
+}
+
+/// Where a capture is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CaptureState {
+    /// Capturing.
+    Running,
+    /// Ended (see the summary's stop reason).
+    Finished,
+    /// Ended without a summary (see `error`).
+    Failed,
+}
+
+/// What the daemon knows of a capture.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CaptureInfo {
+    /// Capture id.
+    pub id: String,
+    /// Interface alias.
+    pub interface: String,
+    /// Network device.
+    pub device: String,
+    /// The request as the daemon completed it (defaults filled in).
+    pub request: CaptureRequest,
+    /// Where its objects go (URL prefix).
+    pub location: String,
+    /// Start time, ns since the Unix epoch.
+    pub started_ns: u64,
+    /// The user id that asked (from the socket's peer credentials), if known.
+    pub requested_by: Option<u32>,
+    /// Running, finished or failed.
+    pub state: CaptureState,
+    /// Packets, bytes, elapsed time and drops so far.
+    pub progress: Progress,
+    /// The final report, once finished.
+    pub summary: Option<CaptureSummary>,
+    /// Why it failed, if it did.
+    pub error: Option<String>,
+}
+
+/// An error reply.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorReply {
+    pub error: String,
+}
+
+/// A refused or failed request: an HTTP status and a message a user can act on.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    pub status: u16,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self { status: 400, message: message.into() }
+    }
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self { status: 403, message: message.into() }
+    }
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self { status: 404, message: message.into() }
+    }
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self { status: 409, message: message.into() }
+    }
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self { status: 500, message: message.into() }
+    }
+}

@@ -1,0 +1,284 @@
+//! The control API's HTTP server: a Unix socket (its permissions decide who may ask) and
+//! optionally a TCP listener that requires a bearer token.
+
+use std::{convert::Infallible, path::Path, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper::{
+    Method, Request, Response, StatusCode, body::Incoming, server::conn::http1, service::service_fn,
+};
+use hyper_util::rt::TokioIo;
+use tokio::sync::watch;
+
+use super::{ApiError, CaptureRequest, ErrorReply};
+use crate::daemon::Daemon;
+
+/// Largest request body accepted.
+const MAX_BODY: usize = 64 * 1024;
+/// Longest a `wait` may block.
+const MAX_WAIT: Duration = Duration::from_secs(300);
+
+/// Errors setting up the listeners.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {path}")]
+    Bind {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("another daemon is listening on {path}")]
+    InUse { path: String },
+    #[error("no group named {group:?} (daemon.socket_group)")]
+    NoGroup { group: String },
+    #[error("cannot set the owner or mode of {path}")]
+    Permissions {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read the bearer token from {path}")]
+    Token {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the bearer token file {path} is empty")]
+    EmptyToken { path: String },
+}
+
+/// Who is on the other end of a connection.
+#[derive(Clone, Debug)]
+enum Peer {
+    /// A local user (uid from the socket's peer credentials).
+    Unix { uid: Option<u32> },
+    /// A TCP client: it must present the token.
+    Tcp { token: Arc<String> },
+}
+
+/// Binds the control socket: a stale socket file is replaced; one a live daemon answers on
+/// is not. The socket gets `mode` and, if given, `group`.
+pub fn bind_unix(
+    path: &Path,
+    mode: u32,
+    group: Option<&str>,
+) -> Result<tokio::net::UnixListener, ServerError> {
+    let shown = path.display().to_string();
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(ServerError::InUse { path: shown });
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|source| ServerError::Bind { path: shown.clone(), source })?;
+    }
+    let listener = tokio::net::UnixListener::bind(path)
+        .map_err(|source| ServerError::Bind { path: shown.clone(), source })?;
+    let gid = match group {
+        Some(name) => Some(group_id(name).ok_or_else(|| ServerError::NoGroup { group: name.to_owned() })?),
+        None => None,
+    };
+    if let Some(gid) = gid {
+        std::os::unix::fs::chown(path, None, Some(gid))
+            .map_err(|source| ServerError::Permissions { path: shown.clone(), source })?;
+    }
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|source| ServerError::Permissions { path: shown, source })?;
+    Ok(listener)
+}
+
+/// Reads the bearer token for the TCP listener.
+pub fn read_token(path: &Path) -> Result<String, ServerError> {
+    let shown = path.display().to_string();
+    let token =
+        std::fs::read_to_string(path).map_err(|source| ServerError::Token { path: shown.clone(), source })?;
+    let token = token.trim().to_owned();
+    if token.is_empty() {
+        return Err(ServerError::EmptyToken { path: shown });
+    }
+    Ok(token)
+}
+
+fn group_id(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: `c` is a valid C string; getgrnam returns null or a pointer to static storage
+    // that is read at once, before any other call could overwrite it.
+    let group = unsafe { libc::getgrnam(c.as_ptr()) };
+    // SAFETY: non-null pointers from getgrnam point at a valid `struct group`.
+    (!group.is_null()).then(|| unsafe { (*group).gr_gid })
+}
+
+/// Serves the API until `shutdown` turns true.
+pub async fn serve(
+    daemon: Arc<Daemon>,
+    unix: tokio::net::UnixListener,
+    tcp: Option<(tokio::net::TcpListener, String)>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let token = tcp.as_ref().map(|(_, t)| Arc::new(t.clone()));
+    let (tcp_listener, token) = match (tcp, token) {
+        (Some((l, _)), Some(t)) => (Some(l), Some(t)),
+        _ => (None, None),
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            accepted = unix.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let uid = stream.peer_cred().ok().map(|c| c.uid());
+                    spawn_connection(daemon.clone(), stream, Peer::Unix { uid });
+                }
+                Err(e) => log::warn!("control socket: {e}"),
+            },
+            accepted = async { tcp_listener.as_ref().expect("checked").accept().await }, if tcp_listener.is_some() => {
+                match accepted {
+                    Ok((stream, _)) => {
+                        let token = token.clone().expect("set with the listener");
+                        spawn_connection(daemon.clone(), stream, Peer::Tcp { token });
+                    }
+                    Err(e) => log::warn!("control TCP listener: {e}"),
+                }
+            }
+        }
+    }
+}
+
+fn spawn_connection<S>(daemon: Arc<Daemon>, stream: S, peer: Peer)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        let service = service_fn(move |request| handle(daemon.clone(), request, peer.clone()));
+        if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+            log::debug!("control connection: {e}");
+        }
+    });
+}
+
+async fn handle(
+    daemon: Arc<Daemon>,
+    request: Request<Incoming>,
+    peer: Peer,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let reply = match route(daemon, request, &peer).await {
+        Ok((status, body)) => response(status, body),
+        Err(e) => {
+            let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let body = serde_json::to_vec(&ErrorReply { error: e.message }).unwrap_or_default();
+            response(status, body)
+        }
+    };
+    Ok(reply)
+}
+
+fn response(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
+    response
+}
+
+/// Whether `presented` equals `token`, in time that does not depend on where they differ.
+fn token_matches(presented: &[u8], token: &[u8]) -> bool {
+    presented.len() == token.len() && presented.iter().zip(token).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+}
+
+async fn route(
+    daemon: Arc<Daemon>,
+    request: Request<Incoming>,
+    peer: &Peer,
+) -> Result<(StatusCode, Vec<u8>), ApiError> {
+    let requested_by = match peer {
+        Peer::Unix { uid } => *uid,
+        Peer::Tcp { token } => {
+            let presented = request
+                .headers()
+                .get(hyper::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or("");
+            if !token_matches(presented.as_bytes(), token.as_bytes()) {
+                return Err(ApiError { status: 401, message: "a valid bearer token is required".into() });
+            }
+            None
+        }
+    };
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let query = request.uri().query().unwrap_or("").to_owned();
+    let body = Limited::new(request.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| {
+            ApiError::bad_request(format!("cannot read the request body (at most {MAX_BODY} bytes): {e}"))
+        })?
+        .to_bytes();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let json = |value: &dyn erased::Json| value.to_json();
+    match (&method, segments.as_slice()) {
+        (&Method::POST, ["v1", "captures"]) => {
+            let request: CaptureRequest = serde_json::from_slice(&body)
+                .map_err(|e| ApiError::bad_request(format!("malformed capture request: {e}")))?;
+            let info = blocking(move || daemon.start_capture(request, requested_by)).await?;
+            Ok((StatusCode::CREATED, json(&info)))
+        }
+        (&Method::GET, ["v1", "captures"]) => Ok((StatusCode::OK, json(&daemon.list()))),
+        (&Method::GET, ["v1", "captures", id]) => Ok((StatusCode::OK, json(&daemon.get(id)?))),
+        (&Method::POST, ["v1", "captures", id, "stop"]) => {
+            Ok((StatusCode::OK, json(&daemon.stop_capture(id)?)))
+        }
+        (&Method::GET, ["v1", "captures", id, "wait"]) => {
+            let timeout = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("timeout_secs="))
+                .map(|v| {
+                    v.parse::<f64>()
+                        .map_err(|_| ApiError::bad_request(format!("timeout_secs={v} is not a number")))
+                })
+                .transpose()?
+                .map(|s| Duration::from_secs_f64(s.clamp(0.0, MAX_WAIT.as_secs_f64())))
+                .unwrap_or(Duration::from_secs(30));
+            let id = (*id).to_owned();
+            let info = blocking(move || daemon.wait(&id, timeout)).await?;
+            Ok((StatusCode::OK, json(&info)))
+        }
+        _ => Err(ApiError::not_found(format!("no route {method} {path}"))),
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::internal(e.to_string()))?
+}
+
+mod erased {
+    /// Serializes any reply body.
+    pub trait Json {
+        fn to_json(&self) -> Vec<u8>;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn to_json(&self) -> Vec<u8> {
+            serde_json::to_vec(self).unwrap_or_default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(token_matches(b"secret", b"secret"));
+        assert!(!token_matches(b"secreT", b"secret"));
+        assert!(!token_matches(b"secret1", b"secret"));
+        assert!(!token_matches(b"", b"secret"));
+    }
+}

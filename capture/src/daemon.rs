@@ -1,0 +1,513 @@
+//! The daemon: the configured interfaces at work, and the captures operators ask for.
+//!
+//! Each capture's state is a JSON file in `<state_dir>/captures/`, written when it starts,
+//! about every second while it runs, and when it ends, so a restarted daemon still reports
+//! it. A capture that was running when the daemon went away without stopping it (killed, a
+//! crash, power) is reported as interrupted; what reached the store before stays there.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::PathBuf,
+    sync::{Arc, Condvar, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
+
+use crate::{
+    capture::{CaptureSpec, Limits, StopReason},
+    config::{Asked, Config},
+    control::{ApiError, CaptureInfo, CaptureRequest, CaptureState},
+    filter::{CaptureFilter, CbpfProgram, program::Instructions},
+    session::{CaptureOrder, CaptureSummary, InterfaceService, OnDone, Progress, SessionError},
+    upload::settings::{ObjectLabels, hostname, object_metadata},
+};
+
+/// Errors starting the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot use the state directory {path}")]
+    State {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start capturing on {alias} ({device})")]
+    Interface {
+        alias: String,
+        device: String,
+        #[source]
+        source: Box<SessionError>,
+    },
+}
+
+struct Entry {
+    info: CaptureInfo,
+    progress: Option<Arc<Mutex<Progress>>>,
+}
+
+struct Shared {
+    captures: Mutex<BTreeMap<String, Entry>>,
+    changed: Condvar,
+    state_dir: PathBuf,
+}
+
+/// The daemon's interfaces and captures.
+pub struct Daemon {
+    config: Config,
+    node: String,
+    services: HashMap<String, InterfaceService>,
+    shared: Arc<Shared>,
+}
+
+impl Daemon {
+    /// Loads the state of earlier captures (those that were running are marked interrupted)
+    /// and starts every configured interface.
+    pub fn start(config: Config) -> Result<Self, DaemonError> {
+        let state_dir = config.daemon.state_dir.join("captures");
+        std::fs::create_dir_all(&state_dir)
+            .map_err(|source| DaemonError::State { path: state_dir.clone(), source })?;
+        let shared =
+            Arc::new(Shared { captures: Mutex::new(BTreeMap::new()), changed: Condvar::new(), state_dir });
+        shared.load()?;
+        let mut services = HashMap::new();
+        for (alias, interface) in &config.interfaces {
+            let service =
+                InterfaceService::start(interface.pipeline()).map_err(|source| DaemonError::Interface {
+                    alias: alias.clone(),
+                    device: interface.device.clone(),
+                    source: Box::new(source),
+                })?;
+            services.insert(alias.clone(), service);
+        }
+        let node = config.daemon.node.clone().unwrap_or_else(hostname);
+        Ok(Self { config, node, services, shared })
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Checks `request`, fills in the defaults, and starts the capture.
+    pub fn start_capture(
+        &self,
+        mut request: CaptureRequest,
+        requested_by: Option<u32>,
+    ) -> Result<CaptureInfo, ApiError> {
+        let (alias, interface) = match request.interface.as_deref() {
+            Some(name) => self.config.interface(name).ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "no interface {name:?} here; configured: {}",
+                    self.describe_interfaces()
+                ))
+            })?,
+            None if self.config.interfaces.len() == 1 => {
+                let (a, i) = self.config.interfaces.iter().next().expect("one interface");
+                (a.as_str(), i)
+            }
+            None => {
+                return Err(ApiError::bad_request(format!(
+                    "name an interface: {}",
+                    self.describe_interfaces()
+                )));
+            }
+        };
+        request.interface = Some(alias.to_owned());
+        request.filter = request.filter.filter(|f| !f.trim().is_empty());
+        if let Some(expression) = &request.filter {
+            let program =
+                CbpfProgram::compile(expression).map_err(|e| ApiError::bad_request(e.to_string()))?;
+            Instructions::build(&[CaptureFilter { slot: 0, filter: Some(&program) }])
+                .map_err(|e| ApiError::bad_request(format!("{e}: {}", error_chain(&e))))?;
+        }
+        let defaults = &self.config.defaults;
+        let seconds = |what: &str, s: f64| {
+            if s.is_finite() && s > 0.0 {
+                Ok(s)
+            } else {
+                Err(ApiError::bad_request(format!("{what} must be a positive number of seconds, not {s}")))
+            }
+        };
+        let duration =
+            seconds("duration_secs", request.duration_secs.unwrap_or(defaults.duration_secs as f64))?;
+        request.duration_secs = Some(duration);
+        request.idle_timeout_secs = match request.idle_timeout_secs {
+            Some(s) => Some(seconds("idle_timeout_secs", s)?),
+            None if defaults.idle_timeout_secs > 0 => Some(defaults.idle_timeout_secs as f64),
+            None => None,
+        };
+        let snaplen = request.snaplen.unwrap_or(defaults.snaplen);
+        if snaplen == 0 {
+            return Err(ApiError::bad_request("snaplen must be at least 1"));
+        }
+        request.snaplen = Some(snaplen);
+        if request.packets == Some(0) || request.bytes == Some(0) {
+            return Err(ApiError::bad_request("packets and bytes limits must be at least 1"));
+        }
+        let running = self.running();
+        self.config
+            .limits
+            .check(&Asked {
+                duration_secs: duration.ceil() as u64,
+                bytes: request.bytes,
+                packets: request.packets,
+                snaplen,
+                running,
+            })
+            .map_err(|e| ApiError::forbidden(e.to_string()))?;
+        let destination = self.destination(request.destination.as_deref())?;
+        request.destination = Some(destination.clone());
+
+        let id = match &request.id {
+            Some(id) => {
+                if id.is_empty()
+                    || id.len() > 64
+                    || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+                {
+                    return Err(ApiError::bad_request(format!(
+                        "capture id {id:?}: use 1 to 64 letters, digits, '.', '_' or '-'"
+                    )));
+                }
+                id.clone()
+            }
+            None => generate_id(),
+        };
+        request.id = Some(id.clone());
+        let tags: Vec<(String, String)> = request.tags.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let metadata = object_metadata(
+            &id,
+            &self.node,
+            request.filter.as_deref(),
+            request.alert_id.as_deref(),
+            request.customer.as_deref(),
+            &tags,
+        )
+        .map_err(ApiError::bad_request)?;
+        let target = self
+            .config
+            .store
+            .target(&destination, ObjectLabels { capture: id.clone(), node: self.node.clone(), metadata })
+            .map_err(|e| ApiError::bad_request(error_chain(&e)))?;
+        let location = format!("{}/{}/{}/", destination.trim_end_matches('/'), self.node, id);
+
+        let info = CaptureInfo {
+            id: id.clone(),
+            interface: alias.to_owned(),
+            device: interface.device.clone(),
+            request: request.clone(),
+            location,
+            started_ns: unix_now_ns(),
+            requested_by,
+            state: CaptureState::Running,
+            progress: Progress::default(),
+            summary: None,
+            error: None,
+        };
+        {
+            let mut captures = self.shared.lock();
+            if captures.contains_key(&id) {
+                return Err(ApiError::conflict(format!("a capture with id {id:?} exists")));
+            }
+            captures.insert(id.clone(), Entry { info: info.clone(), progress: None });
+        }
+        self.shared.persist(&info);
+
+        let spec = CaptureSpec { id: id.clone(), filter: request.filter.clone(), snaplen };
+        let limits = Limits {
+            packets: request.packets,
+            bytes: request.bytes,
+            duration: Some(Duration::from_secs_f64(duration)),
+            idle: request.idle_timeout_secs.map(Duration::from_secs_f64),
+        };
+        let shared = self.shared.clone();
+        let done_id = id.clone();
+        let on_done: OnDone = Box::new(move |result| shared.finish(&done_id, result));
+        let service = &self.services[alias];
+        match service.start_capture(CaptureOrder { spec, limits, target, on_done }) {
+            Ok(progress) => {
+                let mut captures = self.shared.lock();
+                if let Some(entry) = captures.get_mut(&id) {
+                    entry.progress = Some(progress);
+                }
+                log::info!(
+                    "capture {id} started on {alias} ({}) for uid {requested_by:?}: filter {:?}, into {destination}",
+                    interface.device,
+                    request.filter.as_deref().unwrap_or("")
+                );
+                Ok(info)
+            }
+            Err(e) => {
+                let message = error_chain(&e);
+                self.shared.lock().remove(&id);
+                self.shared.forget(&id);
+                Err(match e {
+                    SessionError::Pipeline(crate::pipeline::PipelineError::Filter(_)) => {
+                        ApiError::bad_request(message)
+                    }
+                    _ => ApiError::internal(message),
+                })
+            }
+        }
+    }
+
+    /// Every capture the daemon knows, newest first.
+    pub fn list(&self) -> Vec<CaptureInfo> {
+        let mut all: Vec<CaptureInfo> = self.shared.lock().values().map(Entry::current).collect();
+        all.sort_by_key(|c| std::cmp::Reverse(c.started_ns));
+        all
+    }
+
+    /// One capture.
+    pub fn get(&self, id: &str) -> Result<CaptureInfo, ApiError> {
+        self.shared.lock().get(id).map(Entry::current).ok_or_else(|| no_capture(id))
+    }
+
+    /// Ends a running capture (its output is finished as for any other end).
+    pub fn stop_capture(&self, id: &str) -> Result<CaptureInfo, ApiError> {
+        let info = self.get(id)?;
+        if info.state == CaptureState::Running
+            && let Some(service) = self.services.get(&info.interface)
+        {
+            service.stop_capture(id, StopReason::Stopped);
+        }
+        Ok(info)
+    }
+
+    /// Waits up to `timeout` for a capture to end; returns it as it is then.
+    pub fn wait(&self, id: &str, timeout: Duration) -> Result<CaptureInfo, ApiError> {
+        let deadline = Instant::now() + timeout;
+        let mut captures = self.shared.lock();
+        loop {
+            let entry = captures.get(id).ok_or_else(|| no_capture(id))?;
+            let now = Instant::now();
+            if entry.info.state != CaptureState::Running || now >= deadline {
+                return Ok(entry.current());
+            }
+            captures = self
+                .shared
+                .changed
+                .wait_timeout(captures, (deadline - now).min(Duration::from_millis(500)))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Writes the progress of running captures to the state directory.
+    pub fn save_progress(&self) {
+        let running: Vec<CaptureInfo> = self
+            .shared
+            .lock()
+            .values()
+            .filter(|e| e.info.state == CaptureState::Running)
+            .map(Entry::current)
+            .collect();
+        for info in running {
+            self.shared.persist(&info);
+        }
+    }
+
+    /// Ends every capture as interrupted, waits for their outputs, and takes the interfaces
+    /// down.
+    pub fn shutdown(mut self) {
+        for (_, service) in self.services.drain() {
+            service.shutdown(StopReason::Interrupted);
+        }
+    }
+
+    fn running(&self) -> usize {
+        self.shared.lock().values().filter(|e| e.info.state == CaptureState::Running).count()
+    }
+
+    fn describe_interfaces(&self) -> String {
+        self.config
+            .interfaces
+            .iter()
+            .map(|(alias, i)| format!("{alias} ({})", i.device))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The destination URL a request may use: one of the configured destinations, a place
+    /// under one, or `local`.
+    fn destination(&self, asked: Option<&str>) -> Result<String, ApiError> {
+        let allowed = &self.config.store.destinations;
+        if allowed.is_empty() {
+            return Err(ApiError::forbidden(
+                "the daemon has no destinations configured ([store] destinations)",
+            ));
+        }
+        let Some(asked) = asked else { return Ok(allowed[0].clone()) };
+        if asked == "local" {
+            return allowed.iter().find(|d| d.starts_with('/')).cloned().ok_or_else(|| {
+                ApiError::forbidden("no local directory is among the configured destinations")
+            });
+        }
+        let normal = asked.trim_end_matches('/');
+        let under = |base: &String| {
+            let base = base.trim_end_matches('/');
+            normal == base || (normal.starts_with(base) && normal[base.len()..].starts_with('/'))
+        };
+        if normal.split('/').any(|part| part == "..") || !allowed.iter().any(under) {
+            return Err(ApiError::forbidden(format!(
+                "destination {asked:?} is not under an allowed one: {}",
+                allowed.join(", ")
+            )));
+        }
+        Ok(normal.to_owned())
+    }
+}
+
+impl Entry {
+    fn current(&self) -> CaptureInfo {
+        let mut info = self.info.clone();
+        if let Some(p) = &self.progress
+            && info.state == CaptureState::Running
+        {
+            info.progress = *p.lock().unwrap_or_else(|e| e.into_inner());
+        }
+        info
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Entry>> {
+        self.captures.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn path(&self, id: &str) -> PathBuf {
+        self.state_dir.join(format!("{id}.json"))
+    }
+
+    /// Writes a capture's state (through a temporary file, so a crash never leaves half).
+    fn persist(&self, info: &CaptureInfo) {
+        let path = self.path(&info.id);
+        let tmp = path.with_extension("json.tmp");
+        let result = serde_json::to_vec_pretty(info)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = result {
+            log::error!("cannot save the state of capture {} in {}: {e}", info.id, path.display());
+        }
+    }
+
+    fn forget(&self, id: &str) {
+        let _ = std::fs::remove_file(self.path(id));
+    }
+
+    /// Reads the captures of earlier runs; those still marked running were interrupted.
+    fn load(&self) -> Result<(), DaemonError> {
+        let err = |source| DaemonError::State { path: self.state_dir.clone(), source };
+        let mut captures = self.lock();
+        for entry in std::fs::read_dir(&self.state_dir).map_err(err)? {
+            let path = entry.map_err(err)?.path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            let info = std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice::<CaptureInfo>(&b).map_err(|e| e.to_string()));
+            let mut info = match info {
+                Ok(info) => info,
+                Err(e) => {
+                    log::warn!("ignoring unreadable capture state {}: {e}", path.display());
+                    continue;
+                }
+            };
+            if info.state == CaptureState::Running {
+                log::warn!(
+                    "capture {} was running when the daemon stopped: reported as interrupted; what reached {} stays there",
+                    info.id,
+                    info.location
+                );
+                info.state = CaptureState::Finished;
+                info.summary = Some(CaptureSummary {
+                    id: info.id.clone(),
+                    interface: info.device.clone(),
+                    stop_reason: StopReason::Interrupted,
+                    packets: info.progress.packets,
+                    bytes: info.progress.bytes,
+                    elapsed_secs: info.progress.elapsed_secs,
+                    outputs: Vec::new(),
+                    dropped_writer: info.progress.dropped,
+                    dropped_kernel: 0,
+                    redirect_errors: 0,
+                    truncated: 0,
+                    queues: Vec::new(),
+                });
+                metrics::counter!(crate::metrics::CAPTURES_ENDED, "reason" => StopReason::Interrupted.as_str())
+                    .increment(1);
+                self.persist(&info);
+            }
+            captures.insert(info.id.clone(), Entry { info, progress: None });
+        }
+        Ok(())
+    }
+
+    /// Records a capture's outcome.
+    fn finish(&self, id: &str, result: Result<CaptureSummary, SessionError>) {
+        let info = {
+            let mut captures = self.lock();
+            let Some(entry) = captures.get_mut(id) else { return };
+            entry.info.progress = entry.current().progress;
+            match result {
+                Ok(summary) => {
+                    entry.info.progress.packets = summary.packets;
+                    entry.info.progress.bytes = summary.bytes;
+                    entry.info.progress.elapsed_secs = summary.elapsed_secs;
+                    entry.info.state = CaptureState::Finished;
+                    log::info!(
+                        "capture {id} ended ({}): {} packets, {} bytes",
+                        summary.stop_reason,
+                        summary.packets,
+                        summary.bytes
+                    );
+                    entry.info.summary = Some(summary);
+                }
+                Err(e) => {
+                    let message = error_chain(&e);
+                    log::error!("capture {id} failed: {message}");
+                    entry.info.state = CaptureState::Failed;
+                    entry.info.error = Some(message);
+                }
+            }
+            entry.progress = None;
+            entry.info.clone()
+        };
+        self.persist(&info);
+        self.changed.notify_all();
+    }
+}
+
+fn no_capture(id: &str) -> ApiError {
+    ApiError::not_found(format!("no capture {id:?}"))
+}
+
+/// An error and its causes, as one line.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+fn unix_now_ns() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+}
+
+/// A fresh capture id: the UTC start time and a random suffix.
+fn generate_id() -> String {
+    let now = unix_now_ns();
+    let mut random = [0u8; 3];
+    // getrandom never fails for so few bytes once the pool is initialised; the time alone
+    // still makes an id.
+    // SAFETY: `random` is valid for writes of its length.
+    let _ = unsafe { libc::getrandom(random.as_mut_ptr().cast(), random.len(), 0) };
+    format!("{}-{:02x}{:02x}{:02x}", crate::upload::object::utc_compact(now), random[0], random[1], random[2])
+}

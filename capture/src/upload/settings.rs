@@ -1,0 +1,247 @@
+//! Store settings shared by the one-shot CLI (its flags) and the daemon (`[store]` in its
+//! configuration): validated once, then turned into a capture's [`Target`].
+
+use std::{path::PathBuf, time::Duration};
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    Destination, UploadError,
+    dir::DirSink,
+    object::{MIN_PART_BYTES, ObjectOwner, UploadConfig},
+    s3::{S3Config, S3Sink},
+    stream::{StoreOptions, StoreOutput},
+};
+use crate::{
+    compress::Compression,
+    session::{StartStore, StoreTarget, Target},
+};
+
+/// How captures reach a store.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreSettings {
+    /// Where captures may be stored: `s3://bucket/prefix` URLs and local directories. A
+    /// request names one of them or a place under one; the first is the default.
+    pub destinations: Vec<String>,
+    /// Endpoint of an S3-compatible store (e.g. `http://127.0.0.1:3900`); default: AWS.
+    pub s3_endpoint: Option<String>,
+    /// Region; default: from the environment or profile.
+    pub s3_region: Option<String>,
+    /// Path-style addressing (endpoint/bucket/key), which most S3-compatible stores need.
+    pub s3_path_style: bool,
+    /// Server-side encryption: `AES256` or `aws:kms`.
+    pub sse: Option<String>,
+    /// KMS key id for `sse = "aws:kms"`.
+    pub sse_kms_key_id: Option<String>,
+    /// Storage class (e.g. `STANDARD_IA`).
+    pub storage_class: Option<String>,
+    /// Canned ACL (e.g. `bucket-owner-full-control`).
+    pub acl: Option<String>,
+    /// Multipart part size, at least 5 MiB.
+    pub part_size_bytes: u64,
+    /// Parts uploading at once per object.
+    pub parts_in_flight: usize,
+    /// Start a new object past this size.
+    pub rotate_size_bytes: u64,
+    /// Start a new object when the open one is this old, in seconds.
+    pub rotate_age_secs: u64,
+    /// Compression: a zstd level (`"1"` to `"19"`) or `"none"`.
+    pub compression: String,
+    /// Compression threads per capture (they run off the writers' cores).
+    pub compress_threads: usize,
+    /// Object key template: `{prefix}`, `{node}`, `{capture}`, `{start}`, `{seq}`, `{ext}`.
+    pub key_template: String,
+    /// Directory where chunks wait while the store is unreachable; what an earlier run left
+    /// there is uploaded on start.
+    pub spool_dir: PathBuf,
+    /// Bytes one capture may spool at most; beyond, frames are dropped and counted.
+    pub spool_max_bytes: u64,
+    /// Compressed chunks held in memory while the store is slow; more go to the spool.
+    pub upload_queue: usize,
+    /// How long the store may stay unreachable before a capture fails, in seconds.
+    pub outage_max_secs: u64,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        Self {
+            destinations: Vec::new(),
+            s3_endpoint: None,
+            s3_region: None,
+            s3_path_style: false,
+            sse: None,
+            sse_kms_key_id: None,
+            storage_class: None,
+            acl: None,
+            part_size_bytes: 8 << 20,
+            parts_in_flight: 4,
+            rotate_size_bytes: 1 << 30,
+            rotate_age_secs: 300,
+            compression: "3".into(),
+            compress_threads: 1,
+            key_template: "{prefix}/{node}/{capture}/{start}-{seq}.{ext}".into(),
+            spool_dir: "/var/tmp/tapstream/spool".into(),
+            spool_max_bytes: 4 << 30,
+            upload_queue: 16,
+            outage_max_secs: 3600,
+        }
+    }
+}
+
+/// What a capture's objects carry besides the frames.
+#[derive(Clone, Debug, Default)]
+pub struct ObjectLabels {
+    /// Capture id.
+    pub capture: String,
+    /// This host.
+    pub node: String,
+    /// S3 user metadata (capture id, node, filter, tags...).
+    pub metadata: Vec<(String, String)>,
+}
+
+impl StoreSettings {
+    /// Checks the values; the error is (field, message).
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.part_size_bytes < MIN_PART_BYTES as u64 {
+            return Err((
+                "part_size_bytes",
+                format!("{} is below S3's minimum part of 5 MiB", self.part_size_bytes),
+            ));
+        }
+        if self.parts_in_flight == 0 {
+            return Err(("parts_in_flight", "must be at least 1".into()));
+        }
+        if self.compress_threads == 0 {
+            return Err(("compress_threads", "must be at least 1".into()));
+        }
+        self.compression().map_err(|m| ("compression", m))?;
+        for d in &self.destinations {
+            d.parse::<Destination>().map_err(|e| ("destinations", format!("{d:?}: {e}")))?;
+            if !d.starts_with("s3://") && !d.starts_with('/') {
+                return Err((
+                    "destinations",
+                    format!("{d:?} is neither s3://bucket/prefix nor an absolute directory"),
+                ));
+            }
+        }
+        if let Some(sse) = &self.sse
+            && sse != "AES256"
+            && sse != "aws:kms"
+        {
+            return Err(("sse", format!("{sse:?} is not AES256 or aws:kms")));
+        }
+        if self.sse_kms_key_id.is_some() && self.sse.as_deref() != Some("aws:kms") {
+            return Err(("sse_kms_key_id", "needs sse = \"aws:kms\"".into()));
+        }
+        Ok(())
+    }
+
+    /// The compression asked.
+    pub fn compression(&self) -> Result<Compression, String> {
+        match self.compression.as_str() {
+            "none" => Ok(Compression::None),
+            level => match level.parse::<i32>() {
+                Ok(l) if (1..=19).contains(&l) => Ok(Compression::Zstd { level: l }),
+                _ => Err(format!("{level:?} is not a zstd level from 1 to 19 or none")),
+            },
+        }
+    }
+
+    /// The S3 client settings for `bucket`.
+    pub fn s3(&self, bucket: String) -> S3Config {
+        S3Config {
+            bucket,
+            endpoint: self.s3_endpoint.clone(),
+            region: self.s3_region.clone(),
+            path_style: self.s3_path_style,
+            sse: self.sse.clone(),
+            sse_kms_key_id: self.sse_kms_key_id.clone(),
+            storage_class: self.storage_class.clone(),
+            acl: self.acl.clone(),
+            max_attempts: 5,
+            static_credentials: None,
+        }
+    }
+
+    /// A target that stores a capture at `url` (validated settings).
+    pub fn target(&self, url: &str, labels: ObjectLabels) -> Result<Target, UploadError> {
+        let compression = self.compression().map_err(UploadError::Task)?;
+        let destination: Destination = url.parse()?;
+        let prefix = match &destination {
+            Destination::S3 { prefix, .. } => prefix.clone(),
+            Destination::Dir { .. } => String::new(),
+        };
+        let config = UploadConfig {
+            part_bytes: self.part_size_bytes as usize,
+            parts_in_flight_per_object: self.parts_in_flight,
+            object_max_bytes: self.rotate_size_bytes,
+            object_max_age: Duration::from_secs(self.rotate_age_secs),
+            key_template: self.key_template.clone(),
+            compression,
+            outage_max: Duration::from_secs(self.outage_max_secs),
+        };
+        let owner =
+            ObjectOwner { prefix, node: labels.node, capture: labels.capture, metadata: labels.metadata };
+        let options = StoreOptions {
+            threads: self.compress_threads,
+            spool_root: self.spool_dir.clone(),
+            spool_max_bytes: self.spool_max_bytes,
+            memory_chunks: self.upload_queue,
+        };
+        let start: StartStore = match destination {
+            Destination::S3 { bucket, .. } => {
+                let s3 = self.s3(bucket);
+                Box::new(move |pool, header| {
+                    StoreOutput::start(
+                        || async move { Ok(S3Sink::new(s3).await) },
+                        config,
+                        owner,
+                        header,
+                        options,
+                        pool,
+                    )
+                })
+            }
+            Destination::Dir { path } => Box::new(move |pool, header| {
+                StoreOutput::start(|| async move { DirSink::new(path) }, config, owner, header, options, pool)
+            }),
+        };
+        Ok(Target::Store(StoreTarget { start }))
+    }
+}
+
+/// S3 user metadata for a capture, checked against S3's rules (printable ASCII, 2 KB in all).
+pub fn object_metadata(
+    capture: &str,
+    node: &str,
+    filter: Option<&str>,
+    alert_id: Option<&str>,
+    customer: Option<&str>,
+    tags: &[(String, String)],
+) -> Result<Vec<(String, String)>, String> {
+    let mut meta = vec![("capture-id".to_owned(), capture.to_owned()), ("node".to_owned(), node.to_owned())];
+    meta.extend(filter.map(|f| ("filter".to_owned(), f.to_owned())));
+    meta.extend(alert_id.map(|a| ("alert-id".to_owned(), a.to_owned())));
+    meta.extend(customer.map(|c| ("customer".to_owned(), c.to_owned())));
+    meta.extend(tags.iter().map(|(k, v)| (format!("tag-{k}"), v.clone())));
+    for (k, v) in &meta {
+        if !v.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+            return Err(format!("{k} must be printable ASCII to be stored as object metadata"));
+        }
+    }
+    let size: usize = meta.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if size > 2048 {
+        return Err(format!(
+            "object metadata (capture id, node, filter, alert id, customer, tags) is {size} bytes; S3 allows 2048"
+        ));
+    }
+    Ok(meta)
+}
+
+/// This host's name (for object keys), from the kernel.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "node".into())
+}

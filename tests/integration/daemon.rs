@@ -1,0 +1,411 @@
+//! The daemon and its control API: bounded captures on request, with real traffic on a veth,
+//! the CLI as an operator runs it, and objects in a local store read back with tshark.
+
+use std::{
+    os::unix::process::CommandExt as _,
+    path::PathBuf,
+    process::{Command, Output},
+    time::{Duration, Instant},
+};
+
+use tapstream::control::{CaptureInfo, CaptureState, client::Client};
+use tapstream_testenv::{CorpusFrame, Sender, VethPair, corpus_frames};
+
+use crate::common::{Running, read_capture, tapstream_bin};
+
+/// A daemon in the capture namespace of a veth pair, with its socket, state and a local store
+/// in a temporary directory. Objects are stored uncompressed (plain PCAP) so that tshark reads
+/// them directly.
+pub struct TestDaemon {
+    pub dir: tempfile::TempDir,
+    pub running: Option<Running>,
+    config: PathBuf,
+}
+
+impl TestDaemon {
+    pub fn start(veth: &VethPair, extra: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        // Others may use the socket (the test drops privileges for one request).
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let d = dir.path().display();
+        let config = dir.path().join("tapstream.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[daemon]\nsocket = \"{d}/control.sock\"\nstate_dir = \"{d}/state\"\nnode = \"testnode\"\n{extra}\n\
+                 [interfaces.tap]\ndevice = \"{}\"\ndrop_unmatched = false\n\
+                 [limits]\nmax_duration_secs = 600\nmax_packets = 100000\nmax_concurrent_captures = 8\n\
+                 [store]\ndestinations = [\"{d}/store\"]\ncompression = \"none\"\nspool_dir = \"{d}/spool\"\nrotate_age_secs = 1\n",
+                veth.capture_if
+            ),
+        )
+        .unwrap();
+        let mut daemon = Self { dir, running: None, config };
+        daemon.restart(veth);
+        daemon
+    }
+
+    /// Starts the daemon process (again).
+    pub fn restart(&mut self, veth: &VethPair) {
+        let mut running = Running::start_until(
+            &veth.capture_ns,
+            &["daemon", "--config", self.config.to_str().unwrap()],
+            &[],
+            "daemon ready",
+        );
+        running.wait_ready();
+        self.running = Some(running);
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("control.sock")
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(self.socket())
+    }
+
+    /// Runs `tapstream capture ARGS --socket SOCKET`.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(tapstream_bin())
+            .arg("capture")
+            .args(args)
+            .env("TAPSTREAM_SOCKET", self.socket())
+            .output()
+            .expect("run tapstream")
+    }
+
+    /// Starts a capture with the CLI and returns its id.
+    pub fn start_capture(&self, args: &[&str]) -> String {
+        let out = self.cli(&[&["start", "--json"], args].concat());
+        assert!(out.status.success(), "capture start {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let info: CaptureInfo = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(info.state, CaptureState::Running);
+        info.id
+    }
+
+    /// Waits for capture `id` to end and returns it.
+    pub fn wait(&self, id: &str) -> CaptureInfo {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let info = self.client().wait(id, Duration::from_secs(5)).unwrap();
+            if info.state != CaptureState::Running {
+                return info;
+            }
+            assert!(Instant::now() < deadline, "capture {id} never ended: {info:?}");
+        }
+    }
+
+    /// Every frame stored for capture `id`, in object order.
+    pub fn stored(&self, id: &str) -> Vec<Vec<u8>> {
+        let dir = self.dir.path().join("store/testnode").join(id);
+        let mut objects: Vec<PathBuf> = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries
+                .map(|e| e.unwrap().path())
+                .filter(|p| p.extension().is_some_and(|e| e == "pcap"))
+                .collect(),
+            Err(_) => return Vec::new(),
+        };
+        objects.sort();
+        objects.iter().flat_map(|p| read_capture(p)).map(|(_, data)| data).collect()
+    }
+}
+
+/// The corpus frames the sender can send, in order.
+fn sendable(veth: &VethPair) -> Vec<CorpusFrame> {
+    let sender = Sender::new(veth);
+    corpus_frames().into_iter().filter(|f| sender.can_send(&f.data)).collect()
+}
+
+fn data(frames: &[&CorpusFrame]) -> Vec<Vec<u8>> {
+    frames.iter().map(|f| f.data.clone()).collect()
+}
+
+fn reason(info: &CaptureInfo) -> &'static str {
+    info.summary.as_ref().unwrap_or_else(|| panic!("no summary: {info:?}")).stop_reason.as_str()
+}
+
+#[test]
+fn the_packet_limit_ends_the_capture_with_exactly_that_many_frames() {
+    let veth = VethPair::new(1);
+    let daemon = TestDaemon::start(&veth, "");
+    let id = daemon.start_capture(&["-i", "tap", "-c", "250", "--duration", "60s"]);
+    let frames = sendable(&veth);
+    let sent = Sender::new(&veth).send_all(&frames[..1000]);
+    let info = daemon.wait(&id);
+    assert_eq!(reason(&info), "packets");
+    assert_eq!(info.summary.as_ref().unwrap().packets, 250);
+    assert!(daemon.stored(&id) == data(&sent[..250]), "the first 250 frames sent, in order");
+}
+
+#[test]
+fn the_byte_limit_ends_the_capture_below_it() {
+    let veth = VethPair::new(1);
+    let daemon = TestDaemon::start(&veth, "");
+    let limit: u64 = 100_000;
+    let id = daemon.start_capture(&["-i", "tap", "--bytes", &limit.to_string(), "--duration", "60s"]);
+    let frames = sendable(&veth);
+    let sent = Sender::new(&veth).send_all(&frames[..2000]);
+    let info = daemon.wait(&id);
+    assert_eq!(reason(&info), "bytes");
+    let mut total = 0u64;
+    let expected: Vec<&CorpusFrame> = sent
+        .iter()
+        .take_while(|f| {
+            total += f.data.len() as u64;
+            total <= limit
+        })
+        .copied()
+        .collect();
+    let stored = daemon.stored(&id);
+    let stored_bytes: u64 = stored.iter().map(|f| f.len() as u64).sum();
+    assert!(stored_bytes <= limit, "{stored_bytes} bytes stored, limit {limit}");
+    assert!(
+        stored == data(&expected),
+        "stored {} frames, expected the first {}",
+        stored.len(),
+        expected.len()
+    );
+    assert_eq!(info.summary.as_ref().unwrap().bytes, stored_bytes);
+}
+
+#[test]
+fn the_duration_ends_the_capture_while_traffic_goes_on() {
+    let veth = VethPair::new(1);
+    let daemon = TestDaemon::start(&veth, "");
+    let frames = sendable(&veth);
+    let id = daemon.start_capture(&["-i", "tap", "--duration", "2s"]);
+    // Traffic for about twice as long as the capture: a frame every 10 ms.
+    let sender = Sender::new(&veth);
+    let mut sent = Vec::new();
+    let start = Instant::now();
+    for frame in frames.iter().take(400) {
+        sender.send(&frame.data).unwrap();
+        sent.push(frame);
+        std::thread::sleep(Duration::from_millis(10));
+        if start.elapsed() > Duration::from_secs(4) {
+            break;
+        }
+    }
+    let info = daemon.wait(&id);
+    assert_eq!(reason(&info), "duration");
+    let elapsed = info.summary.as_ref().unwrap().elapsed_secs;
+    assert!(elapsed >= 2.0, "ended after {elapsed} s");
+    let stored = daemon.stored(&id);
+    assert!(!stored.is_empty() && stored.len() < sent.len(), "{} of {} frames", stored.len(), sent.len());
+    assert!(stored == data(&sent[..stored.len()]), "what was stored is the frames sent first, in order");
+}
+
+#[test]
+fn the_idle_timeout_ends_the_capture_after_the_traffic() {
+    let veth = VethPair::new(1);
+    let daemon = TestDaemon::start(&veth, "");
+    let frames = sendable(&veth);
+    let id = daemon.start_capture(&["-i", "tap", "--idle", "1s", "--duration", "60s"]);
+    let sent = Sender::new(&veth).send_all(&frames[..500]);
+    let info = daemon.wait(&id);
+    assert_eq!(reason(&info), "idle");
+    assert!(info.summary.as_ref().unwrap().elapsed_secs < 30.0);
+    assert!(daemon.stored(&id) == data(&sent), "every frame of the burst");
+}
+
+#[test]
+fn three_concurrent_captures_with_their_own_filters_and_limits() {
+    let veth = VethPair::new(1);
+    let daemon = TestDaemon::start(&veth, "");
+    let frames = sendable(&veth);
+    let tcp = daemon.start_capture(&["-i", "tap", "-c", "40", "--duration", "60s", "tcp"]);
+    let dns = daemon.start_capture(&["-i", "tap", "--idle", "2s", "--duration", "60s", "udp", "port", "53"]);
+    let all = daemon.start_capture(&["-i", "tap", "--bytes", "50000", "--duration", "60s"]);
+    let sent = Sender::new(&veth).send_all(&frames);
+    let matching = |expression: &str| {
+        let filter = tapstream::filter::CbpfProgram::compile(expression).unwrap();
+        sent.iter().filter(|f| filter.matches(&f.data, f.data.len() as u32)).copied().collect::<Vec<_>>()
+    };
+
+    let info = daemon.wait(&tcp);
+    assert_eq!(reason(&info), "packets");
+    assert!(daemon.stored(&tcp) == data(&matching("tcp")[..40]));
+
+    let info = daemon.wait(&dns);
+    assert_eq!(reason(&info), "idle");
+    let expected = matching("udp port 53");
+    assert!(expected.len() > 10);
+    assert!(daemon.stored(&dns) == data(&expected), "every DNS frame, nothing else");
+
+    let info = daemon.wait(&all);
+    assert_eq!(reason(&info), "bytes");
+    let mut total = 0;
+    let expected: Vec<&CorpusFrame> = sent
+        .iter()
+        .take_while(|f| {
+            total += f.data.len();
+            total <= 50_000
+        })
+        .copied()
+        .collect();
+    assert!(daemon.stored(&all) == data(&expected));
+
+    let list = daemon.client().list().unwrap();
+    assert_eq!(list.len(), 3);
+    assert!(list.iter().all(|c| c.state == CaptureState::Finished));
+}
+
+#[test]
+fn bad_requests_are_refused_with_the_reason_and_disturb_nothing() {
+    let veth = VethPair::new(1);
+    let daemon = TestDaemon::start(&veth, "");
+    let frames = sendable(&veth);
+    let running = daemon.start_capture(&["-i", "tap", "--idle", "2s", "--duration", "60s", "arp"]);
+    let client = daemon.client();
+
+    // Above a cap: refused, naming the cap.
+    let out = daemon.cli(&["start", "-i", "tap", "--duration", "2h"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("limits.max_duration_secs = 600") && err.contains("403"), "{err}");
+    let out = daemon.cli(&["start", "-i", "tap", "-c", "1000000"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("limits.max_packets = 100000"));
+
+    // A bad filter: libpcap's message.
+    let out = daemon.cli(&["start", "-i", "tap", "tcp", "port"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("syntax error") && err.contains("400"), "{err}");
+
+    // What the kernel cannot run: the reason.
+    let out = daemon.cli(&["start", "-i", "tap", "ip", "protochain", "6"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("protochain"));
+
+    // Malformed JSON, an unknown field, a wrong type: 400 with serde's reason.
+    for (body, reason) in [
+        (&b"{\"interface\": \"tap\""[..], "EOF"),
+        (b"{\"interfce\": \"tap\"}", "unknown field `interfce`"),
+        (b"{\"packets\": \"many\"}", "invalid type"),
+    ] {
+        let (status, reply) = client.raw("POST", "/v1/captures", Some(body)).unwrap();
+        let reply = String::from_utf8_lossy(&reply);
+        assert_eq!(status, 400, "{reply}");
+        assert!(reply.contains("malformed capture request") && reply.contains(reason), "{reply}");
+    }
+    // An unknown interface and a destination outside the allowed ones.
+    let out = daemon.cli(&["start", "-i", "eth9"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no interface \"eth9\" here; configured: tap"));
+    let out = daemon.cli(&["start", "-i", "tap", "--destination", "/etc"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not under an allowed one"));
+    let (status, _) = client.raw("GET", "/v1/captures/nope", None).unwrap();
+    assert_eq!(status, 404);
+
+    // A user outside the socket's group cannot even connect.
+    let out = Command::new(tapstream_bin())
+        .args(["capture", "list", "--socket"])
+        .arg(daemon.socket())
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("permission denied"), "{err}");
+
+    // The capture running meanwhile is untouched.
+    let sent = Sender::new(&veth).send_all(&frames);
+    let info = daemon.wait(&running);
+    assert_eq!(reason(&info), "idle");
+    let arp = tapstream::filter::CbpfProgram::compile("arp").unwrap();
+    let expected: Vec<&CorpusFrame> =
+        sent.iter().filter(|f| arp.matches(&f.data, f.data.len() as u32)).copied().collect();
+    assert!(!expected.is_empty() && daemon.stored(&running) == data(&expected));
+    assert_eq!(client.list().unwrap().len(), 1, "no refused request left a capture behind");
+}
+
+#[test]
+fn a_daemon_killed_mid_capture_reports_it_interrupted_and_keeps_what_was_stored() {
+    let veth = VethPair::new(1);
+    let mut daemon = TestDaemon::start(&veth, "");
+    let frames = sendable(&veth);
+    let id = daemon.start_capture(&["-i", "tap", "--duration", "300s", "--id", "before-kill"]);
+    let sent = Sender::new(&veth).send_all(&frames[..300]);
+    // Chunks are handed on after 1 s and objects close after 1 s: wait until every frame sent
+    // is in a finished object.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while daemon.stored(&id).len() < sent.len() {
+        assert!(Instant::now() < deadline, "{} of {} frames stored", daemon.stored(&id).len(), sent.len());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (_, log) = daemon.running.take().unwrap().signal_and_wait(libc::SIGKILL);
+    eprintln!("daemon log before the kill:\n{log}");
+
+    daemon.restart(&veth);
+    let info = daemon.client().status(&id).unwrap();
+    assert_eq!(info.state, CaptureState::Finished);
+    assert_eq!(reason(&info), "interrupted");
+    assert!(daemon.stored(&id) == data(&sent), "what was stored before the kill is still there, whole");
+
+    // A graceful stop (SIGTERM) also ends a running capture as interrupted, and stores all.
+    let id = daemon.start_capture(&["-i", "tap", "--duration", "300s"]);
+    let sent = Sender::new(&veth).send_all(&frames[300..600]);
+    std::thread::sleep(Duration::from_millis(500));
+    let (status, log) = daemon.running.take().unwrap().signal_and_wait(libc::SIGTERM);
+    assert!(status.success(), "{log}");
+    daemon.restart(&veth);
+    let info = daemon.client().status(&id).unwrap();
+    assert_eq!(reason(&info), "interrupted");
+    assert!(daemon.stored(&id) == data(&sent), "a graceful stop stores every frame");
+    assert_eq!(info.summary.unwrap().packets, sent.len() as u64);
+}
+
+#[test]
+fn start_wait_on_a_terminal_shows_progress_and_the_summary() {
+    let veth = VethPair::new(1);
+    let daemon = TestDaemon::start(&veth, "");
+    let frames = sendable(&veth);
+    let session = tapstream_testenv::unique_name("tsw");
+    let out_file = daemon.dir.path().join("terminal.txt");
+    let command = format!(
+        "TAPSTREAM_SOCKET={} {} capture start -i tap -c 100 --duration 60s --id term --wait; echo EXIT=$? ; sleep 30",
+        daemon.socket().display(),
+        tapstream_bin()
+    );
+    let tmux = |args: &[&str]| Command::new("tmux").args(args).output().expect("run tmux");
+    let started = tmux(&["new-session", "-d", "-s", &session, "-x", "160", "-y", "20", &command]);
+    assert!(started.status.success(), "{}", String::from_utf8_lossy(&started.stderr));
+    let _kill = KillSession(session.clone());
+    // Wait for the capture to exist, then send traffic.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while daemon.client().status("term").is_err() {
+        assert!(Instant::now() < deadline, "the capture never started");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let screen =
+        || String::from_utf8_lossy(&tmux(&["capture-pane", "-p", "-t", &session]).stdout).into_owned();
+    // Half the frames: the live line shows them against the limit.
+    let sender = Sender::new(&veth);
+    sender.send_all(&frames[..50]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !screen().contains("50 packets / 100,") {
+        assert!(Instant::now() < deadline, "no progress line on the terminal:\n{}", screen());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(screen().contains("s / 60 s, 0 dropped"), "{}", screen());
+    sender.send_all(&frames[50..500]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !screen().contains("EXIT=") {
+        assert!(Instant::now() < deadline, "no summary on the terminal:\n{}", screen());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let text = screen();
+    std::fs::write(&out_file, &text).unwrap();
+    eprintln!("terminal:\n{text}");
+    assert!(text.contains("capture term started on tap"), "{text}");
+    assert!(text.contains("capture term on") && text.contains("ended: packets"), "{text}");
+    assert!(text.contains("100 packets"), "{text}");
+    assert!(text.contains("stored: file://") || text.contains("stored: "), "{text}");
+    assert!(text.contains("EXIT=0"), "{text}");
+}
+
+struct KillSession(String);
+
+impl Drop for KillSession {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux").args(["kill-session", "-t", &self.0]).output();
+    }
+}
