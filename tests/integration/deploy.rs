@@ -100,3 +100,151 @@ fn the_dashboard_is_valid_json() {
     assert!(dashboard["panels"].as_array().is_some_and(|p| p.len() >= 6));
     assert!(referenced_metrics().len() >= 10);
 }
+
+fn unit() -> String {
+    std::fs::read_to_string(root().join("deploy/systemd/tapstream.service")).unwrap()
+}
+
+/// The value of `key=` lines in the unit.
+fn unit_values(unit: &str, key: &str) -> Vec<String> {
+    unit.lines().filter_map(|l| l.strip_prefix(&format!("{key}="))).map(str::to_owned).collect()
+}
+
+#[test]
+fn systemd_accepts_the_unit() {
+    let unit = unit();
+    assert_eq!(
+        unit_values(&unit, "ExecStart"),
+        ["/usr/local/bin/tapstream daemon --config /etc/tapstream/tapstream.toml"]
+    );
+    // systemd-analyze checks that the binaries exist: point the unit at the one just built.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tapstream.service");
+    std::fs::write(&path, unit.replace("/usr/local/bin/tapstream", env!("CARGO_BIN_EXE_tapstream"))).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze (Debian package systemd) is needed");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.trim().is_empty(), "systemd-analyze verify: {stderr}");
+}
+
+#[test]
+fn the_unit_runs_unprivileged_with_only_the_capabilities_it_documents() {
+    let unit = unit();
+    let caps = |key: &str| -> BTreeSet<String> {
+        unit_values(&unit, key).iter().flat_map(|v| v.split_whitespace().map(str::to_owned)).collect()
+    };
+    let expected: BTreeSet<String> =
+        ["CAP_BPF", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_PERFMON", "CAP_IPC_LOCK"].map(String::from).into();
+    assert_eq!(caps("AmbientCapabilities"), expected);
+    assert_eq!(caps("CapabilityBoundingSet"), expected);
+    for cap in &expected {
+        assert!(unit.contains(&format!("#   {cap} ")), "the unit says why it needs {cap}");
+    }
+    assert_eq!(unit_values(&unit, "User"), ["tapstream"]);
+    assert_eq!(unit_values(&unit, "NoNewPrivileges"), ["yes"]);
+    assert_eq!(unit_values(&unit, "ProtectSystem"), ["strict"]);
+    assert!(unit_values(&unit, "PrivateNetwork").is_empty(), "the daemon needs the host's NICs");
+    assert!(unit_values(&unit, "RestrictAddressFamilies")[0].contains("AF_XDP"));
+}
+
+#[test]
+fn install_sh_installs_into_a_root_and_keeps_the_configuration() {
+    let script = root().join("deploy/install.sh");
+    assert!(Command::new("bash").arg("-n").arg(&script).status().unwrap().success());
+    let dest = tempfile::tempdir().unwrap();
+    let install = |extra: &[&str]| {
+        Command::new(&script)
+            .args(["--binary", env!("CARGO_BIN_EXE_tapstream"), "--root"])
+            .arg(dest.path())
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = install(&[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = |p: &str| std::fs::metadata(dest.path().join(p)).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode("usr/local/bin/tapstream"), 0o755);
+    assert_eq!(mode("etc/systemd/system/tapstream.service"), 0o644);
+    assert_eq!(mode("etc/tapstream/tapstream.toml"), 0o640);
+    for file in [
+        "usr/local/share/tapstream/prometheus/prometheus.yml",
+        "usr/local/share/tapstream/prometheus/tapstream-alerts.yml",
+        "usr/local/share/tapstream/grafana/tapstream-dashboard.json",
+        "usr/local/share/tapstream/iam-policy.json",
+        "usr/local/share/doc/tapstream/tuning.md",
+    ] {
+        assert!(dest.path().join(file).is_file(), "{file} installed");
+    }
+    // The installed configuration is valid for the installed binary.
+    let check = Command::new(dest.path().join("usr/local/bin/tapstream"))
+        .arg("check-config")
+        .arg(dest.path().join("etc/tapstream/tapstream.toml"))
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+
+    // Again: an edited configuration is kept.
+    let config = dest.path().join("etc/tapstream/tapstream.toml");
+    std::fs::write(&config, "# edited\n").unwrap();
+    let out = install(&[]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("keeping the existing"));
+    assert_eq!(std::fs::read_to_string(&config).unwrap(), "# edited\n");
+
+    // A dry run changes nothing; bad arguments are named.
+    let fresh = tempfile::tempdir().unwrap();
+    let out = Command::new(&script)
+        .args(["--binary", env!("CARGO_BIN_EXE_tapstream"), "--dry-run", "--root"])
+        .arg(fresh.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("would run: install"));
+    assert_eq!(std::fs::read_dir(fresh.path()).unwrap().count(), 0);
+    let out = Command::new(&script).arg("--frobnicate").output().unwrap();
+    assert!(
+        !out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("unknown argument --frobnicate")
+    );
+    let out = Command::new(&script).args(["--binary", "/nonexistent"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no tapstream binary at /nonexistent"));
+}
+
+#[test]
+fn the_tuning_guide_names_only_exported_metrics() {
+    let guide = std::fs::read_to_string(root().join("docs/tuning.md")).unwrap();
+    let metrics = std::fs::read_to_string(root().join("capture/src/metrics.rs")).unwrap();
+    let mut named = 0;
+    for word in guide.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+        if word.starts_with("tapstream_") {
+            assert!(
+                metrics.contains(&format!("\"{word}\"")),
+                "docs/tuning.md names {word}, which is not a metric"
+            );
+            named += 1;
+        }
+    }
+    assert!(named >= 6);
+}
+
+#[test]
+fn check_config_accepts_the_shipped_file_and_names_a_wrong_field() {
+    let ok = Command::new(env!("CARGO_BIN_EXE_tapstream"))
+        .arg("check-config")
+        .arg(root().join("config/tapstream.toml"))
+        .output()
+        .unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[interfaces.public]\ndevice = \"eth1\"\nring_size = 1000\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tapstream")).arg("check-config").arg(&bad).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("interfaces.public.ring_size: 1000 is not a power of two"),
+        "{err}"
+    );
+}

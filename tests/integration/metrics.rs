@@ -1,5 +1,5 @@
-//! The real Prometheus server scrapes a running capture; what it stores agrees with the
-//! capture's own summary.
+//! The real Prometheus server scrapes a running daemon during a capture; what it stores agrees
+//! with the capture's own summary.
 
 use std::{
     process::{Child, Stdio},
@@ -8,7 +8,7 @@ use std::{
 
 use tapstream_testenv::{Netns, Sender, VethPair, corpus_frames};
 
-use crate::common::Running;
+use crate::daemon::TestDaemon;
 
 /// A Prometheus server in a namespace, scraping 127.0.0.1:9464 every second; killed on drop.
 struct Prometheus {
@@ -72,42 +72,36 @@ fn wait_for(ns: &Netns, expr: &str, want: f64, timeout: Duration) -> Option<f64>
 }
 
 #[test]
-fn prometheus_scrapes_counters_that_agree_with_the_summary() {
+fn prometheus_scrapes_a_running_daemon_and_agrees_with_the_capture_summary() {
     let veth = VethPair::new(1);
     let frames = corpus_frames();
     let sender = Sender::new(&veth);
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("m.pcap");
     let prometheus = Prometheus::start(&veth.capture_ns);
-    let mut run = Running::start(
-        &veth.capture_ns,
-        &[
-            "capture",
-            "-i",
-            &veth.capture_if,
-            "-w",
-            out.to_str().unwrap(),
-            "--duration",
-            "15s",
-            "--json",
-            "--metrics-listen",
-            "127.0.0.1:9464",
-        ],
-    );
-    run.wait_ready();
-    let sent = sender.send_all(&frames).len() as f64;
+    let daemon = TestDaemon::start(&veth, "metrics_listen = \"127.0.0.1:9464\"");
     let ns = &veth.capture_ns;
-    let records = wait_for(ns, "sum(tapstream_writer_records_total)", sent, Duration::from_secs(12));
-    let seen = wait_for(ns, "sum(tapstream_xdp_seen_frames_total)", sent, Duration::from_secs(5));
     // Series with nothing to count yet exist at zero from the start.
+    assert_eq!(wait_for(ns, "tapstream_captures_active", 0.0, Duration::from_secs(10)), Some(0.0));
     let retries = query(ns, "count(tapstream_upload_retries_total)");
     let ended = query(ns, "count(tapstream_captures_ended_total)");
+
+    let id = daemon.start_capture(&["-i", "tap", "--duration", "60s"]);
+    let active = wait_for(ns, "tapstream_captures_active", 1.0, Duration::from_secs(10));
+    let sent = sender.send_all(&frames).len() as f64;
+    let records = wait_for(ns, "sum(tapstream_writer_records_total)", sent, Duration::from_secs(12));
+    let seen = wait_for(ns, "sum(tapstream_xdp_seen_frames_total)", sent, Duration::from_secs(5));
     let exported =
         ns.command("curl").args(["-sf", "http://127.0.0.1:9464/metrics"]).output().expect("curl /metrics");
     let exported = String::from_utf8_lossy(&exported.stdout).into_owned();
-    let summary = run.summary();
+    let out = daemon.cli(&["stop", &id, "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let info: tapstream::control::CaptureInfo = serde_json::from_slice(&out.stdout).unwrap();
+    let summary = info.summary.expect("a summary once stopped");
+    let stopped =
+        wait_for(ns, "tapstream_captures_ended_total{reason=\"stopped\"}", 1.0, Duration::from_secs(5));
     drop(prometheus);
 
+    assert_eq!(active, Some(1.0), "the running capture is counted");
+    assert_eq!(stopped, Some(1.0), "and its end, by reason");
     assert_eq!(records, Some(summary.packets as f64), "records scraped vs the summary");
     assert_eq!(records, Some(sent));
     let summary_seen: u64 = summary.queues.iter().map(|q| q.xdp_seen).sum();

@@ -18,7 +18,8 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const GARAGE_VERSION: &str = "2.5.0";
 
 /// Debian packages: libpcap for the filter compiler, the peers and traffic tools for tests and
-/// benchmarks, tshark/capinfos to read what we write, Prometheus for the metrics tests.
+/// benchmarks, tshark/capinfos to read what we write, Prometheus for the metrics tests,
+/// systemd for `systemd-analyze verify` of the unit.
 const PACKAGES: &[&str] = &[
     "libpcap-dev",
     "tcpdump",
@@ -32,6 +33,7 @@ const PACKAGES: &[&str] = &[
     "ethtool",
     "bpftool",
     "tmux",
+    "systemd",
 ];
 
 pub fn run(root: &Path) -> anyhow::Result<()> {
