@@ -98,8 +98,17 @@ fn prometheus_scrapes_a_running_daemon_and_agrees_with_the_capture_summary() {
     let summary = info.summary.expect("a summary once stopped");
     let stopped =
         wait_for(ns, "tapstream_captures_ended_total{reason=\"stopped\"}", 1.0, Duration::from_secs(5));
+    // Bytes uploaded: the objects' sizes (indexes aside).
+    let stored: u64 = walk(&daemon.dir.path().join("store"))
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "pcap"))
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum();
+    let uploaded = wait_for(ns, "sum(tapstream_upload_bytes_total)", stored as f64, Duration::from_secs(5));
     drop(prometheus);
 
+    assert!(stored > 0);
+    assert_eq!(uploaded, Some(stored as f64), "bytes uploaded, scraped vs the objects stored");
     assert_eq!(active, Some(1.0), "the running capture is counted");
     assert_eq!(stopped, Some(1.0), "and its end, by reason");
     assert_eq!(records, Some(summary.packets as f64), "records scraped vs the summary");
@@ -118,4 +127,14 @@ fn prometheus_scrapes_a_running_daemon_and_agrees_with_the_capture_summary() {
     let missing: Vec<_> =
         crate::deploy::referenced_metrics().into_iter().filter(|n| !names.contains(n.as_str())).collect();
     assert!(missing.is_empty(), "deploy files use metrics that are not exported: {missing:?}\n{exported}");
+}
+
+/// Every file under `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() { out.extend(walk(&path)) } else { out.push(path) }
+    }
+    out
 }

@@ -134,70 +134,131 @@ fn demo(root: &Path) -> anyhow::Result<()> {
     cargo(root, None, &["build", "--release", "--package", "tapstream"])?;
     let bin = root.join("target/release/tapstream");
     let veth = tapstream_testenv::VethPair::new(1);
-    // Garage runs in the capture namespace, so the capture reaches it on that loopback.
-    let garage = tapstream_testenv::Garage::start_in(&veth.capture_ns);
+    // Garage, the daemon and Prometheus run in the capture namespace and meet on its loopback.
+    let ns = &veth.capture_ns;
+    let garage = tapstream_testenv::Garage::start_in(ns);
     println!(
         "demo: veth {} (namespace {}) <- {} (namespace {}); Garage at {} in the capture namespace, bucket {}",
         veth.capture_if,
-        veth.capture_ns.name(),
+        ns.name(),
         veth.sender_if,
         veth.sender_ns.name(),
         garage.endpoint,
         garage.bucket
     );
     let out_dir = root.join("target/demo");
+    let _ = std::fs::remove_dir_all(&out_dir);
     std::fs::create_dir_all(&out_dir)?;
-    let s3 = ["--s3-endpoint", &garage.endpoint, "--s3-region", &garage.region, "--s3-path-style"];
-    // A bounded capture: the first 5,000 frames, or 30 s, or 3 s without traffic, streamed
-    // as zstd-compressed objects to the bucket.
-    let mut capture = veth
-        .capture_ns
+    let d = out_dir.display();
+    let config = out_dir.join("tapstream.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[daemon]\nsocket = \"{d}/control.sock\"\nstate_dir = \"{d}/state\"\nmetrics_listen = \"127.0.0.1:9464\"\nnode = \"demo\"\n\n\
+             [interfaces.tap]\ndevice = \"{}\"\n\n\
+             [store]\ndestinations = [\"s3://{}/captures\"]\ns3_endpoint = \"{}\"\ns3_region = \"{}\"\ns3_path_style = true\nspool_dir = \"{d}/spool\"\n",
+            veth.capture_if, garage.bucket, garage.endpoint, garage.region
+        ),
+    )?;
+    println!("demo: daemon configuration {}", config.display());
+    status(Command::new(&bin).arg("check-config").arg(&config))?;
+
+    // Prometheus scrapes the daemon every second.
+    let prometheus_config = out_dir.join("prometheus.yml");
+    std::fs::write(
+        &prometheus_config,
+        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: tapstream\n    static_configs:\n      - targets: ['127.0.0.1:9464']\n",
+    )?;
+    let prometheus = ns
+        .command("prometheus")
+        .arg(format!("--config.file={}", prometheus_config.display()))
+        .arg(format!("--storage.tsdb.path={d}/prometheus"))
+        .arg("--web.listen-address=127.0.0.1:9090")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("start prometheus")?;
+    let _prometheus = KillOnDrop(prometheus);
+
+    let mut daemon = ns
         .command(&bin)
-        .args(["capture", "-i", &veth.capture_if, "--upload", &format!("s3://{}/demo", garage.bucket)])
-        .args(["--packets", "5000", "--duration", "30s", "--idle", "3s", "--id", "demo", "--json"])
-        .args(["--spool-dir"])
-        .arg(out_dir.join("spool"))
-        .args(s3)
+        .args(["daemon", "--config"])
+        .arg(&config)
         .envs(garage.aws_env())
-        .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .context("start tapstream")?;
-    let stderr = capture.stderr.take().expect("piped");
+        .context("start tapstream daemon")?;
+    let stderr = daemon.stderr.take().expect("piped");
     let (ready_tx, ready) = std::sync::mpsc::channel();
     let log = std::thread::spawn(move || {
         use std::io::BufRead as _;
         for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("capturing on") {
+            if line.contains("daemon ready") {
                 let _ = ready_tx.send(());
             }
             eprintln!("{line}");
         }
     });
     if ready.recv_timeout(std::time::Duration::from_secs(30)).is_err() {
-        let _ = capture.kill();
+        let _ = daemon.kill();
         let _ = log.join();
-        bail!("tapstream did not start capturing");
+        bail!("the tapstream daemon did not start");
     }
+    let daemon = KillOnDrop(daemon);
+    let socket = out_dir.join("control.sock");
+    let cli = |args: &[&str]| -> anyhow::Result<serde_json::Value> {
+        // `--json` before the rest: the filter expression takes the words at the end.
+        let out = Command::new(&bin)
+            .arg("capture")
+            .arg(args[0])
+            .arg("--json")
+            .args(&args[1..])
+            .env("TAPSTREAM_SOCKET", &socket)
+            .output()?;
+        if !out.status.success() {
+            bail!("tapstream capture {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    };
+    // A bounded capture: IPv4 and IPv6 frames only, the first 5,000, or 30 s, or 3 s without
+    // traffic, streamed as zstd-compressed objects to the bucket.
+    println!("demo: tapstream capture start -i tap -c 5000 --duration 30s --idle 3s --id demo ip or ip6");
+    cli(&[
+        "start",
+        "-i",
+        "tap",
+        "-c",
+        "5000",
+        "--duration",
+        "30s",
+        "--idle",
+        "3s",
+        "--id",
+        "demo",
+        "ip",
+        "or",
+        "ip6",
+    ])?;
     let frames = tapstream_testenv::corpus_frames();
     let sent = tapstream_testenv::Sender::new(&veth).send_all(&frames);
     println!("demo: replayed {} frames of the tcpdump test corpus into {}", sent.len(), veth.sender_if);
-    let output = capture.wait_with_output()?;
-    let _ = log.join();
-    if !output.status.success() {
-        bail!("tapstream capture failed: {}", output.status);
-    }
-    let summary = String::from_utf8_lossy(&output.stdout);
-    println!("demo: capture summary:\n{summary}");
-    let parsed: serde_json::Value = serde_json::from_str(&summary).context("the summary is JSON")?;
-    let object = parsed["outputs"][0].as_str().context("no object URL in the summary")?.to_owned();
+    let info = cli(&["wait", "demo"])?;
+    let summary = &info["summary"];
+    println!("demo: capture summary:\n{}", serde_json::to_string_pretty(summary)?);
+    let object = summary["outputs"][0].as_str().context("no object URL in the summary")?.to_owned();
     let pcap = out_dir.join("demo.pcap");
     println!("demo: reading {object} back into {}", pcap.display());
-    let read = veth
-        .capture_ns
+    let read = ns
         .command(&bin)
-        .args(["read", &object])
-        .args(s3)
+        .args([
+            "read",
+            &object,
+            "--s3-endpoint",
+            &garage.endpoint,
+            "--s3-region",
+            &garage.region,
+            "--s3-path-style",
+        ])
         .envs(garage.aws_env())
         .output()
         .context("run tapstream read")?;
@@ -212,5 +273,50 @@ fn demo(root: &Path) -> anyhow::Result<()> {
     for line in text.lines().take(5) {
         println!("  {line}");
     }
+
+    // What Prometheus scraped from the daemon meanwhile.
+    let query = |expr: &str| -> Option<f64> {
+        let out = ns
+            .command("curl")
+            .args(["-sf", "--get", "http://127.0.0.1:9090/api/v1/query", "--data-urlencode"])
+            .arg(format!("query={expr}"))
+            .output()
+            .ok()?;
+        let reply: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        reply["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+    };
+    let packets = summary["packets"].as_f64().unwrap_or(-1.0);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while query("sum(tapstream_writer_records_total)") != Some(packets)
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    println!("demo: Prometheus (http://127.0.0.1:9090 in namespace {}) has scraped:", ns.name());
+    for expr in [
+        "sum(tapstream_xdp_seen_frames_total)",
+        "sum(tapstream_xdp_matched_frames_total)",
+        "sum(tapstream_writer_records_total)",
+        "sum(tapstream_upload_bytes_total)",
+        "sum(tapstream_captures_ended_total)",
+    ] {
+        println!("  {expr} = {}", query(expr).map_or("(none)".into(), |v| v.to_string()));
+    }
+    if query("sum(tapstream_writer_records_total)") != Some(packets) {
+        bail!("Prometheus does not show the capture's {packets} packets");
+    }
+    drop(daemon);
+    let _ = log.join();
     Ok(())
+}
+
+/// A child process killed (SIGTERM, then waited for) when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: plain kill(2) on our own child, which has not been reaped yet.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
 }

@@ -300,6 +300,8 @@ impl<S: Sink> Uploader<S> {
             let (sink, key, body) = (&self.sink, &obj.key, &obj.pending);
             with_retry("PutObject", self.config.outage_max, || sink.put_object(key, body.clone(), &meta))
                 .await?;
+            // A small object is one PutObject: its bytes count as uploaded like a part's.
+            metrics::counter!(m::UPLOAD_BYTES).increment(body.len() as u64);
             return self.store_index(obj.key, obj.frames, obj.length).await;
         }
         if !obj.pending.is_empty() {
