@@ -409,3 +409,54 @@ impl Drop for KillSession {
         let _ = Command::new("tmux").args(["kill-session", "-t", &self.0]).output();
     }
 }
+
+#[test]
+fn a_capture_that_saw_nothing_stores_nothing_and_says_so() {
+    let veth = VethPair::new(1);
+    let daemon = TestDaemon::start(&veth, "");
+    let id = daemon.start_capture(&["-i", "tap", "--duration", "1s", "udp", "port", "9"]);
+    let info = daemon.wait(&id);
+    let summary = info.summary.as_ref().unwrap();
+    assert_eq!((summary.stop_reason.as_str(), summary.packets), ("duration", 0));
+    assert!(summary.outputs.is_empty(), "{summary:?}");
+    assert!(!daemon.dir.path().join("store/testnode").join(&id).exists(), "no object, not even an empty one");
+    let out = daemon.cli(&["status", &id]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("no packets captured: nothing stored"), "{text}");
+}
+
+#[test]
+fn the_tcp_api_requires_the_bearer_token() {
+    let veth = VethPair::new(1);
+    let token_dir = tempfile::tempdir().unwrap();
+    let token_file = token_dir.path().join("token");
+    let token = "s3cr3t-token-for-this-test";
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    let daemon = TestDaemon::start(
+        &veth,
+        &format!("tcp_listen = \"127.0.0.1:9465\"\ntoken_file = \"{}\"", token_file.display()),
+    );
+    let curl = |auth: Option<&str>| {
+        let mut cmd = veth.capture_ns.command("curl");
+        cmd.args(["-s", "-o", "/dev/stderr", "-w", "%{http_code}"]);
+        if let Some(a) = auth {
+            cmd.args(["-H", &format!("Authorization: {a}")]);
+        }
+        let out = cmd.arg("http://127.0.0.1:9465/v1/captures").output().unwrap();
+        (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, body) = curl(None);
+    assert_eq!(code, "401", "{body}");
+    assert!(body.contains("bearer token"), "{body}");
+    assert_eq!(curl(Some("Bearer wrong")).0, "401");
+    assert_eq!(curl(Some(&format!("Bearer {token}x"))).0, "401");
+    let (code, body) = curl(Some(&format!("Bearer {token}")));
+    assert_eq!((code.as_str(), body.as_str()), ("200", "[]"));
+    // The token never reaches the log.
+    let (_, log) = daemon_log(daemon);
+    assert!(!log.contains(token), "{log}");
+}
+
+fn daemon_log(mut daemon: TestDaemon) -> (std::process::ExitStatus, String) {
+    daemon.running.take().unwrap().signal_and_wait(libc::SIGTERM)
+}
