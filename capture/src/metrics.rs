@@ -55,6 +55,8 @@ pub const UPLOAD_ERRORS: &str = "tapstream_upload_errors_total";
 pub const OBJECTS: &str = "tapstream_objects_total";
 /// Chunks waiting in spools now.
 pub const SPOOL_CHUNKS: &str = "tapstream_spool_chunks";
+/// Bytes of the chunks waiting in spools now.
+pub const SPOOL_BYTES: &str = "tapstream_spool_bytes";
 /// Chunk bytes into compression, and compressed bytes out.
 pub const COMPRESS_INPUT_BYTES: &str = "tapstream_compress_input_bytes_total";
 pub const COMPRESS_OUTPUT_BYTES: &str = "tapstream_compress_output_bytes_total";
@@ -88,6 +90,7 @@ pub fn register_all() {
     }
     gauge!(UPLOAD_PARTS_IN_FLIGHT).set(0.0);
     gauge!(SPOOL_CHUNKS).set(0.0);
+    gauge!(SPOOL_BYTES).set(0.0);
     gauge!(CAPTURES_ACTIVE).set(0.0);
     metrics::histogram!(UPLOAD_PART_SECONDS).record(0.0);
 }
@@ -106,6 +109,7 @@ pub fn describe() {
     describe_counter!(UPLOAD_ERRORS, Unit::Count, "Store requests failed for good");
     describe_counter!(OBJECTS, Unit::Count, "Objects completed");
     describe_gauge!(SPOOL_CHUNKS, Unit::Count, "Chunks waiting in spools");
+    describe_gauge!(SPOOL_BYTES, Unit::Bytes, "Bytes of the chunks waiting in spools");
     describe_counter!(COMPRESS_INPUT_BYTES, Unit::Bytes, "Chunk bytes compressed");
     describe_counter!(COMPRESS_OUTPUT_BYTES, Unit::Bytes, "Compressed bytes produced");
     metrics::describe_histogram!(COMPRESS_SECONDS, Unit::Seconds, "Time to compress one chunk");

@@ -76,6 +76,7 @@ impl Spool {
         state.bytes += len;
         state.spooled += 1;
         metrics::gauge!(crate::metrics::SPOOL_CHUNKS).increment(1.0);
+        metrics::gauge!(crate::metrics::SPOOL_BYTES).increment(len as f64);
         Ok(true)
     }
 
@@ -86,6 +87,7 @@ impl Spool {
             let Some(len) = state.files.remove(&seq) else { return Ok(None) };
             state.bytes -= len;
             metrics::gauge!(crate::metrics::SPOOL_CHUNKS).decrement(1.0);
+            metrics::gauge!(crate::metrics::SPOOL_BYTES).decrement(len as f64);
             len
         };
         let path = self.path(seq);
