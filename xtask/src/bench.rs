@@ -26,6 +26,8 @@ pub struct CaptureBench {
     pub rate: u64,
     /// Write to /dev/null instead of a file, to measure the capture without the file system.
     pub null: bool,
+    /// Offer frames of which a filter keeps 1%, and filter with it.
+    pub one_percent: bool,
     /// Extra arguments for `tapstream capture`.
     pub tapstream_args: Vec<String>,
 }
@@ -33,6 +35,8 @@ pub struct CaptureBench {
 struct Outcome {
     tool: &'static str,
     offered: u64,
+    /// Frames the filter keeps of those offered.
+    expected: u64,
     send_secs: f64,
     captured: u64,
     cpu_secs: f64,
@@ -48,8 +52,21 @@ pub fn capture(root: &Path, opts: &CaptureBench) -> anyhow::Result<()> {
     let bin = root.join("target/release/tapstream");
     let work = tempdir()?;
     let cfg = work.join("frame.cfg");
-    // 64-byte frames (60 + FCS on a wire); four random bytes so frames differ.
-    std::fs::write(&cfg, "{ 0x02,0,0,0,0,0x01, 0x02,0,0,0,0,0x02, c16(0x0800), drnd(4), fill(0x00, 42) }\n")?;
+    // 64-byte frames (60 + FCS on a wire). Plain: four random bytes so frames differ. One
+    // percent: IPv4/UDP to port 0x27xx, xx counting 0 to 99, so `udp dst port 9984` (0x2700)
+    // matches every hundredth frame.
+    let (frame, filter): (&str, &[&str]) = if opts.one_percent {
+        (
+            "{ 0x02,0,0,0,0,0x01, 0x02,0,0,0,0,0x02, c16(0x0800), \
+             0x45,0x00, c16(46), c16(0), c16(0), 64, 17, c16(0), 10,0,0,1, 10,0,0,2, \
+             c16(1234), 0x27, dinc(0, 99), c16(26), c16(0), fill(0x00, 18) }\n",
+            &["udp", "dst", "port", "9984"],
+        )
+    } else {
+        ("{ 0x02,0,0,0,0,0x01, 0x02,0,0,0,0,0x02, c16(0x0800), drnd(4), fill(0x00, 42) }\n", &[])
+    };
+    std::fs::write(&cfg, frame)?;
+    let expected = |offered: u64| if opts.one_percent { offered / 100 } else { offered };
     let mut results = Vec::new();
     for tool in ["tapstream", "tcpdump", "netsniff-ng"] {
         let veth = VethPair::new(1);
@@ -67,14 +84,19 @@ pub fn capture(root: &Path, opts: &CaptureBench) -> anyhow::Result<()> {
                     "--json",
                 ]);
                 cmd.args(&opts.tapstream_args);
+                cmd.args(filter);
                 cmd.env("RUST_LOG", "info");
             }
             "tcpdump" => {
                 cmd.args(["tcpdump", "-i", &veth.capture_if, "-n", "-B", "65536", "-s", "262144", "-w"])
-                    .arg(&out);
+                    .arg(&out)
+                    .args(filter);
             }
             _ => {
                 cmd.args(["netsniff-ng", "--in", &veth.capture_if, "--silent", "--out"]).arg(&out);
+                if !filter.is_empty() {
+                    cmd.arg("--filter").arg(filter.join(" "));
+                }
             }
         }
         let mut child =
@@ -191,6 +213,7 @@ pub fn capture(root: &Path, opts: &CaptureBench) -> anyhow::Result<()> {
         results.push(Outcome {
             tool,
             offered,
+            expected: expected(offered),
             send_secs,
             captured,
             cpu_secs,
@@ -201,27 +224,29 @@ pub fn capture(root: &Path, opts: &CaptureBench) -> anyhow::Result<()> {
         drop(veth);
     }
     println!(
-        "\n| capturer | frames offered | offered rate (kpps) | captured | lost | drops it reports | CPU s (user) | CPU ns/frame | peak RSS MiB |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "\n| capturer | frames offered | offered rate (kpps) | wanted | captured | lost | drops it reports | CPU s (user) | CPU ns/captured frame | CPU ns/offered frame | peak RSS MiB |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for r in &results {
         println!(
-            "| {} | {} | {:.0} | {} | {:.3}% | {} | {:.2} ({:.2}) | {:.0} | {:.0} |",
+            "| {} | {} | {:.0} | {} | {} | {:.3}% | {} | {:.2} ({:.2}) | {:.0} | {:.1} | {:.0} |",
             r.tool,
             r.offered,
             r.offered as f64 / r.send_secs / 1000.0,
+            r.expected,
             r.captured,
-            100.0 * (r.offered.saturating_sub(r.captured)) as f64 / r.offered as f64,
+            100.0 * (r.expected.saturating_sub(r.captured)) as f64 / r.expected.max(1) as f64,
             r.counted_drops,
             r.cpu_secs,
             r.user_secs,
             r.cpu_secs * 1e9 / r.captured.max(1) as f64,
+            r.cpu_secs * 1e9 / r.offered.max(1) as f64,
             r.max_rss_mib,
         );
     }
     if let [ours, tcpdump, ..] = &results[..] {
-        let a = ours.cpu_secs / ours.captured.max(1) as f64;
-        let b = tcpdump.cpu_secs / tcpdump.captured.max(1) as f64;
-        println!("\ntapstream CPU per frame / tcpdump CPU per frame = {:.2}", a / b);
+        let a = ours.cpu_secs / ours.offered.max(1) as f64;
+        let b = tcpdump.cpu_secs / tcpdump.offered.max(1) as f64;
+        println!("\ntapstream CPU per offered frame / tcpdump CPU per offered frame = {:.2}", a / b);
     }
     std::fs::remove_dir_all(&work).ok();
     Ok(())

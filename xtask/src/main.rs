@@ -54,6 +54,10 @@ enum BenchTask {
         /// Write to /dev/null: the capture's cost without the file system's.
         #[arg(long)]
         null: bool,
+        /// Offer UDP frames whose destination port cycles over 100 values, and give every
+        /// capturer the filter `udp dst port 9984`, which keeps 1% of them.
+        #[arg(long)]
+        one_percent: bool,
         /// Extra arguments for `tapstream capture` (e.g. --batch-wait 1ms).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         tapstream_args: Vec<String>,
@@ -78,9 +82,9 @@ fn main() -> anyhow::Result<()> {
             demo(&root)
         }
         Task::Lint => lint(&root),
-        Task::Bench { what: BenchTask::Capture { frames, rate, null, tapstream_args } } => {
+        Task::Bench { what: BenchTask::Capture { frames, rate, null, one_percent, tapstream_args } } => {
             setup::run(&root)?;
-            bench::capture(&root, &bench::CaptureBench { frames, rate, null, tapstream_args })
+            bench::capture(&root, &bench::CaptureBench { frames, rate, null, one_percent, tapstream_args })
         }
     }
 }
