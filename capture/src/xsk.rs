@@ -20,6 +20,9 @@ use xdpilone::{DeviceQueue, IfInfo, RingRx, Socket, SocketConfig, Umem, UmemConf
 /// the XDP metadata lives in it.
 pub const XDP_PACKET_HEADROOM: u32 = 256;
 
+/// How long a bind that finds the queue busy is retried.
+const BUSY_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Whether to use zero-copy binding.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -202,18 +205,32 @@ impl XskSocket {
         };
         let mut last = None;
         let mut bound = None;
-        for &(flags, mode) in attempts {
-            // Each attempt starts from a new socket: rings cannot be set up twice on one.
-            match Self::bind(&area, config, &info, flags) {
-                Ok(parts) => {
-                    bound = Some((parts, mode));
-                    break;
-                }
-                Err((step, errno)) => {
-                    log::debug!("AF_XDP {mode} setup of {interface} queue {queue} failed at {step}: {errno}");
-                    last = Some((step, errno));
+        // A socket a process that just exited had bound to this queue is released by the
+        // kernel a moment later (a daemon restarted at once meets it): EBUSY is retried for a
+        // few seconds.
+        let deadline = std::time::Instant::now() + BUSY_RETRY;
+        'retry: loop {
+            for &(flags, mode) in attempts {
+                // Each attempt starts from a new socket: rings cannot be set up twice on one.
+                match Self::bind(&area, config, &info, flags) {
+                    Ok(parts) => {
+                        bound = Some((parts, mode));
+                        break 'retry;
+                    }
+                    Err((step, errno)) => {
+                        log::debug!(
+                            "AF_XDP {mode} setup of {interface} queue {queue} failed at {step}: {errno}"
+                        );
+                        last = Some((step, errno));
+                    }
                 }
             }
+            let busy = last.as_ref().is_some_and(|(step, e)| *step == "bind" && e.get_raw() == libc::EBUSY);
+            if !busy || std::time::Instant::now() >= deadline {
+                break;
+            }
+            log::info!("{interface} queue {queue} is still held by a socket being released; retrying");
+            std::thread::sleep(std::time::Duration::from_millis(100));
         }
         let Some(((umem, mut device, user), mode)) = bound else {
             let (step, errno) = last.expect("at least one attempt");
