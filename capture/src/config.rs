@@ -32,6 +32,23 @@ fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError 
     ConfigError::Invalid { field: field.into(), message: message.into() }
 }
 
+/// The dotted field a TOML line sets (`section.key: `), from the line's `key =` and the last
+/// `[section]` above it; `None` where that does not apply (arrays over several lines).
+fn field_at(text: &str, line: usize) -> Option<String> {
+    let lines: Vec<&str> = text.lines().collect();
+    let key = lines.get(line.checked_sub(1)?)?.split_once('=')?.0.trim();
+    if key.is_empty() || !key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.') {
+        return None;
+    }
+    let section = lines[..line - 1]
+        .iter()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix('[').and_then(|l| l.strip_suffix(']')))
+        .map(|s| format!("{}.", s.trim()))
+        .unwrap_or_default();
+    Some(format!("{section}{key}: "))
+}
+
 /// The whole file.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -193,9 +210,19 @@ impl Config {
 
     /// Parses and validates `text` (read from `path`, for messages).
     pub fn parse(text: &str, path: &std::path::Path) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string().trim_end().to_owned(),
+        // toml's own message quotes the offending line, which may hold a secret someone put
+        // in the file; the position and the reason are enough.
+        let config: Config = toml::from_str(text).map_err(|e| {
+            let position = e.span().map(|span| {
+                let before = &text[..span.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                format!("line {line}, column {column}: {}", field_at(text, line).unwrap_or_default())
+            });
+            ConfigError::Parse {
+                path: path.to_owned(),
+                message: format!("{}{}", position.unwrap_or_default(), e.message()),
+            }
         })?;
         config.validate()?;
         Ok(config)
@@ -476,8 +503,9 @@ mod tests {
 
     #[test]
     fn unknown_fields_and_credentials_are_refused_by_name() {
-        let err = parse("[store]\naccess_key = \"AKIA\"\n").unwrap_err().to_string();
+        let err = parse("[store]\naccess_key = \"AKIA-SECRET\"\n").unwrap_err().to_string();
         assert!(err.contains("test.toml") && err.contains("access_key") && err.contains("line 2"), "{err}");
+        assert!(!err.contains("AKIA-SECRET"), "the value is not echoed: {err}");
         let err = parse("[daemon]\nsocket_mode = 660\n").unwrap_err().to_string();
         assert!(err.contains("socket_mode"), "{err}");
     }
