@@ -3,6 +3,8 @@
 
 use std::{collections::BTreeSet, path::PathBuf, process::Command};
 
+use tapstream_testenv::VethPair;
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
@@ -247,4 +249,128 @@ fn check_config_accepts_the_shipped_file_and_names_a_wrong_field() {
         !out.status.success() && err.contains("interfaces.public.ring_size: 1000 is not a power of two"),
         "{err}"
     );
+}
+
+// --- The unit's capabilities, tried: a capture as nobody with exactly those (from the
+// deploy-kit helper's measurements) ---
+
+const CAPABILITIES: [&str; 5] = ["CAP_BPF", "CAP_IPC_LOCK", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_PERFMON"];
+
+/// The memlock limit the capability test runs under: 6 MiB, below the default 8 MiB hard
+/// limit, which an unprivileged test cannot raise (raising needs CAP_SYS_RESOURCE).
+const TEST_MEMLOCK_BYTES: u64 = 6 << 20;
+/// `--ring-size` values whose UMEM (ring size / 2 x 4096 bytes) is above and below that limit.
+const RING_16_MIB: &str = "8192";
+const RING_2_MIB: &str = "1024";
+
+/// Every capability Linux 6.x knows, for dropping all but a few from the bounding set.
+const ALL_CAPABILITIES: [&str; 41] = [
+    "chown",
+    "dac_override",
+    "dac_read_search",
+    "fowner",
+    "fsetid",
+    "kill",
+    "setgid",
+    "setuid",
+    "setpcap",
+    "linux_immutable",
+    "net_bind_service",
+    "net_broadcast",
+    "net_admin",
+    "net_raw",
+    "ipc_lock",
+    "ipc_owner",
+    "sys_module",
+    "sys_rawio",
+    "sys_chroot",
+    "sys_ptrace",
+    "sys_pacct",
+    "sys_admin",
+    "sys_boot",
+    "sys_nice",
+    "sys_resource",
+    "sys_time",
+    "sys_tty_config",
+    "mknod",
+    "lease",
+    "audit_write",
+    "audit_control",
+    "setfcap",
+    "mac_override",
+    "mac_admin",
+    "syslog",
+    "wake_alarm",
+    "block_suspend",
+    "audit_read",
+    "perfmon",
+    "bpf",
+    "checkpoint_restore",
+];
+
+/// Runs a one-second capture on the capture end of `veth` as user nobody with exactly `caps`
+/// (ambient, permitted, effective and bounding set, no new privileges), as systemd runs the
+/// unit, under a memlock limit of [`TEST_MEMLOCK_BYTES`]. Returns whether it succeeded, and
+/// its log. (capsh, from libcap2-bin: Debian 12's setpriv does not know CAP_BPF and
+/// CAP_PERFMON.)
+fn capture_with(veth: &VethPair, caps: &[&str], ring_size: &str, dir: &std::path::Path) -> (bool, String) {
+    let keep: Vec<String> = caps.iter().map(|c| c.to_ascii_lowercase()).collect();
+    let drop: Vec<String> =
+        ALL_CAPABILITIES.iter().map(|c| format!("cap_{c}")).filter(|c| !keep.contains(c)).collect();
+    let keep = keep.join(",");
+    let mut cmd = veth.capture_ns.command("prlimit");
+    cmd.arg(format!("--memlock={TEST_MEMLOCK_BYTES}")).arg("capsh");
+    // capsh needs CAP_SETPCAP to shrink the bounding set and CAP_SETUID/SETGID to become
+    // nobody; --keep=1 carries the permitted set across the change of user, and none of the
+    // three is in it.
+    if keep.is_empty() {
+        cmd.arg("--caps=cap_setpcap,cap_setuid,cap_setgid+ep");
+    } else {
+        cmd.arg(format!("--caps={keep}+eip cap_setpcap,cap_setuid,cap_setgid+ep"));
+    }
+    cmd.arg(format!("--drop={}", drop.join(","))).args(["--keep=1", "--user=nobody"]);
+    if !keep.is_empty() {
+        cmd.arg(format!("--addamb={keep}"));
+    }
+    let out = cmd
+        .arg("--no-new-privs")
+        .arg(concat!("--shell=", env!("CARGO_BIN_EXE_tapstream")))
+        .args(["--", "capture", "--iface", &veth.capture_if, "--duration", "1s", "--cores", "0"])
+        .args(["--ring-size", ring_size])
+        .arg("--write")
+        .arg(dir.join("capture.pcap"))
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("run prlimit (util-linux) and capsh (libcap2-bin)");
+    let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!log.contains("prlimit: failed"), "cannot set the test's memlock limit:\n{log}");
+    assert!(!log.contains("capsh") && !log.contains("usage:"), "capsh failed:\n{log}");
+    (out.status.success(), log)
+}
+
+#[test]
+fn a_capture_runs_with_the_units_capabilities_and_needs_each_one() {
+    let veth = VethPair::new(1);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+
+    // All five, and a UMEM larger than the memlock limit: CAP_IPC_LOCK exempts it.
+    let (ok, log) = capture_with(&veth, &CAPABILITIES, RING_16_MIB, dir.path());
+    assert!(ok, "a capture as an unprivileged user with {CAPABILITIES:?} fails:\n{log}");
+    assert!(log.contains("attached to"), "the capture attached XDP and bound its socket:\n{log}");
+    // No CAP_SYS_NICE: a thread may pin itself.
+    assert!(log.contains("pinned to core 0"), "the writer pinned itself without CAP_SYS_NICE:\n{log}");
+
+    // Without any one of them, it fails.
+    for missing in CAPABILITIES {
+        let fewer: Vec<&str> = CAPABILITIES.into_iter().filter(|c| *c != missing).collect();
+        let (ok, log) = capture_with(&veth, &fewer, RING_16_MIB, dir.path());
+        assert!(!ok, "a capture without {missing} succeeds, so the unit need not grant it:\n{log}");
+        eprintln!("without {missing}: {}", log.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or(""));
+    }
+    // Without CAP_IPC_LOCK only the memlock limit stands in the way: a UMEM below it works,
+    // which is what LimitMEMLOCK=infinity gives any size.
+    let without_lock: Vec<&str> = CAPABILITIES.into_iter().filter(|c| *c != "CAP_IPC_LOCK").collect();
+    let (ok, log) = capture_with(&veth, &without_lock, RING_2_MIB, dir.path());
+    assert!(ok, "without CAP_IPC_LOCK a UMEM under the memlock limit is enough:\n{log}");
 }

@@ -19,7 +19,8 @@ const GARAGE_VERSION: &str = "2.5.0";
 
 /// Debian packages: libpcap for the filter compiler, the peers and traffic tools for tests and
 /// benchmarks, tshark/capinfos to read what we write, Prometheus for the metrics tests,
-/// systemd for `systemd-analyze verify` of the unit.
+/// systemd for `systemd-analyze verify` of the unit, libcap2-bin (capsh) to run a capture with
+/// exactly the unit's capabilities.
 const PACKAGES: &[&str] = &[
     "libpcap-dev",
     "tcpdump",
@@ -34,6 +35,7 @@ const PACKAGES: &[&str] = &[
     "bpftool",
     "tmux",
     "systemd",
+    "libcap2-bin",
 ];
 
 pub fn run(root: &Path) -> anyhow::Result<()> {
