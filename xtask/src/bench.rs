@@ -261,3 +261,204 @@ fn tempdir() -> anyhow::Result<std::path::PathBuf> {
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
 }
+
+/// `cargo xtask bench concurrent`: how the cost grows with the number of captures running at
+/// once on one interface, each with its own filter.
+///
+/// For each count N, the daemon runs N captures; capture i keeps `udp dst port 9984+i`, so with
+/// the one-percent traffic of `bench capture --one-percent` (destination ports 9984 to 10083 in
+/// turn) each keeps its own 1% of the frames and N captures keep N%. Reported per offered frame:
+/// the daemon's CPU time (/proc/PID/stat) and, from the kernel's BPF statistics
+/// (`kernel.bpf_stats_enabled`), the run time of the XDP program: the kernel counts it for the
+/// attached entry program, and that time includes the programs it tail-calls (the generated
+/// filter program, which evaluates all N filters, and the redirect).
+pub fn concurrent(root: &Path, frames: u64, counts: &[usize]) -> anyhow::Result<()> {
+    crate::cargo(root, None, &["build", "--release", "--package", "tapstream"])?;
+    let bin = root.join("target/release/tapstream");
+    let work = tempdir()?;
+    let cfg = work.join("frame.cfg");
+    std::fs::write(
+        &cfg,
+        "{ 0x02,0,0,0,0,0x01, 0x02,0,0,0,0,0x02, c16(0x0800), \
+         0x45,0x00, c16(46), c16(0), c16(0), 64, 17, c16(0), 10,0,0,1, 10,0,0,2, \
+         c16(1234), 0x27, dinc(0, 99), c16(26), c16(0), fill(0x00, 18) }\n",
+    )?;
+    let stats_were = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")?;
+    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1")?;
+    let mut rows = Vec::new();
+    let result = (|| -> anyhow::Result<()> {
+        for &n in counts {
+            rows.push(concurrent_run(&bin, &work, &cfg, frames, n)?);
+        }
+        Ok(())
+    })();
+    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", stats_were.trim())?;
+    result?;
+    println!(
+        "\n| captures | frames offered | stored (all captures) | daemon CPU ns/offered frame | XDP ns/frame (entry, filters, redirect) |\n|---:|---:|---:|---:|---:|"
+    );
+    for r in &rows {
+        println!("| {} | {} | {} | {:.1} | {:.1} |", r.captures, r.offered, r.stored, r.daemon_ns, r.xdp_ns);
+    }
+    std::fs::remove_dir_all(&work).ok();
+    Ok(())
+}
+
+struct ConcurrentRow {
+    captures: usize,
+    offered: u64,
+    stored: u64,
+    daemon_ns: f64,
+    xdp_ns: f64,
+}
+
+fn concurrent_run(
+    bin: &Path,
+    work: &Path,
+    cfg: &Path,
+    frames: u64,
+    n: usize,
+) -> anyhow::Result<ConcurrentRow> {
+    let veth = VethPair::new(1);
+    let dir = work.join(format!("daemon{n}"));
+    std::fs::create_dir_all(&dir)?;
+    let d = dir.display();
+    let config = dir.join("tapstream.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[daemon]\nsocket = \"{d}/control.sock\"\nstate_dir = \"{d}/state\"\nnode = \"bench\"\n\
+             [interfaces.tap]\ndevice = \"{}\"\ncores = [1]\n\
+             [limits]\nmax_concurrent_captures = 64\n\
+             [store]\ndestinations = [\"{d}/store\"]\ncompression = \"none\"\nspool_dir = \"{d}/spool\"\n",
+            veth.capture_if
+        ),
+    )?;
+    let mut daemon = veth
+        .capture_ns
+        .command("taskset")
+        .args(["-c", "1"])
+        .arg(bin)
+        .args(["daemon", "--config"])
+        .arg(&config)
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("start the daemon")?;
+    let (ready_tx, ready) = std::sync::mpsc::channel();
+    let stderr = daemon.stderr.take().expect("piped");
+    let log = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("daemon ready") {
+                let _ = ready_tx.send(());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    if ready.recv_timeout(Duration::from_secs(30)).is_err() {
+        let _ = daemon.kill();
+        bail!("the daemon did not start:\n{}", log.join().unwrap_or_default());
+    }
+    let socket = dir.join("control.sock");
+    let cli = |args: &[&str]| -> anyhow::Result<serde_json::Value> {
+        let out = std::process::Command::new(bin)
+            .arg("capture")
+            .arg(args[0])
+            .arg("--json")
+            .args(&args[1..])
+            .env("TAPSTREAM_SOCKET", &socket)
+            .output()?;
+        if !out.status.success() {
+            bail!("capture {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    };
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let port = (9984 + i).to_string();
+        let info = cli(&["start", "-i", "tap", "--duration", "600s", "udp", "dst", "port", &port])?;
+        ids.push(info["id"].as_str().context("capture id")?.to_owned());
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = daemon.id();
+    let cpu_before = process_cpu_secs(pid)?;
+    let xdp_before = prog_stats("tapstream_xdp")?;
+    let sent = veth
+        .sender_ns
+        .command("taskset")
+        .args(["-c", "0", "trafgen", "-o", &veth.sender_if, "-c"])
+        .arg(cfg)
+        .args(["-P", "1", "-H", "-n", &frames.to_string()])
+        .stderr(Stdio::null())
+        .output()
+        .context("run trafgen")?;
+    let text = String::from_utf8_lossy(&sent.stdout);
+    let offered: u64 = text
+        .lines()
+        .find_map(|l| l.trim().strip_suffix("packets outgoing"))
+        .and_then(|n| n.trim().parse().ok())
+        .with_context(|| format!("trafgen's packet count not found in: {text}"))?;
+    // Until every capture has handed on its share (or 20 s).
+    let want = offered / 100 * n as u64;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut stored = 0;
+    while Instant::now() < deadline {
+        let list = cli(&["list"])?;
+        stored =
+            list.as_array().map_or(0, |a| a.iter().filter_map(|c| c["progress"]["packets"].as_u64()).sum());
+        if stored >= want {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let daemon_secs = process_cpu_secs(pid)? - cpu_before;
+    let xdp_after = prog_stats("tapstream_xdp")?;
+    for id in &ids {
+        cli(&["stop", id])?;
+    }
+    // SAFETY: plain kill(2) on our own child, not reaped yet.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+    let _ = daemon.wait();
+    let _ = log.join();
+    let per = |(t1, c1): (u64, u64), (t0, c0): (u64, u64)| {
+        if c1 > c0 { (t1 - t0) as f64 / (c1 - c0) as f64 } else { 0.0 }
+    };
+    eprintln!("{n} captures: {stored} of {want} frames stored");
+    Ok(ConcurrentRow {
+        captures: n,
+        offered,
+        stored,
+        daemon_ns: daemon_secs * 1e9 / offered.max(1) as f64,
+        xdp_ns: per(xdp_after, xdp_before),
+    })
+}
+
+/// User + system CPU seconds of process `pid` so far (all its threads).
+fn process_cpu_secs(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start at field 3.
+    let rest = stat.rsplit_once(')').context("/proc/PID/stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Ok(ticks as f64 / hz)
+}
+
+/// (run time ns, run count) summed over loaded programs named `name` (bpftool's view of the
+/// kernel's BPF statistics).
+fn prog_stats(name: &str) -> anyhow::Result<(u64, u64)> {
+    let out =
+        std::process::Command::new("bpftool").args(["prog", "show", "-j"]).output().context("run bpftool")?;
+    let progs: serde_json::Value = serde_json::from_slice(&out.stdout).context("bpftool's JSON")?;
+    let mut total = (0, 0);
+    for p in progs.as_array().into_iter().flatten() {
+        if p["name"].as_str().is_some_and(|n| name.starts_with(n) || n.starts_with(name)) {
+            total.0 += p["run_time_ns"].as_u64().unwrap_or(0);
+            total.1 += p["run_cnt"].as_u64().unwrap_or(0);
+        }
+    }
+    Ok(total)
+}

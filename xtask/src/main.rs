@@ -43,6 +43,16 @@ enum Task {
 
 #[derive(Subcommand)]
 enum BenchTask {
+    /// CPU per offered frame as the daemon runs more captures at once, each with its own
+    /// filter keeping 1%: the daemon's time and the XDP programs' run time.
+    Concurrent {
+        /// Frames offered per run.
+        #[arg(long, default_value_t = 2_000_000)]
+        frames: u64,
+        /// Numbers of captures to run at once.
+        #[arg(long, value_delimiter = ',', default_value = "1,4,16,32")]
+        captures: Vec<usize>,
+    },
     /// tapstream vs `tcpdump -w` on a veth fed by trafgen: frames captured, CPU per frame.
     Capture {
         /// Frames offered to each capturer.
@@ -82,6 +92,10 @@ fn main() -> anyhow::Result<()> {
             demo(&root)
         }
         Task::Lint => lint(&root),
+        Task::Bench { what: BenchTask::Concurrent { frames, captures } } => {
+            setup::run(&root)?;
+            bench::concurrent(&root, frames, &captures)
+        }
         Task::Bench { what: BenchTask::Capture { frames, rate, null, one_percent, tapstream_args } } => {
             setup::run(&root)?;
             bench::capture(&root, &bench::CaptureBench { frames, rate, null, one_percent, tapstream_args })
