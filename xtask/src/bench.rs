@@ -462,3 +462,171 @@ fn prog_stats(name: &str) -> anyhow::Result<(u64, u64)> {
     }
     Ok(total)
 }
+
+/// `cargo xtask bench s3`: the time from the first frame offered to the capture being a
+/// complete object in Garage: tapstream streaming to the store while it captures, against
+/// `tcpdump -w` followed by `aws s3 cp` of its file (what a user would otherwise script), with
+/// the time tcpdump's file alone takes beside it. trafgen offers `frames` 1000-byte frames
+/// (half random bytes, half zeros) at `rate` frames per second, which every path keeps up with.
+pub fn s3(root: &Path, frames: u64, rate: u64) -> anyhow::Result<()> {
+    crate::cargo(root, None, &["build", "--release", "--package", "tapstream"])?;
+    let bin = root.join("target/release/tapstream");
+    let aws = awscli(root)?;
+    let work = tempdir()?;
+    let cfg = work.join("frame.cfg");
+    std::fs::write(
+        &cfg,
+        "{ 0x02,0,0,0,0,0x01, 0x02,0,0,0,0,0x02, c16(0x0800), \
+         0x45,0x00, c16(986), c16(0), c16(0), 64, 17, c16(0), 10,0,0,1, 10,0,0,2, \
+         c16(1234), c16(5678), c16(966), c16(0), drnd(479), fill(0x00, 479) }\n",
+    )?;
+    let mut rows = Vec::new();
+    for tool in ["tapstream", "tcpdump + aws s3 cp"] {
+        let veth = VethPair::new(1);
+        let ns = &veth.capture_ns;
+        let garage = tapstream_testenv::Garage::start_in(ns);
+        let file = work.join("tcpdump.pcap");
+        let mut cmd = ns.command("taskset");
+        cmd.args(["-c", "1"]);
+        if tool == "tapstream" {
+            cmd.arg(&bin)
+                .args([
+                    "capture",
+                    "-i",
+                    &veth.capture_if,
+                    "-c",
+                    &frames.to_string(),
+                    "--json",
+                    "--drop-unmatched",
+                ])
+                .args(["--upload", &format!("s3://{}/bench", garage.bucket)])
+                .args(["--s3-endpoint", &garage.endpoint, "--s3-region", &garage.region, "--s3-path-style"])
+                .args(["--compress-threads", "1", "--cores", "1", "--spool-dir"])
+                .arg(work.join("spool"))
+                .envs(garage.aws_env())
+                .env("RUST_LOG", "info");
+        } else {
+            cmd.args(["tcpdump", "-i", &veth.capture_if, "-n", "-B", "65536", "-s", "262144"])
+                .args(["-c", &frames.to_string(), "-w"])
+                .arg(&file);
+        }
+        let mut child =
+            cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().context("start the capturer")?;
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().expect("piped");
+        let log = std::thread::spawn(move || {
+            let mut all = String::new();
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("capturing on") || line.contains("listening on") {
+                    let _ = ready_tx.send(());
+                }
+                all.push_str(&line);
+                all.push('\n');
+            }
+            all
+        });
+        if ready.recv_timeout(Duration::from_secs(30)).is_err() {
+            let _ = child.kill();
+            bail!("{tool} did not start:\n{}", log.join().unwrap_or_default());
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let started = Instant::now();
+        let sent = veth
+            .sender_ns
+            .command("taskset")
+            .args(["-c", "0", "trafgen", "-o", &veth.sender_if, "-c"])
+            .arg(&cfg)
+            .args(["-P", "1", "-H", "-n", &frames.to_string(), "-b", &format!("{rate}pps")])
+            .stderr(Stdio::null())
+            .output()
+            .context("run trafgen")?;
+        let sent_secs = started.elapsed().as_secs_f64();
+        // With frames lost, `-c` is never reached: tcpdump is stopped 5 s after the traffic,
+        // as tapstream's --idle 5s stops it.
+        let pid = child.id() as libc::pid_t;
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let watchdog = std::thread::spawn(move || {
+            if done_rx.recv_timeout(Duration::from_secs(5)).is_err() {
+                // SAFETY: kill(2) has no memory-safety preconditions. The pid is our child's; in
+                // the instant between its reaping and `done_tx`, it could only hit a process
+                // that took over the pid at once, which a bench host does not see.
+                unsafe { libc::kill(pid, libc::SIGINT) };
+            }
+        });
+        let out = child.wait_with_output();
+        let _ = done_tx.send(());
+        let _ = watchdog.join();
+        let out = out?;
+        let log = log.join().unwrap_or_default();
+        if !out.status.success() {
+            bail!("{tool} failed:\n{log}");
+        }
+        let captured_secs = started.elapsed().as_secs_f64();
+        let (stored_bytes, file_secs, stored, drops) = if tool == "tapstream" {
+            let summary: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+            let drops: u64 = ["dropped_writer", "dropped_kernel", "redirect_errors"]
+                .iter()
+                .filter_map(|k| summary[k].as_u64())
+                .sum();
+            (summary["bytes"].as_u64().unwrap_or(0), None, summary["packets"].as_u64().unwrap_or(0), drops)
+        } else {
+            let file_secs = captured_secs;
+            // aws runs in the capture namespace, where Garage listens.
+            let status = ns
+                .command(&aws)
+                .args(["--endpoint-url", &garage.endpoint, "s3", "cp"])
+                .arg(&file)
+                .arg(format!("s3://{}/bench/tcpdump.pcap", garage.bucket))
+                .envs(garage.aws_env())
+                .env("AWS_DEFAULT_REGION", &garage.region)
+                .stdout(Stdio::null())
+                .status()
+                .context("run aws s3 cp")?;
+            if !status.success() {
+                bail!("aws s3 cp failed");
+            }
+            let count = |suffix: &str| {
+                log.lines()
+                    .find_map(|l| l.strip_suffix(suffix))
+                    .and_then(|n| n.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            (
+                std::fs::metadata(&file)?.len(),
+                Some(file_secs),
+                count(" packets captured"),
+                count(" packets dropped by kernel"),
+            )
+        };
+        let total = started.elapsed().as_secs_f64();
+        let offered: u64 = String::from_utf8_lossy(&sent.stdout)
+            .lines()
+            .find_map(|l| l.trim().strip_suffix("packets outgoing"))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0);
+        rows.push((tool, offered, sent_secs, file_secs, total, stored_bytes, stored, drops));
+        drop(garage);
+    }
+    println!(
+        "\n| path | frames offered | offered for (s) | frames stored | drops counted | file written after (s) | object complete after (s) | bytes |\n|---|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for (tool, offered, sent, file, total, bytes, stored, drops) in &rows {
+        println!(
+            "| {tool} | {offered} | {sent:.2} | {stored} | {drops} | {} | {total:.2} | {bytes} |",
+            file.map_or("-".to_owned(), |f| format!("{f:.2}"))
+        );
+    }
+    std::fs::remove_dir_all(&work).ok();
+    Ok(())
+}
+
+/// The `aws` command, installed into `.tools/awscli` (a Python virtual environment) on first use.
+fn awscli(root: &Path) -> anyhow::Result<std::path::PathBuf> {
+    let venv = root.join(".tools/awscli");
+    let aws = venv.join("bin/aws");
+    if !aws.exists() {
+        crate::status(std::process::Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+        crate::status(std::process::Command::new(venv.join("bin/pip")).args(["install", "-q", "awscli"]))?;
+    }
+    Ok(aws)
+}

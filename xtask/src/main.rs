@@ -43,6 +43,16 @@ enum Task {
 
 #[derive(Subcommand)]
 enum BenchTask {
+    /// Time from the first frame to a complete object in Garage: tapstream streaming, against
+    /// `tcpdump -w` then `aws s3 cp`.
+    S3 {
+        /// Frames offered (1000 bytes each).
+        #[arg(long, default_value_t = 300_000)]
+        frames: u64,
+        /// Offered rate in frames per second.
+        #[arg(long, default_value_t = 100_000)]
+        rate: u64,
+    },
     /// CPU per offered frame as the daemon runs more captures at once, each with its own
     /// filter keeping 1%: the daemon's time and the XDP programs' run time.
     Concurrent {
@@ -92,6 +102,10 @@ fn main() -> anyhow::Result<()> {
             demo(&root)
         }
         Task::Lint => lint(&root),
+        Task::Bench { what: BenchTask::S3 { frames, rate } } => {
+            setup::run(&root)?;
+            bench::s3(&root, frames, rate)
+        }
         Task::Bench { what: BenchTask::Concurrent { frames, captures } } => {
             setup::run(&root)?;
             bench::concurrent(&root, frames, &captures)
