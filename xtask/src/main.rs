@@ -33,9 +33,11 @@ enum Task {
     /// Set up, then run a bounded capture on the local defaults and read the result back.
     Demo,
     /// Whole-system benchmarks (see BENCHMARKS.md).
+    /// Without a subcommand: every whole-system benchmark in turn (capture at rising rates,
+    /// the 1% filter, concurrent captures, capture to S3), each printing its table.
     Bench {
         #[command(subcommand)]
-        what: BenchTask,
+        what: Option<BenchTask>,
     },
     /// rustfmt --check and clippy -D warnings on the userspace (stable) and eBPF (nightly) crates.
     Lint,
@@ -102,15 +104,44 @@ fn main() -> anyhow::Result<()> {
             demo(&root)
         }
         Task::Lint => lint(&root),
-        Task::Bench { what: BenchTask::S3 { frames, rate } } => {
+        Task::Bench { what: None } => {
+            setup::run(&root)?;
+            for rate in [100_000, 200_000, 300_000, 0] {
+                println!("\n## bench capture --frames 2000000 --rate {rate}");
+                let opts = bench::CaptureBench {
+                    frames: 2_000_000,
+                    rate,
+                    null: false,
+                    one_percent: false,
+                    tapstream_args: Vec::new(),
+                };
+                bench::capture(&root, &opts)?;
+            }
+            println!("\n## bench capture --frames 5000000 --one-percent");
+            let opts = bench::CaptureBench {
+                frames: 5_000_000,
+                rate: 0,
+                null: false,
+                one_percent: true,
+                tapstream_args: Vec::new(),
+            };
+            bench::capture(&root, &opts)?;
+            println!("\n## bench concurrent --frames 2000000 --captures 1,4,16,32");
+            bench::concurrent(&root, 2_000_000, &[1, 4, 16, 32])?;
+            println!("\n## bench s3 --frames 300000 --rate 100000");
+            bench::s3(&root, 300_000, 100_000)
+        }
+        Task::Bench { what: Some(BenchTask::S3 { frames, rate }) } => {
             setup::run(&root)?;
             bench::s3(&root, frames, rate)
         }
-        Task::Bench { what: BenchTask::Concurrent { frames, captures } } => {
+        Task::Bench { what: Some(BenchTask::Concurrent { frames, captures }) } => {
             setup::run(&root)?;
             bench::concurrent(&root, frames, &captures)
         }
-        Task::Bench { what: BenchTask::Capture { frames, rate, null, one_percent, tapstream_args } } => {
+        Task::Bench {
+            what: Some(BenchTask::Capture { frames, rate, null, one_percent, tapstream_args }),
+        } => {
             setup::run(&root)?;
             bench::capture(&root, &bench::CaptureBench { frames, rate, null, one_percent, tapstream_args })
         }
