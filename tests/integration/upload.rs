@@ -219,7 +219,7 @@ struct Counting<S> {
 }
 
 impl<S: Sink> Sink for Counting<S> {
-    async fn put_object(&self, key: &str, body: Vec<u8>, meta: &ObjectMeta) -> Result<(), UploadError> {
+    async fn put_object(&self, key: &str, body: bytes::Bytes, meta: &ObjectMeta) -> Result<(), UploadError> {
         self.inner.put_object(key, body, meta).await
     }
     async fn create_multipart(&self, key: &str, meta: &ObjectMeta) -> Result<String, UploadError> {
@@ -230,7 +230,7 @@ impl<S: Sink> Sink for Counting<S> {
         key: &str,
         id: &str,
         number: i32,
-        body: Vec<u8>,
+        body: bytes::Bytes,
     ) -> Result<PartDone, UploadError> {
         let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
         self.max.fetch_max(now, Ordering::SeqCst);

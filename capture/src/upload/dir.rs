@@ -44,7 +44,7 @@ fn write_atomic(path: &Path, body: &[u8]) -> Result<(), UploadError> {
 }
 
 impl Sink for DirSink {
-    async fn put_object(&self, key: &str, body: Vec<u8>, _meta: &ObjectMeta) -> Result<(), UploadError> {
+    async fn put_object(&self, key: &str, body: bytes::Bytes, _meta: &ObjectMeta) -> Result<(), UploadError> {
         write_atomic(&self.path(key), &body)
     }
 
@@ -61,7 +61,7 @@ impl Sink for DirSink {
         _key: &str,
         upload_id: &str,
         number: i32,
-        body: Vec<u8>,
+        body: bytes::Bytes,
     ) -> Result<PartDone, UploadError> {
         let path = self.upload_dir(upload_id).join(format!("{number:05}"));
         write_atomic(&path, &body)?;

@@ -83,12 +83,13 @@ impl UploadError {
 }
 
 /// A store of objects. Keys are relative to the store's bucket or directory.
+/// Bodies are [`bytes::Bytes`]: a retry hands the same bytes on again without copying them.
 pub trait Sink: Send + Sync + 'static {
     /// Stores `body` as `key` in one request.
     fn put_object(
         &self,
         key: &str,
-        body: Vec<u8>,
+        body: bytes::Bytes,
         meta: &ObjectMeta,
     ) -> impl Future<Output = Result<(), UploadError>> + Send;
     /// Starts a multipart upload; returns its id.
@@ -103,7 +104,7 @@ pub trait Sink: Send + Sync + 'static {
         key: &str,
         upload_id: &str,
         number: i32,
-        body: Vec<u8>,
+        body: bytes::Bytes,
     ) -> impl Future<Output = Result<PartDone, UploadError>> + Send;
     /// Completes an upload from its parts, in order.
     fn complete_multipart(

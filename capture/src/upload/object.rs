@@ -250,7 +250,7 @@ impl<S: Sink> Uploader<S> {
         let closed = |_| UploadError::Task("semaphore closed".into());
         let global = self.global.clone().acquire_owned().await.map_err(closed)?;
         let local = self.per_object.clone().acquire_owned().await.map_err(closed)?;
-        let body = std::mem::take(&mut obj.pending);
+        let body = bytes::Bytes::from(std::mem::take(&mut obj.pending));
         let number = obj.next_part;
         obj.next_part += 1;
         let (sink, key, id) =
@@ -296,8 +296,9 @@ impl<S: Sink> Uploader<S> {
         obj.length += table.len() as u64;
         obj.pending.extend_from_slice(&table);
         if obj.upload_id.is_none() {
-            let obj = self.open.take().expect("open");
-            let (sink, key, body) = (&self.sink, &obj.key, &obj.pending);
+            let mut obj = self.open.take().expect("open");
+            let body = bytes::Bytes::from(std::mem::take(&mut obj.pending));
+            let (sink, key) = (&self.sink, &obj.key);
             with_retry("PutObject", self.config.outage_max, || sink.put_object(key, body.clone(), &meta))
                 .await?;
             // A small object is one PutObject: its bytes count as uploaded like a part's.
@@ -342,7 +343,7 @@ impl<S: Sink> Uploader<S> {
             frames,
             object_length: length,
         };
-        let body = serde_json::to_vec(&index).expect("an index serializes");
+        let body = bytes::Bytes::from(serde_json::to_vec(&index).expect("an index serializes"));
         let meta =
             ObjectMeta { content_type: "application/json".into(), metadata: self.owner.metadata.clone() };
         let (sink, ikey) = (&self.sink, index_key(&key));

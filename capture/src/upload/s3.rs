@@ -99,7 +99,7 @@ where
 }
 
 impl Sink for S3Sink {
-    async fn put_object(&self, key: &str, body: Vec<u8>, meta: &ObjectMeta) -> Result<(), UploadError> {
+    async fn put_object(&self, key: &str, body: bytes::Bytes, meta: &ObjectMeta) -> Result<(), UploadError> {
         let c = &self.config;
         let mut req = self
             .client
@@ -150,7 +150,7 @@ impl Sink for S3Sink {
         key: &str,
         upload_id: &str,
         number: i32,
-        body: Vec<u8>,
+        body: bytes::Bytes,
     ) -> Result<PartDone, UploadError> {
         let out = self
             .client
