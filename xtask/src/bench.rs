@@ -102,6 +102,7 @@ pub fn capture(root: &Path, opts: &CaptureBench) -> anyhow::Result<()> {
         let mut child =
             cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().context("start the capturer")?;
         let pid = child.id() as libc::pid_t;
+        let peak_rss = watch_peak_rss(pid as u32);
         let (ready_tx, ready) = std::sync::mpsc::channel();
         // Each tool says it is ready on one of its outputs: tapstream "capturing on" and
         // tcpdump "listening on" on stderr, netsniff-ng "Running!" on stdout.
@@ -160,7 +161,9 @@ pub fn capture(root: &Path, opts: &CaptureBench) -> anyhow::Result<()> {
         }
         let log = log.join().unwrap_or_default();
         let stdout = out_text.join().unwrap_or_default();
-        let max_rss_mib = usage.ru_maxrss as f64 / 1024.0;
+        // wait4's ru_maxrss would count the RSS the child had between fork and exec (this
+        // process's); VmHWM of the capturer's own image is its peak.
+        let max_rss_mib = peak_rss.join().unwrap_or(0) as f64 / 1024.0;
         let cpu_secs = tv(usage.ru_utime) + tv(usage.ru_stime);
         let counted_drops = if tool == "tcpdump" {
             log.lines()
@@ -629,4 +632,26 @@ fn awscli(root: &Path) -> anyhow::Result<std::path::PathBuf> {
         crate::status(std::process::Command::new(venv.join("bin/pip")).args(["install", "-q", "awscli"]))?;
     }
     Ok(aws)
+}
+
+/// Follows process `pid`'s peak resident memory (VmHWM, KiB) until it exits.
+fn watch_peak_rss(pid: u32) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let mut peak = 0;
+        // The status file stays readable until the process is reaped; a zombie has no VmHWM.
+        while let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+            if status.lines().any(|l| l.starts_with("State:") && l.contains("zombie")) {
+                break;
+            }
+            if let Some(kib) = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            {
+                peak = peak.max(kib);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        peak
+    })
 }
