@@ -89,6 +89,9 @@ pub struct DaemonSection {
     pub metrics_listen: Option<String>,
     /// This host's name in object keys and metadata; default: the hostname.
     pub node: Option<String>,
+    /// Ended captures whose state is kept (the oldest are forgotten first; their objects stay
+    /// in the store).
+    pub keep_finished: usize,
 }
 
 impl Default for DaemonSection {
@@ -102,6 +105,7 @@ impl Default for DaemonSection {
             state_dir: "/var/lib/tapstream".into(),
             metrics_listen: None,
             node: None,
+            keep_finished: 1000,
         }
     }
 }

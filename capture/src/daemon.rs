@@ -48,6 +48,8 @@ struct Shared {
     captures: Mutex<BTreeMap<String, Entry>>,
     changed: Condvar,
     state_dir: PathBuf,
+    /// Ended captures kept (`daemon.keep_finished`).
+    keep_finished: usize,
 }
 
 /// The daemon's interfaces and captures.
@@ -65,8 +67,12 @@ impl Daemon {
         let state_dir = config.daemon.state_dir.join("captures");
         std::fs::create_dir_all(&state_dir)
             .map_err(|source| DaemonError::State { path: state_dir.clone(), source })?;
-        let shared =
-            Arc::new(Shared { captures: Mutex::new(BTreeMap::new()), changed: Condvar::new(), state_dir });
+        let shared = Arc::new(Shared {
+            captures: Mutex::new(BTreeMap::new()),
+            changed: Condvar::new(),
+            state_dir,
+            keep_finished: config.daemon.keep_finished,
+        });
         shared.load()?;
         let mut services = HashMap::new();
         for (alias, interface) in &config.interfaces {
@@ -440,6 +446,8 @@ impl Shared {
             }
             captures.insert(info.id.clone(), Entry { info, progress: None });
         }
+        drop(captures);
+        self.forget_oldest();
         Ok(())
     }
 
@@ -474,7 +482,28 @@ impl Shared {
             entry.info.clone()
         };
         self.persist(&info);
+        self.forget_oldest();
         self.changed.notify_all();
+    }
+
+    /// Forgets the oldest ended captures beyond `keep_finished`, so the state directory does
+    /// not grow for ever on a long-running appliance.
+    fn forget_oldest(&self) {
+        let mut captures = self.lock();
+        let mut ended: Vec<(u64, String)> = captures
+            .values()
+            .filter(|e| e.info.state != CaptureState::Running)
+            .map(|e| (e.info.started_ns, e.info.id.clone()))
+            .collect();
+        if ended.len() <= self.keep_finished {
+            return;
+        }
+        ended.sort();
+        let excess = ended.len() - self.keep_finished;
+        for (_, id) in ended.into_iter().take(excess) {
+            captures.remove(&id);
+            self.forget(&id);
+        }
     }
 }
 

@@ -460,3 +460,18 @@ fn the_tcp_api_requires_the_bearer_token() {
 fn daemon_log(mut daemon: TestDaemon) -> (std::process::ExitStatus, String) {
     daemon.running.take().unwrap().signal_and_wait(libc::SIGTERM)
 }
+
+#[test]
+fn only_the_newest_ended_captures_are_kept() {
+    let veth = VethPair::new(1);
+    let daemon = TestDaemon::start(&veth, "keep_finished = 2");
+    for id in ["first", "second", "third"] {
+        daemon.start_capture(&["-i", "tap", "--duration", "0.3s", "--id", id]);
+        daemon.wait(id);
+    }
+    let kept: Vec<String> = daemon.client().list().unwrap().into_iter().map(|c| c.id).collect();
+    assert_eq!(kept, ["third", "second"], "newest first, the oldest forgotten");
+    let files = std::fs::read_dir(daemon.dir.path().join("state/captures")).unwrap().count();
+    assert_eq!(files, 2, "its state file is gone too");
+    assert_eq!(daemon.client().status("first").unwrap_err().to_string(), "no capture \"first\" (HTTP 404)");
+}
