@@ -256,9 +256,9 @@ impl InterfaceRuntime {
         let result = match self.filter_program(None) {
             Ok(program) => self.install(program),
             Err(e) => {
-                // The program without this capture is the one before it plus nothing, so
-                // this is not expected; still, the capture's bit must go. Filtered captures
-                // get nothing until the next program is built.
+                // Not expected (the running captures' filters were all verified before), but
+                // the stopped capture's bit must go whatever happens: without a program, only
+                // the unfiltered captures get frames until the next one is built.
                 log::error!(
                     "cannot rebuild the filter program after stopping {}: {e}",
                     stopped.capture.spec.id

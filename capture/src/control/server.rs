@@ -220,7 +220,6 @@ async fn route(
         })?
         .to_bytes();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let json = |value: &dyn erased::Json| value.to_json();
     match (&method, segments.as_slice()) {
         (&Method::POST, ["v1", "captures"]) => {
             let request: CaptureRequest = serde_json::from_slice(&body)
@@ -258,16 +257,9 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::internal(e.to_string()))?
 }
 
-mod erased {
-    /// Serializes any reply body.
-    pub trait Json {
-        fn to_json(&self) -> Vec<u8>;
-    }
-    impl<T: serde::Serialize> Json for T {
-        fn to_json(&self) -> Vec<u8> {
-            serde_json::to_vec(self).unwrap_or_default()
-        }
-    }
+/// A reply body.
+fn json<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).unwrap_or_default()
 }
 
 #[cfg(test)]
