@@ -468,8 +468,9 @@ fn capture(args: CaptureArgs) -> anyhow::Result<()> {
     let filter = r.filter();
     if let Some(filter) = &filter {
         // Checked before anything starts: libpcap's message for a syntax error, the reason for
-        // what the kernel cannot run.
-        Instructions::build(&[CaptureFilter { slot: 0, filter: Some(&CbpfProgram::compile(filter)?) }])?;
+        // what the kernel cannot run, the verifier's complaint (the program is loaded once
+        // and dropped; the capture loads it again with the interface's own).
+        LoadedFilter::load(&[CaptureFilter { slot: 0, filter: Some(&CbpfProgram::compile(filter)?) }])?;
     }
     let spec = CaptureSpec { id: id.clone(), filter, snaplen };
     let limits = Limits { packets: r.packets, bytes: r.bytes, duration: r.duration, idle: r.idle };

@@ -339,6 +339,9 @@ fn capture_with(veth: &VethPair, caps: &[&str], ring_size: &str, dir: &std::path
         .args(["--ring-size", ring_size])
         .arg("--write")
         .arg(dir.join("capture.pcap"))
+        // A filter with indexed loads (the port after a variable IPv4 header), so that the
+        // generated filter program is verified under these capabilities too.
+        .args(["tcp", "port", "80"])
         .env("RUST_LOG", "info")
         .output()
         .expect("run prlimit (util-linux) and capsh (libcap2-bin)");
