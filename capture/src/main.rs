@@ -613,9 +613,15 @@ fn daemon(file: &std::path::Path) -> anyhow::Result<()> {
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let server = runtime.spawn(server::serve(daemon.clone(), unix, tcp, shutdown_rx));
     log::info!("daemon ready: control socket {}", socket.display());
+    // Signals are checked twice a second; running captures' progress is saved every 2 s (what a
+    // killed daemon's captures report as interrupted).
+    let mut ticks = 0u32;
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(500));
-        daemon.save_progress();
+        ticks += 1;
+        if ticks.is_multiple_of(4) {
+            daemon.save_progress();
+        }
     }
     log::info!("stopping: running captures end as interrupted, their outputs are finished");
     let _ = shutdown_tx.send(true);
