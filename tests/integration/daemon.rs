@@ -369,14 +369,15 @@ fn start_wait_on_a_terminal_shows_progress_and_the_summary() {
     let started = tmux(&["new-session", "-d", "-s", &session, "-x", "160", "-y", "20", &command]);
     assert!(started.status.success(), "{}", String::from_utf8_lossy(&started.stderr));
     let _kill = KillSession(session.clone());
-    // Wait for the capture to exist, then send traffic.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while daemon.client().status("term").is_err() {
-        assert!(Instant::now() < deadline, "the capture never started");
-        std::thread::sleep(Duration::from_millis(100));
-    }
     let screen =
         || String::from_utf8_lossy(&tmux(&["capture-pane", "-p", "-t", &session]).stdout).into_owned();
+    // `start` prints this once the daemon has the capture running (the kernel marks frames for
+    // it): only then is traffic sent.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !screen().contains("capture term started on tap") {
+        assert!(Instant::now() < deadline, "the capture never started:\n{}", screen());
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // Half the frames: the live line shows them against the limit.
     let sender = Sender::new(&veth);
     sender.send_all(&frames[..50]);
