@@ -8,15 +8,13 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use capture_common::Unmatched;
 use clap::{Args, Parser, Subcommand};
 use tapstream::{
     capture::{CaptureSpec, DEFAULT_SNAPLEN, Limits},
-    config::Config,
+    config::{Config, InterfaceSection},
     control::{CaptureInfo, CaptureRequest, CaptureState, client::Client, server},
     daemon::Daemon,
     filter::{CaptureFilter, CbpfProgram, LoadedFilter, program::Instructions},
-    pipeline::InterfaceConfig,
     session::{CaptureSummary, Target, run_capture},
     upload::{
         dir::DirSink,
@@ -351,7 +349,8 @@ fn parse_time(s: &str) -> Result<u64, String> {
 }
 
 impl StoreArgs {
-    fn s3(&self, bucket: String) -> tapstream::upload::s3::S3Config {
+    /// The store settings these flags give (the rest at their defaults).
+    fn settings(&self) -> StoreSettings {
         StoreSettings {
             s3_endpoint: self.s3_endpoint.clone(),
             s3_region: self.s3_region.clone(),
@@ -362,7 +361,10 @@ impl StoreArgs {
             acl: self.acl.clone(),
             ..StoreSettings::default()
         }
-        .s3(bucket)
+    }
+
+    fn s3(&self, bucket: String) -> tapstream::upload::s3::S3Config {
+        self.settings().s3(bucket)
     }
 }
 
@@ -449,22 +451,25 @@ fn capture(args: CaptureArgs) -> anyhow::Result<()> {
         bail!("--snaplen must be at least 1");
     }
     let id = r.id.clone().unwrap_or_else(|| "capture".into());
-    let mut config = InterfaceConfig::new(&interface);
-    config.attach = args.xdp_mode;
-    config.xsk.frame_size = args.frame_size;
+    // The same settings as an interface of the daemon's configuration.
+    let mut config = InterfaceSection {
+        device: interface.clone(),
+        queues: args.queues,
+        cores: args.cores.clone(),
+        attach: args.xdp_mode,
+        zero_copy: match args.zero_copy {
+            ZeroCopyArg::Auto => ZeroCopy::Auto,
+            ZeroCopyArg::Required => ZeroCopy::Required,
+            ZeroCopyArg::Off => ZeroCopy::Off,
+        },
+        frame_size_bytes: args.frame_size,
+        ring_size: args.ring_size,
+        drop_unmatched: args.drop_unmatched,
+        ..InterfaceSection::default()
+    }
+    .pipeline();
+    // Kept exact: the flag takes any duration, the file whole microseconds.
     config.writer.coalesce = args.batch_wait;
-    config.xsk.rx_ring_size = args.ring_size;
-    config.xsk.fill_ring_size = args.ring_size;
-    config.xsk.fill_frames = args.ring_size / 2;
-    config.xsk.umem_frames = args.ring_size / 2;
-    config.xsk.zero_copy = match args.zero_copy {
-        ZeroCopyArg::Auto => ZeroCopy::Auto,
-        ZeroCopyArg::Required => ZeroCopy::Required,
-        ZeroCopyArg::Off => ZeroCopy::Off,
-    };
-    config.queues = args.queues;
-    config.cores = args.cores.clone();
-    config.unmatched = if args.drop_unmatched { Unmatched::Drop } else { Unmatched::Pass };
     let filter = r.filter();
     if let Some(filter) = &filter {
         // Checked before anything starts: libpcap's message for a syntax error, the reason for
@@ -476,12 +481,7 @@ fn capture(args: CaptureArgs) -> anyhow::Result<()> {
     let limits = Limits { packets: r.packets, bytes: r.bytes, duration: r.duration, idle: r.idle };
 
     if let Some(addr) = args.metrics_listen {
-        metrics_exporter_prometheus::PrometheusBuilder::new()
-            .with_http_listener(addr)
-            .install()
-            .with_context(|| format!("serve metrics on {addr}"))?;
-        tapstream::metrics::register_all();
-        log::info!("metrics at http://{addr}/metrics");
+        serve_metrics(addr)?;
     }
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -512,16 +512,8 @@ fn capture(args: CaptureArgs) -> anyhow::Result<()> {
 
 /// The store settings the flags give.
 fn store_settings(args: &CaptureArgs) -> StoreSettings {
-    let (o, st) = (&args.objects, &args.store);
+    let o = &args.objects;
     StoreSettings {
-        destinations: Vec::new(),
-        s3_endpoint: st.s3_endpoint.clone(),
-        s3_region: st.s3_region.clone(),
-        s3_path_style: st.s3_path_style,
-        sse: st.sse.clone(),
-        sse_kms_key_id: st.sse_kms_key_id.clone(),
-        storage_class: st.storage_class.clone(),
-        acl: st.acl.clone(),
         part_size_bytes: o.part_size,
         parts_in_flight: o.parts_in_flight,
         rotate_size_bytes: o.rotate_size,
@@ -533,6 +525,7 @@ fn store_settings(args: &CaptureArgs) -> StoreSettings {
         spool_max_bytes: o.spool_max,
         upload_queue: o.upload_queue,
         outage_max_secs: o.outage_max.as_secs(),
+        ..args.store.settings()
     }
 }
 
@@ -559,6 +552,17 @@ fn flag_of(field: &str) -> String {
     }
 }
 
+/// Serves Prometheus metrics at http://ADDR/metrics, every series registered at zero.
+fn serve_metrics(addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .install()
+        .with_context(|| format!("serve metrics on {addr}"))?;
+    tapstream::metrics::register_all();
+    log::info!("metrics at http://{addr}/metrics");
+    Ok(())
+}
+
 fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
     let config = Config::load(file)?;
     println!(
@@ -574,13 +578,7 @@ fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
 fn daemon(file: &std::path::Path) -> anyhow::Result<()> {
     let config = Config::load(file)?;
     if let Some(addr) = &config.daemon.metrics_listen {
-        let addr: std::net::SocketAddr = addr.parse()?;
-        metrics_exporter_prometheus::PrometheusBuilder::new()
-            .with_http_listener(addr)
-            .install()
-            .with_context(|| format!("serve metrics on {addr}"))?;
-        tapstream::metrics::register_all();
-        log::info!("metrics at http://{addr}/metrics");
+        serve_metrics(addr.parse()?)?;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
