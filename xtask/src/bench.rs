@@ -52,16 +52,9 @@ pub fn capture(root: &Path, opts: &CaptureBench) -> anyhow::Result<()> {
     let bin = root.join("target/release/tapstream");
     let work = tempdir()?;
     let cfg = work.join("frame.cfg");
-    // 64-byte frames (60 + FCS on a wire). Plain: four random bytes so frames differ. One
-    // percent: IPv4/UDP to port 0x27xx, xx counting 0 to 99, so `udp dst port 9984` (0x2700)
-    // matches every hundredth frame.
+    // 64-byte frames (60 + FCS on a wire). Plain: four random bytes so frames differ.
     let (frame, filter): (&str, &[&str]) = if opts.one_percent {
-        (
-            "{ 0x02,0,0,0,0,0x01, 0x02,0,0,0,0,0x02, c16(0x0800), \
-             0x45,0x00, c16(46), c16(0), c16(0), 64, 17, c16(0), 10,0,0,1, 10,0,0,2, \
-             c16(1234), 0x27, dinc(0, 99), c16(26), c16(0), fill(0x00, 18) }\n",
-            &["udp", "dst", "port", "9984"],
-        )
+        (ONE_PERCENT_FRAME, &["udp", "dst", "port", "9984"])
     } else {
         ("{ 0x02,0,0,0,0,0x01, 0x02,0,0,0,0,0x02, c16(0x0800), drnd(4), fill(0x00, 42) }\n", &[])
     };
@@ -106,21 +99,9 @@ pub fn capture(root: &Path, opts: &CaptureBench) -> anyhow::Result<()> {
         let (ready_tx, ready) = std::sync::mpsc::channel();
         // Each tool says it is ready on one of its outputs: tapstream "capturing on" and
         // tcpdump "listening on" on stderr, netsniff-ng "Running!" on stdout.
-        let reader = |pipe: Box<dyn std::io::Read + Send>, ready_tx: std::sync::mpsc::Sender<()>| {
-            std::thread::spawn(move || {
-                let mut all = String::new();
-                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    if ["capturing on", "listening on", "Running!"].iter().any(|m| line.contains(m)) {
-                        let _ = ready_tx.send(());
-                    }
-                    all.push_str(&line);
-                    all.push('\n');
-                }
-                all
-            })
-        };
-        let log = reader(Box::new(child.stderr.take().expect("piped")), ready_tx.clone());
-        let out_text = reader(Box::new(child.stdout.take().expect("piped")), ready_tx);
+        const MARKERS: &[&str] = &["capturing on", "listening on", "Running!"];
+        let log = log_reader(child.stderr.take().expect("piped"), MARKERS, ready_tx.clone(), false);
+        let out_text = log_reader(child.stdout.take().expect("piped"), MARKERS, ready_tx, false);
         if ready.recv_timeout(Duration::from_secs(30)).is_err() {
             let _ = child.kill();
             bail!("{tool} did not start:\n{}", log.join().unwrap_or_default());
@@ -139,12 +120,7 @@ pub fn capture(root: &Path, opts: &CaptureBench) -> anyhow::Result<()> {
         }
         let sent = trafgen.stderr(Stdio::null()).output().context("run trafgen")?;
         let send_secs = started.elapsed().as_secs_f64();
-        let text = String::from_utf8_lossy(&sent.stdout);
-        let offered: u64 = text
-            .lines()
-            .find_map(|l| l.trim().strip_suffix("packets outgoing"))
-            .and_then(|n| n.trim().parse().ok())
-            .with_context(|| format!("trafgen's packet count not found in: {text}"))?;
+        let offered = offered(&sent.stdout)?;
 
         if tool != "tapstream" {
             std::thread::sleep(Duration::from_secs(2));
@@ -255,6 +231,78 @@ pub fn capture(root: &Path, opts: &CaptureBench) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// 64-byte IPv4/UDP frames (60 + FCS on a wire) to port 0x27xx, xx counting 0 to 99 in turn:
+/// `udp dst port 9984` (0x2700) matches every hundredth frame, `udp dst port 9984+i` another.
+const ONE_PERCENT_FRAME: &str = "{ 0x02,0,0,0,0,0x01, 0x02,0,0,0,0,0x02, c16(0x0800), \
+     0x45,0x00, c16(46), c16(0), c16(0), 64, 17, c16(0), 10,0,0,1, 10,0,0,2, \
+     c16(1234), 0x27, dinc(0, 99), c16(26), c16(0), fill(0x00, 18) }\n";
+
+/// The frame count trafgen reports sending.
+fn offered(trafgen_stdout: &[u8]) -> anyhow::Result<u64> {
+    let text = String::from_utf8_lossy(trafgen_stdout);
+    text.lines()
+        .find_map(|l| l.trim().strip_suffix("packets outgoing"))
+        .and_then(|n| n.trim().parse().ok())
+        .with_context(|| format!("trafgen's packet count not found in: {text}"))
+}
+
+/// Reads a child's output line by line on a thread: signals `ready` at the first line holding
+/// one of `markers`, echoes each line to stderr if `echo`, and returns all of it at the end.
+pub(crate) fn log_reader(
+    pipe: impl std::io::Read + Send + 'static,
+    markers: &'static [&'static str],
+    ready: std::sync::mpsc::Sender<()>,
+    echo: bool,
+) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            if markers.iter().any(|m| line.contains(m)) {
+                let _ = ready.send(());
+            }
+            if echo {
+                eprintln!("{line}");
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    })
+}
+
+/// Follows `child`'s stderr (see [`log_reader`]) and waits up to 30 s for one of `markers`;
+/// kills the child and fails with its log if none comes.
+pub(crate) fn wait_ready(
+    child: &mut std::process::Child,
+    what: &str,
+    markers: &'static [&'static str],
+    echo: bool,
+) -> anyhow::Result<std::thread::JoinHandle<String>> {
+    let (ready_tx, ready) = std::sync::mpsc::channel();
+    let log = log_reader(child.stderr.take().context("stderr is piped")?, markers, ready_tx, echo);
+    if ready.recv_timeout(Duration::from_secs(30)).is_err() {
+        let _ = child.kill();
+        bail!("{what} did not start:\n{}", log.join().unwrap_or_default());
+    }
+    Ok(log)
+}
+
+/// `tapstream capture ACTION --json ARGS...` against the daemon at `socket`, its JSON reply.
+/// `--json` comes before the rest: a filter expression takes the words at the end.
+pub(crate) fn daemon_cli(bin: &Path, socket: &Path, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    let out = std::process::Command::new(bin)
+        .arg("capture")
+        .arg(args[0])
+        .arg("--json")
+        .args(&args[1..])
+        .env("TAPSTREAM_SOCKET", socket)
+        .output()?;
+    if !out.status.success() {
+        bail!("tapstream capture {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
 fn tv(t: libc::timeval) -> f64 {
     t.tv_sec as f64 + t.tv_usec as f64 / 1e6
 }
@@ -280,12 +328,7 @@ pub fn concurrent(root: &Path, frames: u64, counts: &[usize]) -> anyhow::Result<
     let bin = root.join("target/release/tapstream");
     let work = tempdir()?;
     let cfg = work.join("frame.cfg");
-    std::fs::write(
-        &cfg,
-        "{ 0x02,0,0,0,0,0x01, 0x02,0,0,0,0,0x02, c16(0x0800), \
-         0x45,0x00, c16(46), c16(0), c16(0), 64, 17, c16(0), 10,0,0,1, 10,0,0,2, \
-         c16(1234), 0x27, dinc(0, 99), c16(26), c16(0), fill(0x00, 18) }\n",
-    )?;
+    std::fs::write(&cfg, ONE_PERCENT_FRAME)?;
     let stats_were = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")?;
     std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1")?;
     let mut rows = Vec::new();
@@ -347,37 +390,9 @@ fn concurrent_run(
         .stderr(Stdio::piped())
         .spawn()
         .context("start the daemon")?;
-    let (ready_tx, ready) = std::sync::mpsc::channel();
-    let stderr = daemon.stderr.take().expect("piped");
-    let log = std::thread::spawn(move || {
-        let mut all = String::new();
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("daemon ready") {
-                let _ = ready_tx.send(());
-            }
-            all.push_str(&line);
-            all.push('\n');
-        }
-        all
-    });
-    if ready.recv_timeout(Duration::from_secs(30)).is_err() {
-        let _ = daemon.kill();
-        bail!("the daemon did not start:\n{}", log.join().unwrap_or_default());
-    }
+    let log = wait_ready(&mut daemon, "the daemon", &["daemon ready"], false)?;
     let socket = dir.join("control.sock");
-    let cli = |args: &[&str]| -> anyhow::Result<serde_json::Value> {
-        let out = std::process::Command::new(bin)
-            .arg("capture")
-            .arg(args[0])
-            .arg("--json")
-            .args(&args[1..])
-            .env("TAPSTREAM_SOCKET", &socket)
-            .output()?;
-        if !out.status.success() {
-            bail!("capture {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(serde_json::from_slice(&out.stdout)?)
-    };
+    let cli = |args: &[&str]| daemon_cli(bin, &socket, args);
     let mut ids = Vec::new();
     for i in 0..n {
         let port = (9984 + i).to_string();
@@ -397,12 +412,7 @@ fn concurrent_run(
         .stderr(Stdio::null())
         .output()
         .context("run trafgen")?;
-    let text = String::from_utf8_lossy(&sent.stdout);
-    let offered: u64 = text
-        .lines()
-        .find_map(|l| l.trim().strip_suffix("packets outgoing"))
-        .and_then(|n| n.trim().parse().ok())
-        .with_context(|| format!("trafgen's packet count not found in: {text}"))?;
+    let offered = offered(&sent.stdout)?;
     // Until every capture has handed on its share (or 20 s).
     let want = offered / 100 * n as u64;
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -515,23 +525,7 @@ pub fn s3(root: &Path, frames: u64, rate: u64) -> anyhow::Result<()> {
         }
         let mut child =
             cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().context("start the capturer")?;
-        let (ready_tx, ready) = std::sync::mpsc::channel();
-        let stderr = child.stderr.take().expect("piped");
-        let log = std::thread::spawn(move || {
-            let mut all = String::new();
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("capturing on") || line.contains("listening on") {
-                    let _ = ready_tx.send(());
-                }
-                all.push_str(&line);
-                all.push('\n');
-            }
-            all
-        });
-        if ready.recv_timeout(Duration::from_secs(30)).is_err() {
-            let _ = child.kill();
-            bail!("{tool} did not start:\n{}", log.join().unwrap_or_default());
-        }
+        let log = wait_ready(&mut child, tool, &["capturing on", "listening on"], false)?;
         std::thread::sleep(Duration::from_millis(300));
         let started = Instant::now();
         let sent = veth
@@ -602,11 +596,7 @@ pub fn s3(root: &Path, frames: u64, rate: u64) -> anyhow::Result<()> {
             )
         };
         let total = started.elapsed().as_secs_f64();
-        let offered: u64 = String::from_utf8_lossy(&sent.stdout)
-            .lines()
-            .find_map(|l| l.trim().strip_suffix("packets outgoing"))
-            .and_then(|n| n.trim().parse().ok())
-            .unwrap_or(0);
+        let offered = offered(&sent.stdout).unwrap_or(0);
         rows.push((tool, offered, sent_secs, file_secs, total, stored_bytes, stored, drops));
         drop(garage);
     }

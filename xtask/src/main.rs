@@ -227,21 +227,7 @@ fn demo(root: &Path) -> anyhow::Result<()> {
     status(Command::new(&bin).arg("check-config").arg(&config))?;
 
     // Prometheus scrapes the daemon every second.
-    let prometheus_config = out_dir.join("prometheus.yml");
-    std::fs::write(
-        &prometheus_config,
-        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: tapstream\n    static_configs:\n      - targets: ['127.0.0.1:9464']\n",
-    )?;
-    let prometheus = ns
-        .command("prometheus")
-        .arg(format!("--config.file={}", prometheus_config.display()))
-        .arg(format!("--storage.tsdb.path={d}/prometheus"))
-        .arg("--web.listen-address=127.0.0.1:9090")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .context("start prometheus")?;
-    let _prometheus = KillOnDrop(prometheus);
+    let prometheus = tapstream_testenv::Prometheus::start_in(ns, &out_dir);
 
     let mut daemon = ns
         .command(&bin)
@@ -251,38 +237,10 @@ fn demo(root: &Path) -> anyhow::Result<()> {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .context("start tapstream daemon")?;
-    let stderr = daemon.stderr.take().expect("piped");
-    let (ready_tx, ready) = std::sync::mpsc::channel();
-    let log = std::thread::spawn(move || {
-        use std::io::BufRead as _;
-        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("daemon ready") {
-                let _ = ready_tx.send(());
-            }
-            eprintln!("{line}");
-        }
-    });
-    if ready.recv_timeout(std::time::Duration::from_secs(30)).is_err() {
-        let _ = daemon.kill();
-        let _ = log.join();
-        bail!("the tapstream daemon did not start");
-    }
+    let log = bench::wait_ready(&mut daemon, "the tapstream daemon", &["daemon ready"], true)?;
     let daemon = KillOnDrop(daemon);
     let socket = out_dir.join("control.sock");
-    let cli = |args: &[&str]| -> anyhow::Result<serde_json::Value> {
-        // `--json` before the rest: the filter expression takes the words at the end.
-        let out = Command::new(&bin)
-            .arg("capture")
-            .arg(args[0])
-            .arg("--json")
-            .args(&args[1..])
-            .env("TAPSTREAM_SOCKET", &socket)
-            .output()?;
-        if !out.status.success() {
-            bail!("tapstream capture {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(serde_json::from_slice(&out.stdout)?)
-    };
+    let cli = |args: &[&str]| bench::daemon_cli(&bin, &socket, args);
     // A bounded capture: IPv4 and IPv6 frames only, the first 5,000, or 30 s, or 3 s without
     // traffic, streamed as zstd-compressed objects to the bucket.
     println!("demo: tapstream capture start -i tap -c 5000 --duration 30s --idle 3s --id demo ip or ip6");
@@ -338,16 +296,7 @@ fn demo(root: &Path) -> anyhow::Result<()> {
     }
 
     // What Prometheus scraped from the daemon meanwhile.
-    let query = |expr: &str| -> Option<f64> {
-        let out = ns
-            .command("curl")
-            .args(["-sf", "--get", "http://127.0.0.1:9090/api/v1/query", "--data-urlencode"])
-            .arg(format!("query={expr}"))
-            .output()
-            .ok()?;
-        let reply: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-        reply["data"]["result"][0]["value"][1].as_str()?.parse().ok()
-    };
+    let query = |expr: &str| prometheus.query(expr);
     let packets = summary["packets"].as_f64().unwrap_or(-1.0);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
     while query("sum(tapstream_writer_records_total)") != Some(packets)
