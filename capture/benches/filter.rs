@@ -16,24 +16,6 @@ use std::{hint::black_box, time::Duration};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use tapstream::filter::{CaptureFilter, CbpfProgram, LoadedFilter};
 
-/// The expressions.
-const EXPRESSIONS: &[&str] = &[
-    "tcp port 443 and net 10.0.0.0/8",
-    "vlan and udp",
-    "ip6 and not icmp6",
-    "host 192.168.1.10",
-    "udp portrange 1024-65535",
-    "tcp[tcpflags] & (tcp-syn|tcp-ack) == tcp-syn",
-    "icmp[icmptype] == icmp-echo",
-    "ip[6:2] & 0x1fff != 0",
-    "ip multicast",
-    "ether broadcast",
-    "vlan 100 and vlan 200",
-    "arp or (ip and icmp)",
-    "greater 1000",
-    "mpls and udp",
-];
-
 /// Copies of one expression in the program, so that its cost can be told from the noise.
 const COPIES: usize = 32;
 
@@ -68,7 +50,8 @@ fn filters(c: &mut Criterion) {
     group.bench_function(BenchmarkId::new("kernel", "no filter"), |b| {
         b.iter_custom(|iters| kernel_time(&none, &frames, iters))
     });
-    let compiled: Vec<CbpfProgram> = EXPRESSIONS.iter().map(|e| CbpfProgram::compile(e).unwrap()).collect();
+    let compiled: Vec<CbpfProgram> =
+        tapstream_testenv::LISTED_FILTERS.iter().map(|e| CbpfProgram::compile(e).unwrap()).collect();
     for program in &compiled {
         // The expression in 32 capture slots: its cost, 32 times over, stands clear of the
         // test run's own (about 90 ns, and noisy to a few ns).

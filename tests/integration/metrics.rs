@@ -1,94 +1,31 @@
 //! The real Prometheus server scrapes a running daemon during a capture; what it stores agrees
 //! with the capture's own summary.
 
-use std::{
-    process::{Child, Stdio},
-    time::{Duration, Instant},
-};
+use std::time::Duration;
 
-use tapstream_testenv::{Netns, Sender, VethPair, corpus_frames};
+use tapstream_testenv::{Prometheus, Sender, VethPair, corpus_frames};
 
 use crate::daemon::TestDaemon;
-
-/// A Prometheus server in a namespace, scraping 127.0.0.1:9464 every second; killed on drop.
-struct Prometheus {
-    child: Child,
-    _dir: tempfile::TempDir,
-}
-
-impl Prometheus {
-    fn start(ns: &Netns) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("prometheus.yml");
-        std::fs::write(
-            &config,
-            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: tapstream\n    static_configs:\n      - targets: ['127.0.0.1:9464']\n",
-        )
-        .unwrap();
-        let child = ns
-            .command("prometheus")
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
-            .arg("--web.listen-address=127.0.0.1:9090")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start prometheus");
-        Self { child, _dir: dir }
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The value of an instant query, if Prometheus answers with one sample.
-fn query(ns: &Netns, expr: &str) -> Option<f64> {
-    let out = ns
-        .command("curl")
-        .args(["-sf", "--get", "http://127.0.0.1:9090/api/v1/query", "--data-urlencode"])
-        .arg(format!("query={expr}"))
-        .output()
-        .ok()?;
-    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    reply["data"]["result"][0]["value"][1].as_str()?.parse().ok()
-}
-
-/// Polls `expr` until it equals `want` or `timeout` passes; returns the last value.
-fn wait_for(ns: &Netns, expr: &str, want: f64, timeout: Duration) -> Option<f64> {
-    let deadline = Instant::now() + timeout;
-    let mut last = None;
-    while Instant::now() < deadline {
-        last = query(ns, expr);
-        if last == Some(want) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    last
-}
 
 #[test]
 fn prometheus_scrapes_a_running_daemon_and_agrees_with_the_capture_summary() {
     let veth = VethPair::new(1);
     let frames = corpus_frames();
     let sender = Sender::new(&veth);
-    let prometheus = Prometheus::start(&veth.capture_ns);
+    let prometheus_dir = tempfile::tempdir().unwrap();
+    let prometheus = Prometheus::start_in(&veth.capture_ns, prometheus_dir.path());
     let daemon = TestDaemon::start(&veth, "metrics_listen = \"127.0.0.1:9464\"");
     let ns = &veth.capture_ns;
     // Series with nothing to count yet exist at zero from the start.
-    assert_eq!(wait_for(ns, "tapstream_captures_active", 0.0, Duration::from_secs(10)), Some(0.0));
-    let retries = query(ns, "count(tapstream_upload_retries_total)");
-    let ended = query(ns, "count(tapstream_captures_ended_total)");
+    assert_eq!(prometheus.wait_for("tapstream_captures_active", 0.0, Duration::from_secs(10)), Some(0.0));
+    let retries = prometheus.query("count(tapstream_upload_retries_total)");
+    let ended = prometheus.query("count(tapstream_captures_ended_total)");
 
     let id = daemon.start_capture(&["-i", "tap", "--duration", "60s"]);
-    let active = wait_for(ns, "tapstream_captures_active", 1.0, Duration::from_secs(10));
+    let active = prometheus.wait_for("tapstream_captures_active", 1.0, Duration::from_secs(10));
     let sent = sender.send_all(&frames).len() as f64;
-    let records = wait_for(ns, "sum(tapstream_writer_records_total)", sent, Duration::from_secs(12));
-    let seen = wait_for(ns, "sum(tapstream_xdp_seen_frames_total)", sent, Duration::from_secs(5));
+    let records = prometheus.wait_for("sum(tapstream_writer_records_total)", sent, Duration::from_secs(12));
+    let seen = prometheus.wait_for("sum(tapstream_xdp_seen_frames_total)", sent, Duration::from_secs(5));
     let exported =
         ns.command("curl").args(["-sf", "http://127.0.0.1:9464/metrics"]).output().expect("curl /metrics");
     let exported = String::from_utf8_lossy(&exported.stdout).into_owned();
@@ -96,15 +33,19 @@ fn prometheus_scrapes_a_running_daemon_and_agrees_with_the_capture_summary() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let info: tapstream::control::CaptureInfo = serde_json::from_slice(&out.stdout).unwrap();
     let summary = info.summary.expect("a summary once stopped");
-    let stopped =
-        wait_for(ns, "tapstream_captures_ended_total{reason=\"stopped\"}", 1.0, Duration::from_secs(5));
+    let stopped = prometheus.wait_for(
+        "tapstream_captures_ended_total{reason=\"stopped\"}",
+        1.0,
+        Duration::from_secs(5),
+    );
     // Bytes uploaded: the objects' sizes (indexes aside).
     let stored: u64 = walk(&daemon.dir.path().join("store"))
         .iter()
         .filter(|p| p.extension().is_some_and(|e| e == "pcap"))
         .map(|p| std::fs::metadata(p).unwrap().len())
         .sum();
-    let uploaded = wait_for(ns, "sum(tapstream_upload_bytes_total)", stored as f64, Duration::from_secs(5));
+    let uploaded =
+        prometheus.wait_for("sum(tapstream_upload_bytes_total)", stored as f64, Duration::from_secs(5));
     drop(prometheus);
 
     assert!(stored > 0);

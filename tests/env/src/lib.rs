@@ -14,12 +14,14 @@
 
 mod garage;
 mod netns;
+mod prometheus;
 mod sender;
 
 use std::path::PathBuf;
 
 pub use garage::Garage;
 pub use netns::{Netns, VethPair};
+pub use prometheus::Prometheus;
 pub use sender::{CorpusFrame, Sender, corpus_frames, read_pcap_frames};
 
 /// The workspace root.
@@ -49,6 +51,25 @@ pub fn corpus_dir() -> PathBuf {
         )
     })
 }
+
+/// The filter expressions the filter issue names: the differential test runs them against
+/// libpcap, and the filter benchmark times them.
+pub const LISTED_FILTERS: [&str; 14] = [
+    "tcp port 443 and net 10.0.0.0/8",
+    "vlan and udp",
+    "ip6 and not icmp6",
+    "host 192.168.1.10",
+    "udp portrange 1024-65535",
+    "tcp[tcpflags] & (tcp-syn|tcp-ack) == tcp-syn",
+    "icmp[icmptype] == icmp-echo",
+    "ip[6:2] & 0x1fff != 0",
+    "ip multicast",
+    "ether broadcast",
+    "vlan 100 and vlan 200",
+    "arp or (ip and icmp)",
+    "greater 1000",
+    "mpls and udp",
+];
 
 /// A name no other test in this or another process uses at the same time: `prefix`, the
 /// process id and a counter, at most 15 bytes so it can name an interface.
