@@ -251,6 +251,9 @@ struct StoreArgs {
     /// Canned ACL (e.g. bucket-owner-full-control).
     #[arg(long)]
     acl: Option<String>,
+    /// Requests to the store at once (so HTTP connections) at most.
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    s3_max_connections: usize,
 }
 
 /// How objects are cut, compressed and uploaded.
@@ -359,6 +362,7 @@ impl StoreArgs {
             sse_kms_key_id: self.sse_kms_key_id.clone(),
             storage_class: self.storage_class.clone(),
             acl: self.acl.clone(),
+            max_connections: self.s3_max_connections,
             ..StoreSettings::default()
         }
     }

@@ -47,6 +47,8 @@ pub const UPLOAD_PARTS: &str = "tapstream_upload_parts_total";
 pub const UPLOAD_PART_SECONDS: &str = "tapstream_upload_part_duration_seconds";
 /// Parts uploading now.
 pub const UPLOAD_PARTS_IN_FLIGHT: &str = "tapstream_upload_parts_in_flight";
+/// Store requests waiting for a connection of the pool (`store.max_connections`).
+pub const UPLOAD_CONNECTIONS_WAITING: &str = "tapstream_upload_connections_waiting";
 /// Store requests retried after a retryable error, by `operation`.
 pub const UPLOAD_RETRIES: &str = "tapstream_upload_retries_total";
 /// Store requests that failed for good, by `retryable` (true: the outage lasted too long).
@@ -89,6 +91,7 @@ pub fn register_all() {
         counter!(CAPTURES_ENDED, "reason" => reason.as_str()).absolute(0);
     }
     gauge!(UPLOAD_PARTS_IN_FLIGHT).set(0.0);
+    gauge!(UPLOAD_CONNECTIONS_WAITING).set(0.0);
     gauge!(SPOOL_CHUNKS).set(0.0);
     gauge!(SPOOL_BYTES).set(0.0);
     gauge!(CAPTURES_ACTIVE).set(0.0);
@@ -105,6 +108,11 @@ pub fn describe() {
         "Time to upload one part, retries included"
     );
     describe_gauge!(UPLOAD_PARTS_IN_FLIGHT, Unit::Count, "Parts uploading now");
+    describe_gauge!(
+        UPLOAD_CONNECTIONS_WAITING,
+        Unit::Count,
+        "Store requests waiting for a connection of the pool"
+    );
     describe_counter!(UPLOAD_RETRIES, Unit::Count, "Store requests retried, by operation");
     describe_counter!(UPLOAD_ERRORS, Unit::Count, "Store requests failed for good");
     describe_counter!(OBJECTS, Unit::Count, "Objects completed");

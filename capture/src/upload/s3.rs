@@ -18,6 +18,13 @@ use aws_sdk_s3::{
     },
 };
 
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+};
+
+use tokio::sync::{Semaphore, SemaphorePermit};
+
 use super::{ObjectMeta, PartDone, PendingUpload, Sink, UploadError};
 
 /// Where and how objects are stored.
@@ -41,6 +48,9 @@ pub struct S3Config {
     pub acl: Option<String>,
     /// Attempts per request, retries included.
     pub max_attempts: u32,
+    /// Requests (so HTTP connections) open at once at most, over every client of the process
+    /// that has the same limit; 0 for no limit.
+    pub max_connections: usize,
     /// Fixed credentials (access key id, secret) instead of the default chain: for tests and
     /// tools that hold their own; the CLI and daemon always use the default chain.
     pub static_credentials: Option<(String, String)>,
@@ -50,6 +60,23 @@ pub struct S3Config {
 pub struct S3Sink {
     client: Client,
     config: S3Config,
+    /// One permit per request in progress: the connection pool's limit.
+    connections: Arc<Semaphore>,
+}
+
+/// The process's connection limit of `max` requests at once, shared by every client (every
+/// capture) built with that limit. A request holds a permit from before it is sent until its
+/// reply is read, so the HTTP client never needs more than `max` connections: it opens one only
+/// when no idle one is free.
+fn connection_pool(max: usize) -> Arc<Semaphore> {
+    static POOLS: Mutex<BTreeMap<usize, Arc<Semaphore>>> = Mutex::new(BTreeMap::new());
+    let max = if max == 0 { Semaphore::MAX_PERMITS } else { max };
+    POOLS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(max)
+        .or_insert_with(|| Arc::new(Semaphore::new(max)))
+        .clone()
 }
 
 impl S3Sink {
@@ -69,7 +96,17 @@ impl S3Sink {
         }
         let shared = loader.load().await;
         let s3 = aws_sdk_s3::config::Builder::from(&shared).force_path_style(config.path_style).build();
-        Self { client: Client::from_conf(s3), config }
+        let connections = connection_pool(config.max_connections);
+        Self { client: Client::from_conf(s3), config, connections }
+    }
+
+    /// Waits for a connection of the pool; held for one request.
+    async fn connection(&self) -> SemaphorePermit<'_> {
+        let waiting = metrics::gauge!(crate::metrics::UPLOAD_CONNECTIONS_WAITING);
+        waiting.increment(1.0);
+        let permit = self.connections.acquire().await.expect("the pool is never closed");
+        waiting.decrement(1.0);
+        permit
     }
 }
 
@@ -100,6 +137,7 @@ where
 
 impl Sink for S3Sink {
     async fn put_object(&self, key: &str, body: bytes::Bytes, meta: &ObjectMeta) -> Result<(), UploadError> {
+        let _connection = self.connection().await;
         let c = &self.config;
         let mut req = self
             .client
@@ -121,6 +159,7 @@ impl Sink for S3Sink {
     }
 
     async fn create_multipart(&self, key: &str, meta: &ObjectMeta) -> Result<String, UploadError> {
+        let _connection = self.connection().await;
         let c = &self.config;
         let mut req = self
             .client
@@ -152,6 +191,7 @@ impl Sink for S3Sink {
         number: i32,
         body: bytes::Bytes,
     ) -> Result<PartDone, UploadError> {
+        let _connection = self.connection().await;
         let out = self
             .client
             .upload_part()
@@ -173,6 +213,7 @@ impl Sink for S3Sink {
         upload_id: &str,
         parts: Vec<PartDone>,
     ) -> Result<(), UploadError> {
+        let _connection = self.connection().await;
         let parts = parts
             .into_iter()
             .map(|p| {
@@ -196,6 +237,7 @@ impl Sink for S3Sink {
     }
 
     async fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<(), UploadError> {
+        let _connection = self.connection().await;
         self.client
             .abort_multipart_upload()
             .bucket(&self.config.bucket)
@@ -211,6 +253,7 @@ impl Sink for S3Sink {
         let mut out = Vec::new();
         let (mut key_marker, mut id_marker) = (None, None);
         loop {
+            let _connection = self.connection().await;
             let page = self
                 .client
                 .list_multipart_uploads()
@@ -235,6 +278,7 @@ impl Sink for S3Sink {
     }
 
     async fn get(&self, key: &str, range: Option<(u64, u64)>) -> Result<Vec<u8>, UploadError> {
+        let _connection = self.connection().await;
         let out = self
             .client
             .get_object()

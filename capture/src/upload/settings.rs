@@ -42,6 +42,8 @@ pub struct StoreSettings {
     pub part_size_bytes: u64,
     /// Parts uploading at once per object.
     pub parts_in_flight: usize,
+    /// Requests to the store at once, so HTTP connections, at most (over all captures).
+    pub max_connections: usize,
     /// Start a new object past this size.
     pub rotate_size_bytes: u64,
     /// Start a new object when the open one is this old, in seconds.
@@ -76,6 +78,7 @@ impl Default for StoreSettings {
             acl: None,
             part_size_bytes: 8 << 20,
             parts_in_flight: 4,
+            max_connections: 16,
             rotate_size_bytes: 1 << 30,
             rotate_age_secs: 300,
             compression: "3".into(),
@@ -111,6 +114,9 @@ impl StoreSettings {
         }
         if self.parts_in_flight == 0 {
             return Err(("parts_in_flight", "must be at least 1".into()));
+        }
+        if self.max_connections == 0 {
+            return Err(("max_connections", "must be at least 1".into()));
         }
         if self.compress_threads == 0 {
             return Err(("compress_threads", "must be at least 1".into()));
@@ -160,6 +166,7 @@ impl StoreSettings {
             storage_class: self.storage_class.clone(),
             acl: self.acl.clone(),
             max_attempts: 5,
+            max_connections: self.max_connections,
             static_credentials: None,
         }
     }
