@@ -558,3 +558,220 @@ fn wrong_credentials_are_named_and_nothing_starts() {
     assert!(!stderr.contains("capturing on"), "nothing started: {stderr}");
     assert!(!stderr.contains(&wrong_secret) && !stderr.contains(&garage.secret_key), "no secret in the log");
 }
+
+/// An S3 client of the test's own, for what tapstream's sink does not do (listing objects).
+async fn client(garage: &Garage) -> aws_sdk_s3::Client {
+    let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new(garage.region.clone()))
+        .endpoint_url(&garage.endpoint)
+        .credentials_provider(aws_sdk_s3::config::Credentials::new(
+            &garage.access_key,
+            &garage.secret_key,
+            None,
+            None,
+            "test",
+        ))
+        .load()
+        .await;
+    aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&shared).force_path_style(true).build())
+}
+
+/// Keys under `prefix`, sorted.
+fn list_keys(ns: &Netns, garage: &Garage, prefix: &str) -> Vec<String> {
+    ns.enter(|| {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let out = client(garage)
+                .await
+                .list_objects_v2()
+                .bucket(&garage.bucket)
+                .prefix(prefix)
+                .send()
+                .await
+                .expect("list the bucket");
+            let mut keys: Vec<String> =
+                out.contents().iter().filter_map(|o| o.key().map(str::to_owned)).collect();
+            keys.sort();
+            keys
+        })
+    })
+}
+
+#[test]
+fn credentials_revoked_mid_capture_spool_what_is_unconfirmed_and_the_next_start_completes_it() {
+    let veth = VethPair::new(1);
+    let garage = Garage::start_in(&veth.capture_ns);
+    let sender = Sender::new(&veth);
+    let spool = tempfile::tempdir().unwrap();
+    let prefix = unique_name("rvk");
+    let url = format!("s3://{}/{prefix}", garage.bucket);
+    let store_args = s3_args(&garage);
+    let args = |id: &str, extra: &[&str]| {
+        let mut a: Vec<String> = [
+            "capture",
+            "-i",
+            &veth.capture_if,
+            "--upload",
+            &url,
+            "--id",
+            id,
+            "--node",
+            "n",
+            "--compression",
+            "1",
+            "--part-size",
+            "5MiB",
+            "--parts-in-flight",
+            "2",
+            "--rotate-age",
+            "6s",
+            "--spool-dir",
+            spool.path().to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a.extend(store_args.iter().cloned());
+        a
+    };
+    let first = args("revoked", &["--duration", "120s"]);
+    let first: Vec<&str> = first.iter().map(String::as_str).collect();
+    let mut run = Running::start_with_env(&veth.capture_ns, &first, &garage.aws_env());
+    run.wait_ready();
+    // About 11 MB of incompressible frames: two 5 MiB parts go up, the rest waits for more.
+    let frames = random_frames(10_000, 11);
+    let (before, after) = frames.split_at(8_000);
+    for f in before {
+        sender.send(f).unwrap();
+    }
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    garage.revoke_key();
+    // Less than a part: captured, then the object's age ends it and the store refuses.
+    for f in after {
+        sender.send(f).unwrap();
+    }
+    let (status, _, log) = run.finish();
+    assert!(!status.success(), "the capture fails: {log}");
+    assert!(log.contains("AccessDenied"), "the store's refusal is named: {log}");
+    assert!(log.contains("kept in the spool"), "the error says where the data is: {log}");
+    assert!(!log.contains(&garage.secret_key), "no secret in the log");
+    let files = walk(spool.path());
+    let salvage = files
+        .iter()
+        .find(|p| p.file_name().is_some_and(|n| n == "salvage.json"))
+        .unwrap_or_else(|| panic!("a salvage record in the spool: {files:?}"));
+    let record: serde_json::Value = serde_json::from_slice(&std::fs::read(salvage).unwrap()).unwrap();
+    let confirmed = record["resume"]["parts"].as_array().map_or(0, Vec::len);
+    assert!(confirmed >= 1, "the open upload's confirmed parts are kept, not aborted: {record}");
+    assert!(files.iter().any(|p| p.extension().is_some_and(|x| x == "chunk")), "unconfirmed chunks spooled");
+
+    // The key works again: the next capture finishes the revoked one's objects first.
+    garage.grant_key();
+    let second = args("after", &["--duration", "1s"]);
+    let second: Vec<&str> = second.iter().map(String::as_str).collect();
+    let (status, _, log) = Running::start_with_env(&veth.capture_ns, &second, &garage.aws_env()).finish();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("spooled by an earlier run"), "{log}");
+
+    let keys: Vec<String> = list_keys(&veth.capture_ns, &garage, &format!("{prefix}/n/revoked/"))
+        .into_iter()
+        .filter(|k| k.ends_with(".pcap.zst"))
+        .collect();
+    assert!(!keys.is_empty());
+    let mut stored = Vec::new();
+    for key in &keys {
+        let (pcap, _) = read(&veth.capture_ns, &garage, &format!("s3://{}/{key}", garage.bucket), &[]);
+        stored.extend(records(&pcap));
+    }
+    assert_eq!(stored.len(), frames.len(), "every frame captured is stored, once: {keys:?}");
+    for (i, ((_, data), frame)) in stored.iter().zip(&frames).enumerate() {
+        assert_eq!(data, frame, "frame {i} differs");
+    }
+    let pending = veth.capture_ns.enter(|| {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async { sink(&garage).await.list_multipart(&prefix).await.unwrap() })
+    });
+    assert!(pending.is_empty(), "no multipart upload left under the prefix: {pending:?}");
+    assert!(
+        walk(spool.path()).iter().all(|p| p.extension().is_none_or(|x| x != "chunk")),
+        "the spool is empty"
+    );
+}
+
+/// Established TCP connections to `port` in this network namespace.
+fn connections_to(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            let remote_port = cols[2].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
+            remote_port == Some(port) && cols[3] == "01"
+        })
+        .count()
+}
+
+#[test]
+fn the_connection_pool_never_opens_more_connections_than_its_limit() {
+    let garage = Garage::start();
+    let port: u16 = garage.endpoint.rsplit(':').next().unwrap().parse().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let sink = Arc::new(rt.block_on(async {
+        S3Sink::new(S3Config {
+            static_credentials: Some((garage.access_key.clone(), garage.secret_key.clone())),
+            bucket: garage.bucket.clone(),
+            endpoint: Some(garage.endpoint.clone()),
+            region: Some(garage.region.clone()),
+            path_style: true,
+            max_attempts: 3,
+            max_connections: 3,
+            ..S3Config::default()
+        })
+        .await
+    }));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let most = Arc::new(AtomicUsize::new(0));
+    let sampler = {
+        let (stop, most) = (stop.clone(), most.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                most.fetch_max(connections_to(port), Ordering::Relaxed);
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+        })
+    };
+    let prefix = unique_name("pool");
+    let body = bytes::Bytes::from(vec![7u8; 4 << 20]);
+    rt.block_on(async {
+        let mut puts = tokio::task::JoinSet::new();
+        for i in 0..12 {
+            let (sink, body, key) = (sink.clone(), body.clone(), format!("{prefix}/{i}"));
+            puts.spawn(async move { sink.put_object(&key, body, &ObjectMeta::default()).await });
+        }
+        while let Some(done) = puts.join_next().await {
+            done.unwrap().expect("every request succeeds, some after waiting");
+        }
+    });
+    stop.store(true, Ordering::Relaxed);
+    sampler.join().unwrap();
+    let most = most.load(Ordering::Relaxed);
+    assert!(most >= 1, "the sampler saw the connections");
+    assert!(most <= 3, "{most} connections open at once, limit 3");
+    assert_eq!(list_keys_here(&garage, &prefix), 12, "all twelve objects stored");
+}
+
+fn list_keys_here(garage: &Garage, prefix: &str) -> usize {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let out = client(garage)
+            .await
+            .list_objects_v2()
+            .bucket(&garage.bucket)
+            .prefix(prefix)
+            .send()
+            .await
+            .unwrap();
+        out.contents().len()
+    })
+}

@@ -26,7 +26,7 @@ pub struct ObjectMeta {
 }
 
 /// A finished part of a multipart upload.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PartDone {
     /// 1-based part number.
     pub number: i32,
@@ -69,6 +69,25 @@ pub enum UploadError {
     Compress(#[from] crate::compress::CompressError),
     #[error("upload task failed: {0}")]
     Task(String),
+    /// The store failed for good while a capture ran; what it did not confirm is spooled.
+    #[error(
+        "{cause}; the {chunks} chunks ({bytes} bytes) the store did not confirm are kept in the spool \
+         {dir}{lost}, and are uploaded when a capture next starts with a store that accepts them"
+    )]
+    Spooled { cause: Box<UploadError>, chunks: usize, bytes: u64, dir: String, lost: LostPackets },
+}
+
+/// Packets that did not fit in a full spool, for [`UploadError::Spooled`]'s message.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LostPackets(pub u64);
+
+impl std::fmt::Display for LostPackets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            0 => Ok(()),
+            n => write!(f, " ({n} packets did not fit in the full spool and were lost)"),
+        }
+    }
 }
 
 impl UploadError {

@@ -1,6 +1,7 @@
 //! A capture's objects: compressed frames in, finished objects (and their indexes) out.
 
 use std::{
+    collections::BTreeMap,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -107,7 +108,7 @@ pub struct CompressedChunk {
 }
 
 /// Who the objects belong to, for their names and metadata.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct ObjectOwner {
     /// Key prefix (no slashes at the ends).
     pub prefix: String,
@@ -131,7 +132,62 @@ struct OpenObject {
     parts: JoinSet<Result<PartDone, UploadError>>,
     /// Parts already uploaded.
     done: Vec<PartDone>,
+    /// Offset in the object of each part sent (part `n` at index `n - 1`).
+    part_starts: Vec<u64>,
+    /// Bodies of the parts after the first run of confirmed parts: what a failure would lose.
+    unconfirmed: BTreeMap<i32, bytes::Bytes>,
     frames: Vec<FrameEntry>,
+    /// The seek table is in the object: nothing more may be appended.
+    sealed: bool,
+    /// Continued from an earlier run's [`ResumeRecord`] (never aborted: its parts hold data).
+    resumed: bool,
+}
+
+impl OpenObject {
+    /// Parts 1..=k confirmed by the store, for the largest such k.
+    fn confirmed_parts(&self) -> usize {
+        let mut numbers: Vec<i32> = self.done.iter().map(|p| p.number).collect();
+        numbers.sort_unstable();
+        numbers.dedup();
+        numbers.iter().enumerate().take_while(|(i, n)| **n == *i as i32 + 1).count()
+    }
+
+    /// Records a confirmed part and lets go of the bodies no failure can lose any more.
+    fn confirm(&mut self, part: PartDone) {
+        self.done.push(part);
+        let k = self.confirmed_parts() as i32;
+        self.unconfirmed.retain(|n, _| *n > k);
+    }
+}
+
+/// An unfinished multipart upload handed from a failed run to the next: its confirmed parts
+/// and the frames they hold. The frames after them are spooled as chunks.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ResumeRecord {
+    /// Object key.
+    pub key: String,
+    /// Upload id.
+    pub upload_id: String,
+    /// Parts 1..=k, confirmed by the store (may be empty: the upload is then only aborted).
+    pub parts: Vec<PartDone>,
+    /// The frames of those parts (the PCAP header first).
+    pub frames: Vec<FrameEntry>,
+    /// Bytes of those parts.
+    pub length: u64,
+    /// The seek table is in the last part: the upload only needs completing.
+    pub sealed: bool,
+}
+
+/// What a failed uploader still holds: the open upload's confirmed part, and every chunk the
+/// store has not confirmed, in order.
+#[derive(Debug, Default)]
+pub struct Salvage {
+    /// The open multipart upload, if there was one.
+    pub resume: Option<ResumeRecord>,
+    /// Chunks not confirmed by the store, in the order they were pushed.
+    pub chunks: Vec<CompressedChunk>,
+    /// Sequence number the next object would have had.
+    pub next_object: u32,
 }
 
 /// Makes the objects of one capture.
@@ -164,9 +220,40 @@ impl<S: Sink> Uploader<S> {
         Ok(Self { sink, config, owner, global, per_object, header, open: None, seq: 0, done: Vec::new() })
     }
 
+    /// Names the next object `seq` (an uploader continuing an earlier run's objects).
+    pub fn with_next_object(mut self, seq: u32) -> Self {
+        self.seq = seq;
+        self
+    }
+
+    /// Continues an earlier run's multipart upload: chunks pushed next are appended after its
+    /// confirmed parts (or, if it is sealed, it is completed first and they begin a new object).
+    pub fn resume(&mut self, record: ResumeRecord) {
+        debug_assert!(self.open.is_none());
+        let k = record.parts.len();
+        self.open = Some(OpenObject {
+            key: record.key,
+            opened: Instant::now(),
+            upload_id: Some(record.upload_id),
+            length: record.length,
+            pending: Vec::new(),
+            next_part: k as i32 + 1,
+            parts: JoinSet::new(),
+            done: record.parts,
+            part_starts: vec![0; k],
+            unconfirmed: BTreeMap::new(),
+            frames: record.frames,
+            sealed: record.sealed,
+            resumed: true,
+        });
+    }
+
     /// Appends a chunk to the open object (beginning one if needed), uploading full parts and
     /// finishing the object when it is large enough.
     pub async fn push(&mut self, chunk: CompressedChunk) -> Result<(), UploadError> {
+        if self.open.as_ref().is_some_and(|o| o.sealed) {
+            self.finish_object().await?;
+        }
         if self.open.is_none() {
             self.begin(chunk.first_ns);
         }
@@ -200,8 +287,14 @@ impl<S: Sink> Uploader<S> {
 
     /// Finishes the open object and returns the URLs of every object made.
     pub async fn finish(mut self) -> Result<Vec<String>, UploadError> {
+        self.finish_objects().await
+    }
+
+    /// Like [`Uploader::finish`], but keeps the uploader, so that after a failure what it
+    /// holds can still be salvaged.
+    pub async fn finish_objects(&mut self) -> Result<Vec<String>, UploadError> {
         self.finish_object().await?;
-        Ok(self.done)
+        Ok(std::mem::take(&mut self.done))
     }
 
     fn begin(&mut self, first_ns: u64) {
@@ -222,7 +315,11 @@ impl<S: Sink> Uploader<S> {
             next_part: 1,
             parts: JoinSet::new(),
             done: Vec::new(),
+            part_starts: Vec::new(),
+            unconfirmed: BTreeMap::new(),
             frames: vec![header],
+            sealed: false,
+            resumed: false,
         });
     }
 
@@ -253,6 +350,8 @@ impl<S: Sink> Uploader<S> {
         let body = bytes::Bytes::from(std::mem::take(&mut obj.pending));
         let number = obj.next_part;
         obj.next_part += 1;
+        obj.part_starts.push(obj.length - body.len() as u64);
+        obj.unconfirmed.insert(number, body.clone());
         let (sink, key, id) =
             (self.sink.clone(), obj.key.clone(), obj.upload_id.clone().expect("created above"));
         let outage_max = self.config.outage_max;
@@ -273,15 +372,10 @@ impl<S: Sink> Uploader<S> {
             }
             done
         });
-        // Surface failures early rather than at the end of the object.
+        // Surface failures early rather than at the end of the object. A failed uploader keeps
+        // its open object for [`Uploader::salvage`].
         while let Some(done) = obj.parts.try_join_next() {
-            match done.map_err(|e| UploadError::Task(e.to_string())).and_then(|r| r) {
-                Ok(part) => obj.done.push(part),
-                Err(e) => {
-                    let obj = self.open.take().expect("open");
-                    return Err(self.abandon(obj, e).await);
-                }
-            }
+            obj.confirm(done.map_err(|e| UploadError::Task(e.to_string())).and_then(|r| r)?);
         }
         Ok(())
     }
@@ -292,40 +386,43 @@ impl<S: Sink> Uploader<S> {
     async fn finish_object(&mut self) -> Result<(), UploadError> {
         let meta = self.meta();
         let Some(obj) = self.open.as_mut() else { return Ok(()) };
-        let table = seek_table(self.config.compression, &obj.frames);
-        obj.length += table.len() as u64;
-        obj.pending.extend_from_slice(&table);
+        if !obj.sealed {
+            let table = seek_table(self.config.compression, &obj.frames);
+            obj.length += table.len() as u64;
+            obj.pending.extend_from_slice(&table);
+            obj.sealed = true;
+        }
         if obj.upload_id.is_none() {
-            let mut obj = self.open.take().expect("open");
             let body = bytes::Bytes::from(std::mem::take(&mut obj.pending));
             let (sink, key) = (&self.sink, &obj.key);
-            with_retry("PutObject", self.config.outage_max, || sink.put_object(key, body.clone(), &meta))
-                .await?;
+            let put =
+                with_retry("PutObject", self.config.outage_max, || sink.put_object(key, body.clone(), &meta))
+                    .await;
+            if let Err(e) = put {
+                obj.pending = Vec::from(body); // kept for a salvage
+                return Err(e);
+            }
             // A small object is one PutObject: its bytes count as uploaded like a part's.
             metrics::counter!(m::UPLOAD_BYTES).increment(body.len() as u64);
+            let obj = self.open.take().expect("open");
             return self.store_index(obj.key, obj.frames, obj.length).await;
         }
         if !obj.pending.is_empty() {
             self.send_part().await?;
         }
-        let mut obj = self.open.take().expect("open");
-        let mut parts = std::mem::take(&mut obj.done);
+        let obj = self.open.as_mut().expect("open");
         while let Some(done) = obj.parts.join_next().await {
-            match done.map_err(|e| UploadError::Task(e.to_string())).and_then(|r| r) {
-                Ok(part) => parts.push(part),
-                Err(e) => return Err(self.abandon(obj, e).await),
-            }
+            obj.confirm(done.map_err(|e| UploadError::Task(e.to_string())).and_then(|r| r)?);
         }
+        let mut parts = obj.done.clone();
         parts.sort_by_key(|p| p.number);
         let id = obj.upload_id.clone().expect("multipart");
         let (sink, key) = (&self.sink, &obj.key);
-        let completed = with_retry("CompleteMultipartUpload", self.config.outage_max, || {
+        with_retry("CompleteMultipartUpload", self.config.outage_max, || {
             sink.complete_multipart(key, &id, parts.clone())
         })
-        .await;
-        if let Err(e) = completed {
-            return Err(self.abandon(obj, e).await);
-        }
+        .await?;
+        let obj = self.open.take().expect("open");
         self.store_index(obj.key, obj.frames, obj.length).await
     }
 
@@ -354,15 +451,69 @@ impl<S: Sink> Uploader<S> {
         Ok(())
     }
 
-    /// Aborts a failed multipart upload so it costs nothing, and returns the error.
-    async fn abandon(&self, mut obj: OpenObject, error: UploadError) -> UploadError {
+    /// After a failure: stops the parts in flight and returns what the store has not
+    /// confirmed, so nothing is lost. The uploader holds no object afterwards.
+    pub async fn salvage(&mut self) -> Salvage {
+        let next_object = self.seq;
+        let Some(mut obj) = self.open.take() else { return Salvage { next_object, ..Salvage::default() } };
+        while let Some(done) = obj.parts.try_join_next() {
+            if let Ok(Ok(part)) = done {
+                obj.confirm(part);
+            }
+        }
+        obj.parts.shutdown().await;
+        let k = obj.confirmed_parts();
+        let sent = obj.part_starts.len();
+        let confirmed_end = obj.part_starts.get(k).copied().unwrap_or(obj.length - obj.pending.len() as u64);
+        let mut rest = Vec::new();
+        for (_, body) in obj.unconfirmed.range(k as i32 + 1..) {
+            rest.extend_from_slice(body);
+        }
+        rest.extend_from_slice(&obj.pending);
+        // Frames after the confirmed parts, cut back out of the bytes (the PCAP header, frame 0,
+        // is made again by whoever uploads them).
+        let chunks = obj
+            .frames
+            .iter()
+            .skip(1)
+            .filter(|f| f.offset >= confirmed_end)
+            .map(|f| {
+                let at = (f.offset - confirmed_end) as usize;
+                CompressedChunk {
+                    data: rest[at..at + f.length as usize].to_vec(),
+                    decompressed_len: f.decompressed_length,
+                    first_ns: f.first_ns,
+                    last_ns: f.last_ns,
+                    packets: f.packets,
+                }
+            })
+            .collect();
+        let mut parts = obj.done.clone();
+        parts.sort_by_key(|p| p.number);
+        parts.dedup_by_key(|p| p.number);
+        parts.truncate(k);
+        let resume = obj.upload_id.map(|upload_id| ResumeRecord {
+            key: obj.key,
+            upload_id,
+            parts,
+            frames: obj.frames.into_iter().filter(|f| f.offset < confirmed_end).collect(),
+            length: confirmed_end,
+            sealed: obj.sealed && k == sent && obj.pending.is_empty(),
+        });
+        Salvage { resume, chunks, next_object }
+    }
+
+    /// After a failure: aborts the open multipart upload (unless it continues an earlier run's,
+    /// whose parts hold data), so it costs nothing.
+    pub async fn abort(&mut self) {
+        let Some(mut obj) = self.open.take() else { return };
         obj.parts.shutdown().await;
         if let Some(id) = &obj.upload_id
+            && !obj.resumed
             && let Err(e) = self.sink.abort_multipart(&obj.key, id).await
         {
             log::error!("cannot abort the upload of {}: {e}", obj.key);
         }
-        error
     }
 }
 
@@ -428,5 +579,165 @@ mod tests {
         // 2100 is not a leap year; `date -u -d @4107542399` agrees.
         assert_eq!(utc_compact(4_107_542_399 * 1_000_000_000), "21000228T235959Z");
         assert_eq!(utc_compact(4_107_542_400 * 1_000_000_000), "21000301T000000Z");
+    }
+
+    /// The directory store, failing part `fail_part` of every upload for good.
+    struct FailingPart {
+        inner: crate::upload::dir::DirSink,
+        fail_part: i32,
+    }
+
+    impl Sink for FailingPart {
+        async fn put_object(
+            &self,
+            key: &str,
+            body: bytes::Bytes,
+            meta: &ObjectMeta,
+        ) -> Result<(), UploadError> {
+            self.inner.put_object(key, body, meta).await
+        }
+        async fn create_multipart(&self, key: &str, meta: &ObjectMeta) -> Result<String, UploadError> {
+            self.inner.create_multipart(key, meta).await
+        }
+        async fn upload_part(
+            &self,
+            key: &str,
+            id: &str,
+            number: i32,
+            body: bytes::Bytes,
+        ) -> Result<PartDone, UploadError> {
+            if number == self.fail_part {
+                return Err(UploadError::Store {
+                    operation: "UploadPart",
+                    key: key.into(),
+                    message: "AccessDenied: revoked".into(),
+                    retryable: false,
+                });
+            }
+            self.inner.upload_part(key, id, number, body).await
+        }
+        async fn complete_multipart(
+            &self,
+            key: &str,
+            id: &str,
+            parts: Vec<PartDone>,
+        ) -> Result<(), UploadError> {
+            self.inner.complete_multipart(key, id, parts).await
+        }
+        async fn abort_multipart(&self, key: &str, id: &str) -> Result<(), UploadError> {
+            self.inner.abort_multipart(key, id).await
+        }
+        async fn list_multipart(
+            &self,
+            prefix: &str,
+        ) -> Result<Vec<super::super::PendingUpload>, UploadError> {
+            self.inner.list_multipart(prefix).await
+        }
+        async fn get(&self, key: &str, range: Option<(u64, u64)>) -> Result<Vec<u8>, UploadError> {
+            self.inner.get(key, range).await
+        }
+        fn url(&self, key: &str) -> String {
+            self.inner.url(key)
+        }
+    }
+
+    /// Chunks of incompressible bytes, so that parts fill quickly.
+    fn random_chunks(count: usize, len: usize) -> Vec<(Vec<u8>, CompressedChunk)> {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut compressor = Compressor::new(Compression::default()).unwrap();
+        (0..count)
+            .map(|i| {
+                let raw: Vec<u8> = (0..len)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        x as u8
+                    })
+                    .collect();
+                let data = compressor.frame(&raw).unwrap();
+                let t = i as u64 * 1_000_000_000;
+                let chunk = CompressedChunk {
+                    data,
+                    decompressed_len: len as u64,
+                    first_ns: t,
+                    last_ns: t + 1,
+                    packets: 1,
+                };
+                (raw, chunk)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_failed_upload_is_salvaged_and_the_next_run_completes_it_byte_for_byte() {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let header = b"pcap-file-header".to_vec();
+        let chunks = random_chunks(24, 1 << 20);
+        let owner =
+            ObjectOwner { prefix: "p".into(), node: "n".into(), capture: "c".into(), ..Default::default() };
+        let config =
+            UploadConfig { part_bytes: MIN_PART_BYTES, parts_in_flight_per_object: 2, ..Default::default() };
+        let mut chunks_iter = chunks.iter().map(|(_, c)| CompressedChunk { data: c.data.clone(), ..*c });
+        let (salvage, error) = rt.block_on(async {
+            let sink = Arc::new(FailingPart {
+                inner: crate::upload::dir::DirSink::new(dir.path()).unwrap(),
+                fail_part: 3,
+            });
+            let mut up =
+                Uploader::new(sink, config.clone(), owner.clone(), &header, Arc::new(Semaphore::new(4)))
+                    .unwrap();
+            let mut error = None;
+            for chunk in chunks_iter.by_ref() {
+                if let Err(e) = up.push(chunk).await {
+                    error = Some(e);
+                    break;
+                }
+            }
+            if error.is_none() {
+                error = up.finish_objects().await.err();
+            }
+            (up.salvage().await, error.expect("part 3 fails"))
+        });
+        assert!(error.to_string().contains("AccessDenied"), "{error}");
+        let resume = salvage.resume.clone().expect("an open multipart upload");
+        assert_eq!(
+            resume.parts.iter().map(|p| p.number).collect::<Vec<_>>(),
+            [1, 2],
+            "parts 1 and 2 confirmed"
+        );
+        assert!(!resume.sealed);
+        let kept: u64 = resume.frames.iter().map(|f| f.packets).sum();
+        assert_eq!(
+            kept as usize + salvage.chunks.len(),
+            chunks.len() - chunks_iter.len(),
+            "nothing pushed is lost"
+        );
+
+        // The next run, with a store that works: resume, push the salvaged and the rest.
+        let urls = rt.block_on(async {
+            let sink = Arc::new(crate::upload::dir::DirSink::new(dir.path()).unwrap());
+            let mut up =
+                Uploader::new(sink, config.clone(), owner.clone(), &header, Arc::new(Semaphore::new(4)))
+                    .unwrap()
+                    .with_next_object(salvage.next_object);
+            up.resume(resume);
+            for chunk in salvage.chunks.into_iter().chain(chunks_iter) {
+                up.push(chunk).await.unwrap();
+            }
+            up.finish_objects().await.unwrap()
+        });
+        assert_eq!(urls.len(), 1, "{urls:?}");
+        let path = urls[0].strip_prefix("file://").unwrap();
+        let stored = zstd::stream::decode_all(&std::fs::read(path).unwrap()[..]).unwrap();
+        let mut expected = header.clone();
+        for (raw, _) in &chunks {
+            expected.extend_from_slice(raw);
+        }
+        assert!(stored == expected, "the object holds every chunk once, in order");
+        let index: Index = serde_json::from_slice(&std::fs::read(index_key(path)).unwrap()).unwrap();
+        assert_eq!(index.frames.iter().map(|f| f.packets).sum::<u64>(), chunks.len() as u64);
+        assert_eq!(std::fs::read_dir(dir.path().join(".uploads")).unwrap().count(), 0, "no upload left open");
     }
 }

@@ -9,7 +9,8 @@ use std::{
     sync::Mutex,
 };
 
-use super::object::CompressedChunk;
+use super::object::{CompressedChunk, ObjectOwner, ResumeRecord};
+use crate::compress::Compression;
 
 /// Bytes before the chunk in a spool file: decompressed length, first and last timestamp,
 /// record count, each a little-endian u64.
@@ -17,6 +18,26 @@ const HEADER: usize = 32;
 
 /// The file holding the PCAP file header of a spooled capture.
 pub const PCAP_HEADER_FILE: &str = "header.pcap";
+
+/// The file describing a spool left by a capture whose store failed ([`SalvageRecord`]).
+const SALVAGE_FILE: &str = "salvage.json";
+
+/// Written when a capture's store fails for good (e.g. its credentials were revoked): whose
+/// chunks these are and the multipart upload they continue, so the next run finishes the
+/// capture's objects under its own name.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct SalvageRecord {
+    /// The capture's owner (prefix, node, id, metadata).
+    pub owner: ObjectOwner,
+    /// How the chunks are compressed.
+    pub compression: Compression,
+    /// Sequence number of the next object.
+    pub next_object: u32,
+    /// The multipart upload that was open.
+    pub resume: Option<ResumeRecord>,
+    /// Why the store failed, as the store said it.
+    pub error: String,
+}
 
 /// The lock file a live spool holds (flock), so another process never takes its chunks.
 const LOCK_FILE: &str = "lock";
@@ -53,12 +74,27 @@ impl Spool {
         self.dir.join(format!("{seq:016}.chunk"))
     }
 
+    /// The spool's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Stores chunk `seq`; false if the spool is full (the caller must wait instead).
     pub fn put(&self, seq: u64, chunk: &CompressedChunk) -> std::io::Result<bool> {
+        self.put_within(seq, chunk, true)
+    }
+
+    /// Stores chunk `seq` even past the limit: for chunks a failed upload hands back, which
+    /// would otherwise be lost (at most the parts that were in flight).
+    pub fn put_over_limit(&self, seq: u64, chunk: &CompressedChunk) -> std::io::Result<()> {
+        self.put_within(seq, chunk, false).map(|_| ())
+    }
+
+    fn put_within(&self, seq: u64, chunk: &CompressedChunk, limited: bool) -> std::io::Result<bool> {
         let len = (HEADER + chunk.data.len()) as u64;
         {
             let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            if state.bytes + len > self.limit_bytes {
+            if limited && state.bytes + len > self.limit_bytes {
                 return Ok(false);
             }
         }
@@ -97,6 +133,25 @@ impl Spool {
         Ok(Some(chunk))
     }
 
+    /// Whether chunk `seq` is in the spool.
+    pub fn contains(&self, seq: u64) -> bool {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).files.contains_key(&seq)
+    }
+
+    /// Chunks and bytes in the spool now.
+    pub fn held(&self) -> (usize, u64) {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        (state.files.len(), state.bytes)
+    }
+
+    /// Writes the record that tells the next run how to finish this capture's objects.
+    pub fn write_salvage(&self, record: &SalvageRecord) -> std::io::Result<()> {
+        let path = self.dir.join(SALVAGE_FILE);
+        let tmp = path.with_extension("partial");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?)?;
+        std::fs::rename(&tmp, &path)
+    }
+
     /// The lowest sequence number in the spool.
     pub fn first(&self) -> Option<u64> {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).files.keys().next().copied()
@@ -133,8 +188,18 @@ impl Spool {
                 .filter(|p| p.extension().is_some_and(|x| x == "chunk"))
                 .collect();
             chunks.sort();
-            let id = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            out.push((id, header, chunks));
+            let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let salvage = match std::fs::read(dir.join(SALVAGE_FILE)) {
+                Ok(body) => Some(serde_json::from_slice(&body).map_err(|e| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("{}: {e}", dir.join(SALVAGE_FILE).display()),
+                    )
+                })?),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => return Err(e),
+            };
+            out.push(Leftover { name, header, chunks, salvage });
         }
         Ok(out)
     }
@@ -153,8 +218,18 @@ fn try_lock(file: &std::fs::File) -> std::io::Result<bool> {
     if err.raw_os_error() == Some(libc::EWOULDBLOCK) { Ok(false) } else { Err(err) }
 }
 
-/// A spool left by an earlier run: (directory name, PCAP header, chunk files in order).
-pub type Leftover = (String, Vec<u8>, Vec<PathBuf>);
+/// A spool left by an earlier run.
+#[derive(Debug)]
+pub struct Leftover {
+    /// Its directory's name.
+    pub name: String,
+    /// The capture's PCAP file header.
+    pub header: Vec<u8>,
+    /// Chunk files, in order.
+    pub chunks: Vec<PathBuf>,
+    /// Set when the capture's store failed for good, rather than the process dying.
+    pub salvage: Option<SalvageRecord>,
+}
 
 /// Reads a spooled chunk file.
 pub fn read_chunk(path: &Path) -> std::io::Result<CompressedChunk> {
@@ -200,6 +275,10 @@ mod tests {
         drop(spool);
         let left = Spool::leftovers(dir.path()).unwrap();
         assert_eq!(left.len(), 1);
-        assert_eq!((left[0].0.as_str(), left[0].1.as_slice(), left[0].2.len()), ("cap", &b"hdr"[..], 3));
+        assert_eq!(
+            (left[0].name.as_str(), left[0].header.as_slice(), left[0].chunks.len()),
+            ("cap", &b"hdr"[..], 3)
+        );
+        assert!(left[0].salvage.is_none());
     }
 }

@@ -8,7 +8,10 @@
 
 use std::{
     collections::BTreeMap,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     thread::JoinHandle,
     time::Duration,
 };
@@ -16,9 +19,9 @@ use std::{
 use tokio::sync::{Semaphore, mpsc};
 
 use super::{
-    Sink, UploadError,
+    LostPackets, Sink, UploadError,
     object::{CompressedChunk, ObjectOwner, UploadConfig, Uploader},
-    spool::{Spool, read_chunk},
+    spool::{SalvageRecord, Spool, read_chunk},
 };
 use crate::{
     chunk::{Chunk, ChunkPool},
@@ -47,6 +50,110 @@ pub struct StoreOutput {
     next_seq: u64,
     /// The first failure of a compression thread.
     failed: Arc<Mutex<Option<UploadError>>>,
+    /// Set when the store has failed for good and chunks only go to the spool.
+    gave_up: Arc<AtomicBool>,
+}
+
+/// The uploader of a running capture, until the store fails for good; then the spool alone.
+struct Store<S: Sink> {
+    uploader: Option<Uploader<S>>,
+    spool: Arc<Spool>,
+    owner: ObjectOwner,
+    compression: crate::compress::Compression,
+    /// The error that made the store give up.
+    failure: Option<UploadError>,
+    /// Packets that found the spool full after the failure.
+    lost: u64,
+    gave_up: Arc<AtomicBool>,
+}
+
+impl<S: Sink> Store<S> {
+    /// Appends chunk `seq` to the capture's objects, or spools it once the store has failed.
+    async fn deliver(&mut self, seq: u64, chunk: CompressedChunk) -> Result<(), UploadError> {
+        let Some(uploader) = self.uploader.as_mut() else {
+            if !self.spool.put(seq, &chunk).map_err(|e| self.spool_error(e))? {
+                self.lost += chunk.packets;
+            }
+            return Ok(());
+        };
+        match uploader.push(chunk).await {
+            Ok(()) => Ok(()),
+            Err(e) => self.give_up(e, seq + 1).await,
+        }
+    }
+
+    /// Rotates an object that is old enough.
+    async fn tick(&mut self, next: u64) -> Result<(), UploadError> {
+        let Some(uploader) = self.uploader.as_mut() else { return Ok(()) };
+        match uploader.tick().await {
+            Ok(()) => Ok(()),
+            Err(e) => self.give_up(e, next).await,
+        }
+    }
+
+    /// The store has failed for good (an error that retrying cannot mend, or an outage longer
+    /// than allowed): what it has not confirmed goes to the spool, with a record of the open
+    /// multipart upload, and so does every chunk after it. `next` is the first sequence number
+    /// not yet delivered: the salvaged chunks take the numbers just below it.
+    async fn give_up(&mut self, error: UploadError, next: u64) -> Result<(), UploadError> {
+        let mut uploader = self.uploader.take().expect("a live uploader");
+        log::error!(
+            "capture {}: {error}; keeping what the store has not confirmed in the spool {}",
+            self.owner.capture,
+            self.spool.dir().display()
+        );
+        self.gave_up.store(true, Ordering::Relaxed);
+        let salvage = uploader.salvage().await;
+        let first = next - salvage.chunks.len() as u64;
+        for (i, chunk) in salvage.chunks.iter().enumerate() {
+            self.spool.put_over_limit(first + i as u64, chunk).map_err(|e| self.spool_error(e))?;
+        }
+        let record = SalvageRecord {
+            owner: self.owner.clone(),
+            compression: self.compression,
+            next_object: salvage.next_object,
+            resume: salvage.resume,
+            error: error.to_string(),
+        };
+        self.spool.write_salvage(&record).map_err(|e| self.spool_error(e))?;
+        self.failure = Some(error);
+        Ok(())
+    }
+
+    fn spool_error(&self, source: std::io::Error) -> UploadError {
+        UploadError::Io { operation: "write spool", path: self.spool.dir().display().to_string(), source }
+    }
+
+    /// Finishes the last object; returns every object's URL, or, if the store failed, what it
+    /// left in the spool.
+    async fn finish(mut self, next: u64) -> Result<Vec<String>, UploadError> {
+        if let Some(uploader) = self.uploader.take() {
+            let mut uploader = uploader;
+            match uploader.finish_objects().await {
+                Ok(urls) => {
+                    let (spooled, _) = self.spool.counts();
+                    if spooled > 0 {
+                        log::info!("{spooled} chunks went through the spool");
+                    }
+                    self.spool.remove_if_empty().map_err(|e| self.spool_error(e))?;
+                    return Ok(urls);
+                }
+                Err(e) => {
+                    self.uploader = Some(uploader);
+                    self.give_up(e, next).await?;
+                }
+            }
+        }
+        let (chunks, bytes) = self.spool.held();
+        let cause = self.failure.take().expect("the store failed");
+        Err(UploadError::Spooled {
+            cause: Box::new(cause),
+            chunks,
+            bytes,
+            dir: self.spool.dir().display().to_string(),
+            lost: LostPackets(self.lost),
+        })
+    }
 }
 
 impl StoreOutput {
@@ -81,7 +188,7 @@ impl StoreOutput {
                 UploadError::Io { operation: "create spool", path: spool_dir.display().to_string(), source }
             })?,
         );
-        let mut uploader = Uploader::new(sink, config.clone(), owner, pcap_header, global)?;
+        let uploader = Uploader::new(sink, config.clone(), owner.clone(), pcap_header, global)?;
         // Compressed chunks waiting for the uploader: a bounded memory budget.
         let (done_tx, mut done_rx) = mpsc::channel::<(u64, CompressedChunk)>(options.memory_chunks.max(1));
         let (chunk_tx, chunk_rx) = crossbeam_channel::bounded::<(u64, Chunk)>(threads.max(1) * 2);
@@ -99,6 +206,16 @@ impl StoreOutput {
         }
         drop(done_tx);
         let age_check = config.object_max_age.min(Duration::from_secs(1));
+        let gave_up = Arc::new(AtomicBool::new(false));
+        let mut store = Store {
+            uploader: Some(uploader),
+            spool: spool.clone(),
+            owner: owner.clone(),
+            compression: config.compression,
+            failure: None,
+            lost: 0,
+            gave_up: gave_up.clone(),
+        };
         let task = runtime.spawn(async move {
             let mut waiting = BTreeMap::new();
             let mut next = 0u64;
@@ -114,25 +231,28 @@ impl StoreOutput {
                         let Some((seq, chunk)) = got else { break };
                         waiting.insert(seq, chunk);
                     }
-                    _ = tick.tick() => uploader.tick().await?,
+                    _ = tick.tick() => store.tick(next).await?,
                 }
                 // The next chunk in order is in memory or in the spool, or not compressed yet.
                 loop {
                     let chunk = match waiting.remove(&next) {
                         Some(c) => c,
-                        None => match spool.take(next).map_err(spool_err)? {
-                            Some(c) => c,
-                            None => break,
-                        },
+                        None if !spool.contains(next) => break,
+                        // Once the store has failed, spooled chunks stay where they are.
+                        None if store.uploader.is_none() => {
+                            next += 1;
+                            continue;
+                        }
+                        None => spool.take(next).map_err(spool_err)?.expect("in the spool"),
                     };
-                    uploader.push(chunk).await?;
+                    store.deliver(next, chunk).await?;
                     next += 1;
                 }
             }
             // Every chunk is compressed now; a chunk whose compression failed leaves a gap.
             loop {
                 let from_memory = waiting.keys().next().copied();
-                let from_spool = spool.first();
+                let from_spool = if store.uploader.is_some() { spool.first() } else { None };
                 let seq = match (from_memory, from_spool) {
                     (None, None) => break,
                     (a, b) => a.unwrap_or(u64::MAX).min(b.unwrap_or(u64::MAX)),
@@ -141,17 +261,20 @@ impl StoreOutput {
                     Some(c) => c,
                     None => spool.take(seq).map_err(spool_err)?.expect("listed in the spool"),
                 };
-                uploader.push(chunk).await?;
+                store.deliver(seq, chunk).await?;
+                next = seq + 1;
             }
-            let (spooled, _) = spool.counts();
-            if spooled > 0 {
-                log::info!("{spooled} chunks went through the spool");
-            }
-            let urls = uploader.finish().await?;
-            spool.remove_if_empty().map_err(spool_err)?;
-            Ok(urls)
+            store.finish(next).await
         });
-        Ok(Self { chunks: Some(chunk_tx), workers, uploader: Some(task), runtime, next_seq: 0, failed })
+        Ok(Self {
+            chunks: Some(chunk_tx),
+            workers,
+            uploader: Some(task),
+            runtime,
+            next_seq: 0,
+            failed,
+            gave_up,
+        })
     }
 
     /// Hands a chunk on for compression and upload; waits while the compression threads are
@@ -165,9 +288,9 @@ impl StoreOutput {
         }
     }
 
-    /// Whether the uploader has stopped (failed) early.
+    /// Whether the uploader has stopped (failed) early, or the store has failed for good.
     pub fn has_failed(&self) -> bool {
-        self.uploader.as_ref().is_none_or(|t| t.is_finished())
+        self.gave_up.load(Ordering::Relaxed) || self.uploader.as_ref().is_none_or(|t| t.is_finished())
     }
 
     /// Waits for every chunk to be stored and every object finished; returns their URLs.
@@ -262,17 +385,9 @@ async fn recover<S: Sink>(
         let path = path.display().to_string();
         move |source| UploadError::Io { operation: "recover spool", path, source }
     };
-    for (name, header, files) in Spool::leftovers(&options.spool_root).map_err(io(&options.spool_root))? {
-        let dir = options.spool_root.join(&name);
-        if !files.is_empty() {
-            let owner = ObjectOwner { capture: name.clone(), ..owner.clone() };
-            let mut uploader = Uploader::new(sink.clone(), config.clone(), owner, &header, global.clone())?;
-            for file in &files {
-                uploader.push(read_chunk(file).map_err(io(file))?).await?;
-            }
-            let urls = uploader.finish().await?;
-            log::info!("uploaded {} chunks spooled by an earlier run as {}", files.len(), urls.join(", "));
-        }
+    for left in Spool::leftovers(&options.spool_root).map_err(io(&options.spool_root))? {
+        let dir = options.spool_root.join(&left.name);
+        recover_one(sink, config, owner, global, &left).await?;
         std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
     }
     // Without a daemon that knows every live capture, only this capture's own key space is
@@ -284,4 +399,81 @@ async fn recover<S: Sink>(
         sink.abort_multipart(&pending.key, &pending.upload_id).await?;
     }
     Ok(())
+}
+
+/// Makes objects of one spool an earlier run left. A spool whose store failed for good
+/// continues that capture's objects under its own name (and its open multipart upload); one
+/// left by a process that died becomes objects named after the spool.
+async fn recover_one<S: Sink>(
+    sink: &Arc<S>,
+    config: &UploadConfig,
+    owner: &ObjectOwner,
+    global: &Arc<Semaphore>,
+    left: &super::spool::Leftover,
+) -> Result<(), UploadError> {
+    let io = |path: &std::path::Path| {
+        let path = path.display().to_string();
+        move |source| UploadError::Io { operation: "recover spool", path, source }
+    };
+    let (owner, config, next_object) = match &left.salvage {
+        Some(s) => {
+            (s.owner.clone(), UploadConfig { compression: s.compression, ..config.clone() }, s.next_object)
+        }
+        None => (ObjectOwner { capture: left.name.clone(), ..owner.clone() }, config.clone(), 0),
+    };
+    let mut resume = left.salvage.as_ref().and_then(|s| s.resume.clone());
+    if let Some(r) = resume.take_if(|r| r.parts.is_empty()) {
+        // No part of it was confirmed: its chunks are all in the spool.
+        if let Err(e) = sink.abort_multipart(&r.key, &r.upload_id).await {
+            log::warn!("cannot abort the upload of {} left by an earlier run: {e}", r.key);
+        }
+    }
+    if left.chunks.is_empty() && resume.is_none() {
+        return Ok(());
+    }
+    loop {
+        let mut uploader =
+            Uploader::new(sink.clone(), config.clone(), owner.clone(), &left.header, global.clone())?
+                .with_next_object(next_object);
+        let resumed = resume.is_some();
+        if let Some(r) = resume.clone() {
+            uploader.resume(r);
+        }
+        let mut result = Ok(());
+        for file in &left.chunks {
+            result = match read_chunk(file).map_err(io(file)) {
+                Ok(chunk) => uploader.push(chunk).await,
+                Err(e) => Err(e),
+            };
+            if result.is_err() {
+                break;
+            }
+        }
+        let result = match result {
+            Ok(()) => uploader.finish_objects().await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(urls) => {
+                log::info!(
+                    "uploaded {} chunks spooled by an earlier run as {}",
+                    left.chunks.len(),
+                    urls.join(", ")
+                );
+                return Ok(());
+            }
+            // The store no longer has the upload (aborted or expired): its confirmed parts are
+            // gone; the spooled chunks still make an object of their own.
+            Err(e) if resumed && e.to_string().contains("NoSuchUpload") => {
+                let r = resume.take().expect("resumed");
+                let lost: u64 = r.frames.iter().map(|f| f.packets).sum();
+                log::error!("the upload of {} no longer exists in the store: {lost} packets are lost", r.key);
+                uploader.abort().await;
+            }
+            Err(e) => {
+                uploader.abort().await;
+                return Err(e);
+            }
+        }
+    }
 }

@@ -192,6 +192,53 @@ fn answers_http(s3_addr: SocketAddr, bucket: &str) -> bool {
 }
 
 impl Garage {
+    /// Runs Garage's command-line tool against this server (it speaks Garage's RPC, so it
+    /// runs in the server's namespace); panics with its output if it fails.
+    pub fn admin(&self, args: &[&str]) -> String {
+        let mut command = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(Self::binary());
+                c
+            }
+            None => Command::new(Self::binary()),
+        };
+        let out = command.arg("-c").arg(&self.config).args(args).output().expect("run garage");
+        let text =
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "garage {args:?} failed: {text}");
+        text
+    }
+
+    /// Takes the key's rights on the bucket away, as an operator revoking credentials would:
+    /// every request then fails with AccessDenied.
+    pub fn revoke_key(&self) {
+        self.admin(&[
+            "bucket",
+            "deny",
+            "--read",
+            "--write",
+            "--owner",
+            "--key",
+            &self.access_key,
+            &self.bucket,
+        ]);
+    }
+
+    /// Gives the key its rights on the bucket back.
+    pub fn grant_key(&self) {
+        self.admin(&[
+            "bucket",
+            "allow",
+            "--read",
+            "--write",
+            "--owner",
+            "--key",
+            &self.access_key,
+            &self.bucket,
+        ]);
+    }
+
     /// Environment variables that point the AWS SDK (and tapstream) at this server.
     pub fn aws_env(&self) -> Vec<(&'static str, String)> {
         vec![
