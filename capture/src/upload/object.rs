@@ -702,11 +702,10 @@ mod tests {
         });
         assert!(error.to_string().contains("AccessDenied"), "{error}");
         let resume = salvage.resume.clone().expect("an open multipart upload");
-        assert_eq!(
-            resume.parts.iter().map(|p| p.number).collect::<Vec<_>>(),
-            [1, 2],
-            "parts 1 and 2 confirmed"
-        );
+        // Part 3 starts once part 1 is done (two in flight); part 2 may still be in flight
+        // when part 3's failure is seen, and is then given up and salvaged too.
+        let numbers: Vec<i32> = resume.parts.iter().map(|p| p.number).collect();
+        assert!(numbers == [1] || numbers == [1, 2], "the confirmed run of parts: {numbers:?}");
         assert!(!resume.sealed);
         let kept: u64 = resume.frames.iter().map(|f| f.packets).sum();
         assert_eq!(
