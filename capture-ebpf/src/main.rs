@@ -75,7 +75,8 @@ pub fn tapstream_xdp(ctx: XdpContext) -> u32 {
     // SAFETY: `meta_ptr` checked that the metadata area holds a whole FrameMeta.
     unsafe {
         meta.write_unaligned(FrameMeta {
-            rx_tai_ns: bpf_ktime_get_tai_ns(),
+            // Read in `redirect`, only for the frames a capture wants.
+            rx_tai_ns: 0,
             mask: config.default_mask,
             orig_len,
             reserved: 0,
@@ -125,8 +126,11 @@ fn redirect(ctx: &XdpContext, counters: *mut XdpCounters, config: &XdpConfig) ->
     if mask == 0 {
         return unmatched(counters, config);
     }
-    // SAFETY: this CPU's slot (see COUNTERS).
-    unsafe { (*counters).matched += 1 };
+    // SAFETY: this CPU's slot (see COUNTERS); `meta_ptr` checked the bounds of `meta`.
+    unsafe {
+        (*counters).matched += 1;
+        core::ptr::addr_of_mut!((*meta).rx_tai_ns).write_unaligned(bpf_ktime_get_tai_ns());
+    }
 
     let len = (ctx.data_end() - ctx.data()) as u32;
     if len > config.max_frame_len {
