@@ -45,6 +45,40 @@ struct Outcome {
     counted_drops: u64,
     /// Peak resident memory.
     max_rss_mib: f64,
+    /// CPU time of the whole machine from the first frame sent to the capturer's exit: the
+    /// sender, the capturer, and the kernel's work for each frame (softirq on either CPU,
+    /// which on a veth is mostly charged to the sender).
+    system_secs: f64,
+}
+
+/// Busy CPU seconds of the whole machine so far, all CPUs (/proc/stat: user, nice, system,
+/// irq, softirq; not steal, the time the hypervisor gave to others).
+fn machine_busy_secs() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let cpu = stat.lines().next().context("/proc/stat is empty")?;
+    let v: Vec<u64> = cpu.split_whitespace().skip(1).map(|x| x.parse().unwrap_or(0)).collect();
+    anyhow::ensure!(v.len() >= 8, "unexpected /proc/stat: {cpu}");
+    let busy = v[0] + v[1] + v[2] + v[5] + v[6];
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Ok(busy as f64 / hz)
+}
+
+/// Runs trafgen (pinned to CPU 0) in the sender namespace to the end; returns its stdout.
+fn run_trafgen(veth: &VethPair, cfg: &Path, opts: &CaptureBench) -> anyhow::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let mut trafgen = veth.sender_ns.command("taskset");
+    trafgen.args(["-c", "0", "trafgen", "-o", &veth.sender_if, "-c"]).arg(cfg).args(["-P", "1", "-H", "-n"]);
+    trafgen.arg(opts.frames.to_string());
+    if opts.rate > 0 {
+        trafgen.args(["-b", &format!("{}pps", opts.rate)]);
+    }
+    let mut child = trafgen.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().context("run trafgen")?;
+    let mut out = Vec::new();
+    child.stdout.take().context("piped")?.read_to_end(&mut out)?;
+    // Its exit status says nothing more: `offered` fails if the count is missing.
+    child.wait().context("wait for trafgen")?;
+    Ok(out)
 }
 
 pub fn capture(root: &Path, opts: &CaptureBench) -> anyhow::Result<()> {
@@ -108,19 +142,11 @@ pub fn capture(root: &Path, opts: &CaptureBench) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(500));
 
+        let busy_before = machine_busy_secs()?;
         let started = Instant::now();
-        let mut trafgen = veth.sender_ns.command("taskset");
-        trafgen
-            .args(["-c", "0", "trafgen", "-o", &veth.sender_if, "-c"])
-            .arg(&cfg)
-            .args(["-P", "1", "-H", "-n"]);
-        trafgen.arg(opts.frames.to_string());
-        if opts.rate > 0 {
-            trafgen.args(["-b", &format!("{}pps", opts.rate)]);
-        }
-        let sent = trafgen.stderr(Stdio::null()).output().context("run trafgen")?;
+        let sent = run_trafgen(&veth, &cfg, opts)?;
         let send_secs = started.elapsed().as_secs_f64();
-        let offered = offered(&sent.stdout)?;
+        let offered = offered(&sent)?;
 
         if tool != "tapstream" {
             std::thread::sleep(Duration::from_secs(2));
@@ -135,6 +161,7 @@ pub fn capture(root: &Path, opts: &CaptureBench) -> anyhow::Result<()> {
         if unsafe { libc::wait4(pid, &mut status, 0, &mut usage) } != pid {
             bail!("wait4 for {tool}: {}", std::io::Error::last_os_error());
         }
+        let system_secs = machine_busy_secs()? - busy_before;
         let log = log.join().unwrap_or_default();
         let stdout = out_text.join().unwrap_or_default();
         // wait4's ru_maxrss would count the RSS the child had between fork and exec (this
@@ -199,15 +226,28 @@ pub fn capture(root: &Path, opts: &CaptureBench) -> anyhow::Result<()> {
             user_secs: tv(usage.ru_utime),
             counted_drops,
             max_rss_mib,
+            system_secs,
         });
         drop(veth);
     }
+    // The same traffic to a veth nobody captures on: the kernel's cost of delivering (and
+    // discarding) the frames, which every capturer's machine-wide time also holds.
+    let baseline = {
+        let veth = VethPair::new(1);
+        std::thread::sleep(Duration::from_millis(500));
+        let busy_before = machine_busy_secs()?;
+        let sent = run_trafgen(&veth, &cfg, opts)?;
+        std::thread::sleep(Duration::from_secs(2));
+        let system_secs = machine_busy_secs()? - busy_before;
+        system_secs / offered(&sent)?.max(1) as f64
+    };
     println!(
-        "\n| capturer | frames offered | offered rate (kpps) | wanted | captured | lost | drops it reports | CPU s (user) | CPU ns/captured frame | CPU ns/offered frame | peak RSS MiB |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "\n| capturer | frames offered | offered rate (kpps) | wanted | captured | lost | drops it reports | CPU s (user) | CPU ns/captured frame | CPU ns/offered frame | machine ns/offered frame | beyond no capture | peak RSS MiB |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
+    let beyond = |r: &Outcome| r.system_secs * 1e9 / r.offered.max(1) as f64 - baseline * 1e9;
     for r in &results {
         println!(
-            "| {} | {} | {:.0} | {} | {} | {:.3}% | {} | {:.2} ({:.2}) | {:.0} | {:.1} | {:.0} |",
+            "| {} | {} | {:.0} | {} | {} | {:.3}% | {} | {:.2} ({:.2}) | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} |",
             r.tool,
             r.offered,
             r.offered as f64 / r.send_secs / 1000.0,
@@ -219,13 +259,21 @@ pub fn capture(root: &Path, opts: &CaptureBench) -> anyhow::Result<()> {
             r.user_secs,
             r.cpu_secs * 1e9 / r.captured.max(1) as f64,
             r.cpu_secs * 1e9 / r.offered.max(1) as f64,
+            r.system_secs * 1e9 / r.offered.max(1) as f64,
+            beyond(r),
             r.max_rss_mib,
         );
     }
+    println!("| no capturer | | | | | | | | | | {:.1} | 0 | |", baseline * 1e9);
     if let [ours, tcpdump, ..] = &results[..] {
         let a = ours.cpu_secs / ours.offered.max(1) as f64;
         let b = tcpdump.cpu_secs / tcpdump.offered.max(1) as f64;
         println!("\ntapstream CPU per offered frame / tcpdump CPU per offered frame = {:.2}", a / b);
+        println!(
+            "tapstream / tcpdump, machine-wide CPU per offered frame beyond delivering it to a veth \
+             nobody captures on = {:.2}",
+            beyond(ours) / beyond(tcpdump)
+        );
     }
     std::fs::remove_dir_all(&work).ok();
     Ok(())
