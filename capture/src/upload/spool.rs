@@ -39,6 +39,10 @@ pub struct SalvageRecord {
     pub error: String,
 }
 
+/// The file naming the store a spool's chunks are for (`s3://bucket/`, `file:///dir/`), so
+/// that they are only ever uploaded there.
+const DESTINATION_FILE: &str = "destination";
+
 /// The lock file a live spool holds (flock), so another process never takes its chunks.
 const LOCK_FILE: &str = "lock";
 
@@ -60,12 +64,18 @@ struct State {
 impl Spool {
     /// A spool in `dir` (created) holding at most `limit_bytes`; `pcap_header` is kept beside
     /// the chunks so leftovers can be made into objects after a restart.
-    pub fn create(dir: PathBuf, limit_bytes: u64, pcap_header: &[u8]) -> std::io::Result<Self> {
+    pub fn create(
+        dir: PathBuf,
+        limit_bytes: u64,
+        pcap_header: &[u8],
+        destination: &str,
+    ) -> std::io::Result<Self> {
         std::fs::create_dir_all(&dir)?;
         let lock = std::fs::File::create(dir.join(LOCK_FILE))?;
         if !try_lock(&lock)? {
             return Err(std::io::Error::other(format!("{} is in use by another process", dir.display())));
         }
+        std::fs::write(dir.join(DESTINATION_FILE), destination)?;
         std::fs::write(dir.join(PCAP_HEADER_FILE), pcap_header)?;
         Ok(Self { dir, _lock: lock, limit_bytes, state: Mutex::default() })
     }
@@ -199,7 +209,8 @@ impl Spool {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
                 Err(e) => return Err(e),
             };
-            out.push(Leftover { name, header, chunks, salvage });
+            let destination = std::fs::read_to_string(dir.join(DESTINATION_FILE)).ok();
+            out.push(Leftover { name, header, chunks, salvage, destination });
         }
         Ok(out)
     }
@@ -229,6 +240,8 @@ pub struct Leftover {
     pub chunks: Vec<PathBuf>,
     /// Set when the capture's store failed for good, rather than the process dying.
     pub salvage: Option<SalvageRecord>,
+    /// The store its chunks are for (absent in spools of older versions).
+    pub destination: Option<String>,
 }
 
 /// Reads a spooled chunk file.
@@ -261,7 +274,7 @@ mod tests {
     #[test]
     fn chunks_come_back_in_order_and_the_limit_holds() {
         let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::create(dir.path().join("cap"), 3 * 132, b"hdr").unwrap();
+        let spool = Spool::create(dir.path().join("cap"), 3 * 132, b"hdr", "s3://b/").unwrap();
         for seq in 0..3 {
             assert!(spool.put(seq, &chunk(seq as u8)).unwrap());
         }
@@ -280,5 +293,6 @@ mod tests {
             ("cap", &b"hdr"[..], 3)
         );
         assert!(left[0].salvage.is_none());
+        assert_eq!(left[0].destination.as_deref(), Some("s3://b/"));
     }
 }

@@ -184,9 +184,13 @@ impl StoreOutput {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         let spool_dir = options.spool_root.join(format!("{}-{}", owner.capture, now.as_nanos()));
         let spool = Arc::new(
-            Spool::create(spool_dir.clone(), options.spool_max_bytes, pcap_header).map_err(|source| {
-                UploadError::Io { operation: "create spool", path: spool_dir.display().to_string(), source }
-            })?,
+            Spool::create(spool_dir.clone(), options.spool_max_bytes, pcap_header, &sink.url("")).map_err(
+                |source| UploadError::Io {
+                    operation: "create spool",
+                    path: spool_dir.display().to_string(),
+                    source,
+                },
+            )?,
         );
         let uploader = Uploader::new(sink, config.clone(), owner.clone(), pcap_header, global)?;
         // Compressed chunks waiting for the uploader: a bounded memory budget.
@@ -386,6 +390,10 @@ async fn recover<S: Sink>(
         move |source| UploadError::Io { operation: "recover spool", path, source }
     };
     for left in Spool::leftovers(&options.spool_root).map_err(io(&options.spool_root))? {
+        // Chunks for another bucket or directory wait for a capture that goes there.
+        if left.destination.as_ref().is_some_and(|d| *d != sink.url("")) {
+            continue;
+        }
         let dir = options.spool_root.join(&left.name);
         recover_one(sink, config, owner, global, &left).await?;
         std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
@@ -475,5 +483,66 @@ async fn recover_one<S: Sink>(
                 return Err(e);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upload::{dir::DirSink, object::CompressedChunk};
+
+    #[test]
+    fn a_spool_is_only_uploaded_to_the_store_it_was_for() {
+        let root = tempfile::tempdir().unwrap();
+        let (store_a, store_b, spools) =
+            (root.path().join("a"), root.path().join("b"), root.path().join("spool"));
+        let sink_a = Arc::new(DirSink::new(&store_a).unwrap());
+        let sink_b = Arc::new(DirSink::new(&store_b).unwrap());
+        let config = UploadConfig { compression: crate::compress::Compression::None, ..Default::default() };
+        // A spool left for store A by a run that died.
+        {
+            let spool = Spool::create(spools.join("cap-1"), 1 << 20, b"hdr", &sink_a.url("")).unwrap();
+            let chunk = CompressedChunk {
+                data: b"frames".to_vec(),
+                decompressed_len: 6,
+                first_ns: 1,
+                last_ns: 2,
+                packets: 1,
+            };
+            assert!(spool.put(0, &chunk).unwrap());
+        }
+        let options = StoreOptions {
+            threads: 1,
+            spool_root: spools.clone(),
+            spool_max_bytes: 1 << 20,
+            memory_chunks: 1,
+        };
+        let owner = ObjectOwner { node: "n".into(), capture: "next".into(), ..Default::default() };
+        let global = Arc::new(Semaphore::new(1));
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let objects = |dir: &std::path::Path| {
+            walkdir(dir).into_iter().filter(|p| p.extension().is_some_and(|x| x == "pcap")).count()
+        };
+
+        rt.block_on(recover(&sink_b, &config, &owner, &options, &global)).unwrap();
+        assert_eq!(objects(&store_b), 0, "a capture to store B leaves store A's chunks alone");
+        assert!(spools.join("cap-1").is_dir());
+
+        rt.block_on(recover(&sink_a, &config, &owner, &options, &global)).unwrap();
+        assert_eq!(objects(&store_a), 1, "a capture to store A uploads them");
+        assert!(!spools.join("cap-1").exists());
+    }
+
+    fn walkdir(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                out.extend(walkdir(&path));
+            } else {
+                out.push(path);
+            }
+        }
+        out
     }
 }
