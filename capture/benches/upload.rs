@@ -40,6 +40,8 @@ fn main() {
         path_style: true,
         max_attempts: 3,
         static_credentials: Some((garage.access_key.clone(), garage.secret_key.clone())),
+        // The default connection limit, as a user gets it.
+        max_connections: 16,
         ..S3Config::default()
     };
     let mut rows = Vec::new();
