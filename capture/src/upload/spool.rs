@@ -187,11 +187,13 @@ impl Spool {
         let Ok(entries) = std::fs::read_dir(root) else { return Ok(out) };
         for entry in entries {
             let dir = entry?.path();
-            // A spool whose lock is held belongs to a running capture.
-            match std::fs::File::open(dir.join(LOCK_FILE)) {
+            // A spool whose lock is held belongs to a running capture, or is being recovered by
+            // another; the lock taken here is held as long as the returned Leftover lives.
+            let lock = match std::fs::File::open(dir.join(LOCK_FILE)) {
                 Ok(lock) if !try_lock(&lock)? => continue,
-                _ => {}
-            }
+                Ok(lock) => Some(lock),
+                Err(_) => None,
+            };
             let Ok(header) = std::fs::read(dir.join(PCAP_HEADER_FILE)) else { continue };
             let mut chunks: Vec<PathBuf> = std::fs::read_dir(&dir)?
                 .filter_map(|e| e.ok().map(|e| e.path()))
@@ -210,7 +212,7 @@ impl Spool {
                 Err(e) => return Err(e),
             };
             let destination = std::fs::read_to_string(dir.join(DESTINATION_FILE)).ok();
-            out.push(Leftover { name, header, chunks, salvage, destination });
+            out.push(Leftover { name, header, chunks, salvage, destination, _lock: lock });
         }
         Ok(out)
     }
@@ -242,6 +244,8 @@ pub struct Leftover {
     pub salvage: Option<SalvageRecord>,
     /// The store its chunks are for (absent in spools of older versions).
     pub destination: Option<String>,
+    /// The spool's lock, held so that no other process recovers it at the same time.
+    _lock: Option<std::fs::File>,
 }
 
 /// Reads a spooled chunk file.
@@ -287,6 +291,7 @@ mod tests {
         assert_eq!(spool.counts(), (4, 3));
         drop(spool);
         let left = Spool::leftovers(dir.path()).unwrap();
+        assert!(Spool::leftovers(dir.path()).unwrap().is_empty(), "a leftover being recovered is locked");
         assert_eq!(left.len(), 1);
         assert_eq!(
             (left[0].name.as_str(), left[0].header.as_slice(), left[0].chunks.len()),
