@@ -607,7 +607,19 @@ fn daemon(file: &std::path::Path) -> anyhow::Result<()> {
         anyhow::Ok((unix, tcp))
     })?;
     let socket = config.daemon.socket.clone();
+    // What earlier runs left in the spool goes up now, not only when a capture next starts.
+    let (store, node) = (config.store.clone(), config.daemon.node.clone().unwrap_or_else(hostname));
     let daemon = Arc::new(Daemon::start(config)?);
+    std::thread::Builder::new()
+        .name("tapstream-recover".into())
+        .spawn(move || {
+            for (url, result) in store.recover_spools(&node) {
+                if let Err(e) = result {
+                    log::warn!("what earlier runs spooled for {url} stays in the spool for now: {e}");
+                }
+            }
+        })
+        .context("start the spool recovery thread")?;
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, stop.clone()).context("install signal handler")?;

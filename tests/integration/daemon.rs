@@ -476,3 +476,63 @@ fn only_the_newest_ended_captures_are_kept() {
     assert_eq!(files, 2, "its state file is gone too");
     assert_eq!(daemon.client().status("first").unwrap_err().to_string(), "no capture \"first\" (HTTP 404)");
 }
+
+#[test]
+fn the_daemon_uploads_what_an_earlier_run_left_in_the_spool_when_it_starts() {
+    use tapstream::upload::{Sink as _, dir::DirSink, object::CompressedChunk, spool::Spool};
+    let veth = VethPair::new(1);
+    let mut daemon = TestDaemon::start(&veth, "");
+    drop(daemon.running.take()); // killed, as a crash would
+    let d = daemon.dir.path().to_owned();
+    let store = d.join("store");
+    // A spool an earlier run left for the daemon's store: a PCAP header and one record.
+    let header: Vec<u8> = [
+        0xa1b2_c3d4u32.to_le_bytes().as_slice(),
+        &[2, 0, 4, 0],
+        &[0; 8],
+        &65535u32.to_le_bytes(),
+        &1u32.to_le_bytes(),
+    ]
+    .concat();
+    let record: Vec<u8> =
+        [&1u32.to_le_bytes()[..], &0u32.to_le_bytes(), &4u32.to_le_bytes(), &4u32.to_le_bytes(), b"left"]
+            .concat();
+    {
+        let url = DirSink::new(&store).unwrap().url("");
+        let spool = Spool::create(d.join("spool/old-1"), 1 << 20, &header, &url).unwrap();
+        let chunk = CompressedChunk {
+            data: record.clone(),
+            decompressed_len: 20,
+            first_ns: 1_000_000_000,
+            last_ns: 1_000_000_000,
+            packets: 1,
+        };
+        assert!(spool.put(0, &chunk).unwrap());
+    }
+    daemon.restart(&veth);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let object = loop {
+        let found = walk(&store).into_iter().find(|p| p.extension().is_some_and(|x| x == "pcap"));
+        if let Some(p) = found {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "no object from the leftover spool in {}", store.display());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(object.to_string_lossy().contains("old-1"), "named after the spool: {}", object.display());
+    assert_eq!(std::fs::read(&object).unwrap(), [header, record].concat(), "the spooled bytes, whole");
+    assert!(!d.join("spool/old-1").exists(), "the spool is gone");
+}
+
+fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}

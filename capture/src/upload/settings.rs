@@ -10,7 +10,7 @@ use super::{
     dir::DirSink,
     object::{MIN_PART_BYTES, ObjectOwner, UploadConfig},
     s3::{S3Config, S3Sink},
-    stream::{StoreOptions, StoreOutput},
+    stream::{StoreOptions, StoreOutput, recover_spools},
 };
 use crate::{
     compress::Compression,
@@ -168,6 +168,55 @@ impl StoreSettings {
             max_attempts: 5,
             max_connections: self.max_connections,
             static_credentials: None,
+        }
+    }
+
+    /// Uploads what earlier runs left in the spool for each configured destination; returns
+    /// each destination's outcome. Spools for a store that is unreachable now stay for the next
+    /// capture that goes there.
+    pub fn recover_spools(&self, node: &str) -> Vec<(String, Result<(), UploadError>)> {
+        self.destinations
+            .iter()
+            .map(|url| {
+                let labels =
+                    ObjectLabels { capture: "recovery".into(), node: node.into(), metadata: Vec::new() };
+                (url.clone(), self.recover_one(url, labels))
+            })
+            .collect()
+    }
+
+    fn recover_one(&self, url: &str, labels: ObjectLabels) -> Result<(), UploadError> {
+        let compression = self.compression().map_err(UploadError::Task)?;
+        let config = UploadConfig {
+            part_bytes: self.part_size_bytes as usize,
+            parts_in_flight_per_object: self.parts_in_flight,
+            object_max_bytes: self.rotate_size_bytes,
+            object_max_age: Duration::from_secs(self.rotate_age_secs),
+            key_template: self.key_template.clone(),
+            compression,
+            outage_max: Duration::from_secs(60),
+        };
+        let options = StoreOptions {
+            threads: 1,
+            spool_root: self.spool_dir.clone(),
+            spool_max_bytes: self.spool_max_bytes,
+            memory_chunks: 1,
+        };
+        match url.parse::<Destination>()? {
+            Destination::S3 { bucket, prefix } => {
+                let owner = ObjectOwner {
+                    prefix,
+                    node: labels.node,
+                    capture: labels.capture,
+                    metadata: labels.metadata,
+                };
+                let s3 = self.s3(bucket);
+                recover_spools(|| async move { Ok(S3Sink::new(s3).await) }, config, owner, options)
+            }
+            Destination::Dir { path } => {
+                let owner = ObjectOwner { node: labels.node, capture: labels.capture, ..Default::default() };
+                recover_spools(|| async move { DirSink::new(path) }, config, owner, options)
+            }
         }
     }
 

@@ -375,10 +375,53 @@ fn compress_loop(
     }
 }
 
+/// Uploads what earlier runs left in the spool for `sink`'s store (see [`recover`]) without
+/// starting a capture: what a daemon does when it starts.
+pub fn recover_spools<S, F>(
+    make_sink: impl FnOnce() -> F,
+    config: UploadConfig,
+    owner: ObjectOwner,
+    options: StoreOptions,
+) -> Result<(), UploadError>
+where
+    S: Sink,
+    F: std::future::Future<Output = Result<S, UploadError>>,
+{
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| UploadError::Task(format!("cannot start the upload runtime: {e}")))?;
+    runtime.block_on(async {
+        let sink = Arc::new(make_sink().await?);
+        let global = Arc::new(Semaphore::new(config.parts_in_flight_per_object.max(1)));
+        recover_leftovers(&sink, &config, &owner, &options, &global).await
+    })
+}
+
 /// Finishes what an earlier run left: spooled chunks become objects (named after their spool),
 /// and multipart uploads under the prefix that no running capture owns are aborted, so none
 /// keeps costing money.
 async fn recover<S: Sink>(
+    sink: &Arc<S>,
+    config: &UploadConfig,
+    owner: &ObjectOwner,
+    options: &StoreOptions,
+    global: &Arc<Semaphore>,
+) -> Result<(), UploadError> {
+    recover_leftovers(sink, config, owner, options, global).await?;
+    // Without a daemon that knows every live capture, only this capture's own key space is
+    // certain to hold no live upload: the key up to its last '/'.
+    let own = super::object::object_key(config, owner, 0, 0);
+    let prefix = own.rsplit_once('/').map(|(p, _)| format!("{p}/")).unwrap_or_default();
+    for pending in sink.list_multipart(&prefix).await? {
+        log::warn!("aborting an unfinished upload of {} left by an earlier run", pending.key);
+        sink.abort_multipart(&pending.key, &pending.upload_id).await?;
+    }
+    Ok(())
+}
+
+/// Uploads the spools earlier runs left for `sink`'s store (see [`recover`]).
+async fn recover_leftovers<S: Sink>(
     sink: &Arc<S>,
     config: &UploadConfig,
     owner: &ObjectOwner,
@@ -397,14 +440,6 @@ async fn recover<S: Sink>(
         let dir = options.spool_root.join(&left.name);
         recover_one(sink, config, owner, global, &left).await?;
         std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
-    }
-    // Without a daemon that knows every live capture, only this capture's own key space is
-    // certain to hold no live upload: the key up to its last '/'.
-    let own = super::object::object_key(config, owner, 0, 0);
-    let prefix = own.rsplit_once('/').map(|(p, _)| format!("{p}/")).unwrap_or_default();
-    for pending in sink.list_multipart(&prefix).await? {
-        log::warn!("aborting an unfinished upload of {} left by an earlier run", pending.key);
-        sink.abort_multipart(&pending.key, &pending.upload_id).await?;
     }
     Ok(())
 }
