@@ -186,42 +186,28 @@ impl StoreSettings {
     }
 
     fn recover_one(&self, url: &str, labels: ObjectLabels) -> Result<(), UploadError> {
-        let compression = self.compression().map_err(UploadError::Task)?;
-        let config = UploadConfig {
-            part_bytes: self.part_size_bytes as usize,
-            parts_in_flight_per_object: self.parts_in_flight,
-            object_max_bytes: self.rotate_size_bytes,
-            object_max_age: Duration::from_secs(self.rotate_age_secs),
-            key_template: self.key_template.clone(),
-            compression,
-            outage_max: Duration::from_secs(60),
-        };
-        let options = StoreOptions {
-            threads: 1,
-            spool_root: self.spool_dir.clone(),
-            spool_max_bytes: self.spool_max_bytes,
-            memory_chunks: 1,
-        };
-        match url.parse::<Destination>()? {
-            Destination::S3 { bucket, prefix } => {
-                let owner = ObjectOwner {
-                    prefix,
-                    node: labels.node,
-                    capture: labels.capture,
-                    metadata: labels.metadata,
-                };
+        let (destination, config, owner, options) = self.parts(url, labels)?;
+        // Recovery at start-up gives up on an unreachable store sooner: its spools wait for
+        // the next capture that goes there.
+        let config = UploadConfig { outage_max: Duration::from_secs(60), ..config };
+        match destination {
+            Destination::S3 { bucket, .. } => {
                 let s3 = self.s3(bucket);
                 recover_spools(|| async move { Ok(S3Sink::new(s3).await) }, config, owner, options)
             }
             Destination::Dir { path } => {
-                let owner = ObjectOwner { node: labels.node, capture: labels.capture, ..Default::default() };
                 recover_spools(|| async move { DirSink::new(path) }, config, owner, options)
             }
         }
     }
 
-    /// A target that stores a capture at `url` (validated settings).
-    pub fn target(&self, url: &str, labels: ObjectLabels) -> Result<Target, UploadError> {
+    /// What a capture's (or a recovery's) store output is made of: where, how objects are cut,
+    /// whose they are, and the threads and spool.
+    fn parts(
+        &self,
+        url: &str,
+        labels: ObjectLabels,
+    ) -> Result<(Destination, UploadConfig, ObjectOwner, StoreOptions), UploadError> {
         let compression = self.compression().map_err(UploadError::Task)?;
         let destination: Destination = url.parse()?;
         let prefix = match &destination {
@@ -245,6 +231,12 @@ impl StoreSettings {
             spool_max_bytes: self.spool_max_bytes,
             memory_chunks: self.upload_queue,
         };
+        Ok((destination, config, owner, options))
+    }
+
+    /// A target that stores a capture at `url` (validated settings).
+    pub fn target(&self, url: &str, labels: ObjectLabels) -> Result<Target, UploadError> {
+        let (destination, config, owner, options) = self.parts(url, labels)?;
         let start: StartStore = match destination {
             Destination::S3 { bucket, .. } => {
                 let s3 = self.s3(bucket);

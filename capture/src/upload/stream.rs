@@ -127,8 +127,7 @@ impl<S: Sink> Store<S> {
     /// Finishes the last object; returns every object's URL, or, if the store failed, what it
     /// left in the spool.
     async fn finish(mut self, next: u64) -> Result<Vec<String>, UploadError> {
-        if let Some(uploader) = self.uploader.take() {
-            let mut uploader = uploader;
+        if let Some(mut uploader) = self.uploader.take() {
             match uploader.finish_objects().await {
                 Ok(urls) => {
                     let (spooled, _) = self.spool.counts();
@@ -428,20 +427,22 @@ async fn recover_leftovers<S: Sink>(
     options: &StoreOptions,
     global: &Arc<Semaphore>,
 ) -> Result<(), UploadError> {
-    let io = |path: &std::path::Path| {
-        let path = path.display().to_string();
-        move |source| UploadError::Io { operation: "recover spool", path, source }
-    };
-    for left in Spool::leftovers(&options.spool_root).map_err(io(&options.spool_root))? {
+    for left in Spool::leftovers(&options.spool_root).map_err(recover_io(&options.spool_root))? {
         // Chunks for another bucket or directory wait for a capture that goes there.
         if left.destination.as_ref().is_some_and(|d| *d != sink.url("")) {
             continue;
         }
         let dir = options.spool_root.join(&left.name);
         recover_one(sink, config, owner, global, &left).await?;
-        std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
+        std::fs::remove_dir_all(&dir).map_err(recover_io(&dir))?;
     }
     Ok(())
+}
+
+/// The error of a failed file operation of recovery on `path`.
+fn recover_io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> UploadError {
+    let path = path.display().to_string();
+    move |source| UploadError::Io { operation: "recover spool", path, source }
 }
 
 /// Makes objects of one spool an earlier run left. A spool whose store failed for good
@@ -454,10 +455,6 @@ async fn recover_one<S: Sink>(
     global: &Arc<Semaphore>,
     left: &super::spool::Leftover,
 ) -> Result<(), UploadError> {
-    let io = |path: &std::path::Path| {
-        let path = path.display().to_string();
-        move |source| UploadError::Io { operation: "recover spool", path, source }
-    };
     let (owner, config, next_object) = match &left.salvage {
         Some(s) => {
             (s.owner.clone(), UploadConfig { compression: s.compression, ..config.clone() }, s.next_object)
@@ -484,7 +481,7 @@ async fn recover_one<S: Sink>(
         }
         let mut result = Ok(());
         for file in &left.chunks {
-            result = match read_chunk(file).map_err(io(file)) {
+            result = match read_chunk(file).map_err(recover_io(file)) {
                 Ok(chunk) => uploader.push(chunk).await,
                 Err(e) => Err(e),
             };
