@@ -2,7 +2,7 @@
 
 use std::{
     io::{BufRead as _, BufReader, Read as _},
-    path::Path,
+    path::{Path, PathBuf},
     process::{Child, Stdio},
     sync::mpsc,
     time::Duration,
@@ -188,4 +188,18 @@ pub fn assert_same_frames(
 /// The data of corpus frames.
 pub fn data<'a>(frames: impl IntoIterator<Item = &'a CorpusFrame>) -> Vec<Vec<u8>> {
     frames.into_iter().map(|f| f.data.clone()).collect()
+}
+
+/// Every file under `dir`, at any depth.
+pub fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
 }

@@ -11,7 +11,7 @@ use std::{
 use tapstream::control::{CaptureInfo, CaptureState, client::Client};
 use tapstream_testenv::{CorpusFrame, Sender, VethPair, corpus_frames};
 
-use crate::common::{Running, read_capture, tapstream_bin};
+use crate::common::{Running, read_capture, tapstream_bin, walk};
 
 /// A daemon in the capture namespace of a veth pair, with its socket, state and a local store
 /// in a temporary directory. Objects are stored uncompressed (plain PCAP) so that tshark reads
@@ -522,17 +522,4 @@ fn the_daemon_uploads_what_an_earlier_run_left_in_the_spool_when_it_starts() {
     assert!(object.to_string_lossy().contains("old-1"), "named after the spool: {}", object.display());
     assert_eq!(std::fs::read(&object).unwrap(), [header, record].concat(), "the spooled bytes, whole");
     assert!(!d.join("spool/old-1").exists(), "the spool is gone");
-}
-
-fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            out.extend(walk(&path));
-        } else {
-            out.push(path);
-        }
-    }
-    out
 }

@@ -19,7 +19,7 @@ use tapstream::{
 };
 use tapstream_testenv::{Garage, Netns, Sender, VethPair, corpus_frames, unique_name};
 
-use crate::common::{Running, tapstream_bin};
+use crate::common::{Running, tapstream_bin, walk};
 
 fn s3_args(garage: &Garage) -> Vec<String> {
     ["--s3-endpoint", &garage.endpoint, "--s3-region", &garage.region, "--s3-path-style"]
@@ -120,21 +120,7 @@ fn corpus_capture_lands_as_objects_that_read_back_byte_for_byte() {
     let head = veth.capture_ns.enter(|| {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
-            let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
-                .region(aws_config::Region::new(garage.region.clone()))
-                .endpoint_url(&garage.endpoint)
-                .credentials_provider(aws_sdk_s3::config::Credentials::new(
-                    &garage.access_key,
-                    &garage.secret_key,
-                    None,
-                    None,
-                    "test",
-                ))
-                .load()
-                .await;
-            let client = aws_sdk_s3::Client::from_conf(
-                aws_sdk_s3::config::Builder::from(&shared).force_path_style(true).build(),
-            );
+            let client = client(&garage).await;
             client.head_object().bucket(&garage.bucket).key(key).send().await.expect("HEAD the object")
         })
     });
@@ -412,6 +398,39 @@ fn random_frames(count: usize, seed: u64) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// `tapstream capture` into `url` as capture `id` of node `n`, in 5 MiB parts of zstd level 1
+/// (incompressible frames fill parts quickly), spooling in `spool`; then `extra` and the store's
+/// flags (`store_args`).
+fn multipart_capture_args(
+    veth: &VethPair,
+    store_args: &[String],
+    url: &str,
+    id: &str,
+    spool: &std::path::Path,
+    extra: &[&str],
+) -> Vec<String> {
+    let base = [
+        "capture",
+        "-i",
+        &veth.capture_if,
+        "--upload",
+        url,
+        "--id",
+        id,
+        "--node",
+        "n",
+        "--compression",
+        "1",
+        "--part-size",
+        "5MiB",
+        "--spool-dir",
+        spool.to_str().unwrap(),
+    ];
+    let mut args: Vec<String> = base.iter().chain(extra).map(|s| s.to_string()).collect();
+    args.extend_from_slice(store_args);
+    args
+}
+
 #[test]
 fn a_killed_capture_leaves_no_orphan_upload_and_its_spool_is_uploaded_on_restart() {
     let veth = VethPair::new(1);
@@ -422,32 +441,8 @@ fn a_killed_capture_leaves_no_orphan_upload_and_its_spool_is_uploaded_on_restart
     let url = format!("s3://{}/{prefix}", garage.bucket);
     let store_args = s3_args(&garage);
     let args = |extra: &[&str]| {
-        let mut a: Vec<String> = [
-            "capture",
-            "-i",
-            &veth.capture_if,
-            "--upload",
-            &url,
-            "--id",
-            "killme",
-            "--node",
-            "n",
-            "--compression",
-            "1",
-            "--part-size",
-            "5MiB",
-            "--parts-in-flight",
-            "1",
-            "--upload-queue",
-            "1",
-            "--spool-dir",
-            spool.path().to_str().unwrap(),
-        ]
-        .map(String::from)
-        .to_vec();
-        a.extend(extra.iter().map(|s| s.to_string()));
-        a.extend(store_args.iter().cloned());
-        a
+        let extra = [&["--parts-in-flight", "1", "--upload-queue", "1"], extra].concat();
+        multipart_capture_args(&veth, &store_args, &url, "killme", spool.path(), &extra)
     };
     let first = args(&["--duration", "120s"]);
     let first: Vec<&str> = first.iter().map(String::as_str).collect();
@@ -504,19 +499,6 @@ fn a_killed_capture_leaves_no_orphan_upload_and_its_spool_is_uploaded_on_restart
     });
     assert!(pending.is_empty(), "no multipart upload left under the prefix: {pending:?}");
     assert_eq!(spooled(spool.path()), 0, "the spool is empty");
-}
-
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
 }
 
 #[test]
@@ -576,24 +558,27 @@ async fn client(garage: &Garage) -> aws_sdk_s3::Client {
     aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&shared).force_path_style(true).build())
 }
 
-/// Keys under `prefix`, sorted.
+/// Keys under `prefix`, sorted, listed from inside `ns`.
 fn list_keys(ns: &Netns, garage: &Garage, prefix: &str) -> Vec<String> {
-    ns.enter(|| {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        rt.block_on(async {
-            let out = client(garage)
-                .await
-                .list_objects_v2()
-                .bucket(&garage.bucket)
-                .prefix(prefix)
-                .send()
-                .await
-                .expect("list the bucket");
-            let mut keys: Vec<String> =
-                out.contents().iter().filter_map(|o| o.key().map(str::to_owned)).collect();
-            keys.sort();
-            keys
-        })
+    ns.enter(|| list_keys_here(garage, prefix))
+}
+
+/// Keys under `prefix`, sorted, listed from the test's own namespace.
+fn list_keys_here(garage: &Garage, prefix: &str) -> Vec<String> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let out = client(garage)
+            .await
+            .list_objects_v2()
+            .bucket(&garage.bucket)
+            .prefix(prefix)
+            .send()
+            .await
+            .expect("list the bucket");
+        let mut keys: Vec<String> =
+            out.contents().iter().filter_map(|o| o.key().map(str::to_owned)).collect();
+        keys.sort();
+        keys
     })
 }
 
@@ -607,32 +592,8 @@ fn credentials_revoked_mid_capture_spool_what_is_unconfirmed_and_the_next_start_
     let url = format!("s3://{}/{prefix}", garage.bucket);
     let store_args = s3_args(&garage);
     let args = |id: &str, extra: &[&str]| {
-        let mut a: Vec<String> = [
-            "capture",
-            "-i",
-            &veth.capture_if,
-            "--upload",
-            &url,
-            "--id",
-            id,
-            "--node",
-            "n",
-            "--compression",
-            "1",
-            "--part-size",
-            "5MiB",
-            "--parts-in-flight",
-            "2",
-            "--rotate-age",
-            "6s",
-            "--spool-dir",
-            spool.path().to_str().unwrap(),
-        ]
-        .map(String::from)
-        .to_vec();
-        a.extend(extra.iter().map(|s| s.to_string()));
-        a.extend(store_args.iter().cloned());
-        a
+        let extra = [&["--parts-in-flight", "2", "--rotate-age", "6s"], extra].concat();
+        multipart_capture_args(&veth, &store_args, &url, id, spool.path(), &extra)
     };
     let first = args("revoked", &["--duration", "120s"]);
     let first: Vec<&str> = first.iter().map(String::as_str).collect();
@@ -758,20 +719,5 @@ fn the_connection_pool_never_opens_more_connections_than_its_limit() {
     let most = most.load(Ordering::Relaxed);
     assert!(most >= 1, "the sampler saw the connections");
     assert!(most <= 3, "{most} connections open at once, limit 3");
-    assert_eq!(list_keys_here(&garage, &prefix), 12, "all twelve objects stored");
-}
-
-fn list_keys_here(garage: &Garage, prefix: &str) -> usize {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    rt.block_on(async {
-        let out = client(garage)
-            .await
-            .list_objects_v2()
-            .bucket(&garage.bucket)
-            .prefix(prefix)
-            .send()
-            .await
-            .unwrap();
-        out.contents().len()
-    })
+    assert_eq!(list_keys_here(&garage, &prefix).len(), 12, "all twelve objects stored");
 }

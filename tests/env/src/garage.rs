@@ -109,15 +109,8 @@ api_bind_addr = "127.0.0.1:{admin}"
             .append(true)
             .open(self.dir.path().join("garage.log"))
             .expect("garage log");
-        let mut command = match &self.netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(Self::binary());
-                c
-            }
-            None => Command::new(Self::binary()),
-        };
-        let child = command
+        let child = self
+            .command()
             .arg("-c")
             .arg(&self.config)
             .args(["server", "--single-node", "--default-bucket"])
@@ -195,15 +188,7 @@ impl Garage {
     /// Runs Garage's command-line tool against this server (it speaks Garage's RPC, so it
     /// runs in the server's namespace); panics with its output if it fails.
     pub fn admin(&self, args: &[&str]) -> String {
-        let mut command = match &self.netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(Self::binary());
-                c
-            }
-            None => Command::new(Self::binary()),
-        };
-        let out = command.arg("-c").arg(&self.config).args(args).output().expect("run garage");
+        let out = self.command().arg("-c").arg(&self.config).args(args).output().expect("run garage");
         let text =
             format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         assert!(out.status.success(), "garage {args:?} failed: {text}");
@@ -213,9 +198,19 @@ impl Garage {
     /// Takes the key's rights on the bucket away, as an operator revoking credentials would:
     /// every request then fails with AccessDenied.
     pub fn revoke_key(&self) {
+        self.key_rights("deny");
+    }
+
+    /// Gives the key its rights on the bucket back.
+    pub fn grant_key(&self) {
+        self.key_rights("allow");
+    }
+
+    /// `garage bucket allow|deny` of every right of the key on the bucket.
+    fn key_rights(&self, verb: &str) {
         self.admin(&[
             "bucket",
-            "deny",
+            verb,
             "--read",
             "--write",
             "--owner",
@@ -225,18 +220,16 @@ impl Garage {
         ]);
     }
 
-    /// Gives the key its rights on the bucket back.
-    pub fn grant_key(&self) {
-        self.admin(&[
-            "bucket",
-            "allow",
-            "--read",
-            "--write",
-            "--owner",
-            "--key",
-            &self.access_key,
-            &self.bucket,
-        ]);
+    /// The Garage binary, run in the server's namespace.
+    fn command(&self) -> Command {
+        match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(Self::binary());
+                c
+            }
+            None => Command::new(Self::binary()),
+        }
     }
 
     /// Environment variables that point the AWS SDK (and tapstream) at this server.
