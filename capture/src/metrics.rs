@@ -59,6 +59,8 @@ pub const OBJECTS: &str = "tapstream_objects_total";
 pub const SPOOL_CHUNKS: &str = "tapstream_spool_chunks";
 /// Bytes of the chunks waiting in spools now.
 pub const SPOOL_BYTES: &str = "tapstream_spool_bytes";
+/// Spools moved to the quarantine because they can never be uploaded.
+pub const SPOOL_QUARANTINED: &str = "tapstream_spool_quarantined_total";
 /// Chunk bytes into compression, and compressed bytes out.
 pub const COMPRESS_INPUT_BYTES: &str = "tapstream_compress_input_bytes_total";
 pub const COMPRESS_OUTPUT_BYTES: &str = "tapstream_compress_output_bytes_total";
@@ -77,7 +79,9 @@ pub const OPERATIONS: [&str; 4] =
 /// them from the start.
 pub fn register_all() {
     describe();
-    for name in [UPLOAD_BYTES, UPLOAD_PARTS, OBJECTS, COMPRESS_INPUT_BYTES, COMPRESS_OUTPUT_BYTES] {
+    for name in
+        [UPLOAD_BYTES, UPLOAD_PARTS, OBJECTS, COMPRESS_INPUT_BYTES, COMPRESS_OUTPUT_BYTES, SPOOL_QUARANTINED]
+    {
         counter!(name).absolute(0);
     }
     metrics::histogram!(COMPRESS_SECONDS).record(0.0);
@@ -118,6 +122,11 @@ pub fn describe() {
     describe_counter!(OBJECTS, Unit::Count, "Objects completed");
     describe_gauge!(SPOOL_CHUNKS, Unit::Count, "Chunks waiting in spools");
     describe_gauge!(SPOOL_BYTES, Unit::Bytes, "Bytes of the chunks waiting in spools");
+    describe_counter!(
+        SPOOL_QUARANTINED,
+        Unit::Count,
+        "Spools quarantined because they can never be uploaded"
+    );
     describe_counter!(COMPRESS_INPUT_BYTES, Unit::Bytes, "Chunk bytes compressed");
     describe_counter!(COMPRESS_OUTPUT_BYTES, Unit::Bytes, "Compressed bytes produced");
     metrics::describe_histogram!(COMPRESS_SECONDS, Unit::Seconds, "Time to compress one chunk");

@@ -659,7 +659,8 @@ fn credentials_revoked_mid_capture_spool_what_is_unconfirmed_and_the_next_start_
     );
 }
 
-/// Established TCP connections to `port` in this network namespace.
+/// TCP connections to `port` in this network namespace that are open or opening
+/// (ESTABLISHED or SYN_SENT).
 fn connections_to(port: u16) -> usize {
     let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
     table
@@ -668,7 +669,7 @@ fn connections_to(port: u16) -> usize {
         .filter(|l| {
             let cols: Vec<&str> = l.split_whitespace().collect();
             let remote_port = cols[2].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
-            remote_port == Some(port) && cols[3] == "01"
+            remote_port == Some(port) && (cols[3] == "01" || cols[3] == "02")
         })
         .count()
 }
@@ -703,10 +704,10 @@ fn the_connection_pool_never_opens_more_connections_than_its_limit() {
         })
     };
     let prefix = unique_name("pool");
-    let body = bytes::Bytes::from(vec![7u8; 4 << 20]);
+    let body = bytes::Bytes::from(vec![7u8; 2 << 20]);
     rt.block_on(async {
         let mut puts = tokio::task::JoinSet::new();
-        for i in 0..12 {
+        for i in 0..50 {
             let (sink, body, key) = (sink.clone(), body.clone(), format!("{prefix}/{i}"));
             puts.spawn(async move { sink.put_object(&key, body, &ObjectMeta::default()).await });
         }
@@ -719,5 +720,19 @@ fn the_connection_pool_never_opens_more_connections_than_its_limit() {
     let most = most.load(Ordering::Relaxed);
     assert!(most >= 1, "the sampler saw the connections");
     assert!(most <= 3, "{most} connections open at once, limit 3");
-    assert_eq!(list_keys_here(&garage, &prefix).len(), 12, "all twelve objects stored");
+    assert_eq!(list_keys_here(&garage, &prefix).len(), 50, "all fifty objects stored");
+}
+
+#[test]
+fn a_request_the_client_cannot_send_is_refused_for_good_not_retried() {
+    let garage = Garage::start();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let err = rt.block_on(async {
+        let meta =
+            ObjectMeta { metadata: vec![("tag-\u{fc}\u{2603}".into(), "v".into())], ..ObjectMeta::default() };
+        sink(&garage).await.put_object(&unique_name("refused"), bytes::Bytes::from_static(b"x"), &meta).await
+    });
+    let err = err.expect_err("no such header can be sent");
+    assert!(matches!(err, UploadError::Refused { .. }) && err.is_permanent() && !err.is_retryable(), "{err:?}");
+    assert!(err.to_string().contains("not retried"), "{err}");
 }

@@ -56,6 +56,11 @@ pub enum UploadError {
         /// Whether the same request may succeed later (network, throttling, 5xx).
         retryable: bool,
     },
+    /// The request itself can never succeed: the client could not build it (a header the
+    /// HTTP rules forbid) or the store refused it as invalid. Retrying, now or after a
+    /// restart, gives the same answer.
+    #[error("{operation} {key}: {message} (the request is invalid and is not retried)")]
+    Refused { operation: &'static str, key: String, message: String },
     #[error("{operation} {path}")]
     Io {
         operation: &'static str,
@@ -96,6 +101,17 @@ impl UploadError {
         match self {
             Self::Store { retryable, .. } => *retryable,
             Self::Io { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// Whether the same request can never succeed, whatever the store's state: a refused
+    /// request, or data that cannot be read back (a corrupt spool file).
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Self::Refused { .. } => true,
+            Self::Io { source, .. } => source.kind() == std::io::ErrorKind::InvalidData,
+            Self::Spooled { cause, .. } => cause.is_permanent(),
             _ => false,
         }
     }

@@ -5,6 +5,12 @@
 //! the SDK computes each part's checksum, the store verifies it, and CompleteMultipartUpload
 //! lists the parts in order with their checksums. The SDK retries retryable errors (network,
 //! throttling, 5xx) with exponential backoff; other errors fail at once.
+//!
+//! Connections: every client of the process shares one HTTP connection pool per limit
+//! (`store.max_connections`), whose capacity bounds the TCP connections open to each store
+//! endpoint: a connection holds a unit of it from before it is established until it is
+//! closed, idle ones included. The pool's connections run on a small runtime of their own, so
+//! they outlive the runtime of any one capture.
 
 use aws_config::{BehaviorVersion, Region, retry::RetryConfig};
 use aws_sdk_s3::{
@@ -21,6 +27,11 @@ use aws_sdk_s3::{
 use std::{
     collections::BTreeMap,
     sync::{Arc, Mutex},
+};
+
+use aws_smithy_http_client::{
+    pool::{self, ConnectionPool, DriverSpawner, Partition, PartitionId},
+    tls::{self, rustls_provider::CryptoMode},
 };
 
 use tokio::sync::{Semaphore, SemaphorePermit};
@@ -48,8 +59,8 @@ pub struct S3Config {
     pub acl: Option<String>,
     /// Attempts per request, retries included.
     pub max_attempts: u32,
-    /// Requests (so HTTP connections) open at once at most, over every client of the process
-    /// that has the same limit; 0 for no limit.
+    /// TCP connections open at once to the store at most, idle ones included, over every
+    /// client of the process that has the same limit; 0 for no limit.
     pub max_connections: usize,
     /// Fixed credentials (access key id, secret) instead of the default chain: for tests and
     /// tools that hold their own; the CLI and daemon always use the default chain.
@@ -60,23 +71,65 @@ pub struct S3Config {
 pub struct S3Sink {
     client: Client,
     config: S3Config,
-    /// One permit per request in progress: the connection pool's limit.
-    connections: Arc<Semaphore>,
+    /// One permit per request in progress, as many as the pool has connections: a request
+    /// waits here (and is counted as waiting) rather than in the pool's queue.
+    requests: Arc<Semaphore>,
 }
 
-/// The process's connection limit of `max` requests at once, shared by every client (every
-/// capture) built with that limit. A request holds a permit from before it is sent until its
-/// reply is read, so the HTTP client never needs more than `max` connections: it opens one only
-/// when no idle one is free.
-fn connection_pool(max: usize) -> Arc<Semaphore> {
-    static POOLS: Mutex<BTreeMap<usize, Arc<Semaphore>>> = Mutex::new(BTreeMap::new());
-    let max = if max == 0 { Semaphore::MAX_PERMITS } else { max };
-    POOLS
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .entry(max)
-        .or_insert_with(|| Arc::new(Semaphore::new(max)))
-        .clone()
+/// The HTTP client with at most `max` connections to each store endpoint (0: unbounded),
+/// shared by every S3 client of the process built with that limit, and the matching request
+/// limit. The pool's capacity counts a connection from the start of its establishment to its
+/// close, idle or busy, so the pool never has more than `max` connections open.
+///
+/// Its connections are driven by a runtime of its own, which lives as long as the process
+/// (a capture's runtime ends with the capture). A thread's network namespace decides where
+/// its sockets connect, and the runtime's threads take the namespace of the thread that
+/// starts them, so there is one pool per namespace: one for the daemon, one per test
+/// namespace in the tests.
+fn connection_pool(max: usize) -> (pool::Client, Arc<Semaphore>) {
+    static POOLS: Mutex<BTreeMap<(usize, u64), Pool>> = Mutex::new(BTreeMap::new());
+    let mut pools = POOLS.lock().unwrap_or_else(|e| e.into_inner());
+    let pool = pools.entry((max, network_namespace())).or_insert_with(|| Pool::new(max));
+    (pool.client.clone(), pool.requests.clone())
+}
+
+/// One connection pool, kept for the life of the process.
+struct Pool {
+    client: pool::Client,
+    requests: Arc<Semaphore>,
+    /// Drives the pool's connections: two threads, started from (so in the network namespace
+    /// of) the thread that made the pool.
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl Pool {
+    fn new(max: usize) -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("tapstream-s3-conn")
+            .enable_all()
+            .build()
+            .expect("the process can start two threads");
+        let partition = PartitionId::from_index(0);
+        let spawner = DriverSpawner::tokio(runtime.handle().clone());
+        let mut builder = ConnectionPool::builder().partitions([Partition::new(partition, spawner)]);
+        if max > 0 {
+            builder = builder.max_connections_per_host(max);
+        }
+        let pool = builder
+            .tls_provider(tls::Provider::Rustls(CryptoMode::AwsLc))
+            .build_https()
+            .expect("a pool with one explicit partition is valid");
+        let client = pool::Client::from_partition(&pool, partition).expect("the partition was declared");
+        let requests = Arc::new(Semaphore::new(if max == 0 { Semaphore::MAX_PERMITS } else { max }));
+        Self { client, requests, _runtime: runtime }
+    }
+}
+
+/// The network namespace of the calling thread (its inode), 0 if it cannot be read.
+fn network_namespace() -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata("/proc/thread-self/ns/net").map(|m| m.ino()).unwrap_or(0)
 }
 
 impl S3Sink {
@@ -94,24 +147,24 @@ impl S3Sink {
             loader = loader
                 .credentials_provider(aws_sdk_s3::config::Credentials::new(id, secret, None, None, "static"));
         }
-        let shared = loader.load().await;
+        let (http, requests) = connection_pool(config.max_connections);
+        let shared = loader.http_client(http).load().await;
         let s3 = aws_sdk_s3::config::Builder::from(&shared).force_path_style(config.path_style).build();
-        let connections = connection_pool(config.max_connections);
-        Self { client: Client::from_conf(s3), config, connections }
+        Self { client: Client::from_conf(s3), config, requests }
     }
 
-    /// Waits for a connection of the pool; held for one request.
+    /// Waits until the pool can serve one more request; held for one request.
     async fn connection(&self) -> SemaphorePermit<'_> {
         let waiting = metrics::gauge!(crate::metrics::UPLOAD_CONNECTIONS_WAITING);
         waiting.increment(1.0);
-        let permit = self.connections.acquire().await.expect("the pool is never closed");
+        let permit = self.requests.acquire().await.expect("the semaphore is never closed");
         waiting.decrement(1.0);
         permit
     }
 }
 
-/// Turns an SDK error into ours: the service's code and message when there is one, and
-/// whether retrying may help.
+/// Turns an SDK error into ours: the service's code and message when there is one, whether
+/// retrying may help, and whether the request can never succeed.
 fn store_error<E>(operation: &'static str, key: &str, err: SdkError<E, HttpResponse>) -> UploadError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
@@ -119,6 +172,7 @@ where
     let status = err.raw_response().map(|r| r.status().as_u16());
     let retryable = matches!(err, SdkError::TimeoutError(_) | SdkError::DispatchFailure(_))
         || status.is_some_and(|s| s >= 500 || s == 429);
+    let code = err.as_service_error().and_then(|e| e.code()).map(str::to_owned);
     let message = match err.as_service_error() {
         Some(e) => format!("{}: {}", e.code().unwrap_or("error"), e.message().unwrap_or("(no message)")),
         None => {
@@ -132,6 +186,22 @@ where
             text
         }
     };
+    // A request the client cannot build, or one the store calls invalid (not a 400 about
+    // credentials or time, which an operator or the clock can fix).
+    let refused = matches!(err, SdkError::ConstructionFailure(_))
+        || code.as_deref().is_some_and(|c| {
+            [
+                "InvalidArgument",
+                "InvalidRequest",
+                "MetadataTooLarge",
+                "KeyTooLongError",
+                "InvalidStorageClass",
+            ]
+            .contains(&c)
+        });
+    if refused {
+        return UploadError::Refused { operation, key: key.to_owned(), message };
+    }
     UploadError::Store { operation, key: key.to_owned(), message, retryable }
 }
 

@@ -42,7 +42,8 @@ pub struct StoreSettings {
     pub part_size_bytes: u64,
     /// Parts uploading at once per object.
     pub parts_in_flight: usize,
-    /// Requests to the store at once, so HTTP connections, at most (over all captures).
+    /// TCP connections to the store open at once at most, idle ones included (over all
+    /// captures); requests beyond wait for one.
     pub max_connections: usize,
     /// Start a new object past this size.
     pub rotate_size_bytes: u64,
@@ -259,7 +260,27 @@ impl StoreSettings {
     }
 }
 
-/// S3 user metadata for a capture, checked against S3's rules (printable ASCII, 2 KB in all).
+/// Longest tag key accepted.
+pub const MAX_TAG_KEY: usize = 64;
+
+/// Checks a tag for object metadata (`x-amz-meta-tag-KEY`): the key 1 to [`MAX_TAG_KEY`]
+/// letters, digits, `-` and `_` (an HTTP header name token; lowercased, as S3 stores it), the
+/// value printable ASCII. The one rule for tags from the CLI, the API and every other source.
+pub fn check_tag(key: &str, value: &str) -> Result<(String, String), String> {
+    if key.is_empty()
+        || key.len() > MAX_TAG_KEY
+        || !key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(format!("tag key {key:?}: use 1 to {MAX_TAG_KEY} letters, digits, - and _"));
+    }
+    if !value.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return Err(format!("tag {key}: the value must be printable ASCII"));
+    }
+    Ok((key.to_ascii_lowercase(), value.to_owned()))
+}
+
+/// S3 user metadata for a capture, checked against S3's rules (printable ASCII, 2 KB in all);
+/// tags are checked with [`check_tag`].
 pub fn object_metadata(
     capture: &str,
     node: &str,
@@ -272,7 +293,10 @@ pub fn object_metadata(
     meta.extend(filter.map(|f| ("filter".to_owned(), f.to_owned())));
     meta.extend(alert_id.map(|a| ("alert-id".to_owned(), a.to_owned())));
     meta.extend(customer.map(|c| ("customer".to_owned(), c.to_owned())));
-    meta.extend(tags.iter().map(|(k, v)| (format!("tag-{k}"), v.clone())));
+    for (k, v) in tags {
+        let (k, v) = check_tag(k, v)?;
+        meta.push((format!("tag-{k}"), v));
+    }
     for (k, v) in &meta {
         if !v.bytes().all(|b| (0x20..0x7f).contains(&b)) {
             return Err(format!("{k} must be printable ASCII to be stored as object metadata"));

@@ -45,6 +45,10 @@ const DESTINATION_FILE: &str = "destination";
 
 /// The lock file a live spool holds (flock), so another process never takes its chunks.
 const LOCK_FILE: &str = "lock";
+/// The folder under the spool root for spools that can never be uploaded.
+pub const QUARANTINE_DIR: &str = "quarantine";
+/// In a quarantined spool: why it was quarantined.
+const REASON_FILE: &str = "REASON";
 
 /// A capture's spool directory.
 pub struct Spool {
@@ -181,12 +185,26 @@ impl Spool {
         Ok(())
     }
 
+    /// Moves the leftover spool `name` under `root` to `root/quarantine/name`, with a file
+    /// `REASON` saying why; returns where it went. Quarantined spools are never recovered:
+    /// an operator inspects them, and moves one back to retry it.
+    pub fn quarantine(root: &Path, name: &str, reason: &str) -> std::io::Result<PathBuf> {
+        let to = root.join(QUARANTINE_DIR).join(name);
+        std::fs::create_dir_all(root.join(QUARANTINE_DIR))?;
+        std::fs::rename(root.join(name), &to)?;
+        std::fs::write(to.join(REASON_FILE), format!("{reason}\n"))?;
+        Ok(to)
+    }
+
     /// Spool directories under `root` left by earlier runs (their lock is free).
     pub fn leftovers(root: &Path) -> std::io::Result<Vec<Leftover>> {
         let mut out = Vec::new();
         let Ok(entries) = std::fs::read_dir(root) else { return Ok(out) };
         for entry in entries {
             let dir = entry?.path();
+            if dir.file_name().is_some_and(|n| n == QUARANTINE_DIR) {
+                continue;
+            }
             // A spool whose lock is held belongs to a running capture, or is being recovered by
             // another; the lock taken here is held as long as the returned Leftover lives.
             let lock = match std::fs::File::open(dir.join(LOCK_FILE)) {

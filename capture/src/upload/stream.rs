@@ -419,7 +419,10 @@ async fn recover<S: Sink>(
     Ok(())
 }
 
-/// Uploads the spools earlier runs left for `sink`'s store (see [`recover`]).
+/// Uploads the spools earlier runs left for `sink`'s store (see [`recover`]). One that can
+/// never upload (its requests are invalid, or its files are corrupt) is moved to the
+/// quarantine and reported; one the store cannot take now stays for the next start. Neither
+/// stops the others, nor the capture that is starting.
 async fn recover_leftovers<S: Sink>(
     sink: &Arc<S>,
     config: &UploadConfig,
@@ -433,10 +436,46 @@ async fn recover_leftovers<S: Sink>(
             continue;
         }
         let dir = options.spool_root.join(&left.name);
-        recover_one(sink, config, owner, global, &left).await?;
-        std::fs::remove_dir_all(&dir).map_err(recover_io(&dir))?;
+        match recover_one(sink, config, owner, global, &left).await {
+            Ok(()) => std::fs::remove_dir_all(&dir).map_err(recover_io(&dir))?,
+            Err(e) if e.is_permanent() => {
+                let to = Spool::quarantine(&options.spool_root, &left.name, &error_chain(&e))
+                    .map_err(recover_io(&dir))?;
+                metrics::counter!(crate::metrics::SPOOL_QUARANTINED).increment(1);
+                log::error!(
+                    "the spool {} can never be uploaded ({}); moved to {} with the reason, so it no \
+                     longer holds up other captures",
+                    dir.display(),
+                    error_chain(&e),
+                    to.display()
+                );
+            }
+            Err(e) => {
+                log::warn!(
+                    "cannot upload the spool {} now ({}); it stays for the next start",
+                    dir.display(),
+                    error_chain(&e)
+                );
+                // The store is unreachable or refuses: the next leftovers would wait as long.
+                if e.is_retryable() {
+                    break;
+                }
+            }
+        }
     }
     Ok(())
+}
+
+/// `e` and its sources, on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 /// The error of a failed file operation of recovery on `path`.
