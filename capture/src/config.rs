@@ -32,6 +32,31 @@ fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError 
     ConfigError::Invalid { field: field.into(), message: message.into() }
 }
 
+/// serde's message with the strings it quotes left out (`invalid type: string "…", expected
+/// u64` becomes `invalid type: a string, expected u64`): a string in the wrong field may be a
+/// secret.
+fn without_strings(message: &str) -> String {
+    let mut out = String::new();
+    let mut rest = message;
+    while let Some(at) = rest.find("string \"") {
+        out.push_str(&rest[..at]);
+        out.push_str("a string");
+        let quoted = &rest[at + "string \"".len()..];
+        let mut escaped = false;
+        let end = quoted.char_indices().find(|&(_, c)| {
+            let closes = c == '"' && !escaped;
+            escaped = c == '\\' && !escaped;
+            closes
+        });
+        rest = match end {
+            Some((i, _)) => &quoted[i + 1..],
+            None => "",
+        };
+    }
+    out.push_str(rest);
+    out
+}
+
 /// The dotted field a TOML line sets (`section.key: `), from the line's `key =` and the last
 /// `[section]` above it; `None` where that does not apply (arrays over several lines).
 fn field_at(text: &str, line: usize) -> Option<String> {
@@ -225,7 +250,7 @@ impl Config {
             });
             ConfigError::Parse {
                 path: path.to_owned(),
-                message: format!("{}{}", position.unwrap_or_default(), e.message()),
+                message: format!("{}{}", position.unwrap_or_default(), without_strings(e.message())),
             }
         })?;
         config.validate()?;
@@ -423,6 +448,14 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, std::path::Path::new("test.toml"))
+    }
+
+    #[test]
+    fn a_string_in_the_wrong_field_is_not_echoed() {
+        let text = "[daemon]\nkeep_finished = \"AKIAEXAMPLESECRET\\\"more\"\n";
+        let err = parse(text).unwrap_err().to_string();
+        assert!(!err.contains("AKIA") && !err.contains("more"), "{err}");
+        assert!(err.contains("daemon.keep_finished") && err.contains("a string"), "{err}");
     }
 
     #[test]

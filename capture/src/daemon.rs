@@ -18,8 +18,12 @@ use crate::{
     control::{ApiError, CaptureInfo, CaptureRequest, CaptureState},
     filter::{CaptureFilter, CbpfProgram, program::Instructions},
     session::{CaptureOrder, CaptureSummary, InterfaceService, OnDone, Progress, SessionError},
-    upload::settings::{ObjectLabels, hostname, object_metadata},
+    upload::settings::{ObjectLabels, check_tag, hostname, object_metadata},
 };
+
+/// The longest duration or idle timeout a request may ask for (a year), whatever the caps:
+/// beyond it a number of seconds is a mistake, not a plan.
+pub const MAX_REQUEST_SECS: f64 = 365.0 * 24.0 * 3600.0;
 
 /// Errors starting the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +122,11 @@ impl Daemon {
             }
         };
         request.interface = Some(alias.to_owned());
+        request.tags = std::mem::take(&mut request.tags)
+            .iter()
+            .map(|(k, v)| check_tag(k, v))
+            .collect::<Result<_, _>>()
+            .map_err(ApiError::bad_request)?;
         request.filter = request.filter.filter(|f| !f.trim().is_empty());
         if let Some(expression) = &request.filter {
             let program =
@@ -127,10 +136,12 @@ impl Daemon {
         }
         let defaults = &self.config.defaults;
         let seconds = |what: &str, s: f64| {
-            if s.is_finite() && s > 0.0 {
+            if s.is_finite() && s > 0.0 && s <= MAX_REQUEST_SECS {
                 Ok(s)
             } else {
-                Err(ApiError::bad_request(format!("{what} must be a positive number of seconds, not {s}")))
+                Err(ApiError::bad_request(format!(
+                    "{what} must be a number of seconds above 0 and at most {MAX_REQUEST_SECS}, not {s}"
+                )))
             }
         };
         let duration =
@@ -167,10 +178,11 @@ impl Daemon {
             Some(id) => {
                 if id.is_empty()
                     || id.len() > 64
+                    || id.starts_with('.')
                     || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
                 {
                     return Err(ApiError::bad_request(format!(
-                        "capture id {id:?}: use 1 to 64 letters, digits, '.', '_' or '-'"
+                        "capture id {id:?}: use 1 to 64 letters, digits, '.', '_' or '-', not starting with '.'"
                     )));
                 }
                 id.clone()
@@ -195,6 +207,13 @@ impl Daemon {
             .map_err(|e| ApiError::bad_request(error_chain(&e)))?;
         let location = format!("{}/{}/{}/", destination.trim_end_matches('/'), self.node, id);
 
+        let spec = CaptureSpec { id: id.clone(), filter: request.filter.clone(), snaplen };
+        let limits = Limits {
+            packets: request.packets,
+            bytes: request.bytes,
+            duration: Some(Duration::from_secs_f64(duration)),
+            idle: request.idle_timeout_secs.map(Duration::from_secs_f64),
+        };
         let info = CaptureInfo {
             id: id.clone(),
             interface: alias.to_owned(),
@@ -217,13 +236,6 @@ impl Daemon {
         }
         self.shared.persist(&info);
 
-        let spec = CaptureSpec { id: id.clone(), filter: request.filter.clone(), snaplen };
-        let limits = Limits {
-            packets: request.packets,
-            bytes: request.bytes,
-            duration: Some(Duration::from_secs_f64(duration)),
-            idle: request.idle_timeout_secs.map(Duration::from_secs_f64),
-        };
         let shared = self.shared.clone();
         let done_id = id.clone();
         let on_done: OnDone = Box::new(move |result| shared.finish(&done_id, result));
@@ -342,6 +354,9 @@ impl Daemon {
             ));
         }
         let Some(asked) = asked else { return Ok(allowed[0].clone()) };
+        if asked.chars().any(char::is_control) {
+            return Err(ApiError::bad_request(format!("destination {asked:?} holds a control character")));
+        }
         if asked == "local" {
             return allowed.iter().find(|d| d.starts_with('/')).cloned().ok_or_else(|| {
                 ApiError::forbidden("no local directory is among the configured destinations")
@@ -352,7 +367,7 @@ impl Daemon {
             let base = base.trim_end_matches('/');
             normal == base || (normal.starts_with(base) && normal[base.len()..].starts_with('/'))
         };
-        if normal.split('/').any(|part| part == "..") || !allowed.iter().any(under) {
+        if normal.split('/').any(|part| part == ".." || part == ".") || !allowed.iter().any(under) {
             return Err(ApiError::forbidden(format!(
                 "destination {asked:?} is not under an allowed one: {}",
                 allowed.join(", ")

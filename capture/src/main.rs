@@ -21,7 +21,7 @@ use tapstream::{
         parse_object_url,
         read::read_window,
         s3::S3Sink,
-        settings::{ObjectLabels, StoreSettings, hostname, object_metadata},
+        settings::{ObjectLabels, StoreSettings, check_tag, hostname, object_metadata},
     },
     xdp::AttachMode,
     xsk::ZeroCopy,
@@ -379,17 +379,10 @@ enum ZeroCopyArg {
     Off,
 }
 
-/// A `KEY=VALUE` tag: the key a metadata token (letters, digits, `-`, `_`), the value printable
-/// ASCII, as S3 user metadata requires.
+/// A `KEY=VALUE` tag, checked as every tag is ([`check_tag`]).
 fn parse_tag(s: &str) -> Result<(String, String), String> {
     let (k, v) = s.split_once('=').ok_or_else(|| format!("a tag is KEY=VALUE, not {s:?}"))?;
-    if k.is_empty() || !k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-        return Err(format!("tag key {k:?}: only letters, digits, - and _"));
-    }
-    if !v.bytes().all(|b| (0x20..0x7f).contains(&b)) {
-        return Err(format!("tag {k}: the value must be printable ASCII"));
-    }
-    Ok((k.to_ascii_lowercase(), v.to_owned()))
+    check_tag(k, v)
 }
 
 fn parse_ring_size(s: &str) -> Result<u32, String> {
@@ -876,7 +869,9 @@ mod tests {
     fn tags_are_checked() {
         assert_eq!(parse_tag("Team=net ops"), Ok(("team".into(), "net ops".into())));
         assert!(parse_tag("no-equals").unwrap_err().contains("KEY=VALUE"));
-        assert!(parse_tag("bad key=x").unwrap_err().contains("only letters"));
+        assert!(parse_tag("bad key=x").unwrap_err().contains("letters, digits"));
+        assert!(parse_tag("\u{fc}\u{2603}=v").unwrap_err().contains("letters, digits"));
+        assert!(parse_tag("a\r\nb=v").unwrap_err().contains("\\r\\n"), "control characters are escaped");
         assert!(parse_tag("k=caf\u{e9}").unwrap_err().contains("printable ASCII"));
     }
 

@@ -523,3 +523,142 @@ fn the_daemon_uploads_what_an_earlier_run_left_in_the_spool_when_it_starts() {
     assert_eq!(std::fs::read(&object).unwrap(), [header, record].concat(), "the spooled bytes, whole");
     assert!(!d.join("spool/old-1").exists(), "the spool is gone");
 }
+
+#[test]
+fn tag_keys_are_checked_by_the_api_as_by_the_cli() {
+    let veth = VethPair::new(1);
+    let daemon = TestDaemon::start(&veth, "");
+    let client = daemon.client();
+    for (key, shown) in [("\u{fc}\u{2603}", "\"\u{fc}\u{2603}\""), ("a\r\nb", "\"a\\r\\nb\""), ("", "\"\"")] {
+        let body = serde_json::json!({"interface": "tap", "duration_secs": 1, "tags": {key: "v"}});
+        let (status, reply) = client.raw("POST", "/v1/captures", Some(body.to_string().as_bytes())).unwrap();
+        let reply = String::from_utf8_lossy(&reply);
+        assert_eq!(status, 400, "tag key {key:?}: {reply}");
+        let error = error_of(&reply);
+        assert!(error.contains("tag key") && error.contains(shown), "the key, quoted and escaped: {error}");
+    }
+    assert!(client.list().unwrap().is_empty(), "no refused request left a capture behind");
+    // Keys are stored as S3 stores them: lowercased.
+    let body =
+        serde_json::json!({"interface": "tap", "duration_secs": 0.2, "id": "t", "tags": {"Team": "net ops"}});
+    let (status, reply) = client.raw("POST", "/v1/captures", Some(body.to_string().as_bytes())).unwrap();
+    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&reply));
+    let info = daemon.wait("t");
+    assert_eq!(info.request.tags.get("team").map(String::as_str), Some("net ops"));
+}
+
+#[test]
+fn a_spool_that_can_never_upload_is_quarantined_and_blocks_nothing() {
+    use tapstream::upload::{Sink as _, dir::DirSink, object::CompressedChunk, spool::Spool};
+    let veth = VethPair::new(1);
+    let mut daemon = TestDaemon::start(&veth, "");
+    drop(daemon.running.take()); // killed, as a crash would
+    let d = daemon.dir.path().to_owned();
+    let store = d.join("store");
+    let header: Vec<u8> = [
+        0xa1b2_c3d4u32.to_le_bytes().as_slice(),
+        &[2, 0, 4, 0],
+        &[0; 8],
+        &65535u32.to_le_bytes(),
+        &1u32.to_le_bytes(),
+    ]
+    .concat();
+    let record: Vec<u8> =
+        [&1u32.to_le_bytes()[..], &0u32.to_le_bytes(), &4u32.to_le_bytes(), &4u32.to_le_bytes(), b"left"]
+            .concat();
+    let url = DirSink::new(&store).unwrap().url("");
+    // Two spools an earlier run left: one whose chunk file was cut short (it can never be
+    // uploaded), named so that it comes first, and a whole one.
+    for name in ["aaa-bad-1", "zzz-good-1"] {
+        let spool = Spool::create(d.join("spool").join(name), 1 << 20, &header, &url).unwrap();
+        let chunk = CompressedChunk {
+            data: record.clone(),
+            decompressed_len: 20,
+            first_ns: 1_000_000_000,
+            last_ns: 1_000_000_000,
+            packets: 1,
+        };
+        assert!(spool.put(0, &chunk).unwrap());
+    }
+    let bad_chunk =
+        walk(&d.join("spool/aaa-bad-1")).into_iter().find(|p| p.extension().is_some_and(|x| x == "chunk"));
+    std::fs::write(bad_chunk.expect("a chunk file"), b"cut").unwrap();
+
+    daemon.restart(&veth);
+    let quarantined = d.join("spool/quarantine/aaa-bad-1");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !(quarantined.join("REASON").exists() && !d.join("spool/zzz-good-1").exists()) {
+        assert!(Instant::now() < deadline, "the bad spool is not quarantined or the good one not uploaded");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let why = std::fs::read_to_string(quarantined.join("REASON")).unwrap();
+    assert!(why.contains("truncated"), "the reason names the fault: {why}");
+    let objects: Vec<PathBuf> =
+        walk(&store).into_iter().filter(|p| p.extension().is_some_and(|x| x == "pcap")).collect();
+    assert_eq!(objects.len(), 1, "the whole spool became an object: {objects:?}");
+    assert_eq!(std::fs::read(&objects[0]).unwrap(), [header, record].concat());
+
+    // New captures start and store as usual, and the quarantine stays as it is.
+    let frames = sendable(&veth);
+    let id = daemon.start_capture(&["-i", "tap", "--idle", "2s", "--duration", "60s", "--id", "after"]);
+    let sent = Sender::new(&veth).send_all(&frames);
+    let info = daemon.wait(&id);
+    assert_eq!(reason(&info), "idle", "{info:?}");
+    assert_eq!(daemon.stored(&id), data(&sent));
+    assert!(quarantined.join("REASON").exists());
+    let log = daemon_log(daemon).1;
+    assert!(log.contains("can never be uploaded") && log.contains("aaa-bad-1"), "the log says so: {log}");
+}
+
+#[test]
+fn out_of_range_numbers_ids_and_destinations_are_refused_and_leave_nothing_behind() {
+    let veth = VethPair::new(1);
+    let daemon = TestDaemon::start(&veth, "");
+    let client = daemon.client();
+    let store = daemon.dir.path().join("store").display().to_string();
+    for (body, status, says) in [
+        (
+            serde_json::json!({"interface": "tap", "idle_timeout_secs": 1e30}),
+            400,
+            "idle_timeout_secs must be",
+        ),
+        (serde_json::json!({"interface": "tap", "duration_secs": 1e30}), 400, "duration_secs must be"),
+        (serde_json::json!({"interface": "tap", "duration_secs": -1}), 400, "duration_secs must be"),
+        (serde_json::json!({"interface": "tap", "duration_secs": 5e-324}), 201, ""),
+        (serde_json::json!({"interface": "tap", "id": "."}), 400, "capture id \".\""),
+        (serde_json::json!({"interface": "tap", "id": ".."}), 400, "capture id \"..\""),
+        (
+            serde_json::json!({"interface": "tap", "destination": format!("{store}/a\u{0}b")}),
+            400,
+            "control character",
+        ),
+        (
+            serde_json::json!({"interface": "tap", "destination": format!("{store}/./x")}),
+            403,
+            "not under an allowed one",
+        ),
+    ] {
+        let (got, reply) = client.raw("POST", "/v1/captures", Some(body.to_string().as_bytes())).unwrap();
+        let reply = String::from_utf8_lossy(&reply);
+        assert_eq!(got, status, "{body}: {reply}");
+        assert!(status == 201 || error_of(&reply).contains(says), "{body}: {reply}");
+    }
+    // The one accepted (a tiny duration) ends by itself; no refused request left a capture.
+    let ids: Vec<String> = client.list().unwrap().into_iter().map(|c| c.id).collect();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    let info = daemon.wait(&ids[0]);
+    assert_eq!(info.state, CaptureState::Finished, "{info:?}");
+    // Nothing above holds a slot: the cap of 8 concurrent captures is all there.
+    let running: Vec<String> = (0..8)
+        .map(|i| daemon.start_capture(&["-i", "tap", "--duration", "0.5s", "--id", &format!("c{i}")]))
+        .collect();
+    for id in running {
+        daemon.wait(&id);
+    }
+}
+
+/// The message of an error reply.
+fn error_of(reply: &str) -> String {
+    let value: serde_json::Value = serde_json::from_str(reply).unwrap_or_else(|e| panic!("{e}: {reply}"));
+    value["error"].as_str().unwrap_or_else(|| panic!("no error in {reply}")).to_owned()
+}
