@@ -11,6 +11,8 @@
 //! | `POST /v1/captures/{id}/stop`              | ends a running capture                   |
 //! | `GET /v1/captures/{id}/wait?timeout_secs=N`| returns once it has ended, or after N s  |
 //!
+//! A wait's `timeout_secs` is in 0..=300 (longer is shortened to 300; default 30).
+//!
 //! Errors are `{"error": "..."}` with 400 (malformed or invalid request), 401 (TCP without
 //! the token), 403 (above a server cap, or a destination not allowed), 404 (no such
 //! capture), 409 (id taken) or 500.

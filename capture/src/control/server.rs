@@ -18,6 +18,8 @@ use crate::daemon::Daemon;
 const MAX_BODY: usize = 64 * 1024;
 /// Longest a `wait` may block.
 const MAX_WAIT: Duration = Duration::from_secs(300);
+/// How long a `wait` that names no `timeout_secs` blocks.
+const DEFAULT_WAIT: Duration = Duration::from_secs(30);
 
 /// Errors setting up the listeners.
 #[derive(Debug, thiserror::Error)]
@@ -233,22 +235,34 @@ async fn route(
             Ok((StatusCode::OK, json(&daemon.stop_capture(id)?)))
         }
         (&Method::GET, ["v1", "captures", id, "wait"]) => {
-            let timeout = query
-                .split('&')
-                .find_map(|kv| kv.strip_prefix("timeout_secs="))
-                .map(|v| {
-                    v.parse::<f64>()
-                        .map_err(|_| ApiError::bad_request(format!("timeout_secs={v} is not a number")))
-                })
-                .transpose()?
-                .map(|s| Duration::from_secs_f64(s.clamp(0.0, MAX_WAIT.as_secs_f64())))
-                .unwrap_or(Duration::from_secs(30));
+            let timeout = wait_timeout(&query)?;
             let id = (*id).to_owned();
             let info = blocking(move || daemon.wait(&id, timeout)).await?;
             Ok((StatusCode::OK, json(&info)))
         }
         _ => Err(ApiError::not_found(format!("no route {method} {path}"))),
     }
+}
+
+/// The `timeout_secs` of a wait's query: seconds in 0..=300 (a longer wait is shortened to
+/// 300 s); 30 s if absent. Not a number, negative, infinite or NaN: refused.
+fn wait_timeout(query: &str) -> Result<Duration, ApiError> {
+    let Some(value) = query.split('&').find_map(|kv| kv.strip_prefix("timeout_secs=")) else {
+        return Ok(DEFAULT_WAIT);
+    };
+    value
+        .parse::<f64>()
+        .ok()
+        .filter(|secs| secs.is_finite() && *secs >= 0.0)
+        // abs: -0 is 0, not a negative duration.
+        .and_then(|secs| Duration::try_from_secs_f64(secs.abs().min(MAX_WAIT.as_secs_f64())).ok())
+        .ok_or_else(|| {
+            let shown: String = value.chars().take(40).collect();
+            ApiError::bad_request(format!(
+                "timeout_secs must be a number of seconds in 0..={}, not {shown:?}",
+                MAX_WAIT.as_secs()
+            ))
+        })
 }
 
 async fn blocking<T: Send + 'static>(
@@ -265,6 +279,32 @@ fn json<T: serde::Serialize>(value: &T) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wait_timeouts_are_seconds_in_range() {
+        assert_eq!(wait_timeout(""), Ok(DEFAULT_WAIT));
+        assert_eq!(wait_timeout("other=1"), Ok(DEFAULT_WAIT));
+        assert_eq!(wait_timeout("timeout_secs=0"), Ok(Duration::ZERO));
+        assert_eq!(wait_timeout("timeout_secs=-0"), Ok(Duration::ZERO));
+        assert_eq!(wait_timeout("timeout_secs=0.5"), Ok(Duration::from_millis(500)));
+        assert_eq!(wait_timeout("x=1&timeout_secs=300"), Ok(MAX_WAIT));
+        assert_eq!(wait_timeout("timeout_secs=1e9"), Ok(MAX_WAIT), "longer waits are shortened");
+        for bad in
+            ["NaN", "nan", "inf", "-inf", "infinity", "-1", "-1e-9", "1e400", "-1e400", "", "soon", "1s"]
+        {
+            let e = wait_timeout(&format!("timeout_secs={bad}")).unwrap_err();
+            assert_eq!(e.status, 400, "{bad}");
+            assert!(
+                e.message.contains("timeout_secs") && e.message.contains("0..=300"),
+                "{bad}: {}",
+                e.message
+            );
+        }
+        let long = format!("timeout_secs={}", "9".repeat(300));
+        assert_eq!(wait_timeout(&long), Ok(MAX_WAIT));
+        let junk = format!("timeout_secs={}", "x".repeat(1000));
+        assert!(wait_timeout(&junk).unwrap_err().message.len() < 200, "the value is shown cut short");
+    }
 
     #[test]
     fn tokens_compare_whole() {
