@@ -1,9 +1,37 @@
 //! The control API under abuse: odd requests, refused with the reason. Each test makes its
 //! own daemon (the [`TestDaemon`] of the daemon tests).
 
+use std::os::unix::fs::PermissionsExt as _;
+
 use tapstream_testenv::VethPair;
 
 use crate::daemon::TestDaemon;
+
+/// Where the daemons of these tests serve the TCP API (inside their own namespace).
+const TCP_ADDR: &str = "127.0.0.1:9465";
+/// The bearer token of these tests.
+const TOKEN: &str = "hardening-test-token";
+
+/// A daemon that also serves the TCP API, with its token in a file only its owner reads.
+fn tcp_daemon(veth: &VethPair) -> (TestDaemon, tempfile::TempDir) {
+    let token_dir = tempfile::tempdir().unwrap();
+    let token_file = token_dir.path().join("token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let daemon = TestDaemon::start(
+        veth,
+        &format!("tcp_listen = \"{TCP_ADDR}\"\ntoken_file = \"{}\"", token_file.display()),
+    );
+    (daemon, token_dir)
+}
+
+/// Stops the daemon with SIGTERM and returns its log.
+fn stop_daemon(daemon: &mut TestDaemon) -> String {
+    let (status, log) = daemon.running.take().unwrap().signal_and_wait(libc::SIGTERM);
+    eprintln!("daemon log:\n{log}");
+    assert!(status.success(), "the daemon failed ({status}):\n{log}");
+    log
+}
 
 #[test]
 fn odd_wait_timeouts_are_refused_naming_the_allowed_range() {
@@ -20,4 +48,31 @@ fn odd_wait_timeouts_are_refused_naming_the_allowed_range() {
     }
     let (status, _) = client.raw("GET", &format!("/v1/captures/{id}/wait?timeout_secs=0.1"), None).unwrap();
     assert_eq!(status, 200);
+}
+
+#[test]
+fn the_bearer_scheme_is_case_insensitive() {
+    let veth = VethPair::new(1);
+    let (mut daemon, _token) = tcp_daemon(&veth);
+    let curl = |auth: &str| {
+        let out = veth
+            .capture_ns
+            .command("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-H"])
+            .arg(format!("Authorization: {auth}"))
+            .arg(format!("http://{TCP_ADDR}/v1/captures"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+        assert_eq!(curl(&format!("{scheme} {TOKEN}")), "200", "{scheme}");
+        assert_eq!(curl(&format!("{scheme}    {TOKEN}")), "200", "{scheme} and spaces");
+        assert_eq!(curl(&format!("{scheme} {TOKEN}x")), "401", "{scheme} and a wrong token");
+    }
+    assert_eq!(curl(&format!("Basic {TOKEN}")), "401");
+    assert_eq!(curl(&format!("Bearer{TOKEN}")), "401", "no space after the scheme");
+    assert_eq!(curl(TOKEN), "401");
+    let log = stop_daemon(&mut daemon);
+    assert!(!log.contains(TOKEN), "{log}");
 }

@@ -203,7 +203,7 @@ async fn route(
                 .headers()
                 .get(hyper::header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
+                .and_then(bearer_token)
                 .unwrap_or("");
             if !token_matches(presented.as_bytes(), token.as_bytes()) {
                 return Err(ApiError { status: 401, message: "a valid bearer token is required".into() });
@@ -242,6 +242,13 @@ async fn route(
         }
         _ => Err(ApiError::not_found(format!("no route {method} {path}"))),
     }
+}
+
+/// The token of an `Authorization` header of the Bearer scheme: the scheme's name in any case
+/// (RFC 7235), one or more spaces, the token.
+fn bearer_token(header: &str) -> Option<&str> {
+    let (scheme, rest) = header.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim_start_matches(' ').trim_end())
 }
 
 /// The `timeout_secs` of a wait's query: seconds in 0..=300 (a longer wait is shortened to
@@ -304,6 +311,19 @@ mod tests {
         assert_eq!(wait_timeout(&long), Ok(MAX_WAIT));
         let junk = format!("timeout_secs={}", "x".repeat(1000));
         assert!(wait_timeout(&junk).unwrap_err().message.len() < 200, "the value is shown cut short");
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_any_case_with_any_spaces() {
+        for header in
+            ["Bearer t0k", "bearer t0k", "BEARER t0k", "bEaReR t0k", "Bearer    t0k", "bearer t0k  "]
+        {
+            assert_eq!(bearer_token(header), Some("t0k"), "{header:?}");
+        }
+        for header in ["Bearert0k", "Basic t0k", "Bearer", "t0k", "", "Bear t0k", "Bearers t0k"] {
+            assert_eq!(bearer_token(header), None, "{header:?}");
+        }
+        assert_eq!(bearer_token("Bearer "), Some(""), "an empty token, which never matches");
     }
 
     #[test]
