@@ -1,7 +1,10 @@
 //! The control API's HTTP server: a Unix socket (its permissions decide who may ask) and
 //! optionally a TCP listener that requires a bearer token.
 
-use std::{convert::Infallible, path::Path, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible, io::Read as _, os::unix::fs::PermissionsExt as _, path::Path, sync::Arc,
+    time::Duration,
+};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full, Limited};
@@ -48,6 +51,11 @@ pub enum ServerError {
     },
     #[error("the bearer token file {path} is empty")]
     EmptyToken { path: String },
+    #[error(
+        "the bearer token file {path} has mode {mode:04o}: other users may read it; \
+         allow its owner only (chmod 600 {path}), or its group too (chmod 640 {path})"
+    )]
+    TokenReadableByOthers { path: String, mode: u32 },
 }
 
 /// Who is on the other end of a connection.
@@ -93,11 +101,19 @@ pub fn bind_unix(
     Ok(listener)
 }
 
-/// Reads the bearer token for the TCP listener.
+/// Reads the bearer token for the TCP listener. A file other users may read is refused: its
+/// owner, and its group if the operator chose so, are the only ones who may know the token.
 pub fn read_token(path: &Path) -> Result<String, ServerError> {
     let shown = path.display().to_string();
-    let token =
-        std::fs::read_to_string(path).map_err(|source| ServerError::Token { path: shown.clone(), source })?;
+    let token_error = |source| ServerError::Token { path: shown.clone(), source };
+    let mut file = std::fs::File::open(path).map_err(token_error)?;
+    // The mode of the file opened (not of the path, which could change in between).
+    let mode = file.metadata().map_err(token_error)?.permissions().mode() & 0o7777;
+    if mode & 0o007 != 0 {
+        return Err(ServerError::TokenReadableByOthers { path: shown, mode });
+    }
+    let mut token = String::new();
+    file.read_to_string(&mut token).map_err(token_error)?;
     let token = token.trim().to_owned();
     if token.is_empty() {
         return Err(ServerError::EmptyToken { path: shown });
@@ -324,6 +340,29 @@ mod tests {
             assert_eq!(bearer_token(header), None, "{header:?}");
         }
         assert_eq!(bearer_token("Bearer "), Some(""), "an empty token, which never matches");
+    }
+
+    #[test]
+    fn a_token_file_others_may_read_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "s3cr3t\n").unwrap();
+        for mode in [0o600, 0o400, 0o640, 0o440] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            assert_eq!(read_token(&path).unwrap(), "s3cr3t", "mode {mode:o}");
+        }
+        for mode in [0o644, 0o604, 0o666, 0o601] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let e = read_token(&path).unwrap_err();
+            assert!(matches!(e, ServerError::TokenReadableByOthers { mode: m, .. } if m == mode), "{e:?}");
+            let message = e.to_string();
+            assert!(
+                message.contains(&path.display().to_string())
+                    && message.contains(&format!("{mode:04o}"))
+                    && message.contains("chmod 600"),
+                "{message}"
+            );
+        }
     }
 
     #[test]
