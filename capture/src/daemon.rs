@@ -126,8 +126,10 @@ impl Daemon {
                 .map_err(|e| ApiError::bad_request(format!("{e}: {}", error_chain(&e))))?;
         }
         let defaults = &self.config.defaults;
+        // Durations are made of these below: refuse what no Duration holds (1e300), which
+        // would panic there.
         let seconds = |what: &str, s: f64| {
-            if s.is_finite() && s > 0.0 {
+            if s.is_finite() && s > 0.0 && Duration::try_from_secs_f64(s).is_ok() {
                 Ok(s)
             } else {
                 Err(ApiError::bad_request(format!("{what} must be a positive number of seconds, not {s}")))

@@ -51,6 +51,19 @@ fn odd_wait_timeouts_are_refused_naming_the_allowed_range() {
 }
 
 #[test]
+fn a_duration_no_clock_can_hold_is_refused_and_leaves_no_capture_behind() {
+    let veth = VethPair::new(1);
+    let daemon = TestDaemon::start(&veth, "");
+    let client = daemon.client();
+    for body in [&br#"{"idle_timeout_secs": 1e300}"#[..], br#"{"duration_secs": 1e300}"#] {
+        let (status, reply) = client.raw("POST", "/v1/captures", Some(body)).unwrap();
+        let reply = String::from_utf8_lossy(&reply);
+        assert!(status == 400 || status == 403, "{status} {reply}");
+    }
+    assert!(client.list().unwrap().is_empty(), "no capture left behind");
+}
+
+#[test]
 fn the_bearer_scheme_is_case_insensitive() {
     let veth = VethPair::new(1);
     let (mut daemon, _token) = tcp_daemon(&veth);
