@@ -10,6 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use tapstream::control::{CaptureInfo, CaptureState};
 use tapstream_testenv::VethPair;
 
 use crate::daemon::TestDaemon;
@@ -328,6 +329,49 @@ fn a_body_that_never_arrives_gets_an_error_or_a_close() {
         assert!(reply.is_empty() || reply.starts_with("HTTP/1.1 4"), "{reply}");
     }
     assert!(daemon.client().list().unwrap().is_empty(), "no capture started");
+}
+
+#[test]
+fn sigterm_ends_captures_and_exits_while_a_wait_is_pending() {
+    let veth = VethPair::new(1);
+    let mut daemon = TestDaemon::start(&veth, "");
+    let id = daemon.start_capture(&["-i", "tap", "--duration", "300s", "--id", "long"]);
+    let client = daemon.client();
+    let (wait_tx, wait_rx) = mpsc::channel();
+    let waiting_id = id.clone();
+    std::thread::spawn(move || {
+        let _ = wait_tx.send(client.wait(&waiting_id, Duration::from_secs(300)).map_err(|e| e.to_string()));
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(wait_rx.try_recv().is_err(), "the wait is pending");
+
+    let pid = daemon_pid(&daemon);
+    let running = daemon.running.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(running.signal_and_wait(libc::SIGTERM));
+    });
+    let (status, log) = match rx.recv_timeout(CLOSED_WITHIN) {
+        Ok(exited) => exited,
+        Err(_) => {
+            // SAFETY: kill(2) of the daemon this test started, so that it does not outlive it.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!("the daemon was still running {CLOSED_WITHIN:?} after SIGTERM");
+        }
+    };
+    eprintln!("daemon log:\n{log}");
+    assert!(status.success(), "{status}");
+    // The pending wait was answered (with the capture as it then was) or dropped.
+    match wait_rx.recv_timeout(Duration::from_secs(5)) {
+        Ok(Ok(info)) => assert_eq!(info.id, id),
+        Ok(Err(e)) => eprintln!("the pending wait was dropped: {e}"),
+        Err(_) => panic!("the pending wait neither answered nor failed"),
+    }
+    // The capture ended as interrupted, and its state says so.
+    let state = daemon.dir.path().join("state/captures").join(format!("{id}.json"));
+    let saved: CaptureInfo = serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    assert_eq!(saved.state, CaptureState::Finished, "{saved:?}");
+    assert_eq!(saved.summary.as_ref().map(|s| s.stop_reason.as_str()), Some("interrupted"), "{saved:?}");
 }
 
 #[test]
