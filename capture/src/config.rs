@@ -106,7 +106,8 @@ pub struct DaemonSection {
     /// request must then carry `Authorization: Bearer <token>`.
     pub tcp_listen: Option<String>,
     /// File holding the bearer token for `tcp_listen` (required with it; never put the token
-    /// in this file).
+    /// in this file). Only its owner, and its group if so chosen, may read it (mode 600 or
+    /// 640): a file others may read is refused at start.
     pub token_file: Option<PathBuf>,
     /// Directory where the state of captures is kept, so it survives a restart.
     pub state_dir: PathBuf,

@@ -8,7 +8,10 @@
 use std::{
     collections::{BTreeMap, HashMap},
     path::PathBuf,
-    sync::{Arc, Condvar, Mutex},
+    sync::{
+        Arc, Condvar, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant, SystemTime},
 };
 
@@ -51,6 +54,8 @@ struct Entry {
 struct Shared {
     captures: Mutex<BTreeMap<String, Entry>>,
     changed: Condvar,
+    /// Set when the daemon begins to stop: waits return at once, new captures are refused.
+    stopping: AtomicBool,
     state_dir: PathBuf,
     /// Ended captures kept (`daemon.keep_finished`).
     keep_finished: usize,
@@ -60,7 +65,8 @@ struct Shared {
 pub struct Daemon {
     config: Config,
     node: String,
-    services: HashMap<String, InterfaceService>,
+    /// Emptied by [`Daemon::shutdown`].
+    services: Mutex<HashMap<String, InterfaceService>>,
     shared: Arc<Shared>,
 }
 
@@ -74,6 +80,7 @@ impl Daemon {
         let shared = Arc::new(Shared {
             captures: Mutex::new(BTreeMap::new()),
             changed: Condvar::new(),
+            stopping: AtomicBool::new(false),
             state_dir,
             keep_finished: config.daemon.keep_finished,
         });
@@ -89,7 +96,7 @@ impl Daemon {
             services.insert(alias.clone(), service);
         }
         let node = config.daemon.node.clone().unwrap_or_else(hostname);
-        Ok(Self { config, node, services, shared })
+        Ok(Self { config, node, services: Mutex::new(services), shared })
     }
 
     /// The configuration in force.
@@ -135,6 +142,8 @@ impl Daemon {
                 .map_err(|e| ApiError::bad_request(format!("{e}: {}", error_chain(&e))))?;
         }
         let defaults = &self.config.defaults;
+        // Durations are made of these below: a bound far below what no Duration holds
+        // (1e300, which would panic there).
         let seconds = |what: &str, s: f64| {
             if s.is_finite() && s > 0.0 && s <= MAX_REQUEST_SECS {
                 Ok(s)
@@ -239,8 +248,13 @@ impl Daemon {
         let shared = self.shared.clone();
         let done_id = id.clone();
         let on_done: OnDone = Box::new(move |result| shared.finish(&done_id, result));
-        let service = &self.services[alias];
-        match service.start_capture(CaptureOrder { spec, limits, target, on_done }) {
+        let started = match self.services().get(alias) {
+            Some(service) if !self.shared.stopping.load(Ordering::Relaxed) => {
+                service.start_capture(CaptureOrder { spec, limits, target, on_done })
+            }
+            _ => Err(SessionError::ServiceGone),
+        };
+        match started {
             Ok(progress) => {
                 let mut captures = self.shared.lock();
                 if let Some(entry) = captures.get_mut(&id) {
@@ -261,6 +275,7 @@ impl Daemon {
                     SessionError::Pipeline(crate::pipeline::PipelineError::Filter(_)) => {
                         ApiError::bad_request(message)
                     }
+                    _ if self.shared.stopping.load(Ordering::Relaxed) => stopping_error(),
                     _ => ApiError::internal(message),
                 })
             }
@@ -283,21 +298,25 @@ impl Daemon {
     pub fn stop_capture(&self, id: &str) -> Result<CaptureInfo, ApiError> {
         let info = self.get(id)?;
         if info.state == CaptureState::Running
-            && let Some(service) = self.services.get(&info.interface)
+            && let Some(service) = self.services().get(&info.interface)
         {
             service.stop_capture(id, StopReason::Stopped);
         }
         Ok(info)
     }
 
-    /// Waits up to `timeout` for a capture to end; returns it as it is then.
+    /// Waits up to `timeout` for a capture to end, or for the daemon to begin stopping;
+    /// returns it as it is then.
     pub fn wait(&self, id: &str, timeout: Duration) -> Result<CaptureInfo, ApiError> {
         let deadline = Instant::now() + timeout;
         let mut captures = self.shared.lock();
         loop {
             let entry = captures.get(id).ok_or_else(|| no_capture(id))?;
             let now = Instant::now();
-            if entry.info.state != CaptureState::Running || now >= deadline {
+            if entry.info.state != CaptureState::Running
+                || now >= deadline
+                || self.shared.stopping.load(Ordering::Relaxed)
+            {
                 return Ok(entry.current());
             }
             captures = self
@@ -323,12 +342,28 @@ impl Daemon {
         }
     }
 
+    /// Begins to stop: pending and later waits return at once (with the capture as it is),
+    /// and new captures are refused (503).
+    pub fn begin_shutdown(&self) {
+        // Set under the lock a waiter checks it under, so that no waiter misses the wakeup.
+        let captures = self.shared.lock();
+        self.shared.stopping.store(true, Ordering::Relaxed);
+        drop(captures);
+        self.shared.changed.notify_all();
+    }
+
     /// Ends every capture as interrupted, waits for their outputs, and takes the interfaces
-    /// down.
-    pub fn shutdown(mut self) {
-        for (_, service) in self.services.drain() {
+    /// down. Requests still being served meanwhile are answered (a start with 503).
+    pub fn shutdown(&self) {
+        self.begin_shutdown();
+        let services: Vec<InterfaceService> = self.services().drain().map(|(_, s)| s).collect();
+        for service in services {
             service.shutdown(StopReason::Interrupted);
         }
+    }
+
+    fn services(&self) -> std::sync::MutexGuard<'_, HashMap<String, InterfaceService>> {
+        self.services.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn running(&self) -> usize {
@@ -520,6 +555,10 @@ impl Shared {
             self.forget(&id);
         }
     }
+}
+
+fn stopping_error() -> ApiError {
+    ApiError::unavailable("the daemon is stopping: no new captures")
 }
 
 fn no_capture(id: &str) -> ApiError {

@@ -631,22 +631,22 @@ fn daemon(file: &std::path::Path) -> anyhow::Result<()> {
         }
     }
     log::info!("stopping: running captures end as interrupted, their outputs are finished");
+    // Pending waits return now (with the capture as it is), new captures are refused; then the
+    // server stops accepting, and its connections finish their requests within its grace.
+    daemon.begin_shutdown();
     let _ = shutdown_tx.send(true);
-    let _ = runtime.block_on(server);
-    let _ = std::fs::remove_file(&socket);
-    // Connections still open hold the daemon; give them a moment, then shut down with it.
-    let mut daemon = daemon;
-    for _ in 0..50 {
-        match Arc::try_unwrap(daemon) {
-            Ok(d) => {
-                d.shutdown();
-                return Ok(());
-            }
-            Err(d) => daemon = d,
-        }
-        std::thread::sleep(Duration::from_millis(100));
+    let server_stopped = runtime.block_on(async {
+        tokio::time::timeout(server::SHUTDOWN_GRACE + Duration::from_secs(3), server).await
+    });
+    if server_stopped.is_err() {
+        log::warn!("the control API did not stop in time; stopping anyway");
     }
-    log::warn!("control connections still open; stopping anyway");
+    let _ = std::fs::remove_file(&socket);
+    // Requests still being served hold the daemon, which ends its captures all the same.
+    daemon.shutdown();
+    // Blocking tasks still running (a request's last moments) must not hold up the exit.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    log::info!("stopped");
     Ok(())
 }
 

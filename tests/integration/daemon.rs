@@ -433,6 +433,8 @@ fn the_tcp_api_requires_the_bearer_token() {
     let token_file = token_dir.path().join("token");
     let token = "s3cr3t-token-for-this-test";
     std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    // Only its owner may read it (the daemon refuses a token others may read).
+    std::fs::set_permissions(&token_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let daemon = TestDaemon::start(
         &veth,
         &format!("tcp_listen = \"127.0.0.1:9465\"\ntoken_file = \"{}\"", token_file.display()),

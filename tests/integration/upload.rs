@@ -733,6 +733,9 @@ fn a_request_the_client_cannot_send_is_refused_for_good_not_retried() {
         sink(&garage).await.put_object(&unique_name("refused"), bytes::Bytes::from_static(b"x"), &meta).await
     });
     let err = err.expect_err("no such header can be sent");
-    assert!(matches!(err, UploadError::Refused { .. }) && err.is_permanent() && !err.is_retryable(), "{err:?}");
+    assert!(
+        matches!(err, UploadError::Refused { .. }) && err.is_permanent() && !err.is_retryable(),
+        "{err:?}"
+    );
     assert!(err.to_string().contains("not retried"), "{err}");
 }

@@ -11,9 +11,14 @@
 //! | `POST /v1/captures/{id}/stop`              | ends a running capture                   |
 //! | `GET /v1/captures/{id}/wait?timeout_secs=N`| returns once it has ended, or after N s  |
 //!
+//! A wait's `timeout_secs` is in 0..=300 (longer is shortened to 300; default 30); a wait
+//! also returns, with the capture as it then is, when the daemon stops.
+//!
 //! Errors are `{"error": "..."}` with 400 (malformed or invalid request), 401 (TCP without
 //! the token), 403 (above a server cap, or a destination not allowed), 404 (no such
-//! capture), 409 (id taken) or 500.
+//! capture), 408 (the body did not arrive in time), 409 (id taken), 413 (body too large),
+//! 500, or 503 (the daemon is stopping). The server's bounds on connections and its timeouts
+//! are in [`server`].
 
 pub mod client;
 pub mod server;
@@ -120,8 +125,17 @@ impl ApiError {
     pub fn not_found(message: impl Into<String>) -> Self {
         Self { status: 404, message: message.into() }
     }
+    pub fn request_timeout(message: impl Into<String>) -> Self {
+        Self { status: 408, message: message.into() }
+    }
     pub fn conflict(message: impl Into<String>) -> Self {
         Self { status: 409, message: message.into() }
+    }
+    pub fn payload_too_large(message: impl Into<String>) -> Self {
+        Self { status: 413, message: message.into() }
+    }
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self { status: 503, message: message.into() }
     }
     pub fn internal(message: impl Into<String>) -> Self {
         Self { status: 500, message: message.into() }
