@@ -90,12 +90,12 @@ fn connection_pool(max: usize) -> (pool::Client, Arc<Semaphore>) {
     static POOLS: Mutex<BTreeMap<(usize, u64), Pool>> = Mutex::new(BTreeMap::new());
     let mut pools = POOLS.lock().unwrap_or_else(|e| e.into_inner());
     let pool = pools.entry((max, network_namespace())).or_insert_with(|| Pool::new(max));
-    (pool.client.clone(), pool.requests.clone())
+    (pool.http.clone(), pool.requests.clone())
 }
 
 /// One connection pool, kept for the life of the process.
 struct Pool {
-    client: pool::Client,
+    http: pool::Client,
     requests: Arc<Semaphore>,
     /// Drives the pool's connections: two threads, started from (so in the network namespace
     /// of) the thread that made the pool.
@@ -120,9 +120,9 @@ impl Pool {
             .tls_provider(tls::Provider::Rustls(CryptoMode::AwsLc))
             .build_https()
             .expect("a pool with one explicit partition is valid");
-        let client = pool::Client::from_partition(&pool, partition).expect("the partition was declared");
+        let http = pool::Client::from_partition(&pool, partition).expect("the partition was declared");
         let requests = Arc::new(Semaphore::new(if max == 0 { Semaphore::MAX_PERMITS } else { max }));
-        Self { client, requests, _runtime: runtime }
+        Self { http, requests, _runtime: runtime }
     }
 }
 
