@@ -582,6 +582,24 @@ fn list_keys_here(garage: &Garage, prefix: &str) -> Vec<String> {
     })
 }
 
+/// Parts the store holds of the open multipart uploads under `prefix`.
+fn stored_parts(ns: &Netns, garage: &Garage, prefix: &str) -> usize {
+    ns.enter(|| {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let client = client(garage).await;
+            let uploads = client.list_multipart_uploads().bucket(&garage.bucket).prefix(prefix).send().await;
+            let mut parts = 0;
+            for u in uploads.expect("list the uploads").uploads() {
+                let (Some(key), Some(id)) = (u.key(), u.upload_id()) else { continue };
+                let listed = client.list_parts().bucket(&garage.bucket).key(key).upload_id(id).send().await;
+                parts += listed.expect("list the parts").parts().len();
+            }
+            parts
+        })
+    })
+}
+
 #[test]
 fn credentials_revoked_mid_capture_spool_what_is_unconfirmed_and_the_next_start_completes_it() {
     let veth = VethPair::new(1);
@@ -592,7 +610,7 @@ fn credentials_revoked_mid_capture_spool_what_is_unconfirmed_and_the_next_start_
     let url = format!("s3://{}/{prefix}", garage.bucket);
     let store_args = s3_args(&garage);
     let args = |id: &str, extra: &[&str]| {
-        let extra = [&["--parts-in-flight", "2", "--rotate-age", "6s"], extra].concat();
+        let extra = [&["--parts-in-flight", "2", "--rotate-age", "20s"], extra].concat();
         multipart_capture_args(&veth, &store_args, &url, id, spool.path(), &extra)
     };
     let first = args("revoked", &["--duration", "120s"]);
@@ -605,7 +623,13 @@ fn credentials_revoked_mid_capture_spool_what_is_unconfirmed_and_the_next_start_
     for f in before {
         sender.send(f).unwrap();
     }
-    std::thread::sleep(std::time::Duration::from_millis(2500));
+    // Revoke once the store holds a part of the open object (not after a fixed time: on a
+    // loaded machine the first part can take seconds), well before its age ends it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while stored_parts(&veth.capture_ns, &garage, &prefix) == 0 {
+        assert!(std::time::Instant::now() < deadline, "no part stored within 15 s");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     garage.revoke_key();
     // Less than a part: captured, then the object's age ends it and the store refuses.
     for f in after {
@@ -730,7 +754,7 @@ fn a_request_the_client_cannot_send_is_refused_for_good_not_retried() {
     let err = rt.block_on(async {
         let meta =
             ObjectMeta { metadata: vec![("tag-\u{fc}\u{2603}".into(), "v".into())], ..ObjectMeta::default() };
-        sink(&garage).await.put_object(&unique_name("refused"), bytes::Bytes::from_static(b"x"), &meta).await
+        sink(&garage).await.put_object(&unique_name("rfs"), bytes::Bytes::from_static(b"x"), &meta).await
     });
     let err = err.expect_err("no such header can be sent");
     assert!(
