@@ -20,7 +20,7 @@ use crate::{
     config::{Asked, Config},
     control::{ApiError, CaptureInfo, CaptureRequest, CaptureState},
     filter::{CaptureFilter, CbpfProgram, program::Instructions},
-    session::{CaptureOrder, CaptureSummary, InterfaceService, OnDone, Progress, SessionError},
+    session::{CaptureOrder, CaptureSummary, InterfaceService, OnDone, Progress, Recovery, SessionError},
     upload::settings::{ObjectLabels, check_tag, hostname, object_metadata},
 };
 
@@ -212,7 +212,12 @@ impl Daemon {
         let target = self
             .config
             .store
-            .target(&destination, ObjectLabels { capture: id.clone(), node: self.node.clone(), metadata })
+            .target(
+                &destination,
+                ObjectLabels { capture: id.clone(), node: self.node.clone(), metadata },
+                // The spools of interrupted captures are theirs to recover (recover_interrupted).
+                false,
+            )
             .map_err(|e| ApiError::bad_request(error_chain(&e)))?;
         let location = format!("{}/{}/{}/", destination.trim_end_matches('/'), self.node, id);
 
@@ -326,6 +331,81 @@ impl Daemon {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+    }
+
+    /// Finishes what the captures interrupted by a dead daemon left in the store and the
+    /// spool (see [`crate::upload::settings::StoreSettings::recover_capture`]) and records it in
+    /// their state: the objects recovered among their outputs, the frames kept and lost. Returns
+    /// whether some are still pending (their store is unreachable): call again later.
+    pub fn recover_interrupted(&self) -> bool {
+        let pending: Vec<CaptureInfo> = self
+            .shared
+            .lock()
+            .values()
+            .filter(|e| recovery_pending(&e.info))
+            .map(|e| e.info.clone())
+            .collect();
+        let mut left = false;
+        for info in pending {
+            if self.shared.stopping.load(Ordering::Relaxed) {
+                return false;
+            }
+            let Some(destination) = info.request.destination.clone() else { continue };
+            let labels =
+                ObjectLabels { capture: info.id.clone(), node: self.node.clone(), metadata: Vec::new() };
+            let result = self.config.store.recover_capture(&destination, labels);
+            let mut captures = self.shared.lock();
+            let Some(entry) = captures.get_mut(&info.id) else { continue };
+            let saved_packets = entry.info.progress.packets;
+            let Some(summary) = entry.info.summary.as_mut() else { continue };
+            let recovery = summary.recovery.get_or_insert_default();
+            match result {
+                Ok(r) => {
+                    let kept = r.earlier_packets + r.packets;
+                    let lost = saved_packets.saturating_sub(kept);
+                    *recovery = Recovery {
+                        pending: false,
+                        objects: r.objects.clone(),
+                        packets_kept: kept,
+                        packets_lost_at_least: lost,
+                        uploads_aborted: r.aborted,
+                        error: (r.lost_packets > 0).then(|| {
+                            format!(
+                                "the store no longer had the open upload: its {} frames are lost",
+                                r.lost_packets
+                            )
+                        }),
+                    };
+                    summary.outputs = r.earlier.into_iter().chain(r.objects).collect();
+                    log::info!(
+                        "capture {}, interrupted: {} objects recovered, {kept} frames kept, at least {lost} \
+                         lost, {} unfinished uploads aborted",
+                        info.id,
+                        recovery.objects.len(),
+                        recovery.uploads_aborted
+                    );
+                }
+                Err(e) => {
+                    let message = error_chain(&e);
+                    if e.is_retryable() {
+                        log::warn!(
+                            "capture {}, interrupted: cannot recover it now ({message}); trying again later",
+                            info.id
+                        );
+                        left = true;
+                    } else {
+                        log::error!("capture {}, interrupted: cannot recover it: {message}", info.id);
+                        recovery.pending = false;
+                    }
+                    recovery.error = Some(message);
+                }
+            }
+            let info = entry.info.clone();
+            drop(captures);
+            self.shared.persist(&info);
+            self.shared.changed.notify_all();
+        }
+        left
     }
 
     /// Writes the progress of running captures to the state directory.
@@ -489,6 +569,7 @@ impl Shared {
                     redirect_errors: 0,
                     truncated: 0,
                     queues: Vec::new(),
+                    recovery: Some(Recovery { pending: true, ..Recovery::default() }),
                 });
                 metrics::counter!(crate::metrics::CAPTURES_ENDED, "reason" => StopReason::Interrupted.as_str())
                     .increment(1);
@@ -555,6 +636,11 @@ impl Shared {
             self.forget(&id);
         }
     }
+}
+
+/// Whether an interrupted capture's leftovers are still to be recovered.
+fn recovery_pending(info: &CaptureInfo) -> bool {
+    info.summary.as_ref().and_then(|s| s.recovery.as_ref()).is_some_and(|r| r.pending)
 }
 
 fn stopping_error() -> ApiError {

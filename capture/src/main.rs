@@ -536,7 +536,7 @@ fn store_target(args: &CaptureArgs, url: &str, id: &str, filter: Option<&str>) -
     let r = &args.request;
     let metadata = object_metadata(id, &node, filter, r.alert_id.as_deref(), r.customer.as_deref(), &r.tags)
         .map_err(anyhow::Error::msg)?;
-    Ok(settings.target(url, ObjectLabels { capture: id.to_owned(), node, metadata })?)
+    Ok(settings.target(url, ObjectLabels { capture: id.to_owned(), node, metadata }, true)?)
 }
 
 /// The flag that sets a store setting.
@@ -603,13 +603,22 @@ fn daemon(file: &std::path::Path) -> anyhow::Result<()> {
     // What earlier runs left in the spool goes up now, not only when a capture next starts.
     let (store, node) = (config.store.clone(), config.daemon.node.clone().unwrap_or_else(hostname));
     let daemon = Arc::new(Daemon::start(config)?);
+    // First the captures a dead daemon left running (their open uploads completed, their
+    // spools uploaded under their names and recorded in their state), then the other spools;
+    // captures whose store is unreachable are tried again every 30 s.
+    let recovering = daemon.clone();
     std::thread::Builder::new()
         .name("tapstream-recover".into())
         .spawn(move || {
+            let mut pending = recovering.recover_interrupted();
             for (url, result) in store.recover_spools(&node) {
                 if let Err(e) = result {
                     log::warn!("what earlier runs spooled for {url} stays in the spool for now: {e}");
                 }
+            }
+            while pending {
+                std::thread::sleep(Duration::from_secs(30));
+                pending = recovering.recover_interrupted();
             }
         })
         .context("start the spool recovery thread")?;

@@ -76,6 +76,30 @@ pub struct CaptureSummary {
     pub truncated: u64,
     /// Per-queue counters at the end.
     pub queues: Vec<QueueSummary>,
+    /// For a capture whose daemon died while it ran: what the next start recovered of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery: Option<Recovery>,
+}
+
+/// What a restarted daemon made of a capture its dead predecessor left running.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Recovery {
+    /// Not done yet (the store was unreachable): tried again until it is.
+    pub pending: bool,
+    /// Objects made at recovery (the open upload completed, spooled chunks uploaded); they
+    /// are also among the summary's outputs, after the objects finished before the death.
+    pub objects: Vec<String>,
+    /// Frames in the capture's objects, those finished before the death included.
+    pub packets_kept: u64,
+    /// Frames the capture had taken when its progress was last saved that are in no object
+    /// (in memory, or in parts the store never confirmed, when the process died). At least
+    /// this many were lost: frames taken after that save are not known.
+    pub packets_lost_at_least: u64,
+    /// Unfinished multipart uploads of the dead run that were aborted (none of their parts
+    /// was confirmed, so they held nothing to keep).
+    pub uploads_aborted: usize,
+    /// Why recovery failed or is pending.
+    pub error: Option<String>,
 }
 
 /// One RX queue's counters at the end of a capture.
@@ -570,6 +594,7 @@ impl Service {
                         redirect_errors: queues.iter().map(|q| q.xdp_redirect_errors).sum(),
                         truncated: queues.iter().map(|q| q.xdp_truncated).sum(),
                         queues,
+                        recovery: None,
                     }),
                 };
                 on_done(result);

@@ -20,14 +20,36 @@ pub struct TestDaemon {
     pub dir: tempfile::TempDir,
     pub running: Option<Running>,
     config: PathBuf,
+    /// Extra environment of the daemon process (e.g. S3 credentials).
+    env: Vec<(&'static str, String)>,
 }
 
 impl TestDaemon {
     pub fn start(veth: &VethPair, extra: &str) -> Self {
+        Self::start_with_store(
+            veth,
+            extra,
+            |d| {
+                format!(
+                    "destinations = [\"{d}/store\"]\ncompression = \"none\"\nspool_dir = \"{d}/spool\"\nrotate_age_secs = 1\n"
+                )
+            },
+            Vec::new(),
+        )
+    }
+
+    /// Like [`TestDaemon::start`], with the `[store]` section `store(dir)` (`dir`: the daemon's
+    /// temporary directory) and `env` in the daemon's environment.
+    pub fn start_with_store(
+        veth: &VethPair,
+        extra: &str,
+        store: impl FnOnce(&str) -> String,
+        env: Vec<(&'static str, String)>,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         // Others may use the socket (the test drops privileges for one request).
         std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-        let d = dir.path().display();
+        let d = dir.path().display().to_string();
         let config = dir.path().join("tapstream.toml");
         std::fs::write(
             &config,
@@ -35,12 +57,13 @@ impl TestDaemon {
                 "[daemon]\nsocket = \"{d}/control.sock\"\nstate_dir = \"{d}/state\"\nnode = \"testnode\"\n{extra}\n\
                  [interfaces.tap]\ndevice = \"{}\"\ndrop_unmatched = false\n\
                  [limits]\nmax_duration_secs = 600\nmax_packets = 100000\nmax_concurrent_captures = 8\n\
-                 [store]\ndestinations = [\"{d}/store\"]\ncompression = \"none\"\nspool_dir = \"{d}/spool\"\nrotate_age_secs = 1\n",
-                veth.capture_if
+                 [store]\n{}",
+                veth.capture_if,
+                store(&d)
             ),
         )
         .unwrap();
-        let mut daemon = Self { dir, running: None, config };
+        let mut daemon = Self { dir, running: None, config, env };
         daemon.restart(veth);
         daemon
     }
@@ -50,7 +73,7 @@ impl TestDaemon {
         let mut running = Running::start_until(
             &veth.capture_ns,
             &["daemon", "--config", self.config.to_str().unwrap()],
-            &[],
+            &self.env,
             "daemon ready",
         );
         running.wait_ready();

@@ -10,5 +10,6 @@ mod deploy;
 mod filter_check;
 mod filter_kernel;
 mod metrics;
+mod recovery;
 mod smoke;
 mod upload;

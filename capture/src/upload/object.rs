@@ -8,7 +8,10 @@ use std::{
 
 use tokio::{sync::Semaphore, task::JoinSet};
 
-use super::{ObjectMeta, PartDone, Sink, UploadError};
+use super::{
+    ObjectMeta, PartDone, Sink, UploadError,
+    spool::{Journal, JournalEntry},
+};
 use crate::compress::{Compression, Compressor, FrameEntry, Index, seek_table};
 use crate::metrics as m;
 
@@ -134,6 +137,11 @@ struct OpenObject {
     done: Vec<PartDone>,
     /// Offset in the object of each part sent (part `n` at index `n - 1`).
     part_starts: Vec<u64>,
+    /// Offset in the object of the end of each part sent.
+    part_ends: Vec<u64>,
+    /// Parts and frames already in the journal.
+    journaled_parts: usize,
+    journaled_frames: usize,
     /// Bodies of the parts after the first run of confirmed parts: what a failure would lose.
     unconfirmed: BTreeMap<i32, bytes::Bytes>,
     frames: Vec<FrameEntry>,
@@ -157,6 +165,41 @@ impl OpenObject {
         self.done.push(part);
         let k = self.confirmed_parts() as i32;
         self.unconfirmed.retain(|n, _| *n > k);
+    }
+
+    /// Notes in `journal` the parts confirmed since the last note, with the frames in them, so
+    /// that if the process dies the next run completes the upload with them.
+    fn journal_confirmed(&mut self, journal: Option<&Journal>) {
+        let Some(journal) = journal else { return };
+        let k = self.confirmed_parts();
+        let Some(upload_id) = &self.upload_id else { return };
+        if k <= self.journaled_parts {
+            return;
+        }
+        let end = self.part_ends[k - 1];
+        let mut parts: Vec<PartDone> = self
+            .done
+            .iter()
+            .filter(|p| p.number as usize > self.journaled_parts && p.number as usize <= k)
+            .cloned()
+            .collect();
+        parts.sort_by_key(|p| p.number);
+        parts.dedup_by_key(|p| p.number);
+        let frames: Vec<FrameEntry> = self.frames[self.journaled_frames..]
+            .iter()
+            .take_while(|f| f.offset + f.length <= end)
+            .copied()
+            .collect();
+        self.journaled_frames += frames.len();
+        self.journaled_parts = k;
+        journal.append(&JournalEntry::Confirmed {
+            key: self.key.clone(),
+            upload_id: upload_id.clone(),
+            parts,
+            frames,
+            length: end,
+            sealed: self.sealed && k == self.part_ends.len() && self.pending.is_empty(),
+        });
     }
 }
 
@@ -202,6 +245,8 @@ pub struct Uploader<S: Sink> {
     open: Option<OpenObject>,
     seq: u32,
     done: Vec<String>,
+    /// Where progress is noted for the next run, should this one die.
+    journal: Option<Arc<Journal>>,
 }
 
 impl<S: Sink> Uploader<S> {
@@ -217,12 +262,29 @@ impl<S: Sink> Uploader<S> {
         let mut compressor = Compressor::new(config.compression)?;
         let header = compressor.frame(pcap_header)?;
         let per_object = Arc::new(Semaphore::new(config.parts_in_flight_per_object.max(1)));
-        Ok(Self { sink, config, owner, global, per_object, header, open: None, seq: 0, done: Vec::new() })
+        Ok(Self {
+            sink,
+            config,
+            owner,
+            global,
+            per_object,
+            header,
+            open: None,
+            seq: 0,
+            done: Vec::new(),
+            journal: None,
+        })
     }
 
     /// Names the next object `seq` (an uploader continuing an earlier run's objects).
     pub fn with_next_object(mut self, seq: u32) -> Self {
         self.seq = seq;
+        self
+    }
+
+    /// Notes progress in `journal` (objects begun, parts confirmed, objects finished).
+    pub fn with_journal(mut self, journal: Arc<Journal>) -> Self {
+        self.journal = Some(journal);
         self
     }
 
@@ -241,6 +303,9 @@ impl<S: Sink> Uploader<S> {
             parts: JoinSet::new(),
             done: record.parts,
             part_starts: vec![0; k],
+            part_ends: vec![record.length; k],
+            journaled_parts: k,
+            journaled_frames: record.frames.len(),
             unconfirmed: BTreeMap::new(),
             frames: record.frames,
             sealed: record.sealed,
@@ -299,6 +364,9 @@ impl<S: Sink> Uploader<S> {
 
     fn begin(&mut self, first_ns: u64) {
         let key = object_key(&self.config, &self.owner, first_ns, self.seq);
+        if let Some(journal) = &self.journal {
+            journal.append(&JournalEntry::Begun { seq: self.seq });
+        }
         self.seq += 1;
         let header = FrameEntry {
             offset: 0,
@@ -316,6 +384,9 @@ impl<S: Sink> Uploader<S> {
             parts: JoinSet::new(),
             done: Vec::new(),
             part_starts: Vec::new(),
+            part_ends: Vec::new(),
+            journaled_parts: 0,
+            journaled_frames: 0,
             unconfirmed: BTreeMap::new(),
             frames: vec![header],
             sealed: false,
@@ -351,6 +422,7 @@ impl<S: Sink> Uploader<S> {
         let number = obj.next_part;
         obj.next_part += 1;
         obj.part_starts.push(obj.length - body.len() as u64);
+        obj.part_ends.push(obj.length);
         obj.unconfirmed.insert(number, body.clone());
         let (sink, key, id) =
             (self.sink.clone(), obj.key.clone(), obj.upload_id.clone().expect("created above"));
@@ -376,6 +448,7 @@ impl<S: Sink> Uploader<S> {
         // its open object for [`Uploader::salvage`].
         while let Some(done) = obj.parts.try_join_next() {
             obj.confirm(done.map_err(|e| UploadError::Task(e.to_string())).and_then(|r| r)?);
+            obj.journal_confirmed(self.journal.as_deref());
         }
         Ok(())
     }
@@ -413,6 +486,7 @@ impl<S: Sink> Uploader<S> {
         let obj = self.open.as_mut().expect("open");
         while let Some(done) = obj.parts.join_next().await {
             obj.confirm(done.map_err(|e| UploadError::Task(e.to_string())).and_then(|r| r)?);
+            obj.journal_confirmed(self.journal.as_deref());
         }
         let mut parts = obj.done.clone();
         parts.sort_by_key(|p| p.number);
@@ -446,7 +520,12 @@ impl<S: Sink> Uploader<S> {
         let (sink, ikey) = (&self.sink, index_key(&key));
         with_retry("PutObject", self.config.outage_max, || sink.put_object(&ikey, body.clone(), &meta))
             .await?;
-        self.done.push(self.sink.url(&key));
+        let url = self.sink.url(&key);
+        if let Some(journal) = &self.journal {
+            let packets = index.frames.iter().map(|f| f.packets).sum();
+            journal.append(&JournalEntry::Finished { key, url: url.clone(), packets });
+        }
+        self.done.push(url);
         metrics::counter!(m::OBJECTS).increment(1);
         Ok(())
     }

@@ -10,7 +10,7 @@ use super::{
     dir::DirSink,
     object::{MIN_PART_BYTES, ObjectOwner, UploadConfig},
     s3::{S3Config, S3Sink},
-    stream::{StoreOptions, StoreOutput, recover_spools},
+    stream::{Recovered, StoreOptions, StoreOutput, recover_dead_capture, recover_spools},
 };
 use crate::{
     compress::Compression,
@@ -186,8 +186,25 @@ impl StoreSettings {
             .collect()
     }
 
+    /// Finishes what capture `labels.capture`, stored at `url`, left when its process died:
+    /// its open multipart upload completed with the parts the store confirmed, its spooled
+    /// chunks uploaded under its own name, its uploads still open aborted.
+    pub fn recover_capture(&self, url: &str, labels: ObjectLabels) -> Result<Recovered, UploadError> {
+        let (destination, config, owner, options) = self.parts(url, labels, true)?;
+        let config = UploadConfig { outage_max: Duration::from_secs(60), ..config };
+        match destination {
+            Destination::S3 { bucket, .. } => {
+                let s3 = self.s3(bucket);
+                recover_dead_capture(|| async move { Ok(S3Sink::new(s3).await) }, config, owner, options)
+            }
+            Destination::Dir { path } => {
+                recover_dead_capture(|| async move { DirSink::new(path) }, config, owner, options)
+            }
+        }
+    }
+
     fn recover_one(&self, url: &str, labels: ObjectLabels) -> Result<(), UploadError> {
-        let (destination, config, owner, options) = self.parts(url, labels)?;
+        let (destination, config, owner, options) = self.parts(url, labels, true)?;
         // Recovery at start-up gives up on an unreachable store sooner: its spools wait for
         // the next capture that goes there.
         let config = UploadConfig { outage_max: Duration::from_secs(60), ..config };
@@ -203,11 +220,12 @@ impl StoreSettings {
     }
 
     /// What a capture's (or a recovery's) store output is made of: where, how objects are cut,
-    /// whose they are, and the threads and spool.
+    /// whose they are, and the threads and spool. `recover_killed`: see [`StoreOptions`].
     fn parts(
         &self,
         url: &str,
         labels: ObjectLabels,
+        recover_killed: bool,
     ) -> Result<(Destination, UploadConfig, ObjectOwner, StoreOptions), UploadError> {
         let compression = self.compression().map_err(UploadError::Task)?;
         let destination: Destination = url.parse()?;
@@ -231,13 +249,20 @@ impl StoreSettings {
             spool_root: self.spool_dir.clone(),
             spool_max_bytes: self.spool_max_bytes,
             memory_chunks: self.upload_queue,
+            recover_killed,
         };
         Ok((destination, config, owner, options))
     }
 
-    /// A target that stores a capture at `url` (validated settings).
-    pub fn target(&self, url: &str, labels: ObjectLabels) -> Result<Target, UploadError> {
-        let (destination, config, owner, options) = self.parts(url, labels)?;
+    /// A target that stores a capture at `url` (validated settings). `recover_killed`: whether
+    /// it uploads the spools of runs that died when it starts (see [`StoreOptions`]).
+    pub fn target(
+        &self,
+        url: &str,
+        labels: ObjectLabels,
+        recover_killed: bool,
+    ) -> Result<Target, UploadError> {
+        let (destination, config, owner, options) = self.parts(url, labels, recover_killed)?;
         let start: StartStore = match destination {
             Destination::S3 { bucket, .. } => {
                 let s3 = self.s3(bucket);

@@ -9,8 +9,11 @@ use std::{
     sync::Mutex,
 };
 
-use super::object::{CompressedChunk, ObjectOwner, ResumeRecord};
-use crate::compress::Compression;
+use super::{
+    PartDone,
+    object::{CompressedChunk, ObjectOwner, ResumeRecord},
+};
+use crate::compress::{Compression, FrameEntry};
 
 /// Bytes before the chunk in a spool file: decompressed length, first and last timestamp,
 /// record count, each a little-endian u64.
@@ -37,6 +40,123 @@ pub struct SalvageRecord {
     pub resume: Option<ResumeRecord>,
     /// Why the store failed, as the store said it.
     pub error: String,
+}
+
+/// The file saying whose chunks a spool holds ([`SpoolOwner`]), written when it is created.
+const OWNER_FILE: &str = "owner.json";
+
+/// The file where a capture's uploader notes its progress ([`JournalEntry`], one JSON a line).
+const JOURNAL_FILE: &str = "journal.jsonl";
+
+/// Whose chunks a spool holds and how their objects are named, written when the capture
+/// starts: if the process dies, the next run uploads them under the capture's own name (not the
+/// spool's) and finds the capture's open multipart upload.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct SpoolOwner {
+    /// The capture's owner (prefix, node, id, metadata).
+    pub owner: ObjectOwner,
+    /// How the chunks are compressed.
+    pub compression: Compression,
+    /// The object key template in force.
+    pub key_template: String,
+}
+
+/// What a capture's uploader has done, as it goes: enough for the next run to finish the
+/// capture's objects if the process dies (see [`JournalState`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JournalEntry {
+    /// Object number `seq` was begun.
+    Begun { seq: u32 },
+    /// More parts of the multipart upload of `key` are confirmed by the store: `parts` (the
+    /// new ones) and the frames that lie in them; the confirmed parts now end at `length`.
+    Confirmed {
+        key: String,
+        upload_id: String,
+        parts: Vec<PartDone>,
+        frames: Vec<FrameEntry>,
+        length: u64,
+        /// The seek table is in the confirmed parts: the upload only needs completing.
+        sealed: bool,
+    },
+    /// The object `key` is finished (index stored) as `url`, with `packets` records.
+    Finished { key: String, url: String, packets: u64 },
+}
+
+/// The journal file of a live spool; appends are small and rare (an object begun, a part
+/// confirmed, an object finished).
+#[derive(Debug)]
+pub struct Journal {
+    path: PathBuf,
+    file: Mutex<std::fs::File>,
+}
+
+impl Journal {
+    /// Appends `entry`. A journal that cannot be written only costs the next run's recovery
+    /// after a crash, never the capture: the error is logged.
+    pub fn append(&self, entry: &JournalEntry) {
+        use std::io::Write as _;
+        let mut line = serde_json::to_vec(entry).expect("a journal entry serializes");
+        line.push(b'\n');
+        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = file.write_all(&line) {
+            log::error!("cannot write the journal {}: {e}", self.path.display());
+        }
+    }
+}
+
+/// What a dead run's journal says: the objects it finished, the upload it had open, and the
+/// number its next object would have had.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct JournalState {
+    /// Objects finished: (URL, records).
+    pub finished: Vec<(String, u64)>,
+    /// The multipart upload left open, with its confirmed parts and their frames.
+    pub open: Option<ResumeRecord>,
+    /// Number of the next object (above every object begun).
+    pub next_object: u32,
+}
+
+impl JournalState {
+    /// Replays `entries`.
+    pub fn replay(entries: &[JournalEntry]) -> Self {
+        let mut state = Self::default();
+        for entry in entries {
+            match entry {
+                JournalEntry::Begun { seq } => state.next_object = state.next_object.max(seq + 1),
+                JournalEntry::Confirmed { key, upload_id, parts, frames, length, sealed } => {
+                    let open = state.open.get_or_insert_with(|| ResumeRecord {
+                        key: key.clone(),
+                        upload_id: upload_id.clone(),
+                        parts: Vec::new(),
+                        frames: Vec::new(),
+                        length: 0,
+                        sealed: false,
+                    });
+                    if open.upload_id != *upload_id {
+                        // A new object's upload (the one before was finished or given up).
+                        *open = ResumeRecord {
+                            key: key.clone(),
+                            upload_id: upload_id.clone(),
+                            parts: Vec::new(),
+                            frames: Vec::new(),
+                            length: 0,
+                            sealed: false,
+                        };
+                    }
+                    open.parts.extend(parts.iter().cloned());
+                    open.frames.extend(frames.iter().copied());
+                    open.length = *length;
+                    open.sealed = *sealed;
+                }
+                JournalEntry::Finished { key, url, packets } => {
+                    state.open.take_if(|o| o.key == *key);
+                    state.finished.push((url.clone(), *packets));
+                }
+            }
+        }
+        state
+    }
 }
 
 /// The file naming the store a spool's chunks are for (`s3://bucket/`, `file:///dir/`), so
@@ -166,6 +286,18 @@ impl Spool {
         std::fs::rename(&tmp, &path)
     }
 
+    /// Records whose chunks these are (see [`SpoolOwner`]) and opens the journal the
+    /// capture's uploader keeps here.
+    pub fn record_owner(&self, owner: &SpoolOwner) -> std::io::Result<Journal> {
+        let path = self.dir.join(OWNER_FILE);
+        let tmp = path.with_extension("partial");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(owner).map_err(std::io::Error::other)?)?;
+        std::fs::rename(&tmp, &path)?;
+        let path = self.dir.join(JOURNAL_FILE);
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+        Ok(Journal { path, file: Mutex::new(file) })
+    }
+
     /// The lowest sequence number in the spool.
     pub fn first(&self) -> Option<u64> {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).files.keys().next().copied()
@@ -230,7 +362,18 @@ impl Spool {
                 Err(e) => return Err(e),
             };
             let destination = std::fs::read_to_string(dir.join(DESTINATION_FILE)).ok();
-            out.push(Leftover { name, header, chunks, salvage, destination, _lock: lock });
+            let owner = match std::fs::read(dir.join(OWNER_FILE)) {
+                Ok(body) => Some(serde_json::from_slice(&body).map_err(|e| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("{}: {e}", dir.join(OWNER_FILE).display()),
+                    )
+                })?),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => return Err(e),
+            };
+            let journal = read_journal(&dir.join(JOURNAL_FILE))?;
+            out.push(Leftover { name, header, chunks, salvage, destination, owner, journal, _lock: lock });
         }
         Ok(out)
     }
@@ -262,8 +405,22 @@ pub struct Leftover {
     pub salvage: Option<SalvageRecord>,
     /// The store its chunks are for (absent in spools of older versions).
     pub destination: Option<String>,
+    /// Whose chunks these are (absent in spools of older versions).
+    pub owner: Option<SpoolOwner>,
+    /// What the capture's uploader had done when the process died.
+    pub journal: Vec<JournalEntry>,
     /// The spool's lock, held so that no other process recovers it at the same time.
     _lock: Option<std::fs::File>,
+}
+
+/// Reads a journal; a last line cut short (the process died while writing it) ends it.
+fn read_journal(path: &Path) -> std::io::Result<Vec<JournalEntry>> {
+    let body = match std::fs::read(path) {
+        Ok(body) => body,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    Ok(body.split(|b| *b == b'\n').map_while(|line| serde_json::from_slice(line).ok()).collect())
 }
 
 /// Reads a spooled chunk file.
@@ -317,5 +474,45 @@ mod tests {
         );
         assert!(left[0].salvage.is_none());
         assert_eq!(left[0].destination.as_deref(), Some("s3://b/"));
+    }
+    #[test]
+    fn a_journal_replays_to_the_finished_objects_and_the_open_upload() {
+        let part = |n| PartDone { number: n, etag: format!("e{n}"), crc32c: None };
+        let frame = |offset| FrameEntry { offset, length: 10, packets: 2, ..FrameEntry::default() };
+        let confirmed = |key: &str, n, offset| JournalEntry::Confirmed {
+            key: key.into(),
+            upload_id: format!("{key}-id"),
+            parts: vec![part(n)],
+            frames: vec![frame(offset)],
+            length: offset + 10,
+            sealed: false,
+        };
+        let entries = vec![
+            JournalEntry::Begun { seq: 0 },
+            confirmed("k0", 1, 0),
+            JournalEntry::Finished { key: "k0".into(), url: "s3://b/k0".into(), packets: 2 },
+            JournalEntry::Begun { seq: 1 },
+            confirmed("k1", 1, 0),
+            confirmed("k1", 2, 10),
+        ];
+        let state = JournalState::replay(&entries);
+        assert_eq!(state.finished, vec![("s3://b/k0".to_owned(), 2)]);
+        assert_eq!(state.next_object, 2);
+        let open = state.open.expect("k1 is open");
+        assert_eq!((open.key.as_str(), open.upload_id.as_str(), open.length), ("k1", "k1-id", 20));
+        assert_eq!(open.parts, vec![part(1), part(2)]);
+        assert_eq!(open.frames, vec![frame(0), frame(10)]);
+
+        // A line cut short by a crash ends the journal.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(JOURNAL_FILE);
+        let mut body = Vec::new();
+        for e in &entries[..2] {
+            body.extend(serde_json::to_vec(e).unwrap());
+            body.push(b'\n');
+        }
+        body.extend_from_slice(b"{\"begun\":{\"se");
+        std::fs::write(&path, body).unwrap();
+        assert_eq!(read_journal(&path).unwrap(), entries[..2]);
     }
 }

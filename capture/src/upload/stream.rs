@@ -21,7 +21,7 @@ use tokio::sync::{Semaphore, mpsc};
 use super::{
     LostPackets, Sink, UploadError,
     object::{CompressedChunk, ObjectOwner, UploadConfig, Uploader},
-    spool::{SalvageRecord, Spool, read_chunk},
+    spool::{JournalState, Leftover, SalvageRecord, Spool, SpoolOwner, read_chunk},
 };
 use crate::{
     chunk::{Chunk, ChunkPool},
@@ -39,6 +39,10 @@ pub struct StoreOptions {
     pub spool_max_bytes: u64,
     /// Compressed chunks held in memory for the uploader; more go to the spool.
     pub memory_chunks: usize,
+    /// Whether an output starting uploads the spools of runs that died (not those of a failed
+    /// store, which any output to that store takes). The daemon leaves them to its recovery
+    /// of interrupted captures ([`recover_capture`]), which records them in the capture's state.
+    pub recover_killed: bool,
 }
 
 /// Where a capture's chunks go while it runs.
@@ -191,7 +195,19 @@ impl StoreOutput {
                 },
             )?,
         );
-        let uploader = Uploader::new(sink, config.clone(), owner.clone(), pcap_header, global)?;
+        let journal = spool
+            .record_owner(&SpoolOwner {
+                owner: owner.clone(),
+                compression: config.compression,
+                key_template: config.key_template.clone(),
+            })
+            .map_err(|source| UploadError::Io {
+                operation: "create spool",
+                path: spool_dir.display().to_string(),
+                source,
+            })?;
+        let uploader = Uploader::new(sink, config.clone(), owner.clone(), pcap_header, global)?
+            .with_journal(Arc::new(journal));
         // Compressed chunks waiting for the uploader: a bounded memory budget.
         let (done_tx, mut done_rx) = mpsc::channel::<(u64, CompressedChunk)>(options.memory_chunks.max(1));
         let (chunk_tx, chunk_rx) = crossbeam_channel::bounded::<(u64, Chunk)>(threads.max(1) * 2);
@@ -397,9 +413,32 @@ where
     })
 }
 
-/// Finishes what an earlier run left: spooled chunks become objects (named after their spool),
-/// and multipart uploads under the prefix that no running capture owns are aborted, so none
-/// keeps costing money.
+/// Finishes what capture `owner.capture` left when its process died (see [`recover_capture`]),
+/// on a runtime of its own: what a daemon does at start for each interrupted capture.
+pub fn recover_dead_capture<S, F>(
+    make_sink: impl FnOnce() -> F,
+    config: UploadConfig,
+    owner: ObjectOwner,
+    options: StoreOptions,
+) -> Result<Recovered, UploadError>
+where
+    S: Sink,
+    F: std::future::Future<Output = Result<S, UploadError>>,
+{
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| UploadError::Task(format!("cannot start the upload runtime: {e}")))?;
+    runtime.block_on(async {
+        let sink = Arc::new(make_sink().await?);
+        let global = Arc::new(Semaphore::new(config.parts_in_flight_per_object.max(1)));
+        recover_capture(&sink, &config, &owner, &options, &global).await
+    })
+}
+
+/// Finishes what an earlier run left: spooled chunks become objects (under their capture's
+/// name), and multipart uploads under the prefix that no running capture owns are aborted, so
+/// none keeps costing money.
 async fn recover<S: Sink>(
     sink: &Arc<S>,
     config: &UploadConfig,
@@ -410,13 +449,18 @@ async fn recover<S: Sink>(
     recover_leftovers(sink, config, owner, options, global).await?;
     // Without a daemon that knows every live capture, only this capture's own key space is
     // certain to hold no live upload: the key up to its last '/'.
-    let own = super::object::object_key(config, owner, 0, 0);
-    let prefix = own.rsplit_once('/').map(|(p, _)| format!("{p}/")).unwrap_or_default();
+    let prefix = key_space(config, owner);
     for pending in sink.list_multipart(&prefix).await? {
         log::warn!("aborting an unfinished upload of {} left by an earlier run", pending.key);
         sink.abort_multipart(&pending.key, &pending.upload_id).await?;
     }
     Ok(())
+}
+
+/// The key prefix of a capture's objects: its first key up to the last '/'.
+fn key_space(config: &UploadConfig, owner: &ObjectOwner) -> String {
+    let own = super::object::object_key(config, owner, 0, 0);
+    own.rsplit_once('/').map(|(p, _)| format!("{p}/")).unwrap_or_default()
 }
 
 /// Uploads the spools earlier runs left for `sink`'s store (see [`recover`]). One that can
@@ -435,35 +479,142 @@ async fn recover_leftovers<S: Sink>(
         if left.destination.as_ref().is_some_and(|d| *d != sink.url("")) {
             continue;
         }
-        let dir = options.spool_root.join(&left.name);
-        match recover_one(sink, config, owner, global, &left).await {
-            Ok(()) => std::fs::remove_dir_all(&dir).map_err(recover_io(&dir))?,
-            Err(e) if e.is_permanent() => {
-                let to = Spool::quarantine(&options.spool_root, &left.name, &error_chain(&e))
-                    .map_err(recover_io(&dir))?;
-                metrics::counter!(crate::metrics::SPOOL_QUARANTINED).increment(1);
-                log::error!(
-                    "the spool {} can never be uploaded ({}); moved to {} with the reason, so it no \
-                     longer holds up other captures",
-                    dir.display(),
-                    error_chain(&e),
-                    to.display()
-                );
-            }
-            Err(e) => {
-                log::warn!(
-                    "cannot upload the spool {} now ({}); it stays for the next start",
-                    dir.display(),
-                    error_chain(&e)
-                );
-                // The store is unreachable or refuses: the next leftovers would wait as long.
-                if e.is_retryable() {
-                    break;
-                }
-            }
+        if !options.recover_killed && left.salvage.is_none() && left.owner.is_some() {
+            continue;
+        }
+        match recover_leftover(sink, config, owner, options, global, &left).await {
+            Ok(_) => {}
+            // The store is unreachable or refuses: the next leftovers would wait as long.
+            Err(e) if e.is_retryable() => break,
+            Err(_) => {}
         }
     }
     Ok(())
+}
+
+/// Recovers one leftover spool: removed once uploaded, quarantined if it never can be, left
+/// for the next start otherwise (logged in each case).
+async fn recover_leftover<S: Sink>(
+    sink: &Arc<S>,
+    config: &UploadConfig,
+    owner: &ObjectOwner,
+    options: &StoreOptions,
+    global: &Arc<Semaphore>,
+    left: &Leftover,
+) -> Result<Recovered, UploadError> {
+    let dir = options.spool_root.join(&left.name);
+    match recover_one(sink, config, owner, global, left).await {
+        Ok(recovered) => {
+            std::fs::remove_dir_all(&dir).map_err(recover_io(&dir))?;
+            Ok(recovered)
+        }
+        Err(e) if e.is_permanent() => {
+            let to = Spool::quarantine(&options.spool_root, &left.name, &error_chain(&e))
+                .map_err(recover_io(&dir))?;
+            metrics::counter!(crate::metrics::SPOOL_QUARANTINED).increment(1);
+            log::error!(
+                "the spool {} can never be uploaded ({}); moved to {} with the reason, so it no \
+                 longer holds up other captures",
+                dir.display(),
+                error_chain(&e),
+                to.display()
+            );
+            Err(e)
+        }
+        Err(e) => {
+            log::warn!(
+                "cannot upload the spool {} now ({}); it stays for the next start",
+                dir.display(),
+                error_chain(&e)
+            );
+            Err(e)
+        }
+    }
+}
+
+/// What recovery made of a dead run's leftovers.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Recovered {
+    /// Objects the run finished before it died (from its journal).
+    pub earlier: Vec<String>,
+    /// Records in them.
+    pub earlier_packets: u64,
+    /// Objects made now: its open upload completed, its spooled chunks uploaded.
+    pub objects: Vec<String>,
+    /// Records in them.
+    pub packets: u64,
+    /// Records the store no longer had (an upload that was aborted or expired meanwhile).
+    pub lost_packets: u64,
+    /// Unfinished uploads of the run that were aborted (none of their parts was confirmed).
+    pub aborted: usize,
+}
+
+impl Recovered {
+    fn add(&mut self, other: Self) {
+        self.earlier.extend(other.earlier);
+        self.earlier_packets += other.earlier_packets;
+        self.objects.extend(other.objects);
+        self.packets += other.packets;
+        self.lost_packets += other.lost_packets;
+        self.aborted += other.aborted;
+    }
+}
+
+/// Finishes what capture `capture`, interrupted by the death of its process, left for
+/// `sink`'s store: its spools (its open multipart upload completed with the parts the store
+/// confirmed, then its spooled chunks) and then any upload of it still open, aborted. `config`
+/// and `fallback` name its objects if no spool says how (a spool of an older version).
+pub async fn recover_capture<S: Sink>(
+    sink: &Arc<S>,
+    config: &UploadConfig,
+    fallback: &ObjectOwner,
+    options: &StoreOptions,
+    global: &Arc<Semaphore>,
+) -> Result<Recovered, UploadError> {
+    let mut recovered = Recovered::default();
+    let mut key_spaces = Vec::new();
+    for left in Spool::leftovers(&options.spool_root).map_err(recover_io(&options.spool_root))? {
+        let Some(spool_owner) = left.owner.as_ref().filter(|o| o.owner.capture == fallback.capture) else {
+            continue;
+        };
+        if left.destination.as_ref().is_some_and(|d| *d != sink.url("")) {
+            continue;
+        }
+        let named = UploadConfig { key_template: spool_owner.key_template.clone(), ..config.clone() };
+        key_spaces.push(key_space(&named, &spool_owner.owner));
+        recovered.add(recover_leftover(sink, config, fallback, options, global, &left).await?);
+    }
+    if key_spaces.is_empty() {
+        key_spaces.push(key_space(config, fallback));
+    }
+    for prefix in key_spaces {
+        recovered.aborted += abort_dead_uploads(sink, &prefix, &fallback.capture).await?;
+    }
+    Ok(recovered)
+}
+
+/// Aborts every multipart upload under `prefix`, the key space of capture `capture`, whose run
+/// is dead; returns how many. A key space that does not name the capture (a key template with
+/// `{capture}` only in the file name) may hold other captures' live uploads: left alone.
+async fn abort_dead_uploads<S: Sink>(
+    sink: &Arc<S>,
+    prefix: &str,
+    capture: &str,
+) -> Result<usize, UploadError> {
+    if !prefix.split('/').any(|part| part == capture) {
+        log::warn!(
+            "the key space {prefix:?} of capture {capture} does not name it alone: uploads its dead run \
+             left open there cannot be told from others' and are left"
+        );
+        return Ok(0);
+    }
+    let mut aborted = 0;
+    for pending in sink.list_multipart(prefix).await? {
+        log::warn!("aborting an unfinished upload of {} left by the dead run of {capture}", pending.key);
+        sink.abort_multipart(&pending.key, &pending.upload_id).await?;
+        aborted += 1;
+    }
+    Ok(aborted)
 }
 
 /// `e` and its sources, on one line.
@@ -485,43 +636,91 @@ fn recover_io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> UploadEr
 }
 
 /// Makes objects of one spool an earlier run left. A spool whose store failed for good
-/// continues that capture's objects under its own name (and its open multipart upload); one
-/// left by a process that died becomes objects named after the spool.
+/// continues that capture's objects under its own name (and its open multipart upload). One
+/// left by a process that died does the same from its journal: its open upload is completed
+/// with the parts the store confirmed (each part holds whole zstd frames, so the object
+/// decompresses; the index is made from the journal's frames, and the spooled chunks follow
+/// with a seek table at the end), then its uploads still open are aborted. A spool of an older
+/// version, without an owner, becomes objects named after the spool.
 async fn recover_one<S: Sink>(
     sink: &Arc<S>,
     config: &UploadConfig,
     owner: &ObjectOwner,
     global: &Arc<Semaphore>,
-    left: &super::spool::Leftover,
-) -> Result<(), UploadError> {
-    let (owner, config, next_object) = match &left.salvage {
-        Some(s) => {
-            (s.owner.clone(), UploadConfig { compression: s.compression, ..config.clone() }, s.next_object)
+    left: &Leftover,
+) -> Result<Recovered, UploadError> {
+    let mut recovered = Recovered::default();
+    let (owner, config, next_object, mut resume) = match (&left.salvage, &left.owner) {
+        (Some(s), _) => (
+            s.owner.clone(),
+            UploadConfig { compression: s.compression, ..config.clone() },
+            s.next_object,
+            s.resume.clone(),
+        ),
+        (None, Some(o)) => {
+            let journal = JournalState::replay(&left.journal);
+            recovered.earlier_packets = journal.finished.iter().map(|(_, p)| p).sum();
+            recovered.earlier = journal.finished.into_iter().map(|(url, _)| url).collect();
+            let config = UploadConfig {
+                compression: o.compression,
+                key_template: o.key_template.clone(),
+                ..config.clone()
+            };
+            (o.owner.clone(), config, journal.next_object, journal.open)
         }
-        None => (ObjectOwner { capture: left.name.clone(), ..owner.clone() }, config.clone(), 0),
+        (None, None) => {
+            (ObjectOwner { capture: left.name.clone(), ..owner.clone() }, config.clone(), 0, None)
+        }
     };
-    let mut resume = left.salvage.as_ref().and_then(|s| s.resume.clone());
     if let Some(r) = resume.take_if(|r| r.parts.is_empty()) {
         // No part of it was confirmed: its chunks are all in the spool.
         if let Err(e) = sink.abort_multipart(&r.key, &r.upload_id).await {
             log::warn!("cannot abort the upload of {} left by an earlier run: {e}", r.key);
         }
     }
-    if left.chunks.is_empty() && resume.is_none() {
-        return Ok(());
+    if !left.chunks.is_empty() || resume.is_some() {
+        recovered.add(upload_leftover(sink, &config, &owner, next_object, resume, global, left).await?);
     }
+    if left.salvage.is_none() && left.owner.is_some() {
+        // The run is dead (its spool's lock was free): no upload of it may stay open.
+        recovered.aborted += abort_dead_uploads(sink, &key_space(&config, &owner), &owner.capture).await?;
+    }
+    Ok(recovered)
+}
+
+/// Uploads a leftover's chunks after the upload `resume` continues, if any.
+async fn upload_leftover<S: Sink>(
+    sink: &Arc<S>,
+    config: &UploadConfig,
+    owner: &ObjectOwner,
+    next_object: u32,
+    mut resume: Option<super::object::ResumeRecord>,
+    global: &Arc<Semaphore>,
+    left: &Leftover,
+) -> Result<Recovered, UploadError> {
+    let mut lost_packets = 0;
     loop {
         let mut uploader =
             Uploader::new(sink.clone(), config.clone(), owner.clone(), &left.header, global.clone())?
                 .with_next_object(next_object);
         let resumed = resume.is_some();
+        let mut packets = 0;
         if let Some(r) = resume.clone() {
+            log::info!(
+                "completing the unfinished upload of {} left by an earlier run with its {} confirmed parts",
+                r.key,
+                r.parts.len()
+            );
+            packets += r.frames.iter().map(|f| f.packets).sum::<u64>();
             uploader.resume(r);
         }
         let mut result = Ok(());
         for file in &left.chunks {
             result = match read_chunk(file).map_err(recover_io(file)) {
-                Ok(chunk) => uploader.push(chunk).await,
+                Ok(chunk) => {
+                    packets += chunk.packets;
+                    uploader.push(chunk).await
+                }
                 Err(e) => Err(e),
             };
             if result.is_err() {
@@ -539,7 +738,7 @@ async fn recover_one<S: Sink>(
                     left.chunks.len(),
                     urls.join(", ")
                 );
-                return Ok(());
+                return Ok(Recovered { objects: urls, packets, lost_packets, ..Recovered::default() });
             }
             // The store no longer has the upload (aborted or expired): its confirmed parts are
             // gone; the spooled chunks still make an object of their own.
@@ -547,6 +746,7 @@ async fn recover_one<S: Sink>(
                 let r = resume.take().expect("resumed");
                 let lost: u64 = r.frames.iter().map(|f| f.packets).sum();
                 log::error!("the upload of {} no longer exists in the store: {lost} packets are lost", r.key);
+                lost_packets += lost;
                 uploader.abort().await;
             }
             Err(e) => {
@@ -587,6 +787,7 @@ mod tests {
             spool_root: spools.clone(),
             spool_max_bytes: 1 << 20,
             memory_chunks: 1,
+            recover_killed: true,
         };
         let owner = ObjectOwner { node: "n".into(), capture: "next".into(), ..Default::default() };
         let global = Arc::new(Semaphore::new(1));
