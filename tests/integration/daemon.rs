@@ -24,6 +24,11 @@ pub struct TestDaemon {
 
 impl TestDaemon {
     pub fn start(veth: &VethPair, extra: &str) -> Self {
+        Self::start_with_limits(veth, extra, "")
+    }
+
+    /// Like [`TestDaemon::start`], with `limits` added to the `[limits]` section.
+    pub fn start_with_limits(veth: &VethPair, extra: &str, limits: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         // Others may use the socket (the test drops privileges for one request).
         std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
@@ -34,7 +39,7 @@ impl TestDaemon {
             format!(
                 "[daemon]\nsocket = \"{d}/control.sock\"\nstate_dir = \"{d}/state\"\nnode = \"testnode\"\n{extra}\n\
                  [interfaces.tap]\ndevice = \"{}\"\ndrop_unmatched = false\n\
-                 [limits]\nmax_duration_secs = 600\nmax_packets = 100000\nmax_concurrent_captures = 8\n\
+                 [limits]\nmax_duration_secs = 600\nmax_packets = 100000\nmax_concurrent_captures = 8\n{limits}\n\
                  [store]\ndestinations = [\"{d}/store\"]\ncompression = \"none\"\nspool_dir = \"{d}/spool\"\nrotate_age_secs = 1\n",
                 veth.capture_if
             ),
@@ -112,16 +117,16 @@ impl TestDaemon {
 }
 
 /// The corpus frames the sender can send, in order.
-fn sendable(veth: &VethPair) -> Vec<CorpusFrame> {
+pub fn sendable(veth: &VethPair) -> Vec<CorpusFrame> {
     let sender = Sender::new(veth);
     corpus_frames().into_iter().filter(|f| sender.can_send(&f.data)).collect()
 }
 
-fn data(frames: &[&CorpusFrame]) -> Vec<Vec<u8>> {
+pub fn data(frames: &[&CorpusFrame]) -> Vec<Vec<u8>> {
     frames.iter().map(|f| f.data.clone()).collect()
 }
 
-fn reason(info: &CaptureInfo) -> &'static str {
+pub fn reason(info: &CaptureInfo) -> &'static str {
     info.summary.as_ref().unwrap_or_else(|| panic!("no summary: {info:?}")).stop_reason.as_str()
 }
 
@@ -660,7 +665,7 @@ fn out_of_range_numbers_ids_and_destinations_are_refused_and_leave_nothing_behin
 }
 
 /// The message of an error reply.
-fn error_of(reply: &str) -> String {
+pub fn error_of(reply: &str) -> String {
     let value: serde_json::Value = serde_json::from_str(reply).unwrap_or_else(|e| panic!("{e}: {reply}"));
     value["error"].as_str().unwrap_or_else(|| panic!("no error in {reply}")).to_owned()
 }
