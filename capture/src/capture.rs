@@ -21,8 +21,9 @@ pub const DEFAULT_SNAPLEN: u32 = 262_144;
 pub struct CaptureSpec {
     /// Identifier, unique on this host.
     pub id: String,
-    /// tcpdump filter expression; `None` captures every frame.
-    pub filter: Option<String>,
+    /// The filter, compiled (by the daemon off the interface's thread, or by the one-shot
+    /// command before it starts); `None` captures every frame.
+    pub filter: Option<crate::filter::CbpfProgram>,
     /// Bytes stored per frame at most.
     pub snaplen: u32,
 }

@@ -74,6 +74,11 @@ fn field_at(text: &str, line: usize) -> Option<String> {
     Some(format!("{section}{key}: "))
 }
 
+/// Highest `limits.max_filter_bytes`: a longer filter could not arrive in a request body.
+const MAX_FILTER_BYTES: u64 = 64 * 1024;
+/// Highest `limits.filter_compile_timeout_secs`.
+const MAX_FILTER_COMPILE_SECS: u64 = 3600;
+
 /// The whole file.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -198,6 +203,13 @@ pub struct LimitsSection {
     pub max_concurrent_captures: usize,
     /// Largest snaplen a request may ask.
     pub max_snaplen: u32,
+    /// Longest filter expression a request may give, in bytes (at most 65536, the API's body
+    /// cap). libpcap's optimizer slows steeply with length (minutes for a few hundred hosts);
+    /// 8 KiB admits hand-written filters and lists of a few hundred hosts or ports.
+    pub max_filter_bytes: u64,
+    /// Longest a request's filter may take to compile, in seconds (1 to 3600); past it the
+    /// compile, which runs in a process of its own, is killed and the request refused.
+    pub filter_compile_timeout_secs: u64,
 }
 
 impl Default for LimitsSection {
@@ -208,6 +220,8 @@ impl Default for LimitsSection {
             max_packets: 100_000_000,
             max_concurrent_captures: 16,
             max_snaplen: DEFAULT_SNAPLEN,
+            max_filter_bytes: 8 * 1024,
+            filter_compile_timeout_secs: 10,
         }
     }
 }
@@ -334,6 +348,18 @@ impl Config {
         if l.max_snaplen == 0 {
             return Err(invalid("limits.max_snaplen", "must be at least 1"));
         }
+        if !(1..=MAX_FILTER_BYTES).contains(&l.max_filter_bytes) {
+            return Err(invalid(
+                "limits.max_filter_bytes",
+                format!("{} is not from 1 to {MAX_FILTER_BYTES}", l.max_filter_bytes),
+            ));
+        }
+        if !(1..=MAX_FILTER_COMPILE_SECS).contains(&l.filter_compile_timeout_secs) {
+            return Err(invalid(
+                "limits.filter_compile_timeout_secs",
+                format!("{} is not from 1 to {MAX_FILTER_COMPILE_SECS}", l.filter_compile_timeout_secs),
+            ));
+        }
         let def = &self.defaults;
         if def.snaplen == 0 || def.snaplen > l.max_snaplen {
             return Err(invalid(
@@ -399,6 +425,8 @@ pub struct Asked {
     pub bytes: Option<u64>,
     pub packets: Option<u64>,
     pub snaplen: u32,
+    /// Length of the filter expression, in bytes (0: none).
+    pub filter_bytes: u64,
     /// Captures running now.
     pub running: usize,
 }
@@ -421,6 +449,12 @@ impl LimitsSection {
             ("byte limit", asked.bytes, "limits.max_bytes", self.max_bytes),
             ("packet limit", asked.packets, "limits.max_packets", self.max_packets),
             ("snaplen", Some(u64::from(asked.snaplen)), "limits.max_snaplen", u64::from(self.max_snaplen)),
+            (
+                "filter length (bytes)",
+                Some(asked.filter_bytes),
+                "limits.max_filter_bytes",
+                self.max_filter_bytes,
+            ),
         ];
         for (what, value, cap, limit) in checks {
             if let Some(value) = value
@@ -590,6 +624,36 @@ mod tests {
         assert!(err.contains("limits.max_packets"), "{err}");
         let err = limits.check(&Asked { running: 16, ..ok }).unwrap_err().to_string();
         assert!(err.contains("limits.max_concurrent_captures = 16"), "{err}");
+    }
+
+    #[test]
+    fn the_filter_length_cap_is_checked_and_named() {
+        let limits = LimitsSection::default();
+        let ok = Asked { duration_secs: 60, snaplen: 128, ..Default::default() };
+        assert!(limits.check(&Asked { filter_bytes: 8192, ..ok }).is_ok(), "the cap itself is allowed");
+        let err = limits.check(&Asked { filter_bytes: 8193, ..ok }).unwrap_err().to_string();
+        assert_eq!(err, "filter length (bytes) 8193 exceeds the server's limits.max_filter_bytes = 8192");
+        let strict = LimitsSection { max_filter_bytes: 10, ..LimitsSection::default() };
+        assert!(strict.check(&Asked { filter_bytes: 11, ..ok }).unwrap_err().to_string().contains("= 10"));
+    }
+
+    #[test]
+    fn filter_limits_are_validated() {
+        let base = "[interfaces.public]\ndevice = \"eth1\"\n[limits]\n";
+        for (extra, field) in [
+            ("max_filter_bytes = 0\n", "limits.max_filter_bytes"),
+            ("max_filter_bytes = 65537\n", "limits.max_filter_bytes"),
+            ("filter_compile_timeout_secs = 0\n", "limits.filter_compile_timeout_secs"),
+            ("filter_compile_timeout_secs = 3601\n", "limits.filter_compile_timeout_secs"),
+        ] {
+            let err = parse(&format!("{base}{extra}")).unwrap_err().to_string();
+            assert!(err.starts_with(field), "{extra:?}: {err}");
+        }
+        let config =
+            parse(&format!("{base}max_filter_bytes = 65536\nfilter_compile_timeout_secs = 1\n")).unwrap();
+        assert_eq!((config.limits.max_filter_bytes, config.limits.filter_compile_timeout_secs), (65536, 1));
+        let err = parse(&format!("{base}filter_compile_timeout = 5\n")).unwrap_err().to_string();
+        assert!(err.contains("unknown field"), "units in the name: {err}");
     }
 
     #[test]

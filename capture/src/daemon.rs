@@ -19,7 +19,7 @@ use crate::{
     capture::{CaptureSpec, Limits, StopReason},
     config::{Asked, Config},
     control::{ApiError, CaptureInfo, CaptureRequest, CaptureState},
-    filter::{CaptureFilter, CbpfProgram, program::Instructions},
+    filter::{BoundedCompiler, CaptureFilter, CbpfProgram, FilterError, program::Instructions},
     session::{CaptureOrder, CaptureSummary, InterfaceService, OnDone, Progress, Recovery, SessionError},
     upload::settings::{ObjectLabels, check_tag, hostname, object_metadata},
 };
@@ -68,6 +68,9 @@ pub struct Daemon {
     /// Emptied by [`Daemon::shutdown`].
     services: Mutex<HashMap<String, InterfaceService>>,
     shared: Arc<Shared>,
+    /// Compiles requests' filters, each in a child process within
+    /// `limits.filter_compile_timeout_secs`.
+    compiler: BoundedCompiler,
 }
 
 impl Daemon {
@@ -96,7 +99,11 @@ impl Daemon {
             services.insert(alias.clone(), service);
         }
         let node = config.daemon.node.clone().unwrap_or_else(hostname);
-        Ok(Self { config, node, services: Mutex::new(services), shared })
+        let compiler = BoundedCompiler::this_binary(
+            Duration::from_secs(config.limits.filter_compile_timeout_secs),
+            "limits.filter_compile_timeout_secs",
+        );
+        Ok(Self { config, node, services: Mutex::new(services), shared, compiler })
     }
 
     /// The configuration in force.
@@ -135,12 +142,6 @@ impl Daemon {
             .collect::<Result<_, _>>()
             .map_err(ApiError::bad_request)?;
         request.filter = request.filter.filter(|f| !f.trim().is_empty());
-        if let Some(expression) = &request.filter {
-            let program =
-                CbpfProgram::compile(expression).map_err(|e| ApiError::bad_request(e.to_string()))?;
-            Instructions::build(&[CaptureFilter { slot: 0, filter: Some(&program) }])
-                .map_err(|e| ApiError::bad_request(format!("{e}: {}", error_chain(&e))))?;
-        }
         let defaults = &self.config.defaults;
         // Durations are made of these below: a bound far below what no Duration holds
         // (1e300, which would panic there).
@@ -177,9 +178,17 @@ impl Daemon {
                 bytes: request.bytes,
                 packets: request.packets,
                 snaplen,
+                filter_bytes: request.filter.as_ref().map_or(0, |f| f.len() as u64),
                 running,
             })
             .map_err(|e| ApiError::forbidden(e.to_string()))?;
+        // Compiled here, once, on this request's own (blocking) thread, in a child process
+        // within the time limit: the interface's thread gets the program and never waits for
+        // libpcap, and neither do other requests or a stopping daemon.
+        let filter = match &request.filter {
+            Some(expression) => Some(self.compile_filter(expression)?),
+            None => None,
+        };
         let destination = self.destination(request.destination.as_deref())?;
         request.destination = Some(destination.clone());
 
@@ -221,7 +230,7 @@ impl Daemon {
             .map_err(|e| ApiError::bad_request(error_chain(&e)))?;
         let location = format!("{}/{}/{}/", destination.trim_end_matches('/'), self.node, id);
 
-        let spec = CaptureSpec { id: id.clone(), filter: request.filter.clone(), snaplen };
+        let spec = CaptureSpec { id: id.clone(), filter, snaplen };
         let limits = Limits {
             packets: request.packets,
             bytes: request.bytes,
@@ -285,6 +294,23 @@ impl Daemon {
                 })
             }
         }
+    }
+
+    /// Compiles a request's filter and checks that the kernel can run it: libpcap's message
+    /// for what it refuses (400), the limit's name for a compile that ran too long (403).
+    fn compile_filter(&self, expression: &str) -> Result<CbpfProgram, ApiError> {
+        let program = self.compiler.compile(expression, &self.shared.stopping).map_err(|e| match e {
+            FilterError::Syntax { .. } | FilterError::Nul => ApiError::bad_request(e.to_string()),
+            FilterError::Timeout { .. } => {
+                log::warn!("refused a filter of {} bytes: {e}", expression.len());
+                ApiError::forbidden(e.to_string())
+            }
+            FilterError::Cancelled => stopping_error(),
+            _ => ApiError::internal(error_chain(&e)),
+        })?;
+        Instructions::build(&[CaptureFilter { slot: 0, filter: Some(&program) }])
+            .map_err(|e| ApiError::bad_request(format!("{e}: {}", error_chain(&e))))?;
+        Ok(program)
     }
 
     /// Every capture the daemon knows, newest first.

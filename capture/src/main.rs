@@ -14,7 +14,11 @@ use tapstream::{
     config::{Config, InterfaceSection},
     control::{CaptureInfo, CaptureRequest, CaptureState, client::Client, server},
     daemon::Daemon,
-    filter::{CaptureFilter, CbpfProgram, LoadedFilter, program::Instructions},
+    filter::{
+        CaptureFilter, CbpfProgram, LoadedFilter,
+        compiler::{self, CLI_MAX_FILTER_BYTES},
+        program::Instructions,
+    },
     session::{CaptureSummary, Target, run_capture},
     upload::{
         dir::DirSink,
@@ -308,6 +312,10 @@ enum FilterCommand {
         /// A PCAP file of Ethernet frames to try the filter on.
         file: Option<PathBuf>,
     },
+    /// The daemon's filter compiler: compiles the expression on stdin with libpcap and writes
+    /// the program, or libpcap's message, to stdout (see `filter::compiler`).
+    #[command(name = "compile-child", hide = true)]
+    CompileChild,
 }
 
 #[derive(Args, Debug)]
@@ -433,6 +441,13 @@ fn main() {
         Command::Filter(FilterCommand::Check { expression, file }) => {
             filter_check(&expression, file.as_deref())
         }
+        Command::Filter(FilterCommand::CompileChild) => {
+            match compiler::run_child(std::io::stdin().lock(), std::io::stdout().lock()) {
+                Ok(true) => std::process::exit(0),
+                Ok(false) => std::process::exit(2),
+                Err(e) => Err(anyhow::Error::new(e).context("compile a filter for the daemon")),
+            }
+        }
     };
     if let Err(e) = result {
         eprintln!("tapstream: {e:#}");
@@ -467,13 +482,18 @@ fn capture(args: CaptureArgs) -> anyhow::Result<()> {
     .pipeline();
     // Kept exact: the flag takes any duration, the file whole microseconds.
     config.writer.coalesce = args.batch_wait;
-    let filter = r.filter();
-    if let Some(filter) = &filter {
-        // Checked before anything starts: libpcap's message for a syntax error, the reason for
-        // what the kernel cannot run, the verifier's complaint (the program is loaded once
-        // and dropped; the capture loads it again with the interface's own).
-        LoadedFilter::load(&[CaptureFilter { slot: 0, filter: Some(&CbpfProgram::compile(filter)?) }])?;
-    }
+    let filter = match r.filter() {
+        Some(expression) => {
+            // Compiled once, and checked before anything starts: libpcap's message for a syntax
+            // error, the reason for what the kernel cannot run, the verifier's complaint (the
+            // program is loaded once and dropped; the capture loads it again with the
+            // interface's own).
+            let program = compile_cli(&expression)?;
+            LoadedFilter::load(&[CaptureFilter { slot: 0, filter: Some(&program) }])?;
+            Some(program)
+        }
+        None => None,
+    };
     let spec = CaptureSpec { id: id.clone(), filter, snaplen };
     let limits = Limits { packets: r.packets, bytes: r.bytes, duration: r.duration, idle: r.idle };
 
@@ -487,7 +507,9 @@ fn capture(args: CaptureArgs) -> anyhow::Result<()> {
     let tty = std::io::stderr().is_terminal() && !args.json;
     let target = match (&args.write, &args.upload) {
         (Some(path), _) => Target::File(path.clone()),
-        (None, Some(url)) => store_target(&args, url, &id, spec.filter.as_deref())?,
+        (None, Some(url)) => {
+            store_target(&args, url, &id, spec.filter.as_ref().map(CbpfProgram::expression))?
+        }
         (None, None) => bail!("give --write FILE or --upload URL"),
     };
     let summary = run_capture(config, spec, limits, target, &stop, |p| {
@@ -781,8 +803,15 @@ fn show(info: &CaptureInfo, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Compiles a filter given on the command line, in this process (whoever runs it can
+/// interrupt it), refusing one longer than [`CLI_MAX_FILTER_BYTES`].
+fn compile_cli(expression: &str) -> anyhow::Result<CbpfProgram> {
+    compiler::check_length(expression, CLI_MAX_FILTER_BYTES, "the longest filter the command line compiles")?;
+    Ok(CbpfProgram::compile(expression)?)
+}
+
 fn filter_check(expression: &str, file: Option<&std::path::Path>) -> anyhow::Result<()> {
-    let program = CbpfProgram::compile(expression)?;
+    let program = compile_cli(expression)?;
     println!("{expression:?} compiles to {} classic BPF instructions:", program.instructions().len());
     print!("{}", program.dump());
     let capture = [CaptureFilter { slot: 0, filter: Some(&program) }];

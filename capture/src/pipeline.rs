@@ -112,10 +112,9 @@ pub struct QueueSnapshot {
     pub drops_no_buffer: u64,
 }
 
-/// A running capture and its compiled filter.
+/// A running capture (its compiled filter in its spec).
 struct Slot {
     capture: Arc<CaptureShared>,
-    filter: Option<CbpfProgram>,
 }
 
 /// A capture interface at work.
@@ -213,10 +212,10 @@ impl InterfaceRuntime {
         &self.pool
     }
 
-    /// Starts a capture: returns its slot. Its filter is compiled and the filter program for
-    /// every running capture plus this one is built and verified first, so a filter that
-    /// cannot run starts nothing; then every writer takes the capture, and only then does the
-    /// kernel mark frames for it.
+    /// Starts a capture: returns its slot. The filter program for every running capture plus
+    /// this one is built and verified first, so a filter that cannot run starts nothing; then
+    /// every writer takes the capture, and only then does the kernel mark frames for it. The
+    /// capture's filter comes compiled: libpcap never runs here.
     pub fn start_capture(&mut self, capture: Arc<CaptureShared>) -> Result<usize, PipelineError> {
         // Slots are taken round-robin, so a slot just freed (whose last frames may still be in
         // the rings) is not handed to the next capture at once.
@@ -224,11 +223,7 @@ impl InterfaceRuntime {
             .map(|i| (self.next_slot + i) % MAX_CAPTURES)
             .find(|&i| self.slots[i].is_none())
             .ok_or_else(|| PipelineError::NoFreeSlot { interface: self.config.interface.clone() })?;
-        let filter = match capture.spec.filter.as_deref().map(str::trim) {
-            None | Some("") => None,
-            Some(expression) => Some(CbpfProgram::compile(expression)?),
-        };
-        let program = self.filter_program(Some((slot, filter.as_ref())))?;
+        let program = self.filter_program(Some((slot, capture.spec.filter.as_ref())))?;
 
         // Every writer must take the capture's frames before the program marks any.
         let (started, acks) = crossbeam_channel::bounded(self.writers.len());
@@ -243,7 +238,7 @@ impl InterfaceRuntime {
                 return Err(PipelineError::WriterGone { queue: writer.queue() });
             }
         }
-        self.slots[slot] = Some(Slot { capture, filter });
+        self.slots[slot] = Some(Slot { capture });
         self.next_slot = (slot + 1) % MAX_CAPTURES;
         self.install(program)?;
         Ok(slot)
@@ -282,7 +277,9 @@ impl InterfaceRuntime {
             .slots
             .iter()
             .enumerate()
-            .filter_map(|(slot, s)| s.as_ref().map(|s| CaptureFilter { slot, filter: s.filter.as_ref() }))
+            .filter_map(|(slot, s)| {
+                s.as_ref().map(|s| CaptureFilter { slot, filter: s.capture.spec.filter.as_ref() })
+            })
             .collect();
         if let Some((slot, filter)) = adding {
             captures.push(CaptureFilter { slot, filter });

@@ -62,6 +62,11 @@ impl Running {
         Self { child: Some(child), ready, stderr }
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("child").id()
+    }
+
     /// Waits until the capture is attached and running; panics with the log if it exits.
     pub fn wait_ready(&mut self) {
         match self.ready.recv_timeout(Duration::from_secs(60)) {
@@ -119,9 +124,10 @@ impl Drop for Running {
 }
 
 /// The records of a PCAP file as (wire length, stored bytes), after checking that tshark and
-/// capinfos read it cleanly.
+/// capinfos read it cleanly (capinfos with `-M`: without it, 12000 packets read "12 k").
 pub fn read_capture(path: &Path) -> Vec<(u32, Vec<u8>)> {
-    let capinfos = std::process::Command::new("capinfos").arg("-c").arg(path).output().expect("run capinfos");
+    let capinfos =
+        std::process::Command::new("capinfos").args(["-c", "-M"]).arg(path).output().expect("run capinfos");
     assert!(
         capinfos.status.success(),
         "capinfos rejects {}: {}",

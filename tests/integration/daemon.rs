@@ -24,18 +24,21 @@ pub struct TestDaemon {
     env: Vec<(&'static str, String)>,
 }
 
+/// The `[store]` section of [`TestDaemon::start`]: a local directory, plain PCAP.
+fn local_store(d: &str) -> String {
+    format!(
+        "destinations = [\"{d}/store\"]\ncompression = \"none\"\nspool_dir = \"{d}/spool\"\nrotate_age_secs = 1\n"
+    )
+}
+
 impl TestDaemon {
     pub fn start(veth: &VethPair, extra: &str) -> Self {
-        Self::start_with_store(
-            veth,
-            extra,
-            |d| {
-                format!(
-                    "destinations = [\"{d}/store\"]\ncompression = \"none\"\nspool_dir = \"{d}/spool\"\nrotate_age_secs = 1\n"
-                )
-            },
-            Vec::new(),
-        )
+        Self::start_with_limits(veth, extra, "")
+    }
+
+    /// Like [`TestDaemon::start`], with `limits` added to the `[limits]` section.
+    pub fn start_with_limits(veth: &VethPair, extra: &str, limits: &str) -> Self {
+        Self::start_full(veth, extra, limits, local_store, Vec::new())
     }
 
     /// Like [`TestDaemon::start`], with the `[store]` section `store(dir)` (`dir`: the daemon's
@@ -43,6 +46,16 @@ impl TestDaemon {
     pub fn start_with_store(
         veth: &VethPair,
         extra: &str,
+        store: impl FnOnce(&str) -> String,
+        env: Vec<(&'static str, String)>,
+    ) -> Self {
+        Self::start_full(veth, extra, "", store, env)
+    }
+
+    fn start_full(
+        veth: &VethPair,
+        extra: &str,
+        limits: &str,
         store: impl FnOnce(&str) -> String,
         env: Vec<(&'static str, String)>,
     ) -> Self {
@@ -56,7 +69,7 @@ impl TestDaemon {
             format!(
                 "[daemon]\nsocket = \"{d}/control.sock\"\nstate_dir = \"{d}/state\"\nnode = \"testnode\"\n{extra}\n\
                  [interfaces.tap]\ndevice = \"{}\"\ndrop_unmatched = false\n\
-                 [limits]\nmax_duration_secs = 600\nmax_packets = 100000\nmax_concurrent_captures = 8\n\
+                 [limits]\nmax_duration_secs = 600\nmax_packets = 100000\nmax_concurrent_captures = 8\n{limits}\n\
                  [store]\n{}",
                 veth.capture_if,
                 store(&d)
@@ -135,16 +148,16 @@ impl TestDaemon {
 }
 
 /// The corpus frames the sender can send, in order.
-fn sendable(veth: &VethPair) -> Vec<CorpusFrame> {
+pub fn sendable(veth: &VethPair) -> Vec<CorpusFrame> {
     let sender = Sender::new(veth);
     corpus_frames().into_iter().filter(|f| sender.can_send(&f.data)).collect()
 }
 
-fn data(frames: &[&CorpusFrame]) -> Vec<Vec<u8>> {
+pub fn data(frames: &[&CorpusFrame]) -> Vec<Vec<u8>> {
     frames.iter().map(|f| f.data.clone()).collect()
 }
 
-fn reason(info: &CaptureInfo) -> &'static str {
+pub fn reason(info: &CaptureInfo) -> &'static str {
     info.summary.as_ref().unwrap_or_else(|| panic!("no summary: {info:?}")).stop_reason.as_str()
 }
 
@@ -683,7 +696,7 @@ fn out_of_range_numbers_ids_and_destinations_are_refused_and_leave_nothing_behin
 }
 
 /// The message of an error reply.
-fn error_of(reply: &str) -> String {
+pub fn error_of(reply: &str) -> String {
     let value: serde_json::Value = serde_json::from_str(reply).unwrap_or_else(|e| panic!("{e}: {reply}"));
     value["error"].as_str().unwrap_or_else(|| panic!("no error in {reply}")).to_owned()
 }

@@ -57,3 +57,31 @@ fn a_bad_expression_fails_with_libpcaps_message() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("syntax error") && stderr.contains("\"tcp port\""), "{stderr}");
 }
+
+#[test]
+fn an_expression_over_the_command_lines_bound_is_refused_before_compiling() {
+    let long = vec!["host 10.1.2.3"; 5_000].join(" or ");
+    let start = std::time::Instant::now();
+    let out = run(&[&long]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("the filter expression is {} bytes", long.len()))
+            && stderr.contains("65536 bytes"),
+        "{stderr}"
+    );
+    assert!(start.elapsed() < std::time::Duration::from_secs(30), "refused after {:?}", start.elapsed());
+    // The one-shot capture refuses it before anything starts.
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(tapstream_bin())
+        .args(["capture", "-i", "no-such-if", "-w"])
+        .arg(dir.path().join("x.pcap"))
+        .arg(&long)
+        .output()
+        .expect("run tapstream");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("65536 bytes") && !stderr.contains("no-such-if"),
+        "{stderr}"
+    );
+}

@@ -157,8 +157,11 @@ fn concurrent_captures_each_store_exactly_what_their_filter_matches() {
             .iter()
             .enumerate()
             .map(|(i, e)| {
-                let spec =
-                    CaptureSpec { id: format!("c{i}"), filter: Some((*e).into()), ..Default::default() };
+                let spec = CaptureSpec {
+                    id: format!("c{i}"),
+                    filter: Some(tapstream::filter::CbpfProgram::compile(e).unwrap()),
+                    ..Default::default()
+                };
                 CaptureShared::new(spec, Limits::default())
             })
             .collect();

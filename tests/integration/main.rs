@@ -9,6 +9,7 @@ mod datapath;
 mod deploy;
 mod filter_check;
 mod filter_kernel;
+mod filter_limits;
 mod metrics;
 mod recovery;
 mod smoke;

@@ -1,15 +1,18 @@
 //! tcpdump filters, run in the kernel.
 //!
 //! Expressions are compiled by libpcap itself ([`pcap`]), so a filter means exactly what it
-//! means to tcpdump. The classic BPF is translated to eBPF with libpcap's semantics
+//! means to tcpdump; expressions from clients compile in a child process, within a length cap
+//! and a time limit ([`compiler`]). The classic BPF is translated to eBPF with libpcap's semantics
 //! ([`ebpf`]), and the filters of every capture on an interface become one XDP program
 //! ([`program`]) that the fixed XDP program tail-calls: frames no capture wants never leave
 //! the kernel.
 
+pub mod compiler;
 pub mod ebpf;
 pub mod pcap;
 pub mod program;
 
+pub use compiler::BoundedCompiler;
 pub use pcap::CbpfProgram;
 pub use program::{CaptureFilter, LoadedFilter};
 
@@ -21,6 +24,27 @@ pub enum FilterError {
     Syntax { expression: String, message: String },
     #[error("the filter expression contains a NUL byte")]
     Nul,
+    /// Refused before compiling: longer than `setting` allows.
+    #[error("the filter expression is {bytes} bytes, over {setting} ({limit} bytes)")]
+    TooLong { bytes: usize, setting: &'static str, limit: usize },
+    /// The compile ran past the time limit `setting` and was abandoned (its process killed).
+    #[error(
+        "the filter did not compile within the server's {setting} = {limit_secs}: the compile was \
+         abandoned (long lists of hosts or ports compile slowly; shorten the filter)"
+    )]
+    Timeout { setting: &'static str, limit_secs: f64 },
+    /// The compile was abandoned because the daemon is stopping.
+    #[error("the filter compile was abandoned: the daemon is stopping")]
+    Cancelled,
+    #[error("cannot run the filter compiler {program}")]
+    CompilerSpawn {
+        program: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The compiler process ended without an answer we understand.
+    #[error("the filter compiler failed: {reason}")]
+    CompilerFailed { reason: String },
     #[error("libpcap could not open a dead Ethernet handle")]
     NoHandle,
     /// libpcap compiled it, but the kernel cannot run it as it is.
