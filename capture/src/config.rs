@@ -402,10 +402,7 @@ impl InterfaceSection {
         config.cores = self.cores.clone();
         config.xsk.frame_size = self.frame_size_bytes;
         config.xsk.zero_copy = self.zero_copy;
-        config.xsk.rx_ring_size = self.ring_size;
-        config.xsk.fill_ring_size = self.ring_size;
-        config.xsk.fill_frames = self.ring_size / 2;
-        config.xsk.umem_frames = self.ring_size / 2;
+        config.xsk.set_ring_size(self.ring_size);
         config.writer.coalesce = Duration::from_micros(self.batch_wait_us);
         config.unmatched = if self.drop_unmatched {
             capture_common::Unmatched::Drop

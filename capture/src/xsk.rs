@@ -72,6 +72,18 @@ pub struct XskConfig {
     pub zero_copy: ZeroCopy,
 }
 
+impl XskConfig {
+    /// Sizes the RX and fill rings to `ring_size` entries and the UMEM to half as many frames,
+    /// all lent to the kernel: the ring can take every frame the UMEM holds while the writer
+    /// is busy.
+    pub fn set_ring_size(&mut self, ring_size: u32) {
+        self.rx_ring_size = ring_size;
+        self.fill_ring_size = ring_size;
+        self.fill_frames = ring_size / 2;
+        self.umem_frames = ring_size / 2;
+    }
+}
+
 impl Default for XskConfig {
     fn default() -> Self {
         Self {

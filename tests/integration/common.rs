@@ -81,6 +81,18 @@ impl Running {
         }
     }
 
+    /// Runs `f` while the process is stopped (SIGSTOP, then SIGCONT): what a writer that is
+    /// not scheduled meanwhile sees.
+    pub fn stopped_while<T>(&self, f: impl FnOnce() -> T) -> T {
+        let pid = self.pid() as i32;
+        // SAFETY: plain kill(2) on our own child, which has not been reaped yet.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        let result = f();
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGCONT) };
+        result
+    }
+
     /// Sends `signal` and waits for the process to exit; returns its log.
     pub fn signal_and_wait(mut self, signal: i32) -> (std::process::ExitStatus, String) {
         let mut child = self.child.take().expect("child");

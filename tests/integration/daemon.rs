@@ -9,7 +9,7 @@ use std::{
 };
 
 use tapstream::control::{CaptureInfo, CaptureState, client::Client};
-use tapstream_testenv::{CorpusFrame, Sender, VethPair, corpus_frames};
+use tapstream_testenv::{CORPUS_RING_SIZE, CorpusFrame, Sender, VethPair, corpus_frames};
 
 use crate::common::{Running, read_capture, tapstream_bin, walk};
 
@@ -68,7 +68,7 @@ impl TestDaemon {
             &config,
             format!(
                 "[daemon]\nsocket = \"{d}/control.sock\"\nstate_dir = \"{d}/state\"\nnode = \"testnode\"\n{extra}\n\
-                 [interfaces.tap]\ndevice = \"{}\"\ndrop_unmatched = false\n\
+                 [interfaces.tap]\ndevice = \"{}\"\ndrop_unmatched = false\nring_size = {CORPUS_RING_SIZE}\n\
                  [limits]\nmax_duration_secs = 600\nmax_packets = 100000\nmax_concurrent_captures = 8\n{limits}\n\
                  [store]\n{}",
                 veth.capture_if,

@@ -2,7 +2,7 @@
 //! with the real corpus.
 
 use tapstream::session::CaptureSummary;
-use tapstream_testenv::{Sender, VethPair, corpus_frames};
+use tapstream_testenv::{CORPUS_RING_SIZE, Sender, VethPair, corpus_frames};
 
 use crate::common::{Running, assert_same_frames, data, read_capture};
 
@@ -38,6 +38,7 @@ fn corpus_replay_is_stored_byte_for_byte_in_order() {
     let sender = Sender::new(&veth);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("corpus.pcap");
+    let ring = CORPUS_RING_SIZE.to_string();
     let mut run = Running::start(
         &veth.capture_ns,
         &[
@@ -50,6 +51,8 @@ fn corpus_replay_is_stored_byte_for_byte_in_order() {
             "3s",
             "--duration",
             "120s",
+            "--ring-size",
+            &ring,
             "--json",
         ],
     );
@@ -77,6 +80,7 @@ fn frames_spread_over_queues_are_all_stored_once_by_pinned_writers() {
     let sender = Sender::new(&veth);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("multi.pcap");
+    let ring = CORPUS_RING_SIZE.to_string();
     let mut run = Running::start(
         &veth.capture_ns,
         &[
@@ -91,6 +95,8 @@ fn frames_spread_over_queues_are_all_stored_once_by_pinned_writers() {
             "120s",
             "--cores",
             "0,1",
+            "--ring-size",
+            &ring,
             "--json",
         ],
     );
@@ -114,6 +120,7 @@ fn long_frames_are_cut_to_the_umem_frame_and_counted() {
     let sender = Sender::new(&veth);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("cut.pcap");
+    let ring = CORPUS_RING_SIZE.to_string();
     let mut run = Running::start(
         &veth.capture_ns,
         &[
@@ -128,11 +135,15 @@ fn long_frames_are_cut_to_the_umem_frame_and_counted() {
             "120s",
             "--frame-size",
             "2048",
+            "--ring-size",
+            &ring,
             "--json",
         ],
     );
     run.wait_ready();
-    let sent = sender.send_all(&frames);
+    // Tests share two cores: the writer may not run at all while the corpus is sent. Stop it
+    // for the whole send; the UMEM of a CORPUS_RING_SIZE ring holds every frame meanwhile.
+    let sent = run.stopped_while(|| sender.send_all(&frames));
     let summary = run.summary();
 
     let max = 2048 - 256;
@@ -156,6 +167,7 @@ fn snaplen_and_packet_limit_are_exact() {
     let sender = Sender::new(&veth);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("limit.pcap");
+    let ring = CORPUS_RING_SIZE.to_string();
     let mut run = Running::start(
         &veth.capture_ns,
         &[
@@ -170,6 +182,8 @@ fn snaplen_and_packet_limit_are_exact() {
             "64",
             "--duration",
             "120s",
+            "--ring-size",
+            &ring,
             "--json",
         ],
     );

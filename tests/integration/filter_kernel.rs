@@ -152,7 +152,9 @@ fn concurrent_captures_each_store_exactly_what_their_filter_matches() {
     let sender = Sender::new(&veth);
     let dir = tempfile::tempdir().unwrap();
     let (sent, queues) = veth.capture_ns.enter(|| {
-        let mut runtime = InterfaceRuntime::start(InterfaceConfig::new(&veth.capture_if)).unwrap();
+        let mut config = InterfaceConfig::new(&veth.capture_if);
+        config.xsk.set_ring_size(tapstream_testenv::CORPUS_RING_SIZE);
+        let mut runtime = InterfaceRuntime::start(config).unwrap();
         let captures: Vec<Arc<CaptureShared>> = expressions
             .iter()
             .enumerate()

@@ -17,7 +17,7 @@ use tapstream::{
         s3::{S3Config, S3Sink},
     },
 };
-use tapstream_testenv::{Garage, Netns, Sender, VethPair, corpus_frames, unique_name};
+use tapstream_testenv::{CORPUS_RING_SIZE, Garage, Netns, Sender, VethPair, corpus_frames, unique_name};
 
 use crate::common::{Running, tapstream_bin, walk};
 
@@ -98,6 +98,7 @@ fn corpus_capture_lands_as_objects_that_read_back_byte_for_byte() {
     .map(String::from)
     .to_vec();
     args.extend(s3_args(&garage));
+    args.extend(["--ring-size".to_owned(), CORPUS_RING_SIZE.to_string()]);
     let spool = tempfile::tempdir().unwrap();
     args.extend(
         ["--node", "it-node", "--part-size", "5MiB", "--spool-dir", spool.path().to_str().unwrap()]
@@ -339,6 +340,7 @@ fn a_store_outage_spools_and_loses_nothing() {
     .map(String::from)
     .to_vec();
     args.extend(s3_args(&garage));
+    args.extend(["--ring-size".to_owned(), CORPUS_RING_SIZE.to_string()]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut run = Running::start_with_env(&veth.capture_ns, &args, &garage.aws_env());
     run.wait_ready();

@@ -22,7 +22,7 @@ use std::path::PathBuf;
 pub use garage::Garage;
 pub use netns::{Netns, VethPair};
 pub use prometheus::Prometheus;
-pub use sender::{CorpusFrame, Sender, corpus_frames, read_pcap_frames};
+pub use sender::{CORPUS_RING_SIZE, CorpusFrame, Sender, corpus_frames, read_pcap_frames};
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {

@@ -116,6 +116,12 @@ pub fn read_pcap_frames(path: &Path) -> Vec<CorpusFrame> {
         .collect()
 }
 
+/// The ring size for a capture that must store every corpus frame sent at full speed: its UMEM
+/// (half the ring) holds the whole corpus, so a writer that is not scheduled until the send has
+/// ended (two cores, tests in parallel) still loses nothing. The default ring holds about half
+/// the corpus, and a full CI run once lost 463 frames to it (counted, as kernel drops).
+pub const CORPUS_RING_SIZE: u32 = 16384;
+
 /// Every frame of every corpus file, files in name order.
 pub fn corpus_frames() -> Vec<CorpusFrame> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(corpus_dir())
@@ -125,5 +131,11 @@ pub fn corpus_frames() -> Vec<CorpusFrame> {
         .collect();
     files.sort();
     assert!(!files.is_empty(), "no .pcap files in {}", corpus_dir().display());
-    files.iter().flat_map(|path| read_pcap_frames(path)).collect()
+    let frames: Vec<CorpusFrame> = files.iter().flat_map(|path| read_pcap_frames(path)).collect();
+    assert!(
+        frames.len() < CORPUS_RING_SIZE as usize / 2,
+        "{} corpus frames no longer fit the UMEM of CORPUS_RING_SIZE ({CORPUS_RING_SIZE}): raise it",
+        frames.len()
+    );
+    frames
 }
