@@ -450,7 +450,7 @@ async fn handle(
         Ok((status, body)) => response(status, body),
         Err(e) => {
             let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            let body = serde_json::to_vec(&ErrorReply { error: e.message }).unwrap_or_default();
+            let body = serde_json::to_vec(&ErrorReply { error: printable(&e.message) }).unwrap_or_default();
             let mut reply = response(status, body);
             // The body was not read (too large, or too slow): the connection cannot carry
             // another request.
@@ -463,6 +463,19 @@ async fn handle(
         }
     };
     Ok(reply)
+}
+
+/// `message` with its control characters escaped (`\n` -> `\\n`, NUL -> `\\0`): an error
+/// may quote what the request held (serde names an unknown field), and the CLI prints it to a
+/// terminal.
+fn printable(message: &str) -> String {
+    if !message.chars().any(char::is_control) {
+        return message.to_owned();
+    }
+    message
+        .chars()
+        .map(|c| if c.is_control() { c.escape_debug().to_string() } else { c.to_string() })
+        .collect()
 }
 
 fn response(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
@@ -672,6 +685,13 @@ mod tests {
         assert_eq!(throttle.ready(t0 + Duration::from_secs(5)), Some(3));
         assert_eq!(throttle.ready(t0 + Duration::from_secs(6)), None);
         assert_eq!(throttle.ready(t0 + Duration::from_secs(11)), Some(1));
+    }
+
+    #[test]
+    fn error_messages_carry_no_control_characters() {
+        assert_eq!(printable("unknown field `\0`"), "unknown field `\\0`");
+        assert_eq!(printable("a\r\nb\u{1b}[2J"), "a\\r\\nb\\u{1b}[2J");
+        assert_eq!(printable("ü☃ ok"), "ü☃ ok");
     }
 
     #[test]
