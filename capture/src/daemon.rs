@@ -170,18 +170,17 @@ impl Daemon {
         if request.packets == Some(0) || request.bytes == Some(0) {
             return Err(ApiError::bad_request("packets and bytes limits must be at least 1"));
         }
-        let running = self.running();
-        self.config
-            .limits
-            .check(&Asked {
-                duration_secs: duration.ceil() as u64,
-                bytes: request.bytes,
-                packets: request.packets,
-                snaplen,
-                filter_bytes: request.filter.as_ref().map_or(0, |f| f.len() as u64),
-                running,
-            })
-            .map_err(|e| ApiError::forbidden(e.to_string()))?;
+        let mut asked = Asked {
+            duration_secs: duration.ceil() as u64,
+            bytes: request.bytes,
+            packets: request.packets,
+            snaplen,
+            filter_bytes: request.filter.as_ref().map_or(0, |f| f.len() as u64),
+            running: self.running(),
+        };
+        // Checked now to refuse before compiling, and again when the capture is registered:
+        // other requests may have been registered meanwhile.
+        self.config.limits.check(&asked).map_err(|e| ApiError::forbidden(e.to_string()))?;
         // Compiled here, once, on this request's own (blocking) thread, in a child process
         // within the time limit: the interface's thread gets the program and never waits for
         // libpcap, and neither do other requests or a stopping daemon.
@@ -255,6 +254,8 @@ impl Daemon {
             if captures.contains_key(&id) {
                 return Err(ApiError::conflict(format!("a capture with id {id:?} exists")));
             }
+            asked.running = captures.values().filter(|e| e.info.state == CaptureState::Running).count();
+            self.config.limits.check(&asked).map_err(|e| ApiError::forbidden(e.to_string()))?;
             captures.insert(id.clone(), Entry { info: info.clone(), progress: None });
         }
         self.shared.persist(&info);
