@@ -700,3 +700,39 @@ pub fn error_of(reply: &str) -> String {
     let value: serde_json::Value = serde_json::from_str(reply).unwrap_or_else(|e| panic!("{e}: {reply}"));
     value["error"].as_str().unwrap_or_else(|| panic!("no error in {reply}")).to_owned()
 }
+
+#[test]
+fn a_hundred_concurrent_starts_never_exceed_the_cap() {
+    let veth = VethPair::new(1);
+    let daemon = TestDaemon::start(&veth, "");
+    let client = daemon.client();
+    // Each compiles a filter between its first check of the cap and its registration: the
+    // window in which concurrent requests once got past the cap (63 of 100 with a cap of 8).
+    let answers: Vec<(u16, String)> = std::thread::scope(|s| {
+        let asks: Vec<_> = (0..100)
+            .map(|i| {
+                let client = &client;
+                s.spawn(move || {
+                    let body = serde_json::json!({"id": format!("c{i}"), "duration_secs": 60, "filter": "udp port 1"});
+                    let (status, reply) =
+                        client.raw("POST", "/v1/captures", Some(body.to_string().as_bytes())).unwrap();
+                    (status, String::from_utf8_lossy(&reply).into_owned())
+                })
+            })
+            .collect();
+        asks.into_iter().map(|a| a.join().unwrap()).collect()
+    });
+    let started: Vec<String> = client.list().unwrap().into_iter().map(|c| c.id).collect();
+    assert_eq!(answers.iter().filter(|(status, _)| *status == 201).count(), started.len());
+    assert_eq!(started.len(), 8, "the cap is 8: {started:?}");
+    for (status, reply) in &answers {
+        assert!(
+            *status == 201 || (*status == 403 && reply.contains("limits.max_concurrent_captures = 8")),
+            "{status} {reply}"
+        );
+    }
+    for id in &started {
+        client.stop(id).unwrap();
+        daemon.wait(id);
+    }
+}
