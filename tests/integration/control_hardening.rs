@@ -16,7 +16,7 @@ use tapstream_testenv::VethPair;
 use crate::daemon::TestDaemon;
 
 /// Where the daemons of these tests serve the TCP API (inside their own namespace).
-const TCP_ADDR: &str = "127.0.0.1:9465";
+pub(crate) const TCP_ADDR: &str = "127.0.0.1:9465";
 /// The bearer token of these tests.
 const TOKEN: &str = "hardening-test-token";
 /// Generous bounds for a slow VM: the server's timeouts are 10 s.
@@ -85,7 +85,7 @@ fn assert_unix_api_answers(daemon: &TestDaemon, when: &str) {
 /// sends nothing on them. Connections the server has already refused count too: the point is
 /// to offer them. Stops early after a run of failed connects (a backlog the server does not
 /// drain).
-fn flood(veth: &VethPair, n: usize) -> Vec<TcpStream> {
+pub(crate) fn flood(veth: &VethPair, n: usize) -> Vec<TcpStream> {
     let addr: SocketAddr = TCP_ADDR.parse().unwrap();
     veth.capture_ns.enter(|| {
         let mut open = Vec::with_capacity(n);

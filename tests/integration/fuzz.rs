@@ -157,7 +157,7 @@ const FIELDS: [&str; 12] = [
 ];
 
 /// A capture request: some of its fields, now and then an unknown one.
-fn capture_request(device: String) -> impl Strategy<Value = Value> {
+pub(crate) fn capture_request(device: String) -> impl Strategy<Value = Value> {
     let fields: Vec<BoxedStrategy<Option<Value>>> =
         FIELDS.iter().map(|name| prop::option::weighted(0.4, field(name, device.clone())).boxed()).collect();
     (fields, prop::option::weighted(0.1, (odd_string(), any_json()))).prop_map(|(values, unknown)| {
@@ -177,7 +177,7 @@ fn capture_request(device: String) -> impl Strategy<Value = Value> {
 /// An HTTP exchange on the daemon's Unix socket: `request` is written whole and whatever comes
 /// back is read until the daemon closes. With `half_close` the write side is closed after the
 /// request (the server then closes too, perhaps without a reply: `None`).
-fn exchange(
+pub(crate) fn exchange(
     socket: &Path,
     request: &[u8],
     half_close: bool,
@@ -220,7 +220,7 @@ fn exchange(
     Ok(Some((status, body)))
 }
 
-fn post(path: &str, body: &[u8]) -> Vec<u8> {
+pub(crate) fn post(path: &str, body: &[u8]) -> Vec<u8> {
     let mut request = format!(
         "POST {path} HTTP/1.1\r\nHost: tapstream\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()

@@ -14,4 +14,5 @@ mod fuzz;
 mod metrics;
 mod recovery;
 mod smoke;
+mod soak;
 mod upload;

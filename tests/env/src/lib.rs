@@ -22,7 +22,10 @@ use std::path::PathBuf;
 pub use garage::Garage;
 pub use netns::{Netns, VethPair};
 pub use prometheus::Prometheus;
-pub use sender::{CORPUS_RING_SIZE, CorpusFrame, Sender, corpus_frames, read_pcap_frames};
+pub use sender::{
+    CANARY_FILTER, CANARY_PORT, CORPUS_RING_SIZE, CorpusFrame, Sender, canary_frame, canary_seq,
+    corpus_frames, read_pcap_frames,
+};
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {

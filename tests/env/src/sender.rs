@@ -76,6 +76,21 @@ impl Sender {
         Ok(())
     }
 
+    /// Sends one frame, retrying while the socket's queue is full.
+    pub fn send_retrying(&self, frame: &[u8], what: impl FnOnce() -> String) {
+        loop {
+            match self.send(frame) {
+                Ok(()) => return,
+                Err(e)
+                    if e.raw_os_error() == Some(libc::ENOBUFS) || e.kind() == io::ErrorKind::WouldBlock =>
+                {
+                    std::thread::sleep(std::time::Duration::from_micros(100));
+                }
+                Err(e) => panic!("send {}: {e}", what()),
+            }
+        }
+    }
+
     /// Sends every frame that [`Sender::can_send`] allows, retrying on a full queue, and
     /// returns the frames sent, in order.
     pub fn send_all<'a>(&self, frames: impl IntoIterator<Item = &'a CorpusFrame>) -> Vec<&'a CorpusFrame> {
@@ -84,22 +99,73 @@ impl Sender {
             if !self.can_send(&frame.data) {
                 continue;
             }
-            loop {
-                match self.send(&frame.data) {
-                    Ok(()) => break,
-                    Err(e)
-                        if e.raw_os_error() == Some(libc::ENOBUFS)
-                            || e.kind() == io::ErrorKind::WouldBlock =>
-                    {
-                        std::thread::sleep(std::time::Duration::from_micros(100));
-                    }
-                    Err(e) => panic!("send frame {} of {}: {e}", frame.index, frame.file.display()),
-                }
-            }
+            self.send_retrying(&frame.data, || format!("frame {} of {}", frame.index, frame.file.display()));
             sent.push(frame);
         }
         sent
     }
+
+    /// Sends canary frames `0..count` at `per_second` (on average over each 10 ms), or until
+    /// `stop` is set; returns how many were sent.
+    pub fn send_canary(&self, count: u64, per_second: u64, stop: &std::sync::atomic::AtomicBool) -> u64 {
+        use std::time::{Duration, Instant};
+        let start = Instant::now();
+        for seq in 0..count {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                return seq;
+            }
+            let due = start + Duration::from_secs_f64(seq as f64 / per_second as f64);
+            let now = Instant::now();
+            if due > now + Duration::from_millis(10) {
+                std::thread::sleep(due - now);
+            }
+            self.send_retrying(&canary_frame(seq), || format!("canary frame {seq}"));
+        }
+        count
+    }
+}
+
+/// The UDP port of canary frames.
+pub const CANARY_PORT: u16 = 7777;
+/// A filter that matches canary frames.
+pub const CANARY_FILTER: &str = "udp port 7777";
+const CANARY_MAGIC: &[u8; 16] = b"tapstream-canary";
+
+/// Canary frame `seq`: UDP from 10.99.0.1 to 10.99.0.2, port [`CANARY_PORT`] both ways, whose
+/// payload carries `seq`, so a test can tell that every frame sent was stored once, in order.
+pub fn canary_frame(seq: u64) -> Vec<u8> {
+    let payload: Vec<u8> = CANARY_MAGIC.iter().copied().chain(seq.to_be_bytes()).collect();
+    let udp_len = 8 + payload.len() as u16;
+    let ip_len = 20 + udp_len;
+    let mut frame = Vec::with_capacity(14 + ip_len as usize);
+    frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x02, 0x02, 0, 0, 0, 0, 0x01, 0x08, 0x00]);
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&ip_len.to_be_bytes());
+    ip[4..6].copy_from_slice(&(seq as u16).to_be_bytes());
+    ip[6] = 0x40;
+    ip[8] = 64;
+    ip[9] = 17;
+    ip[12..16].copy_from_slice(&[10, 99, 0, 1]);
+    ip[16..20].copy_from_slice(&[10, 99, 0, 2]);
+    let sum = ip.chunks(2).map(|w| u32::from(u16::from_be_bytes([w[0], w[1]]))).sum::<u32>();
+    let folded = (sum & 0xffff) + (sum >> 16);
+    let checksum = !(((folded & 0xffff) + (folded >> 16)) as u16);
+    ip[10..12].copy_from_slice(&checksum.to_be_bytes());
+    frame.extend_from_slice(&ip);
+    frame.extend_from_slice(&CANARY_PORT.to_be_bytes());
+    frame.extend_from_slice(&CANARY_PORT.to_be_bytes());
+    frame.extend_from_slice(&udp_len.to_be_bytes());
+    frame.extend_from_slice(&[0, 0]);
+    frame.extend_from_slice(&payload);
+    frame
+}
+
+/// The sequence number of a canary frame; `None` for any other frame.
+pub fn canary_seq(frame: &[u8]) -> Option<u64> {
+    let payload = frame.get(14 + 20 + 8..)?;
+    let seq = payload.strip_prefix(CANARY_MAGIC.as_slice())?;
+    Some(u64::from_be_bytes(seq.get(..8)?.try_into().ok()?))
 }
 
 /// The frames of one PCAP file, as stored. Records after a malformed one are skipped (the
@@ -138,4 +204,20 @@ pub fn corpus_frames() -> Vec<CorpusFrame> {
         frames.len()
     );
     frames
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canary_frames_carry_their_number_and_match_the_filter_port() {
+        let frame = canary_frame(123_456_789);
+        assert_eq!(canary_seq(&frame), Some(123_456_789));
+        assert_eq!(u16::from_be_bytes([frame[36], frame[37]]), CANARY_PORT);
+        assert_eq!(canary_seq(&frame[..40]), None);
+        // A header whose checksum is right sums to 0xffff.
+        let sum = frame[14..34].chunks(2).map(|w| u32::from(u16::from_be_bytes([w[0], w[1]]))).sum::<u32>();
+        assert_eq!((sum & 0xffff) + (sum >> 16), 0xffff);
+    }
 }
