@@ -287,3 +287,114 @@ fn a_one_shot_capture_starts_while_the_store_is_down_and_uploads_everything_once
     assert!(warning.contains("spool"), "the warning says the chunks spool: {warning}");
     assert!(!log.contains(&garage.secret_key), "no secret in the log");
 }
+
+#[test]
+fn a_leftover_spool_for_a_store_that_is_down_waits_for_it_without_holding_up_the_start() {
+    use tapstream::upload::{object::CompressedChunk, spool::Spool};
+    let veth = VethPair::new(1);
+    let mut garage = Garage::start_in(&veth.capture_ns);
+    garage.stop();
+    let spool = tempfile::tempdir().unwrap();
+    // A spool an earlier run left for the bucket: a PCAP header and one record.
+    let header: Vec<u8> = [
+        0xa1b2_c3d4u32.to_le_bytes().as_slice(),
+        &[2, 0, 4, 0],
+        &[0; 8],
+        &65535u32.to_le_bytes(),
+        &1u32.to_le_bytes(),
+    ]
+    .concat();
+    let record: Vec<u8> =
+        [&1u32.to_le_bytes()[..], &0u32.to_le_bytes(), &4u32.to_le_bytes(), &4u32.to_le_bytes(), b"left"]
+            .concat();
+    let leftover = spool.path().join("old-1");
+    {
+        let store = format!("s3://{}/", garage.bucket);
+        let left = Spool::create(leftover.clone(), 1 << 20, &header, &store).unwrap();
+        let chunk = CompressedChunk {
+            data: record.clone(),
+            decompressed_len: record.len() as u64,
+            first_ns: 1_000_000_000,
+            last_ns: 1_000_000_000,
+            packets: 1,
+        };
+        assert!(left.put(0, &chunk).unwrap());
+    }
+    let prefix = unique_name("left");
+    let url = format!("s3://{}/{prefix}", garage.bucket);
+    let mut args: Vec<String> = [
+        "capture",
+        "-i",
+        &veth.capture_if,
+        "--upload",
+        &url,
+        "--id",
+        "after",
+        "--node",
+        "n",
+        "--idle",
+        "6s",
+        "--duration",
+        "120s",
+        "--json",
+        "--compression",
+        "none",
+        "--upload-queue",
+        "1",
+        "--spool-dir",
+        spool.path().to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(s3_args(&garage));
+    args.extend(S3_FILTER.split(' ').map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut run = Running::start_with_env(&veth.capture_ns, &args, &garage.aws_env());
+    // The capture starts although the leftover cannot be uploaded yet.
+    run.wait_ready();
+    let frames = random_frames(3_000, 31);
+    let (during, after) = frames.split_at(1_500);
+    let sender = Sender::new(&veth);
+    send_frames(&sender, during);
+    assert!(leftover.is_dir(), "the leftover waits for the store");
+    garage.resume();
+    send_frames(&sender, after);
+    let (status, stdout, log) = run.finish();
+    eprintln!("tapstream log:\n{log}");
+    assert!(status.success(), "the capture succeeds once the store is back ({status}):\n{log}");
+    let summary: tapstream::session::CaptureSummary =
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("summary is not JSON ({e}):\n{stdout}"));
+
+    // The leftover became an object once the store answered, and its spool is gone.
+    let recovered = log
+        .lines()
+        .find_map(|l| l.split(" by an earlier run as ").nth(1))
+        .unwrap_or_else(|| panic!("the leftover was not uploaded:\n{log}"))
+        .trim()
+        .to_owned();
+    let key = recovered.strip_prefix(&format!("s3://{}/", garage.bucket)).expect("an s3 URL in the bucket");
+    assert!(key.contains("old-1"), "named after the spool: {key}");
+    assert_eq!(
+        raw_object(&veth.capture_ns, &garage, key),
+        [header, record].concat(),
+        "the spooled bytes, whole"
+    );
+    assert!(!leftover.exists(), "the leftover spool is gone");
+
+    // And the capture that started meanwhile stored every frame.
+    assert_eq!(summary.packets, frames.len() as u64, "{summary:?}");
+    let mut got = Vec::new();
+    let mut urls = summary.outputs.clone();
+    urls.sort();
+    for url in &urls {
+        let key = url.strip_prefix(&format!("s3://{}/", garage.bucket)).expect("an s3 URL in the bucket");
+        got.extend(records(&raw_object(&veth.capture_ns, &garage, key)).into_iter().map(|(_, d)| d));
+    }
+    assert!(
+        got == frames,
+        "the objects hold exactly the {} frames sent ({} stored)",
+        frames.len(),
+        got.len()
+    );
+    assert_eq!(spooled_chunks(spool.path()), 0, "nothing is left in the spool");
+}
