@@ -21,7 +21,10 @@ use crate::{
     control::{ApiError, CaptureInfo, CaptureRequest, CaptureState},
     filter::{BoundedCompiler, CaptureFilter, CbpfProgram, FilterError, program::Instructions},
     session::{CaptureOrder, CaptureSummary, InterfaceService, OnDone, Progress, Recovery, SessionError},
-    upload::settings::{ObjectLabels, check_tag, hostname, object_metadata},
+    upload::{
+        UploadError,
+        settings::{ObjectLabels, check_tag, hostname, object_metadata},
+    },
 };
 
 /// The longest duration or idle timeout a request may ask for (a year), whatever the caps:
@@ -226,7 +229,12 @@ impl Daemon {
                 // The spools of interrupted captures are theirs to recover (recover_interrupted).
                 false,
             )
-            .map_err(|e| ApiError::bad_request(error_chain(&e)))?;
+            // The store is checked here, on this request's thread, not the interface's: one that
+            // refuses is named and nothing starts; one that is down does not stop the start.
+            .map_err(|e| match e {
+                UploadError::Destination { .. } => ApiError::bad_request(error_chain(&e)),
+                _ => ApiError::internal(error_chain(&e)),
+            })?;
         let location = format!("{}/{}/{}/", destination.trim_end_matches('/'), self.node, id);
 
         let spec = CaptureSpec { id: id.clone(), filter, snaplen };

@@ -548,7 +548,9 @@ fn store_settings(args: &CaptureArgs) -> StoreSettings {
     }
 }
 
-/// Validates the store options into a target that starts the upload with the capture.
+/// Validates the store options into a target that starts the upload with the capture; checks
+/// the store (one that refuses is an error; one that is down is logged, and the capture spools
+/// until it answers).
 fn store_target(args: &CaptureArgs, url: &str, id: &str, filter: Option<&str>) -> anyhow::Result<Target> {
     let settings = store_settings(args);
     if let Err((field, message)) = settings.validate() {
@@ -558,7 +560,9 @@ fn store_target(args: &CaptureArgs, url: &str, id: &str, filter: Option<&str>) -
     let r = &args.request;
     let metadata = object_metadata(id, &node, filter, r.alert_id.as_deref(), r.customer.as_deref(), &r.tags)
         .map_err(anyhow::Error::msg)?;
-    Ok(settings.target(url, ObjectLabels { capture: id.to_owned(), node, metadata }, true)?)
+    settings
+        .target(url, ObjectLabels { capture: id.to_owned(), node, metadata }, true)
+        .with_context(|| format!("cannot store the capture in {url}"))
 }
 
 /// The flag that sets a store setting.

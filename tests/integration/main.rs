@@ -15,4 +15,5 @@ mod metrics;
 mod recovery;
 mod smoke;
 mod soak;
+mod store_down;
 mod upload;

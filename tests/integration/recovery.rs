@@ -54,7 +54,7 @@ fn open_parts(veth: &VethPair, garage: &Garage, prefix: &str) -> Vec<(String, us
 }
 
 /// `zstd -d` of `object`.
-fn zstd_d(object: &[u8]) -> Vec<u8> {
+pub(crate) fn zstd_d(object: &[u8]) -> Vec<u8> {
     use std::process::{Command, Stdio};
     let mut zstd =
         Command::new("zstd").args(["-d", "-c"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();

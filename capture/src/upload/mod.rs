@@ -167,7 +167,22 @@ pub trait Sink: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<u8>, UploadError>> + Send;
     /// A URL naming `key`, for summaries (`s3://bucket/key`, `file:///dir/key`).
     fn url(&self, key: &str) -> String;
+    /// Checks, before a capture starts, that the store takes requests for keys under
+    /// `prefix`: one request, not retried, answered within about [`CHECK_TIMEOUT`]. An error
+    /// that [`UploadError::is_retryable`] is a store that cannot be reached now; any other, a
+    /// store that refuses (no such bucket, wrong credentials).
+    fn check(&self, prefix: &str) -> impl Future<Output = Result<(), UploadError>> + Send {
+        async move { self.list_multipart(prefix).await.map(drop) }
+    }
+    /// The store, for logs: its bucket or directory and, for S3, its endpoint (never
+    /// credentials).
+    fn describe(&self) -> String {
+        self.url("")
+    }
 }
+
+/// How long the check of a store before a capture starts ([`Sink::check`]) may take.
+pub const CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// A destination given on the command line: `s3://bucket/prefix` or a local directory.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -12,7 +12,7 @@
 //! closed, idle ones included. The pool's connections run on a small runtime of their own, so
 //! they outlive the runtime of any one capture.
 
-use aws_config::{BehaviorVersion, Region, retry::RetryConfig};
+use aws_config::{BehaviorVersion, Region, retry::RetryConfig, timeout::TimeoutConfig};
 use aws_sdk_s3::{
     Client,
     config::http::HttpResponse,
@@ -369,5 +369,40 @@ impl Sink for S3Sink {
 
     fn url(&self, key: &str) -> String {
         format!("s3://{}/{key}", self.config.bucket)
+    }
+
+    /// One ListMultipartUploads of the capture's key space (what starting a capture lists
+    /// anyway), with no retry and a deadline: a store that does not answer is known in
+    /// seconds, not after the SDK's retries.
+    async fn check(&self, prefix: &str) -> Result<(), UploadError> {
+        let _connection = self.connection().await;
+        let once = aws_sdk_s3::config::Builder::default()
+            .retry_config(RetryConfig::standard().with_max_attempts(1))
+            .timeout_config(TimeoutConfig::builder().operation_timeout(super::CHECK_TIMEOUT).build());
+        self.client
+            .list_multipart_uploads()
+            .bucket(&self.config.bucket)
+            .prefix(prefix)
+            .max_uploads(1)
+            .customize()
+            .config_override(once)
+            .send()
+            .await
+            .map_err(|e| store_error("ListMultipartUploads", prefix, e))?;
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        let endpoint = match &self.config.endpoint {
+            // Whatever user information the URL holds stays out of the logs.
+            Some(url) => match url.split_once("://") {
+                Some((scheme, rest)) => {
+                    format!("{scheme}://{}", rest.rsplit_once('@').map_or(rest, |(_, host)| host))
+                }
+                None => url.rsplit_once('@').map_or(url.as_str(), |(_, host)| host).to_owned(),
+            },
+            None => "AWS S3".to_owned(),
+        };
+        format!("s3://{}/ at {endpoint}", self.config.bucket)
     }
 }

@@ -256,6 +256,11 @@ impl StoreSettings {
 
     /// A target that stores a capture at `url` (validated settings). `recover_killed`: whether
     /// it uploads the spools of runs that died when it starts (see [`StoreOptions`]).
+    ///
+    /// The store's client is built and the store checked here, on the caller's thread, within
+    /// a few seconds (see [`StoreOutput::prepare`]): a store that refuses is an error; one that
+    /// cannot be reached now is logged and the capture spools until it answers. Starting the
+    /// target, on the interface's thread, then sends no request to the store.
     pub fn target(
         &self,
         url: &str,
@@ -266,20 +271,19 @@ impl StoreSettings {
         let start: StartStore = match destination {
             Destination::S3 { bucket, .. } => {
                 let s3 = self.s3(bucket);
-                Box::new(move |pool, header| {
-                    StoreOutput::start(
-                        || async move { Ok(S3Sink::new(s3).await) },
-                        config,
-                        owner,
-                        header,
-                        options,
-                        pool,
-                    )
-                })
+                let prepared = StoreOutput::prepare(
+                    || async move { Ok(S3Sink::new(s3).await) },
+                    config,
+                    owner,
+                    options,
+                )?;
+                Box::new(move |pool, header| prepared.start(pool, header))
             }
-            Destination::Dir { path } => Box::new(move |pool, header| {
-                StoreOutput::start(|| async move { DirSink::new(path) }, config, owner, header, options, pool)
-            }),
+            Destination::Dir { path } => {
+                let prepared =
+                    StoreOutput::prepare(|| async move { DirSink::new(path) }, config, owner, options)?;
+                Box::new(move |pool, header| prepared.start(pool, header))
+            }
         };
         Ok(Target::Store(StoreTarget { start }))
     }

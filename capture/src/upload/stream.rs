@@ -20,7 +20,7 @@ use tokio::sync::{Semaphore, mpsc};
 
 use super::{
     LostPackets, Sink, UploadError,
-    object::{CompressedChunk, ObjectOwner, UploadConfig, Uploader},
+    object::{CompressedChunk, ObjectOwner, UploadConfig, Uploader, with_retry},
     spool::{JournalState, Leftover, SalvageRecord, Spool, SpoolOwner, read_chunk},
 };
 use crate::{
@@ -159,17 +159,30 @@ impl<S: Sink> Store<S> {
     }
 }
 
+/// A capture's store output made ready to start: its runtime and client built, the store
+/// checked. Made where a request is handled ([`StoreOutput::prepare`]), so that
+/// [`PreparedStore::start`], on the interface's thread, sends no request to the store.
+pub struct PreparedStore<S: Sink> {
+    runtime: tokio::runtime::Runtime,
+    sink: Arc<S>,
+    config: UploadConfig,
+    owner: ObjectOwner,
+    options: StoreOptions,
+}
+
 impl StoreOutput {
-    /// Starts `threads` compression threads and the uploader for one capture. `make_sink` runs
-    /// on the output's runtime (clients need one to be built).
-    pub fn start<S, F>(
+    /// Builds the output's runtime and client (`make_sink` runs on the runtime: clients need
+    /// one to be built) and checks the store with one short request ([`Sink::check`]). A
+    /// store that refuses (no such bucket, wrong credentials) is an error, and nothing starts;
+    /// one that cannot be reached now (refused or timed out connections, 5xx, throttling) is
+    /// logged, and the capture starts all the same: its chunks spool, as in an outage, until
+    /// the store answers.
+    pub fn prepare<S, F>(
         make_sink: impl FnOnce() -> F,
         config: UploadConfig,
         owner: ObjectOwner,
-        pcap_header: &[u8],
         options: StoreOptions,
-        pool: Arc<ChunkPool>,
-    ) -> Result<Self, UploadError>
+    ) -> Result<PreparedStore<S>, UploadError>
     where
         S: Sink,
         F: std::future::Future<Output = Result<S, UploadError>>,
@@ -180,10 +193,45 @@ impl StoreOutput {
             .enable_all()
             .build()
             .map_err(|e| UploadError::Task(format!("cannot start the upload runtime: {e}")))?;
-        let threads = options.threads;
         let sink = Arc::new(runtime.block_on(make_sink())?);
+        let prefix = key_space(&config, &owner);
+        // The sink bounds its check; this bounds the wait for a connection of the pool too.
+        let wait = super::CHECK_TIMEOUT + Duration::from_secs(1);
+        let checked = runtime.block_on(async {
+            tokio::time::timeout(wait, sink.check(&prefix)).await.unwrap_or_else(|_| {
+                Err(UploadError::Store {
+                    operation: "ListMultipartUploads",
+                    key: prefix.clone(),
+                    message: format!("no answer within {} s", wait.as_secs()),
+                    retryable: true,
+                })
+            })
+        });
+        match checked {
+            Ok(()) => {}
+            Err(e) if e.is_retryable() => log::warn!(
+                "capture {}: the store {} cannot be reached now ({}); the capture starts all the same and \
+                 its chunks wait in the spool under {} (at most {} bytes) until the store answers",
+                owner.capture,
+                sink.describe(),
+                error_chain(&e),
+                options.spool_root.display(),
+                options.spool_max_bytes
+            ),
+            Err(e) => return Err(e),
+        }
+        Ok(PreparedStore { runtime, sink, config, owner, options })
+    }
+}
+
+impl<S: Sink> PreparedStore<S> {
+    /// Starts `threads` compression threads and the uploader for the capture. Sends no request
+    /// to the store: the uploader first finishes what earlier runs left ([`recover`]), then
+    /// uploads, each waiting for a store that is down; chunks spool meanwhile.
+    pub fn start(self, pool: Arc<ChunkPool>, pcap_header: &[u8]) -> Result<StoreOutput, UploadError> {
+        let Self { runtime, sink, config, owner, options } = self;
+        let threads = options.threads;
         let global = Arc::new(Semaphore::new(config.parts_in_flight_per_object.max(1)));
-        runtime.block_on(recover(&sink, &config, &owner, &options, &global))?;
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         let spool_dir = options.spool_root.join(format!("{}-{}", owner.capture, now.as_nanos()));
         let spool = Arc::new(
@@ -206,8 +254,9 @@ impl StoreOutput {
                 path: spool_dir.display().to_string(),
                 source,
             })?;
-        let uploader = Uploader::new(sink, config.clone(), owner.clone(), pcap_header, global)?
-            .with_journal(Arc::new(journal));
+        let uploader =
+            Uploader::new(sink.clone(), config.clone(), owner.clone(), pcap_header, global.clone())?
+                .with_journal(Arc::new(journal));
         // Compressed chunks waiting for the uploader: a bounded memory budget.
         let (done_tx, mut done_rx) = mpsc::channel::<(u64, CompressedChunk)>(options.memory_chunks.max(1));
         let (chunk_tx, chunk_rx) = crossbeam_channel::bounded::<(u64, Chunk)>(threads.max(1) * 2);
@@ -236,6 +285,13 @@ impl StoreOutput {
             gave_up: gave_up.clone(),
         };
         let task = runtime.spawn(async move {
+            // What earlier runs left goes first: recovery aborts the uploads left open in this
+            // capture's key space, which must come before its own. Chunks wait meanwhile, in
+            // memory and then in the spool; a store that fails recovery for good, or stays
+            // down longer than the outage allows, fails the capture's uploads as it would.
+            if let Err(e) = recover(&sink, &config, &owner, &options, &global).await {
+                store.give_up(e, 0).await?;
+            }
             let mut waiting = BTreeMap::new();
             let mut next = 0u64;
             let mut tick = tokio::time::interval(age_check);
@@ -285,7 +341,7 @@ impl StoreOutput {
             }
             store.finish(next).await
         });
-        Ok(Self {
+        Ok(StoreOutput {
             chunks: Some(chunk_tx),
             workers,
             uploader: Some(task),
@@ -295,7 +351,9 @@ impl StoreOutput {
             gave_up,
         })
     }
+}
 
+impl StoreOutput {
     /// Hands a chunk on for compression and upload; waits while the compression threads are
     /// all busy. Returns the chunk if the stage has failed (its frames are then lost).
     pub fn write(&mut self, chunk: Chunk) -> Result<(), Chunk> {
@@ -449,10 +507,16 @@ async fn recover<S: Sink>(
     recover_leftovers(sink, config, owner, options, global).await?;
     // Without a daemon that knows every live capture, only this capture's own key space is
     // certain to hold no live upload: the key up to its last '/'.
+    // A store that is down is waited for, as the capture's own uploads would wait.
     let prefix = key_space(config, owner);
-    for pending in sink.list_multipart(&prefix).await? {
+    let pending =
+        with_retry("ListMultipartUploads", config.outage_max, || sink.list_multipart(&prefix)).await?;
+    for pending in pending {
         log::warn!("aborting an unfinished upload of {} left by an earlier run", pending.key);
-        sink.abort_multipart(&pending.key, &pending.upload_id).await?;
+        with_retry("AbortMultipartUpload", config.outage_max, || {
+            sink.abort_multipart(&pending.key, &pending.upload_id)
+        })
+        .await?;
     }
     Ok(())
 }

@@ -1,0 +1,400 @@
+//! Starting a capture while its S3 store is down: the capture starts and spools its chunks, as
+//! a running capture does during an outage, uploads them once the store is back, and the
+//! captures already running on the interface lose nothing meanwhile.
+
+use std::{
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use tapstream::control::CaptureState;
+use tapstream_testenv::{CORPUS_RING_SIZE, Garage, Netns, Sender, VethPair, unique_name};
+
+use crate::{
+    common::{Running, walk},
+    daemon::{TestDaemon, error_of, sendable},
+    recovery::zstd_d,
+    upload::{random_frames, raw_object, records, s3_args},
+};
+
+/// The frames the S3 captures here take (the random frames' EtherType); the canary takes the rest.
+const S3_FILTER: &str = "ether proto 0x88b5";
+
+/// Chunk files waiting in the spools under `root`.
+fn spooled_chunks(root: &Path) -> usize {
+    walk(root).into_iter().filter(|p| p.extension().is_some_and(|x| x == "chunk")).count()
+}
+
+/// Waits (generously) until a chunk waits in a spool under `root`.
+fn wait_for_spooled_chunk(root: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while spooled_chunks(root) == 0 {
+        assert!(Instant::now() < deadline, "no chunk spooled in {} while the store is down", root.display());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The frames of the objects at `urls` (in the bucket of `garage`), each decompressed with `zstd -d`.
+fn frames_in_objects(ns: &Netns, garage: &Garage, urls: &[String]) -> Vec<Vec<u8>> {
+    let mut urls = urls.to_vec();
+    urls.sort();
+    let mut frames = Vec::new();
+    for url in &urls {
+        let key = url.strip_prefix(&format!("s3://{}/", garage.bucket)).expect("an s3 URL in the bucket");
+        let pcap = zstd_d(&raw_object(ns, garage, key));
+        frames.extend(records(&pcap).into_iter().map(|(_, data)| data));
+    }
+    frames
+}
+
+/// Sends `frames` into the veth in slices of 200, 20 ms apart (about 10,000 frames a second),
+/// from a thread of its own: once through all of them, then on until `stop` is set. Returns
+/// every frame sent, in order.
+fn send_until(
+    veth: &VethPair,
+    frames: Vec<Vec<u8>>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Vec<Vec<u8>>> {
+    let sender = Sender::new(veth);
+    std::thread::spawn(move || {
+        let mut sent = Vec::new();
+        let mut rounds = 0;
+        while rounds == 0 || !stop.load(Ordering::Relaxed) {
+            for slice in frames.chunks(200) {
+                for f in slice {
+                    while let Err(e) = sender.send(f) {
+                        assert!(e.raw_os_error() == Some(libc::ENOBUFS), "send: {e}");
+                        std::thread::sleep(Duration::from_micros(100));
+                    }
+                    sent.push(f.clone());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            rounds += 1;
+        }
+        sent
+    })
+}
+
+/// Sends every frame (retrying on a full socket queue).
+fn send_frames(sender: &Sender, frames: &[Vec<u8>]) {
+    for f in frames {
+        while let Err(e) = sender.send(f) {
+            assert!(e.raw_os_error() == Some(libc::ENOBUFS), "send: {e}");
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+}
+
+#[test]
+fn the_daemon_starts_an_s3_capture_while_the_store_is_down_and_the_running_capture_loses_nothing() {
+    let veth = VethPair::new(1);
+    let mut garage = Garage::start_in(&veth.capture_ns);
+    let prefix = unique_name("down");
+    let (bucket, endpoint, region) = (garage.bucket.clone(), garage.endpoint.clone(), garage.region.clone());
+    let store_prefix = prefix.clone();
+    garage.stop();
+    let mut daemon = TestDaemon::start_with_store(
+        &veth,
+        "",
+        move |d| {
+            format!(
+                "destinations = [\"s3://{bucket}/{store_prefix}\", \"{d}/store\"]\ns3_endpoint = \"{endpoint}\"\n\
+                 s3_region = \"{region}\"\ns3_path_style = true\ncompression = \"1\"\nupload_queue = 1\n\
+                 spool_dir = \"{d}/spool\"\n"
+            )
+        },
+        garage.aws_env(),
+    );
+    let spool = daemon.dir.path().join("spool");
+    let client = daemon.client();
+
+    // A capture already running, into the local directory, with frames flowing throughout.
+    let corpus: Vec<Vec<u8>> = sendable(&veth).into_iter().map(|f| f.data).collect();
+    let canary = daemon.start_capture(&[
+        "-i",
+        "tap",
+        "--destination",
+        "local",
+        "--duration",
+        "300s",
+        "--id",
+        "canary",
+        "not",
+        "ether",
+        "proto",
+        "0x88b5",
+    ]);
+    let stop_sending = Arc::new(AtomicBool::new(false));
+    let to_canary = send_until(&veth, corpus, stop_sending.clone());
+
+    // The S3 capture starts while the store is down, and runs.
+    let body = serde_json::json!({
+        "interface": "tap",
+        "id": "behind",
+        "filter": S3_FILTER,
+        "duration_secs": 120,
+        "idle_timeout_secs": 6,
+    });
+    let (status, reply) = client.raw("POST", "/v1/captures", Some(body.to_string().as_bytes())).unwrap();
+    let reply = String::from_utf8_lossy(&reply).into_owned();
+    stop_sending.store(true, Ordering::Relaxed);
+    assert_eq!(status, 201, "the capture starts while the store is down: {}", error_of(&reply));
+    let id: String =
+        serde_json::from_str::<serde_json::Value>(&reply).unwrap()["id"].as_str().unwrap().into();
+    assert_eq!(client.status(&id).unwrap().state, CaptureState::Running);
+
+    // The canary stored every frame sent to it while the other capture started.
+    let canary_sent = to_canary.join().unwrap();
+    client.stop(&canary).unwrap();
+    let canary_info = daemon.wait(&canary);
+    let canary_summary = canary_info.summary.clone().unwrap_or_else(|| panic!("{canary_info:?}"));
+    let objects: Vec<_> = walk(&daemon.dir.path().join("store/testnode/canary"))
+        .into_iter()
+        .filter(|p| p.to_string_lossy().ends_with(".pcap.zst"))
+        .collect();
+    let mut stored = Vec::new();
+    let mut objects = objects;
+    objects.sort();
+    for object in &objects {
+        stored.extend(records(&zstd_d(&std::fs::read(object).unwrap())).into_iter().map(|(_, d)| d));
+    }
+    assert_eq!(
+        (canary_summary.packets, canary_summary.dropped_writer, canary_summary.dropped_kernel),
+        (canary_sent.len() as u64, 0, 0),
+        "the running capture stored every frame sent while the other started: {canary_summary:?}"
+    );
+    assert!(
+        stored == canary_sent,
+        "the canary's objects hold the {} frames sent, in order",
+        canary_sent.len()
+    );
+
+    // While the store is down its chunks wait in the spool; once it is back they go up.
+    let frames = random_frames(6_000, 23);
+    let (during, after) = frames.split_at(3_000);
+    let sender = Sender::new(&veth);
+    send_frames(&sender, during);
+    wait_for_spooled_chunk(&spool);
+    garage.resume();
+    send_frames(&sender, after);
+
+    let info = daemon.wait(&id);
+    let summary =
+        info.summary.clone().unwrap_or_else(|| panic!("the capture ended without a summary: {info:?}"));
+    assert_eq!(info.state, CaptureState::Finished, "{info:?}");
+    assert_eq!(summary.stop_reason.as_str(), "idle", "{info:?}");
+    assert_eq!(summary.packets, frames.len() as u64, "{summary:?}");
+    assert_eq!(
+        summary.bytes,
+        frames.iter().map(|f| f.len() as u64).sum::<u64>(),
+        "bytes stored = bytes sent"
+    );
+    assert!(!summary.outputs.is_empty(), "the capture lists its objects: {info:?}");
+    for url in &summary.outputs {
+        assert!(
+            url.starts_with(&format!("s3://{}/{prefix}/testnode/{id}/", garage.bucket)),
+            "an object of the capture: {url}"
+        );
+    }
+    let got = frames_in_objects(&veth.capture_ns, &garage, &summary.outputs);
+    assert_eq!(got.len(), frames.len(), "frames in the objects");
+    assert!(got == frames, "the objects hold exactly the frames sent, in order");
+    assert_eq!(spooled_chunks(&spool), 0, "nothing is left in the spool");
+
+    let (_, log) = daemon.running.take().expect("running").signal_and_wait(libc::SIGTERM);
+    eprintln!("daemon log:\n{log}");
+    let warning = log
+        .lines()
+        .find(|l| l.contains("WARN") && l.contains(&garage.endpoint) && l.contains(&garage.bucket))
+        .unwrap_or_else(|| panic!("no warning naming the store's endpoint and bucket:\n{log}"));
+    assert!(warning.contains(&id), "the warning names the capture: {warning}");
+    assert!(!log.contains(&garage.secret_key), "no secret in the log");
+}
+
+#[test]
+fn a_one_shot_capture_starts_while_the_store_is_down_and_uploads_everything_once_it_is_back() {
+    let veth = VethPair::new(1);
+    let mut garage = Garage::start_in(&veth.capture_ns);
+    garage.stop();
+    let spool = tempfile::tempdir().unwrap();
+    let prefix = unique_name("down1");
+    let url = format!("s3://{}/{prefix}", garage.bucket);
+    let mut args: Vec<String> = [
+        "capture",
+        "-i",
+        &veth.capture_if,
+        "--upload",
+        &url,
+        "--id",
+        "oneshot",
+        "--node",
+        "n",
+        "--idle",
+        "6s",
+        "--duration",
+        "120s",
+        "--json",
+        "--compression",
+        "1",
+        "--upload-queue",
+        "1",
+        "--spool-dir",
+        spool.path().to_str().unwrap(),
+        "--ring-size",
+        &CORPUS_RING_SIZE.to_string(),
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(s3_args(&garage));
+    args.extend(S3_FILTER.split(' ').map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut run = Running::start_with_env(&veth.capture_ns, &args, &garage.aws_env());
+    run.wait_ready();
+
+    let frames = random_frames(6_000, 29);
+    let (during, after) = frames.split_at(3_000);
+    let sender = Sender::new(&veth);
+    send_frames(&sender, during);
+    wait_for_spooled_chunk(spool.path());
+    garage.resume();
+    send_frames(&sender, after);
+    let (status, stdout, log) = run.finish();
+    eprintln!("tapstream log:\n{log}");
+    assert!(status.success(), "the capture succeeds once the store is back ({status}):\n{log}");
+    let summary: tapstream::session::CaptureSummary =
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("summary is not JSON ({e}):\n{stdout}"));
+
+    assert_eq!(summary.packets, frames.len() as u64, "{summary:?}");
+    assert_eq!(summary.dropped_writer, 0, "{summary:?}");
+    assert!(!summary.outputs.is_empty(), "the summary lists the objects: {summary:?}");
+    let got = frames_in_objects(&veth.capture_ns, &garage, &summary.outputs);
+    assert!(
+        got == frames,
+        "the objects hold exactly the {} frames sent ({} stored)",
+        frames.len(),
+        got.len()
+    );
+    assert_eq!(spooled_chunks(spool.path()), 0, "nothing is left in the spool");
+    let warning = log
+        .lines()
+        .find(|l| l.contains("WARN") && l.contains(&garage.endpoint) && l.contains(&garage.bucket))
+        .unwrap_or_else(|| panic!("no warning naming the store's endpoint and bucket:\n{log}"));
+    assert!(warning.contains("spool"), "the warning says the chunks spool: {warning}");
+    assert!(!log.contains(&garage.secret_key), "no secret in the log");
+}
+
+#[test]
+fn a_leftover_spool_for_a_store_that_is_down_waits_for_it_without_holding_up_the_start() {
+    use tapstream::upload::{object::CompressedChunk, spool::Spool};
+    let veth = VethPair::new(1);
+    let mut garage = Garage::start_in(&veth.capture_ns);
+    garage.stop();
+    let spool = tempfile::tempdir().unwrap();
+    // A spool an earlier run left for the bucket: a PCAP header and one record.
+    let header: Vec<u8> = [
+        0xa1b2_c3d4u32.to_le_bytes().as_slice(),
+        &[2, 0, 4, 0],
+        &[0; 8],
+        &65535u32.to_le_bytes(),
+        &1u32.to_le_bytes(),
+    ]
+    .concat();
+    let record: Vec<u8> =
+        [&1u32.to_le_bytes()[..], &0u32.to_le_bytes(), &4u32.to_le_bytes(), &4u32.to_le_bytes(), b"left"]
+            .concat();
+    let leftover = spool.path().join("old-1");
+    {
+        let store = format!("s3://{}/", garage.bucket);
+        let left = Spool::create(leftover.clone(), 1 << 20, &header, &store).unwrap();
+        let chunk = CompressedChunk {
+            data: record.clone(),
+            decompressed_len: record.len() as u64,
+            first_ns: 1_000_000_000,
+            last_ns: 1_000_000_000,
+            packets: 1,
+        };
+        assert!(left.put(0, &chunk).unwrap());
+    }
+    let prefix = unique_name("left");
+    let url = format!("s3://{}/{prefix}", garage.bucket);
+    let mut args: Vec<String> = [
+        "capture",
+        "-i",
+        &veth.capture_if,
+        "--upload",
+        &url,
+        "--id",
+        "after",
+        "--node",
+        "n",
+        "--idle",
+        "6s",
+        "--duration",
+        "120s",
+        "--json",
+        "--compression",
+        "none",
+        "--upload-queue",
+        "1",
+        "--spool-dir",
+        spool.path().to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(s3_args(&garage));
+    args.extend(S3_FILTER.split(' ').map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut run = Running::start_with_env(&veth.capture_ns, &args, &garage.aws_env());
+    // The capture starts although the leftover cannot be uploaded yet.
+    run.wait_ready();
+    let frames = random_frames(3_000, 31);
+    let (during, after) = frames.split_at(1_500);
+    let sender = Sender::new(&veth);
+    send_frames(&sender, during);
+    assert!(leftover.is_dir(), "the leftover waits for the store");
+    garage.resume();
+    send_frames(&sender, after);
+    let (status, stdout, log) = run.finish();
+    eprintln!("tapstream log:\n{log}");
+    assert!(status.success(), "the capture succeeds once the store is back ({status}):\n{log}");
+    let summary: tapstream::session::CaptureSummary =
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("summary is not JSON ({e}):\n{stdout}"));
+
+    // The leftover became an object once the store answered, and its spool is gone.
+    let recovered = log
+        .lines()
+        .find_map(|l| l.split(" by an earlier run as ").nth(1))
+        .unwrap_or_else(|| panic!("the leftover was not uploaded:\n{log}"))
+        .trim()
+        .to_owned();
+    let key = recovered.strip_prefix(&format!("s3://{}/", garage.bucket)).expect("an s3 URL in the bucket");
+    assert!(key.contains("old-1"), "named after the spool: {key}");
+    assert_eq!(
+        raw_object(&veth.capture_ns, &garage, key),
+        [header, record].concat(),
+        "the spooled bytes, whole"
+    );
+    assert!(!leftover.exists(), "the leftover spool is gone");
+
+    // And the capture that started meanwhile stored every frame.
+    assert_eq!(summary.packets, frames.len() as u64, "{summary:?}");
+    let mut got = Vec::new();
+    let mut urls = summary.outputs.clone();
+    urls.sort();
+    for url in &urls {
+        let key = url.strip_prefix(&format!("s3://{}/", garage.bucket)).expect("an s3 URL in the bucket");
+        got.extend(records(&raw_object(&veth.capture_ns, &garage, key)).into_iter().map(|(_, d)| d));
+    }
+    assert!(
+        got == frames,
+        "the objects hold exactly the {} frames sent ({} stored)",
+        frames.len(),
+        got.len()
+    );
+    assert_eq!(spooled_chunks(spool.path()), 0, "nothing is left in the spool");
+}
