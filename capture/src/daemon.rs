@@ -595,6 +595,7 @@ impl Shared {
                     redirect_errors: 0,
                     truncated: 0,
                     queues: Vec::new(),
+                    error: None,
                     recovery: Some(Recovery { pending: true, ..Recovery::default() }),
                 });
                 metrics::counter!(crate::metrics::CAPTURES_ENDED, "reason" => StopReason::Interrupted.as_str())
@@ -620,12 +621,21 @@ impl Shared {
                     entry.info.progress.bytes = summary.bytes;
                     entry.info.progress.elapsed_secs = summary.elapsed_secs;
                     entry.info.state = CaptureState::Finished;
-                    log::info!(
-                        "capture {id} ended ({}): {} packets, {} bytes",
-                        summary.stop_reason,
-                        summary.packets,
-                        summary.bytes
-                    );
+                    match &summary.error {
+                        Some(error) => log::error!(
+                            "capture {id} ended ({}): {error}; {} packets, {} bytes stored",
+                            summary.stop_reason,
+                            summary.packets,
+                            summary.bytes
+                        ),
+                        None => log::info!(
+                            "capture {id} ended ({}): {} packets, {} bytes",
+                            summary.stop_reason,
+                            summary.packets,
+                            summary.bytes
+                        ),
+                    }
+                    entry.info.error = summary.error.clone();
                     entry.info.summary = Some(summary);
                 }
                 Err(e) => {

@@ -97,7 +97,8 @@ pub struct CaptureInfo {
     pub progress: Progress,
     /// The final report, once finished.
     pub summary: Option<CaptureSummary>,
-    /// Why it failed, if it did.
+    /// Why it failed, if it did (then without a summary); or the error that ended it early
+    /// (its interface removed), also in its summary.
     pub error: Option<String>,
 }
 
