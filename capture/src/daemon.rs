@@ -18,7 +18,7 @@ use std::{
 use crate::{
     capture::{CaptureSpec, Limits, StopReason},
     config::{Asked, Config},
-    control::{ApiError, CaptureInfo, CaptureRequest, CaptureState},
+    control::{ApiError, CaptureInfo, CaptureRequest, CaptureState, InterfaceInfo, InterfaceState},
     filter::{BoundedCompiler, CaptureFilter, CbpfProgram, FilterError, program::Instructions},
     session::{CaptureOrder, CaptureSummary, InterfaceService, OnDone, Progress, Recovery, SessionError},
     upload::settings::{ObjectLabels, check_tag, hostname, object_metadata},
@@ -75,7 +75,8 @@ pub struct Daemon {
 
 impl Daemon {
     /// Loads the state of earlier captures (those that were running are marked interrupted)
-    /// and starts every configured interface.
+    /// and starts every configured interface. An interface whose device does not exist yet is
+    /// reported absent and attached when the device appears.
     pub fn start(config: Config) -> Result<Self, DaemonError> {
         let state_dir = config.daemon.state_dir.join("captures");
         std::fs::create_dir_all(&state_dir)
@@ -90,8 +91,10 @@ impl Daemon {
         shared.load()?;
         let mut services = HashMap::new();
         for (alias, interface) in &config.interfaces {
+            let mut pipeline = interface.pipeline();
+            pipeline.alias = Some(alias.clone());
             let service =
-                InterfaceService::start(interface.pipeline()).map_err(|source| DaemonError::Interface {
+                InterfaceService::start_or_wait(pipeline).map_err(|source| DaemonError::Interface {
                     alias: alias.clone(),
                     device: interface.device.clone(),
                     source: Box::new(source),
@@ -135,6 +138,13 @@ impl Daemon {
                 )));
             }
         };
+        if self.services().get(alias).is_some_and(|s| !s.attached()) {
+            let absent = SessionError::InterfaceAbsent {
+                alias: Some(alias.to_owned()),
+                device: interface.device.clone(),
+            };
+            return Err(ApiError::unavailable(absent.to_string()));
+        }
         request.interface = Some(alias.to_owned());
         request.tags = std::mem::take(&mut request.tags)
             .iter()
@@ -289,6 +299,9 @@ impl Daemon {
                     SessionError::Pipeline(crate::pipeline::PipelineError::Filter(_)) => {
                         ApiError::bad_request(message)
                     }
+                    SessionError::InterfaceAbsent { .. } | SessionError::InterfaceRemoved { .. } => {
+                        ApiError::unavailable(message)
+                    }
                     _ if self.shared.stopping.load(Ordering::Relaxed) => stopping_error(),
                     _ => ApiError::internal(message),
                 })
@@ -311,6 +324,24 @@ impl Daemon {
         Instructions::build(&[CaptureFilter { slot: 0, filter: Some(&program) }])
             .map_err(|e| ApiError::bad_request(format!("{e}: {}", error_chain(&e))))?;
         Ok(program)
+    }
+
+    /// The configured interfaces, and whether each one's device is there and attached.
+    pub fn interfaces(&self) -> Vec<InterfaceInfo> {
+        let services = self.services();
+        self.config
+            .interfaces
+            .iter()
+            .map(|(alias, interface)| InterfaceInfo {
+                alias: alias.clone(),
+                device: interface.device.clone(),
+                state: if services.get(alias).is_some_and(InterfaceService::attached) {
+                    InterfaceState::Attached
+                } else {
+                    InterfaceState::Absent
+                },
+            })
+            .collect()
     }
 
     /// Every capture the daemon knows, newest first.
