@@ -10,6 +10,7 @@ mod deploy;
 mod filter_check;
 mod filter_kernel;
 mod filter_limits;
+mod interface_loss;
 mod metrics;
 mod recovery;
 mod smoke;
