@@ -145,7 +145,9 @@ impl Default for DaemonSection {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct InterfaceSection {
-    /// The network device (e.g. `eth1`).
+    /// The network device (e.g. `eth1`). While it is missing (at start, or removed later),
+    /// the interface is absent: captures on it are refused, and it is attached when a device
+    /// of that name appears.
     pub device: String,
     /// RX queues to capture; default: all the device has.
     pub queues: Option<u32>,

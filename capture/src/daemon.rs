@@ -18,7 +18,7 @@ use std::{
 use crate::{
     capture::{CaptureSpec, Limits, StopReason},
     config::{Asked, Config},
-    control::{ApiError, CaptureInfo, CaptureRequest, CaptureState},
+    control::{ApiError, CaptureInfo, CaptureRequest, CaptureState, InterfaceInfo, InterfaceState},
     filter::{BoundedCompiler, CaptureFilter, CbpfProgram, FilterError, program::Instructions},
     session::{CaptureOrder, CaptureSummary, InterfaceService, OnDone, Progress, Recovery, SessionError},
     upload::{
@@ -78,7 +78,8 @@ pub struct Daemon {
 
 impl Daemon {
     /// Loads the state of earlier captures (those that were running are marked interrupted)
-    /// and starts every configured interface.
+    /// and starts every configured interface. An interface whose device does not exist yet is
+    /// reported absent and attached when the device appears.
     pub fn start(config: Config) -> Result<Self, DaemonError> {
         let state_dir = config.daemon.state_dir.join("captures");
         std::fs::create_dir_all(&state_dir)
@@ -93,8 +94,10 @@ impl Daemon {
         shared.load()?;
         let mut services = HashMap::new();
         for (alias, interface) in &config.interfaces {
+            let mut pipeline = interface.pipeline();
+            pipeline.alias = Some(alias.clone());
             let service =
-                InterfaceService::start(interface.pipeline()).map_err(|source| DaemonError::Interface {
+                InterfaceService::start_or_wait(pipeline).map_err(|source| DaemonError::Interface {
                     alias: alias.clone(),
                     device: interface.device.clone(),
                     source: Box::new(source),
@@ -138,6 +141,13 @@ impl Daemon {
                 )));
             }
         };
+        if self.services().get(alias).is_some_and(|s| !s.attached()) {
+            let absent = SessionError::InterfaceAbsent {
+                alias: Some(alias.to_owned()),
+                device: interface.device.clone(),
+            };
+            return Err(ApiError::unavailable(absent.to_string()));
+        }
         request.interface = Some(alias.to_owned());
         request.tags = std::mem::take(&mut request.tags)
             .iter()
@@ -298,6 +308,9 @@ impl Daemon {
                     SessionError::Pipeline(crate::pipeline::PipelineError::Filter(_)) => {
                         ApiError::bad_request(message)
                     }
+                    SessionError::InterfaceAbsent { .. } | SessionError::InterfaceRemoved { .. } => {
+                        ApiError::unavailable(message)
+                    }
                     _ if self.shared.stopping.load(Ordering::Relaxed) => stopping_error(),
                     _ => ApiError::internal(message),
                 })
@@ -320,6 +333,24 @@ impl Daemon {
         Instructions::build(&[CaptureFilter { slot: 0, filter: Some(&program) }])
             .map_err(|e| ApiError::bad_request(format!("{e}: {}", error_chain(&e))))?;
         Ok(program)
+    }
+
+    /// The configured interfaces, and whether each one's device is there and attached.
+    pub fn interfaces(&self) -> Vec<InterfaceInfo> {
+        let services = self.services();
+        self.config
+            .interfaces
+            .iter()
+            .map(|(alias, interface)| InterfaceInfo {
+                alias: alias.clone(),
+                device: interface.device.clone(),
+                state: if services.get(alias).is_some_and(InterfaceService::attached) {
+                    InterfaceState::Attached
+                } else {
+                    InterfaceState::Absent
+                },
+            })
+            .collect()
     }
 
     /// Every capture the daemon knows, newest first.
@@ -604,6 +635,7 @@ impl Shared {
                     redirect_errors: 0,
                     truncated: 0,
                     queues: Vec::new(),
+                    error: None,
                     recovery: Some(Recovery { pending: true, ..Recovery::default() }),
                 });
                 metrics::counter!(crate::metrics::CAPTURES_ENDED, "reason" => StopReason::Interrupted.as_str())
@@ -629,12 +661,21 @@ impl Shared {
                     entry.info.progress.bytes = summary.bytes;
                     entry.info.progress.elapsed_secs = summary.elapsed_secs;
                     entry.info.state = CaptureState::Finished;
-                    log::info!(
-                        "capture {id} ended ({}): {} packets, {} bytes",
-                        summary.stop_reason,
-                        summary.packets,
-                        summary.bytes
-                    );
+                    match &summary.error {
+                        Some(error) => log::error!(
+                            "capture {id} ended ({}): {error}; {} packets, {} bytes stored",
+                            summary.stop_reason,
+                            summary.packets,
+                            summary.bytes
+                        ),
+                        None => log::info!(
+                            "capture {id} ended ({}): {} packets, {} bytes",
+                            summary.stop_reason,
+                            summary.packets,
+                            summary.bytes
+                        ),
+                    }
+                    entry.info.error = summary.error.clone();
                     entry.info.summary = Some(summary);
                 }
                 Err(e) => {

@@ -526,6 +526,11 @@ fn capture(args: CaptureArgs) -> anyhow::Result<()> {
     } else {
         print_summary(&summary);
     }
+    // Ended by an error from outside (its interface removed): what it stored is kept and
+    // summarised above, and the command fails.
+    if let Some(error) = &summary.error {
+        bail!("capture on {interface}: {error}");
+    }
     Ok(())
 }
 
@@ -901,6 +906,9 @@ fn print_summary(s: &CaptureSummary) {
         "  dropped: {} in writers, {} in the kernel's AF_XDP sockets, {} redirect errors; {} truncated",
         s.dropped_writer, s.dropped_kernel, s.redirect_errors, s.truncated
     );
+    if let Some(error) = &s.error {
+        println!("  error: {error}");
+    }
 }
 
 #[cfg(test)]

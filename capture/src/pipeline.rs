@@ -26,6 +26,9 @@ use crate::{
 pub struct InterfaceConfig {
     /// Interface name.
     pub interface: String,
+    /// The name the daemon's configuration gives the interface (`[interfaces.ALIAS]`), for
+    /// messages; `None` for the one-shot capture.
+    pub alias: Option<String>,
     /// XDP attach mode.
     pub attach: AttachMode,
     /// RX queues to open; `None`: as many as the device has.
@@ -51,6 +54,7 @@ impl InterfaceConfig {
     pub fn new(interface: &str) -> Self {
         Self {
             interface: interface.to_owned(),
+            alias: None,
             attach: AttachMode::Auto,
             queues: None,
             cores: Vec::new(),
@@ -120,6 +124,9 @@ struct Slot {
 /// A capture interface at work.
 pub struct InterfaceRuntime {
     config: InterfaceConfig,
+    /// The index of the device set up: a device of the same name with another index is
+    /// another device (the one set up was removed).
+    ifindex: u32,
     xdp: XdpProgram,
     // Dropped before the writers, so that writers stopped by a drop see the next stage gone
     // (and count what they held as dropped) instead of waiting for room in the channel.
@@ -137,6 +144,8 @@ impl InterfaceRuntime {
     /// Sets up the interface and starts its writers; no capture runs yet.
     pub fn start(config: InterfaceConfig) -> Result<Self, PipelineError> {
         let interface = config.interface.clone();
+        let ifindex = crate::sys::ifindex(&interface)
+            .map_err(|_| XdpError::NoSuchInterface { interface: interface.clone() })?;
         let queues = match config.queues {
             Some(q) => q,
             None => crate::sys::rx_queues(&interface)
@@ -170,6 +179,7 @@ impl InterfaceRuntime {
         let kernel_metrics = (0..queues).map(QueueKernelMetrics::new).collect();
         Ok(Self {
             config,
+            ifindex,
             xdp,
             writers,
             outputs,
@@ -185,6 +195,16 @@ impl InterfaceRuntime {
     /// The interface name.
     pub fn interface(&self) -> &str {
         &self.config.interface
+    }
+
+    /// The settings it was started with.
+    pub fn config(&self) -> &InterfaceConfig {
+        &self.config
+    }
+
+    /// The index of the device it was set up on.
+    pub fn ifindex(&self) -> u32 {
+        self.ifindex
     }
 
     /// Number of RX queues captured.
@@ -265,6 +285,14 @@ impl InterfaceRuntime {
             writer.command(WriterCommand::Stop { slot });
         }
         result
+    }
+
+    /// For a device that is gone (so nothing more arrives): has every writer take the frames
+    /// still on its ring before it applies the orders that follow, such as the captures' stops.
+    pub fn drain(&self) {
+        for writer in &self.writers {
+            writer.command(WriterCommand::Drain);
+        }
     }
 
     /// The filter program for the running captures, plus `adding`; `None` when no capture

@@ -36,6 +36,13 @@ pub enum SessionError {
     UploadStopped,
     #[error("the interface's service has stopped")]
     ServiceGone,
+    #[error("{} was removed", interface_name(.alias.as_deref(), .device))]
+    InterfaceRemoved { alias: Option<String>, device: String },
+    #[error(
+        "{} is absent: no capture can start on it until a device of that name appears",
+        interface_name(.alias.as_deref(), .device)
+    )]
+    InterfaceAbsent { alias: Option<String>, device: String },
     #[error("cannot start the interface's service thread")]
     Thread {
         #[source]
@@ -48,6 +55,33 @@ pub enum SessionError {
         source: std::io::Error,
     },
 }
+
+impl SessionError {
+    fn removed(config: &InterfaceConfig) -> Self {
+        Self::InterfaceRemoved { alias: config.alias.clone(), device: config.interface.clone() }
+    }
+
+    fn absent(config: &InterfaceConfig) -> Self {
+        Self::InterfaceAbsent { alias: config.alias.clone(), device: config.interface.clone() }
+    }
+}
+
+/// `interface "public" (device eth1)` for one of the daemon's interfaces, `interface eth1`
+/// for the one-shot capture's.
+fn interface_name(alias: Option<&str>, device: &str) -> String {
+    match alias {
+        Some(alias) => format!("interface {alias:?} (device {device})"),
+        None => format!("interface {device}"),
+    }
+}
+
+/// How often the service checks that its device is still the one it set up (a cheap lookup
+/// of the name's index) and, while the device is missing, whether it has returned.
+const DEVICE_CHECK: Duration = Duration::from_millis(250);
+
+/// How long the service waits before trying again to attach to a returned device it could
+/// not attach to.
+const ATTACH_RETRY: Duration = Duration::from_secs(5);
 
 /// What a finished capture reports.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -76,6 +110,10 @@ pub struct CaptureSummary {
     pub truncated: u64,
     /// Per-queue counters at the end.
     pub queues: Vec<QueueSummary>,
+    /// What ended the capture early, when something outside it did (its interface was
+    /// removed); what it had stored is kept and counted above.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
     /// For a capture whose daemon died while it ran: what the next start recovered of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recovery: Option<Recovery>,
@@ -324,6 +362,8 @@ struct Active {
     start_counters: Vec<QueueSnapshot>,
     reason: Option<StopReason>,
     failure: Option<SessionError>,
+    /// What ended it from outside (its interface removed), for its summary.
+    cause: Option<String>,
     done_queues: u32,
     progress: Arc<Mutex<Progress>>,
     on_done: Option<OnDone>,
@@ -332,9 +372,17 @@ struct Active {
 /// An interface at work with any number of captures: its runtime lives on a thread of its
 /// own, which hands each capture's chunks to the capture's output, ends captures at their
 /// first limit, and finishes their outputs.
+///
+/// The thread also watches the device: when it is removed (or replaced by another device of
+/// the same name), the captures on it end with [`SessionError::InterfaceRemoved`] in their
+/// summaries, keeping what they stored; while it is missing, captures are refused with
+/// [`SessionError::InterfaceAbsent`]; when a device of that name appears, the interface is set
+/// up on it again.
 pub struct InterfaceService {
     interface: String,
     commands: crossbeam_channel::Sender<ServiceCommand>,
+    /// Whether the device is there and set up (captures can start).
+    attached: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -342,19 +390,47 @@ impl InterfaceService {
     /// Sets up the interface (on the calling thread, so in its network namespace) and starts
     /// the service thread; no capture runs yet.
     pub fn start(config: InterfaceConfig) -> Result<Self, SessionError> {
-        let runtime = InterfaceRuntime::start(config)?;
-        let interface = runtime.interface().to_owned();
+        let runtime = InterfaceRuntime::start(config.clone())?;
+        Self::spawn(config, Some(runtime))
+    }
+
+    /// Like [`InterfaceService::start`], but a device that does not exist is not an error:
+    /// the service refuses captures until a device of that name appears, then sets it up (the
+    /// daemon, whose devices may come up after it).
+    pub fn start_or_wait(config: InterfaceConfig) -> Result<Self, SessionError> {
+        if matches!(crate::sys::device_index(&config.interface), Ok(None)) {
+            log::warn!(
+                "{} is absent: no capture can start on it until it appears, then it is attached",
+                interface_name(config.alias.as_deref(), &config.interface)
+            );
+            return Self::spawn(config, None);
+        }
+        Self::start(config)
+    }
+
+    fn spawn(config: InterfaceConfig, runtime: Option<InterfaceRuntime>) -> Result<Self, SessionError> {
+        let interface = config.interface.clone();
+        let attached = Arc::new(AtomicBool::new(runtime.is_some()));
         let (commands, rx) = crossbeam_channel::unbounded();
         let thread = std::thread::Builder::new()
             .name(format!("tapstream-{interface}"))
-            .spawn(move || Service { runtime, commands: rx, active: Vec::new() }.run())
+            .spawn({
+                let attached = attached.clone();
+                move || serve(config, runtime, rx, &attached)
+            })
             .map_err(|source| SessionError::Thread { source })?;
-        Ok(Self { interface, commands, thread: Some(thread) })
+        Ok(Self { interface, commands, attached, thread: Some(thread) })
     }
 
     /// The interface name.
     pub fn interface(&self) -> &str {
         &self.interface
+    }
+
+    /// Whether the device is there and set up: false while it is missing (captures are
+    /// refused then).
+    pub fn attached(&self) -> bool {
+        self.attached.load(Ordering::Acquire)
     }
 
     /// Starts a capture; returns its progress once the kernel marks frames for it. A filter
@@ -390,23 +466,131 @@ impl Drop for InterfaceService {
     }
 }
 
+/// The service thread: the captures while the device is there ([`Service::run`]), the wait
+/// for it while it is missing ([`wait_for_device`]), until it is told to stop.
+fn serve(
+    config: InterfaceConfig,
+    mut runtime: Option<InterfaceRuntime>,
+    commands: crossbeam_channel::Receiver<ServiceCommand>,
+    attached: &AtomicBool,
+) {
+    let mut finishing = Vec::new();
+    loop {
+        let Some(current) = runtime.take() else {
+            attached.store(false, Ordering::Release);
+            match wait_for_device(&config, &commands) {
+                Some(found) => {
+                    runtime = Some(found);
+                    continue;
+                }
+                None => break,
+            }
+        };
+        attached.store(true, Ordering::Release);
+        let mut service =
+            Service { runtime: current, commands: commands.clone(), active: Vec::new(), removed: false };
+        let ended = service.run(&mut finishing, attached);
+        match ended {
+            Ended::Removed => {
+                let _ = service.runtime.shutdown();
+            }
+            Ended::Shutdown => {
+                // Outputs finish (uploads complete) before the interface goes down.
+                for thread in finishing.drain(..) {
+                    let _ = thread.join();
+                }
+                let _ = service.runtime.shutdown();
+                return;
+            }
+        }
+    }
+    for thread in finishing {
+        let _ = thread.join();
+    }
+}
+
+/// While the device is missing: refuses captures, and looks for a device of that name every
+/// [`DEVICE_CHECK`]. Returns the interface set up on it, or `None` when told to stop.
+fn wait_for_device(
+    config: &InterfaceConfig,
+    commands: &crossbeam_channel::Receiver<ServiceCommand>,
+) -> Option<InterfaceRuntime> {
+    let name = interface_name(config.alias.as_deref(), &config.interface);
+    let mut next_try = Instant::now();
+    let mut failed_on = None;
+    loop {
+        match commands.recv_timeout(DEVICE_CHECK) {
+            Ok(ServiceCommand::Start { reply, .. }) => {
+                let _ = reply.send(Err(SessionError::absent(config)));
+            }
+            // Its captures have ended already.
+            Ok(ServiceCommand::Stop { .. }) | Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            Ok(ServiceCommand::Shutdown { .. }) | Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                return None;
+            }
+        }
+        if Instant::now() < next_try {
+            continue;
+        }
+        let Ok(Some(index)) = crate::sys::device_index(&config.interface) else { continue };
+        match InterfaceRuntime::start(config.clone()) {
+            Ok(runtime) => {
+                log::info!("{name} is back: attached again (device index {})", runtime.ifindex());
+                return Some(runtime);
+            }
+            Err(e) => {
+                // Logged once per device; tried again every ATTACH_RETRY (it may still be
+                // coming up, or be gone again).
+                if failed_on != Some(index) {
+                    log::error!(
+                        "{name} is back (device index {index}) but cannot be attached: {}; trying again every {} s",
+                        crate::daemon::error_chain(&e),
+                        ATTACH_RETRY.as_secs()
+                    );
+                    failed_on = Some(index);
+                }
+                next_try = Instant::now() + ATTACH_RETRY;
+            }
+        }
+    }
+}
+
+/// Why [`Service::run`] returned.
+enum Ended {
+    /// Told to stop: every capture has ended.
+    Shutdown,
+    /// The device was removed: every capture on it has ended.
+    Removed,
+}
+
 struct Service {
     runtime: InterfaceRuntime,
     commands: crossbeam_channel::Receiver<ServiceCommand>,
     active: Vec<Active>,
+    /// The device was removed: captures are refused, the running ones end.
+    removed: bool,
 }
 
 impl Service {
-    fn run(mut self) {
+    /// Runs captures on the interface until told to stop or until its device is removed, and
+    /// then until every capture has ended; the threads finishing their outputs are added to
+    /// `finishing`.
+    fn run(&mut self, finishing: &mut Vec<std::thread::JoinHandle<()>>, attached: &AtomicBool) -> Ended {
         let mut shutdown = None;
         let mut last_progress = Instant::now();
-        let mut finishing = Vec::new();
+        let mut last_check = Instant::now();
         loop {
             while let Ok(command) = self.commands.try_recv() {
                 match command {
                     ServiceCommand::Start { order, reply } => {
+                        // A capture is not started on a device that has just gone.
+                        if !self.removed && self.device_gone() {
+                            self.device_removed(attached);
+                        }
                         let result = if shutdown.is_some() {
                             Err(SessionError::ServiceGone)
+                        } else if self.removed {
+                            Err(SessionError::absent(self.runtime.config()))
                         } else {
                             self.start(order)
                         };
@@ -435,6 +619,12 @@ impl Service {
                     }
                 }
             }
+            if !self.removed && last_check.elapsed() >= DEVICE_CHECK {
+                last_check = Instant::now();
+                if self.device_gone() {
+                    self.device_removed(attached);
+                }
+            }
             self.check_limits();
             if last_progress.elapsed() >= Duration::from_millis(200) {
                 last_progress = Instant::now();
@@ -444,15 +634,46 @@ impl Service {
                 }
             }
             finishing.extend(self.finish_done());
-            if shutdown.is_some() && self.active.is_empty() {
-                break;
+            if self.active.is_empty() {
+                if shutdown.is_some() {
+                    return Ended::Shutdown;
+                }
+                if self.removed {
+                    return Ended::Removed;
+                }
             }
         }
-        // Outputs finish (uploads complete) before the interface goes down.
-        for thread in finishing {
-            let _ = thread.join();
+    }
+
+    /// Whether the device set up is gone: no device has its name now, or another one does.
+    fn device_gone(&self) -> bool {
+        match crate::sys::device_index(self.runtime.interface()) {
+            Ok(index) => index != Some(self.runtime.ifindex()),
+            // Not knowing (out of descriptors, say) is no sign of a removal.
+            Err(e) => {
+                log::debug!("cannot look up {}: {e}", self.runtime.interface());
+                false
+            }
         }
-        let _ = self.runtime.shutdown();
+    }
+
+    /// The device is gone: new captures are refused, and the running ones end with the error
+    /// once the writers have taken what the rings still held.
+    fn device_removed(&mut self, attached: &AtomicBool) {
+        self.removed = true;
+        attached.store(false, Ordering::Release);
+        let error = SessionError::removed(self.runtime.config());
+        let running = self.active.iter().filter(|a| a.reason.is_none()).count();
+        log::error!(
+            "{error}: {running} running capture(s) end with this error; no capture can start on it until a \
+             device of that name appears"
+        );
+        self.runtime.drain();
+        let message = error.to_string();
+        for a in self.active.iter_mut().filter(|a| a.reason.is_none()) {
+            a.cause = Some(message.clone());
+        }
+        self.end(|_| true, StopReason::Error);
     }
 
     fn start(&mut self, order: CaptureOrder) -> Result<Arc<Mutex<Progress>>, SessionError> {
@@ -489,6 +710,7 @@ impl Service {
             start_counters,
             reason: None,
             failure: None,
+            cause: None,
             done_queues: 0,
             progress: progress.clone(),
             on_done: Some(order.on_done),
@@ -594,6 +816,7 @@ impl Service {
                         redirect_errors: queues.iter().map(|q| q.xdp_redirect_errors).sum(),
                         truncated: queues.iter().map(|q| q.xdp_truncated).sum(),
                         queues,
+                        error: a.cause,
                         recovery: None,
                     }),
                 };

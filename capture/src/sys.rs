@@ -10,6 +10,17 @@ pub fn ifindex(name: &str) -> io::Result<u32> {
     if index == 0 { Err(io::Error::last_os_error()) } else { Ok(index) }
 }
 
+/// The index of device `name` now, or `None` if there is no such device (it was removed,
+/// renamed, or is not there yet). Other failures (out of descriptors, say) are errors: they
+/// say nothing about the device.
+pub fn device_index(name: &str) -> io::Result<Option<u32>> {
+    match ifindex(name) {
+        Ok(index) => Ok(Some(index)),
+        Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 const ETHTOOL_GCHANNELS: u32 = 0x3c;
 
 /// `struct ethtool_channels` from linux/ethtool.h.
@@ -154,4 +165,16 @@ pub fn xdp_test_run(
     }
     data_out.truncate(attr.data_size_out as usize);
     Ok((data_out, attr.retval, attr.duration))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_device_has_no_index_and_is_no_error() {
+        assert!(matches!(device_index("lo"), Ok(Some(index)) if index > 0));
+        assert!(matches!(device_index("tsnosuchdev0"), Ok(None)));
+        assert!(device_index("a\0b").is_err(), "a name no device can have is an error, not an absence");
+    }
 }

@@ -66,6 +66,9 @@ pub enum WriterCommand {
     Start { slot: usize, capture: Arc<CaptureShared>, started: Sender<()> },
     /// Stop the capture in `slot`: hand on its open chunk, then send [`Output::Done`].
     Stop { slot: usize },
+    /// The device is gone, so nothing more arrives: take every frame still on the ring now,
+    /// before the commands that follow (the captures' stops) are applied.
+    Drain,
 }
 
 /// What writers hand to the next stage.
@@ -313,6 +316,10 @@ impl WriterState {
                     }
                     self.active &= !(1 << slot);
                 }
+            }
+            WriterCommand::Drain => {
+                // A batch that comes back short has emptied the ring.
+                while self.receive_batch() >= self.config.batch.max(1) {}
             }
         }
     }

@@ -11,6 +11,7 @@ mod filter_check;
 mod filter_kernel;
 mod filter_limits;
 mod fuzz;
+mod interface_loss;
 mod metrics;
 mod recovery;
 mod smoke;

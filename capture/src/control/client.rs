@@ -10,7 +10,7 @@ use std::{
 
 use serde::de::DeserializeOwned;
 
-use super::{CaptureInfo, CaptureRequest, ErrorReply};
+use super::{CaptureInfo, CaptureRequest, ErrorReply, InterfaceInfo};
 
 /// Errors talking to the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +51,11 @@ impl Client {
     /// Every capture.
     pub fn list(&self) -> Result<Vec<CaptureInfo>, ClientError> {
         self.call("GET", "/v1/captures", None)
+    }
+
+    /// The daemon's interfaces, and whether each one's device is there.
+    pub fn interfaces(&self) -> Result<Vec<InterfaceInfo>, ClientError> {
+        self.call("GET", "/v1/interfaces", None)
     }
 
     /// One capture.

@@ -10,6 +10,7 @@
 //! | `GET /v1/captures/{id}`                    | one capture                              |
 //! | `POST /v1/captures/{id}/stop`              | ends a running capture                   |
 //! | `GET /v1/captures/{id}/wait?timeout_secs=N`| returns once it has ended, or after N s  |
+//! | `GET /v1/interfaces`                       | the configured interfaces ([`InterfaceInfo`]) |
 //!
 //! A wait's `timeout_secs` is in 0..=300 (longer is shortened to 300; default 30); a wait
 //! also returns, with the capture as it then is, when the daemon stops.
@@ -17,8 +18,8 @@
 //! Errors are `{"error": "..."}` with 400 (malformed or invalid request), 401 (TCP without
 //! the token), 403 (above a server cap, or a destination not allowed), 404 (no such
 //! capture), 408 (the body did not arrive in time), 409 (id taken), 413 (body too large),
-//! 500, or 503 (the daemon is stopping). The server's bounds on connections and its timeouts
-//! are in [`server`].
+//! 500, or 503 (the daemon is stopping, or the interface's device is absent). The server's
+//! bounds on connections and its timeouts are in [`server`].
 
 pub mod client;
 pub mod server;
@@ -97,8 +98,31 @@ pub struct CaptureInfo {
     pub progress: Progress,
     /// The final report, once finished.
     pub summary: Option<CaptureSummary>,
-    /// Why it failed, if it did.
+    /// Why it failed, if it did (then without a summary); or the error that ended it early
+    /// (its interface removed), also in its summary.
     pub error: Option<String>,
+}
+
+/// One of the daemon's interfaces.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterfaceInfo {
+    /// Its alias in the configuration.
+    pub alias: String,
+    /// Its network device.
+    pub device: String,
+    /// Whether the device is there.
+    pub state: InterfaceState,
+}
+
+/// Whether an interface's device is there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InterfaceState {
+    /// Attached (XDP program and sockets): captures can start.
+    Attached,
+    /// No such device (removed, renamed, or not there yet): captures are refused until a
+    /// device of that name appears, which is then attached.
+    Absent,
 }
 
 /// An error reply.

@@ -525,6 +525,7 @@ async fn route(
             Ok((StatusCode::CREATED, json(&info)))
         }
         (&Method::GET, ["v1", "captures"]) => Ok((StatusCode::OK, json(&daemon.list()))),
+        (&Method::GET, ["v1", "interfaces"]) => Ok((StatusCode::OK, json(&daemon.interfaces()))),
         (&Method::GET, ["v1", "captures", id]) => Ok((StatusCode::OK, json(&daemon.get(id)?))),
         (&Method::POST, ["v1", "captures", id, "stop"]) => {
             Ok((StatusCode::OK, json(&daemon.stop_capture(id)?)))

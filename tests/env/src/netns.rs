@@ -101,17 +101,27 @@ impl VethPair {
 
     /// A veth pair with `queues` RX/TX queues per end and the given MTU.
     pub fn with_mtu(queues: u32, mtu: u32) -> Self {
-        let capture_ns = Netns::new("tscap");
-        let sender_ns = Netns::new("tssnd");
-        let capture_if = unique_name("tc");
-        let sender_if = unique_name("ts");
-        let q = queues.to_string();
+        let pair = Self {
+            capture_ns: Netns::new("tscap"),
+            sender_ns: Netns::new("tssnd"),
+            capture_if: unique_name("tc"),
+            sender_if: unique_name("ts"),
+            queues,
+            mtu,
+        };
+        pair.add();
+        pair
+    }
+
+    /// Makes the pair (both ends, up) in the namespaces, under the pair's names.
+    fn add(&self) {
+        let q = self.queues.to_string();
         run(Command::new("ip").args([
             "link",
             "add",
-            &capture_if,
+            &self.capture_if,
             "netns",
-            capture_ns.name(),
+            self.capture_ns.name(),
             "numrxqueues",
             &q,
             "numtxqueues",
@@ -120,19 +130,33 @@ impl VethPair {
             "veth",
             "peer",
             "name",
-            &sender_if,
+            &self.sender_if,
             "netns",
-            sender_ns.name(),
+            self.sender_ns.name(),
             "numrxqueues",
             &q,
             "numtxqueues",
             &q,
         ]));
-        let mtu_s = mtu.to_string();
-        for (ns, ifname) in [(&capture_ns, &capture_if), (&sender_ns, &sender_if)] {
-            run(ns.command("ip").args(["link", "set", ifname, "mtu", &mtu_s, "up"]));
+        let mtu = self.mtu.to_string();
+        for (ns, ifname) in [(&self.capture_ns, &self.capture_if), (&self.sender_ns, &self.sender_if)] {
+            run(ns.command("ip").args(["link", "set", ifname, "mtu", &mtu, "up"]));
         }
-        Self { capture_ns, sender_ns, capture_if, sender_if, queues, mtu }
+    }
+
+    /// Deletes the pair (deleting the capture end takes the sender end with it), as an
+    /// operator's `ip link del` or a vanishing NIC does; the namespaces stay. A [`Sender`]
+    /// made before is bound to the old device: make a new one after [`VethPair::recreate`].
+    ///
+    /// [`Sender`]: crate::Sender
+    pub fn remove(&self) {
+        run(self.capture_ns.command("ip").args(["link", "del", &self.capture_if]));
+    }
+
+    /// Makes the pair again after [`VethPair::remove`]: same names, same namespaces, same
+    /// queues and MTU, but new devices (with new interface indexes).
+    pub fn recreate(&self) {
+        self.add();
     }
 
     /// The largest frame (Ethernet header included, one VLAN tag allowed) the sender can send.
