@@ -5,7 +5,7 @@
 
 use std::{
     fs::File,
-    io::Write as _,
+    io::{Seek as _, Write as _},
     path::PathBuf,
     sync::{
         Arc, Mutex,
@@ -51,6 +51,18 @@ pub enum SessionError {
     #[error("cannot write {path}")]
     Write {
         path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A write failed part-way and the file could not be cut back to its last whole record.
+    #[error(
+        "cannot write {path} ({write}), nor cut it back to its last whole record at byte {whole}: \
+         it ends in a partial record"
+    )]
+    Torn {
+        path: PathBuf,
+        write: std::io::Error,
+        whole: u64,
         #[source]
         source: std::io::Error,
     },
@@ -100,7 +112,8 @@ pub struct CaptureSummary {
     pub elapsed_secs: f64,
     /// Where the capture was stored (empty if no frame was captured).
     pub outputs: Vec<String>,
-    /// Frames of this capture lost in the writers (chunk queue full or no buffer).
+    /// Frames of this capture lost in the writers (chunk queue full or no buffer), or because
+    /// its output failed (the frames of every chunk it could not store).
     pub dropped_writer: u64,
     /// Frames the AF_XDP sockets lost (all captures; kernel counters).
     pub dropped_kernel: u64,
@@ -111,7 +124,8 @@ pub struct CaptureSummary {
     /// Per-queue counters at the end.
     pub queues: Vec<QueueSummary>,
     /// What ended the capture early, when something outside it did (its interface was
-    /// removed); what it had stored is kept and counted above.
+    /// removed) or its output failed (a full disk, a store that gave up); what it had stored
+    /// is kept and counted above.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// For a capture whose daemon died while it ran: what the next start recovered of it.
@@ -195,11 +209,15 @@ impl QueueSummary {
     }
 }
 
-/// A PCAP file written as chunks arrive; created with the first chunk.
+/// A PCAP file written as chunks arrive; created with the first chunk. A chunk holds whole
+/// records: one that cannot be written whole (a full disk) is cut off again, so the file
+/// always ends on a whole record.
 struct FileOutput {
     path: PathBuf,
     snaplen: u32,
     file: Option<File>,
+    /// Bytes of the file that hold its header and whole records.
+    whole: u64,
     packets: u64,
     bytes: u64,
 }
@@ -211,11 +229,27 @@ impl FileOutput {
             // Chunks are large already: written as they are, without another copy into a buffer.
             let mut file = File::create(&self.path).map_err(err)?;
             let header = FileHeader { snaplen: self.snaplen, linktype: LINKTYPE_ETHERNET, nanos: true };
-            file.write_all(&header.encode()).map_err(err)?;
+            if let Err(source) = file.write_all(&header.encode()) {
+                // Not even the header fits: no file rather than one that is not a capture.
+                drop(file);
+                let _ = std::fs::remove_file(&self.path);
+                return Err(err(source));
+            }
+            self.whole = tapstream_pcap::FILE_HEADER_LEN as u64;
             self.file = Some(file);
         }
         let file = self.file.as_mut().expect("created above");
-        file.write_all(records).map_err(|source| SessionError::Write { path: self.path.clone(), source })?;
+        if let Err(write) = file.write_all(records) {
+            // Part of the chunk may be in the file: cut it back to the last whole record (and
+            // put the offset there, so that nothing written later leaves a hole).
+            let whole = self.whole;
+            let cut = file.set_len(whole).and_then(|()| file.seek(std::io::SeekFrom::Start(whole)));
+            return Err(match cut {
+                Ok(_) => SessionError::Write { path: self.path.clone(), source: write },
+                Err(source) => SessionError::Torn { path: self.path.clone(), write, whole, source },
+            });
+        }
+        self.whole += records.len() as u64;
         self.packets += u64::from(chunk_frames);
         self.bytes +=
             records.len() as u64 - u64::from(chunk_frames) * tapstream_pcap::RECORD_HEADER_LEN as u64;
@@ -685,6 +719,7 @@ impl Service {
                 path,
                 snaplen: capture.spec.snaplen,
                 file: None,
+                whole: 0,
                 packets: 0,
                 bytes: 0,
             }),
@@ -732,7 +767,7 @@ impl Service {
             return;
         }
         if let Err(e) = a.out.write(chunk, &a.capture, &pool) {
-            log::error!("capture {}: {e}", a.capture.spec.id);
+            log::error!("capture {}: {}", a.capture.spec.id, crate::daemon::error_chain(&e));
             a.failure = Some(e);
         }
     }
@@ -801,26 +836,33 @@ impl Service {
                 })
                 .collect();
             let spawned = std::thread::Builder::new().name("tapstream-finish".into()).spawn(move || {
-                let result = match (a.failure, a.out.finish()) {
-                    (Some(e), _) | (None, Err(e)) => Err(e),
-                    (None, Ok((packets, bytes, outputs))) => Ok(CaptureSummary {
-                        id: a.capture.spec.id.clone(),
-                        interface,
-                        stop_reason: reason,
-                        packets,
-                        bytes,
-                        elapsed_secs: elapsed.as_secs_f64(),
-                        outputs,
-                        dropped_writer: a.capture.dropped(),
-                        dropped_kernel: queues.iter().map(|q| q.xsk_rx_dropped + q.xsk_rx_ring_full).sum(),
-                        redirect_errors: queues.iter().map(|q| q.xdp_redirect_errors).sum(),
-                        truncated: queues.iter().map(|q| q.xdp_truncated).sum(),
-                        queues,
-                        error: a.cause,
-                        recovery: None,
-                    }),
+                // A capture whose output failed (a full disk, a store that gave up) reports its
+                // summary as every other: what was stored, what was lost, and the error. What
+                // was handed to an output that cannot be finished is what a failed store keeps
+                // in its spool.
+                let handed = a.out.stored();
+                let (packets, bytes, outputs, failure) = match (a.failure, a.out.finish()) {
+                    (None, Ok((packets, bytes, outputs))) => (packets, bytes, outputs, None),
+                    (Some(e), Ok((packets, bytes, outputs))) => (packets, bytes, outputs, Some(e)),
+                    (Some(e), Err(_)) | (None, Err(e)) => (handed.0, handed.1, Vec::new(), Some(e)),
                 };
-                on_done(result);
+                let failure = failure.map(|e| crate::daemon::error_chain(&e));
+                on_done(Ok(CaptureSummary {
+                    id: a.capture.spec.id.clone(),
+                    interface,
+                    stop_reason: if failure.is_some() { StopReason::Error } else { reason },
+                    packets,
+                    bytes,
+                    elapsed_secs: elapsed.as_secs_f64(),
+                    outputs,
+                    dropped_writer: a.capture.dropped(),
+                    dropped_kernel: queues.iter().map(|q| q.xsk_rx_dropped + q.xsk_rx_ring_full).sum(),
+                    redirect_errors: queues.iter().map(|q| q.xdp_redirect_errors).sum(),
+                    truncated: queues.iter().map(|q| q.xdp_truncated).sum(),
+                    queues,
+                    error: a.cause.or(failure),
+                    recovery: None,
+                }));
             });
             match spawned {
                 Ok(thread) => threads.push(thread),
