@@ -9,7 +9,7 @@ use std::{
     path::PathBuf,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -115,6 +115,9 @@ pub struct CaptureSummary {
     /// Frames of this capture lost in the writers (chunk queue full or no buffer), or because
     /// its output failed (the frames of every chunk it could not store).
     pub dropped_writer: u64,
+    /// Frames of this capture lost because the spool was full once the store had failed.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub dropped_spool_full: u64,
     /// Frames the AF_XDP sockets lost (all captures; kernel counters).
     pub dropped_kernel: u64,
     /// Frames a capture wanted that could not be redirected (no socket on the queue).
@@ -131,6 +134,10 @@ pub struct CaptureSummary {
     /// For a capture whose daemon died while it ran: what the next start recovered of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recovery: Option<Recovery>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// What a restarted daemon made of a capture its dead predecessor left running.
@@ -287,21 +294,60 @@ pub struct StoreTarget {
     pub start: StartStore,
 }
 
+/// How often a capture's progress is published, also while its output makes it wait.
+const PROGRESS_EVERY: Duration = Duration::from_millis(200);
+
 enum Out {
     File(FileOutput),
-    Store { output: StoreOutput, packets: u64, bytes: u64 },
+    /// `packets` and `bytes` were handed to the output; `lost` of those packets found the
+    /// spool full once the store had failed.
+    Store {
+        output: StoreOutput,
+        packets: u64,
+        bytes: u64,
+        lost: Arc<AtomicU64>,
+    },
 }
 
 impl Out {
+    /// Packets and bytes stored (or on their way to the store).
     fn stored(&self) -> (u64, u64) {
+        let (packets, bytes) = self.handed();
+        (packets.saturating_sub(self.lost()), bytes)
+    }
+
+    /// Packets and bytes handed to the output.
+    fn handed(&self) -> (u64, u64) {
         match self {
             Out::File(f) => (f.packets, f.bytes),
             Out::Store { packets, bytes, .. } => (*packets, *bytes),
         }
     }
 
-    /// Hands a chunk on; the chunk's frames are counted as dropped if that fails.
-    fn write(&mut self, chunk: Chunk, capture: &CaptureShared, pool: &ChunkPool) -> Result<(), SessionError> {
+    /// Packets lost to a full spool after the store failed.
+    fn lost(&self) -> u64 {
+        self.lost_counter().map_or(0, |l| l.load(Ordering::Relaxed))
+    }
+
+    /// The counter of [`Self::lost`], which goes on counting while the output finishes.
+    fn lost_counter(&self) -> Option<Arc<AtomicU64>> {
+        match self {
+            Out::File(_) => None,
+            Out::Store { lost, .. } => Some(lost.clone()),
+        }
+    }
+
+    /// Hands a chunk on; the chunk's frames are counted as dropped if that fails. While the
+    /// output makes it wait, the capture's progress is still published every
+    /// [`PROGRESS_EVERY`] (the writers count drops meanwhile).
+    fn write(
+        &mut self,
+        chunk: Chunk,
+        capture: &CaptureShared,
+        pool: &ChunkPool,
+        progress: &Mutex<Progress>,
+        started: Instant,
+    ) -> Result<(), SessionError> {
         let frames = u64::from(chunk.frames);
         match self {
             Out::File(file) => {
@@ -312,9 +358,18 @@ impl Out {
                 pool.put(chunk.data);
                 result
             }
-            Out::Store { output, packets, bytes } => {
+            Out::Store { output, packets, bytes, lost } => {
                 let data = chunk.data.len() as u64 - frames * tapstream_pcap::RECORD_HEADER_LEN as u64;
-                match output.write(chunk) {
+                let waiting = || {
+                    let lost = lost.load(Ordering::Relaxed);
+                    publish(
+                        progress,
+                        (packets.saturating_sub(lost), *bytes),
+                        started,
+                        capture.dropped() + lost,
+                    );
+                };
+                match output.write(chunk, PROGRESS_EVERY, waiting) {
                     Ok(()) => {
                         *packets += frames;
                         *bytes += data;
@@ -338,7 +393,10 @@ impl Out {
                 let stored = file.finish()?;
                 Ok((file.packets, file.bytes, stored.iter().map(|p| p.display().to_string()).collect()))
             }
-            Out::Store { output, packets, bytes } => Ok((packets, bytes, output.finish()?)),
+            Out::Store { output, packets, bytes, lost } => {
+                let outputs = output.finish()?;
+                Ok((packets.saturating_sub(lost.load(Ordering::Relaxed)), bytes, outputs))
+            }
         }
     }
 }
@@ -352,8 +410,15 @@ pub struct Progress {
     pub bytes: u64,
     /// Seconds since the start.
     pub elapsed_secs: f64,
-    /// Frames of this capture lost in the writers.
+    /// Frames of this capture lost: in the writers, to a failed output, or to a full spool
+    /// once the store had failed.
     pub dropped: u64,
+}
+
+/// Publishes a capture's progress.
+fn publish(progress: &Mutex<Progress>, (packets, bytes): (u64, u64), started: Instant, dropped: u64) {
+    let mut p = progress.lock().unwrap_or_else(|e| e.into_inner());
+    *p = Progress { packets, bytes, elapsed_secs: started.elapsed().as_secs_f64(), dropped };
 }
 
 /// Called once with a capture's outcome.
@@ -660,7 +725,7 @@ impl Service {
                 }
             }
             self.check_limits();
-            if last_progress.elapsed() >= Duration::from_millis(200) {
+            if last_progress.elapsed() >= PROGRESS_EVERY {
                 last_progress = Instant::now();
                 let _ = self.runtime.snapshot();
                 for a in &self.active {
@@ -723,11 +788,11 @@ impl Service {
                 packets: 0,
                 bytes: 0,
             }),
-            Target::Store(store) => Out::Store {
-                output: (store.start)(self.runtime.pool().clone(), &header)?,
-                packets: 0,
-                bytes: 0,
-            },
+            Target::Store(store) => {
+                let output = (store.start)(self.runtime.pool().clone(), &header)?;
+                let lost = output.lost_packets();
+                Out::Store { output, packets: 0, bytes: 0, lost }
+            }
         };
         let start_counters = self.runtime.snapshot()?;
         let started = Instant::now();
@@ -766,7 +831,7 @@ impl Service {
             pool.put(chunk.data);
             return;
         }
-        if let Err(e) = a.out.write(chunk, &a.capture, &pool) {
+        if let Err(e) = a.out.write(chunk, &a.capture, &pool, &a.progress, a.started) {
             log::error!("capture {}: {}", a.capture.spec.id, crate::daemon::error_chain(&e));
             a.failure = Some(e);
         }
@@ -839,12 +904,15 @@ impl Service {
                 // A capture whose output failed (a full disk, a store that gave up) reports its
                 // summary as every other: what was stored, what was lost, and the error. What
                 // was handed to an output that cannot be finished is what a failed store keeps
-                // in its spool.
-                let handed = a.out.stored();
+                // in its spool, less what found the spool full (counted until it is finished).
+                let (handed, lost) = (a.out.handed(), a.out.lost_counter());
+                let lost_now = || lost.as_ref().map_or(0, |l| l.load(Ordering::Relaxed));
                 let (packets, bytes, outputs, failure) = match (a.failure, a.out.finish()) {
                     (None, Ok((packets, bytes, outputs))) => (packets, bytes, outputs, None),
                     (Some(e), Ok((packets, bytes, outputs))) => (packets, bytes, outputs, Some(e)),
-                    (Some(e), Err(_)) | (None, Err(e)) => (handed.0, handed.1, Vec::new(), Some(e)),
+                    (Some(e), Err(_)) | (None, Err(e)) => {
+                        (handed.0.saturating_sub(lost_now()), handed.1, Vec::new(), Some(e))
+                    }
                 };
                 let failure = failure.map(|e| crate::daemon::error_chain(&e));
                 on_done(Ok(CaptureSummary {
@@ -856,6 +924,7 @@ impl Service {
                     elapsed_secs: elapsed.as_secs_f64(),
                     outputs,
                     dropped_writer: a.capture.dropped(),
+                    dropped_spool_full: lost_now(),
                     dropped_kernel: queues.iter().map(|q| q.xsk_rx_dropped + q.xsk_rx_ring_full).sum(),
                     redirect_errors: queues.iter().map(|q| q.xdp_redirect_errors).sum(),
                     truncated: queues.iter().map(|q| q.xdp_truncated).sum(),
@@ -875,14 +944,7 @@ impl Service {
 
 impl Active {
     fn publish_progress(&self) {
-        let (packets, bytes) = self.out.stored();
-        let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
-        *p = Progress {
-            packets,
-            bytes,
-            elapsed_secs: self.started.elapsed().as_secs_f64(),
-            dropped: self.capture.dropped(),
-        };
+        publish(&self.progress, self.out.stored(), self.started, self.capture.dropped() + self.out.lost());
     }
 }
 

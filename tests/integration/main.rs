@@ -13,6 +13,7 @@ mod filter_limits;
 mod full_disk;
 mod fuzz;
 mod interface_loss;
+mod live_drops;
 mod metrics;
 mod recovery;
 mod smoke;
