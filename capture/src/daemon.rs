@@ -631,6 +631,7 @@ impl Shared {
                     elapsed_secs: info.progress.elapsed_secs,
                     outputs: Vec::new(),
                     dropped_writer: info.progress.dropped,
+                    dropped_spool_full: 0,
                     dropped_kernel: 0,
                     redirect_errors: 0,
                     truncated: 0,

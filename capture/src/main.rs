@@ -514,7 +514,10 @@ fn capture(args: CaptureArgs) -> anyhow::Result<()> {
     };
     let summary = run_capture(config, spec, limits, target, &stop, |p| {
         if tty {
-            eprint!("\r{} packets, {} bytes, {:.1} s   ", p.packets, p.bytes, p.elapsed_secs);
+            eprint!(
+                "\r{} packets, {} bytes, {:.1} s, {} dropped   ",
+                p.packets, p.bytes, p.elapsed_secs, p.dropped
+            );
         }
     })
     .with_context(|| format!("capture on {interface}"))?;
@@ -906,6 +909,9 @@ fn print_summary(s: &CaptureSummary) {
         "  dropped: {} in writers, {} in the kernel's AF_XDP sockets, {} redirect errors; {} truncated",
         s.dropped_writer, s.dropped_kernel, s.redirect_errors, s.truncated
     );
+    if s.dropped_spool_full > 0 {
+        println!("  lost: {} packets found the spool full after the store failed", s.dropped_spool_full);
+    }
     if let Some(error) = &s.error {
         println!("  error: {error}");
     }

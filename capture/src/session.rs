@@ -5,11 +5,11 @@
 
 use std::{
     fs::File,
-    io::Write as _,
+    io::{Seek as _, Write as _},
     path::PathBuf,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -51,6 +51,18 @@ pub enum SessionError {
     #[error("cannot write {path}")]
     Write {
         path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A write failed part-way and the file could not be cut back to its last whole record.
+    #[error(
+        "cannot write {path} ({write}), nor cut it back to its last whole record at byte {whole}: \
+         it ends in a partial record"
+    )]
+    Torn {
+        path: PathBuf,
+        write: std::io::Error,
+        whole: u64,
         #[source]
         source: std::io::Error,
     },
@@ -100,8 +112,12 @@ pub struct CaptureSummary {
     pub elapsed_secs: f64,
     /// Where the capture was stored (empty if no frame was captured).
     pub outputs: Vec<String>,
-    /// Frames of this capture lost in the writers (chunk queue full or no buffer).
+    /// Frames of this capture lost in the writers (chunk queue full or no buffer), or because
+    /// its output failed (the frames of every chunk it could not store).
     pub dropped_writer: u64,
+    /// Frames of this capture lost because the spool was full once the store had failed.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub dropped_spool_full: u64,
     /// Frames the AF_XDP sockets lost (all captures; kernel counters).
     pub dropped_kernel: u64,
     /// Frames a capture wanted that could not be redirected (no socket on the queue).
@@ -111,12 +127,17 @@ pub struct CaptureSummary {
     /// Per-queue counters at the end.
     pub queues: Vec<QueueSummary>,
     /// What ended the capture early, when something outside it did (its interface was
-    /// removed); what it had stored is kept and counted above.
+    /// removed) or its output failed (a full disk, a store that gave up); what it had stored
+    /// is kept and counted above.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// For a capture whose daemon died while it ran: what the next start recovered of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recovery: Option<Recovery>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// What a restarted daemon made of a capture its dead predecessor left running.
@@ -195,11 +216,15 @@ impl QueueSummary {
     }
 }
 
-/// A PCAP file written as chunks arrive; created with the first chunk.
+/// A PCAP file written as chunks arrive; created with the first chunk. A chunk holds whole
+/// records: one that cannot be written whole (a full disk) is cut off again, so the file
+/// always ends on a whole record.
 struct FileOutput {
     path: PathBuf,
     snaplen: u32,
     file: Option<File>,
+    /// Bytes of the file that hold its header and whole records.
+    whole: u64,
     packets: u64,
     bytes: u64,
 }
@@ -211,11 +236,27 @@ impl FileOutput {
             // Chunks are large already: written as they are, without another copy into a buffer.
             let mut file = File::create(&self.path).map_err(err)?;
             let header = FileHeader { snaplen: self.snaplen, linktype: LINKTYPE_ETHERNET, nanos: true };
-            file.write_all(&header.encode()).map_err(err)?;
+            if let Err(source) = file.write_all(&header.encode()) {
+                // Not even the header fits: no file rather than one that is not a capture.
+                drop(file);
+                let _ = std::fs::remove_file(&self.path);
+                return Err(err(source));
+            }
+            self.whole = tapstream_pcap::FILE_HEADER_LEN as u64;
             self.file = Some(file);
         }
         let file = self.file.as_mut().expect("created above");
-        file.write_all(records).map_err(|source| SessionError::Write { path: self.path.clone(), source })?;
+        if let Err(write) = file.write_all(records) {
+            // Part of the chunk may be in the file: cut it back to the last whole record (and
+            // put the offset there, so that nothing written later leaves a hole).
+            let whole = self.whole;
+            let cut = file.set_len(whole).and_then(|()| file.seek(std::io::SeekFrom::Start(whole)));
+            return Err(match cut {
+                Ok(_) => SessionError::Write { path: self.path.clone(), source: write },
+                Err(source) => SessionError::Torn { path: self.path.clone(), write, whole, source },
+            });
+        }
+        self.whole += records.len() as u64;
         self.packets += u64::from(chunk_frames);
         self.bytes +=
             records.len() as u64 - u64::from(chunk_frames) * tapstream_pcap::RECORD_HEADER_LEN as u64;
@@ -253,21 +294,60 @@ pub struct StoreTarget {
     pub start: StartStore,
 }
 
+/// How often a capture's progress is published, also while its output makes it wait.
+const PROGRESS_EVERY: Duration = Duration::from_millis(200);
+
 enum Out {
     File(FileOutput),
-    Store { output: StoreOutput, packets: u64, bytes: u64 },
+    /// `packets` and `bytes` were handed to the output; `lost` of those packets found the
+    /// spool full once the store had failed.
+    Store {
+        output: StoreOutput,
+        packets: u64,
+        bytes: u64,
+        lost: Arc<AtomicU64>,
+    },
 }
 
 impl Out {
+    /// Packets and bytes stored (or on their way to the store).
     fn stored(&self) -> (u64, u64) {
+        let (packets, bytes) = self.handed();
+        (packets.saturating_sub(self.lost()), bytes)
+    }
+
+    /// Packets and bytes handed to the output.
+    fn handed(&self) -> (u64, u64) {
         match self {
             Out::File(f) => (f.packets, f.bytes),
             Out::Store { packets, bytes, .. } => (*packets, *bytes),
         }
     }
 
-    /// Hands a chunk on; the chunk's frames are counted as dropped if that fails.
-    fn write(&mut self, chunk: Chunk, capture: &CaptureShared, pool: &ChunkPool) -> Result<(), SessionError> {
+    /// Packets lost to a full spool after the store failed.
+    fn lost(&self) -> u64 {
+        self.lost_counter().map_or(0, |l| l.load(Ordering::Relaxed))
+    }
+
+    /// The counter of [`Self::lost`], which goes on counting while the output finishes.
+    fn lost_counter(&self) -> Option<Arc<AtomicU64>> {
+        match self {
+            Out::File(_) => None,
+            Out::Store { lost, .. } => Some(lost.clone()),
+        }
+    }
+
+    /// Hands a chunk on; the chunk's frames are counted as dropped if that fails. While the
+    /// output makes it wait, the capture's progress is still published every
+    /// [`PROGRESS_EVERY`] (the writers count drops meanwhile).
+    fn write(
+        &mut self,
+        chunk: Chunk,
+        capture: &CaptureShared,
+        pool: &ChunkPool,
+        progress: &Mutex<Progress>,
+        started: Instant,
+    ) -> Result<(), SessionError> {
         let frames = u64::from(chunk.frames);
         match self {
             Out::File(file) => {
@@ -278,9 +358,18 @@ impl Out {
                 pool.put(chunk.data);
                 result
             }
-            Out::Store { output, packets, bytes } => {
+            Out::Store { output, packets, bytes, lost } => {
                 let data = chunk.data.len() as u64 - frames * tapstream_pcap::RECORD_HEADER_LEN as u64;
-                match output.write(chunk) {
+                let waiting = || {
+                    let lost = lost.load(Ordering::Relaxed);
+                    publish(
+                        progress,
+                        (packets.saturating_sub(lost), *bytes),
+                        started,
+                        capture.dropped() + lost,
+                    );
+                };
+                match output.write(chunk, PROGRESS_EVERY, waiting) {
                     Ok(()) => {
                         *packets += frames;
                         *bytes += data;
@@ -304,7 +393,10 @@ impl Out {
                 let stored = file.finish()?;
                 Ok((file.packets, file.bytes, stored.iter().map(|p| p.display().to_string()).collect()))
             }
-            Out::Store { output, packets, bytes } => Ok((packets, bytes, output.finish()?)),
+            Out::Store { output, packets, bytes, lost } => {
+                let outputs = output.finish()?;
+                Ok((packets.saturating_sub(lost.load(Ordering::Relaxed)), bytes, outputs))
+            }
         }
     }
 }
@@ -318,8 +410,15 @@ pub struct Progress {
     pub bytes: u64,
     /// Seconds since the start.
     pub elapsed_secs: f64,
-    /// Frames of this capture lost in the writers.
+    /// Frames of this capture lost: in the writers, to a failed output, or to a full spool
+    /// once the store had failed.
     pub dropped: u64,
+}
+
+/// Publishes a capture's progress.
+fn publish(progress: &Mutex<Progress>, (packets, bytes): (u64, u64), started: Instant, dropped: u64) {
+    let mut p = progress.lock().unwrap_or_else(|e| e.into_inner());
+    *p = Progress { packets, bytes, elapsed_secs: started.elapsed().as_secs_f64(), dropped };
 }
 
 /// Called once with a capture's outcome.
@@ -626,7 +725,7 @@ impl Service {
                 }
             }
             self.check_limits();
-            if last_progress.elapsed() >= Duration::from_millis(200) {
+            if last_progress.elapsed() >= PROGRESS_EVERY {
                 last_progress = Instant::now();
                 let _ = self.runtime.snapshot();
                 for a in &self.active {
@@ -685,14 +784,15 @@ impl Service {
                 path,
                 snaplen: capture.spec.snaplen,
                 file: None,
+                whole: 0,
                 packets: 0,
                 bytes: 0,
             }),
-            Target::Store(store) => Out::Store {
-                output: (store.start)(self.runtime.pool().clone(), &header)?,
-                packets: 0,
-                bytes: 0,
-            },
+            Target::Store(store) => {
+                let output = (store.start)(self.runtime.pool().clone(), &header)?;
+                let lost = output.lost_packets();
+                Out::Store { output, packets: 0, bytes: 0, lost }
+            }
         };
         let start_counters = self.runtime.snapshot()?;
         let started = Instant::now();
@@ -731,8 +831,8 @@ impl Service {
             pool.put(chunk.data);
             return;
         }
-        if let Err(e) = a.out.write(chunk, &a.capture, &pool) {
-            log::error!("capture {}: {e}", a.capture.spec.id);
+        if let Err(e) = a.out.write(chunk, &a.capture, &pool, &a.progress, a.started) {
+            log::error!("capture {}: {}", a.capture.spec.id, crate::daemon::error_chain(&e));
             a.failure = Some(e);
         }
     }
@@ -801,26 +901,37 @@ impl Service {
                 })
                 .collect();
             let spawned = std::thread::Builder::new().name("tapstream-finish".into()).spawn(move || {
-                let result = match (a.failure, a.out.finish()) {
-                    (Some(e), _) | (None, Err(e)) => Err(e),
-                    (None, Ok((packets, bytes, outputs))) => Ok(CaptureSummary {
-                        id: a.capture.spec.id.clone(),
-                        interface,
-                        stop_reason: reason,
-                        packets,
-                        bytes,
-                        elapsed_secs: elapsed.as_secs_f64(),
-                        outputs,
-                        dropped_writer: a.capture.dropped(),
-                        dropped_kernel: queues.iter().map(|q| q.xsk_rx_dropped + q.xsk_rx_ring_full).sum(),
-                        redirect_errors: queues.iter().map(|q| q.xdp_redirect_errors).sum(),
-                        truncated: queues.iter().map(|q| q.xdp_truncated).sum(),
-                        queues,
-                        error: a.cause,
-                        recovery: None,
-                    }),
+                // A capture whose output failed (a full disk, a store that gave up) reports its
+                // summary as every other: what was stored, what was lost, and the error. What
+                // was handed to an output that cannot be finished is what a failed store keeps
+                // in its spool, less what found the spool full (counted until it is finished).
+                let (handed, lost) = (a.out.handed(), a.out.lost_counter());
+                let lost_now = || lost.as_ref().map_or(0, |l| l.load(Ordering::Relaxed));
+                let (packets, bytes, outputs, failure) = match (a.failure, a.out.finish()) {
+                    (None, Ok((packets, bytes, outputs))) => (packets, bytes, outputs, None),
+                    (Some(e), Ok((packets, bytes, outputs))) => (packets, bytes, outputs, Some(e)),
+                    (Some(e), Err(_)) | (None, Err(e)) => {
+                        (handed.0.saturating_sub(lost_now()), handed.1, Vec::new(), Some(e))
+                    }
                 };
-                on_done(result);
+                let failure = failure.map(|e| crate::daemon::error_chain(&e));
+                on_done(Ok(CaptureSummary {
+                    id: a.capture.spec.id.clone(),
+                    interface,
+                    stop_reason: if failure.is_some() { StopReason::Error } else { reason },
+                    packets,
+                    bytes,
+                    elapsed_secs: elapsed.as_secs_f64(),
+                    outputs,
+                    dropped_writer: a.capture.dropped(),
+                    dropped_spool_full: lost_now(),
+                    dropped_kernel: queues.iter().map(|q| q.xsk_rx_dropped + q.xsk_rx_ring_full).sum(),
+                    redirect_errors: queues.iter().map(|q| q.xdp_redirect_errors).sum(),
+                    truncated: queues.iter().map(|q| q.xdp_truncated).sum(),
+                    queues,
+                    error: a.cause.or(failure),
+                    recovery: None,
+                }));
             });
             match spawned {
                 Ok(thread) => threads.push(thread),
@@ -833,14 +944,7 @@ impl Service {
 
 impl Active {
     fn publish_progress(&self) {
-        let (packets, bytes) = self.out.stored();
-        let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
-        *p = Progress {
-            packets,
-            bytes,
-            elapsed_secs: self.started.elapsed().as_secs_f64(),
-            dropped: self.capture.dropped(),
-        };
+        publish(&self.progress, self.out.stored(), self.started, self.capture.dropped() + self.out.lost());
     }
 }
 

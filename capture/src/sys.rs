@@ -1,4 +1,5 @@
-//! Small system calls the pipeline needs: interface lookup, RX queue count, core pinning.
+//! Small system calls the pipeline needs: interface lookup, RX queue count, core pinning; and
+//! which capabilities the process has, to name the missing one when the kernel refuses.
 
 use std::{ffi::CString, io};
 
@@ -167,6 +168,157 @@ pub fn xdp_test_run(
     Ok((data_out, attr.retval, attr.duration))
 }
 
+/// A capability the capture needs (the systemd unit grants exactly these).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Capability {
+    /// Create BPF maps and load programs.
+    Bpf,
+    /// Load programs that do pointer arithmetic on packets, as the filters do.
+    Perfmon,
+    /// Load XDP programs, create the socket map, attach to an interface.
+    NetAdmin,
+    /// Open AF_XDP sockets.
+    NetRaw,
+    /// Lock the UMEM in memory beyond RLIMIT_MEMLOCK.
+    IpcLock,
+}
+
+impl Capability {
+    /// The capability's bit in the kernel's sets (linux/capability.h).
+    fn bit(self) -> u32 {
+        match self {
+            Self::NetAdmin => 12,
+            Self::NetRaw => 13,
+            Self::IpcLock => 14,
+            Self::Perfmon => 38,
+            Self::Bpf => 39,
+        }
+    }
+
+    /// Its name, as systemd and capsh spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Bpf => "CAP_BPF",
+            Self::Perfmon => "CAP_PERFMON",
+            Self::NetAdmin => "CAP_NET_ADMIN",
+            Self::NetRaw => "CAP_NET_RAW",
+            Self::IpcLock => "CAP_IPC_LOCK",
+        }
+    }
+}
+
+/// What loading the XDP and filter programs needs: maps and programs (CAP_BPF), programs of
+/// the XDP type and the socket map (CAP_NET_ADMIN), pointer arithmetic on packets, which
+/// filters do (CAP_PERFMON).
+pub const BPF_LOAD_CAPABILITIES: [Capability; 3] =
+    [Capability::Bpf, Capability::NetAdmin, Capability::Perfmon];
+
+/// Capabilities a step needs that the process lacks, for messages: `CAP_BPF and CAP_PERFMON`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MissingCapabilities(pub Vec<Capability>);
+
+impl MissingCapabilities {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::fmt::Display for MissingCapabilities {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, cap) in self.0.iter().enumerate() {
+            let sep = match i {
+                0 => "",
+                i if i + 1 == self.0.len() => " and ",
+                _ => ", ",
+            };
+            write!(f, "{sep}{}", cap.name())?;
+        }
+        Ok(())
+    }
+}
+
+/// This thread's effective capability set, from `/proc` (`None` if it cannot be read).
+fn effective_capabilities() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/thread-self/status")
+        .or_else(|_| std::fs::read_to_string("/proc/self/status"))
+        .ok()?;
+    effective_from_status(&status)
+}
+
+/// The `CapEff:` field of a `/proc/*/status` text.
+fn effective_from_status(status: &str) -> Option<u64> {
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+    u64::from_str_radix(hex.trim(), 16).ok()
+}
+
+/// Those of `needed` that this thread does not have (none if its set cannot be read: a
+/// message then says what the kernel said, and guesses nothing).
+pub fn missing_capabilities(needed: &[Capability]) -> MissingCapabilities {
+    let Some(effective) = effective_capabilities() else { return MissingCapabilities::default() };
+    MissingCapabilities(needed.iter().copied().filter(|c| effective & (1 << c.bit()) == 0).collect())
+}
+
+/// Whether the kernel refused for lack of privilege somewhere in `error`'s chain (EPERM or
+/// EACCES; the verifier's EACCES included, which is how a missing CAP_PERFMON shows).
+pub fn refused(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if let Some(io) = e.downcast_ref::<io::Error>()
+            && matches!(io.raw_os_error(), Some(libc::EPERM | libc::EACCES))
+        {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
+
+/// The kernel refused a step for lack of privilege, and this process lacks a capability the
+/// step needs.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "cannot {step}: this process lacks {missing} (grant it, as the systemd unit's \
+     AmbientCapabilities= does, or run as root)"
+)]
+pub struct CapabilityError {
+    /// What could not be done (`load the XDP program`).
+    pub step: String,
+    /// The capabilities it needs that the process does not have.
+    pub missing: MissingCapabilities,
+    /// What the kernel said.
+    #[source]
+    pub source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl CapabilityError {
+    /// `error` of `step` as a missing capability, if the kernel refused for lack of privilege
+    /// (`refused`: see [`refused`]) and this process lacks some of `needed`; otherwise `error`
+    /// as it is.
+    pub fn check<E: std::error::Error + Send + Sync + 'static>(
+        step: impl Into<String>,
+        needed: &[Capability],
+        refused: bool,
+        error: E,
+    ) -> Result<Self, E> {
+        if !refused {
+            return Err(error);
+        }
+        let missing = missing_capabilities(needed);
+        if missing.is_empty() {
+            return Err(error);
+        }
+        Ok(Self { step: step.into(), missing, source: Box::new(error) })
+    }
+}
+
+/// The soft limit on locked memory (`RLIMIT_MEMLOCK`) in bytes; `None`: unlimited or unknown.
+pub fn memlock_limit() -> Option<u64> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `limit` is a valid rlimit for the kernel to fill in.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) };
+    (rc == 0 && limit.rlim_cur != libc::RLIM_INFINITY).then_some(limit.rlim_cur)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,5 +328,18 @@ mod tests {
         assert!(matches!(device_index("lo"), Ok(Some(index)) if index > 0));
         assert!(matches!(device_index("tsnosuchdev0"), Ok(None)));
         assert!(device_index("a\0b").is_err(), "a name no device can have is an error, not an absence");
+    }
+
+    #[test]
+    fn missing_capabilities_read_as_a_list() {
+        let caps = |c: &[Capability]| MissingCapabilities(c.to_vec()).to_string();
+        assert_eq!(caps(&[Capability::Bpf]), "CAP_BPF");
+        assert_eq!(caps(&[Capability::Bpf, Capability::Perfmon]), "CAP_BPF and CAP_PERFMON");
+        assert_eq!(
+            caps(&[Capability::Bpf, Capability::NetAdmin, Capability::Perfmon]),
+            "CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON"
+        );
+        let status = "Name:\ttapstream\nCapEff:\t0000000000003000\n";
+        assert_eq!(effective_from_status(status), Some((1 << 12) | (1 << 13)));
     }
 }

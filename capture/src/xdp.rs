@@ -18,7 +18,10 @@ use aya::{
 };
 use capture_common::{FILTER_SLOT, MAX_QUEUES, XdpConfig, XdpCounters};
 
-use crate::filter::LoadedFilter;
+use crate::{
+    filter::LoadedFilter,
+    sys::{BPF_LOAD_CAPABILITIES, Capability, CapabilityError},
+};
 
 /// The XDP program built by `build.rs` from the `capture-ebpf` crate.
 static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tapstream-xdp"));
@@ -97,6 +100,26 @@ pub enum XdpError {
     TooManyQueues { queue: u32 },
     #[error("cannot install the filter program")]
     Filter(#[source] crate::filter::FilterError),
+    /// The kernel refused, and the process lacks a capability the step needs.
+    #[error(transparent)]
+    Capability(Box<CapabilityError>),
+}
+
+impl XdpError {
+    /// `error` of `step` as a missing capability of `needed` if the kernel refused it and the
+    /// process lacks one; otherwise what `otherwise` makes of it.
+    fn or_capability<E: std::error::Error + Send + Sync + 'static>(
+        step: &str,
+        needed: &[Capability],
+        error: E,
+        otherwise: impl FnOnce(E) -> Self,
+    ) -> Self {
+        let refused = crate::sys::refused(&error);
+        match CapabilityError::check(step, needed, refused, error) {
+            Ok(missing) => Self::Capability(Box::new(missing)),
+            Err(error) => otherwise(error),
+        }
+    }
 }
 
 /// The loaded XDP program, attached to one interface. Detached when dropped.
@@ -118,9 +141,14 @@ pub struct XdpProgram {
 impl XdpProgram {
     /// Loads the programs into the kernel (not attached yet).
     pub fn load(interface: &str) -> Result<Self, XdpError> {
-        let mut ebpf = Ebpf::load(PROGRAM_OBJECT).map_err(XdpError::Load)?;
+        let step = "load the XDP program";
+        let mut ebpf = Ebpf::load(PROGRAM_OBJECT)
+            .map_err(|e| XdpError::or_capability(step, &BPF_LOAD_CAPABILITIES, e, XdpError::Load))?;
         for name in [ENTRY_PROGRAM, REDIRECT_PROGRAM] {
-            Self::program(&mut ebpf, name)?.load().map_err(|source| XdpError::Verify { name, source })?;
+            let verify = |source| XdpError::Verify { name, source };
+            Self::program(&mut ebpf, name)?
+                .load()
+                .map_err(|e| XdpError::or_capability(step, &BPF_LOAD_CAPABILITIES, e, verify))?;
         }
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(logger) => Some(spawn_logger(logger)),
@@ -177,7 +205,10 @@ impl XdpProgram {
                 }
                 Err(source) => {
                     log::info!("XDP {ours} attach to {interface} failed: {source}");
-                    last = Some(XdpError::Attach { interface: interface.clone(), mode: ours, source });
+                    let step = format!("attach XDP to {interface}");
+                    last = Some(XdpError::or_capability(&step, &[Capability::NetAdmin], source, |source| {
+                        XdpError::Attach { interface: interface.clone(), mode: ours, source }
+                    }));
                 }
             }
         }

@@ -16,6 +16,8 @@ use std::{ffi::CString, num::NonZeroU32, ptr::NonNull};
 use capture_common::{FRAME_META_LEN, FrameMeta};
 use xdpilone::{DeviceQueue, IfInfo, RingRx, Socket, SocketConfig, Umem, UmemConfig, User};
 
+use crate::sys::{Capability, CapabilityError};
+
 /// Headroom the kernel keeps in front of a frame in each UMEM frame (`XDP_PACKET_HEADROOM`);
 /// the XDP metadata lives in it.
 pub const XDP_PACKET_HEADROOM: u32 = 256;
@@ -118,6 +120,39 @@ pub enum XskError {
     Socket { interface: String, queue: u32, step: &'static str, errno: String },
     #[error("zero-copy AF_XDP is required but {interface} queue {queue} does not support it: {errno}")]
     NoZeroCopy { interface: String, queue: u32, errno: String },
+    /// Without CAP_IPC_LOCK, the kernel counts each UMEM against RLIMIT_MEMLOCK.
+    #[error(
+        "cannot register the UMEM of {interface} queue {queue} ({}): it is over the locked-memory \
+         limit (RLIMIT_MEMLOCK = {}) and this process lacks CAP_IPC_LOCK: grant CAP_IPC_LOCK, raise \
+         LimitMEMLOCK, or use a smaller ring size (--ring-size, interfaces.<alias>.ring_size)",
+        Size(*bytes as u64),
+        limit.map_or_else(|| "unknown".to_owned(), |l| Size(l).to_string())
+    )]
+    MemlockLimit {
+        interface: String,
+        queue: u32,
+        bytes: usize,
+        limit: Option<u64>,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kernel refused, and the process lacks a capability the step needs.
+    #[error(transparent)]
+    Capability(Box<CapabilityError>),
+}
+
+/// A byte count for messages: `16 MiB`, `6 MiB`, `640 KiB`, `100 bytes`.
+struct Size(u64);
+
+impl std::fmt::Display for Size {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            n if n >= 1 << 20 && n % (1 << 20) == 0 => write!(f, "{} MiB", n >> 20),
+            n if n >= 1 << 20 => write!(f, "{:.1} MiB", n as f64 / f64::from(1 << 20)),
+            n if n >= 1 << 10 && n % (1 << 10) == 0 => write!(f, "{} KiB", n >> 10),
+            n => write!(f, "{n} bytes"),
+        }
+    }
 }
 
 /// Counters of one socket, from the kernel (`XDP_STATISTICS`).
@@ -249,7 +284,8 @@ impl XskSocket {
             return Err(if config.zero_copy == ZeroCopy::Required && step == "bind" {
                 XskError::NoZeroCopy { interface: interface.to_owned(), queue, errno: errno.to_string() }
             } else {
-                err(step, errno)
+                Self::refusal(interface, queue, bytes, step, errno.get_raw())
+                    .unwrap_or_else(|| err(step, errno))
             });
         };
         let rx = user.map_rx().map_err(|e| err("RX ring mapping", e))?;
@@ -271,6 +307,37 @@ impl XskSocket {
         }
         log::info!("AF_XDP socket on {interface} queue {queue} bound in {mode} mode");
         Ok(Self { queue, mode, rx, device, user, _umem: umem, area })
+    }
+
+    /// What a refused step means when the process lacks a capability: a UMEM over the
+    /// locked-memory limit without CAP_IPC_LOCK (the kernel counts the UMEMs of all the
+    /// user's processes against RLIMIT_MEMLOCK and answers ENOBUFS), or an AF_XDP socket
+    /// without CAP_NET_RAW (EPERM). `None` when it is something else.
+    fn refusal(
+        interface: &str,
+        queue: u32,
+        bytes: usize,
+        step: &'static str,
+        errno: i32,
+    ) -> Option<XskError> {
+        let source = std::io::Error::from_raw_os_error(errno);
+        if step == "UMEM registration"
+            && errno == libc::ENOBUFS
+            && !crate::sys::missing_capabilities(&[Capability::IpcLock]).is_empty()
+        {
+            let limit = crate::sys::memlock_limit();
+            return Some(XskError::MemlockLimit {
+                interface: interface.to_owned(),
+                queue,
+                bytes,
+                limit,
+                source,
+            });
+        }
+        let step = format!("open an AF_XDP socket on {interface} queue {queue} ({step})");
+        CapabilityError::check(step, &[Capability::NetRaw], errno == libc::EPERM, source)
+            .ok()
+            .map(|missing| XskError::Capability(Box::new(missing)))
     }
 
     /// Registers the UMEM on a new socket, sets up its rings and binds it with `flags`.

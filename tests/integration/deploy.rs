@@ -310,10 +310,16 @@ const ALL_CAPABILITIES: [&str; 41] = [
 
 /// Runs a one-second capture on the capture end of `veth` as user nobody with exactly `caps`
 /// (ambient, permitted, effective and bounding set, no new privileges), as systemd runs the
-/// unit, under a memlock limit of [`TEST_MEMLOCK_BYTES`]. Returns whether it succeeded, and
-/// its log. (capsh, from libcap2-bin: Debian 12's setpriv does not know CAP_BPF and
-/// CAP_PERFMON.)
-fn capture_with(veth: &VethPair, caps: &[&str], ring_size: &str, dir: &std::path::Path) -> (bool, String) {
+/// unit, under a memlock limit of [`TEST_MEMLOCK_BYTES`], with `filter`. Returns whether it
+/// succeeded, and its log. (capsh, from libcap2-bin: Debian 12's setpriv does not know CAP_BPF
+/// and CAP_PERFMON.)
+fn capture_with(
+    veth: &VethPair,
+    caps: &[&str],
+    ring_size: &str,
+    dir: &std::path::Path,
+    filter: &[&str],
+) -> (bool, String) {
     let keep: Vec<String> = caps.iter().map(|c| c.to_ascii_lowercase()).collect();
     let drop: Vec<String> =
         ALL_CAPABILITIES.iter().map(|c| format!("cap_{c}")).filter(|c| !keep.contains(c)).collect();
@@ -339,9 +345,7 @@ fn capture_with(veth: &VethPair, caps: &[&str], ring_size: &str, dir: &std::path
         .args(["--ring-size", ring_size])
         .arg("--write")
         .arg(dir.join("capture.pcap"))
-        // A filter with indexed loads (the port after a variable IPv4 header), so that the
-        // generated filter program is verified under these capabilities too.
-        .args(["tcp", "port", "80"])
+        .args(filter)
         .env("RUST_LOG", "info")
         .output()
         .expect("run prlimit (util-linux) and capsh (libcap2-bin)");
@@ -351,6 +355,15 @@ fn capture_with(veth: &VethPair, caps: &[&str], ring_size: &str, dir: &std::path
     (out.status.success(), log)
 }
 
+/// A filter with indexed loads (the port after a variable IPv4 header), so that the generated
+/// filter program is verified under the capabilities tried too.
+const FILTER: [&str; 3] = ["tcp", "port", "80"];
+
+/// The last line of a log: the error a failed capture ends with.
+fn last_line(log: &str) -> &str {
+    log.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("")
+}
+
 #[test]
 fn a_capture_runs_with_the_units_capabilities_and_needs_each_one() {
     let veth = VethPair::new(1);
@@ -358,22 +371,42 @@ fn a_capture_runs_with_the_units_capabilities_and_needs_each_one() {
     std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
 
     // All five, and a UMEM larger than the memlock limit: CAP_IPC_LOCK exempts it.
-    let (ok, log) = capture_with(&veth, &CAPABILITIES, RING_16_MIB, dir.path());
+    let (ok, log) = capture_with(&veth, &CAPABILITIES, RING_16_MIB, dir.path(), &FILTER);
     assert!(ok, "a capture as an unprivileged user with {CAPABILITIES:?} fails:\n{log}");
     assert!(log.contains("attached to"), "the capture attached XDP and bound its socket:\n{log}");
     // No CAP_SYS_NICE: a thread may pin itself.
     assert!(log.contains("pinned to core 0"), "the writer pinned itself without CAP_SYS_NICE:\n{log}");
 
-    // Without any one of them, it fails.
+    // Without any one of them, it fails, and says which one it lacks.
     for missing in CAPABILITIES {
         let fewer: Vec<&str> = CAPABILITIES.into_iter().filter(|c| *c != missing).collect();
-        let (ok, log) = capture_with(&veth, &fewer, RING_16_MIB, dir.path());
+        let (ok, log) = capture_with(&veth, &fewer, RING_16_MIB, dir.path(), &FILTER);
         assert!(!ok, "a capture without {missing} succeeds, so the unit need not grant it:\n{log}");
-        eprintln!("without {missing}: {}", log.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or(""));
+        let error = last_line(&log);
+        eprintln!("without {missing}: {error}");
+        assert!(
+            error.contains(&format!("lacks {missing}")),
+            "the error names the missing {missing}: {error}"
+        );
+        if missing == "CAP_IPC_LOCK" {
+            // The UMEM over the limit: by how much, and what to do.
+            for words in ["UMEM", "(16 MiB)", "RLIMIT_MEMLOCK = 6 MiB", "LimitMEMLOCK", "--ring-size"] {
+                assert!(error.contains(words), "the memlock error says {words:?}: {error}");
+            }
+        }
+    }
+    // Without a filter, the XDP program itself is loaded and attached first (as the daemon
+    // does); what it lacks is named there too.
+    for missing in ["CAP_BPF", "CAP_NET_ADMIN"] {
+        let fewer: Vec<&str> = CAPABILITIES.into_iter().filter(|c| *c != missing).collect();
+        let (ok, log) = capture_with(&veth, &fewer, RING_16_MIB, dir.path(), &[]);
+        let error = last_line(&log);
+        eprintln!("without {missing} and a filter: {error}");
+        assert!(!ok && error.contains(&format!("lacks {missing}")), "the error names {missing}: {error}");
     }
     // Without CAP_IPC_LOCK only the memlock limit stands in the way: a UMEM below it works,
     // which is what LimitMEMLOCK=infinity gives any size.
     let without_lock: Vec<&str> = CAPABILITIES.into_iter().filter(|c| *c != "CAP_IPC_LOCK").collect();
-    let (ok, log) = capture_with(&veth, &without_lock, RING_2_MIB, dir.path());
+    let (ok, log) = capture_with(&veth, &without_lock, RING_2_MIB, dir.path(), &FILTER);
     assert!(ok, "without CAP_IPC_LOCK a UMEM under the memlock limit is enough:\n{log}");
 }

@@ -61,6 +61,9 @@ pub enum FilterError {
     /// The kernel verifier refused the program; `message` ends with its reason.
     #[error("the kernel verifier refused the filter program: {message}")]
     Verifier { message: String },
+    /// The kernel refused to load the program, and the process lacks a capability it needs.
+    #[error(transparent)]
+    Capability(Box<crate::sys::CapabilityError>),
     #[error("cannot run the filter program on a frame (BPF_PROG_TEST_RUN)")]
     TestRun {
         #[source]

@@ -27,9 +27,12 @@ use super::{
     CbpfProgram, FilterError,
     ebpf::{self, Insn, SCRATCH_BASE, asm::*, op::*},
 };
+use crate::sys::{self, CapabilityError};
 
 /// Name of the generated program.
 const PROGRAM: &str = "tapstream_filter";
+/// What failed, in a message naming a missing capability.
+const LOAD_STEP: &str = "load the filter program";
 /// Name of its program array, whose slot 0 holds `tapstream_redirect`.
 const NEXT_MAP: &str = "NEXT";
 /// `BPF_MAP_TYPE_PROG_ARRAY`.
@@ -193,12 +196,26 @@ impl LoadedFilter {
     pub fn load(captures: &[CaptureFilter<'_>]) -> Result<Self, FilterError> {
         let instructions = Instructions::build(captures)?;
         let elf = instructions.to_elf();
-        let mut ebpf = Ebpf::load(&elf).map_err(|e| FilterError::Load { reason: e.to_string() })?;
+        let mut ebpf = Ebpf::load(&elf).map_err(|e| {
+            let refused = sys::refused(&e);
+            match CapabilityError::check(LOAD_STEP, &sys::BPF_LOAD_CAPABILITIES, refused, e) {
+                Ok(missing) => FilterError::Capability(Box::new(missing)),
+                Err(e) => FilterError::Load { reason: e.to_string() },
+            }
+        })?;
         let program: &mut Xdp = ebpf
             .program_mut(PROGRAM)
             .and_then(|p| p.try_into().ok())
             .ok_or_else(|| FilterError::Load { reason: "the generated object has no XDP program".into() })?;
-        program.load().map_err(|e| FilterError::Verifier { message: verifier_message(&e) })?;
+        program.load().map_err(|e| {
+            // The verifier refuses with EACCES when CAP_PERFMON is missing (pointer arithmetic).
+            let refused = sys::refused(&e);
+            let verifier = FilterError::Verifier { message: verifier_message(&e) };
+            match CapabilityError::check(LOAD_STEP, &sys::BPF_LOAD_CAPABILITIES, refused, verifier) {
+                Ok(missing) => FilterError::Capability(Box::new(missing)),
+                Err(verifier) => verifier,
+            }
+        })?;
         Ok(Self { ebpf, insns: instructions.len() })
     }
 

@@ -10,7 +10,7 @@ use std::{
     collections::BTreeMap,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     thread::JoinHandle,
     time::Duration,
@@ -56,6 +56,8 @@ pub struct StoreOutput {
     failed: Arc<Mutex<Option<UploadError>>>,
     /// Set when the store has failed for good and chunks only go to the spool.
     gave_up: Arc<AtomicBool>,
+    /// Packets that found the spool full after the store failed, counted as they are lost.
+    lost: Arc<AtomicU64>,
 }
 
 /// The uploader of a running capture, until the store fails for good; then the spool alone.
@@ -66,8 +68,8 @@ struct Store<S: Sink> {
     compression: crate::compress::Compression,
     /// The error that made the store give up.
     failure: Option<UploadError>,
-    /// Packets that found the spool full after the failure.
-    lost: u64,
+    /// Packets that found the spool full after the failure (read live by [`StoreOutput`]).
+    lost: Arc<AtomicU64>,
     gave_up: Arc<AtomicBool>,
 }
 
@@ -76,7 +78,7 @@ impl<S: Sink> Store<S> {
     async fn deliver(&mut self, seq: u64, chunk: CompressedChunk) -> Result<(), UploadError> {
         let Some(uploader) = self.uploader.as_mut() else {
             if !self.spool.put(seq, &chunk).map_err(|e| self.spool_error(e))? {
-                self.lost += chunk.packets;
+                self.lost.fetch_add(chunk.packets, Ordering::Relaxed);
             }
             return Ok(());
         };
@@ -154,7 +156,7 @@ impl<S: Sink> Store<S> {
             chunks,
             bytes,
             dir: self.spool.dir().display().to_string(),
-            lost: LostPackets(self.lost),
+            lost: LostPackets(self.lost.load(Ordering::Relaxed)),
         })
     }
 }
@@ -275,13 +277,14 @@ impl<S: Sink> PreparedStore<S> {
         drop(done_tx);
         let age_check = config.object_max_age.min(Duration::from_secs(1));
         let gave_up = Arc::new(AtomicBool::new(false));
+        let lost = Arc::new(AtomicU64::new(0));
         let mut store = Store {
             uploader: Some(uploader),
             spool: spool.clone(),
             owner: owner.clone(),
             compression: config.compression,
             failure: None,
-            lost: 0,
+            lost: lost.clone(),
             gave_up: gave_up.clone(),
         };
         let task = runtime.spawn(async move {
@@ -349,20 +352,37 @@ impl<S: Sink> PreparedStore<S> {
             next_seq: 0,
             failed,
             gave_up,
+            lost,
         })
     }
 }
 
 impl StoreOutput {
     /// Hands a chunk on for compression and upload; waits while the compression threads are
-    /// all busy. Returns the chunk if the stage has failed (its frames are then lost).
-    pub fn write(&mut self, chunk: Chunk) -> Result<(), Chunk> {
+    /// all busy (a slow or unreachable store with a full spool), calling `waiting` every
+    /// `every` meanwhile, so that the caller can report what happens during the wait (the
+    /// writers' drops). Returns the chunk if the stage has failed (its frames are then lost).
+    pub fn write(&mut self, chunk: Chunk, every: Duration, mut waiting: impl FnMut()) -> Result<(), Chunk> {
         let seq = self.next_seq;
         self.next_seq += 1;
-        match &self.chunks {
-            Some(tx) => tx.send((seq, chunk)).map_err(|e| e.into_inner().1),
-            None => Err(chunk),
+        let Some(tx) = &self.chunks else { return Err(chunk) };
+        let mut item = (seq, chunk);
+        loop {
+            match tx.send_timeout(item, every) {
+                Ok(()) => return Ok(()),
+                Err(crossbeam_channel::SendTimeoutError::Timeout(back)) => {
+                    item = back;
+                    waiting();
+                }
+                Err(crossbeam_channel::SendTimeoutError::Disconnected((_, chunk))) => return Err(chunk),
+            }
         }
+    }
+
+    /// The packets lost so far because the spool was full after the store had failed for
+    /// good: a counter that goes on counting until [`Self::finish`] returns.
+    pub fn lost_packets(&self) -> Arc<AtomicU64> {
+        self.lost.clone()
     }
 
     /// Whether the uploader has stopped (failed) early, or the store has failed for good.
