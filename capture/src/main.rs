@@ -900,7 +900,11 @@ fn print_summary(s: &CaptureSummary) {
     println!("capture {} on {} ended: {}", s.id, s.interface, s.stop_reason);
     println!("  {} packets, {} bytes in {:.1} s", s.packets, s.bytes, s.elapsed_secs);
     if s.outputs.is_empty() {
-        println!("  no packets captured: nothing stored");
+        if s.packets == 0 {
+            println!("  no packets captured: nothing stored");
+        } else {
+            println!("  no object finished (see the error below)");
+        }
     }
     for output in &s.outputs {
         println!("  stored: {output}");
@@ -910,7 +914,10 @@ fn print_summary(s: &CaptureSummary) {
         s.dropped_writer, s.dropped_kernel, s.redirect_errors, s.truncated
     );
     if s.dropped_spool_full > 0 {
-        println!("  lost: {} packets found the spool full after the store failed", s.dropped_spool_full);
+        println!(
+            "  lost: {} packets found the spool full while the store was unreachable",
+            s.dropped_spool_full
+        );
     }
     if let Some(error) = &s.error {
         println!("  error: {error}");

@@ -115,7 +115,8 @@ pub struct CaptureSummary {
     /// Frames of this capture lost in the writers (chunk queue full or no buffer), or because
     /// its output failed (the frames of every chunk it could not store).
     pub dropped_writer: u64,
-    /// Frames of this capture lost because the spool was full once the store had failed.
+    /// Frames of this capture lost because their chunks found the spool full (the store behind
+    /// or failed).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub dropped_spool_full: u64,
     /// Frames the AF_XDP sockets lost (all captures; kernel counters).
@@ -324,7 +325,7 @@ impl Out {
         }
     }
 
-    /// Packets lost to a full spool after the store failed.
+    /// Packets lost to a full spool while the store was behind or had failed.
     fn lost(&self) -> u64 {
         self.lost_counter().map_or(0, |l| l.load(Ordering::Relaxed))
     }

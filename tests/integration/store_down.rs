@@ -398,3 +398,104 @@ fn a_leftover_spool_for_a_store_that_is_down_waits_for_it_without_holding_up_the
     );
     assert_eq!(spooled_chunks(spool.path()), 0, "nothing is left in the spool");
 }
+
+#[test]
+fn a_capture_whose_spool_is_full_loses_its_own_chunks_and_no_other_capture_loses_a_frame() {
+    let veth = VethPair::new(1);
+    let mut garage = Garage::start_in(&veth.capture_ns);
+    let prefix = unique_name("full");
+    let (bucket, endpoint, region) = (garage.bucket.clone(), garage.endpoint.clone(), garage.region.clone());
+    let store_prefix = prefix.clone();
+    garage.stop();
+    // One compressed chunk in memory, a spool that holds none, and an outage allowed to last:
+    // the S3 capture's chunks find nowhere to wait.
+    let daemon = TestDaemon::start_with_store(
+        &veth,
+        "",
+        move |d| {
+            format!(
+                "destinations = [\"s3://{bucket}/{store_prefix}\", \"{d}/store\"]\ns3_endpoint = \"{endpoint}\"\n\
+                 s3_region = \"{region}\"\ns3_path_style = true\ncompression = \"1\"\nupload_queue = 1\n\
+                 spool_max_bytes = 1\noutage_max_secs = 600\nspool_dir = \"{d}/spool\"\n"
+            )
+        },
+        garage.aws_env(),
+    );
+    let client = daemon.client();
+    let canary = daemon.start_capture(&[
+        "-i",
+        "tap",
+        "--destination",
+        "local",
+        "--duration",
+        "300s",
+        "--id",
+        "canary",
+        "not",
+        "ether",
+        "proto",
+        "0x88b5",
+    ]);
+    let full = daemon.start_capture(&["-i", "tap", "--duration", "300s", "--id", "full", S3_FILTER]);
+
+    // About 8 MB for the S3 capture, then the corpus for the canary.
+    let frames = random_frames(6_000, 31);
+    send_frames(&Sender::new(&veth), &frames);
+    let corpus: Vec<Vec<u8>> = sendable(&veth).into_iter().map(|f| f.data).collect();
+    let canary_sent = send_until(&veth, corpus, Arc::new(AtomicBool::new(true))).join().unwrap();
+
+    // The canary goes on capturing while the other capture's chunks have nowhere to go.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let progress = client.status(&canary).unwrap().progress;
+        if progress.packets == canary_sent.len() as u64 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the canary's progress stopped at {} of {} frames while the S3 capture's spool was full",
+            progress.packets,
+            canary_sent.len()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    client.stop(&canary).unwrap();
+    let info = daemon.wait(&canary);
+    let summary = info.summary.clone().unwrap_or_else(|| panic!("{info:?}"));
+    assert_eq!(
+        (summary.packets, summary.dropped_writer, summary.dropped_kernel),
+        (canary_sent.len() as u64, 0, 0)
+    );
+    let mut objects: Vec<_> = walk(&daemon.dir.path().join("store/testnode/canary"))
+        .into_iter()
+        .filter(|p| p.to_string_lossy().ends_with(".pcap.zst"))
+        .collect();
+    objects.sort();
+    let stored: Vec<Vec<u8>> = objects
+        .iter()
+        .flat_map(|o| records(&zstd_d(&std::fs::read(o).unwrap())).into_iter().map(|(_, d)| d))
+        .collect();
+    assert!(stored == canary_sent, "the canary stored every frame sent to it, in order");
+
+    // The S3 capture lost its own chunks, counted as they were lost; what it kept goes up
+    // once the store is back.
+    let progress = client.status(&full).unwrap().progress;
+    assert!(progress.dropped > 0, "the losses show while the capture runs: {progress:?}");
+    garage.resume();
+    client.stop(&full).unwrap();
+    let info = daemon.wait(&full);
+    let summary = info.summary.clone().unwrap_or_else(|| panic!("{info:?}"));
+    assert!(summary.dropped_spool_full > 0, "{summary:?}");
+    assert_eq!(
+        summary.packets + summary.dropped_spool_full + summary.dropped_writer,
+        frames.len() as u64,
+        "stored + lost = sent: {summary:?}"
+    );
+    let got = frames_in_objects(&veth.capture_ns, &garage, &summary.outputs);
+    assert_eq!(got.len() as u64, summary.packets, "the objects hold the packets the summary counts");
+    let mut rest = frames.iter();
+    assert!(
+        got.iter().all(|g| rest.any(|f| f == g)),
+        "what is stored is frames sent, in order, whole chunks missing"
+    );
+}

@@ -183,6 +183,8 @@ struct State {
     files: BTreeMap<u64, u64>,
     bytes: u64,
     spooled: u64,
+    /// Chunks that found the spool full and were dropped: the uploader passes over them.
+    lost: std::collections::BTreeSet<u64>,
 }
 
 impl Spool {
@@ -213,7 +215,7 @@ impl Spool {
         &self.dir
     }
 
-    /// Stores chunk `seq`; false if the spool is full (the caller must wait instead).
+    /// Stores chunk `seq`; false if the spool is full (see [`Spool::mark_lost`]).
     pub fn put(&self, seq: u64, chunk: &CompressedChunk) -> std::io::Result<bool> {
         self.put_within(seq, chunk, true)
     }
@@ -265,6 +267,17 @@ impl Spool {
         debug_assert_eq!((HEADER + chunk.data.len()) as u64, len);
         std::fs::remove_file(&path)?;
         Ok(Some(chunk))
+    }
+
+    /// Notes that chunk `seq` found the spool full and was dropped, so that the uploader,
+    /// which takes chunks in order, passes over it instead of waiting for it.
+    pub fn mark_lost(&self, seq: u64) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).lost.insert(seq);
+    }
+
+    /// Whether chunk `seq` was dropped ([`Spool::mark_lost`]); forgets it (it is asked once).
+    pub fn take_lost(&self, seq: u64) -> bool {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).lost.remove(&seq)
     }
 
     /// Whether chunk `seq` is in the spool.

@@ -56,7 +56,8 @@ pub struct StoreOutput {
     failed: Arc<Mutex<Option<UploadError>>>,
     /// Set when the store has failed for good and chunks only go to the spool.
     gave_up: Arc<AtomicBool>,
-    /// Packets that found the spool full after the store failed, counted as they are lost.
+    /// Packets whose chunks found the spool full (the store behind or failed), counted as
+    /// they are lost.
     lost: Arc<AtomicU64>,
 }
 
@@ -68,7 +69,7 @@ struct Store<S: Sink> {
     compression: crate::compress::Compression,
     /// The error that made the store give up.
     failure: Option<UploadError>,
-    /// Packets that found the spool full after the failure (read live by [`StoreOutput`]).
+    /// Packets whose chunks found the spool full (read live by [`StoreOutput`]).
     lost: Arc<AtomicU64>,
     gave_up: Arc<AtomicBool>,
 }
@@ -263,21 +264,22 @@ impl<S: Sink> PreparedStore<S> {
         let (done_tx, mut done_rx) = mpsc::channel::<(u64, CompressedChunk)>(options.memory_chunks.max(1));
         let (chunk_tx, chunk_rx) = crossbeam_channel::bounded::<(u64, Chunk)>(threads.max(1) * 2);
         let failed = Arc::new(Mutex::new(None));
+        // Packets lost to a full spool, counted live (progress shows them as they happen).
+        let lost = Arc::new(AtomicU64::new(0));
         let mut workers = Vec::new();
         for i in 0..threads.max(1) {
             let (rx, tx, pool, failed) = (chunk_rx.clone(), done_tx.clone(), pool.clone(), failed.clone());
-            let spool = spool.clone();
+            let (spool, lost) = (spool.clone(), lost.clone());
             let compression = config.compression;
             let worker = std::thread::Builder::new()
                 .name(format!("tapstream-zstd{i}"))
-                .spawn(move || compress_loop(compression, &rx, &tx, &pool, &spool, &failed))
+                .spawn(move || compress_loop(compression, &rx, &tx, &pool, &spool, &failed, &lost))
                 .map_err(|e| UploadError::Task(format!("cannot start a compression thread: {e}")))?;
             workers.push(worker);
         }
         drop(done_tx);
         let age_check = config.object_max_age.min(Duration::from_secs(1));
         let gave_up = Arc::new(AtomicBool::new(false));
-        let lost = Arc::new(AtomicU64::new(0));
         let mut store = Store {
             uploader: Some(uploader),
             spool: spool.clone(),
@@ -315,6 +317,11 @@ impl<S: Sink> PreparedStore<S> {
                 loop {
                     let chunk = match waiting.remove(&next) {
                         Some(c) => c,
+                        // It found the spool full: lost, and counted.
+                        None if spool.take_lost(next) => {
+                            next += 1;
+                            continue;
+                        }
                         None if !spool.contains(next) => break,
                         // Once the store has failed, spooled chunks stay where they are.
                         None if store.uploader.is_none() => {
@@ -359,7 +366,7 @@ impl<S: Sink> PreparedStore<S> {
 
 impl StoreOutput {
     /// Hands a chunk on for compression and upload; waits while the compression threads are
-    /// all busy (a slow or unreachable store with a full spool), calling `waiting` every
+    /// all busy (compression slower than the capture), calling `waiting` every
     /// `every` meanwhile, so that the caller can report what happens during the wait (the
     /// writers' drops). Returns the chunk if the stage has failed (its frames are then lost).
     pub fn write(&mut self, chunk: Chunk, every: Duration, mut waiting: impl FnMut()) -> Result<(), Chunk> {
@@ -379,8 +386,8 @@ impl StoreOutput {
         }
     }
 
-    /// The packets lost so far because the spool was full after the store had failed for
-    /// good: a counter that goes on counting until [`Self::finish`] returns.
+    /// The packets lost so far because their chunks found the spool full, the store being
+    /// behind or failed: a counter that goes on counting until [`Self::finish`] returns.
     pub fn lost_packets(&self) -> Arc<AtomicU64> {
         self.lost.clone()
     }
@@ -412,6 +419,7 @@ fn compress_loop(
     pool: &ChunkPool,
     spool: &Spool,
     failed: &Mutex<Option<UploadError>>,
+    lost: &AtomicU64,
 ) {
     let mut compressor = match Compressor::new(compression) {
         Ok(c) => c,
@@ -446,10 +454,12 @@ fn compress_loop(
                 };
                 match spool.put(seq, &done) {
                     Ok(true) => {}
+                    // The spool is full too: this capture loses the chunk, counted. Waiting
+                    // instead would stall the thread that hands every capture on the
+                    // interface its chunks, and the others would lose frames for this one.
                     Ok(false) => {
-                        if out.blocking_send((seq, done)).is_err() {
-                            chunk.capture.count_dropped(packets);
-                        }
+                        spool.mark_lost(seq);
+                        lost.fetch_add(packets, Ordering::Relaxed);
                     }
                     Err(e) => {
                         log::error!("cannot spool a chunk: {e}");
