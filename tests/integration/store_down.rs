@@ -347,6 +347,8 @@ fn a_leftover_spool_for_a_store_that_is_down_waits_for_it_without_holding_up_the
     .map(String::from)
     .to_vec();
     args.extend(s3_args(&garage));
+    // Frames come in bursts of 1,500: a UMEM that holds more loses none of them.
+    args.extend(["--ring-size".to_owned(), CORPUS_RING_SIZE.to_string()]);
     args.extend(S3_FILTER.split(' ').map(String::from));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut run = Running::start_with_env(&veth.capture_ns, &args, &garage.aws_env());

@@ -611,8 +611,12 @@ fn credentials_revoked_mid_capture_spool_what_is_unconfirmed_and_the_next_start_
     let prefix = unique_name("rvk");
     let url = format!("s3://{}/{prefix}", garage.bucket);
     let store_args = s3_args(&garage);
+    // The frames come in bursts of up to 8,000 (the test's debug build writes slower than the
+    // sender sends): a ring whose UMEM holds a whole burst loses none of them.
+    let ring = CORPUS_RING_SIZE.to_string();
     let args = |id: &str, extra: &[&str]| {
-        let extra = [&["--parts-in-flight", "2", "--rotate-age", "20s"], extra].concat();
+        let extra =
+            [&["--parts-in-flight", "2", "--rotate-age", "20s", "--ring-size", &ring], extra].concat();
         multipart_capture_args(&veth, &store_args, &url, id, spool.path(), &extra)
     };
     let first = args("revoked", &["--duration", "120s"]);
