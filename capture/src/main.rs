@@ -10,7 +10,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
 use tapstream::{
-    capture::{CaptureSpec, DEFAULT_SNAPLEN, Limits},
+    capture::{CaptureSpec, DEFAULT_SNAPLEN, Limits, StopReason},
     config::{Config, InterfaceSection},
     control::{CaptureInfo, CaptureRequest, CaptureState, client::Client, server},
     daemon::Daemon,
@@ -720,7 +720,8 @@ fn control(action: CaptureAction) -> anyhow::Result<()> {
                 eprintln!("capture {} started on {} ({})", info.id, info.interface, info.device);
             }
             let info = wait_for(&client, &info.id, !args.client.json && std::io::stderr().is_terminal())?;
-            show(&info, args.client.json)
+            show(&info, args.client.json)?;
+            ended_well(&info)
         }
         CaptureAction::List(client_args) => {
             let all = Client::new(&client_args.socket).list()?;
@@ -754,14 +755,30 @@ fn control(action: CaptureAction) -> anyhow::Result<()> {
             let client = Client::new(&a.client.socket);
             client.stop(&a.id)?;
             let info = wait_for(&client, &a.id, false)?;
-            show(&info, a.client.json)
+            show(&info, a.client.json)?;
+            ended_well(&info)
         }
         CaptureAction::Wait(a) => {
             let client = Client::new(&a.client.socket);
             let info = wait_for(&client, &a.id, !a.client.json && std::io::stderr().is_terminal())?;
-            show(&info, a.client.json)
+            show(&info, a.client.json)?;
+            ended_well(&info)
         }
     }
+}
+
+/// An error (so a non-zero exit) for a capture that ended on an error (a removed interface, a
+/// failed output) or failed, after its summary is printed: scripts that wait for a capture
+/// learn that it is incomplete.
+fn ended_well(info: &CaptureInfo) -> anyhow::Result<()> {
+    let error = match (&info.state, &info.summary) {
+        (CaptureState::Failed, _) => info.error.clone().unwrap_or_else(|| "failed".into()),
+        (_, Some(summary)) if summary.stop_reason == StopReason::Error => {
+            summary.error.clone().or_else(|| info.error.clone()).unwrap_or_else(|| "ended on an error".into())
+        }
+        _ => return Ok(()),
+    };
+    bail!("capture {} did not end well: {error}", info.id)
 }
 
 /// Waits for a capture to end; on a terminal, with a progress line against its limits.

@@ -116,6 +116,13 @@ fn a_removed_device_ends_its_captures_with_an_error_and_is_attached_again_when_i
     assert!(!summary.outputs.is_empty(), "{summary:?}");
     assert_eq!(summary.packets, sent.len() as u64);
     assert!(daemon.stored(&id) == data(&sent), "every frame taken before the removal is stored");
+    // A script that waits for the capture learns that it is incomplete: the summary, then a
+    // non-zero exit naming the cause.
+    let out = daemon.cli(&["wait", &id]);
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "capture wait exits 0 for a capture that ended on an error:\n{stdout}");
+    assert!(stdout.contains(&format!("capture {id} on {} ended: error", veth.capture_if)), "{stdout}");
+    assert!(stderr.contains(&format!("capture {id} did not end well: {removed}")), "{stderr}");
 
     // While the device is missing: shown absent, new captures refused.
     assert_eq!(interface_states(&daemon), [("tap".to_owned(), veth.capture_if.clone(), "absent".to_owned())]);
