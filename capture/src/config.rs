@@ -28,6 +28,22 @@ pub enum ConfigError {
     Invalid { field: String, message: String },
 }
 
+/// A UMEM frame size, in bytes: 2048 or 4096 (the file's `frame_size_bytes`, the CLI's
+/// `--frame-size`).
+pub fn check_frame_size(bytes: u32) -> Result<u32, String> {
+    if [2048, 4096].contains(&bytes) { Ok(bytes) } else { Err(format!("{bytes} is not 2048 or 4096")) }
+}
+
+/// Entries of a socket's RX and fill rings: a power of two from 64 to 2^20 (the file's
+/// `ring_size`, the CLI's `--ring-size`).
+pub fn check_ring_size(entries: u32) -> Result<u32, String> {
+    if entries.is_power_of_two() && (64..=1 << 20).contains(&entries) {
+        Ok(entries)
+    } else {
+        Err(format!("{entries} is not a power of two from 64 to 1048576"))
+    }
+}
+
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { field: field.into(), message: message.into() }
 }
@@ -321,18 +337,8 @@ impl Config {
                     format!("{} is already captured under another alias", i.device),
                 ));
             }
-            if ![2048, 4096].contains(&i.frame_size_bytes) {
-                return Err(invalid(
-                    field("frame_size_bytes"),
-                    format!("{} is not 2048 or 4096", i.frame_size_bytes),
-                ));
-            }
-            if !i.ring_size.is_power_of_two() || !(64..=1 << 20).contains(&i.ring_size) {
-                return Err(invalid(
-                    field("ring_size"),
-                    format!("{} is not a power of two from 64 to 1048576", i.ring_size),
-                ));
-            }
+            check_frame_size(i.frame_size_bytes).map_err(|m| invalid(field("frame_size_bytes"), m))?;
+            check_ring_size(i.ring_size).map_err(|m| invalid(field("ring_size"), m))?;
             if i.queues == Some(0) {
                 return Err(invalid(field("queues"), "must be at least 1"));
             }

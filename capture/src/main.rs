@@ -86,12 +86,12 @@ struct CaptureArgs {
     #[arg(long, value_enum, default_value = "auto")]
     zero_copy: ZeroCopyArg,
     /// UMEM frame size: 2048 or 4096 (longer frames are cut and counted).
-    #[arg(long, default_value_t = 4096, value_parser = parse_frame_size)]
+    #[arg(long, default_value_t = InterfaceSection::default().frame_size_bytes, value_parser = parse_frame_size)]
     frame_size: u32,
-    /// Entries of each socket's RX and fill rings (a power of two). The UMEM holds half as
+    /// Entries of each socket's RX and fill rings (a power of two, 64 to 2^20). The UMEM holds half as
     /// many frames, all lent to the kernel: that is how many frames a queue buffers while its
     /// writer is busy (memory per queue: ring size / 2 x frame size, 16 MiB by default).
-    #[arg(long, default_value_t = 8192, value_parser = parse_ring_size)]
+    #[arg(long, default_value_t = InterfaceSection::default().ring_size, value_parser = parse_ring_size)]
     ring_size: u32,
     /// RX queues to capture (default: all the device has).
     #[arg(long)]
@@ -393,19 +393,18 @@ fn parse_tag(s: &str) -> Result<(String, String), String> {
     check_tag(k, v)
 }
 
+/// A ring size, checked as the configuration file's `ring_size` is.
 fn parse_ring_size(s: &str) -> Result<u32, String> {
-    match s.parse::<u32>() {
-        Ok(n) if n.is_power_of_two() && (64..=65536).contains(&n) => Ok(n),
-        _ => Err(format!("ring size must be a power of two from 64 to 65536, not {s}")),
-    }
+    s.parse::<u32>()
+        .map_err(|_| format!("{s:?} is not a number"))
+        .and_then(tapstream::config::check_ring_size)
 }
 
+/// A frame size, checked as the configuration file's `frame_size_bytes` is.
 fn parse_frame_size(s: &str) -> Result<u32, String> {
-    match s {
-        "2048" => Ok(2048),
-        "4096" => Ok(4096),
-        _ => Err(format!("frame size must be 2048 or 4096, not {s}")),
-    }
+    s.parse::<u32>()
+        .map_err(|_| format!("{s:?} is not a number"))
+        .and_then(tapstream::config::check_frame_size)
 }
 
 /// Parses a byte count with an optional unit: K/M/G are powers of 1000, KiB/MiB/GiB of 1024.
@@ -963,6 +962,48 @@ mod tests {
         assert_eq!(parse_time("1970-01-01T00:00:01Z"), Ok(1_000_000_000));
         assert!(parse_time("1.1234567891").is_err());
         assert!(parse_time("yesterday").unwrap_err().contains("not a time"));
+    }
+
+    /// Each flag of the one-shot capture defaults to what the configuration file defaults to,
+    /// and takes the values the file takes.
+    #[test]
+    fn flags_default_to_the_configuration_files_defaults() {
+        let Command::Capture(cli) =
+            Cli::try_parse_from(["tapstream", "capture", "-i", "eth9", "-w", "x.pcap"])
+                .expect("parse")
+                .command
+        else {
+            panic!("not a capture")
+        };
+        let args = cli.oneshot;
+        assert_eq!(store_settings(&args), StoreSettings::default());
+        let file = InterfaceSection::default();
+        assert_eq!(
+            (args.ring_size, args.frame_size, args.batch_wait, args.queues, &args.cores, args.xdp_mode),
+            (
+                file.ring_size,
+                file.frame_size_bytes,
+                Duration::from_micros(file.batch_wait_us),
+                file.queues,
+                &file.cores,
+                file.attach
+            )
+        );
+        assert!(matches!((args.zero_copy, file.zero_copy), (ZeroCopyArg::Auto, ZeroCopy::Auto)));
+        // The one difference, on purpose: the one-shot passes frames no capture wants on to the
+        // host's stack (it may run on a host whose traffic it must not cut); a tap host's
+        // daemon drops them.
+        assert!(!args.drop_unmatched && file.drop_unmatched);
+
+        for (flag, value, ok) in [
+            ("--ring-size", "1048576", true),
+            ("--ring-size", "1000", false),
+            ("--frame-size", "3000", false),
+        ] {
+            let parsed =
+                Cli::try_parse_from(["tapstream", "capture", "-i", "eth9", "-w", "x.pcap", flag, value]);
+            assert_eq!(parsed.is_ok(), ok, "{flag} {value}");
+        }
     }
 
     #[test]
