@@ -1,5 +1,5 @@
 //! Builds the XDP program (`capture-ebpf`) on the pinned nightly and leaves its object in
-//! `OUT_DIR`, where `src/xdp.rs` embeds it.
+//! `OUT_DIR`, where `src/datapath/xdp.rs` embeds it.
 
 use anyhow::{Context as _, anyhow};
 

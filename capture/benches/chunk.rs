@@ -6,8 +6,8 @@ use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use tapstream::{
-    capture::{CaptureShared, CaptureSpec, Limits},
-    chunk::{Chunk, ChunkPool},
+    datapath::capture::{CaptureShared, CaptureSpec, Limits},
+    datapath::chunk::{Chunk, ChunkPool},
 };
 
 fn append(c: &mut Criterion) {

@@ -4,7 +4,7 @@
 //! Run: `cargo bench -p tapstream --bench compress` (the ratio is printed before each group).
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use tapstream::compress::{Compression, Compressor};
+use tapstream::store::compress::{Compression, Compressor};
 use tapstream_pcap::RecordHeader;
 
 /// PCAP records of the tcpdump corpus, repeated to fill a 1 MiB chunk.

@@ -16,8 +16,8 @@ use aws_sdk_s3::{
     types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart},
 };
 use tapstream::{
-    compress::Compression,
-    upload::{
+    store::compress::Compression,
+    store::{
         object::{CompressedChunk, ObjectOwner, UploadConfig, Uploader},
         s3::{S3Config, S3Sink},
     },

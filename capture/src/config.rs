@@ -8,7 +8,10 @@ use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{capture::DEFAULT_SNAPLEN, upload::settings::StoreSettings, xdp::AttachMode, xsk::ZeroCopy};
+use crate::{
+    datapath::capture::DEFAULT_SNAPLEN, datapath::xdp::AttachMode, datapath::xsk::ZeroCopy,
+    store::settings::StoreSettings,
+};
 
 /// Errors in a configuration file.
 #[derive(Debug, thiserror::Error)]
@@ -403,8 +406,8 @@ impl Config {
 
 impl InterfaceSection {
     /// The pipeline settings for this interface.
-    pub fn pipeline(&self) -> crate::pipeline::InterfaceConfig {
-        let mut config = crate::pipeline::InterfaceConfig::new(&self.device);
+    pub fn pipeline(&self) -> crate::datapath::pipeline::InterfaceConfig {
+        let mut config = crate::datapath::pipeline::InterfaceConfig::new(&self.device);
         config.attach = self.attach;
         config.queues = self.queues;
         config.cores = self.cores.clone();
@@ -527,7 +530,7 @@ mod tests {
     /// Every field of every section: its dotted path and its doc comment.
     fn all_fields() -> Vec<(String, String)> {
         let config = include_str!("config.rs");
-        let settings = include_str!("upload/settings.rs");
+        let settings = include_str!("store/settings.rs");
         let mut out = Vec::new();
         for (section, source, strukt) in [
             ("daemon", config, "DaemonSection"),

@@ -10,25 +10,25 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
 use tapstream::{
-    capture::{CaptureSpec, DEFAULT_SNAPLEN, Limits, StopReason},
+    captures::{CaptureSummary, Target, run_capture},
     config::{Config, InterfaceSection},
+    control::daemon::Daemon,
     control::{CaptureInfo, CaptureRequest, CaptureState, client::Client, server},
-    daemon::Daemon,
+    datapath::capture::{CaptureSpec, DEFAULT_SNAPLEN, Limits, StopReason},
+    datapath::xdp::AttachMode,
+    datapath::xsk::ZeroCopy,
     filter::{
         CaptureFilter, CbpfProgram, LoadedFilter,
         compiler::{self, CLI_MAX_FILTER_BYTES},
         program::Instructions,
     },
-    session::{CaptureSummary, Target, run_capture},
-    upload::{
+    store::{
         dir::DirSink,
         parse_object_url,
         read::read_window,
         s3::S3Sink,
         settings::{ObjectLabels, StoreSettings, check_tag, hostname, object_metadata},
     },
-    xdp::AttachMode,
-    xsk::ZeroCopy,
 };
 
 /// High-rate packet capture: tcpdump filters in XDP, AF_XDP rings, zstd, S3.
@@ -375,7 +375,7 @@ impl StoreArgs {
         }
     }
 
-    fn s3(&self, bucket: String) -> tapstream::upload::s3::S3Config {
+    fn s3(&self, bucket: String) -> tapstream::store::s3::S3Config {
         self.settings().s3(bucket)
     }
 }

@@ -8,7 +8,7 @@
 
 use metrics::{Counter, Gauge, Unit, counter, describe_counter, describe_gauge, gauge};
 
-use crate::xsk::XskStats;
+use crate::datapath::xsk::XskStats;
 use capture_common::XdpCounters;
 
 /// Frames the XDP program saw, by outcome (`result`: redirected, redirect_error, passed,
@@ -91,7 +91,7 @@ pub fn register_all() {
     for r in ["true", "false"] {
         counter!(UPLOAD_ERRORS, "retryable" => r).absolute(0);
     }
-    for reason in crate::capture::StopReason::ALL {
+    for reason in crate::datapath::capture::StopReason::ALL {
         counter!(CAPTURES_ENDED, "reason" => reason.as_str()).absolute(0);
     }
     gauge!(UPLOAD_PARTS_IN_FLIGHT).set(0.0);

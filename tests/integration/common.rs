@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use tapstream::session::CaptureSummary;
+use tapstream::captures::CaptureSummary;
 use tapstream_testenv::{CorpusFrame, Netns};
 
 /// Path of the tapstream binary under test.

@@ -517,7 +517,7 @@ fn only_the_newest_ended_captures_are_kept() {
 
 #[test]
 fn the_daemon_uploads_what_an_earlier_run_left_in_the_spool_when_it_starts() {
-    use tapstream::upload::{Sink as _, dir::DirSink, object::CompressedChunk, spool::Spool};
+    use tapstream::store::{Sink as _, dir::DirSink, object::CompressedChunk, spool::Spool};
     let veth = VethPair::new(1);
     let mut daemon = TestDaemon::start(&veth, "");
     drop(daemon.running.take()); // killed, as a crash would
@@ -587,7 +587,7 @@ fn tag_keys_are_checked_by_the_api_as_by_the_cli() {
 
 #[test]
 fn a_spool_that_can_never_upload_is_quarantined_and_blocks_nothing() {
-    use tapstream::upload::{Sink as _, dir::DirSink, object::CompressedChunk, spool::Spool};
+    use tapstream::store::{Sink as _, dir::DirSink, object::CompressedChunk, spool::Spool};
     let veth = VethPair::new(1);
     let mut daemon = TestDaemon::start(&veth, "");
     drop(daemon.running.take()); // killed, as a crash would

@@ -1,7 +1,7 @@
 //! The capture data path end to end: XDP -> AF_XDP -> writers -> PCAP file, on a real veth
 //! with the real corpus.
 
-use tapstream::session::CaptureSummary;
+use tapstream::captures::CaptureSummary;
 use tapstream_testenv::{CORPUS_RING_SIZE, Sender, VethPair, corpus_frames};
 
 use crate::common::{Running, assert_same_frames, data, read_capture};

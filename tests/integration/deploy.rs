@@ -25,7 +25,7 @@ fn iam_action(call: &str) -> Option<&'static str> {
 
 #[test]
 fn the_iam_policy_grants_exactly_the_calls_the_s3_client_makes() {
-    let source = std::fs::read_to_string(root().join("capture/src/upload/s3.rs")).unwrap();
+    let source = std::fs::read_to_string(root().join("capture/src/store/s3.rs")).unwrap();
     // Every request the client builds: `.client` followed by `.operation()`.
     let mut calls = BTreeSet::new();
     let mut rest = source.as_str();

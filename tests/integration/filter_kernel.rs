@@ -140,9 +140,9 @@ fn concurrent_captures_each_store_exactly_what_their_filter_matches() {
     use std::{sync::Arc, time::Duration};
 
     use tapstream::{
-        capture::{CaptureShared, CaptureSpec, Limits},
-        pipeline::{InterfaceConfig, InterfaceRuntime},
-        writer::Output,
+        datapath::capture::{CaptureShared, CaptureSpec, Limits},
+        datapath::pipeline::{InterfaceConfig, InterfaceRuntime},
+        datapath::writer::Output,
     };
     use tapstream_testenv::{Sender, VethPair, corpus_frames};
 

@@ -3,7 +3,7 @@
 
 use std::{path::Path, process::Command};
 
-use tapstream::session::CaptureSummary;
+use tapstream::captures::CaptureSummary;
 use tapstream_testenv::{CORPUS_RING_SIZE, Sender, VethPair, corpus_frames};
 
 use crate::common::{Running, read_capture};

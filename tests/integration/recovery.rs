@@ -10,7 +10,7 @@ use crate::{
     daemon::TestDaemon,
     upload::{client, random_frames, raw_object, read, records, sink},
 };
-use tapstream::upload::Sink as _;
+use tapstream::store::Sink as _;
 
 /// A daemon storing to `s3://bucket/prefix` on `garage`, in 5 MiB parts of zstd level 1.
 fn s3_daemon(veth: &VethPair, garage: &Garage, prefix: &str) -> TestDaemon {

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use tapstream::xdp::{AttachMode, XdpProgram};
+use tapstream::datapath::xdp::{AttachMode, XdpProgram};
 use tapstream_testenv::{Sender, VethPair, corpus_frames};
 
 #[test]

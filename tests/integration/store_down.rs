@@ -266,7 +266,7 @@ fn a_one_shot_capture_starts_while_the_store_is_down_and_uploads_everything_once
     let (status, stdout, log) = run.finish();
     eprintln!("tapstream log:\n{log}");
     assert!(status.success(), "the capture succeeds once the store is back ({status}):\n{log}");
-    let summary: tapstream::session::CaptureSummary =
+    let summary: tapstream::captures::CaptureSummary =
         serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("summary is not JSON ({e}):\n{stdout}"));
 
     assert_eq!(summary.packets, frames.len() as u64, "{summary:?}");
@@ -290,7 +290,7 @@ fn a_one_shot_capture_starts_while_the_store_is_down_and_uploads_everything_once
 
 #[test]
 fn a_leftover_spool_for_a_store_that_is_down_waits_for_it_without_holding_up_the_start() {
-    use tapstream::upload::{object::CompressedChunk, spool::Spool};
+    use tapstream::store::{object::CompressedChunk, spool::Spool};
     let veth = VethPair::new(1);
     let mut garage = Garage::start_in(&veth.capture_ns);
     garage.stop();
@@ -364,7 +364,7 @@ fn a_leftover_spool_for_a_store_that_is_down_waits_for_it_without_holding_up_the
     let (status, stdout, log) = run.finish();
     eprintln!("tapstream log:\n{log}");
     assert!(status.success(), "the capture succeeds once the store is back ({status}):\n{log}");
-    let summary: tapstream::session::CaptureSummary =
+    let summary: tapstream::captures::CaptureSummary =
         serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("summary is not JSON ({e}):\n{stdout}"));
 
     // The leftover became an object once the store answered, and its spool is gone.

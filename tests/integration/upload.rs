@@ -10,8 +10,8 @@ use std::{
 };
 
 use tapstream::{
-    compress::Compression,
-    upload::{
+    store::compress::Compression,
+    store::{
         ObjectMeta, PartDone, PendingUpload, Sink, UploadError,
         object::{CompressedChunk, ObjectOwner, UploadConfig, Uploader},
         s3::{S3Config, S3Sink},

@@ -22,13 +22,14 @@
 //! bounds on connections and its timeouts are in [`server`].
 
 pub mod client;
+pub mod daemon;
 pub mod server;
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::session::{CaptureSummary, Progress};
+use crate::captures::{CaptureSummary, Progress};
 
 /// A request for a capture. Everything but the bounds is optional; the daemon's
 /// `[defaults]` fill in what is left out, and its `[limits]` cap what is asked.

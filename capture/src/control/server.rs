@@ -45,7 +45,7 @@ use tokio::{
 };
 
 use super::{ApiError, CaptureRequest, ErrorReply};
-use crate::daemon::Daemon;
+use crate::control::daemon::Daemon;
 
 /// Largest request body accepted.
 const MAX_BODY: usize = 64 * 1024;

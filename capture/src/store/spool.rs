@@ -13,7 +13,7 @@ use super::{
     PartDone,
     object::{CompressedChunk, ObjectOwner, ResumeRecord},
 };
-use crate::compress::{Compression, FrameEntry};
+use crate::store::compress::{Compression, FrameEntry};
 
 /// Bytes before the chunk in a spool file: decompressed length, first and last timestamp,
 /// record count, each a little-endian u64.

@@ -12,13 +12,13 @@ use capture_common::{MAX_CAPTURES, Unmatched, XdpConfig, XdpCounters};
 use crossbeam_channel::Receiver;
 
 use crate::{
-    capture::CaptureShared,
-    chunk::ChunkPool,
+    datapath::capture::CaptureShared,
+    datapath::chunk::ChunkPool,
+    datapath::writer::{Output, QueueStats, Writer, WriterCommand, WriterConfig},
+    datapath::xdp::{AttachMode, XdpError, XdpProgram},
+    datapath::xsk::{XskConfig, XskError, XskMode, XskSocket, XskStats},
     filter::{CaptureFilter, CbpfProgram, FilterError, LoadedFilter},
     metrics::QueueKernelMetrics,
-    writer::{Output, QueueStats, Writer, WriterCommand, WriterConfig},
-    xdp::{AttachMode, XdpError, XdpProgram},
-    xsk::{XskConfig, XskError, XskMode, XskSocket, XskStats},
 };
 
 /// Everything about how one interface is captured from.

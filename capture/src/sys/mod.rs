@@ -1,6 +1,9 @@
 //! Small system calls the pipeline needs: interface lookup, RX queue count, core pinning; and
 //! which capabilities the process has, to name the missing one when the kernel refuses.
 
+#[cfg(test)]
+pub(crate) mod alloc_count;
+
 use std::{ffi::CString, io};
 
 /// The index of interface `name` in this thread's network namespace.

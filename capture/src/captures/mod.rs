@@ -1,7 +1,7 @@
 //! Captures at work on an interface: [`InterfaceService`] runs any number of them at once
 //! (the daemon), [`run_capture`] one until its first limit (the one-shot `tapstream
 //! capture`). Each capture's chunks go to its own output: a local PCAP file, or objects in a
-//! store ([`crate::upload`]).
+//! store ([`crate::store`]).
 
 use std::{
     fs::File,
@@ -17,12 +17,12 @@ use std::{
 use tapstream_pcap::{FileHeader, LINKTYPE_ETHERNET};
 
 use crate::{
-    capture::{CaptureShared, CaptureSpec, Limits, StopReason},
-    chunk::{Chunk, ChunkPool},
-    clock::TaiClock,
-    pipeline::{InterfaceConfig, InterfaceRuntime, PipelineError, QueueSnapshot},
-    upload::stream::StoreOutput,
-    writer::Output,
+    datapath::capture::{CaptureShared, CaptureSpec, Limits, StopReason},
+    datapath::chunk::{Chunk, ChunkPool},
+    datapath::clock::TaiClock,
+    datapath::pipeline::{InterfaceConfig, InterfaceRuntime, PipelineError, QueueSnapshot},
+    datapath::writer::Output,
+    store::stream::StoreOutput,
 };
 
 /// Errors of a session.
@@ -31,7 +31,7 @@ pub enum SessionError {
     #[error(transparent)]
     Pipeline(#[from] PipelineError),
     #[error("upload failed")]
-    Upload(#[from] crate::upload::UploadError),
+    Upload(#[from] crate::store::UploadError),
     #[error("the upload has stopped")]
     UploadStopped,
     #[error("the interface's service has stopped")]
@@ -280,13 +280,17 @@ impl FileOutput {
 pub enum Target {
     /// A local PCAP file.
     File(PathBuf),
-    /// Objects in a store; see [`crate::upload`].
+    /// Objects in a store; see [`crate::store`].
     Store(StoreTarget),
 }
 
 /// Starts a store output, given the chunk pool and the PCAP file header objects begin with.
 pub type StartStore = Box<
-    dyn FnOnce(Arc<crate::chunk::ChunkPool>, &[u8]) -> Result<StoreOutput, crate::upload::UploadError> + Send,
+    dyn FnOnce(
+            Arc<crate::datapath::chunk::ChunkPool>,
+            &[u8],
+        ) -> Result<StoreOutput, crate::store::UploadError>
+        + Send,
 >;
 
 /// A store target, started when the capture starts.
@@ -644,7 +648,7 @@ fn wait_for_device(
                 if failed_on != Some(index) {
                     log::error!(
                         "{name} is back (device index {index}) but cannot be attached: {}; trying again every {} s",
-                        crate::daemon::error_chain(&e),
+                        crate::control::daemon::error_chain(&e),
                         ATTACH_RETRY.as_secs()
                     );
                     failed_on = Some(index);
@@ -833,7 +837,7 @@ impl Service {
             return;
         }
         if let Err(e) = a.out.write(chunk, &a.capture, &pool, &a.progress, a.started) {
-            log::error!("capture {}: {}", a.capture.spec.id, crate::daemon::error_chain(&e));
+            log::error!("capture {}: {}", a.capture.spec.id, crate::control::daemon::error_chain(&e));
             a.failure = Some(e);
         }
     }
@@ -915,7 +919,7 @@ impl Service {
                         (handed.0.saturating_sub(lost_now()), handed.1, Vec::new(), Some(e))
                     }
                 };
-                let failure = failure.map(|e| crate::daemon::error_chain(&e));
+                let failure = failure.map(|e| crate::control::daemon::error_chain(&e));
                 on_done(Ok(CaptureSummary {
                     id: a.capture.spec.id.clone(),
                     interface,

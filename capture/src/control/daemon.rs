@@ -16,12 +16,12 @@ use std::{
 };
 
 use crate::{
-    capture::{CaptureSpec, Limits, StopReason},
+    captures::{CaptureOrder, CaptureSummary, InterfaceService, OnDone, Progress, Recovery, SessionError},
     config::{Asked, Config},
     control::{ApiError, CaptureInfo, CaptureRequest, CaptureState, InterfaceInfo, InterfaceState},
+    datapath::capture::{CaptureSpec, Limits, StopReason},
     filter::{BoundedCompiler, CaptureFilter, CbpfProgram, FilterError, program::Instructions},
-    session::{CaptureOrder, CaptureSummary, InterfaceService, OnDone, Progress, Recovery, SessionError},
-    upload::{
+    store::{
         UploadError,
         settings::{ObjectLabels, check_tag, hostname, object_metadata},
     },
@@ -305,7 +305,7 @@ impl Daemon {
                 self.shared.lock().remove(&id);
                 self.shared.forget(&id);
                 Err(match e {
-                    SessionError::Pipeline(crate::pipeline::PipelineError::Filter(_)) => {
+                    SessionError::Pipeline(crate::datapath::pipeline::PipelineError::Filter(_)) => {
                         ApiError::bad_request(message)
                     }
                     SessionError::InterfaceAbsent { .. } | SessionError::InterfaceRemoved { .. } => {
@@ -400,7 +400,7 @@ impl Daemon {
     }
 
     /// Finishes what the captures interrupted by a dead daemon left in the store and the
-    /// spool (see [`crate::upload::settings::StoreSettings::recover_capture`]) and records it in
+    /// spool (see [`crate::store::settings::StoreSettings::recover_capture`]) and records it in
     /// their state: the objects recovered among their outputs, the frames kept and lost. Returns
     /// whether some are still pending (their store is unreachable): call again later.
     pub fn recover_interrupted(&self) -> bool {
@@ -755,5 +755,5 @@ fn generate_id() -> String {
     // still makes an id.
     // SAFETY: `random` is valid for writes of its length.
     let _ = unsafe { libc::getrandom(random.as_mut_ptr().cast(), random.len(), 0) };
-    format!("{}-{:02x}{:02x}{:02x}", crate::upload::object::utc_compact(now), random[0], random[1], random[2])
+    format!("{}-{:02x}{:02x}{:02x}", crate::store::object::utc_compact(now), random[0], random[1], random[2])
 }

@@ -12,8 +12,8 @@ use super::{
     ObjectMeta, PartDone, Sink, UploadError,
     spool::{Journal, JournalEntry},
 };
-use crate::compress::{Compression, Compressor, FrameEntry, Index, seek_table};
 use crate::metrics as m;
+use crate::store::compress::{Compression, Compressor, FrameEntry, Index, seek_table};
 
 /// The smallest part S3 accepts (except the last).
 pub const MIN_PART_BYTES: usize = 5 << 20;
@@ -662,7 +662,7 @@ mod tests {
 
     /// The directory store, failing part `fail_part` of every upload for good.
     struct FailingPart {
-        inner: crate::upload::dir::DirSink,
+        inner: crate::store::dir::DirSink,
         fail_part: i32,
     }
 
@@ -761,7 +761,7 @@ mod tests {
         let mut chunks_iter = chunks.iter().map(|(_, c)| CompressedChunk { data: c.data.clone(), ..*c });
         let (salvage, error) = rt.block_on(async {
             let sink = Arc::new(FailingPart {
-                inner: crate::upload::dir::DirSink::new(dir.path()).unwrap(),
+                inner: crate::store::dir::DirSink::new(dir.path()).unwrap(),
                 fail_part: 3,
             });
             let mut up =
@@ -795,7 +795,7 @@ mod tests {
 
         // The next run, with a store that works: resume, push the salvaged and the rest.
         let urls = rt.block_on(async {
-            let sink = Arc::new(crate::upload::dir::DirSink::new(dir.path()).unwrap());
+            let sink = Arc::new(crate::store::dir::DirSink::new(dir.path()).unwrap());
             let mut up =
                 Uploader::new(sink, config.clone(), owner.clone(), &header, Arc::new(Semaphore::new(4)))
                     .unwrap()

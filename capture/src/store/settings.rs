@@ -13,8 +13,8 @@ use super::{
     stream::{Recovered, StoreOptions, StoreOutput, recover_dead_capture, recover_spools},
 };
 use crate::{
-    compress::Compression,
-    session::{StartStore, StoreTarget, Target},
+    captures::{StartStore, StoreTarget, Target},
+    store::compress::Compression,
 };
 
 /// How captures reach a store.

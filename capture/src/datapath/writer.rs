@@ -4,7 +4,7 @@
 //! A writer owns its queue's AF_XDP socket. For each frame it reads the capture mask from the
 //! XDP metadata and appends a record to the open chunk of every running capture in the mask,
 //! cut to that capture's snaplen, with the kernel's receive time converted to wall-clock time
-//! ([`crate::clock`]). Full chunks (and chunks older than `flush_after`) go to the next stage
+//! ([`crate::datapath::clock`]). Full chunks (and chunks older than `flush_after`) go to the next stage
 //! through a bounded channel. The writer never blocks its ring: a chunk that cannot be queued
 //! waits in the writer, and frames for that capture are dropped and counted meanwhile; frames
 //! for which no chunk buffer is free are dropped and counted too.
@@ -27,11 +27,11 @@ use capture_common::MAX_CAPTURES;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
 use crate::{
-    capture::CaptureShared,
-    chunk::{Chunk, ChunkPool},
-    clock::TaiClock,
+    datapath::capture::CaptureShared,
+    datapath::chunk::{Chunk, ChunkPool},
+    datapath::clock::TaiClock,
+    datapath::xsk::{XskSocket, XskStats},
     metrics::WriterMetrics,
-    xsk::{XskSocket, XskStats},
 };
 
 /// How a writer runs.
@@ -502,7 +502,7 @@ fn send_waiting(slot: &mut Slot, output: &Sender<Output>, pool: &ChunkPool, coun
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::capture::{CaptureSpec, Limits};
+    use crate::datapath::capture::{CaptureSpec, Limits};
 
     /// The per-frame path (limit check, record append, chunk hand-over, a fresh buffer from the
     /// pool, drops when the channel or the pool is exhausted) allocates nothing.
@@ -516,7 +516,7 @@ mod tests {
         let frames: Vec<Vec<u8>> = (0..20_000).map(|i| vec![i as u8; 60 + (i * 37) % 1455]).collect();
         let mut counts = BatchCounts::default();
 
-        let allocations = crate::alloc_count::count(|| {
+        let allocations = crate::sys::alloc_count::count(|| {
             for (i, frame) in frames.iter().enumerate() {
                 let ts = 1_700_000_000_000_000_000 + i as u64;
                 append(&mut slot, 0, ts, frame.len() as u32, frame, &pool, &output, &mut counts);

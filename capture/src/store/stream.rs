@@ -24,8 +24,8 @@ use super::{
     spool::{JournalState, Leftover, SalvageRecord, Spool, SpoolOwner, read_chunk},
 };
 use crate::{
-    chunk::{Chunk, ChunkPool},
-    compress::Compressor,
+    datapath::chunk::{Chunk, ChunkPool},
+    store::compress::Compressor,
 };
 
 /// Threads and spool of a store output.
@@ -66,7 +66,7 @@ struct Store<S: Sink> {
     uploader: Option<Uploader<S>>,
     spool: Arc<Spool>,
     owner: ObjectOwner,
-    compression: crate::compress::Compression,
+    compression: crate::store::compress::Compression,
     /// The error that made the store give up.
     failure: Option<UploadError>,
     /// Packets whose chunks found the spool full (read live by [`StoreOutput`]).
@@ -413,7 +413,7 @@ impl StoreOutput {
 }
 
 fn compress_loop(
-    compression: crate::compress::Compression,
+    compression: crate::store::compress::Compression,
     chunks: &crossbeam_channel::Receiver<(u64, Chunk)>,
     out: &mpsc::Sender<(u64, CompressedChunk)>,
     pool: &ChunkPool,
@@ -854,7 +854,7 @@ async fn upload_leftover<S: Sink>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::upload::{dir::DirSink, object::CompressedChunk};
+    use crate::store::{dir::DirSink, object::CompressedChunk};
 
     #[test]
     fn a_spool_is_only_uploaded_to_the_store_it_was_for() {
@@ -863,7 +863,8 @@ mod tests {
             (root.path().join("a"), root.path().join("b"), root.path().join("spool"));
         let sink_a = Arc::new(DirSink::new(&store_a).unwrap());
         let sink_b = Arc::new(DirSink::new(&store_b).unwrap());
-        let config = UploadConfig { compression: crate::compress::Compression::None, ..Default::default() };
+        let config =
+            UploadConfig { compression: crate::store::compress::Compression::None, ..Default::default() };
         // A spool left for store A by a run that died.
         {
             let spool = Spool::create(spools.join("cap-1"), 1 << 20, b"hdr", &sink_a.url("")).unwrap();

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use crossbeam_queue::ArrayQueue;
 use tapstream_pcap::{RECORD_HEADER_LEN, RecordHeader};
 
-use crate::capture::CaptureShared;
+use crate::datapath::capture::CaptureShared;
 
 /// A bounded set of reusable chunk buffers.
 pub struct ChunkPool {
@@ -136,7 +136,7 @@ impl Chunk {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::capture::{CaptureSpec, Limits};
+    use crate::datapath::capture::{CaptureSpec, Limits};
 
     #[test]
     fn records_read_back_with_snaplen_and_wire_length() {

@@ -1,4 +1,8 @@
-//! Upload: compressed chunks become objects in a store while the capture runs.
+//! The store: compressed chunks become objects while the capture runs.
+//!
+//! [`compress`] (zstd frames and their index) -> [`stream`] (a capture's chunks, the upload
+//! queue, the spool while the store is away) -> [`object`] (objects, rotation, parts) -> a
+//! [`Sink`]. [`settings`] turns configuration into a destination; [`read`] reads back.
 //!
 //! [`Sink`] is the small interface to a store, with two implementations: [`s3::S3Sink`]
 //! (aws-sdk-s3, any S3-compatible endpoint) and [`dir::DirSink`] (a local directory).
@@ -6,6 +10,7 @@
 //! age, multipart uploads with parts in order and CRC32C checksums, a single PutObject for small
 //! objects, bounded parts in flight, and an index object beside each object.
 
+pub mod compress;
 pub mod dir;
 pub mod object;
 pub mod read;
@@ -71,7 +76,7 @@ pub enum UploadError {
     #[error("invalid destination {url:?}: {reason}")]
     Destination { url: String, reason: String },
     #[error("compression failed")]
-    Compress(#[from] crate::compress::CompressError),
+    Compress(#[from] crate::store::compress::CompressError),
     #[error("upload task failed: {0}")]
     Task(String),
     /// The store failed for good while a capture ran; what it did not confirm is spooled.

@@ -4,7 +4,7 @@
 use std::io::Write;
 
 use super::{Sink, UploadError, object::index_key};
-use crate::compress::{Index, decompress_frame};
+use crate::store::compress::{Index, decompress_frame};
 
 /// What a read fetched and wrote.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
