@@ -14,6 +14,7 @@
 //! libpcap).
 
 pub mod captures;
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod datapath;

@@ -1,0 +1,478 @@
+//! The command line: every subcommand and flag, and the parsers of their values.
+
+use std::{path::PathBuf, time::Duration};
+
+use crate::{
+    config::InterfaceSection,
+    datapath::xdp::AttachMode,
+    store::settings::{StoreSettings, check_tag},
+};
+use clap::{Args, Parser, Subcommand};
+
+/// High-rate packet capture: tcpdump filters in XDP, AF_XDP rings, zstd, S3.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Capture from an interface until the first limit, into a local PCAP file or a store
+    /// (`capture -i IF ...`, no daemon needed); or ask the daemon (`capture start|list|
+    /// status|stop|wait`).
+    Capture(Box<CaptureCli>),
+    /// Run the daemon: attach to the configured interfaces and take capture requests on the
+    /// control socket.
+    Daemon(DaemonArgs),
+    /// Check a daemon configuration file: exit 0 if it is valid, else name the wrong field.
+    CheckConfig {
+        /// The configuration file.
+        file: PathBuf,
+    },
+    /// Write a stored capture object as PCAP to stdout (for `tshark -r -`), optionally only
+    /// the frames of a time window, fetched with ranged GETs.
+    Read(Box<ReadArgs>),
+    /// tcpdump filter expressions.
+    #[command(subcommand)]
+    Filter(FilterCommand),
+}
+
+#[derive(Args, Debug)]
+pub struct CaptureArgs {
+    /// PCAP file to write (nanosecond timestamps).
+    #[arg(
+        short,
+        long,
+        value_name = "FILE.pcap",
+        required_unless_present = "upload",
+        conflicts_with = "upload"
+    )]
+    pub write: Option<PathBuf>,
+    /// Store the capture as compressed objects: `s3://bucket/prefix` or a local directory.
+    #[arg(long, value_name = "URL")]
+    pub upload: Option<String>,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    #[command(flatten)]
+    pub objects: ObjectArgs,
+    /// XDP attach mode.
+    #[arg(long, default_value_t = AttachMode::Auto)]
+    pub xdp_mode: AttachMode,
+    /// AF_XDP zero-copy: auto (try, then copy), required, off.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub zero_copy: ZeroCopyArg,
+    /// UMEM frame size: 2048 or 4096 (longer frames are cut and counted).
+    #[arg(long, default_value_t = InterfaceSection::default().frame_size_bytes, value_parser = parse_frame_size)]
+    pub frame_size: u32,
+    /// Entries of each socket's RX and fill rings (a power of two, 64 to 2^20). The UMEM holds half as
+    /// many frames, all lent to the kernel: that is how many frames a queue buffers while its
+    /// writer is busy (memory per queue: ring size / 2 x frame size, 16 MiB by default).
+    #[arg(long, default_value_t = InterfaceSection::default().ring_size, value_parser = parse_ring_size)]
+    pub ring_size: u32,
+    /// RX queues to capture (default: all the device has).
+    #[arg(long)]
+    pub queues: Option<u32>,
+    /// Cores to pin the writers to, one per queue in order (e.g. 2,3).
+    #[arg(long, value_delimiter = ',')]
+    pub cores: Vec<usize>,
+    /// After a writer finds only a few frames, it waits this long for more before the next
+    /// look at its ring: fewer wakeups per frame at moderate rates, at the cost of latency.
+    /// The ring holds frames meanwhile; full batches are taken without waiting.
+    #[arg(long, value_name = "TIME", default_value = "1ms", value_parser = humantime::parse_duration)]
+    pub batch_wait: Duration,
+    /// Drop the frames no capture wants instead of passing them to the kernel stack.
+    #[arg(long)]
+    pub drop_unmatched: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics while the capture runs (e.g.
+    /// 127.0.0.1:9464).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub request: RequestArgs,
+}
+
+/// What a capture asks, the same for the one-shot and for the daemon.
+#[derive(Args, Debug)]
+pub struct RequestArgs {
+    /// Interface: the device (one-shot), or an alias or device the daemon is configured with.
+    #[arg(short, long = "iface", value_name = "IF")]
+    pub interface: Option<String>,
+    /// Stop after this many frames.
+    #[arg(short = 'c', long, value_name = "N")]
+    pub packets: Option<u64>,
+    /// Stop before the stored frame bytes exceed this (suffixes K, M, G, KiB, MiB, GiB).
+    #[arg(long, value_name = "SIZE", value_parser = parse_bytes)]
+    pub bytes: Option<u64>,
+    /// Stop after this long (e.g. 30s, 5m, 1h).
+    #[arg(long, value_name = "TIME", value_parser = humantime::parse_duration)]
+    pub duration: Option<Duration>,
+    /// Stop after this long without a frame.
+    #[arg(long, value_name = "TIME", value_parser = humantime::parse_duration)]
+    pub idle: Option<Duration>,
+    /// Bytes stored per frame at most (default 262144).
+    #[arg(short, long)]
+    pub snaplen: Option<u32>,
+    /// Capture id, for summaries and object names (default: `capture` for the one-shot, a
+    /// generated one for the daemon).
+    #[arg(long)]
+    pub id: Option<String>,
+    /// A tag stored in each object's metadata as x-amz-meta-tag-KEY (repeatable).
+    #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = parse_tag)]
+    pub tags: Vec<(String, String)>,
+    /// The alert that asked for this capture, stored in the objects' metadata.
+    #[arg(long, value_name = "ID")]
+    pub alert_id: Option<String>,
+    /// The customer the capture is for, stored in the objects' metadata.
+    #[arg(long)]
+    pub customer: Option<String>,
+    /// tcpdump filter expression, as tcpdump takes it (the remaining words, e.g.
+    /// `tcp port 443 and net 10.0.0.0/8`); none captures every frame. It runs in the kernel:
+    /// frames it rejects never leave it.
+    #[arg(value_name = "EXPR", trailing_var_arg = true)]
+    pub filter: Vec<String>,
+}
+
+impl RequestArgs {
+    pub fn filter(&self) -> Option<String> {
+        let filter = self.filter.join(" ");
+        (!filter.trim().is_empty()).then_some(filter)
+    }
+}
+
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct CaptureCli {
+    #[command(subcommand)]
+    pub action: Option<CaptureAction>,
+    #[command(flatten)]
+    pub oneshot: CaptureArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CaptureAction {
+    /// Ask the daemon for a capture.
+    Start(Box<StartArgs>),
+    /// Every capture the daemon knows, newest first.
+    List(ClientArgs),
+    /// One capture: state, progress, and its summary once ended.
+    Status(IdArgs),
+    /// End a running capture; its output is finished as for any other end.
+    Stop(IdArgs),
+    /// Wait for a capture to end, then print its summary.
+    Wait(IdArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct StartArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Where to store it: one of the daemon's destinations, a place under one, or `local`
+    /// (default: the daemon's first destination).
+    #[arg(long, value_name = "URL")]
+    pub destination: Option<String>,
+    /// Wait for the capture to end, with a live progress line on a terminal, then print its
+    /// summary.
+    #[arg(long)]
+    pub wait: bool,
+    #[command(flatten)]
+    pub request: RequestArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct ClientArgs {
+    /// The daemon's control socket.
+    #[arg(long, env = "TAPSTREAM_SOCKET", default_value = "/run/tapstream/control.sock")]
+    pub socket: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct IdArgs {
+    /// The capture id.
+    pub id: String,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct DaemonArgs {
+    /// Configuration file.
+    #[arg(long, value_name = "FILE", default_value = "/etc/tapstream/tapstream.toml")]
+    pub config: PathBuf,
+}
+
+/// How to reach an S3-compatible store. Credentials come from the AWS default chain
+/// (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, web identity, IMDSv2).
+#[derive(Args, Debug, Clone)]
+pub struct StoreArgs {
+    /// Endpoint of an S3-compatible store (e.g. http://127.0.0.1:3900); default: AWS.
+    #[arg(long, value_name = "URL")]
+    s3_endpoint: Option<String>,
+    /// Region (default: from the environment or profile).
+    #[arg(long)]
+    s3_region: Option<String>,
+    /// Path-style addressing (endpoint/bucket/key), which most S3-compatible stores need.
+    #[arg(long)]
+    s3_path_style: bool,
+    /// Server-side encryption: AES256 or aws:kms.
+    #[arg(long, value_name = "ALG")]
+    pub sse: Option<String>,
+    /// KMS key id for --sse aws:kms.
+    #[arg(long, value_name = "ID")]
+    pub sse_kms_key_id: Option<String>,
+    /// Storage class (e.g. STANDARD_IA).
+    #[arg(long)]
+    pub storage_class: Option<String>,
+    /// Canned ACL (e.g. bucket-owner-full-control).
+    #[arg(long)]
+    pub acl: Option<String>,
+    /// Requests to the store at once (so HTTP connections) at most.
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    s3_max_connections: usize,
+}
+
+/// How objects are cut, compressed and uploaded.
+#[derive(Args, Debug, Clone)]
+pub struct ObjectArgs {
+    /// Multipart part size (at least 5MiB).
+    #[arg(long, value_name = "SIZE", default_value = "8MiB", value_parser = parse_bytes)]
+    pub part_size: u64,
+    /// Parts uploading at once at most.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub parts_in_flight: usize,
+    /// Start a new object past this size.
+    #[arg(long, value_name = "SIZE", default_value = "1GiB", value_parser = parse_bytes)]
+    pub rotate_size: u64,
+    /// Start a new object when the open one is this old.
+    #[arg(long, value_name = "TIME", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub rotate_age: Duration,
+    /// Compression: a zstd level (1-19) or `none`.
+    #[arg(long, value_name = "LEVEL", default_value = "3")]
+    pub compression: String,
+    /// Compression threads (they run off the writers' cores).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub compress_threads: usize,
+    /// Directory where chunks wait while the store is unreachable (one subdirectory per
+    /// capture); what an earlier run left there is uploaded on start.
+    #[arg(long, value_name = "DIR", default_value = "/var/tmp/tapstream/spool")]
+    pub spool_dir: PathBuf,
+    /// Bytes one capture may spool at most; beyond, frames are dropped and counted.
+    #[arg(long, value_name = "SIZE", default_value = "4GiB", value_parser = parse_bytes)]
+    pub spool_max: u64,
+    /// Compressed chunks held in memory while the store is slow; more go to the spool.
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    pub upload_queue: usize,
+    /// How long the store may stay unreachable before the capture fails.
+    #[arg(long, value_name = "TIME", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub outage_max: Duration,
+    /// This host's name in object keys (default: the hostname).
+    #[arg(long)]
+    pub node: Option<String>,
+    /// Object key template: {prefix}, {node}, {capture}, {start}, {seq}, {ext}.
+    #[arg(long, default_value = "{prefix}/{node}/{capture}/{start}-{seq}.{ext}")]
+    pub key_template: String,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum FilterCommand {
+    /// Compile EXPR with libpcap, print its classic BPF as `tcpdump -d` does, and with a
+    /// capture file, which of its frames match (libpcap's interpreter).
+    Check {
+        /// The filter, in tcpdump syntax.
+        expression: String,
+        /// A PCAP file of Ethernet frames to try the filter on.
+        file: Option<PathBuf>,
+    },
+    /// The daemon's filter compiler: compiles the expression on stdin with libpcap and writes
+    /// the program, or libpcap's message, to stdout (see `filter::compiler`).
+    #[command(name = "compile-child", hide = true)]
+    CompileChild,
+}
+
+#[derive(Args, Debug)]
+pub struct ReadArgs {
+    /// The object: s3://bucket/key, or a path under a local store directory given with --dir.
+    pub url: String,
+    /// Local store directory the key is relative to (instead of S3).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Only frames at or after this time (RFC 3339, e.g. 2026-11-24T01:02:03Z, or Unix seconds).
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    pub since: Option<u64>,
+    /// Only frames at or before this time.
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    pub until: Option<u64>,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+/// A time as ns since the Unix epoch: RFC 3339 or (fractional) Unix seconds.
+pub fn parse_time(s: &str) -> Result<u64, String> {
+    // Unix seconds with up to nine decimals, exactly (a float would round nanoseconds).
+    let (int, frac) = s.split_once('.').unwrap_or((s, ""));
+    if !int.is_empty() && int.bytes().all(|b| b.is_ascii_digit()) && frac.bytes().all(|b| b.is_ascii_digit())
+    {
+        if frac.len() > 9 {
+            return Err(format!("at most nine decimals (nanoseconds): {s}"));
+        }
+        let secs: u64 = int.parse().map_err(|_| format!("not a time: {s}"))?;
+        let nanos: u64 = if frac.is_empty() {
+            0
+        } else {
+            format!("{frac:0<9}").parse().map_err(|_| format!("not a time: {s}"))?
+        };
+        return secs
+            .checked_mul(1_000_000_000)
+            .and_then(|n| n.checked_add(nanos))
+            .ok_or_else(|| format!("too late: {s}"));
+    }
+    let t = humantime::parse_rfc3339_weak(s).map_err(|e| format!("not a time ({e}): {s}"))?;
+    Ok(t.duration_since(std::time::UNIX_EPOCH).map_err(|_| format!("before 1970: {s}"))?.as_nanos() as u64)
+}
+
+impl StoreArgs {
+    /// The store settings these flags give (the rest at their defaults).
+    pub fn settings(&self) -> StoreSettings {
+        StoreSettings {
+            s3_endpoint: self.s3_endpoint.clone(),
+            s3_region: self.s3_region.clone(),
+            s3_path_style: self.s3_path_style,
+            sse: self.sse.clone(),
+            sse_kms_key_id: self.sse_kms_key_id.clone(),
+            storage_class: self.storage_class.clone(),
+            acl: self.acl.clone(),
+            max_connections: self.s3_max_connections,
+            ..StoreSettings::default()
+        }
+    }
+
+    pub fn s3(&self, bucket: String) -> crate::store::s3::S3Config {
+        self.settings().s3(bucket)
+    }
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum ZeroCopyArg {
+    Auto,
+    Required,
+    Off,
+}
+
+/// A `KEY=VALUE` tag, checked as every tag is ([`check_tag`]).
+pub fn parse_tag(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("a tag is KEY=VALUE, not {s:?}"))?;
+    check_tag(k, v)
+}
+
+/// A ring size, checked as the configuration file's `ring_size` is.
+pub fn parse_ring_size(s: &str) -> Result<u32, String> {
+    s.parse::<u32>().map_err(|_| format!("{s:?} is not a number")).and_then(crate::config::check_ring_size)
+}
+
+/// A frame size, checked as the configuration file's `frame_size_bytes` is.
+pub fn parse_frame_size(s: &str) -> Result<u32, String> {
+    s.parse::<u32>().map_err(|_| format!("{s:?} is not a number")).and_then(crate::config::check_frame_size)
+}
+
+/// Parses a byte count with an optional unit: K/M/G are powers of 1000, KiB/MiB/GiB of 1024.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let n: u64 = number.parse().map_err(|_| format!("not a byte count: {s:?}"))?;
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KB" | "k" => 1_000,
+        "M" | "MB" => 1_000_000,
+        "G" | "GB" => 1_000_000_000,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        other => return Err(format!("unknown byte unit {other:?} (K, M, G, KiB, MiB, GiB)")),
+    };
+    n.checked_mul(scale).ok_or_else(|| format!("{s} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{cli::oneshot::store_settings, datapath::xsk::ZeroCopy};
+
+    #[test]
+    fn tags_are_checked() {
+        assert_eq!(parse_tag("Team=net ops"), Ok(("team".into(), "net ops".into())));
+        assert!(parse_tag("no-equals").unwrap_err().contains("KEY=VALUE"));
+        assert!(parse_tag("bad key=x").unwrap_err().contains("letters, digits"));
+        assert!(parse_tag("\u{fc}\u{2603}=v").unwrap_err().contains("letters, digits"));
+        assert!(parse_tag("a\r\nb=v").unwrap_err().contains("\\r\\n"), "control characters are escaped");
+        assert!(parse_tag("k=caf\u{e9}").unwrap_err().contains("printable ASCII"));
+    }
+
+    #[test]
+    fn times_parse_exactly() {
+        assert_eq!(parse_time("1795000000.123456789"), Ok(1_795_000_000_123_456_789));
+        assert_eq!(parse_time("1795000000.5"), Ok(1_795_000_000_500_000_000));
+        assert_eq!(parse_time("10"), Ok(10_000_000_000));
+        assert_eq!(parse_time("1970-01-01T00:00:01Z"), Ok(1_000_000_000));
+        assert!(parse_time("1.1234567891").is_err());
+        assert!(parse_time("yesterday").unwrap_err().contains("not a time"));
+    }
+
+    /// Each flag of the one-shot capture defaults to what the configuration file defaults to,
+    /// and takes the values the file takes.
+    #[test]
+    fn flags_default_to_the_configuration_files_defaults() {
+        let Command::Capture(cli) =
+            Cli::try_parse_from(["tapstream", "capture", "-i", "eth9", "-w", "x.pcap"])
+                .expect("parse")
+                .command
+        else {
+            panic!("not a capture")
+        };
+        let args = cli.oneshot;
+        assert_eq!(store_settings(&args), StoreSettings::default());
+        let file = InterfaceSection::default();
+        assert_eq!(
+            (args.ring_size, args.frame_size, args.batch_wait, args.queues, &args.cores, args.xdp_mode),
+            (
+                file.ring_size,
+                file.frame_size_bytes,
+                Duration::from_micros(file.batch_wait_us),
+                file.queues,
+                &file.cores,
+                file.attach
+            )
+        );
+        assert!(matches!((args.zero_copy, file.zero_copy), (ZeroCopyArg::Auto, ZeroCopy::Auto)));
+        // The one difference, on purpose: the one-shot passes frames no capture wants on to the
+        // host's stack (it may run on a host whose traffic it must not cut); a tap host's
+        // daemon drops them.
+        assert!(!args.drop_unmatched && file.drop_unmatched);
+
+        for (flag, value, ok) in [
+            ("--ring-size", "1048576", true),
+            ("--ring-size", "1000", false),
+            ("--frame-size", "3000", false),
+        ] {
+            let parsed =
+                Cli::try_parse_from(["tapstream", "capture", "-i", "eth9", "-w", "x.pcap", flag, value]);
+            assert_eq!(parsed.is_ok(), ok, "{flag} {value}");
+        }
+    }
+
+    #[test]
+    fn byte_counts() {
+        assert_eq!(parse_bytes("123"), Ok(123));
+        assert_eq!(parse_bytes("10M"), Ok(10_000_000));
+        assert_eq!(parse_bytes("2GiB"), Ok(2 << 30));
+        assert!(parse_bytes("12 parsecs").unwrap_err().contains("unknown byte unit"));
+        assert!(parse_bytes("x").is_err());
+    }
+}
