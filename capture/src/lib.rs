@@ -20,5 +20,7 @@ pub mod control;
 pub mod datapath;
 pub mod filter;
 pub mod metrics;
+pub mod report;
+pub mod request;
 pub mod store;
 pub mod sys;

@@ -97,6 +97,11 @@ impl TestDaemon {
         self.dir.path().join("control.sock")
     }
 
+    /// The local directory the daemon stores captures in (its one destination).
+    pub fn store_dir(&self) -> PathBuf {
+        self.dir.path().join("store")
+    }
+
     pub fn client(&self) -> Client {
         Client::new(self.socket())
     }

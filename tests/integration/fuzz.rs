@@ -360,6 +360,11 @@ fn raw_request() -> impl Strategy<Value = RawRequest> {
             RawRequest::Http(request)
         }),
         1 => prop::collection::vec(any::<u8>(), 0..300).prop_map(RawRequest::Garbage),
+        // Well-formed reads of the real routes, so that every run also asks what a client
+        // asks (by chance alone, a run of a few hundred cases may send none).
+        2 => prop::sample::select(vec!["/v1/captures", "/v1/interfaces", "/v1/captures/x"]).prop_map(|p| {
+            RawRequest::Http(format!("GET {p} HTTP/1.1\r\nHost: tapstream\r\nConnection: close\r\n\r\n").into_bytes())
+        }),
     ]
 }
 

@@ -16,6 +16,7 @@ mod interface_loss;
 mod live_drops;
 mod metrics;
 mod recovery;
+mod request_parity;
 mod smoke;
 mod soak;
 mod store_down;

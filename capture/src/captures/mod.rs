@@ -648,7 +648,7 @@ fn wait_for_device(
                 if failed_on != Some(index) {
                     log::error!(
                         "{name} is back (device index {index}) but cannot be attached: {}; trying again every {} s",
-                        crate::control::daemon::error_chain(&e),
+                        crate::report::chain(&e),
                         ATTACH_RETRY.as_secs()
                     );
                     failed_on = Some(index);
@@ -837,7 +837,7 @@ impl Service {
             return;
         }
         if let Err(e) = a.out.write(chunk, &a.capture, &pool, &a.progress, a.started) {
-            log::error!("capture {}: {}", a.capture.spec.id, crate::control::daemon::error_chain(&e));
+            log::error!("capture {}: {}", a.capture.spec.id, crate::report::chain(&e));
             a.failure = Some(e);
         }
     }
@@ -919,7 +919,7 @@ impl Service {
                         (handed.0.saturating_sub(lost_now()), handed.1, Vec::new(), Some(e))
                     }
                 };
-                let failure = failure.map(|e| crate::control::daemon::error_chain(&e));
+                let failure = failure.map(|e| crate::report::chain(&e));
                 on_done(Ok(CaptureSummary {
                     id: a.capture.spec.id.clone(),
                     interface,

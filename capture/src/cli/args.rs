@@ -9,6 +9,8 @@ use crate::{
 };
 use clap::{Args, Parser, Subcommand};
 
+use crate::request::CaptureRequest;
+
 /// High-rate packet capture: tcpdump filters in XDP, AF_XDP rings, zstd, S3.
 #[derive(Parser, Debug)]
 #[command(version, about)]
@@ -138,9 +140,28 @@ pub struct RequestArgs {
 }
 
 impl RequestArgs {
+    /// The filter expression: the remaining words, joined; none if they are blank.
     pub fn filter(&self) -> Option<String> {
         let filter = self.filter.join(" ");
         (!filter.trim().is_empty()).then_some(filter)
+    }
+
+    /// The request these flags make, as the HTTP API takes it.
+    pub fn request(&self, destination: Option<String>) -> CaptureRequest {
+        CaptureRequest {
+            id: self.id.clone(),
+            interface: self.interface.clone(),
+            filter: self.filter(),
+            snaplen: self.snaplen,
+            packets: self.packets,
+            bytes: self.bytes,
+            duration_secs: self.duration.map(|d| d.as_secs_f64()),
+            idle_timeout_secs: self.idle.map(|d| d.as_secs_f64()),
+            tags: self.tags.iter().cloned().collect(),
+            customer: self.customer.clone(),
+            alert_id: self.alert_id.clone(),
+            destination,
+        }
     }
 }
 

@@ -4,7 +4,7 @@ use std::{io::IsTerminal as _, time::Duration};
 
 use crate::{
     cli::{args::*, output::*},
-    control::{CaptureInfo, CaptureRequest, CaptureState, client::Client},
+    control::{CaptureInfo, CaptureState, client::Client},
     datapath::capture::StopReason,
 };
 use anyhow::bail;
@@ -12,21 +12,7 @@ use anyhow::bail;
 pub fn control(action: CaptureAction) -> anyhow::Result<()> {
     match action {
         CaptureAction::Start(args) => {
-            let r = &args.request;
-            let request = CaptureRequest {
-                id: r.id.clone(),
-                interface: r.interface.clone(),
-                filter: r.filter(),
-                snaplen: r.snaplen,
-                packets: r.packets,
-                bytes: r.bytes,
-                duration_secs: r.duration.map(|d| d.as_secs_f64()),
-                idle_timeout_secs: r.idle.map(|d| d.as_secs_f64()),
-                tags: r.tags.iter().cloned().collect(),
-                customer: r.customer.clone(),
-                alert_id: r.alert_id.clone(),
-                destination: args.destination.clone(),
-            };
+            let request = args.request.request(args.destination.clone());
             let client = Client::new(&args.client.socket);
             let info = client.start(&request)?;
             if !args.wait {

@@ -7,28 +7,37 @@ use std::{
 
 use crate::{
     captures::{Target, run_capture},
-    cli::{args::*, output::*, serve_metrics},
+    cli::{args::*, output::*, serve_metrics, tools::compile_cli},
     config::InterfaceSection,
-    datapath::{
-        capture::{CaptureSpec, DEFAULT_SNAPLEN, Limits},
-        xsk::ZeroCopy,
-    },
-    filter::{CaptureFilter, CbpfProgram, LoadedFilter},
-    store::settings::{ObjectLabels, StoreSettings, hostname, object_metadata},
+    datapath::xsk::ZeroCopy,
+    filter::{CaptureFilter, LoadedFilter},
+    request::{CapturePlan, Policy},
+    store::settings::{ObjectLabels, StoreSettings, hostname},
 };
 use anyhow::{Context as _, bail};
 
-pub fn capture(args: CaptureArgs) -> anyhow::Result<()> {
+/// The plan the flags make: the request they give ([`RequestArgs::request`]), resolved as the
+/// daemon resolves one ([`CapturePlan::resolve`]) against the one-shot's [`Policy`]: the
+/// interface given with `-i`, the store given with `--upload` (or none: a file), no caps.
+/// The filter is compiled in this process (whoever runs it can interrupt it).
+pub fn plan(args: &CaptureArgs) -> anyhow::Result<CapturePlan> {
     let r = &args.request;
-    let Some(interface) = r.interface.clone() else { bail!("give the interface to capture from with -i IF") };
-    let snaplen = r.snaplen.unwrap_or(DEFAULT_SNAPLEN);
-    if snaplen == 0 {
-        bail!("--snaplen must be at least 1");
+    let Some(device) = r.interface.as_deref() else { bail!("give the interface to capture from with -i IF") };
+    let node = args.objects.node.clone().unwrap_or_else(hostname);
+    let policy = Policy::one_shot(device, args.upload.as_deref(), &node);
+    Ok(CapturePlan::resolve(r.request(args.upload.clone()), &policy, 0, compile_cli)?)
+}
+
+pub fn capture(args: CaptureArgs) -> anyhow::Result<()> {
+    let plan = plan(&args)?;
+    if let Some(program) = &plan.spec.filter {
+        // Checked before anything starts: the verifier's complaint (the program is loaded once
+        // and dropped; the capture loads it again with the interface's own).
+        LoadedFilter::load(&[CaptureFilter { slot: 0, filter: Some(program) }])?;
     }
-    let id = r.id.clone().unwrap_or_else(|| "capture".into());
     // The same settings as an interface of the daemon's configuration.
     let mut config = InterfaceSection {
-        device: interface.clone(),
+        device: plan.device.clone(),
         queues: args.queues,
         cores: args.cores.clone(),
         attach: args.xdp_mode,
@@ -45,20 +54,7 @@ pub fn capture(args: CaptureArgs) -> anyhow::Result<()> {
     .pipeline();
     // Kept exact: the flag takes any duration, the file whole microseconds.
     config.writer.coalesce = args.batch_wait;
-    let filter = match r.filter() {
-        Some(expression) => {
-            // Compiled once, and checked before anything starts: libpcap's message for a syntax
-            // error, the reason for what the kernel cannot run, the verifier's complaint (the
-            // program is loaded once and dropped; the capture loads it again with the
-            // interface's own).
-            let program = crate::cli::tools::compile_cli(&expression)?;
-            LoadedFilter::load(&[CaptureFilter { slot: 0, filter: Some(&program) }])?;
-            Some(program)
-        }
-        None => None,
-    };
-    let spec = CaptureSpec { id: id.clone(), filter, snaplen };
-    let limits = Limits { packets: r.packets, bytes: r.bytes, duration: r.duration, idle: r.idle };
+    let interface = plan.device.clone();
 
     if let Some(addr) = args.metrics_listen {
         serve_metrics(addr)?;
@@ -68,14 +64,12 @@ pub fn capture(args: CaptureArgs) -> anyhow::Result<()> {
         signal_hook::flag::register(signal, stop.clone()).context("install signal handler")?;
     }
     let tty = std::io::stderr().is_terminal() && !args.json;
-    let target = match (&args.write, &args.upload) {
+    let target = match (&args.write, &plan.destination) {
         (Some(path), _) => Target::File(path.clone()),
-        (None, Some(url)) => {
-            store_target(&args, url, &id, spec.filter.as_ref().map(CbpfProgram::expression))?
-        }
+        (None, Some(url)) => store_target(&args, url, plan.labels.clone())?,
         (None, None) => bail!("give --write FILE or --upload URL"),
     };
-    let summary = run_capture(config, spec, limits, target, &stop, |p| {
+    let summary = run_capture(config, plan.spec, plan.limits, target, &stop, |p| {
         if tty {
             eprint!(
                 "\r{} packets, {} bytes, {:.1} s, {} dropped   ",
@@ -122,18 +116,12 @@ pub fn store_settings(args: &CaptureArgs) -> StoreSettings {
 /// Validates the store options into a target that starts the upload with the capture; checks
 /// the store (one that refuses is an error; one that is down is logged, and the capture spools
 /// until it answers).
-pub fn store_target(args: &CaptureArgs, url: &str, id: &str, filter: Option<&str>) -> anyhow::Result<Target> {
+pub fn store_target(args: &CaptureArgs, url: &str, labels: ObjectLabels) -> anyhow::Result<Target> {
     let settings = store_settings(args);
     if let Err((field, message)) = settings.validate() {
         bail!("--{}: {message}", flag_of(field));
     }
-    let node = args.objects.node.clone().unwrap_or_else(hostname);
-    let r = &args.request;
-    let metadata = object_metadata(id, &node, filter, r.alert_id.as_deref(), r.customer.as_deref(), &r.tags)
-        .map_err(anyhow::Error::msg)?;
-    settings
-        .target(url, ObjectLabels { capture: id.to_owned(), node, metadata }, true)
-        .with_context(|| format!("cannot store the capture in {url}"))
+    settings.target(url, labels, true).with_context(|| format!("cannot store the capture in {url}"))
 }
 
 /// The flag that sets a store setting.

@@ -4,7 +4,7 @@ use crate::{
     cli::args::*,
     config::Config,
     filter::{
-        CaptureFilter, CbpfProgram, LoadedFilter,
+        CaptureFilter, CbpfProgram, FilterError, LoadedFilter,
         compiler::{self, CLI_MAX_FILTER_BYTES},
         program::Instructions,
     },
@@ -26,9 +26,9 @@ pub fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
 
 /// Compiles a filter given on the command line, in this process (whoever runs it can
 /// interrupt it), refusing one longer than [`CLI_MAX_FILTER_BYTES`].
-pub fn compile_cli(expression: &str) -> anyhow::Result<CbpfProgram> {
+pub fn compile_cli(expression: &str) -> Result<CbpfProgram, FilterError> {
     compiler::check_length(expression, CLI_MAX_FILTER_BYTES, "the longest filter the command line compiles")?;
-    Ok(CbpfProgram::compile(expression)?)
+    CbpfProgram::compile(expression)
 }
 
 pub fn filter_check(expression: &str, file: Option<&std::path::Path>) -> anyhow::Result<()> {

@@ -12,24 +12,22 @@ use std::{
         Arc, Condvar, Mutex,
         atomic::{AtomicBool, Ordering},
     },
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use crate::{
     captures::{CaptureOrder, CaptureSummary, InterfaceService, OnDone, Progress, Recovery, SessionError},
-    config::{Asked, Config},
-    control::{ApiError, CaptureInfo, CaptureRequest, CaptureState, InterfaceInfo, InterfaceState},
-    datapath::capture::{CaptureSpec, Limits, StopReason},
-    filter::{BoundedCompiler, CaptureFilter, CbpfProgram, FilterError, program::Instructions},
+    config::Config,
+    control::{CaptureInfo, CaptureRequest, CaptureState, InterfaceInfo, InterfaceState},
+    datapath::{capture::StopReason, pipeline::PipelineError},
+    filter::BoundedCompiler,
+    report,
+    request::{CapturePlan, PlanError, Policy},
     store::{
         UploadError,
-        settings::{ObjectLabels, check_tag, hostname, object_metadata},
+        settings::{ObjectLabels, hostname},
     },
 };
-
-/// The longest duration or idle timeout a request may ask for (a year), whatever the caps:
-/// beyond it a number of seconds is a mistake, not a plan.
-pub const MAX_REQUEST_SECS: f64 = 365.0 * 24.0 * 3600.0;
 
 /// Errors starting the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +45,35 @@ pub enum DaemonError {
         #[source]
         source: Box<SessionError>,
     },
+}
+
+/// Why the daemon did not do what a request asked. The HTTP layer gives each a status.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// The request itself is refused (see [`PlanError`]).
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    /// The interface's device is not there now.
+    #[error(transparent)]
+    Absent(SessionError),
+    #[error("a capture with id {id:?} exists")]
+    IdTaken { id: String },
+    #[error("no capture {id:?}")]
+    NoCapture { id: String },
+    #[error("the daemon is stopping: no new captures")]
+    Stopping,
+    /// The destination's store refused to be used, or its settings are wrong.
+    #[error("{}", report::chain(.0))]
+    Store(UploadError),
+    /// The interface could not start the capture.
+    #[error("{}", report::chain(.0))]
+    Start(SessionError),
+}
+
+impl RequestError {
+    fn no_capture(id: &str) -> Self {
+        Self::NoCapture { id: id.to_owned() }
+    }
 }
 
 struct Entry {
@@ -74,6 +101,8 @@ pub struct Daemon {
     /// Compiles requests' filters, each in a child process within
     /// `limits.filter_compile_timeout_secs`.
     compiler: BoundedCompiler,
+    /// What requests are resolved against (from the configuration).
+    policy: Policy,
 }
 
 impl Daemon {
@@ -109,7 +138,8 @@ impl Daemon {
             Duration::from_secs(config.limits.filter_compile_timeout_secs),
             "limits.filter_compile_timeout_secs",
         );
-        Ok(Self { config, node, services: Mutex::new(services), shared, compiler })
+        let policy = Policy::daemon(&config, &node);
+        Ok(Self { config, node, services: Mutex::new(services), shared, compiler, policy })
     }
 
     /// The configuration in force.
@@ -117,150 +147,41 @@ impl Daemon {
         &self.config
     }
 
-    /// Checks `request`, fills in the defaults, and starts the capture.
+    /// Resolves `request` into a plan ([`CapturePlan::resolve`]) and starts the capture.
     pub fn start_capture(
         &self,
-        mut request: CaptureRequest,
+        request: CaptureRequest,
         requested_by: Option<u32>,
-    ) -> Result<CaptureInfo, ApiError> {
-        let (alias, interface) = match request.interface.as_deref() {
-            Some(name) => self.config.interface(name).ok_or_else(|| {
-                ApiError::bad_request(format!(
-                    "no interface {name:?} here; configured: {}",
-                    self.describe_interfaces()
-                ))
-            })?,
-            None if self.config.interfaces.len() == 1 => {
-                let (a, i) = self.config.interfaces.iter().next().expect("one interface");
-                (a.as_str(), i)
-            }
-            None => {
-                return Err(ApiError::bad_request(format!(
-                    "name an interface: {}",
-                    self.describe_interfaces()
-                )));
-            }
-        };
-        if self.services().get(alias).is_some_and(|s| !s.attached()) {
-            let absent = SessionError::InterfaceAbsent {
-                alias: Some(alias.to_owned()),
-                device: interface.device.clone(),
-            };
-            return Err(ApiError::unavailable(absent.to_string()));
-        }
-        request.interface = Some(alias.to_owned());
-        request.tags = std::mem::take(&mut request.tags)
-            .iter()
-            .map(|(k, v)| check_tag(k, v))
-            .collect::<Result<_, _>>()
-            .map_err(ApiError::bad_request)?;
-        request.filter = request.filter.filter(|f| !f.trim().is_empty());
-        let defaults = &self.config.defaults;
-        // Durations are made of these below: a bound far below what no Duration holds
-        // (1e300, which would panic there).
-        let seconds = |what: &str, s: f64| {
-            if s.is_finite() && s > 0.0 && s <= MAX_REQUEST_SECS {
-                Ok(s)
-            } else {
-                Err(ApiError::bad_request(format!(
-                    "{what} must be a number of seconds above 0 and at most {MAX_REQUEST_SECS}, not {s}"
-                )))
-            }
-        };
-        let duration =
-            seconds("duration_secs", request.duration_secs.unwrap_or(defaults.duration_secs as f64))?;
-        request.duration_secs = Some(duration);
-        request.idle_timeout_secs = match request.idle_timeout_secs {
-            Some(s) => Some(seconds("idle_timeout_secs", s)?),
-            None if defaults.idle_timeout_secs > 0 => Some(defaults.idle_timeout_secs as f64),
-            None => None,
-        };
-        let snaplen = request.snaplen.unwrap_or(defaults.snaplen);
-        if snaplen == 0 {
-            return Err(ApiError::bad_request("snaplen must be at least 1"));
-        }
-        request.snaplen = Some(snaplen);
-        if request.packets == Some(0) || request.bytes == Some(0) {
-            return Err(ApiError::bad_request("packets and bytes limits must be at least 1"));
-        }
-        let mut asked = Asked {
-            duration_secs: duration.ceil() as u64,
-            bytes: request.bytes,
-            packets: request.packets,
-            snaplen,
-            filter_bytes: request.filter.as_ref().map_or(0, |f| f.len() as u64),
-            running: self.running(),
-        };
-        // Checked now to refuse before compiling, and again when the capture is registered:
-        // other requests may have been registered meanwhile.
-        self.config.limits.check(&asked).map_err(|e| ApiError::forbidden(e.to_string()))?;
+    ) -> Result<CaptureInfo, RequestError> {
         // Compiled here, once, on this request's own (blocking) thread, in a child process
         // within the time limit: the interface's thread gets the program and never waits for
         // libpcap, and neither do other requests or a stopping daemon.
-        let filter = match &request.filter {
-            Some(expression) => Some(self.compile_filter(expression)?),
-            None => None,
-        };
-        let destination = self.destination(request.destination.as_deref())?;
-        request.destination = Some(destination.clone());
-
-        let id = match &request.id {
-            Some(id) => {
-                if id.is_empty()
-                    || id.len() > 64
-                    || id.starts_with('.')
-                    || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-                {
-                    return Err(ApiError::bad_request(format!(
-                        "capture id {id:?}: use 1 to 64 letters, digits, '.', '_' or '-', not starting with '.'"
-                    )));
-                }
-                id.clone()
-            }
-            None => generate_id(),
-        };
-        request.id = Some(id.clone());
-        let tags: Vec<(String, String)> = request.tags.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        let metadata = object_metadata(
-            &id,
-            &self.node,
-            request.filter.as_deref(),
-            request.alert_id.as_deref(),
-            request.customer.as_deref(),
-            &tags,
-        )
-        .map_err(ApiError::bad_request)?;
+        let plan = CapturePlan::resolve(request, &self.policy, self.running(), |expression| {
+            self.compiler.compile(expression, &self.shared.stopping)
+        })?;
+        if self.services().get(&plan.interface).is_some_and(|s| !s.attached()) {
+            return Err(RequestError::Absent(SessionError::InterfaceAbsent {
+                alias: Some(plan.interface.clone()),
+                device: plan.device.clone(),
+            }));
+        }
+        let destination = plan.destination.clone().ok_or(RequestError::Plan(PlanError::NoDestinations))?;
         let target = self
             .config
             .store
-            .target(
-                &destination,
-                ObjectLabels { capture: id.clone(), node: self.node.clone(), metadata },
-                // The spools of interrupted captures are theirs to recover (recover_interrupted).
-                false,
-            )
+            // The spools of interrupted captures are theirs to recover (recover_interrupted).
+            .target(&destination, plan.labels.clone(), false)
             // The store is checked here, on this request's thread, not the interface's: one that
             // refuses is named and nothing starts; one that is down does not stop the start.
-            .map_err(|e| match e {
-                UploadError::Destination { .. } => ApiError::bad_request(error_chain(&e)),
-                _ => ApiError::internal(error_chain(&e)),
-            })?;
-        let location = format!("{}/{}/{}/", destination.trim_end_matches('/'), self.node, id);
-
-        let spec = CaptureSpec { id: id.clone(), filter, snaplen };
-        let limits = Limits {
-            packets: request.packets,
-            bytes: request.bytes,
-            duration: Some(Duration::from_secs_f64(duration)),
-            idle: request.idle_timeout_secs.map(Duration::from_secs_f64),
-        };
+            .map_err(RequestError::Store)?;
+        let id = plan.id.clone();
         let info = CaptureInfo {
             id: id.clone(),
-            interface: alias.to_owned(),
-            device: interface.device.clone(),
-            request: request.clone(),
-            location,
-            started_ns: unix_now_ns(),
+            interface: plan.interface.clone(),
+            device: plan.device.clone(),
+            request: plan.request.clone(),
+            location: plan.location().unwrap_or_default(),
+            started_ns: crate::sys::unix_now_ns(),
             requested_by,
             state: CaptureState::Running,
             progress: Progress::default(),
@@ -270,10 +191,10 @@ impl Daemon {
         {
             let mut captures = self.shared.lock();
             if captures.contains_key(&id) {
-                return Err(ApiError::conflict(format!("a capture with id {id:?} exists")));
+                return Err(RequestError::IdTaken { id });
             }
-            asked.running = captures.values().filter(|e| e.info.state == CaptureState::Running).count();
-            self.config.limits.check(&asked).map_err(|e| ApiError::forbidden(e.to_string()))?;
+            let running = captures.values().filter(|e| e.info.state == CaptureState::Running).count();
+            plan.check_caps(&self.policy, running)?;
             captures.insert(id.clone(), Entry { info: info.clone(), progress: None });
         }
         self.shared.persist(&info);
@@ -281,9 +202,9 @@ impl Daemon {
         let shared = self.shared.clone();
         let done_id = id.clone();
         let on_done: OnDone = Box::new(move |result| shared.finish(&done_id, result));
-        let started = match self.services().get(alias) {
+        let started = match self.services().get(&plan.interface) {
             Some(service) if !self.shared.stopping.load(Ordering::Relaxed) => {
-                service.start_capture(CaptureOrder { spec, limits, target, on_done })
+                service.start_capture(CaptureOrder { spec: plan.spec, limits: plan.limits, target, on_done })
             }
             _ => Err(SessionError::ServiceGone),
         };
@@ -294,45 +215,25 @@ impl Daemon {
                     entry.progress = Some(progress);
                 }
                 log::info!(
-                    "capture {id} started on {alias} ({}) for uid {requested_by:?}: filter {:?}, into {destination}",
-                    interface.device,
-                    request.filter.as_deref().unwrap_or("")
+                    "capture {id} started on {} ({}) for uid {requested_by:?}: filter {:?}, into {destination}",
+                    plan.interface,
+                    plan.device,
+                    plan.request.filter.as_deref().unwrap_or("")
                 );
                 Ok(info)
             }
             Err(e) => {
-                let message = error_chain(&e);
                 self.shared.lock().remove(&id);
                 self.shared.forget(&id);
                 Err(match e {
-                    SessionError::Pipeline(crate::datapath::pipeline::PipelineError::Filter(_)) => {
-                        ApiError::bad_request(message)
-                    }
-                    SessionError::InterfaceAbsent { .. } | SessionError::InterfaceRemoved { .. } => {
-                        ApiError::unavailable(message)
-                    }
-                    _ if self.shared.stopping.load(Ordering::Relaxed) => stopping_error(),
-                    _ => ApiError::internal(message),
+                    SessionError::Pipeline(PipelineError::Filter(_))
+                    | SessionError::InterfaceAbsent { .. }
+                    | SessionError::InterfaceRemoved { .. } => RequestError::Start(e),
+                    _ if self.shared.stopping.load(Ordering::Relaxed) => RequestError::Stopping,
+                    e => RequestError::Start(e),
                 })
             }
         }
-    }
-
-    /// Compiles a request's filter and checks that the kernel can run it: libpcap's message
-    /// for what it refuses (400), the limit's name for a compile that ran too long (403).
-    fn compile_filter(&self, expression: &str) -> Result<CbpfProgram, ApiError> {
-        let program = self.compiler.compile(expression, &self.shared.stopping).map_err(|e| match e {
-            FilterError::Syntax { .. } | FilterError::Nul => ApiError::bad_request(e.to_string()),
-            FilterError::Timeout { .. } => {
-                log::warn!("refused a filter of {} bytes: {e}", expression.len());
-                ApiError::forbidden(e.to_string())
-            }
-            FilterError::Cancelled => stopping_error(),
-            _ => ApiError::internal(error_chain(&e)),
-        })?;
-        Instructions::build(&[CaptureFilter { slot: 0, filter: Some(&program) }])
-            .map_err(|e| ApiError::bad_request(format!("{e}: {}", error_chain(&e))))?;
-        Ok(program)
     }
 
     /// The configured interfaces, and whether each one's device is there and attached.
@@ -361,12 +262,12 @@ impl Daemon {
     }
 
     /// One capture.
-    pub fn get(&self, id: &str) -> Result<CaptureInfo, ApiError> {
-        self.shared.lock().get(id).map(Entry::current).ok_or_else(|| no_capture(id))
+    pub fn get(&self, id: &str) -> Result<CaptureInfo, RequestError> {
+        self.shared.lock().get(id).map(Entry::current).ok_or_else(|| RequestError::no_capture(id))
     }
 
     /// Ends a running capture (its output is finished as for any other end).
-    pub fn stop_capture(&self, id: &str) -> Result<CaptureInfo, ApiError> {
+    pub fn stop_capture(&self, id: &str) -> Result<CaptureInfo, RequestError> {
         let info = self.get(id)?;
         if info.state == CaptureState::Running
             && let Some(service) = self.services().get(&info.interface)
@@ -378,11 +279,11 @@ impl Daemon {
 
     /// Waits up to `timeout` for a capture to end, or for the daemon to begin stopping;
     /// returns it as it is then.
-    pub fn wait(&self, id: &str, timeout: Duration) -> Result<CaptureInfo, ApiError> {
+    pub fn wait(&self, id: &str, timeout: Duration) -> Result<CaptureInfo, RequestError> {
         let deadline = Instant::now() + timeout;
         let mut captures = self.shared.lock();
         loop {
-            let entry = captures.get(id).ok_or_else(|| no_capture(id))?;
+            let entry = captures.get(id).ok_or_else(|| RequestError::no_capture(id))?;
             let now = Instant::now();
             if entry.info.state != CaptureState::Running
                 || now >= deadline
@@ -452,7 +353,7 @@ impl Daemon {
                     );
                 }
                 Err(e) => {
-                    let message = error_chain(&e);
+                    let message = report::chain(&e);
                     if e.is_retryable() {
                         log::warn!(
                             "capture {}, interrupted: cannot recover it now ({message}); trying again later",
@@ -514,47 +415,6 @@ impl Daemon {
 
     fn running(&self) -> usize {
         self.shared.lock().values().filter(|e| e.info.state == CaptureState::Running).count()
-    }
-
-    fn describe_interfaces(&self) -> String {
-        self.config
-            .interfaces
-            .iter()
-            .map(|(alias, i)| format!("{alias} ({})", i.device))
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
-
-    /// The destination URL a request may use: one of the configured destinations, a place
-    /// under one, or `local`.
-    fn destination(&self, asked: Option<&str>) -> Result<String, ApiError> {
-        let allowed = &self.config.store.destinations;
-        if allowed.is_empty() {
-            return Err(ApiError::forbidden(
-                "the daemon has no destinations configured ([store] destinations)",
-            ));
-        }
-        let Some(asked) = asked else { return Ok(allowed[0].clone()) };
-        if asked.chars().any(char::is_control) {
-            return Err(ApiError::bad_request(format!("destination {asked:?} holds a control character")));
-        }
-        if asked == "local" {
-            return allowed.iter().find(|d| d.starts_with('/')).cloned().ok_or_else(|| {
-                ApiError::forbidden("no local directory is among the configured destinations")
-            });
-        }
-        let normal = asked.trim_end_matches('/');
-        let under = |base: &String| {
-            let base = base.trim_end_matches('/');
-            normal == base || (normal.starts_with(base) && normal[base.len()..].starts_with('/'))
-        };
-        if normal.split('/').any(|part| part == ".." || part == ".") || !allowed.iter().any(under) {
-            return Err(ApiError::forbidden(format!(
-                "destination {asked:?} is not under an allowed one: {}",
-                allowed.join(", ")
-            )));
-        }
-        Ok(normal.to_owned())
     }
 }
 
@@ -680,7 +540,7 @@ impl Shared {
                     entry.info.summary = Some(summary);
                 }
                 Err(e) => {
-                    let message = error_chain(&e);
+                    let message = report::chain(&e);
                     log::error!("capture {id} failed: {message}");
                     entry.info.state = CaptureState::Failed;
                     entry.info.error = Some(message);
@@ -718,42 +578,4 @@ impl Shared {
 /// Whether an interrupted capture's leftovers are still to be recovered.
 fn recovery_pending(info: &CaptureInfo) -> bool {
     info.summary.as_ref().and_then(|s| s.recovery.as_ref()).is_some_and(|r| r.pending)
-}
-
-fn stopping_error() -> ApiError {
-    ApiError::unavailable("the daemon is stopping: no new captures")
-}
-
-fn no_capture(id: &str) -> ApiError {
-    ApiError::not_found(format!("no capture {id:?}"))
-}
-
-/// An error and its causes, as one line.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
-}
-
-fn unix_now_ns() -> u64 {
-    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
-}
-
-/// A fresh capture id: the UTC start time and a random suffix.
-fn generate_id() -> String {
-    let now = unix_now_ns();
-    let mut random = [0u8; 3];
-    // getrandom never fails for so few bytes once the pool is initialised; the time alone
-    // still makes an id.
-    // SAFETY: `random` is valid for writes of its length.
-    let _ = unsafe { libc::getrandom(random.as_mut_ptr().cast(), random.len(), 0) };
-    format!("{}-{:02x}{:02x}{:02x}", crate::store::object::utc_compact(now), random[0], random[1], random[2])
 }

@@ -25,44 +25,10 @@ pub mod client;
 pub mod daemon;
 pub mod server;
 
-use std::collections::BTreeMap;
-
 use serde::{Deserialize, Serialize};
 
 use crate::captures::{CaptureSummary, Progress};
-
-/// A request for a capture. Everything but the bounds is optional; the daemon's
-/// `[defaults]` fill in what is left out, and its `[limits]` cap what is asked.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct CaptureRequest {
-    /// Capture id (letters, digits, `.`, `_`, `-`); default: generated.
-    pub id: Option<String>,
-    /// Interface alias (from the configuration) or device name; default: the only
-    /// configured interface.
-    pub interface: Option<String>,
-    /// tcpdump filter expression; none: every frame.
-    pub filter: Option<String>,
-    /// Bytes stored per frame at most.
-    pub snaplen: Option<u32>,
-    /// Stop after this many frames (exact).
-    pub packets: Option<u64>,
-    /// Stop before the stored frame bytes exceed this (exact).
-    pub bytes: Option<u64>,
-    /// Stop after this many seconds.
-    pub duration_secs: Option<f64>,
-    /// Stop after this many seconds without a frame.
-    pub idle_timeout_secs: Option<f64>,
-    /// Tags stored in the objects' metadata.
-    pub tags: BTreeMap<String, String>,
-    /// The customer the capture is for.
-    pub customer: Option<String>,
-    /// The alert that asked for the capture.
-    pub alert_id: Option<String>,
-    /// Where to store it: one of the configured destinations or a place under one, or
-    /// `local` (the first local directory); default: the first destination.
-    pub destination: Option<String>,
-}
+pub use crate::request::CaptureRequest;
 
 /// Where a capture is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -130,39 +96,4 @@ pub enum InterfaceState {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorReply {
     pub error: String,
-}
-
-/// A refused or failed request: an HTTP status and a message a user can act on.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{message}")]
-pub struct ApiError {
-    pub status: u16,
-    pub message: String,
-}
-
-impl ApiError {
-    pub fn bad_request(message: impl Into<String>) -> Self {
-        Self { status: 400, message: message.into() }
-    }
-    pub fn forbidden(message: impl Into<String>) -> Self {
-        Self { status: 403, message: message.into() }
-    }
-    pub fn not_found(message: impl Into<String>) -> Self {
-        Self { status: 404, message: message.into() }
-    }
-    pub fn request_timeout(message: impl Into<String>) -> Self {
-        Self { status: 408, message: message.into() }
-    }
-    pub fn conflict(message: impl Into<String>) -> Self {
-        Self { status: 409, message: message.into() }
-    }
-    pub fn payload_too_large(message: impl Into<String>) -> Self {
-        Self { status: 413, message: message.into() }
-    }
-    pub fn unavailable(message: impl Into<String>) -> Self {
-        Self { status: 503, message: message.into() }
-    }
-    pub fn internal(message: impl Into<String>) -> Self {
-        Self { status: 500, message: message.into() }
-    }
 }

@@ -44,8 +44,15 @@ use tokio::{
     task::JoinSet,
 };
 
-use super::{ApiError, CaptureRequest, ErrorReply};
-use crate::control::daemon::Daemon;
+use super::{CaptureRequest, ErrorReply};
+use crate::{
+    captures::SessionError,
+    control::daemon::{Daemon, RequestError},
+    datapath::pipeline::PipelineError,
+    filter::FilterError,
+    request::PlanError,
+    store::UploadError,
+};
 
 /// Largest request body accepted.
 const MAX_BODY: usize = 64 * 1024;
@@ -487,6 +494,79 @@ fn response(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
     response
 }
 
+/// A refused or failed request: an HTTP status and a message a user can act on.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    pub status: u16,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self { status: 400, message: message.into() }
+    }
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self { status: 403, message: message.into() }
+    }
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self { status: 404, message: message.into() }
+    }
+    pub fn request_timeout(message: impl Into<String>) -> Self {
+        Self { status: 408, message: message.into() }
+    }
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self { status: 409, message: message.into() }
+    }
+    pub fn payload_too_large(message: impl Into<String>) -> Self {
+        Self { status: 413, message: message.into() }
+    }
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self { status: 503, message: message.into() }
+    }
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self { status: 500, message: message.into() }
+    }
+}
+
+/// The one place a refusal becomes an HTTP status: 400 for what the request got wrong, 403
+/// for what a cap or the allowed destinations forbid, 404, 409, 503 for what is absent or
+/// stopping now, 500 for what failed here.
+impl From<RequestError> for ApiError {
+    fn from(e: RequestError) -> Self {
+        let message = e.to_string();
+        let status = match &e {
+            RequestError::Plan(plan) => match plan {
+                PlanError::OverCap(_)
+                | PlanError::NoDestinations
+                | PlanError::NoLocalDestination
+                | PlanError::DestinationNotAllowed { .. } => 403,
+                PlanError::Filter(FilterError::Timeout { .. }) => {
+                    log::warn!("refused a filter: {message}");
+                    403
+                }
+                PlanError::Filter(FilterError::Cancelled) => 503,
+                PlanError::Filter(
+                    FilterError::Syntax { .. } | FilterError::Nul | FilterError::TooLong { .. },
+                ) => 400,
+                PlanError::Filter(_) => 500,
+                _ => 400,
+            },
+            RequestError::Absent(_) | RequestError::Stopping => 503,
+            RequestError::IdTaken { .. } => 409,
+            RequestError::NoCapture { .. } => 404,
+            RequestError::Store(UploadError::Destination { .. }) => 400,
+            RequestError::Store(_) => 500,
+            RequestError::Start(start) => match start {
+                SessionError::Pipeline(PipelineError::Filter(_)) => 400,
+                SessionError::InterfaceAbsent { .. } | SessionError::InterfaceRemoved { .. } => 503,
+                _ => 500,
+            },
+        };
+        Self { status, message }
+    }
+}
+
 /// Whether `presented` equals `token`, in time that does not depend on where they differ.
 fn token_matches(presented: &[u8], token: &[u8]) -> bool {
     presented.len() == token.len() && presented.iter().zip(token).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
@@ -521,7 +601,7 @@ async fn route(
         (&Method::POST, ["v1", "captures"]) => {
             let request: CaptureRequest = serde_json::from_slice(&body)
                 .map_err(|e| ApiError::bad_request(format!("malformed capture request: {e}")))?;
-            let info = blocking(move || daemon.start_capture(request, requested_by)).await?;
+            let info = blocking(move || Ok(daemon.start_capture(request, requested_by)?)).await?;
             Ok((StatusCode::CREATED, json(&info)))
         }
         (&Method::GET, ["v1", "captures"]) => Ok((StatusCode::OK, json(&daemon.list()))),
@@ -533,7 +613,7 @@ async fn route(
         (&Method::GET, ["v1", "captures", id, "wait"]) => {
             let timeout = wait_timeout(&query)?;
             let id = (*id).to_owned();
-            let info = blocking(move || daemon.wait(&id, timeout)).await?;
+            let info = blocking(move || Ok(daemon.wait(&id, timeout)?)).await?;
             Ok((StatusCode::OK, json(&info)))
         }
         _ => Err(ApiError::not_found(format!("no route {method} {path}"))),
