@@ -9,7 +9,7 @@ use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    datapath::capture::DEFAULT_SNAPLEN, datapath::xdp::AttachMode, datapath::xsk::ZeroCopy,
+    datapath::{capture::DEFAULT_SNAPLEN, pipeline::InterfaceConfig, xdp::AttachMode, xsk::ZeroCopy},
     store::settings::StoreSettings,
 };
 
@@ -193,19 +193,23 @@ pub struct InterfaceSection {
 }
 
 impl Default for InterfaceSection {
+    /// The data path's own defaults ([`InterfaceConfig::new`]), but for `drop_unmatched`: a
+    /// tap host's daemon drops what no capture wants (the one-shot passes it on, since it may
+    /// run on a host whose traffic it must not cut).
     fn default() -> Self {
+        let path = InterfaceConfig::new("");
         Self {
             device: String::new(),
-            queues: None,
-            cores: Vec::new(),
-            attach: AttachMode::Auto,
-            zero_copy: ZeroCopy::Auto,
-            frame_size_bytes: 4096,
-            ring_size: 8192,
-            batch_wait_us: 1000,
+            queues: path.queues,
+            cores: path.cores,
+            attach: path.attach,
+            zero_copy: path.xsk.zero_copy,
+            frame_size_bytes: path.xsk.frame_size,
+            ring_size: path.xsk.rx_ring_size,
+            batch_wait_us: path.writer.coalesce.as_micros() as u64,
             drop_unmatched: true,
-            chunk_bytes: 1 << 20,
-            chunk_buffers: 64,
+            chunk_bytes: path.chunk_bytes,
+            chunk_buffers: path.chunk_buffers,
         }
     }
 }
@@ -406,8 +410,8 @@ impl Config {
 
 impl InterfaceSection {
     /// The pipeline settings for this interface.
-    pub fn pipeline(&self) -> crate::datapath::pipeline::InterfaceConfig {
-        let mut config = crate::datapath::pipeline::InterfaceConfig::new(&self.device);
+    pub fn pipeline(&self) -> InterfaceConfig {
+        let mut config = InterfaceConfig::new(&self.device);
         config.attach = self.attach;
         config.queues = self.queues;
         config.cores = self.cores.clone();
@@ -486,6 +490,21 @@ impl LimitsSection {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The file's interface defaults make the data path's own defaults (but for unmatched
+    /// frames, on purpose): one source of truth.
+    #[test]
+    fn interface_defaults_are_the_data_paths() {
+        let (file, path) = (InterfaceSection::default().pipeline(), InterfaceConfig::new(""));
+        assert_eq!(
+            (file.xsk.frame_size, file.xsk.rx_ring_size, file.xsk.fill_ring_size, file.xsk.umem_frames),
+            (path.xsk.frame_size, path.xsk.rx_ring_size, path.xsk.fill_ring_size, path.xsk.umem_frames)
+        );
+        assert_eq!(file.writer.coalesce, path.writer.coalesce);
+        assert_eq!((file.chunk_bytes, file.chunk_buffers), (path.chunk_bytes, path.chunk_buffers));
+        assert_eq!((file.queues, &file.cores, file.attach), (path.queues, &path.cores, path.attach));
+        assert_eq!(file.unmatched, capture_common::Unmatched::Drop);
+    }
 
     const EXAMPLE: &str = include_str!("../../config/tapstream.toml");
 

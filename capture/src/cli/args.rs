@@ -255,7 +255,7 @@ pub struct StoreArgs {
     #[arg(long)]
     pub acl: Option<String>,
     /// Requests to the store at once (so HTTP connections) at most.
-    #[arg(long, value_name = "N", default_value_t = 16)]
+    #[arg(long, value_name = "N", default_value_t = StoreSettings::default().max_connections)]
     s3_max_connections: usize,
 }
 
@@ -266,7 +266,7 @@ pub struct ObjectArgs {
     #[arg(long, value_name = "SIZE", default_value = "8MiB", value_parser = parse_bytes)]
     pub part_size: u64,
     /// Parts uploading at once at most.
-    #[arg(long, value_name = "N", default_value_t = 4)]
+    #[arg(long, value_name = "N", default_value_t = StoreSettings::default().parts_in_flight)]
     pub parts_in_flight: usize,
     /// Start a new object past this size.
     #[arg(long, value_name = "SIZE", default_value = "1GiB", value_parser = parse_bytes)]
@@ -275,20 +275,20 @@ pub struct ObjectArgs {
     #[arg(long, value_name = "TIME", default_value = "5m", value_parser = humantime::parse_duration)]
     pub rotate_age: Duration,
     /// Compression: a zstd level (1-19) or `none`.
-    #[arg(long, value_name = "LEVEL", default_value = "3")]
+    #[arg(long, value_name = "LEVEL", default_value_t = StoreSettings::default().compression)]
     pub compression: String,
     /// Compression threads (they run off the writers' cores).
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    #[arg(long, value_name = "N", default_value_t = StoreSettings::default().compress_threads)]
     pub compress_threads: usize,
     /// Directory where chunks wait while the store is unreachable (one subdirectory per
     /// capture); what an earlier run left there is uploaded on start.
-    #[arg(long, value_name = "DIR", default_value = "/var/tmp/tapstream/spool")]
+    #[arg(long, value_name = "DIR", default_value_os_t = StoreSettings::default().spool_dir)]
     pub spool_dir: PathBuf,
     /// Bytes one capture may spool at most; beyond, frames are dropped and counted.
     #[arg(long, value_name = "SIZE", default_value = "4GiB", value_parser = parse_bytes)]
     pub spool_max: u64,
     /// Compressed chunks held in memory while the store is slow; more go to the spool.
-    #[arg(long, value_name = "N", default_value_t = 16)]
+    #[arg(long, value_name = "N", default_value_t = StoreSettings::default().upload_queue)]
     pub upload_queue: usize,
     /// How long the store may stay unreachable before the capture fails.
     #[arg(long, value_name = "TIME", default_value = "1h", value_parser = humantime::parse_duration)]
@@ -297,7 +297,7 @@ pub struct ObjectArgs {
     #[arg(long)]
     pub node: Option<String>,
     /// Object key template: {prefix}, {node}, {capture}, {start}, {seq}, {ext}.
-    #[arg(long, default_value = "{prefix}/{node}/{capture}/{start}-{seq}.{ext}")]
+    #[arg(long, default_value_t = StoreSettings::default().key_template)]
     pub key_template: String,
 }
 

@@ -54,7 +54,7 @@ impl Default for WriterConfig {
             core: None,
             batch: 256,
             flush_after: Duration::from_secs(1),
-            coalesce: Duration::from_micros(50),
+            coalesce: Duration::from_millis(1),
         }
     }
 }
