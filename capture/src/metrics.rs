@@ -8,7 +8,6 @@
 
 use metrics::{Counter, Gauge, Unit, counter, describe_counter, describe_gauge, gauge};
 
-use crate::datapath::xsk::XskStats;
 use capture_common::XdpCounters;
 
 /// Frames the XDP program saw, by outcome (`result`: redirected, redirect_error, passed,
@@ -75,9 +74,13 @@ pub const CAPTURES_ENDED: &str = "tapstream_captures_ended_total";
 pub const OPERATIONS: [&str; 4] =
     ["PutObject", "CreateMultipartUpload", "UploadPart", "CompleteMultipartUpload"];
 
+/// The `cause` labels of the AF_XDP sockets' drops, in the order [`QueueKernelMetrics::set_xsk`]
+/// takes them.
+pub const SOCKET_DROP_CAUSES: [&str; 4] = ["rx_dropped", "rx_ring_full", "fill_ring_empty", "invalid_descs"];
+
 /// Registers every series that has no per-queue handle at zero, so dashboards and alerts see
-/// them from the start.
-pub fn register_all() {
+/// them from the start; `stop_reasons` are the `reason` labels of ended captures.
+pub fn register_all(stop_reasons: impl IntoIterator<Item = &'static str>) {
     describe();
     for name in
         [UPLOAD_BYTES, UPLOAD_PARTS, OBJECTS, COMPRESS_INPUT_BYTES, COMPRESS_OUTPUT_BYTES, SPOOL_QUARANTINED]
@@ -91,8 +94,8 @@ pub fn register_all() {
     for r in ["true", "false"] {
         counter!(UPLOAD_ERRORS, "retryable" => r).absolute(0);
     }
-    for reason in crate::datapath::capture::StopReason::ALL {
-        counter!(CAPTURES_ENDED, "reason" => reason.as_str()).absolute(0);
+    for reason in stop_reasons {
+        counter!(CAPTURES_ENDED, "reason" => reason).absolute(0);
     }
     gauge!(UPLOAD_PARTS_IN_FLIGHT).set(0.0);
     gauge!(UPLOAD_CONNECTIONS_WAITING).set(0.0);
@@ -172,12 +175,7 @@ impl QueueKernelMetrics {
                 result("dropped"),
                 result("meta_error"),
             ],
-            xsk: [
-                cause("rx_dropped"),
-                cause("rx_ring_full"),
-                cause("fill_ring_empty"),
-                cause("invalid_descs"),
-            ],
+            xsk: SOCKET_DROP_CAUSES.map(cause),
         }
     }
 
@@ -193,14 +191,9 @@ impl QueueKernelMetrics {
         }
     }
 
-    /// Publishes the socket's counters.
-    pub fn set_xsk(&self, s: &XskStats) {
-        for (counter, value) in self.xsk.iter().zip([
-            s.rx_dropped,
-            s.rx_ring_full,
-            s.rx_fill_ring_empty_descs,
-            s.rx_invalid_descs,
-        ]) {
+    /// Publishes the socket's drop counters, in the order of [`SOCKET_DROP_CAUSES`].
+    pub fn set_xsk(&self, drops: [u64; 4]) {
+        for (counter, value) in self.xsk.iter().zip(drops) {
             counter.absolute(value);
         }
     }

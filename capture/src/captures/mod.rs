@@ -22,7 +22,7 @@ use crate::{
     datapath::clock::TaiClock,
     datapath::pipeline::{InterfaceConfig, InterfaceRuntime, PipelineError, QueueSnapshot},
     datapath::writer::Output,
-    store::stream::StoreOutput,
+    store::stream::{StoreOutput, StoreTarget},
 };
 
 /// Errors of a session.
@@ -282,21 +282,6 @@ pub enum Target {
     File(PathBuf),
     /// Objects in a store; see [`crate::store`].
     Store(StoreTarget),
-}
-
-/// Starts a store output, given the chunk pool and the PCAP file header objects begin with.
-pub type StartStore = Box<
-    dyn FnOnce(
-            Arc<crate::datapath::chunk::ChunkPool>,
-            &[u8],
-        ) -> Result<StoreOutput, crate::store::UploadError>
-        + Send,
->;
-
-/// A store target, started when the capture starts.
-pub struct StoreTarget {
-    /// Starts the output, given the chunk pool and the PCAP file header objects begin with.
-    pub start: StartStore,
 }
 
 /// How often a capture's progress is published, also while its output makes it wait.

@@ -16,7 +16,7 @@ pub fn serve_metrics(addr: std::net::SocketAddr) -> anyhow::Result<()> {
         .with_http_listener(addr)
         .install()
         .with_context(|| format!("serve metrics on {addr}"))?;
-    crate::metrics::register_all();
+    crate::metrics::register_all(crate::datapath::capture::StopReason::ALL.map(|r| r.as_str()));
     log::info!("metrics at http://{addr}/metrics");
     Ok(())
 }

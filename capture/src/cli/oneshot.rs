@@ -121,7 +121,9 @@ pub fn store_target(args: &CaptureArgs, url: &str, labels: ObjectLabels) -> anyh
     if let Err((field, message)) = settings.validate() {
         bail!("--{}: {message}", flag_of(field));
     }
-    settings.target(url, labels, true).with_context(|| format!("cannot store the capture in {url}"))
+    let target =
+        settings.target(url, labels, true).with_context(|| format!("cannot store the capture in {url}"))?;
+    Ok(Target::Store(target))
 }
 
 /// The flag that sets a store setting.

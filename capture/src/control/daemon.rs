@@ -16,7 +16,9 @@ use std::{
 };
 
 use crate::{
-    captures::{CaptureOrder, CaptureSummary, InterfaceService, OnDone, Progress, Recovery, SessionError},
+    captures::{
+        CaptureOrder, CaptureSummary, InterfaceService, OnDone, Progress, Recovery, SessionError, Target,
+    },
     config::Config,
     control::{CaptureInfo, CaptureRequest, CaptureState, InterfaceInfo, InterfaceState},
     datapath::{capture::StopReason, pipeline::PipelineError},
@@ -204,7 +206,12 @@ impl Daemon {
         let on_done: OnDone = Box::new(move |result| shared.finish(&done_id, result));
         let started = match self.services().get(&plan.interface) {
             Some(service) if !self.shared.stopping.load(Ordering::Relaxed) => {
-                service.start_capture(CaptureOrder { spec: plan.spec, limits: plan.limits, target, on_done })
+                service.start_capture(CaptureOrder {
+                    spec: plan.spec,
+                    limits: plan.limits,
+                    target: Target::Store(target),
+                    on_done,
+                })
             }
             _ => Err(SessionError::ServiceGone),
         };

@@ -359,7 +359,12 @@ impl InterfaceRuntime {
                 let stats: &QueueStats = writer.stats();
                 let xsk = *stats.kernel.lock().unwrap_or_else(|e| e.into_inner());
                 metrics.set_xdp(&xdp);
-                metrics.set_xsk(&xsk);
+                metrics.set_xsk([
+                    xsk.rx_dropped,
+                    xsk.rx_ring_full,
+                    xsk.rx_fill_ring_empty_descs,
+                    xsk.rx_invalid_descs,
+                ]);
                 let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
                 QueueSnapshot {
                     queue: writer.queue(),

@@ -1,5 +1,5 @@
 //! Store settings shared by the one-shot CLI (its flags) and the daemon (`[store]` in its
-//! configuration): validated once, then turned into a capture's [`Target`].
+//! configuration): validated once, then turned into a capture's [`StoreTarget`].
 
 use std::{path::PathBuf, time::Duration};
 
@@ -10,12 +10,11 @@ use super::{
     dir::DirSink,
     object::{MIN_PART_BYTES, ObjectOwner, UploadConfig},
     s3::{S3Config, S3Sink},
-    stream::{Recovered, StoreOptions, StoreOutput, recover_dead_capture, recover_spools},
+    stream::{
+        Recovered, StartStore, StoreOptions, StoreOutput, StoreTarget, recover_dead_capture, recover_spools,
+    },
 };
-use crate::{
-    captures::{StartStore, StoreTarget, Target},
-    store::compress::Compression,
-};
+use crate::store::compress::Compression;
 
 /// How captures reach a store.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -266,7 +265,7 @@ impl StoreSettings {
         url: &str,
         labels: ObjectLabels,
         recover_killed: bool,
-    ) -> Result<Target, UploadError> {
+    ) -> Result<StoreTarget, UploadError> {
         let (destination, config, owner, options) = self.parts(url, labels, recover_killed)?;
         let start: StartStore = match destination {
             Destination::S3 { bucket, .. } => {
@@ -285,7 +284,7 @@ impl StoreSettings {
                 Box::new(move |pool, header| prepared.start(pool, header))
             }
         };
-        Ok(Target::Store(StoreTarget { start }))
+        Ok(StoreTarget { start })
     }
 }
 

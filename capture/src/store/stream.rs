@@ -28,6 +28,15 @@ use crate::{
     store::compress::Compressor,
 };
 
+/// Starts a store output, given the chunk pool and the PCAP file header objects begin with.
+pub type StartStore = Box<dyn FnOnce(Arc<ChunkPool>, &[u8]) -> Result<StoreOutput, UploadError> + Send>;
+
+/// A store target, started when the capture starts.
+pub struct StoreTarget {
+    /// Starts the output, given the chunk pool and the PCAP file header objects begin with.
+    pub start: StartStore,
+}
+
 /// Threads and spool of a store output.
 #[derive(Clone, Debug)]
 pub struct StoreOptions {
