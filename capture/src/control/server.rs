@@ -503,29 +503,8 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    pub fn bad_request(message: impl Into<String>) -> Self {
-        Self { status: 400, message: message.into() }
-    }
-    pub fn forbidden(message: impl Into<String>) -> Self {
-        Self { status: 403, message: message.into() }
-    }
-    pub fn not_found(message: impl Into<String>) -> Self {
-        Self { status: 404, message: message.into() }
-    }
-    pub fn request_timeout(message: impl Into<String>) -> Self {
-        Self { status: 408, message: message.into() }
-    }
-    pub fn conflict(message: impl Into<String>) -> Self {
-        Self { status: 409, message: message.into() }
-    }
-    pub fn payload_too_large(message: impl Into<String>) -> Self {
-        Self { status: 413, message: message.into() }
-    }
-    pub fn unavailable(message: impl Into<String>) -> Self {
-        Self { status: 503, message: message.into() }
-    }
-    pub fn internal(message: impl Into<String>) -> Self {
-        Self { status: 500, message: message.into() }
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self { status: status.as_u16(), message: message.into() }
     }
 }
 
@@ -587,7 +566,7 @@ async fn route(
                 .and_then(bearer_token)
                 .unwrap_or("");
             if !token_matches(presented.as_bytes(), token.as_bytes()) {
-                return Err(ApiError { status: 401, message: "a valid bearer token is required".into() });
+                return Err(ApiError::new(StatusCode::UNAUTHORIZED, "a valid bearer token is required"));
             }
             None
         }
@@ -599,8 +578,9 @@ async fn route(
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (&method, segments.as_slice()) {
         (&Method::POST, ["v1", "captures"]) => {
-            let request: CaptureRequest = serde_json::from_slice(&body)
-                .map_err(|e| ApiError::bad_request(format!("malformed capture request: {e}")))?;
+            let request: CaptureRequest = serde_json::from_slice(&body).map_err(|e| {
+                ApiError::new(StatusCode::BAD_REQUEST, format!("malformed capture request: {e}"))
+            })?;
             let info = blocking(move || Ok(daemon.start_capture(request, requested_by)?)).await?;
             Ok((StatusCode::CREATED, json(&info)))
         }
@@ -616,7 +596,7 @@ async fn route(
             let info = blocking(move || Ok(daemon.wait(&id, timeout)?)).await?;
             Ok((StatusCode::OK, json(&info)))
         }
-        _ => Err(ApiError::not_found(format!("no route {method} {path}"))),
+        _ => Err(ApiError::new(StatusCode::NOT_FOUND, format!("no route {method} {path}"))),
     }
 }
 
@@ -631,20 +611,24 @@ fn bearer_token(header: &str) -> Option<&str> {
 async fn read_body(body: Incoming) -> Result<Bytes, ApiError> {
     let declared = body.size_hint().lower();
     if declared > MAX_BODY as u64 {
-        return Err(ApiError::payload_too_large(format!(
-            "the request body is {declared} bytes; at most {MAX_BODY} are accepted"
-        )));
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the request body is {declared} bytes; at most {MAX_BODY} are accepted"),
+        ));
     }
     match tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, MAX_BODY).collect()).await {
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(e)) if e.is::<LengthLimitError>() => Err(ApiError::payload_too_large(format!(
-            "the request body is over {MAX_BODY} bytes, the most accepted"
-        ))),
-        Ok(Err(e)) => Err(ApiError::bad_request(format!("cannot read the request body: {e}"))),
-        Err(_) => Err(ApiError::request_timeout(format!(
-            "the request body did not arrive within {} s",
-            BODY_TIMEOUT.as_secs()
-        ))),
+        Ok(Err(e)) if e.is::<LengthLimitError>() => Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the request body is over {MAX_BODY} bytes, the most accepted"),
+        )),
+        Ok(Err(e)) => {
+            Err(ApiError::new(StatusCode::BAD_REQUEST, format!("cannot read the request body: {e}")))
+        }
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!("the request body did not arrive within {} s", BODY_TIMEOUT.as_secs()),
+        )),
     }
 }
 
@@ -662,17 +646,22 @@ fn wait_timeout(query: &str) -> Result<Duration, ApiError> {
         .and_then(|secs| Duration::try_from_secs_f64(secs.abs().min(MAX_WAIT.as_secs_f64())).ok())
         .ok_or_else(|| {
             let shown: String = value.chars().take(40).collect();
-            ApiError::bad_request(format!(
-                "timeout_secs must be a number of seconds in 0..={}, not {shown:?}",
-                MAX_WAIT.as_secs()
-            ))
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "timeout_secs must be a number of seconds in 0..={}, not {shown:?}",
+                    MAX_WAIT.as_secs()
+                ),
+            )
         })
 }
 
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::internal(e.to_string()))?
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
 }
 
 /// A reply body.

@@ -116,6 +116,23 @@ pub struct QueueSnapshot {
     pub drops_no_buffer: u64,
 }
 
+impl QueueSnapshot {
+    /// Queue `queue`'s counters now: the program's, the socket's and its writer's.
+    fn new(queue: u32, xdp: XdpCounters, xsk: XskStats, writer: &QueueStats) -> Self {
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        Self {
+            queue,
+            xdp,
+            xsk,
+            frames: load(&writer.frames),
+            bytes: load(&writer.bytes),
+            records: load(&writer.records),
+            drops_queue_full: load(&writer.drops_queue_full),
+            drops_no_buffer: load(&writer.drops_no_buffer),
+        }
+    }
+}
+
 /// A running capture (its compiled filter in its spec).
 struct Slot {
     capture: Arc<CaptureShared>,
@@ -365,17 +382,7 @@ impl InterfaceRuntime {
                     xsk.rx_fill_ring_empty_descs,
                     xsk.rx_invalid_descs,
                 ]);
-                let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-                QueueSnapshot {
-                    queue: writer.queue(),
-                    xdp,
-                    xsk,
-                    frames: load(&stats.frames),
-                    bytes: load(&stats.bytes),
-                    records: load(&stats.records),
-                    drops_queue_full: load(&stats.drops_queue_full),
-                    drops_no_buffer: load(&stats.drops_no_buffer),
-                }
+                QueueSnapshot::new(writer.queue(), xdp, xsk, stats)
             })
             .collect())
     }
@@ -398,18 +405,10 @@ impl InterfaceRuntime {
             finals.push((queue, stats, xsk));
         }
         let xdp = self.xdp.queue_counters(queues).unwrap_or_default();
-        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
         let snapshots = finals
             .into_iter()
-            .map(|(queue, stats, xsk)| QueueSnapshot {
-                queue,
-                xdp: xdp.get(queue as usize).copied().unwrap_or_default(),
-                xsk,
-                frames: load(&stats.frames),
-                bytes: load(&stats.bytes),
-                records: load(&stats.records),
-                drops_queue_full: load(&stats.drops_queue_full),
-                drops_no_buffer: load(&stats.drops_no_buffer),
+            .map(|(queue, stats, xsk)| {
+                QueueSnapshot::new(queue, xdp.get(queue as usize).copied().unwrap_or_default(), xsk, &stats)
             })
             .collect();
         (snapshots, self.outputs.clone())

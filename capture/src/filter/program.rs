@@ -131,23 +131,14 @@ impl Instructions {
     /// The program wrapped in an ELF object aya can load.
     pub fn to_elf(&self) -> Vec<u8> {
         use object::{
-            Architecture, BinaryFormat, Endianness, SectionKind, SymbolFlags, SymbolKind, SymbolScope,
-            write::{Object, Relocation, Symbol, SymbolSection},
+            Architecture, BinaryFormat, Endianness, SectionKind, SymbolKind,
+            write::{Object, Relocation},
         };
         let mut obj = Object::new(BinaryFormat::Elf, Architecture::Bpf, Endianness::Little);
         let code: Vec<u8> = self.insns.iter().flat_map(Insn::encode).collect();
         let text = obj.add_section(Vec::new(), b"xdp".to_vec(), SectionKind::Text);
         obj.append_section_data(text, &code, 8);
-        obj.add_symbol(Symbol {
-            name: PROGRAM.as_bytes().to_vec(),
-            value: 0,
-            size: code.len() as u64,
-            kind: SymbolKind::Text,
-            scope: SymbolScope::Linkage,
-            weak: false,
-            section: SymbolSection::Section(text),
-            flags: SymbolFlags::None,
-        });
+        obj.add_symbol(global(PROGRAM, code.len(), SymbolKind::Text, text));
 
         // struct bpf_map_def { type, key_size, value_size, max_entries, map_flags }.
         let mut def = Vec::new();
@@ -156,16 +147,7 @@ impl Instructions {
         }
         let maps = obj.add_section(Vec::new(), b"maps".to_vec(), SectionKind::Data);
         obj.append_section_data(maps, &def, 4);
-        let next = obj.add_symbol(Symbol {
-            name: NEXT_MAP.as_bytes().to_vec(),
-            value: 0,
-            size: def.len() as u64,
-            kind: SymbolKind::Data,
-            scope: SymbolScope::Linkage,
-            weak: false,
-            section: SymbolSection::Section(maps),
-            flags: SymbolFlags::None,
-        });
+        let next = obj.add_symbol(global(NEXT_MAP, def.len(), SymbolKind::Data, maps));
         for &at in &self.next_loads {
             obj.add_relocation(
                 text,
@@ -182,6 +164,25 @@ impl Instructions {
         let license = obj.add_section(Vec::new(), b"license".to_vec(), SectionKind::Data);
         obj.append_section_data(license, b"Dual MIT/GPL\0", 1);
         obj.write().expect("an ELF object of one section of code and one map is always writable")
+    }
+}
+
+/// A global symbol of `size` bytes at the start of `section`.
+fn global(
+    name: &str,
+    size: usize,
+    kind: object::SymbolKind,
+    section: object::write::SectionId,
+) -> object::write::Symbol {
+    object::write::Symbol {
+        name: name.as_bytes().to_vec(),
+        value: 0,
+        size: size as u64,
+        kind,
+        scope: object::SymbolScope::Linkage,
+        weak: false,
+        section: object::write::SymbolSection::Section(section),
+        flags: object::SymbolFlags::None,
     }
 }
 
