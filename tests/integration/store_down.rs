@@ -18,7 +18,7 @@ use crate::{
     common::{Running, walk},
     daemon::{TestDaemon, error_of, sendable},
     recovery::zstd_d,
-    upload::{random_frames, raw_object, records, s3_args},
+    upload::{leave_spool, random_frames, raw_object, records, s3_args},
 };
 
 /// The frames the S3 captures here take (the random frames' EtherType); the canary takes the rest.
@@ -290,36 +290,13 @@ fn a_one_shot_capture_starts_while_the_store_is_down_and_uploads_everything_once
 
 #[test]
 fn a_leftover_spool_for_a_store_that_is_down_waits_for_it_without_holding_up_the_start() {
-    use tapstream::store::{object::CompressedChunk, spool::Spool};
     let veth = VethPair::new(1);
     let mut garage = Garage::start_in(&veth.capture_ns);
     garage.stop();
     let spool = tempfile::tempdir().unwrap();
-    // A spool an earlier run left for the bucket: a PCAP header and one record.
-    let header: Vec<u8> = [
-        0xa1b2_c3d4u32.to_le_bytes().as_slice(),
-        &[2, 0, 4, 0],
-        &[0; 8],
-        &65535u32.to_le_bytes(),
-        &1u32.to_le_bytes(),
-    ]
-    .concat();
-    let record: Vec<u8> =
-        [&1u32.to_le_bytes()[..], &0u32.to_le_bytes(), &4u32.to_le_bytes(), &4u32.to_le_bytes(), b"left"]
-            .concat();
+    // A spool an earlier run left for the bucket.
     let leftover = spool.path().join("old-1");
-    {
-        let store = format!("s3://{}/", garage.bucket);
-        let left = Spool::create(leftover.clone(), 1 << 20, &header, &store).unwrap();
-        let chunk = CompressedChunk {
-            data: record.clone(),
-            decompressed_len: record.len() as u64,
-            first_ns: 1_000_000_000,
-            last_ns: 1_000_000_000,
-            packets: 1,
-        };
-        assert!(left.put(0, &chunk).unwrap());
-    }
+    let spooled = leave_spool(leftover.clone(), &format!("s3://{}/", garage.bucket));
     let prefix = unique_name("left");
     let url = format!("s3://{}/{prefix}", garage.bucket);
     let mut args: Vec<String> = [
@@ -376,11 +353,7 @@ fn a_leftover_spool_for_a_store_that_is_down_waits_for_it_without_holding_up_the
         .to_owned();
     let key = recovered.strip_prefix(&format!("s3://{}/", garage.bucket)).expect("an s3 URL in the bucket");
     assert!(key.contains("old-1"), "named after the spool: {key}");
-    assert_eq!(
-        raw_object(&veth.capture_ns, &garage, key),
-        [header, record].concat(),
-        "the spooled bytes, whole"
-    );
+    assert_eq!(raw_object(&veth.capture_ns, &garage, key), spooled, "the spooled bytes, whole");
     assert!(!leftover.exists(), "the leftover spool is gone");
 
     // And the capture that started meanwhile stored every frame.

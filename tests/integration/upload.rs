@@ -2,6 +2,7 @@
 //! `zstd -d`, capinfos and tshark.
 
 use std::{
+    path::PathBuf,
     process::{Command, Stdio},
     sync::{
         Arc,
@@ -15,6 +16,7 @@ use tapstream::{
         ObjectMeta, PartDone, PendingUpload, Sink, UploadError,
         object::{CompressedChunk, ObjectOwner, UploadConfig, Uploader},
         s3::{S3Config, S3Sink},
+        spool::Spool,
     },
 };
 use tapstream_testenv::{CORPUS_RING_SIZE, Garage, Netns, Sender, VethPair, corpus_frames, unique_name};
@@ -431,6 +433,32 @@ fn multipart_capture_args(
     let mut args: Vec<String> = base.iter().chain(extra).map(|s| s.to_string()).collect();
     args.extend_from_slice(store_args);
     args
+}
+
+/// Leaves a spool at `path` for the store at `url`, as a run that ended before uploading it
+/// does: a PCAP header and one chunk of one record. Returns the bytes of the object it becomes.
+pub(crate) fn leave_spool(path: PathBuf, url: &str) -> Vec<u8> {
+    let header: Vec<u8> = [
+        0xa1b2_c3d4u32.to_le_bytes().as_slice(),
+        &[2, 0, 4, 0],
+        &[0; 8],
+        &65535u32.to_le_bytes(),
+        &1u32.to_le_bytes(),
+    ]
+    .concat();
+    let record: Vec<u8> =
+        [&1u32.to_le_bytes()[..], &0u32.to_le_bytes(), &4u32.to_le_bytes(), &4u32.to_le_bytes(), b"left"]
+            .concat();
+    let spool = Spool::create(path, 1 << 20, &header, url).unwrap();
+    let chunk = CompressedChunk {
+        data: record.clone(),
+        decompressed_len: record.len() as u64,
+        first_ns: 1_000_000_000,
+        last_ns: 1_000_000_000,
+        packets: 1,
+    };
+    assert!(spool.put(0, &chunk).unwrap());
+    [header, record].concat()
 }
 
 #[test]
