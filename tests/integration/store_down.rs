@@ -196,13 +196,8 @@ fn send_until(
         let mut rounds = 0;
         while rounds == 0 || !stop.load(Ordering::Relaxed) {
             for slice in frames.chunks(200) {
-                for f in slice {
-                    while let Err(e) = sender.send(f) {
-                        assert!(e.raw_os_error() == Some(libc::ENOBUFS), "send: {e}");
-                        std::thread::sleep(Duration::from_micros(100));
-                    }
-                    sent.push(f.clone());
-                }
+                send_frames(&sender, slice);
+                sent.extend_from_slice(slice);
                 std::thread::sleep(Duration::from_millis(20));
             }
             rounds += 1;
