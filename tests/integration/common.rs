@@ -9,7 +9,7 @@ use std::{
 };
 
 use tapstream::captures::CaptureSummary;
-use tapstream_testenv::{CorpusFrame, Netns};
+use tapstream_testenv::{CorpusFrame, Netns, VethPair};
 
 /// Path of the tapstream binary under test.
 pub fn tapstream_bin() -> &'static str {
@@ -133,6 +133,15 @@ impl Drop for Running {
             let _ = child.wait();
         }
     }
+}
+
+/// Starts a one-shot `tapstream capture -i <capture interface> -w <out> --json <flags>` in the
+/// capture namespace of `veth` and waits until it captures. A filter goes last in `flags`.
+pub fn capture_to_file(veth: &VethPair, out: &Path, flags: &[&str]) -> Running {
+    let args = [&["capture", "-i", &veth.capture_if, "-w", out.to_str().unwrap(), "--json"], flags].concat();
+    let mut run = Running::start(&veth.capture_ns, &args);
+    run.wait_ready();
+    run
 }
 
 /// The records of a PCAP file as (wire length, stored bytes), after checking that tshark and

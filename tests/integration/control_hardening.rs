@@ -109,6 +109,15 @@ pub(crate) fn flood(veth: &VethPair, n: usize) -> Vec<TcpStream> {
     })
 }
 
+/// Asserts, three times a second apart, that the Unix API answers (see
+/// [`assert_unix_api_answers`]) while the connections of a flood (`when`) stay open.
+fn assert_unix_api_answers_throughout(daemon: &TestDaemon, when: &str) {
+    for round in 0..3 {
+        assert_unix_api_answers(daemon, &format!("{when}, round {round}"));
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
 /// Waits until the server has closed every connection of `streams` (a read returns end of
 /// file or a reset), at most `within`; returns how many it closed.
 fn closed_by_server(streams: &[TcpStream], within: Duration) -> usize {
@@ -141,15 +150,18 @@ fn stop_daemon(daemon: &mut TestDaemon) -> String {
     log
 }
 
-/// The log must not grow with the number of refused connections or accept errors: a few
-/// lines of start and stop, and rate-limited warnings.
-fn assert_log_small(log: &str) {
+/// Stops the daemon after a flood (see [`stop_daemon`]) and returns its log, which must not
+/// have grown with the number of refused connections or accept errors: a few lines of start
+/// and stop, and rate-limited warnings.
+fn stop_daemon_with_a_small_log(daemon: &mut TestDaemon) -> String {
+    let log = stop_daemon(daemon);
     let lines = log.lines().count();
     assert!(
         lines < 100,
         "{lines} log lines; the first 40:\n{}",
         log.lines().take(40).collect::<Vec<_>>().join("\n")
     );
+    log
 }
 
 #[test]
@@ -160,18 +172,14 @@ fn a_tcp_flood_past_the_fd_limit_leaves_the_unix_api_answering_and_the_log_small
     limit_fds(daemon_pid(&daemon), 1024);
     let streams = flood(&veth, 1100);
     assert!(streams.len() > 1024 - open_fds(daemon_pid(&daemon)) as usize, "the flood went past the limit");
-    for round in 0..3 {
-        assert_unix_api_answers(&daemon, &format!("flood, round {round}"));
-        std::thread::sleep(Duration::from_secs(1));
-    }
+    assert_unix_api_answers_throughout(&daemon, "flood");
     // Every connection is closed by the server: those over the bound at once, the others
     // when their header timeout passes.
     let closed = closed_by_server(&streams, CLOSED_WITHIN);
     assert_eq!(closed, streams.len(), "connections the server left open");
     assert_unix_api_answers(&daemon, "after the flood");
     drop(streams);
-    let log = stop_daemon(&mut daemon);
-    assert_log_small(&log);
+    let log = stop_daemon_with_a_small_log(&mut daemon);
     assert!(log.contains("refused"), "the refusals are reported:\n{log}");
 }
 
@@ -184,13 +192,10 @@ fn a_tcp_flood_with_few_fds_left_does_not_take_those_the_unix_api_needs() {
     let open = open_fds(pid);
     limit_fds(pid, open + 96);
     let streams = flood(&veth, 400);
-    for round in 0..3 {
-        assert_unix_api_answers(&daemon, &format!("flood with {} fds at most, round {round}", open + 96));
-        std::thread::sleep(Duration::from_secs(1));
-    }
+    assert_unix_api_answers_throughout(&daemon, &format!("flood with {} fds at most", open + 96));
     assert_eq!(closed_by_server(&streams, CLOSED_WITHIN), streams.len(), "connections the server left open");
     drop(streams);
-    assert_log_small(&stop_daemon(&mut daemon));
+    stop_daemon_with_a_small_log(&mut daemon);
 }
 
 /// CPU time `pid` has used, user and system.
@@ -266,9 +271,25 @@ fn a_unix_flood_past_the_fd_limit_pauses_accepts_instead_of_spinning() {
     }
     flooder.join().unwrap();
     drain.join().unwrap();
-    let log = stop_daemon(&mut daemon);
-    assert_log_small(&log);
+    let log = stop_daemon_with_a_small_log(&mut daemon);
     assert!(log.contains("cannot accept a connection"), "the failed accepts are reported:\n{log}");
+}
+
+/// Reads from `stream` until the server closes it or [`CLOSED_WITHIN`] passes; returns what the
+/// server sent, how long the read took, and how it ended.
+fn read_until_closed(stream: &mut UnixStream) -> (String, Duration, std::io::Result<usize>) {
+    stream.set_read_timeout(Some(CLOSED_WITHIN)).unwrap();
+    let started = Instant::now();
+    let mut reply = Vec::new();
+    let result = stream.read_to_end(&mut reply);
+    let elapsed = started.elapsed();
+    (String::from_utf8_lossy(&reply).into_owned(), elapsed, result)
+}
+
+/// Whether a read of [`read_until_closed`] ended because the server closed the connection in
+/// time (not because the read timed out).
+fn closed_in_time(elapsed: Duration, result: &std::io::Result<usize>) -> bool {
+    elapsed < CLOSED_WITHIN && !matches!(result, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
 
 #[test]
@@ -277,28 +298,16 @@ fn a_client_that_never_finishes_its_headers_is_closed() {
     let daemon = TestDaemon::start(&veth, "");
     let mut stream = UnixStream::connect(daemon.socket()).unwrap();
     stream.write_all(b"GET /v1/captures HTTP/1.1\r\nHost: tapstream\r\nX-Slow: ").unwrap();
-    stream.set_read_timeout(Some(CLOSED_WITHIN)).unwrap();
-    let started = Instant::now();
-    let mut reply = Vec::new();
-    let result = stream.read_to_end(&mut reply);
-    let elapsed = started.elapsed();
-    assert!(
-        elapsed < CLOSED_WITHIN && !matches!(&result, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
-        "still open after {elapsed:?} ({result:?})"
-    );
+    let (_, elapsed, result) = read_until_closed(&mut stream);
+    assert!(closed_in_time(elapsed, &result), "still open after {elapsed:?} ({result:?})");
 
     // An idle keep-alive connection too: one request answered, then nothing.
     let mut stream = UnixStream::connect(daemon.socket()).unwrap();
     stream.write_all(b"GET /v1/captures HTTP/1.1\r\nHost: tapstream\r\n\r\n").unwrap();
-    stream.set_read_timeout(Some(CLOSED_WITHIN)).unwrap();
-    let started = Instant::now();
-    let mut reply = Vec::new();
-    let result = stream.read_to_end(&mut reply);
-    let elapsed = started.elapsed();
-    let reply = String::from_utf8_lossy(&reply);
+    let (reply, elapsed, result) = read_until_closed(&mut stream);
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     assert!(
-        elapsed < CLOSED_WITHIN && !matches!(&result, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        closed_in_time(elapsed, &result),
         "idle keep-alive connection still open after {elapsed:?} ({result:?})"
     );
 }
@@ -314,16 +323,10 @@ fn a_body_that_never_arrives_gets_an_error_or_a_close() {
             "POST /v1/captures HTTP/1.1\r\nHost: tapstream\r\nContent-Type: application/json\r\nContent-Length: {declared}\r\n\r\n{{\"id\""
         );
         stream.write_all(head.as_bytes()).unwrap();
-        stream.set_read_timeout(Some(CLOSED_WITHIN)).unwrap();
-        let started = Instant::now();
-        let mut reply = Vec::new();
-        let result = stream.read_to_end(&mut reply);
-        let elapsed = started.elapsed();
-        let reply = String::from_utf8_lossy(&reply);
+        let (reply, elapsed, result) = read_until_closed(&mut stream);
         eprintln!("Content-Length {declared}: after {elapsed:?}: {reply}");
         assert!(
-            elapsed < CLOSED_WITHIN
-                && !matches!(&result, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            closed_in_time(elapsed, &result),
             "Content-Length {declared}: still waiting after {elapsed:?} ({result:?})"
         );
         assert!(reply.is_empty() || reply.starts_with("HTTP/1.1 4"), "{reply}");

@@ -11,7 +11,10 @@ use std::{
 use tapstream::control::{CaptureInfo, CaptureState, client::Client};
 use tapstream_testenv::{CORPUS_RING_SIZE, CorpusFrame, Sender, VethPair, corpus_frames};
 
-use crate::common::{Running, read_capture, tapstream_bin, walk};
+use crate::{
+    common::{Running, read_capture, tapstream_bin, walk},
+    upload::leave_spool,
+};
 
 /// A daemon in the capture namespace of a veth pair, with its socket, state and a local store
 /// in a temporary directory. Objects are stored uncompressed (plain PCAP) so that tshark reads
@@ -522,36 +525,14 @@ fn only_the_newest_ended_captures_are_kept() {
 
 #[test]
 fn the_daemon_uploads_what_an_earlier_run_left_in_the_spool_when_it_starts() {
-    use tapstream::store::{Sink as _, dir::DirSink, object::CompressedChunk, spool::Spool};
+    use tapstream::store::{Sink as _, dir::DirSink};
     let veth = VethPair::new(1);
     let mut daemon = TestDaemon::start(&veth, "");
     drop(daemon.running.take()); // killed, as a crash would
     let d = daemon.dir.path().to_owned();
     let store = d.join("store");
-    // A spool an earlier run left for the daemon's store: a PCAP header and one record.
-    let header: Vec<u8> = [
-        0xa1b2_c3d4u32.to_le_bytes().as_slice(),
-        &[2, 0, 4, 0],
-        &[0; 8],
-        &65535u32.to_le_bytes(),
-        &1u32.to_le_bytes(),
-    ]
-    .concat();
-    let record: Vec<u8> =
-        [&1u32.to_le_bytes()[..], &0u32.to_le_bytes(), &4u32.to_le_bytes(), &4u32.to_le_bytes(), b"left"]
-            .concat();
-    {
-        let url = DirSink::new(&store).unwrap().url("");
-        let spool = Spool::create(d.join("spool/old-1"), 1 << 20, &header, &url).unwrap();
-        let chunk = CompressedChunk {
-            data: record.clone(),
-            decompressed_len: 20,
-            first_ns: 1_000_000_000,
-            last_ns: 1_000_000_000,
-            packets: 1,
-        };
-        assert!(spool.put(0, &chunk).unwrap());
-    }
+    // A spool an earlier run left for the daemon's store.
+    let spooled = leave_spool(d.join("spool/old-1"), &DirSink::new(&store).unwrap().url(""));
     daemon.restart(&veth);
     let deadline = Instant::now() + Duration::from_secs(20);
     let object = loop {
@@ -563,7 +544,7 @@ fn the_daemon_uploads_what_an_earlier_run_left_in_the_spool_when_it_starts() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(object.to_string_lossy().contains("old-1"), "named after the spool: {}", object.display());
-    assert_eq!(std::fs::read(&object).unwrap(), [header, record].concat(), "the spooled bytes, whole");
+    assert_eq!(std::fs::read(&object).unwrap(), spooled, "the spooled bytes, whole");
     assert!(!d.join("spool/old-1").exists(), "the spool is gone");
 }
 
@@ -592,37 +573,17 @@ fn tag_keys_are_checked_by_the_api_as_by_the_cli() {
 
 #[test]
 fn a_spool_that_can_never_upload_is_quarantined_and_blocks_nothing() {
-    use tapstream::store::{Sink as _, dir::DirSink, object::CompressedChunk, spool::Spool};
+    use tapstream::store::{Sink as _, dir::DirSink};
     let veth = VethPair::new(1);
     let mut daemon = TestDaemon::start(&veth, "");
     drop(daemon.running.take()); // killed, as a crash would
     let d = daemon.dir.path().to_owned();
     let store = d.join("store");
-    let header: Vec<u8> = [
-        0xa1b2_c3d4u32.to_le_bytes().as_slice(),
-        &[2, 0, 4, 0],
-        &[0; 8],
-        &65535u32.to_le_bytes(),
-        &1u32.to_le_bytes(),
-    ]
-    .concat();
-    let record: Vec<u8> =
-        [&1u32.to_le_bytes()[..], &0u32.to_le_bytes(), &4u32.to_le_bytes(), &4u32.to_le_bytes(), b"left"]
-            .concat();
     let url = DirSink::new(&store).unwrap().url("");
     // Two spools an earlier run left: one whose chunk file was cut short (it can never be
     // uploaded), named so that it comes first, and a whole one.
-    for name in ["aaa-bad-1", "zzz-good-1"] {
-        let spool = Spool::create(d.join("spool").join(name), 1 << 20, &header, &url).unwrap();
-        let chunk = CompressedChunk {
-            data: record.clone(),
-            decompressed_len: 20,
-            first_ns: 1_000_000_000,
-            last_ns: 1_000_000_000,
-            packets: 1,
-        };
-        assert!(spool.put(0, &chunk).unwrap());
-    }
+    leave_spool(d.join("spool/aaa-bad-1"), &url);
+    let spooled = leave_spool(d.join("spool/zzz-good-1"), &url);
     let bad_chunk =
         walk(&d.join("spool/aaa-bad-1")).into_iter().find(|p| p.extension().is_some_and(|x| x == "chunk"));
     std::fs::write(bad_chunk.expect("a chunk file"), b"cut").unwrap();
@@ -639,7 +600,7 @@ fn a_spool_that_can_never_upload_is_quarantined_and_blocks_nothing() {
     let objects: Vec<PathBuf> =
         walk(&store).into_iter().filter(|p| p.extension().is_some_and(|x| x == "pcap")).collect();
     assert_eq!(objects.len(), 1, "the whole spool became an object: {objects:?}");
-    assert_eq!(std::fs::read(&objects[0]).unwrap(), [header, record].concat());
+    assert_eq!(std::fs::read(&objects[0]).unwrap(), spooled);
 
     // New captures start and store as usual, and the quarantine stays as it is.
     let frames = sendable(&veth);

@@ -1,10 +1,12 @@
 //! The capture data path end to end: XDP -> AF_XDP -> writers -> PCAP file, on a real veth
 //! with the real corpus.
 
-use tapstream::captures::CaptureSummary;
-use tapstream_testenv::{CORPUS_RING_SIZE, Sender, VethPair, corpus_frames};
+use std::path::PathBuf;
 
-use crate::common::{Running, assert_same_frames, data, read_capture};
+use tapstream::captures::CaptureSummary;
+use tapstream_testenv::{CORPUS_RING_SIZE, CorpusFrame, Sender, VethPair, corpus_frames};
+
+use crate::common::{assert_same_frames, capture_to_file, data, read_capture};
 
 /// Every frame redirected by XDP is taken off a ring or counted as lost by the socket, and
 /// every frame taken off a ring is stored or counted as dropped by the writer.
@@ -31,34 +33,46 @@ fn assert_accounted(summary: &CaptureSummary, sent: usize) {
     assert_eq!(written, summary.packets, "records appended = packets stored");
 }
 
-#[test]
-fn corpus_replay_is_stored_byte_for_byte_in_order() {
-    let veth = VethPair::new(1);
+/// Whether the writer runs while the corpus is sent.
+enum Writer {
+    Running,
+    /// Stopped for the whole send (SIGSTOP), as a writer that is not scheduled meanwhile.
+    Stopped,
+}
+
+/// A one-shot capture of the corpus into a PCAP file, ended by one of its limits.
+struct CorpusCapture {
+    /// The frames sent, in order.
+    sent: Vec<CorpusFrame>,
+    summary: CaptureSummary,
+    /// The PCAP file, in `_dir`.
+    out: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// Sends the corpus into a one-shot capture on a veth of `queues` queues, into a PCAP file,
+/// with `flags` besides `--duration 120s` and a ring whose UMEM holds the corpus; waits for
+/// the capture's summary.
+fn capture_corpus(queues: u32, flags: &[&str], writer: Writer) -> CorpusCapture {
+    let veth = VethPair::new(queues);
     let frames = corpus_frames();
     let sender = Sender::new(&veth);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("corpus.pcap");
     let ring = CORPUS_RING_SIZE.to_string();
-    let mut run = Running::start(
-        &veth.capture_ns,
-        &[
-            "capture",
-            "-i",
-            &veth.capture_if,
-            "-w",
-            out.to_str().unwrap(),
-            "--idle",
-            "3s",
-            "--duration",
-            "120s",
-            "--ring-size",
-            &ring,
-            "--json",
-        ],
-    );
-    run.wait_ready();
-    let sent = sender.send_all(&frames);
+    let run = capture_to_file(&veth, &out, &[&["--duration", "120s", "--ring-size", &ring], flags].concat());
+    let sent = match writer {
+        Writer::Running => sender.send_all(&frames),
+        Writer::Stopped => run.stopped_while(|| sender.send_all(&frames)),
+    };
+    let sent = sent.into_iter().cloned().collect();
     let summary = run.summary();
+    CorpusCapture { sent, summary, out, _dir: dir }
+}
+
+#[test]
+fn corpus_replay_is_stored_byte_for_byte_in_order() {
+    let CorpusCapture { sent, summary, out, _dir } = capture_corpus(1, &["--idle", "3s"], Writer::Running);
 
     assert_eq!(summary.stop_reason.as_str(), "idle");
     let stored = read_capture(&out);
@@ -75,76 +89,24 @@ fn corpus_replay_is_stored_byte_for_byte_in_order() {
 
 #[test]
 fn frames_spread_over_queues_are_all_stored_once_by_pinned_writers() {
-    let veth = VethPair::new(2);
-    let frames = corpus_frames();
-    let sender = Sender::new(&veth);
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("multi.pcap");
-    let ring = CORPUS_RING_SIZE.to_string();
-    let mut run = Running::start(
-        &veth.capture_ns,
-        &[
-            "capture",
-            "-i",
-            &veth.capture_if,
-            "-w",
-            out.to_str().unwrap(),
-            "--idle",
-            "3s",
-            "--duration",
-            "120s",
-            "--cores",
-            "0,1",
-            "--ring-size",
-            &ring,
-            "--json",
-        ],
-    );
-    run.wait_ready();
-    let sent = sender.send_all(&frames);
-    let summary = run.summary();
+    let CorpusCapture { sent, summary, out, _dir } =
+        capture_corpus(2, &["--idle", "3s", "--cores", "0,1"], Writer::Running);
 
     assert_eq!(summary.queues.len(), 2);
     for q in &summary.queues {
         assert!(q.frames > 100, "queue {} got only {} frames: {:?}", q.queue, q.frames, summary.queues);
     }
     let stored = read_capture(&out);
-    assert_same_frames(stored.into_iter().map(|(_, b)| b), data(sent.iter().copied()));
+    assert_same_frames(stored.into_iter().map(|(_, b)| b), data(&sent));
     assert_accounted(&summary, sent.len());
 }
 
 #[test]
 fn long_frames_are_cut_to_the_umem_frame_and_counted() {
-    let veth = VethPair::new(1);
-    let frames = corpus_frames();
-    let sender = Sender::new(&veth);
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("cut.pcap");
-    let ring = CORPUS_RING_SIZE.to_string();
-    let mut run = Running::start(
-        &veth.capture_ns,
-        &[
-            "capture",
-            "-i",
-            &veth.capture_if,
-            "-w",
-            out.to_str().unwrap(),
-            "--idle",
-            "3s",
-            "--duration",
-            "120s",
-            "--frame-size",
-            "2048",
-            "--ring-size",
-            &ring,
-            "--json",
-        ],
-    );
-    run.wait_ready();
     // Tests share two cores: the writer may not run at all while the corpus is sent. Stop it
     // for the whole send; the UMEM of a CORPUS_RING_SIZE ring holds every frame meanwhile.
-    let sent = run.stopped_while(|| sender.send_all(&frames));
-    let summary = run.summary();
+    let CorpusCapture { sent, summary, out, _dir } =
+        capture_corpus(1, &["--idle", "3s", "--frame-size", "2048"], Writer::Stopped);
 
     let max = 2048 - 256;
     let long = sent.iter().filter(|f| f.data.len() > max).count();
@@ -162,34 +124,8 @@ fn long_frames_are_cut_to_the_umem_frame_and_counted() {
 
 #[test]
 fn snaplen_and_packet_limit_are_exact() {
-    let veth = VethPair::new(1);
-    let frames = corpus_frames();
-    let sender = Sender::new(&veth);
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("limit.pcap");
-    let ring = CORPUS_RING_SIZE.to_string();
-    let mut run = Running::start(
-        &veth.capture_ns,
-        &[
-            "capture",
-            "-i",
-            &veth.capture_if,
-            "-w",
-            out.to_str().unwrap(),
-            "--packets",
-            "1000",
-            "--snaplen",
-            "64",
-            "--duration",
-            "120s",
-            "--ring-size",
-            &ring,
-            "--json",
-        ],
-    );
-    run.wait_ready();
-    let sent = sender.send_all(&frames);
-    let summary = run.summary();
+    let CorpusCapture { sent, summary, out, _dir } =
+        capture_corpus(1, &["--packets", "1000", "--snaplen", "64"], Writer::Running);
 
     assert_eq!(summary.stop_reason.as_str(), "packets");
     let stored = read_capture(&out);

@@ -246,34 +246,17 @@ fn concurrent_captures_each_store_exactly_what_their_filter_matches() {
 fn a_filtered_capture_stores_only_matching_frames() {
     use tapstream_testenv::{Sender, VethPair, corpus_frames};
 
-    use crate::common::Running;
-
     let veth = VethPair::new(1);
     let frames = corpus_frames();
     let sender = Sender::new(&veth);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("dns.pcap");
     let expression = "udp port 53 and not vlan";
-    let mut run = Running::start(
-        &veth.capture_ns,
-        &[
-            "capture",
-            "-i",
-            &veth.capture_if,
-            "-w",
-            out.to_str().unwrap(),
-            "--idle",
-            "3s",
-            "--json",
-            "udp",
-            "port",
-            "53",
-            "and",
-            "not",
-            "vlan",
-        ],
+    let run = crate::common::capture_to_file(
+        &veth,
+        &out,
+        &["--idle", "3s", "udp", "port", "53", "and", "not", "vlan"],
     );
-    run.wait_ready();
     let sent = sender.send_all(&frames);
     let summary = run.summary();
     let expected = libpcap_selects(expression, &sent);

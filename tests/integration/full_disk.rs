@@ -6,7 +6,7 @@ use std::{path::Path, process::Command};
 use tapstream::captures::CaptureSummary;
 use tapstream_testenv::{CORPUS_RING_SIZE, Sender, VethPair, corpus_frames};
 
-use crate::common::{Running, read_capture};
+use crate::common::{capture_to_file, read_capture};
 
 /// A tmpfs of a fixed size mounted on a temporary directory; unmounted when dropped (also when
 /// a test panics).
@@ -47,22 +47,7 @@ fn a_full_disk_ends_the_capture_with_whole_records_an_error_and_the_summary() {
     let disk = Tmpfs::mount("1280k");
     let out = disk.path().join("full.pcap");
     let ring = CORPUS_RING_SIZE.to_string();
-    let mut run = Running::start(
-        &veth.capture_ns,
-        &[
-            "capture",
-            "-i",
-            &veth.capture_if,
-            "-w",
-            out.to_str().unwrap(),
-            "--duration",
-            "120s",
-            "--ring-size",
-            &ring,
-            "--json",
-        ],
-    );
-    run.wait_ready();
+    let run = capture_to_file(&veth, &out, &["--duration", "120s", "--ring-size", &ring]);
     // Every frame is in the socket's ring (it holds the corpus) before the writer takes the
     // first: the capture has had every frame when its output fails.
     let sent = run.stopped_while(|| sender.send_all(&frames));

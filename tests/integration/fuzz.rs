@@ -28,8 +28,10 @@ const DOCUMENTED: [u16; 11] = [200, 201, 400, 401, 403, 404, 408, 409, 413, 431,
 /// A string a request may carry in any field: a marker after a line break checks the log.
 const INJECTED: &str = "FORGED-LOG-LINE";
 
-fn cases() -> u32 {
-    std::env::var("TAPSTREAM_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(300)
+/// The configuration of each property: `TAPSTREAM_FUZZ_CASES` cases, no file of failures.
+fn config() -> ProptestConfig {
+    let cases = std::env::var("TAPSTREAM_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
+    ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() }
 }
 
 /// Strings that have broken parsers, paths, headers and logs elsewhere.
@@ -253,6 +255,15 @@ fn stop(daemon: &TestDaemon, info: &CaptureInfo) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+/// Asserts that the generated requests got each status of `expected` (`statuses` counts the
+/// answers by status): the cases reach what they are meant to.
+fn assert_each_answered(statuses: &BTreeMap<u16, u32>, expected: &[u16]) {
+    eprintln!("statuses: {statuses:?}");
+    for expected in expected {
+        assert!(statuses.contains_key(expected), "no case was answered {expected}: {statuses:?}");
+    }
+}
+
 /// After the generated requests: nothing runs that was not stopped, the daemon answers, and
 /// its log has no panic and no line forged by a request.
 fn assert_daemon_unharmed(mut daemon: TestDaemon) {
@@ -273,8 +284,7 @@ fn generated_capture_requests_get_a_documented_answer_and_break_nothing() {
     let daemon = TestDaemon::start(&veth, "");
     let socket = daemon.socket();
     let statuses = std::cell::RefCell::new(BTreeMap::<u16, u32>::new());
-    let config = ProptestConfig { cases: cases(), failure_persistence: None, ..ProptestConfig::default() };
-    proptest!(config, |(request in capture_request(veth.capture_if.clone()))| {
+    proptest!(config(), |(request in capture_request(veth.capture_if.clone()))| {
         let body = serde_json::to_vec(&request).unwrap();
         let Some((status, reply)) = exchange(&socket, &post("/v1/captures", &body), false)? else {
             return Err(TestCaseError::fail("a well-formed request got no reply"));
@@ -291,11 +301,7 @@ fn generated_capture_requests_get_a_documented_answer_and_break_nothing() {
             check_error_body(status, &reply)?;
         }
     });
-    let statuses = statuses.into_inner();
-    eprintln!("statuses: {statuses:?}");
-    for expected in [201, 400, 403] {
-        assert!(statuses.contains_key(&expected), "no case was answered {expected}: {statuses:?}");
-    }
+    assert_each_answered(&statuses.into_inner(), &[201, 400, 403]);
     assert_daemon_unharmed(daemon);
 }
 
@@ -374,8 +380,7 @@ fn generated_http_requests_get_a_documented_answer_or_a_close_and_break_nothing(
     let daemon = TestDaemon::start(&veth, "");
     let socket = daemon.socket();
     let statuses = std::cell::RefCell::new(BTreeMap::<u16, u32>::new());
-    let config = ProptestConfig { cases: cases(), failure_persistence: None, ..ProptestConfig::default() };
-    proptest!(config, |(request in raw_request())| {
+    proptest!(config(), |(request in raw_request())| {
         let (bytes, half_close) = match &request {
             RawRequest::Http(bytes) => (bytes, false),
             RawRequest::Garbage(bytes) => (bytes, true),
@@ -393,10 +398,6 @@ fn generated_http_requests_get_a_documented_answer_or_a_close_and_break_nothing(
             stop(&daemon, &info)?;
         }
     });
-    let statuses = statuses.into_inner();
-    eprintln!("statuses: {statuses:?}");
-    for expected in [200, 400, 404, 413] {
-        assert!(statuses.contains_key(&expected), "no case was answered {expected}: {statuses:?}");
-    }
+    assert_each_answered(&statuses.into_inner(), &[200, 400, 404, 413]);
     assert_daemon_unharmed(daemon);
 }

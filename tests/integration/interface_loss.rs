@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tapstream_testenv::{CORPUS_RING_SIZE, Netns, Sender, VethPair};
 
 use crate::{
-    common::{Running, read_capture},
+    common::{capture_to_file, read_capture},
     daemon::{TestDaemon, data, reason, sendable},
 };
 
@@ -171,24 +171,11 @@ fn a_one_shot_capture_whose_device_is_removed_exits_with_the_error_and_keeps_its
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("removed.pcap");
     let ring = CORPUS_RING_SIZE.to_string();
-    let mut run = Running::start(
-        &veth.capture_ns,
-        &[
-            "capture",
-            "-i",
-            &veth.capture_if,
-            "-w",
-            out.to_str().unwrap(),
-            "--duration",
-            "60s",
-            "--ring-size",
-            &ring,
-            "--metrics-listen",
-            "127.0.0.1:9464",
-            "--json",
-        ],
+    let run = capture_to_file(
+        &veth,
+        &out,
+        &["--duration", "60s", "--ring-size", &ring, "--metrics-listen", "127.0.0.1:9464"],
     );
-    run.wait_ready();
     let sent = Sender::new(&veth).send_all(&frames[..500]);
     wait_for_writer_frames(&veth.capture_ns, sent.len());
     veth.remove();

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tapstream_testenv::{Prometheus, Sender, VethPair, corpus_frames};
 
-use crate::daemon::TestDaemon;
+use crate::{common::walk, daemon::TestDaemon};
 
 #[test]
 fn prometheus_scrapes_a_running_daemon_and_agrees_with_the_capture_summary() {
@@ -68,14 +68,4 @@ fn prometheus_scrapes_a_running_daemon_and_agrees_with_the_capture_summary() {
     let missing: Vec<_> =
         crate::deploy::referenced_metrics().into_iter().filter(|n| !names.contains(n.as_str())).collect();
     assert!(missing.is_empty(), "deploy files use metrics that are not exported: {missing:?}\n{exported}");
-}
-
-/// Every file under `dir`.
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let path = entry.path();
-        if path.is_dir() { out.extend(walk(&path)) } else { out.push(path) }
-    }
-    out
 }

@@ -11,23 +11,20 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tapstream::control::CaptureState;
+use tapstream::{captures::CaptureSummary, control::CaptureState};
 use tapstream_testenv::{CORPUS_RING_SIZE, Garage, Netns, Sender, VethPair, unique_name};
 
 use crate::{
     common::{Running, walk},
     daemon::{TestDaemon, error_of, sendable},
     recovery::zstd_d,
-    upload::{random_frames, raw_object, records, s3_args},
+    upload::{
+        leave_spool, random_frames, raw_object, records, recovered_object, spooled_chunks, start_upload,
+    },
 };
 
 /// The frames the S3 captures here take (the random frames' EtherType); the canary takes the rest.
 const S3_FILTER: &str = "ether proto 0x88b5";
-
-/// Chunk files waiting in the spools under `root`.
-fn spooled_chunks(root: &Path) -> usize {
-    walk(root).into_iter().filter(|p| p.extension().is_some_and(|x| x == "chunk")).count()
-}
 
 /// Waits (generously) until a chunk waits in a spool under `root`.
 fn wait_for_spooled_chunk(root: &Path) {
@@ -38,17 +35,151 @@ fn wait_for_spooled_chunk(root: &Path) {
     }
 }
 
-/// The frames of the objects at `urls` (in the bucket of `garage`), each decompressed with `zstd -d`.
+/// A daemon whose captures go to `garage`'s bucket under `prefix` (zstd level 1, one chunk in
+/// memory) or, with `--destination local`, to its local directory; `extra` adds to its
+/// `[store]` section.
+fn s3_daemon(veth: &VethPair, garage: &Garage, prefix: &str, extra: &str) -> TestDaemon {
+    let (bucket, endpoint, region) = (&garage.bucket, &garage.endpoint, &garage.region);
+    TestDaemon::start_with_store(
+        veth,
+        "",
+        |d| {
+            format!(
+                "destinations = [\"s3://{bucket}/{prefix}\", \"{d}/store\"]\ns3_endpoint = \"{endpoint}\"\n\
+                 s3_region = \"{region}\"\ns3_path_style = true\ncompression = \"1\"\nupload_queue = 1\n\
+                 {extra}spool_dir = \"{d}/spool\"\n"
+            )
+        },
+        garage.aws_env(),
+    )
+}
+
+/// Starts the canary: a capture of every frame the S3 captures do not take, into the daemon's
+/// local directory, with the id `canary`.
+fn start_canary(daemon: &TestDaemon) -> String {
+    daemon.start_capture(&[
+        "-i",
+        "tap",
+        "--destination",
+        "local",
+        "--duration",
+        "300s",
+        "--id",
+        "canary",
+        "not",
+        "ether",
+        "proto",
+        "0x88b5",
+    ])
+}
+
+/// The frames of the canary's objects in the daemon's local directory, in order.
+fn canary_stored(daemon: &TestDaemon) -> Vec<Vec<u8>> {
+    let mut objects: Vec<_> = walk(&daemon.dir.path().join("store/testnode/canary"))
+        .into_iter()
+        .filter(|p| p.to_string_lossy().ends_with(".pcap.zst"))
+        .collect();
+    objects.sort();
+    objects
+        .iter()
+        .flat_map(|o| records(&zstd_d(&std::fs::read(o).unwrap())).into_iter().map(|(_, d)| d))
+        .collect()
+}
+
+/// Starts a one-shot capture of the frames of [`S3_FILTER`] into `url` as capture `id` of node
+/// `n`, compressed with `compression`, spooling in `spool`, until 6 s without a frame; its ring
+/// holds the bursts of frames sent here. Waits until it captures.
+fn start_one_shot(
+    veth: &VethPair,
+    garage: &Garage,
+    url: &str,
+    id: &str,
+    compression: &str,
+    spool: &Path,
+) -> Running {
+    let ring = CORPUS_RING_SIZE.to_string();
+    let flags = [
+        "--id",
+        id,
+        "--node",
+        "n",
+        "--idle",
+        "6s",
+        "--duration",
+        "120s",
+        "--json",
+        "--compression",
+        compression,
+        "--upload-queue",
+        "1",
+        "--spool-dir",
+        spool.to_str().unwrap(),
+        "--ring-size",
+        &ring,
+    ];
+    let flags: Vec<&str> = flags.into_iter().chain(S3_FILTER.split(' ')).collect();
+    let mut run = start_upload(veth, garage, url, &flags);
+    run.wait_ready();
+    run
+}
+
+/// Waits for a one-shot capture that must succeed once the store is back; returns its summary
+/// and log.
+fn summary_once_back(run: Running) -> (CaptureSummary, String) {
+    let (status, stdout, log) = run.finish();
+    eprintln!("tapstream log:\n{log}");
+    assert!(status.success(), "the capture succeeds once the store is back ({status}):\n{log}");
+    let summary =
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("summary is not JSON ({e}):\n{stdout}"));
+    (summary, log)
+}
+
+/// Sends 6,000 random frames (from `seed`) for the S3 captures while `garage` is down, until a
+/// chunk waits in a spool under `spool`, and the second half once it is back. Returns the frames.
+fn send_across_outage(veth: &VethPair, garage: &mut Garage, spool: &Path, seed: u64) -> Vec<Vec<u8>> {
+    let frames = random_frames(6_000, seed);
+    let (during, after) = frames.split_at(3_000);
+    let sender = Sender::new(veth);
+    send_frames(&sender, during);
+    wait_for_spooled_chunk(spool);
+    garage.resume();
+    send_frames(&sender, after);
+    frames
+}
+
+/// The warning line of `log` naming `garage`'s endpoint and bucket.
+fn store_warning<'a>(log: &'a str, garage: &Garage) -> &'a str {
+    log.lines()
+        .find(|l| l.contains("WARN") && l.contains(&garage.endpoint) && l.contains(&garage.bucket))
+        .unwrap_or_else(|| panic!("no warning naming the store's endpoint and bucket:\n{log}"))
+}
+
+/// The frames of the objects at `urls` (in the bucket of `garage`), in order; an object named
+/// `.zst` is decompressed with `zstd -d`, the others are PCAP as they are.
 fn frames_in_objects(ns: &Netns, garage: &Garage, urls: &[String]) -> Vec<Vec<u8>> {
     let mut urls = urls.to_vec();
     urls.sort();
     let mut frames = Vec::new();
     for url in &urls {
         let key = url.strip_prefix(&format!("s3://{}/", garage.bucket)).expect("an s3 URL in the bucket");
-        let pcap = zstd_d(&raw_object(ns, garage, key));
+        let object = raw_object(ns, garage, key);
+        let pcap = if key.ends_with(".zst") { zstd_d(&object) } else { object };
         frames.extend(records(&pcap).into_iter().map(|(_, data)| data));
     }
     frames
+}
+
+/// Asserts that the objects at `urls` hold exactly `frames`, in order, and that nothing is left
+/// in the spools under `spool`.
+fn assert_all_uploaded(veth: &VethPair, garage: &Garage, urls: &[String], frames: &[Vec<u8>], spool: &Path) {
+    let got = frames_in_objects(&veth.capture_ns, garage, urls);
+    assert!(
+        got == frames,
+        "the objects hold exactly the {} frames sent ({} stored)",
+        frames.len(),
+        got.len()
+    );
+    assert_eq!(spooled_chunks(spool), 0, "nothing is left in the spool");
 }
 
 /// Sends `frames` into the veth in slices of 200, 20 ms apart (about 10,000 frames a second),
@@ -65,13 +196,8 @@ fn send_until(
         let mut rounds = 0;
         while rounds == 0 || !stop.load(Ordering::Relaxed) {
             for slice in frames.chunks(200) {
-                for f in slice {
-                    while let Err(e) = sender.send(f) {
-                        assert!(e.raw_os_error() == Some(libc::ENOBUFS), "send: {e}");
-                        std::thread::sleep(Duration::from_micros(100));
-                    }
-                    sent.push(f.clone());
-                }
+                send_frames(&sender, slice);
+                sent.extend_from_slice(slice);
                 std::thread::sleep(Duration::from_millis(20));
             }
             rounds += 1;
@@ -95,40 +221,14 @@ fn the_daemon_starts_an_s3_capture_while_the_store_is_down_and_the_running_captu
     let veth = VethPair::new(1);
     let mut garage = Garage::start_in(&veth.capture_ns);
     let prefix = unique_name("down");
-    let (bucket, endpoint, region) = (garage.bucket.clone(), garage.endpoint.clone(), garage.region.clone());
-    let store_prefix = prefix.clone();
     garage.stop();
-    let mut daemon = TestDaemon::start_with_store(
-        &veth,
-        "",
-        move |d| {
-            format!(
-                "destinations = [\"s3://{bucket}/{store_prefix}\", \"{d}/store\"]\ns3_endpoint = \"{endpoint}\"\n\
-                 s3_region = \"{region}\"\ns3_path_style = true\ncompression = \"1\"\nupload_queue = 1\n\
-                 spool_dir = \"{d}/spool\"\n"
-            )
-        },
-        garage.aws_env(),
-    );
+    let mut daemon = s3_daemon(&veth, &garage, &prefix, "");
     let spool = daemon.dir.path().join("spool");
     let client = daemon.client();
 
     // A capture already running, into the local directory, with frames flowing throughout.
     let corpus: Vec<Vec<u8>> = sendable(&veth).into_iter().map(|f| f.data).collect();
-    let canary = daemon.start_capture(&[
-        "-i",
-        "tap",
-        "--destination",
-        "local",
-        "--duration",
-        "300s",
-        "--id",
-        "canary",
-        "not",
-        "ether",
-        "proto",
-        "0x88b5",
-    ]);
+    let canary = start_canary(&daemon);
     let stop_sending = Arc::new(AtomicBool::new(false));
     let to_canary = send_until(&veth, corpus, stop_sending.clone());
 
@@ -153,16 +253,7 @@ fn the_daemon_starts_an_s3_capture_while_the_store_is_down_and_the_running_captu
     client.stop(&canary).unwrap();
     let canary_info = daemon.wait(&canary);
     let canary_summary = canary_info.summary.clone().unwrap_or_else(|| panic!("{canary_info:?}"));
-    let objects: Vec<_> = walk(&daemon.dir.path().join("store/testnode/canary"))
-        .into_iter()
-        .filter(|p| p.to_string_lossy().ends_with(".pcap.zst"))
-        .collect();
-    let mut stored = Vec::new();
-    let mut objects = objects;
-    objects.sort();
-    for object in &objects {
-        stored.extend(records(&zstd_d(&std::fs::read(object).unwrap())).into_iter().map(|(_, d)| d));
-    }
+    let stored = canary_stored(&daemon);
     assert_eq!(
         (canary_summary.packets, canary_summary.dropped_writer, canary_summary.dropped_kernel),
         (canary_sent.len() as u64, 0, 0),
@@ -175,13 +266,7 @@ fn the_daemon_starts_an_s3_capture_while_the_store_is_down_and_the_running_captu
     );
 
     // While the store is down its chunks wait in the spool; once it is back they go up.
-    let frames = random_frames(6_000, 23);
-    let (during, after) = frames.split_at(3_000);
-    let sender = Sender::new(&veth);
-    send_frames(&sender, during);
-    wait_for_spooled_chunk(&spool);
-    garage.resume();
-    send_frames(&sender, after);
+    let frames = send_across_outage(&veth, &mut garage, &spool, 23);
 
     let info = daemon.wait(&id);
     let summary =
@@ -208,10 +293,7 @@ fn the_daemon_starts_an_s3_capture_while_the_store_is_down_and_the_running_captu
 
     let (_, log) = daemon.running.take().expect("running").signal_and_wait(libc::SIGTERM);
     eprintln!("daemon log:\n{log}");
-    let warning = log
-        .lines()
-        .find(|l| l.contains("WARN") && l.contains(&garage.endpoint) && l.contains(&garage.bucket))
-        .unwrap_or_else(|| panic!("no warning naming the store's endpoint and bucket:\n{log}"));
+    let warning = store_warning(&log, &garage);
     assert!(warning.contains(&id), "the warning names the capture: {warning}");
     assert!(!log.contains(&garage.secret_key), "no secret in the log");
 }
@@ -224,136 +306,34 @@ fn a_one_shot_capture_starts_while_the_store_is_down_and_uploads_everything_once
     let spool = tempfile::tempdir().unwrap();
     let prefix = unique_name("down1");
     let url = format!("s3://{}/{prefix}", garage.bucket);
-    let mut args: Vec<String> = [
-        "capture",
-        "-i",
-        &veth.capture_if,
-        "--upload",
-        &url,
-        "--id",
-        "oneshot",
-        "--node",
-        "n",
-        "--idle",
-        "6s",
-        "--duration",
-        "120s",
-        "--json",
-        "--compression",
-        "1",
-        "--upload-queue",
-        "1",
-        "--spool-dir",
-        spool.path().to_str().unwrap(),
-        "--ring-size",
-        &CORPUS_RING_SIZE.to_string(),
-    ]
-    .map(String::from)
-    .to_vec();
-    args.extend(s3_args(&garage));
-    args.extend(S3_FILTER.split(' ').map(String::from));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut run = Running::start_with_env(&veth.capture_ns, &args, &garage.aws_env());
-    run.wait_ready();
+    let run = start_one_shot(&veth, &garage, &url, "oneshot", "1", spool.path());
 
-    let frames = random_frames(6_000, 29);
-    let (during, after) = frames.split_at(3_000);
-    let sender = Sender::new(&veth);
-    send_frames(&sender, during);
-    wait_for_spooled_chunk(spool.path());
-    garage.resume();
-    send_frames(&sender, after);
-    let (status, stdout, log) = run.finish();
-    eprintln!("tapstream log:\n{log}");
-    assert!(status.success(), "the capture succeeds once the store is back ({status}):\n{log}");
-    let summary: tapstream::captures::CaptureSummary =
-        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("summary is not JSON ({e}):\n{stdout}"));
+    let frames = send_across_outage(&veth, &mut garage, spool.path(), 29);
+    let (summary, log) = summary_once_back(run);
 
     assert_eq!(summary.packets, frames.len() as u64, "{summary:?}");
     assert_eq!(summary.dropped_writer, 0, "{summary:?}");
     assert!(!summary.outputs.is_empty(), "the summary lists the objects: {summary:?}");
-    let got = frames_in_objects(&veth.capture_ns, &garage, &summary.outputs);
-    assert!(
-        got == frames,
-        "the objects hold exactly the {} frames sent ({} stored)",
-        frames.len(),
-        got.len()
-    );
-    assert_eq!(spooled_chunks(spool.path()), 0, "nothing is left in the spool");
-    let warning = log
-        .lines()
-        .find(|l| l.contains("WARN") && l.contains(&garage.endpoint) && l.contains(&garage.bucket))
-        .unwrap_or_else(|| panic!("no warning naming the store's endpoint and bucket:\n{log}"));
+    assert_all_uploaded(&veth, &garage, &summary.outputs, &frames, spool.path());
+    let warning = store_warning(&log, &garage);
     assert!(warning.contains("spool"), "the warning says the chunks spool: {warning}");
     assert!(!log.contains(&garage.secret_key), "no secret in the log");
 }
 
 #[test]
 fn a_leftover_spool_for_a_store_that_is_down_waits_for_it_without_holding_up_the_start() {
-    use tapstream::store::{object::CompressedChunk, spool::Spool};
     let veth = VethPair::new(1);
     let mut garage = Garage::start_in(&veth.capture_ns);
     garage.stop();
     let spool = tempfile::tempdir().unwrap();
-    // A spool an earlier run left for the bucket: a PCAP header and one record.
-    let header: Vec<u8> = [
-        0xa1b2_c3d4u32.to_le_bytes().as_slice(),
-        &[2, 0, 4, 0],
-        &[0; 8],
-        &65535u32.to_le_bytes(),
-        &1u32.to_le_bytes(),
-    ]
-    .concat();
-    let record: Vec<u8> =
-        [&1u32.to_le_bytes()[..], &0u32.to_le_bytes(), &4u32.to_le_bytes(), &4u32.to_le_bytes(), b"left"]
-            .concat();
+    // A spool an earlier run left for the bucket.
     let leftover = spool.path().join("old-1");
-    {
-        let store = format!("s3://{}/", garage.bucket);
-        let left = Spool::create(leftover.clone(), 1 << 20, &header, &store).unwrap();
-        let chunk = CompressedChunk {
-            data: record.clone(),
-            decompressed_len: record.len() as u64,
-            first_ns: 1_000_000_000,
-            last_ns: 1_000_000_000,
-            packets: 1,
-        };
-        assert!(left.put(0, &chunk).unwrap());
-    }
+    let spooled = leave_spool(leftover.clone(), &format!("s3://{}/", garage.bucket));
     let prefix = unique_name("left");
     let url = format!("s3://{}/{prefix}", garage.bucket);
-    let mut args: Vec<String> = [
-        "capture",
-        "-i",
-        &veth.capture_if,
-        "--upload",
-        &url,
-        "--id",
-        "after",
-        "--node",
-        "n",
-        "--idle",
-        "6s",
-        "--duration",
-        "120s",
-        "--json",
-        "--compression",
-        "none",
-        "--upload-queue",
-        "1",
-        "--spool-dir",
-        spool.path().to_str().unwrap(),
-    ]
-    .map(String::from)
-    .to_vec();
-    args.extend(s3_args(&garage));
-    // Frames come in bursts of 1,500: a UMEM that holds more loses none of them.
-    args.extend(["--ring-size".to_owned(), CORPUS_RING_SIZE.to_string()]);
-    args.extend(S3_FILTER.split(' ').map(String::from));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut run = Running::start_with_env(&veth.capture_ns, &args, &garage.aws_env());
-    // The capture starts although the leftover cannot be uploaded yet.
-    run.wait_ready();
+    // The capture starts although the leftover cannot be uploaded yet. Frames come in bursts of
+    // 1,500: a UMEM that holds more loses none of them.
+    let run = start_one_shot(&veth, &garage, &url, "after", "none", spool.path());
     let frames = random_frames(3_000, 31);
     let (during, after) = frames.split_at(1_500);
     let sender = Sender::new(&veth);
@@ -361,44 +341,18 @@ fn a_leftover_spool_for_a_store_that_is_down_waits_for_it_without_holding_up_the
     assert!(leftover.is_dir(), "the leftover waits for the store");
     garage.resume();
     send_frames(&sender, after);
-    let (status, stdout, log) = run.finish();
-    eprintln!("tapstream log:\n{log}");
-    assert!(status.success(), "the capture succeeds once the store is back ({status}):\n{log}");
-    let summary: tapstream::captures::CaptureSummary =
-        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("summary is not JSON ({e}):\n{stdout}"));
+    let (summary, log) = summary_once_back(run);
 
     // The leftover became an object once the store answered, and its spool is gone.
-    let recovered = log
-        .lines()
-        .find_map(|l| l.split(" by an earlier run as ").nth(1))
-        .unwrap_or_else(|| panic!("the leftover was not uploaded:\n{log}"))
-        .trim()
-        .to_owned();
+    let recovered = recovered_object(&log).unwrap_or_else(|| panic!("the leftover was not uploaded:\n{log}"));
     let key = recovered.strip_prefix(&format!("s3://{}/", garage.bucket)).expect("an s3 URL in the bucket");
     assert!(key.contains("old-1"), "named after the spool: {key}");
-    assert_eq!(
-        raw_object(&veth.capture_ns, &garage, key),
-        [header, record].concat(),
-        "the spooled bytes, whole"
-    );
+    assert_eq!(raw_object(&veth.capture_ns, &garage, key), spooled, "the spooled bytes, whole");
     assert!(!leftover.exists(), "the leftover spool is gone");
 
     // And the capture that started meanwhile stored every frame.
     assert_eq!(summary.packets, frames.len() as u64, "{summary:?}");
-    let mut got = Vec::new();
-    let mut urls = summary.outputs.clone();
-    urls.sort();
-    for url in &urls {
-        let key = url.strip_prefix(&format!("s3://{}/", garage.bucket)).expect("an s3 URL in the bucket");
-        got.extend(records(&raw_object(&veth.capture_ns, &garage, key)).into_iter().map(|(_, d)| d));
-    }
-    assert!(
-        got == frames,
-        "the objects hold exactly the {} frames sent ({} stored)",
-        frames.len(),
-        got.len()
-    );
-    assert_eq!(spooled_chunks(spool.path()), 0, "nothing is left in the spool");
+    assert_all_uploaded(&veth, &garage, &summary.outputs, &frames, spool.path());
 }
 
 #[test]
@@ -406,38 +360,12 @@ fn a_capture_whose_spool_is_full_loses_its_own_chunks_and_no_other_capture_loses
     let veth = VethPair::new(1);
     let mut garage = Garage::start_in(&veth.capture_ns);
     let prefix = unique_name("full");
-    let (bucket, endpoint, region) = (garage.bucket.clone(), garage.endpoint.clone(), garage.region.clone());
-    let store_prefix = prefix.clone();
     garage.stop();
     // One compressed chunk in memory, a spool that holds none, and an outage allowed to last:
     // the S3 capture's chunks find nowhere to wait.
-    let daemon = TestDaemon::start_with_store(
-        &veth,
-        "",
-        move |d| {
-            format!(
-                "destinations = [\"s3://{bucket}/{store_prefix}\", \"{d}/store\"]\ns3_endpoint = \"{endpoint}\"\n\
-                 s3_region = \"{region}\"\ns3_path_style = true\ncompression = \"1\"\nupload_queue = 1\n\
-                 spool_max_bytes = 1\noutage_max_secs = 600\nspool_dir = \"{d}/spool\"\n"
-            )
-        },
-        garage.aws_env(),
-    );
+    let daemon = s3_daemon(&veth, &garage, &prefix, "spool_max_bytes = 1\noutage_max_secs = 600\n");
     let client = daemon.client();
-    let canary = daemon.start_capture(&[
-        "-i",
-        "tap",
-        "--destination",
-        "local",
-        "--duration",
-        "300s",
-        "--id",
-        "canary",
-        "not",
-        "ether",
-        "proto",
-        "0x88b5",
-    ]);
+    let canary = start_canary(&daemon);
     let full = daemon.start_capture(&["-i", "tap", "--duration", "300s", "--id", "full", S3_FILTER]);
 
     // About 8 MB for the S3 capture, then the corpus for the canary.
@@ -468,15 +396,7 @@ fn a_capture_whose_spool_is_full_loses_its_own_chunks_and_no_other_capture_loses
         (summary.packets, summary.dropped_writer, summary.dropped_kernel),
         (canary_sent.len() as u64, 0, 0)
     );
-    let mut objects: Vec<_> = walk(&daemon.dir.path().join("store/testnode/canary"))
-        .into_iter()
-        .filter(|p| p.to_string_lossy().ends_with(".pcap.zst"))
-        .collect();
-    objects.sort();
-    let stored: Vec<Vec<u8>> = objects
-        .iter()
-        .flat_map(|o| records(&zstd_d(&std::fs::read(o).unwrap())).into_iter().map(|(_, d)| d))
-        .collect();
+    let stored = canary_stored(&daemon);
     assert!(stored == canary_sent, "the canary stored every frame sent to it, in order");
 
     // The S3 capture lost its own chunks, counted as they were lost; what it kept goes up

@@ -2,7 +2,7 @@
 //! `zstd -d`, capinfos and tshark.
 
 use std::{
-    process::{Command, Stdio},
+    path::{Path, PathBuf},
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -15,16 +15,44 @@ use tapstream::{
         ObjectMeta, PartDone, PendingUpload, Sink, UploadError,
         object::{CompressedChunk, ObjectOwner, UploadConfig, Uploader},
         s3::{S3Config, S3Sink},
+        spool::Spool,
     },
 };
 use tapstream_testenv::{CORPUS_RING_SIZE, Garage, Netns, Sender, VethPair, corpus_frames, unique_name};
 
-use crate::common::{Running, tapstream_bin, walk};
+use crate::{
+    common::{Running, tapstream_bin, walk},
+    recovery::zstd_d,
+};
 
 pub(crate) fn s3_args(garage: &Garage) -> Vec<String> {
     ["--s3-endpoint", &garage.endpoint, "--s3-region", &garage.region, "--s3-path-style"]
         .map(String::from)
         .to_vec()
+}
+
+/// Starts a one-shot `tapstream capture -i <capture interface> --upload <url>` in the capture
+/// namespace of `veth`, with the flags and credentials of `garage`'s store, then `flags` (a
+/// filter last). It is not waited for: see [`Running::wait_ready`].
+pub(crate) fn start_upload(veth: &VethPair, garage: &Garage, url: &str, flags: &[&str]) -> Running {
+    start_upload_with_env(veth, garage, url, flags, &garage.aws_env())
+}
+
+/// Like [`start_upload`], with `env` (credentials) in the environment instead of `garage`'s.
+pub(crate) fn start_upload_with_env(
+    veth: &VethPair,
+    garage: &Garage,
+    url: &str,
+    flags: &[&str],
+    env: &[(&str, String)],
+) -> Running {
+    let store_args = s3_args(garage);
+    let args: Vec<&str> = ["capture", "-i", &veth.capture_if, "--upload", url]
+        .into_iter()
+        .chain(store_args.iter().map(String::as_str))
+        .chain(flags.iter().copied())
+        .collect();
+    Running::start_with_env(&veth.capture_ns, &args, env)
 }
 
 /// `tapstream read` of an object; returns (stdout, stderr).
@@ -53,7 +81,12 @@ pub(crate) fn raw_object(ns: &Netns, garage: &Garage, key: &str) -> Vec<u8> {
 }
 
 pub(crate) async fn sink(garage: &Garage) -> S3Sink {
-    S3Sink::new(S3Config {
+    S3Sink::new(s3_config(garage)).await
+}
+
+/// The configuration of a sink for `garage`'s bucket.
+fn s3_config(garage: &Garage) -> S3Config {
+    S3Config {
         static_credentials: Some((garage.access_key.clone(), garage.secret_key.clone())),
         bucket: garage.bucket.clone(),
         endpoint: Some(garage.endpoint.clone()),
@@ -61,8 +94,7 @@ pub(crate) async fn sink(garage: &Garage) -> S3Sink {
         path_style: true,
         max_attempts: 3,
         ..S3Config::default()
-    })
-    .await
+    }
 }
 
 pub(crate) fn records(pcap: &[u8]) -> Vec<(u64, Vec<u8>)> {
@@ -81,32 +113,36 @@ fn corpus_capture_lands_as_objects_that_read_back_byte_for_byte() {
     let sender = Sender::new(&veth);
     let prefix = unique_name("it");
     let url = format!("s3://{}/{prefix}", garage.bucket);
-    let mut args: Vec<String> = [
-        "capture",
-        "-i",
-        &veth.capture_if,
-        "--upload",
-        &url,
-        "--idle",
-        "3s",
-        "--duration",
-        "120s",
-        "--json",
-        "--id",
-        "corpus",
-    ]
-    .map(String::from)
-    .to_vec();
-    args.extend(s3_args(&garage));
-    args.extend(["--ring-size".to_owned(), CORPUS_RING_SIZE.to_string()]);
+    let ring = CORPUS_RING_SIZE.to_string();
     let spool = tempfile::tempdir().unwrap();
-    args.extend(
-        ["--node", "it-node", "--part-size", "5MiB", "--spool-dir", spool.path().to_str().unwrap()]
-            .map(String::from),
+    let mut run = start_upload(
+        &veth,
+        &garage,
+        &url,
+        &[
+            "--idle",
+            "3s",
+            "--duration",
+            "120s",
+            "--json",
+            "--id",
+            "corpus",
+            "--ring-size",
+            &ring,
+            "--node",
+            "it-node",
+            "--part-size",
+            "5MiB",
+            "--spool-dir",
+            spool.path().to_str().unwrap(),
+            "--alert-id",
+            "A-17",
+            "--customer",
+            "acme",
+            "--tag",
+            "site=ams1",
+        ],
     );
-    args.extend(["--alert-id", "A-17", "--customer", "acme", "--tag", "site=ams1"].map(String::from));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut run = Running::start_with_env(&veth.capture_ns, &args, &garage.aws_env());
     run.wait_ready();
     let sent = sender.send_all(&frames);
     let summary = run.summary();
@@ -146,14 +182,7 @@ fn corpus_capture_lands_as_objects_that_read_back_byte_for_byte() {
 
     // The raw object through the zstd tool: the same PCAP (the seek table is skipped).
     let raw = raw_object(&veth.capture_ns, &garage, key);
-    let mut zstd =
-        Command::new("zstd").args(["-d", "-c"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
-    let mut stdin = zstd.stdin.take().unwrap();
-    let writer = std::thread::spawn(move || std::io::Write::write_all(&mut stdin, &raw));
-    let decompressed = zstd.wait_with_output().unwrap();
-    writer.join().unwrap().unwrap();
-    assert!(decompressed.status.success());
-    assert_eq!(decompressed.stdout, pcap, "zstd -d gives the same PCAP as tapstream read");
+    assert_eq!(zstd_d(&raw), pcap, "zstd -d gives the same PCAP as tapstream read");
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), &pcap).unwrap();
     crate::common::read_capture(file.path());
@@ -184,13 +213,7 @@ fn a_missing_bucket_is_named_and_nothing_starts() {
     let veth = VethPair::new(1);
     let garage = Garage::start_in(&veth.capture_ns);
     let url = "s3://no-such-bucket-here/x";
-    let mut args: Vec<String> =
-        ["capture", "-i", &veth.capture_if, "--upload", url, "--duration", "60s", "--idle", "3s"]
-            .map(String::from)
-            .to_vec();
-    args.extend(s3_args(&garage));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let run = Running::start_with_env(&veth.capture_ns, &args, &garage.aws_env());
+    let run = start_upload(&veth, &garage, url, &["--duration", "60s", "--idle", "3s"]);
     let (status, _, stderr) = run.finish();
     assert!(!status.success(), "the capture must fail: {stderr}");
     assert!(stderr.contains("no-such-bucket-here") && stderr.contains("NoSuchBucket"), "{stderr}");
@@ -319,30 +342,27 @@ fn a_store_outage_spools_and_loses_nothing() {
     let sender = Sender::new(&veth);
     let spool = tempfile::tempdir().unwrap();
     let url = format!("s3://{}/{}", garage.bucket, unique_name("outage"));
-    let mut args: Vec<String> = [
-        "capture",
-        "-i",
-        &veth.capture_if,
-        "--upload",
+    let ring = CORPUS_RING_SIZE.to_string();
+    let mut run = start_upload(
+        &veth,
+        &garage,
         &url,
-        "--idle",
-        "6s",
-        "--duration",
-        "120s",
-        "--json",
-        "--rotate-age",
-        "1s",
-        "--upload-queue",
-        "1",
-        "--spool-dir",
-        spool.path().to_str().unwrap(),
-    ]
-    .map(String::from)
-    .to_vec();
-    args.extend(s3_args(&garage));
-    args.extend(["--ring-size".to_owned(), CORPUS_RING_SIZE.to_string()]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut run = Running::start_with_env(&veth.capture_ns, &args, &garage.aws_env());
+        &[
+            "--idle",
+            "6s",
+            "--duration",
+            "120s",
+            "--json",
+            "--rotate-age",
+            "1s",
+            "--upload-queue",
+            "1",
+            "--spool-dir",
+            spool.path().to_str().unwrap(),
+            "--ring-size",
+            &ring,
+        ],
+    );
     run.wait_ready();
 
     let parts: Vec<_> = frames.chunks(frames.len() / 6 + 1).collect();
@@ -400,23 +420,18 @@ pub(crate) fn random_frames(count: usize, seed: u64) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// `tapstream capture` into `url` as capture `id` of node `n`, in 5 MiB parts of zstd level 1
-/// (incompressible frames fill parts quickly), spooling in `spool`; then `extra` and the store's
-/// flags (`store_args`).
-fn multipart_capture_args(
+/// Starts (see [`start_upload`]) a capture into `url` as capture `id` of node `n`, in 5 MiB
+/// parts of zstd level 1 (incompressible frames fill parts quickly), spooling in `spool`, with
+/// `extra` flags.
+fn start_multipart(
     veth: &VethPair,
-    store_args: &[String],
+    garage: &Garage,
     url: &str,
     id: &str,
-    spool: &std::path::Path,
+    spool: &Path,
     extra: &[&str],
-) -> Vec<String> {
+) -> Running {
     let base = [
-        "capture",
-        "-i",
-        &veth.capture_if,
-        "--upload",
-        url,
         "--id",
         id,
         "--node",
@@ -428,9 +443,43 @@ fn multipart_capture_args(
         "--spool-dir",
         spool.to_str().unwrap(),
     ];
-    let mut args: Vec<String> = base.iter().chain(extra).map(|s| s.to_string()).collect();
-    args.extend_from_slice(store_args);
-    args
+    start_upload(veth, garage, url, &[&base, extra].concat())
+}
+
+/// Chunk files waiting in the spools under `root`.
+pub(crate) fn spooled_chunks(root: &Path) -> usize {
+    walk(root).into_iter().filter(|p| p.extension().is_some_and(|x| x == "chunk")).count()
+}
+
+/// The URL of the object that a spool an earlier run left became, as `log` reports it.
+pub(crate) fn recovered_object(log: &str) -> Option<String> {
+    log.lines().find_map(|l| l.split(" by an earlier run as ").nth(1)).map(|url| url.trim().to_owned())
+}
+
+/// Leaves a spool at `path` for the store at `url`, as a run that ended before uploading it
+/// does: a PCAP header and one chunk of one record. Returns the bytes of the object it becomes.
+pub(crate) fn leave_spool(path: PathBuf, url: &str) -> Vec<u8> {
+    let header: Vec<u8> = [
+        0xa1b2_c3d4u32.to_le_bytes().as_slice(),
+        &[2, 0, 4, 0],
+        &[0; 8],
+        &65535u32.to_le_bytes(),
+        &1u32.to_le_bytes(),
+    ]
+    .concat();
+    let record: Vec<u8> =
+        [&1u32.to_le_bytes()[..], &0u32.to_le_bytes(), &4u32.to_le_bytes(), &4u32.to_le_bytes(), b"left"]
+            .concat();
+    let spool = Spool::create(path, 1 << 20, &header, url).unwrap();
+    let chunk = CompressedChunk {
+        data: record.clone(),
+        decompressed_len: record.len() as u64,
+        first_ns: 1_000_000_000,
+        last_ns: 1_000_000_000,
+        packets: 1,
+    };
+    assert!(spool.put(0, &chunk).unwrap());
+    [header, record].concat()
 }
 
 #[test]
@@ -441,14 +490,11 @@ fn a_killed_capture_leaves_no_orphan_upload_and_its_spool_is_uploaded_on_restart
     let spool = tempfile::tempdir().unwrap();
     let prefix = unique_name("killed");
     let url = format!("s3://{}/{prefix}", garage.bucket);
-    let store_args = s3_args(&garage);
-    let args = |extra: &[&str]| {
-        let extra = [&["--parts-in-flight", "1", "--upload-queue", "1"], extra].concat();
-        multipart_capture_args(&veth, &store_args, &url, "killme", spool.path(), &extra)
+    let start = |garage: &Garage, duration: &str| {
+        let extra = ["--parts-in-flight", "1", "--upload-queue", "1", "--duration", duration];
+        start_multipart(&veth, garage, &url, "killme", spool.path(), &extra)
     };
-    let first = args(&["--duration", "120s"]);
-    let first: Vec<&str> = first.iter().map(String::as_str).collect();
-    let mut run = Running::start_with_env(&veth.capture_ns, &first, &garage.aws_env());
+    let mut run = start(&garage, "120s");
     run.wait_ready();
     let frames = random_frames(16_000, 7);
     let (before, during) = frames.split_at(5_000);
@@ -463,28 +509,18 @@ fn a_killed_capture_leaves_no_orphan_upload_and_its_spool_is_uploaded_on_restart
         }
         std::thread::sleep(std::time::Duration::from_millis(1100));
     }
-    let spooled = |dir: &std::path::Path| {
-        walk(dir).into_iter().filter(|p| p.extension().is_some_and(|x| x == "chunk")).count()
-    };
-    assert!(spooled(spool.path()) > 0, "chunks spooled while the store was down");
+    assert!(spooled_chunks(spool.path()) > 0, "chunks spooled while the store was down");
     drop(run); // SIGKILL, as a crash would
 
     garage.resume();
-    let second = args(&["--duration", "2s"]);
-    let second: Vec<&str> = second.iter().map(String::as_str).collect();
-    let run = Running::start_with_env(&veth.capture_ns, &second, &garage.aws_env());
+    let run = start(&garage, "2s");
     let (status, _, log) = run.finish();
     assert!(status.success(), "{log}");
     assert!(
         log.contains("aborting an unfinished upload") || log.contains("completing the unfinished upload"),
         "the killed run's multipart upload is completed or aborted: {log}"
     );
-    let recovered = log
-        .lines()
-        .find_map(|l| l.split(" by an earlier run as ").nth(1))
-        .unwrap_or_else(|| panic!("no recovered object in: {log}"))
-        .trim()
-        .to_owned();
+    let recovered = recovered_object(&log).unwrap_or_else(|| panic!("no recovered object in: {log}"));
     let (pcap, _) = read(&veth.capture_ns, &garage, &recovered, &[]);
     let got = records(&pcap);
     assert!(!got.is_empty());
@@ -500,7 +536,7 @@ fn a_killed_capture_leaves_no_orphan_upload_and_its_spool_is_uploaded_on_restart
         rt.block_on(async { sink(&garage).await.list_multipart(&prefix).await.unwrap() })
     });
     assert!(pending.is_empty(), "no multipart upload left under the prefix: {pending:?}");
-    assert_eq!(spooled(spool.path()), 0, "the spool is empty");
+    assert_eq!(spooled_chunks(spool.path()), 0, "the spool is empty");
 }
 
 #[test]
@@ -509,21 +545,7 @@ fn wrong_credentials_are_named_and_nothing_starts() {
     let garage = Garage::start_in(&veth.capture_ns);
     let spool = tempfile::tempdir().unwrap();
     let url = format!("s3://{}/creds", garage.bucket);
-    let mut args: Vec<String> = [
-        "capture",
-        "-i",
-        &veth.capture_if,
-        "--upload",
-        &url,
-        "--duration",
-        "60s",
-        "--spool-dir",
-        spool.path().to_str().unwrap(),
-    ]
-    .map(String::from)
-    .to_vec();
-    args.extend(s3_args(&garage));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let flags = ["--duration", "60s", "--spool-dir", spool.path().to_str().unwrap()];
     let wrong_secret = "0".repeat(64);
     let mut env = garage.aws_env();
     for (k, v) in &mut env {
@@ -531,7 +553,7 @@ fn wrong_credentials_are_named_and_nothing_starts() {
             *v = wrong_secret.clone();
         }
     }
-    let (status, _, stderr) = Running::start_with_env(&veth.capture_ns, &args, &env).finish();
+    let (status, _, stderr) = start_upload_with_env(&veth, &garage, &url, &flags, &env).finish();
     assert!(!status.success(), "{stderr}");
     assert!(
         ["SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "Forbidden"]
@@ -610,18 +632,15 @@ fn credentials_revoked_mid_capture_spool_what_is_unconfirmed_and_the_next_start_
     let spool = tempfile::tempdir().unwrap();
     let prefix = unique_name("rvk");
     let url = format!("s3://{}/{prefix}", garage.bucket);
-    let store_args = s3_args(&garage);
     // The frames come in bursts of up to 8,000 (the test's debug build writes slower than the
     // sender sends): a ring whose UMEM holds a whole burst loses none of them.
     let ring = CORPUS_RING_SIZE.to_string();
-    let args = |id: &str, extra: &[&str]| {
+    let start = |id: &str, duration: &str| {
         let extra =
-            [&["--parts-in-flight", "2", "--rotate-age", "20s", "--ring-size", &ring], extra].concat();
-        multipart_capture_args(&veth, &store_args, &url, id, spool.path(), &extra)
+            ["--parts-in-flight", "2", "--rotate-age", "20s", "--ring-size", &ring, "--duration", duration];
+        start_multipart(&veth, &garage, &url, id, spool.path(), &extra)
     };
-    let first = args("revoked", &["--duration", "120s"]);
-    let first: Vec<&str> = first.iter().map(String::as_str).collect();
-    let mut run = Running::start_with_env(&veth.capture_ns, &first, &garage.aws_env());
+    let mut run = start("revoked", "120s");
     run.wait_ready();
     // About 11 MB of incompressible frames: two 5 MiB parts go up, the rest waits for more.
     let frames = random_frames(10_000, 11);
@@ -658,9 +677,7 @@ fn credentials_revoked_mid_capture_spool_what_is_unconfirmed_and_the_next_start_
 
     // The key works again: the next capture finishes the revoked one's objects first.
     garage.grant_key();
-    let second = args("after", &["--duration", "1s"]);
-    let second: Vec<&str> = second.iter().map(String::as_str).collect();
-    let (status, _, log) = Running::start_with_env(&veth.capture_ns, &second, &garage.aws_env()).finish();
+    let (status, _, log) = start("after", "1s").finish();
     assert!(status.success(), "{log}");
     assert!(log.contains("spooled by an earlier run"), "{log}");
 
@@ -709,19 +726,7 @@ fn the_connection_pool_never_opens_more_connections_than_its_limit() {
     let garage = Garage::start();
     let port: u16 = garage.endpoint.rsplit(':').next().unwrap().parse().unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let sink = Arc::new(rt.block_on(async {
-        S3Sink::new(S3Config {
-            static_credentials: Some((garage.access_key.clone(), garage.secret_key.clone())),
-            bucket: garage.bucket.clone(),
-            endpoint: Some(garage.endpoint.clone()),
-            region: Some(garage.region.clone()),
-            path_style: true,
-            max_attempts: 3,
-            max_connections: 3,
-            ..S3Config::default()
-        })
-        .await
-    }));
+    let sink = Arc::new(rt.block_on(S3Sink::new(S3Config { max_connections: 3, ..s3_config(&garage) })));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let most = Arc::new(AtomicUsize::new(0));
     let sampler = {
