@@ -1,8 +1,12 @@
 //! Small system calls the pipeline needs: interface lookup, RX queue count, core pinning; and
-//! which capabilities the process has, to name the missing one when the kernel refuses.
+//! which capabilities the process has, to name the missing one when the kernel refuses. Also
+//! the process's [`Shutdown`], which signals trigger.
 
 #[cfg(test)]
 pub(crate) mod alloc_count;
+mod shutdown;
+
+pub use shutdown::Shutdown;
 
 use std::{ffi::CString, io};
 
