@@ -1,18 +1,21 @@
 //! `tapstream daemon`: the daemon's process: control listeners, signals, the recovery thread,
 //! the periodic save of progress, and an orderly stop.
 
-use std::{
-    sync::{Arc, atomic::AtomicBool},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use crate::{
     cli::serve_metrics,
     config::Config,
     control::{daemon::Daemon, server},
     store::settings::hostname,
+    sys::Shutdown,
 };
 use anyhow::Context as _;
+
+/// How often running captures' progress is saved (what a killed daemon's captures report).
+const SAVE_PROGRESS_EVERY: Duration = Duration::from_secs(2);
+/// How often captures whose store was unreachable are recovered again.
+const RECOVERY_RETRY: Duration = Duration::from_secs(30);
 
 pub fn daemon(file: &std::path::Path) -> anyhow::Result<()> {
     let config = Config::load(file)?;
@@ -42,13 +45,16 @@ pub fn daemon(file: &std::path::Path) -> anyhow::Result<()> {
         anyhow::Ok((unix, tcp))
     })?;
     let socket = config.daemon.socket.clone();
-    // What earlier runs left in the spool goes up now, not only when a capture next starts.
+    // The daemon's stop: SIGINT and SIGTERM trigger it, and every part below is given it.
+    let shutdown = Shutdown::new();
     let (store, node) = (config.store.clone(), config.daemon.node.clone().unwrap_or_else(hostname));
-    let daemon = Arc::new(Daemon::start(config)?);
+    let daemon = Arc::new(Daemon::start(config, shutdown.clone())?);
     // First the captures a dead daemon left running (their open uploads completed, their
-    // spools uploaded under their names and recorded in their state), then the other spools;
-    // captures whose store is unreachable are tried again every 30 s.
+    // spools uploaded under their names and recorded in their state), then the other spools
+    // (what earlier runs left in the spool goes up now, not only when a capture next starts);
+    // captures whose store is unreachable are tried again every 30 s until the daemon stops.
     let recovering = daemon.clone();
+    let stopping = shutdown.clone();
     std::thread::Builder::new()
         .name("tapstream-recover".into())
         .spawn(move || {
@@ -58,34 +64,23 @@ pub fn daemon(file: &std::path::Path) -> anyhow::Result<()> {
                     log::warn!("what earlier runs spooled for {url} stays in the spool for now: {e}");
                 }
             }
-            while pending {
-                std::thread::sleep(Duration::from_secs(30));
+            while pending && !stopping.wait_timeout(RECOVERY_RETRY) {
                 pending = recovering.recover_interrupted();
             }
         })
         .context("start the spool recovery thread")?;
-    let stop = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(signal, stop.clone()).context("install signal handler")?;
-    }
-    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
-    let server = runtime.spawn(server::serve(daemon.clone(), unix, tcp, shutdown_rx));
+    shutdown.trigger_on_termination().context("install signal handlers")?;
+    let server = runtime.spawn(server::serve(daemon.clone(), unix, tcp, shutdown.clone()));
     log::info!("daemon ready: control socket {}", socket.display());
-    // Signals are checked twice a second; running captures' progress is saved every 2 s (what a
-    // killed daemon's captures report as interrupted).
-    let mut ticks = 0u32;
-    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-        std::thread::sleep(Duration::from_millis(500));
-        ticks += 1;
-        if ticks.is_multiple_of(4) {
-            daemon.save_progress();
-        }
+    // Running captures' progress is saved every 2 s until the stop, which ends the wait at once.
+    while !shutdown.wait_timeout(SAVE_PROGRESS_EVERY) {
+        daemon.save_progress();
     }
     log::info!("stopping: running captures end as interrupted, their outputs are finished");
-    // Pending waits return now (with the capture as it is), new captures are refused; then the
-    // server stops accepting, and its connections finish their requests within its grace.
+    // New captures are already refused and the server stops accepting; pending waits return
+    // now (with the capture as it is), and the server's connections finish their requests
+    // within its grace.
     daemon.begin_shutdown();
-    let _ = shutdown_tx.send(true);
     let server_stopped = runtime.block_on(async {
         tokio::time::timeout(server::SHUTDOWN_GRACE + Duration::from_secs(3), server).await
     });

@@ -40,12 +40,12 @@ use hyper::{
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
-    sync::{OwnedSemaphorePermit, Semaphore, watch},
+    sync::{OwnedSemaphorePermit, Semaphore},
     task::JoinSet,
 };
 
 use super::{ApiError, CaptureRequest, ErrorReply};
-use crate::control::daemon::Daemon;
+use crate::{control::daemon::Daemon, sys::Shutdown};
 
 /// Largest request body accepted.
 const MAX_BODY: usize = 64 * 1024;
@@ -236,13 +236,13 @@ impl Listener {
     }
 }
 
-/// Serves the API until `shutdown` turns true; then gives the connections
+/// Serves the API until `shutdown` is triggered; then gives the connections
 /// [`SHUTDOWN_GRACE`] to finish the requests they are serving, and returns.
 pub async fn serve(
     daemon: Arc<Daemon>,
     unix: tokio::net::UnixListener,
     tcp: Option<(tokio::net::TcpListener, String)>,
-    shutdown: watch::Receiver<bool>,
+    shutdown: Shutdown,
 ) {
     let mut listeners = vec![Listener::Unix(unix)];
     if let Some((listener, token)) = tcp {
@@ -256,14 +256,9 @@ pub async fn serve(
     while tasks.join_next().await.is_some() {}
 }
 
-/// Resolves once `shutdown` is true (or its sender is gone).
-async fn stopping(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|&stop| stop).await;
-}
-
 /// Accepts connections on `listener` and serves each on a task of its own, within the
 /// listener's bound, until `shutdown`.
-async fn run_listener(daemon: Arc<Daemon>, listener: Listener, mut shutdown: watch::Receiver<bool>) {
+async fn run_listener(daemon: Arc<Daemon>, listener: Listener, shutdown: Shutdown) {
     let name = listener.name();
     let bound = listener.bound();
     let permits = Arc::new(Semaphore::new(bound));
@@ -273,7 +268,7 @@ async fn run_listener(daemon: Arc<Daemon>, listener: Listener, mut shutdown: wat
     let mut failed = Throttle::new(WARN_INTERVAL);
     loop {
         let accepted = tokio::select! {
-            () = stopping(&mut shutdown) => break,
+            () = shutdown.wait() => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             accepted = listener.accept() => accepted,
         };
@@ -338,7 +333,7 @@ async fn serve_connection(
     stream: Box<dyn Io>,
     peer: Peer,
     permit: OwnedSemaphorePermit,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: Shutdown,
 ) {
     let service = service_fn(move |request| handle(daemon.clone(), request, peer.clone()));
     let mut builder = http1::Builder::new();
@@ -347,7 +342,7 @@ async fn serve_connection(
     tokio::pin!(connection);
     let result = tokio::select! {
         result = connection.as_mut() => result,
-        () = stopping(&mut shutdown) => {
+        () = shutdown.wait() => {
             // An idle connection closes at once; one serving a request answers it first.
             connection.as_mut().graceful_shutdown();
             match tokio::time::timeout(SHUTDOWN_GRACE, connection.as_mut()).await {

@@ -20,11 +20,11 @@ use std::{
     os::unix::process::CommandExt as _,
     path::PathBuf,
     process::{Command, Stdio},
-    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
 use super::{CbpfProgram, FilterError, pcap::BpfInsn};
+use crate::sys::Shutdown;
 
 /// Longest expression the command line compiles (`tapstream capture ... EXPR`, `tapstream
 /// filter check`): far above any filter written by hand, and a guard against a file pasted by
@@ -38,7 +38,7 @@ pub const CHILD_ARGS: [&str; 2] = ["filter", "compile-child"];
 /// Longest input the child reads: above any cap (the control API takes 64 KiB bodies).
 const CHILD_MAX_INPUT: u64 = 1 << 20;
 
-/// How often a waiting compile looks at its cancel flag.
+/// How often a waiting compile looks at its cancel signal.
 const POLL: Duration = Duration::from_millis(50);
 
 /// Niceness of the compiler child: the capture's writers come first for the CPU.
@@ -86,8 +86,8 @@ impl BoundedCompiler {
     }
 
     /// Compiles `expression` in a child process. Past the time limit, or as soon as `cancel`
-    /// is set (looked at every 50 ms), the child is killed and the compile refused.
-    pub fn compile(&self, expression: &str, cancel: &AtomicBool) -> Result<CbpfProgram, FilterError> {
+    /// is triggered (looked at every 50 ms), the child is killed and the compile refused.
+    pub fn compile(&self, expression: &str, cancel: &Shutdown) -> Result<CbpfProgram, FilterError> {
         if expression.contains('\0') {
             return Err(FilterError::Nul);
         }
@@ -149,7 +149,7 @@ impl BoundedCompiler {
                             break Err(failed("its output reader stopped".into()));
                         }
                         Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                            if cancel.load(Ordering::Relaxed) {
+                            if cancel.is_set() {
                                 break Err(FilterError::Cancelled);
                             }
                             if Instant::now() >= deadline {
@@ -274,7 +274,7 @@ mod tests {
 
     #[test]
     fn the_childs_answer_is_read_whatever_it_is() {
-        let never = AtomicBool::new(false);
+        let never = Shutdown::new();
         let t = Duration::from_secs(20);
         let program =
             fake("cat >/dev/null; printf 'ok\\n6 0 0 262144\\n'", t).compile("tcp", &never).unwrap();
@@ -301,7 +301,7 @@ mod tests {
 
     #[test]
     fn a_compile_past_the_time_limit_is_killed_and_named() {
-        let never = AtomicBool::new(false);
+        let never = Shutdown::new();
         // The child writes its pid, then hangs (without reading its input).
         let dir = tempfile::tempdir().unwrap();
         let pid_file = dir.path().join("pid");
@@ -322,12 +322,12 @@ mod tests {
 
     #[test]
     fn a_cancelled_compile_ends_at_once() {
-        let cancel = AtomicBool::new(false);
+        let cancel = Shutdown::new();
         let start = Instant::now();
         let err = std::thread::scope(|s| {
             s.spawn(|| {
                 std::thread::sleep(Duration::from_millis(300));
-                cancel.store(true, Ordering::Relaxed);
+                cancel.trigger();
             });
             fake("exec sleep 600", Duration::from_secs(600)).compile("tcp", &cancel).unwrap_err()
         });
