@@ -752,7 +752,6 @@ fn generate_id() -> String {
     let mut random = [0u8; 3];
     // getrandom never fails for so few bytes once the pool is initialised; the time alone
     // still makes an id.
-    // SAFETY: `random` is valid for writes of its length.
-    let _ = unsafe { libc::getrandom(random.as_mut_ptr().cast(), random.len(), 0) };
+    let _ = crate::sys::fill_random(&mut random);
     format!("{}-{:02x}{:02x}{:02x}", crate::store::object::utc_compact(now), random[0], random[1], random[2])
 }

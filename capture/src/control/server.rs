@@ -141,7 +141,12 @@ pub fn bind_unix(
     let listener = tokio::net::UnixListener::bind(path)
         .map_err(|source| ServerError::Bind { path: shown.clone(), source })?;
     let gid = match group {
-        Some(name) => Some(group_id(name).ok_or_else(|| ServerError::NoGroup { group: name.to_owned() })?),
+        Some(name) => Some(
+            crate::sys::group_id(name)
+                .ok()
+                .flatten()
+                .ok_or_else(|| ServerError::NoGroup { group: name.to_owned() })?,
+        ),
         None => None,
     };
     if let Some(gid) = gid {
@@ -172,15 +177,6 @@ pub fn read_token(path: &Path) -> Result<String, ServerError> {
         return Err(ServerError::EmptyToken { path: shown });
     }
     Ok(token)
-}
-
-fn group_id(name: &str) -> Option<u32> {
-    let c = std::ffi::CString::new(name).ok()?;
-    // SAFETY: `c` is a valid C string; getgrnam returns null or a pointer to static storage
-    // that is read at once, before any other call could overwrite it.
-    let group = unsafe { libc::getgrnam(c.as_ptr()) };
-    // SAFETY: non-null pointers from getgrnam point at a valid `struct group`.
-    (!group.is_null()).then(|| unsafe { (*group).gr_gid })
 }
 
 /// A listener of the control API.
@@ -370,12 +366,8 @@ fn is_connection_error(e: &std::io::Error) -> bool {
 /// kernel gives out the lowest free number, so every one below `fd` is in use. Unbounded if
 /// the limit cannot be read.
 fn fds_left_after(fd: i32) -> u64 {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit(2) writes the limit into `limit`, a valid rlimit.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return u64::MAX;
-    }
-    limit.rlim_cur.saturating_sub(u64::try_from(fd).unwrap_or(0) + 1)
+    let Some(limit) = crate::sys::open_files_limit() else { return u64::MAX };
+    limit.saturating_sub(u64::try_from(fd).unwrap_or(0) + 1)
 }
 
 /// The pause after failed accepts: [`ACCEPT_BACKOFF_FIRST`], doubling with each failure in a

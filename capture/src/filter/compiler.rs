@@ -17,14 +17,13 @@
 use std::{
     ffi::OsString,
     io::{Read, Write},
-    os::unix::process::CommandExt as _,
     path::PathBuf,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use super::{CbpfProgram, FilterError, pcap::BpfInsn};
-use crate::sys::Shutdown;
+use crate::sys::{self, Shutdown};
 
 /// Longest expression the command line compiles (`tapstream capture ... EXPR`, `tapstream
 /// filter check`): far above any filter written by hand, and a guard against a file pasted by
@@ -94,29 +93,10 @@ impl BoundedCompiler {
         let failed = |reason: String| FilterError::CompilerFailed { reason };
         let mut command = Command::new(&self.program);
         command.args(&self.args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit());
-        let parent = std::process::id();
-        // SAFETY: the closure runs in the forked child before exec and only makes
-        // async-signal-safe system calls (prctl, getppid, setpriority) on plain integers; it
-        // allocates nothing and touches no lock.
-        unsafe {
-            command.pre_exec(move || {
-                // Killed with the thread that waits for it, so with the daemon: a compile
-                // never outlives the process that asked for it.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // The parent may have died before the line above.
-                if libc::getppid() as u32 != parent {
-                    return Err(std::io::Error::other("the daemon is gone"));
-                }
-                // libpcap's parser sees client input: it runs without the daemon's ambient
-                // capabilities (best effort: a kernel without ambient capabilities has none to
-                // drop), and behind the writers for the CPU.
-                libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong, 0, 0, 0);
-                libc::setpriority(libc::PRIO_PROCESS, 0, CHILD_NICE);
-                Ok(())
-            })
-        };
+        // Killed with the thread that waits for it, so with the daemon: a compile never
+        // outlives the process that asked for it. libpcap's parser sees client input: it runs
+        // without the daemon's ambient capabilities, and behind the writers for the CPU.
+        sys::confine_child(&mut command, CHILD_NICE);
         let mut child = command
             .spawn()
             .map_err(|source| FilterError::CompilerSpawn { program: self.program.clone(), source })?;

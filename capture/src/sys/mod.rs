@@ -1,14 +1,23 @@
-//! Small system calls the pipeline needs: interface lookup, RX queue count, core pinning; and
-//! which capabilities the process has, to name the missing one when the kernel refuses. Also
-//! the process's [`Shutdown`], which signals trigger.
+//! The system calls tapstream makes outside the AF_XDP rings (`datapath::xsk`) and libpcap
+//! (`filter::pcap`), each behind a safe function: interface lookup, RX queue count, core
+//! pinning, clocks, random bytes, resource limits, groups, polling, the filter compiler's
+//! child; which capabilities the process has, to name the missing one when the kernel
+//! refuses; and the process's [`Shutdown`], which signals trigger.
 
 #[cfg(test)]
 pub(crate) mod alloc_count;
+mod process;
 mod shutdown;
 
+pub use process::confine_child;
 pub use shutdown::Shutdown;
 
-use std::{ffi::CString, io};
+use std::{
+    ffi::CString,
+    io,
+    os::fd::{AsRawFd as _, BorrowedFd},
+    time::Duration,
+};
 
 /// The index of interface `name` in this thread's network namespace.
 pub fn ifindex(name: &str) -> io::Result<u32> {
@@ -92,6 +101,82 @@ pub fn pin_to_core(core: usize) -> io::Result<()> {
     // SAFETY: `set` is a valid cpu_set_t of the size passed; pid 0 is the calling thread.
     let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
     if rc != 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// The current time of `clock` (`CLOCK_REALTIME`, `CLOCK_TAI`...) in nanoseconds since its
+/// epoch.
+#[inline]
+pub fn clock_ns(clock: libc::clockid_t) -> io::Result<i128> {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid timespec for the kernel to write; an unknown clock is refused
+    // with EINVAL, not undefined.
+    let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec))
+}
+
+/// Fills `buf` with random bytes from the kernel's pool (getrandom(2); blocks only while the
+/// pool is not yet initialised, early in boot).
+pub fn fill_random(buf: &mut [u8]) -> io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
+        // SAFETY: `rest` is valid for writes of its length; the kernel writes at most that.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::Interrupted {
+                return Err(err);
+            }
+        } else {
+            // Large requests may be filled in part (over 32 MiB, or when a signal comes).
+            filled += n as usize;
+        }
+    }
+    Ok(())
+}
+
+/// The id of the group `name`, or `None` if there is none of that name.
+pub fn group_id(name: &str) -> io::Result<Option<u32>> {
+    /// Beyond this, a group's entry (its member list) is not believed.
+    const MAX_BUFFER: usize = 1 << 20;
+    let c = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let mut buf = vec![0u8; 1024];
+    loop {
+        // SAFETY: `struct group` is plain data (integers and pointers); all-zero is valid.
+        let mut group: libc::group = unsafe { std::mem::zeroed() };
+        let mut found: *mut libc::group = std::ptr::null_mut();
+        // SAFETY: the name is a valid C string; `group` and `found` are valid for writes; the
+        // strings getgrnam_r points `group`'s fields at go in `buf`, of the length passed. The
+        // reentrant form, as other threads may look up users or groups meanwhile.
+        let rc = unsafe {
+            libc::getgrnam_r(c.as_ptr(), &mut group, buf.as_mut_ptr().cast(), buf.len(), &mut found)
+        };
+        match rc {
+            0 if found.is_null() => return Ok(None),
+            // Only the id is read: it does not point into `buf`.
+            0 => return Ok(Some(group.gr_gid)),
+            libc::ERANGE if buf.len() < MAX_BUFFER => buf.resize(buf.len() * 2, 0),
+            libc::EINTR => {}
+            // What getgrnam_r(3) says some systems return for a name not found.
+            libc::ENOENT | libc::ESRCH | libc::EBADF | libc::EPERM => return Ok(None),
+            e => return Err(io::Error::from_raw_os_error(e)),
+        }
+    }
+}
+
+/// Waits up to `timeout` (whole milliseconds) for `fd` to be readable; returns whether it is.
+pub fn poll_readable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<bool> {
+    let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let millis = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: one valid pollfd, of a descriptor `fd` keeps open, for the duration of the call.
+    let rc = unsafe { libc::poll(&mut pfd, 1, millis) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(rc > 0 && pfd.revents & libc::POLLIN != 0)
 }
 
 /// The cores this process may run on.
@@ -326,6 +411,27 @@ pub fn memlock_limit() -> Option<u64> {
     (rc == 0 && limit.rlim_cur != libc::RLIM_INFINITY).then_some(limit.rlim_cur)
 }
 
+/// The soft limit on open file descriptors (`RLIMIT_NOFILE`); `None`: unlimited or unknown.
+pub fn open_files_limit() -> Option<u64> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `limit` is a valid rlimit for the kernel to fill in.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    (rc == 0 && limit.rlim_cur != libc::RLIM_INFINITY).then_some(limit.rlim_cur)
+}
+
+/// Takes an exclusive flock on `file` without waiting; false if another open file holds it.
+/// The lock goes with the open file (released when it is closed, and when the process dies,
+/// even when it is killed).
+pub fn try_lock_exclusive(file: &std::fs::File) -> io::Result<bool> {
+    // SAFETY: flock on a descriptor `file` keeps open for the duration of the call.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EWOULDBLOCK) { Ok(false) } else { Err(err) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -348,5 +454,45 @@ mod tests {
         );
         let status = "Name:\ttapstream\nCapEff:\t0000000000003000\n";
         assert_eq!(effective_from_status(status), Some((1 << 12) | (1 << 13)));
+    }
+
+    #[test]
+    fn clocks_random_bytes_limits_groups_and_polls() {
+        let realtime = clock_ns(libc::CLOCK_REALTIME).unwrap();
+        let system = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+        assert!((realtime - system.as_nanos() as i128).abs() < 1_000_000_000, "{realtime} vs {system:?}");
+        assert!(clock_ns(-1000).is_err(), "no such clock");
+
+        let (mut a, mut b) = ([0u8; 32], [0u8; 32]);
+        fill_random(&mut a).unwrap();
+        fill_random(&mut b).unwrap();
+        assert!(a != b && a != [0; 32], "random: {a:?} {b:?}");
+        fill_random(&mut []).unwrap();
+
+        assert_ne!(open_files_limit(), Some(0));
+
+        assert_eq!(group_id("root").unwrap(), Some(0));
+        assert_eq!(group_id("tsnosuchgroup").unwrap(), None);
+        assert!(group_id("a\0b").is_err());
+
+        let (mut tx, rx) = std::os::unix::net::UnixStream::pair().unwrap();
+        use std::os::fd::AsFd as _;
+        let start = std::time::Instant::now();
+        assert!(!poll_readable(rx.as_fd(), Duration::from_millis(50)).unwrap());
+        assert!(start.elapsed() >= Duration::from_millis(50));
+        std::io::Write::write_all(&mut tx, b"x").unwrap();
+        assert!(poll_readable(rx.as_fd(), Duration::from_secs(60)).unwrap());
+    }
+
+    #[test]
+    fn an_exclusive_lock_is_held_until_its_file_is_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lock");
+        let first = std::fs::File::create(&path).unwrap();
+        let second = std::fs::File::open(&path).unwrap();
+        assert!(try_lock_exclusive(&first).unwrap());
+        assert!(!try_lock_exclusive(&second).unwrap(), "another open file holds it");
+        drop(first);
+        assert!(try_lock_exclusive(&second).unwrap());
     }
 }
