@@ -2,7 +2,8 @@
 //! (`filter::pcap`), each behind a safe function: interface lookup, RX queue count, core
 //! pinning, clocks, random bytes, resource limits, groups, polling, the filter compiler's
 //! child; which capabilities the process has, to name the missing one when the kernel
-//! refuses; and the process's [`Shutdown`], which signals trigger.
+//! refuses; and the process's [`Shutdown`], which signals trigger. Code elsewhere holds no
+//! `unsafe` (a test below checks it).
 
 #[cfg(test)]
 pub(crate) mod alloc_count;
@@ -494,5 +495,152 @@ mod tests {
         assert!(!try_lock_exclusive(&second).unwrap(), "another open file holds it");
         drop(first);
         assert!(try_lock_exclusive(&second).unwrap());
+    }
+
+    /// Where `unsafe` may be written, relative to `capture/src`: this module (the system
+    /// calls), the AF_XDP rings, libpcap's FFI.
+    const UNSAFE_ALLOWED: [&str; 3] = ["sys/", "datapath/xsk.rs", "filter/pcap.rs"];
+
+    #[test]
+    fn unsafe_code_lives_only_in_sys_the_rings_and_libpcap() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut files = Vec::new();
+        let mut dirs = vec![root.clone()];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    dirs.push(path);
+                } else if path.extension().is_some_and(|e| e == "rs") {
+                    files.push(path);
+                }
+            }
+        }
+        assert!(files.len() > 20, "the sources are where they were: {}", root.display());
+        let mut offenders = Vec::new();
+        for path in files {
+            let relative = path.strip_prefix(&root).unwrap().to_string_lossy().into_owned();
+            if UNSAFE_ALLOWED
+                .iter()
+                .any(|a| if a.ends_with('/') { relative.starts_with(a) } else { relative == *a })
+            {
+                continue;
+            }
+            let source = std::fs::read_to_string(&path).unwrap();
+            if let Some(line) = unsafe_line(&source) {
+                offenders.push(format!("capture/src/{relative}:{line}"));
+            }
+        }
+        offenders.sort();
+        assert!(
+            offenders.is_empty(),
+            "`unsafe` outside {UNSAFE_ALLOWED:?} (move the call into a safe function in capture/src/sys): {}",
+            offenders.join(", ")
+        );
+    }
+
+    #[test]
+    fn only_unsafe_in_code_counts() {
+        assert_eq!(unsafe_line("fn f() {\n    unsafe { g() }\n}"), Some(2));
+        assert_eq!(unsafe_line("unsafe impl Send for X {}"), Some(1));
+        assert_eq!(unsafe_line("#[unsafe(no_mangle)]\nfn f() {}"), Some(1));
+        assert_eq!(unsafe_line("let s = b\"x\"; unsafe {}"), Some(1));
+        for clean in [
+            "// unsafe here\nfn f() {}",
+            "/// # Safety: unsafe\nfn f() {}",
+            "/* unsafe /* nested unsafe */ unsafe */ fn f() {}",
+            "let s = \"an unsafe \\\" quote unsafe\";",
+            "let s = r#\"raw \" unsafe\"#;",
+            "let s = br##\"raw \"# unsafe\"##;",
+            "let c = '\"'; let s = \"unsafe\"; let d = '\\'';",
+            "fn f<'a>(x: &'a str) -> &'a str { x } // unsafe",
+            "let not_unsafe = 1; let unsafe_ish = 2; let r#type = 3;",
+            "#![deny(unsafe_op_in_unsafe_fn, unsafe_code)]",
+        ] {
+            assert_eq!(unsafe_line(clean), None, "{clean}");
+        }
+    }
+
+    /// The line of the first `unsafe` keyword in `source`'s code: comments, string literals
+    /// (raw ones too) and character literals are not code.
+    fn unsafe_line(source: &str) -> Option<usize> {
+        let chars: Vec<char> = source.chars().collect();
+        let at = |i: usize| chars.get(i).copied().unwrap_or('\0');
+        let ident = |c: char| c.is_alphanumeric() || c == '_';
+        let (mut i, mut line) = (0, 1);
+        // Skips to `end` (the index past a literal or comment), counting the lines passed.
+        let skip = |from: usize, end: usize, line: &mut usize| {
+            *line += chars[from..end.min(chars.len())].iter().filter(|&&c| c == '\n').count();
+            end.min(chars.len())
+        };
+        while i < chars.len() {
+            let c = chars[i];
+            if c == '\n' {
+                line += 1;
+                i += 1;
+            } else if c == '/' && at(i + 1) == '/' {
+                while i < chars.len() && chars[i] != '\n' {
+                    i += 1;
+                }
+            } else if c == '/' && at(i + 1) == '*' {
+                let (mut j, mut depth) = (i + 2, 1);
+                while j < chars.len() && depth > 0 {
+                    if at(j) == '/' && at(j + 1) == '*' {
+                        depth += 1;
+                        j += 2;
+                    } else if at(j) == '*' && at(j + 1) == '/' {
+                        depth -= 1;
+                        j += 2;
+                    } else {
+                        j += 1;
+                    }
+                }
+                i = skip(i, j, &mut line);
+            } else if c == '"' {
+                let mut j = i + 1;
+                while j < chars.len() && chars[j] != '"' {
+                    j += if chars[j] == '\\' { 2 } else { 1 };
+                }
+                i = skip(i, j + 1, &mut line);
+            } else if c == '\'' {
+                // A character literal ('x', '\n', '\u{1f}'), or a lifetime ('a), left as is.
+                if at(i + 1) == '\\' {
+                    let mut j = i + 3;
+                    while j < chars.len() && chars[j] != '\'' {
+                        j += 1;
+                    }
+                    i = skip(i, j + 1, &mut line);
+                } else if at(i + 2) == '\'' {
+                    i += 3;
+                } else {
+                    i += 1;
+                }
+            } else if ident(c) {
+                let start = i;
+                while i < chars.len() && ident(chars[i]) {
+                    i += 1;
+                }
+                let word: String = chars[start..i].iter().collect();
+                if word == "unsafe" {
+                    return Some(line);
+                }
+                // A raw string: r"...", r#"..."#, br##"..."## (not a raw identifier, r#type).
+                if matches!(word.as_str(), "r" | "br" | "cr") {
+                    let hashes = chars[i..].iter().take_while(|&&c| c == '#').count();
+                    if at(i + hashes) == '"' {
+                        let close: Vec<char> =
+                            std::iter::once('"').chain(std::iter::repeat_n('#', hashes)).collect();
+                        let mut j = i + hashes + 1;
+                        while j < chars.len() && !chars[j..].starts_with(&close) {
+                            j += 1;
+                        }
+                        i = skip(i, j + close.len(), &mut line);
+                    }
+                }
+            } else {
+                i += 1;
+            }
+        }
+        None
     }
 }
