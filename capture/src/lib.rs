@@ -11,7 +11,7 @@
 //! [`request`] (one capture request, resolved into a plan) ->
 //! [`control`] (the daemon's registry of captures) -> [`captures`] -> events.
 //! Beside them: [`config`], [`metrics`] and [`sys`] (every system call outside the rings and
-//! libpcap).
+//! libpcap, and the [`sys::Shutdown`] every stage that must stop with the process is given).
 
 pub mod captures;
 pub mod cli;

@@ -23,6 +23,7 @@ use crate::{
     datapath::pipeline::{InterfaceConfig, InterfaceRuntime, PipelineError, QueueSnapshot},
     datapath::writer::Output,
     store::stream::{StoreOutput, StoreTarget},
+    sys::Shutdown,
 };
 
 /// Errors of a session.
@@ -938,14 +939,15 @@ impl Active {
     }
 }
 
-/// Runs one capture on `config.interface` until a limit is reached or `stop` is set, into
-/// `target` (the one-shot `tapstream capture`). `progress` is called about every 200 ms.
+/// Runs one capture on `config.interface` until a limit is reached or `stop` is triggered
+/// (then it ends as stopped, its output finished), into `target` (the one-shot `tapstream
+/// capture`). `progress` is called about every 200 ms.
 pub fn run_capture(
     config: InterfaceConfig,
     spec: CaptureSpec,
     limits: Limits,
     target: Target,
-    stop: &AtomicBool,
+    stop: &Shutdown,
     mut progress: impl FnMut(&Progress),
 ) -> Result<CaptureSummary, SessionError> {
     let service = InterfaceService::start(config)?;
@@ -963,7 +965,7 @@ pub fn run_capture(
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break Err(SessionError::ServiceGone),
         }
-        if !stopping && stop.load(Ordering::Relaxed) {
+        if !stopping && stop.is_set() {
             stopping = true;
             service.stop_capture(&id, StopReason::Stopped);
         }

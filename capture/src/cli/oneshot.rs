@@ -1,9 +1,6 @@
 //! `tapstream capture -i IF ...`: one capture in this process, until its first limit.
 
-use std::{
-    io::IsTerminal as _,
-    sync::{Arc, atomic::AtomicBool},
-};
+use std::io::IsTerminal as _;
 
 use crate::{
     captures::{Target, run_capture},
@@ -13,6 +10,7 @@ use crate::{
     filter::{CaptureFilter, LoadedFilter},
     request::{CapturePlan, Policy},
     store::settings::{ObjectLabels, StoreSettings, hostname},
+    sys::Shutdown,
 };
 use anyhow::{Context as _, bail};
 
@@ -59,10 +57,8 @@ pub fn capture(args: CaptureArgs) -> anyhow::Result<()> {
     if let Some(addr) = args.metrics_listen {
         serve_metrics(addr)?;
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(signal, stop.clone()).context("install signal handler")?;
-    }
+    let stop = Shutdown::new();
+    stop.trigger_on_termination().context("install signal handlers")?;
     let tty = std::io::stderr().is_terminal() && !args.json;
     let target = match (&args.write, &plan.destination) {
         (Some(path), _) => Target::File(path.clone()),

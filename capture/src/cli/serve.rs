@@ -1,18 +1,25 @@
 //! `tapstream daemon`: the daemon's process: control listeners, signals, the recovery thread,
 //! the periodic save of progress, and an orderly stop.
 
-use std::{
-    sync::{Arc, atomic::AtomicBool},
-    time::Duration,
-};
+use std::{sync::Arc, thread::JoinHandle, time::Duration};
 
 use crate::{
     cli::serve_metrics,
     config::Config,
     control::{daemon::Daemon, server},
-    store::settings::hostname,
+    store::settings::{StoreSettings, hostname},
+    sys::Shutdown,
 };
 use anyhow::Context as _;
+
+/// How often running captures' progress is saved (what a killed daemon's captures report).
+const SAVE_PROGRESS_EVERY: Duration = Duration::from_secs(2);
+/// How often captures whose store was unreachable are recovered again.
+const RECOVERY_RETRY: Duration = Duration::from_secs(30);
+/// How long a stopping daemon waits, once its captures have ended, for a recovery of what
+/// earlier runs left that is still under way (an upload to a slow store); past it, the daemon
+/// exits, and the next start takes up what was left.
+const RECOVERY_GRACE: Duration = Duration::from_secs(5);
 
 pub fn daemon(file: &std::path::Path) -> anyhow::Result<()> {
     let config = Config::load(file)?;
@@ -42,50 +49,24 @@ pub fn daemon(file: &std::path::Path) -> anyhow::Result<()> {
         anyhow::Ok((unix, tcp))
     })?;
     let socket = config.daemon.socket.clone();
-    // What earlier runs left in the spool goes up now, not only when a capture next starts.
+    // The daemon's stop: SIGINT and SIGTERM trigger it, and every part below is given it.
+    let shutdown = Shutdown::new();
     let (store, node) = (config.store.clone(), config.daemon.node.clone().unwrap_or_else(hostname));
-    let daemon = Arc::new(Daemon::start(config)?);
-    // First the captures a dead daemon left running (their open uploads completed, their
-    // spools uploaded under their names and recorded in their state), then the other spools;
-    // captures whose store is unreachable are tried again every 30 s.
-    let recovering = daemon.clone();
-    std::thread::Builder::new()
-        .name("tapstream-recover".into())
-        .spawn(move || {
-            let mut pending = recovering.recover_interrupted();
-            for (url, result) in store.recover_spools(&node) {
-                if let Err(e) = result {
-                    log::warn!("what earlier runs spooled for {url} stays in the spool for now: {e}");
-                }
-            }
-            while pending {
-                std::thread::sleep(Duration::from_secs(30));
-                pending = recovering.recover_interrupted();
-            }
-        })
+    let daemon = Arc::new(Daemon::start(config, shutdown.clone())?);
+    let recovery = spawn_recovery(daemon.clone(), store, node, shutdown.clone())
         .context("start the spool recovery thread")?;
-    let stop = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(signal, stop.clone()).context("install signal handler")?;
-    }
-    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
-    let server = runtime.spawn(server::serve(daemon.clone(), unix, tcp, shutdown_rx));
+    shutdown.trigger_on_termination().context("install signal handlers")?;
+    let server = runtime.spawn(server::serve(daemon.clone(), unix, tcp, shutdown.clone()));
     log::info!("daemon ready: control socket {}", socket.display());
-    // Signals are checked twice a second; running captures' progress is saved every 2 s (what a
-    // killed daemon's captures report as interrupted).
-    let mut ticks = 0u32;
-    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-        std::thread::sleep(Duration::from_millis(500));
-        ticks += 1;
-        if ticks.is_multiple_of(4) {
-            daemon.save_progress();
-        }
+    // Running captures' progress is saved every 2 s until the stop, which ends the wait at once.
+    while !shutdown.wait_timeout(SAVE_PROGRESS_EVERY) {
+        daemon.save_progress();
     }
     log::info!("stopping: running captures end as interrupted, their outputs are finished");
-    // Pending waits return now (with the capture as it is), new captures are refused; then the
-    // server stops accepting, and its connections finish their requests within its grace.
+    // New captures are already refused and the server stops accepting; pending waits return
+    // now (with the capture as it is), and the server's connections finish their requests
+    // within its grace.
     daemon.begin_shutdown();
-    let _ = shutdown_tx.send(true);
     let server_stopped = runtime.block_on(async {
         tokio::time::timeout(server::SHUTDOWN_GRACE + Duration::from_secs(3), server).await
     });
@@ -95,8 +76,112 @@ pub fn daemon(file: &std::path::Path) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&socket);
     // Requests still being served hold the daemon, which ends its captures all the same.
     daemon.shutdown();
+    // A recovery under way (an upload to a slow or unreachable store) gets a little longer;
+    // what it has not finished then stays in the spool and in the captures' state, and the
+    // next start takes it up.
+    if !recovery.join(RECOVERY_GRACE) {
+        log::warn!(
+            "the recovery of what earlier runs left is still under way {} s after the captures \
+             ended: stopping anyway; the next start takes it up",
+            RECOVERY_GRACE.as_secs()
+        );
+    }
     // Blocking tasks still running (a request's last moments) must not hold up the exit.
     runtime.shutdown_timeout(Duration::from_secs(1));
     log::info!("stopped");
     Ok(())
+}
+
+/// Starts the thread that finishes what earlier runs left: first the captures a dead daemon
+/// left running (their open uploads completed, their spools uploaded under their names and
+/// recorded in their state), then the other spools (what earlier runs left in the spool goes
+/// up now, not only when a capture next starts); captures whose store is unreachable are
+/// tried again every 30 s until the daemon stops. A stop keeps the next step from starting;
+/// one under way is waited for, within [`RECOVERY_GRACE`] (see [`daemon`]).
+fn spawn_recovery(
+    daemon: Arc<Daemon>,
+    store: StoreSettings,
+    node: String,
+    shutdown: Shutdown,
+) -> std::io::Result<BoundedJoin> {
+    BoundedJoin::spawn("tapstream-recover", move || {
+        let mut pending = daemon.recover_interrupted();
+        if !shutdown.is_set() {
+            for (url, result) in store.recover_spools(&node) {
+                if let Err(e) = result {
+                    log::warn!("what earlier runs spooled for {url} stays in the spool for now: {e}");
+                }
+            }
+        }
+        while pending && !shutdown.wait_timeout(RECOVERY_RETRY) {
+            pending = daemon.recover_interrupted();
+        }
+    })
+}
+
+/// A thread the exit waits for, but only so long.
+struct BoundedJoin {
+    thread: JoinHandle<()>,
+    /// Disconnected when the thread ends, however it ends (its sender is dropped then, in a
+    /// panic too).
+    ended: crossbeam_channel::Receiver<()>,
+}
+
+impl BoundedJoin {
+    fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> std::io::Result<Self> {
+        let (ending, ended) = crossbeam_channel::bounded::<()>(0);
+        let thread = std::thread::Builder::new().name(name.into()).spawn(move || {
+            let _ending = ending;
+            f();
+        })?;
+        Ok(Self { thread, ended })
+    }
+
+    /// Waits up to `grace` for the thread to end, and joins it; returns whether it ended (a
+    /// thread that panicked has ended). Past `grace`, leaves it to end with the process.
+    fn join(self, grace: Duration) -> bool {
+        match self.ended.recv_timeout(grace) {
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                let name = self.thread.thread().name().unwrap_or("?").to_owned();
+                if self.thread.join().is_err() {
+                    log::error!("the {name} thread panicked");
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+
+    #[test]
+    fn a_bounded_join_waits_for_a_thread_that_ends_and_no_longer_for_one_that_does_not() {
+        let start = Instant::now();
+        let quick =
+            BoundedJoin::spawn("test-quick", || std::thread::sleep(Duration::from_millis(50))).unwrap();
+        assert!(quick.join(Duration::from_secs(60)));
+        assert!(start.elapsed() < Duration::from_secs(10), "joined after {:?}", start.elapsed());
+
+        let panics = BoundedJoin::spawn("test-panics", || panic!("on purpose")).unwrap();
+        assert!(panics.join(Duration::from_secs(60)), "a thread that panicked has ended");
+
+        let release = Shutdown::new();
+        let stuck = BoundedJoin::spawn("test-stuck", {
+            let release = release.clone();
+            move || {
+                release.wait_timeout(Duration::from_secs(600));
+            }
+        })
+        .unwrap();
+        let start = Instant::now();
+        assert!(!stuck.join(Duration::from_millis(200)));
+        let took = start.elapsed();
+        assert!(took >= Duration::from_millis(200) && took < Duration::from_secs(10), "{took:?}");
+        release.trigger();
+    }
 }

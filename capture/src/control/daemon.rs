@@ -8,10 +8,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     path::PathBuf,
-    sync::{
-        Arc, Condvar, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Arc, Condvar, Mutex},
     time::{Duration, Instant},
 };
 
@@ -29,6 +26,7 @@ use crate::{
         UploadError,
         settings::{ObjectLabels, hostname},
     },
+    sys::Shutdown,
 };
 
 /// Errors starting the daemon.
@@ -86,8 +84,10 @@ struct Entry {
 struct Shared {
     captures: Mutex<BTreeMap<String, Entry>>,
     changed: Condvar,
-    /// Set when the daemon begins to stop: waits return at once, new captures are refused.
-    stopping: AtomicBool,
+    /// The daemon's stop (a signal, or [`Daemon::begin_shutdown`]): once it is triggered, new
+    /// captures are refused, filter compiles are abandoned, recovery pauses, and waits return
+    /// at once (woken by `begin_shutdown`).
+    stopping: Shutdown,
     state_dir: PathBuf,
     /// Ended captures kept (`daemon.keep_finished`).
     keep_finished: usize,
@@ -110,15 +110,15 @@ pub struct Daemon {
 impl Daemon {
     /// Loads the state of earlier captures (those that were running are marked interrupted)
     /// and starts every configured interface. An interface whose device does not exist yet is
-    /// reported absent and attached when the device appears.
-    pub fn start(config: Config) -> Result<Self, DaemonError> {
+    /// reported absent and attached when the device appears. `shutdown` is the daemon's stop.
+    pub fn start(config: Config, shutdown: Shutdown) -> Result<Self, DaemonError> {
         let state_dir = config.daemon.state_dir.join("captures");
         std::fs::create_dir_all(&state_dir)
             .map_err(|source| DaemonError::State { path: state_dir.clone(), source })?;
         let shared = Arc::new(Shared {
             captures: Mutex::new(BTreeMap::new()),
             changed: Condvar::new(),
-            stopping: AtomicBool::new(false),
+            stopping: shutdown,
             state_dir,
             keep_finished: config.daemon.keep_finished,
         });
@@ -205,14 +205,12 @@ impl Daemon {
         let done_id = id.clone();
         let on_done: OnDone = Box::new(move |result| shared.finish(&done_id, result));
         let started = match self.services().get(&plan.interface) {
-            Some(service) if !self.shared.stopping.load(Ordering::Relaxed) => {
-                service.start_capture(CaptureOrder {
-                    spec: plan.spec,
-                    limits: plan.limits,
-                    target: Target::Store(target),
-                    on_done,
-                })
-            }
+            Some(service) if !self.shared.stopping.is_set() => service.start_capture(CaptureOrder {
+                spec: plan.spec,
+                limits: plan.limits,
+                target: Target::Store(target),
+                on_done,
+            }),
             _ => Err(SessionError::ServiceGone),
         };
         match started {
@@ -236,7 +234,7 @@ impl Daemon {
                     SessionError::Pipeline(PipelineError::Filter(_))
                     | SessionError::InterfaceAbsent { .. }
                     | SessionError::InterfaceRemoved { .. } => RequestError::Start(e),
-                    _ if self.shared.stopping.load(Ordering::Relaxed) => RequestError::Stopping,
+                    _ if self.shared.stopping.is_set() => RequestError::Stopping,
                     e => RequestError::Start(e),
                 })
             }
@@ -292,10 +290,7 @@ impl Daemon {
         loop {
             let entry = captures.get(id).ok_or_else(|| RequestError::no_capture(id))?;
             let now = Instant::now();
-            if entry.info.state != CaptureState::Running
-                || now >= deadline
-                || self.shared.stopping.load(Ordering::Relaxed)
-            {
+            if entry.info.state != CaptureState::Running || now >= deadline || self.shared.stopping.is_set() {
                 return Ok(entry.current());
             }
             captures = self
@@ -321,7 +316,7 @@ impl Daemon {
             .collect();
         let mut left = false;
         for info in pending {
-            if self.shared.stopping.load(Ordering::Relaxed) {
+            if self.shared.stopping.is_set() {
                 return false;
             }
             let Some(destination) = info.request.destination.clone() else { continue };
@@ -396,12 +391,14 @@ impl Daemon {
         }
     }
 
-    /// Begins to stop: pending and later waits return at once (with the capture as it is),
-    /// and new captures are refused (503).
+    /// Begins to stop: triggers the daemon's shutdown (if a signal has not already), so new
+    /// captures are refused (503), and wakes pending waits, which return at once (with the
+    /// capture as it is), as later ones do.
     pub fn begin_shutdown(&self) {
-        // Set under the lock a waiter checks it under, so that no waiter misses the wakeup.
+        // Triggered under the lock a waiter checks it under, and the waiters woken after: none
+        // misses the wakeup, whoever triggered it first.
         let captures = self.shared.lock();
-        self.shared.stopping.store(true, Ordering::Relaxed);
+        self.shared.stopping.trigger();
         drop(captures);
         self.shared.changed.notify_all();
     }

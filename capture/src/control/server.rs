@@ -40,7 +40,7 @@ use hyper::{
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
-    sync::{OwnedSemaphorePermit, Semaphore, watch},
+    sync::{OwnedSemaphorePermit, Semaphore},
     task::JoinSet,
 };
 
@@ -52,6 +52,7 @@ use crate::{
     filter::FilterError,
     request::PlanError,
     store::UploadError,
+    sys::Shutdown,
 };
 
 /// Largest request body accepted.
@@ -148,7 +149,12 @@ pub fn bind_unix(
     let listener = tokio::net::UnixListener::bind(path)
         .map_err(|source| ServerError::Bind { path: shown.clone(), source })?;
     let gid = match group {
-        Some(name) => Some(group_id(name).ok_or_else(|| ServerError::NoGroup { group: name.to_owned() })?),
+        Some(name) => Some(
+            crate::sys::group_id(name)
+                .ok()
+                .flatten()
+                .ok_or_else(|| ServerError::NoGroup { group: name.to_owned() })?,
+        ),
         None => None,
     };
     if let Some(gid) = gid {
@@ -179,15 +185,6 @@ pub fn read_token(path: &Path) -> Result<String, ServerError> {
         return Err(ServerError::EmptyToken { path: shown });
     }
     Ok(token)
-}
-
-fn group_id(name: &str) -> Option<u32> {
-    let c = std::ffi::CString::new(name).ok()?;
-    // SAFETY: `c` is a valid C string; getgrnam returns null or a pointer to static storage
-    // that is read at once, before any other call could overwrite it.
-    let group = unsafe { libc::getgrnam(c.as_ptr()) };
-    // SAFETY: non-null pointers from getgrnam point at a valid `struct group`.
-    (!group.is_null()).then(|| unsafe { (*group).gr_gid })
 }
 
 /// A listener of the control API.
@@ -243,13 +240,13 @@ impl Listener {
     }
 }
 
-/// Serves the API until `shutdown` turns true; then gives the connections
+/// Serves the API until `shutdown` is triggered; then gives the connections
 /// [`SHUTDOWN_GRACE`] to finish the requests they are serving, and returns.
 pub async fn serve(
     daemon: Arc<Daemon>,
     unix: tokio::net::UnixListener,
     tcp: Option<(tokio::net::TcpListener, String)>,
-    shutdown: watch::Receiver<bool>,
+    shutdown: Shutdown,
 ) {
     let mut listeners = vec![Listener::Unix(unix)];
     if let Some((listener, token)) = tcp {
@@ -263,14 +260,9 @@ pub async fn serve(
     while tasks.join_next().await.is_some() {}
 }
 
-/// Resolves once `shutdown` is true (or its sender is gone).
-async fn stopping(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|&stop| stop).await;
-}
-
 /// Accepts connections on `listener` and serves each on a task of its own, within the
 /// listener's bound, until `shutdown`.
-async fn run_listener(daemon: Arc<Daemon>, listener: Listener, mut shutdown: watch::Receiver<bool>) {
+async fn run_listener(daemon: Arc<Daemon>, listener: Listener, shutdown: Shutdown) {
     let name = listener.name();
     let bound = listener.bound();
     let permits = Arc::new(Semaphore::new(bound));
@@ -280,7 +272,7 @@ async fn run_listener(daemon: Arc<Daemon>, listener: Listener, mut shutdown: wat
     let mut failed = Throttle::new(WARN_INTERVAL);
     loop {
         let accepted = tokio::select! {
-            () = stopping(&mut shutdown) => break,
+            () = shutdown.wait() => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             accepted = listener.accept() => accepted,
         };
@@ -345,7 +337,7 @@ async fn serve_connection(
     stream: Box<dyn Io>,
     peer: Peer,
     permit: OwnedSemaphorePermit,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: Shutdown,
 ) {
     let service = service_fn(move |request| handle(daemon.clone(), request, peer.clone()));
     let mut builder = http1::Builder::new();
@@ -354,7 +346,7 @@ async fn serve_connection(
     tokio::pin!(connection);
     let result = tokio::select! {
         result = connection.as_mut() => result,
-        () = stopping(&mut shutdown) => {
+        () = shutdown.wait() => {
             // An idle connection closes at once; one serving a request answers it first.
             connection.as_mut().graceful_shutdown();
             match tokio::time::timeout(SHUTDOWN_GRACE, connection.as_mut()).await {
@@ -382,12 +374,8 @@ fn is_connection_error(e: &std::io::Error) -> bool {
 /// kernel gives out the lowest free number, so every one below `fd` is in use. Unbounded if
 /// the limit cannot be read.
 fn fds_left_after(fd: i32) -> u64 {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit(2) writes the limit into `limit`, a valid rlimit.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return u64::MAX;
-    }
-    limit.rlim_cur.saturating_sub(u64::try_from(fd).unwrap_or(0) + 1)
+    let Some(limit) = crate::sys::open_files_limit() else { return u64::MAX };
+    limit.saturating_sub(u64::try_from(fd).unwrap_or(0) + 1)
 }
 
 /// The pause after failed accepts: [`ACCEPT_BACKOFF_FIRST`], doubling with each failure in a

@@ -21,11 +21,8 @@ pub struct TaiClock {
 }
 
 fn now_ns(clock: libc::clockid_t) -> i128 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: `ts` is a valid timespec to write; both clocks exist on every supported kernel.
-    let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
-    assert_eq!(rc, 0, "clock_gettime({clock})");
-    i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
+    // Both clocks exist on every supported kernel.
+    crate::sys::clock_ns(clock).unwrap_or_else(|e| panic!("clock_gettime({clock}): {e}"))
 }
 
 impl TaiClock {

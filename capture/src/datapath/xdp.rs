@@ -3,12 +3,13 @@
 //! background thread; nothing is logged per frame.
 
 use std::{
-    os::fd::{AsFd as _, AsRawFd as _},
+    os::fd::AsFd as _,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
     thread::JoinHandle,
+    time::Duration,
 };
 
 use aya::{
@@ -340,10 +341,9 @@ fn spawn_logger(mut logger: aya_log::EbpfLogger<&'static dyn log::Log>) -> (Arc<
             let stop = stop.clone();
             move || {
                 while !stop.load(Ordering::Acquire) {
-                    let mut pfd =
-                        libc::pollfd { fd: logger.as_fd().as_raw_fd(), events: libc::POLLIN, revents: 0 };
-                    // SAFETY: one valid pollfd for the duration of the call.
-                    unsafe { libc::poll(&mut pfd, 1, 200) };
+                    // Woken by records, or after 200 ms to look at `stop`; a failed poll (a signal)
+                    // only means an early flush.
+                    let _ = crate::sys::poll_readable(logger.as_fd(), Duration::from_millis(200));
                     logger.flush();
                 }
             }

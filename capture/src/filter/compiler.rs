@@ -17,14 +17,13 @@
 use std::{
     ffi::OsString,
     io::{Read, Write},
-    os::unix::process::CommandExt as _,
     path::PathBuf,
     process::{Command, Stdio},
-    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
 use super::{CbpfProgram, FilterError, pcap::BpfInsn};
+use crate::sys::{self, Shutdown};
 
 /// Longest expression the command line compiles (`tapstream capture ... EXPR`, `tapstream
 /// filter check`): far above any filter written by hand, and a guard against a file pasted by
@@ -38,7 +37,7 @@ pub const CHILD_ARGS: [&str; 2] = ["filter", "compile-child"];
 /// Longest input the child reads: above any cap (the control API takes 64 KiB bodies).
 const CHILD_MAX_INPUT: u64 = 1 << 20;
 
-/// How often a waiting compile looks at its cancel flag.
+/// How often a waiting compile looks at its cancel signal.
 const POLL: Duration = Duration::from_millis(50);
 
 /// Niceness of the compiler child: the capture's writers come first for the CPU.
@@ -86,37 +85,18 @@ impl BoundedCompiler {
     }
 
     /// Compiles `expression` in a child process. Past the time limit, or as soon as `cancel`
-    /// is set (looked at every 50 ms), the child is killed and the compile refused.
-    pub fn compile(&self, expression: &str, cancel: &AtomicBool) -> Result<CbpfProgram, FilterError> {
+    /// is triggered (looked at every 50 ms), the child is killed and the compile refused.
+    pub fn compile(&self, expression: &str, cancel: &Shutdown) -> Result<CbpfProgram, FilterError> {
         if expression.contains('\0') {
             return Err(FilterError::Nul);
         }
         let failed = |reason: String| FilterError::CompilerFailed { reason };
         let mut command = Command::new(&self.program);
         command.args(&self.args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit());
-        let parent = std::process::id();
-        // SAFETY: the closure runs in the forked child before exec and only makes
-        // async-signal-safe system calls (prctl, getppid, setpriority) on plain integers; it
-        // allocates nothing and touches no lock.
-        unsafe {
-            command.pre_exec(move || {
-                // Killed with the thread that waits for it, so with the daemon: a compile
-                // never outlives the process that asked for it.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // The parent may have died before the line above.
-                if libc::getppid() as u32 != parent {
-                    return Err(std::io::Error::other("the daemon is gone"));
-                }
-                // libpcap's parser sees client input: it runs without the daemon's ambient
-                // capabilities (best effort: a kernel without ambient capabilities has none to
-                // drop), and behind the writers for the CPU.
-                libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong, 0, 0, 0);
-                libc::setpriority(libc::PRIO_PROCESS, 0, CHILD_NICE);
-                Ok(())
-            })
-        };
+        // Killed with the thread that waits for it, so with the daemon: a compile never
+        // outlives the process that asked for it. libpcap's parser sees client input: it runs
+        // without the daemon's ambient capabilities, and behind the writers for the CPU.
+        sys::confine_child(&mut command, CHILD_NICE);
         let mut child = command
             .spawn()
             .map_err(|source| FilterError::CompilerSpawn { program: self.program.clone(), source })?;
@@ -149,7 +129,7 @@ impl BoundedCompiler {
                             break Err(failed("its output reader stopped".into()));
                         }
                         Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                            if cancel.load(Ordering::Relaxed) {
+                            if cancel.is_set() {
                                 break Err(FilterError::Cancelled);
                             }
                             if Instant::now() >= deadline {
@@ -274,7 +254,7 @@ mod tests {
 
     #[test]
     fn the_childs_answer_is_read_whatever_it_is() {
-        let never = AtomicBool::new(false);
+        let never = Shutdown::new();
         let t = Duration::from_secs(20);
         let program =
             fake("cat >/dev/null; printf 'ok\\n6 0 0 262144\\n'", t).compile("tcp", &never).unwrap();
@@ -301,7 +281,7 @@ mod tests {
 
     #[test]
     fn a_compile_past_the_time_limit_is_killed_and_named() {
-        let never = AtomicBool::new(false);
+        let never = Shutdown::new();
         // The child writes its pid, then hangs (without reading its input).
         let dir = tempfile::tempdir().unwrap();
         let pid_file = dir.path().join("pid");
@@ -322,12 +302,12 @@ mod tests {
 
     #[test]
     fn a_cancelled_compile_ends_at_once() {
-        let cancel = AtomicBool::new(false);
+        let cancel = Shutdown::new();
         let start = Instant::now();
         let err = std::thread::scope(|s| {
             s.spawn(|| {
                 std::thread::sleep(Duration::from_millis(300));
-                cancel.store(true, Ordering::Relaxed);
+                cancel.trigger();
             });
             fake("exec sleep 600", Duration::from_secs(600)).compile("tcp", &cancel).unwrap_err()
         });

@@ -198,7 +198,7 @@ impl Spool {
     ) -> std::io::Result<Self> {
         std::fs::create_dir_all(&dir)?;
         let lock = std::fs::File::create(dir.join(LOCK_FILE))?;
-        if !try_lock(&lock)? {
+        if !crate::sys::try_lock_exclusive(&lock)? {
             return Err(std::io::Error::other(format!("{} is in use by another process", dir.display())));
         }
         std::fs::write(dir.join(DESTINATION_FILE), destination)?;
@@ -353,7 +353,7 @@ impl Spool {
             // A spool whose lock is held belongs to a running capture, or is being recovered by
             // another; the lock taken here is held as long as the returned Leftover lives.
             let lock = match std::fs::File::open(dir.join(LOCK_FILE)) {
-                Ok(lock) if !try_lock(&lock)? => continue,
+                Ok(lock) if !crate::sys::try_lock_exclusive(&lock)? => continue,
                 Ok(lock) => Some(lock),
                 Err(_) => None,
             };
@@ -390,19 +390,6 @@ impl Spool {
         }
         Ok(out)
     }
-}
-
-/// Takes an exclusive flock on `file` without waiting; false if another holds it. The lock
-/// goes with the file descriptor (closed when the process dies, even when it is killed).
-fn try_lock(file: &std::fs::File) -> std::io::Result<bool> {
-    use std::os::fd::AsRawFd as _;
-    // SAFETY: flock on a descriptor we own for the duration of the call.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc == 0 {
-        return Ok(true);
-    }
-    let err = std::io::Error::last_os_error();
-    if err.raw_os_error() == Some(libc::EWOULDBLOCK) { Ok(false) } else { Err(err) }
 }
 
 /// A spool left by an earlier run.

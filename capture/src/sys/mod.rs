@@ -1,10 +1,24 @@
-//! Small system calls the pipeline needs: interface lookup, RX queue count, core pinning; and
-//! which capabilities the process has, to name the missing one when the kernel refuses.
+//! The system calls tapstream makes outside the AF_XDP rings (`datapath::xsk`) and libpcap
+//! (`filter::pcap`), each behind a safe function: interface lookup, RX queue count, core
+//! pinning, clocks, random bytes, resource limits, groups, polling, the filter compiler's
+//! child; which capabilities the process has, to name the missing one when the kernel
+//! refuses; and the process's [`Shutdown`], which signals trigger. Code elsewhere holds no
+//! `unsafe` (a test below checks it).
 
 #[cfg(test)]
 pub(crate) mod alloc_count;
+mod process;
+mod shutdown;
 
-use std::{ffi::CString, io};
+pub use process::confine_child;
+pub use shutdown::Shutdown;
+
+use std::{
+    ffi::CString,
+    io,
+    os::fd::{AsRawFd as _, BorrowedFd},
+    time::Duration,
+};
 
 /// The index of interface `name` in this thread's network namespace.
 pub fn ifindex(name: &str) -> io::Result<u32> {
@@ -88,6 +102,82 @@ pub fn pin_to_core(core: usize) -> io::Result<()> {
     // SAFETY: `set` is a valid cpu_set_t of the size passed; pid 0 is the calling thread.
     let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
     if rc != 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// The current time of `clock` (`CLOCK_REALTIME`, `CLOCK_TAI`...) in nanoseconds since its
+/// epoch.
+#[inline]
+pub fn clock_ns(clock: libc::clockid_t) -> io::Result<i128> {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid timespec for the kernel to write; an unknown clock is refused
+    // with EINVAL, not undefined.
+    let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec))
+}
+
+/// Fills `buf` with random bytes from the kernel's pool (getrandom(2); blocks only while the
+/// pool is not yet initialised, early in boot).
+pub fn fill_random(buf: &mut [u8]) -> io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
+        // SAFETY: `rest` is valid for writes of its length; the kernel writes at most that.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::Interrupted {
+                return Err(err);
+            }
+        } else {
+            // Large requests may be filled in part (over 32 MiB, or when a signal comes).
+            filled += n as usize;
+        }
+    }
+    Ok(())
+}
+
+/// The id of the group `name`, or `None` if there is none of that name.
+pub fn group_id(name: &str) -> io::Result<Option<u32>> {
+    /// Beyond this, a group's entry (its member list) is not believed.
+    const MAX_BUFFER: usize = 1 << 20;
+    let c = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let mut buf = vec![0u8; 1024];
+    loop {
+        // SAFETY: `struct group` is plain data (integers and pointers); all-zero is valid.
+        let mut group: libc::group = unsafe { std::mem::zeroed() };
+        let mut found: *mut libc::group = std::ptr::null_mut();
+        // SAFETY: the name is a valid C string; `group` and `found` are valid for writes; the
+        // strings getgrnam_r points `group`'s fields at go in `buf`, of the length passed. The
+        // reentrant form, as other threads may look up users or groups meanwhile.
+        let rc = unsafe {
+            libc::getgrnam_r(c.as_ptr(), &mut group, buf.as_mut_ptr().cast(), buf.len(), &mut found)
+        };
+        match rc {
+            0 if found.is_null() => return Ok(None),
+            // Only the id is read: it does not point into `buf`.
+            0 => return Ok(Some(group.gr_gid)),
+            libc::ERANGE if buf.len() < MAX_BUFFER => buf.resize(buf.len() * 2, 0),
+            libc::EINTR => {}
+            // What getgrnam_r(3) says some systems return for a name not found.
+            libc::ENOENT | libc::ESRCH | libc::EBADF | libc::EPERM => return Ok(None),
+            e => return Err(io::Error::from_raw_os_error(e)),
+        }
+    }
+}
+
+/// Waits up to `timeout` (whole milliseconds) for `fd` to be readable; returns whether it is.
+pub fn poll_readable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<bool> {
+    let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let millis = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: one valid pollfd, of a descriptor `fd` keeps open, for the duration of the call.
+    let rc = unsafe { libc::poll(&mut pfd, 1, millis) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(rc > 0 && pfd.revents & libc::POLLIN != 0)
 }
 
 /// The cores this process may run on.
@@ -329,13 +419,25 @@ pub fn unix_now_ns() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
-/// `N` random bytes from the kernel; zeros if it has none to give (getrandom does not fail
-/// for so few bytes once the pool is initialised; callers add the time).
-pub fn random_bytes<const N: usize>() -> [u8; N] {
-    let mut random = [0u8; N];
-    // SAFETY: `random` is valid for writes of its length.
-    let _ = unsafe { libc::getrandom(random.as_mut_ptr().cast(), random.len(), 0) };
-    random
+/// The soft limit on open file descriptors (`RLIMIT_NOFILE`); `None`: unlimited or unknown.
+pub fn open_files_limit() -> Option<u64> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `limit` is a valid rlimit for the kernel to fill in.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    (rc == 0 && limit.rlim_cur != libc::RLIM_INFINITY).then_some(limit.rlim_cur)
+}
+
+/// Takes an exclusive flock on `file` without waiting; false if another open file holds it.
+/// The lock goes with the open file (released when it is closed, and when the process dies,
+/// even when it is killed).
+pub fn try_lock_exclusive(file: &std::fs::File) -> io::Result<bool> {
+    // SAFETY: flock on a descriptor `file` keeps open for the duration of the call.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EWOULDBLOCK) { Ok(false) } else { Err(err) }
 }
 
 #[cfg(test)]
@@ -360,5 +462,192 @@ mod tests {
         );
         let status = "Name:\ttapstream\nCapEff:\t0000000000003000\n";
         assert_eq!(effective_from_status(status), Some((1 << 12) | (1 << 13)));
+    }
+
+    #[test]
+    fn clocks_random_bytes_limits_groups_and_polls() {
+        let realtime = clock_ns(libc::CLOCK_REALTIME).unwrap();
+        let system = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+        assert!((realtime - system.as_nanos() as i128).abs() < 1_000_000_000, "{realtime} vs {system:?}");
+        assert!(clock_ns(-1000).is_err(), "no such clock");
+
+        let (mut a, mut b) = ([0u8; 32], [0u8; 32]);
+        fill_random(&mut a).unwrap();
+        fill_random(&mut b).unwrap();
+        assert!(a != b && a != [0; 32], "random: {a:?} {b:?}");
+        fill_random(&mut []).unwrap();
+
+        assert_ne!(open_files_limit(), Some(0));
+
+        assert_eq!(group_id("root").unwrap(), Some(0));
+        assert_eq!(group_id("tsnosuchgroup").unwrap(), None);
+        assert!(group_id("a\0b").is_err());
+
+        let (mut tx, rx) = std::os::unix::net::UnixStream::pair().unwrap();
+        use std::os::fd::AsFd as _;
+        let start = std::time::Instant::now();
+        assert!(!poll_readable(rx.as_fd(), Duration::from_millis(50)).unwrap());
+        assert!(start.elapsed() >= Duration::from_millis(50));
+        std::io::Write::write_all(&mut tx, b"x").unwrap();
+        assert!(poll_readable(rx.as_fd(), Duration::from_secs(60)).unwrap());
+    }
+
+    #[test]
+    fn an_exclusive_lock_is_held_until_its_file_is_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lock");
+        let first = std::fs::File::create(&path).unwrap();
+        let second = std::fs::File::open(&path).unwrap();
+        assert!(try_lock_exclusive(&first).unwrap());
+        assert!(!try_lock_exclusive(&second).unwrap(), "another open file holds it");
+        drop(first);
+        assert!(try_lock_exclusive(&second).unwrap());
+    }
+
+    /// Where `unsafe` may be written, relative to `capture/src`: this module (the system
+    /// calls), the AF_XDP rings, libpcap's FFI.
+    const UNSAFE_ALLOWED: [&str; 3] = ["sys/", "datapath/xsk.rs", "filter/pcap.rs"];
+
+    #[test]
+    fn unsafe_code_lives_only_in_sys_the_rings_and_libpcap() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut files = Vec::new();
+        let mut dirs = vec![root.clone()];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    dirs.push(path);
+                } else if path.extension().is_some_and(|e| e == "rs") {
+                    files.push(path);
+                }
+            }
+        }
+        assert!(files.len() > 20, "the sources are where they were: {}", root.display());
+        let mut offenders = Vec::new();
+        for path in files {
+            let relative = path.strip_prefix(&root).unwrap().to_string_lossy().into_owned();
+            if UNSAFE_ALLOWED
+                .iter()
+                .any(|a| if a.ends_with('/') { relative.starts_with(a) } else { relative == *a })
+            {
+                continue;
+            }
+            let source = std::fs::read_to_string(&path).unwrap();
+            if let Some(line) = unsafe_line(&source) {
+                offenders.push(format!("capture/src/{relative}:{line}"));
+            }
+        }
+        offenders.sort();
+        assert!(
+            offenders.is_empty(),
+            "`unsafe` outside {UNSAFE_ALLOWED:?} (move the call into a safe function in capture/src/sys): {}",
+            offenders.join(", ")
+        );
+    }
+
+    #[test]
+    fn only_unsafe_in_code_counts() {
+        assert_eq!(unsafe_line("fn f() {\n    unsafe { g() }\n}"), Some(2));
+        assert_eq!(unsafe_line("unsafe impl Send for X {}"), Some(1));
+        assert_eq!(unsafe_line("#[unsafe(no_mangle)]\nfn f() {}"), Some(1));
+        assert_eq!(unsafe_line("let s = b\"x\"; unsafe {}"), Some(1));
+        for clean in [
+            "// unsafe here\nfn f() {}",
+            "/// # Safety: unsafe\nfn f() {}",
+            "/* unsafe /* nested unsafe */ unsafe */ fn f() {}",
+            "let s = \"an unsafe \\\" quote unsafe\";",
+            "let s = r#\"raw \" unsafe\"#;",
+            "let s = br##\"raw \"# unsafe\"##;",
+            "let c = '\"'; let s = \"unsafe\"; let d = '\\'';",
+            "fn f<'a>(x: &'a str) -> &'a str { x } // unsafe",
+            "let not_unsafe = 1; let unsafe_ish = 2; let r#type = 3;",
+            "#![deny(unsafe_op_in_unsafe_fn, unsafe_code)]",
+        ] {
+            assert_eq!(unsafe_line(clean), None, "{clean}");
+        }
+    }
+
+    /// The line of the first `unsafe` keyword in `source`'s code: comments, string literals
+    /// (raw ones too) and character literals are not code.
+    fn unsafe_line(source: &str) -> Option<usize> {
+        let chars: Vec<char> = source.chars().collect();
+        let at = |i: usize| chars.get(i).copied().unwrap_or('\0');
+        let ident = |c: char| c.is_alphanumeric() || c == '_';
+        let (mut i, mut line) = (0, 1);
+        // Skips to `end` (the index past a literal or comment), counting the lines passed.
+        let skip = |from: usize, end: usize, line: &mut usize| {
+            *line += chars[from..end.min(chars.len())].iter().filter(|&&c| c == '\n').count();
+            end.min(chars.len())
+        };
+        while i < chars.len() {
+            let c = chars[i];
+            if c == '\n' {
+                line += 1;
+                i += 1;
+            } else if c == '/' && at(i + 1) == '/' {
+                while i < chars.len() && chars[i] != '\n' {
+                    i += 1;
+                }
+            } else if c == '/' && at(i + 1) == '*' {
+                let (mut j, mut depth) = (i + 2, 1);
+                while j < chars.len() && depth > 0 {
+                    if at(j) == '/' && at(j + 1) == '*' {
+                        depth += 1;
+                        j += 2;
+                    } else if at(j) == '*' && at(j + 1) == '/' {
+                        depth -= 1;
+                        j += 2;
+                    } else {
+                        j += 1;
+                    }
+                }
+                i = skip(i, j, &mut line);
+            } else if c == '"' {
+                let mut j = i + 1;
+                while j < chars.len() && chars[j] != '"' {
+                    j += if chars[j] == '\\' { 2 } else { 1 };
+                }
+                i = skip(i, j + 1, &mut line);
+            } else if c == '\'' {
+                // A character literal ('x', '\n', '\u{1f}'), or a lifetime ('a), left as is.
+                if at(i + 1) == '\\' {
+                    let mut j = i + 3;
+                    while j < chars.len() && chars[j] != '\'' {
+                        j += 1;
+                    }
+                    i = skip(i, j + 1, &mut line);
+                } else if at(i + 2) == '\'' {
+                    i += 3;
+                } else {
+                    i += 1;
+                }
+            } else if ident(c) {
+                let start = i;
+                while i < chars.len() && ident(chars[i]) {
+                    i += 1;
+                }
+                let word: String = chars[start..i].iter().collect();
+                if word == "unsafe" {
+                    return Some(line);
+                }
+                // A raw string: r"...", r#"..."#, br##"..."## (not a raw identifier, r#type).
+                if matches!(word.as_str(), "r" | "br" | "cr") {
+                    let hashes = chars[i..].iter().take_while(|&&c| c == '#').count();
+                    if at(i + hashes) == '"' {
+                        let close: Vec<char> =
+                            std::iter::once('"').chain(std::iter::repeat_n('#', hashes)).collect();
+                        let mut j = i + hashes + 1;
+                        while j < chars.len() && !chars[j..].starts_with(&close) {
+                            j += 1;
+                        }
+                        i = skip(i, j + close.len(), &mut line);
+                    }
+                }
+            } else {
+                i += 1;
+            }
+        }
+        None
     }
 }
