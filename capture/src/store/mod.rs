@@ -75,10 +75,39 @@ pub enum UploadError {
     },
     #[error("invalid destination {url:?}: {reason}")]
     Destination { url: String, reason: String },
+    /// A store setting has a value that cannot be used.
+    #[error("store setting {field}: {reason}")]
+    Setting { field: &'static str, reason: String },
     #[error("compression failed")]
     Compress(#[from] crate::store::compress::CompressError),
-    #[error("upload task failed: {0}")]
-    Task(String),
+    /// The threads of the runtime that runs the uploads could not start.
+    #[error("cannot start the upload runtime")]
+    Runtime {
+        #[source]
+        source: std::io::Error,
+    },
+    /// A compression thread could not start.
+    #[error("cannot start the compression thread {name}")]
+    Thread {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The task uploading a part of `key` panicked or was cancelled: the part is not
+    /// confirmed.
+    #[error("the upload of a part of {key} did not finish")]
+    PartTask {
+        key: String,
+        #[source]
+        source: tokio::task::JoinError,
+    },
+    /// The task making capture `capture`'s objects panicked or was cancelled.
+    #[error("the uploader of capture {capture} did not finish")]
+    Uploader {
+        capture: String,
+        #[source]
+        source: tokio::task::JoinError,
+    },
     /// The store failed for good while a capture ran; what it did not confirm is spooled.
     #[error(
         "{cause}; the {chunks} chunks ({bytes} bytes) the store did not confirm are kept in the spool \

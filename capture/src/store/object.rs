@@ -415,9 +415,8 @@ impl<S: Sink> Uploader<S> {
             .await?;
             obj.upload_id = Some(id);
         }
-        let closed = |_| UploadError::Task("semaphore closed".into());
-        let global = self.global.clone().acquire_owned().await.map_err(closed)?;
-        let local = self.per_object.clone().acquire_owned().await.map_err(closed)?;
+        let global = self.global.clone().acquire_owned().await.expect("the limits are never closed");
+        let local = self.per_object.clone().acquire_owned().await.expect("the limits are never closed");
         let body = bytes::Bytes::from(std::mem::take(&mut obj.pending));
         let number = obj.next_part;
         obj.next_part += 1;
@@ -447,7 +446,7 @@ impl<S: Sink> Uploader<S> {
         // Surface failures early rather than at the end of the object. A failed uploader keeps
         // its open object for [`Uploader::salvage`].
         while let Some(done) = obj.parts.try_join_next() {
-            obj.confirm(done.map_err(|e| UploadError::Task(e.to_string())).and_then(|r| r)?);
+            obj.confirm(part_result(&obj.key, done)?);
             obj.journal_confirmed(self.journal.as_deref());
         }
         Ok(())
@@ -485,7 +484,7 @@ impl<S: Sink> Uploader<S> {
         }
         let obj = self.open.as_mut().expect("open");
         while let Some(done) = obj.parts.join_next().await {
-            obj.confirm(done.map_err(|e| UploadError::Task(e.to_string())).and_then(|r| r)?);
+            obj.confirm(part_result(&obj.key, done)?);
             obj.journal_confirmed(self.journal.as_deref());
         }
         let mut parts = obj.done.clone();
@@ -594,6 +593,14 @@ impl<S: Sink> Uploader<S> {
             log::error!("cannot abort the upload of {}: {e}", obj.key);
         }
     }
+}
+
+/// What the task uploading a part of `key` ended with.
+fn part_result(
+    key: &str,
+    done: Result<Result<PartDone, UploadError>, tokio::task::JoinError>,
+) -> Result<PartDone, UploadError> {
+    done.map_err(|source| UploadError::PartTask { key: key.to_owned(), source })?
 }
 
 /// The key of an index object.

@@ -51,6 +51,8 @@ pub struct StoreOutput {
     workers: Vec<JoinHandle<()>>,
     uploader: Option<tokio::task::JoinHandle<Result<Vec<String>, UploadError>>>,
     runtime: tokio::runtime::Runtime,
+    /// The capture's id, for errors.
+    capture: String,
     next_seq: u64,
     /// The first failure of a compression thread.
     failed: Arc<Mutex<Option<UploadError>>>,
@@ -195,7 +197,7 @@ impl StoreOutput {
             .thread_name("tapstream-upload")
             .enable_all()
             .build()
-            .map_err(|e| UploadError::Task(format!("cannot start the upload runtime: {e}")))?;
+            .map_err(|source| UploadError::Runtime { source })?;
         let sink = Arc::new(runtime.block_on(make_sink())?);
         let prefix = key_space(&config, &owner);
         // The sink bounds its check; this bounds the wait for a connection of the pool too.
@@ -271,10 +273,11 @@ impl<S: Sink> PreparedStore<S> {
             let (rx, tx, pool, failed) = (chunk_rx.clone(), done_tx.clone(), pool.clone(), failed.clone());
             let (spool, lost) = (spool.clone(), lost.clone());
             let compression = config.compression;
+            let name = format!("tapstream-zstd{i}");
             let worker = std::thread::Builder::new()
-                .name(format!("tapstream-zstd{i}"))
+                .name(name.clone())
                 .spawn(move || compress_loop(compression, &rx, &tx, &pool, &spool, &failed, &lost))
-                .map_err(|e| UploadError::Task(format!("cannot start a compression thread: {e}")))?;
+                .map_err(|source| UploadError::Thread { name, source })?;
             workers.push(worker);
         }
         drop(done_tx);
@@ -289,6 +292,7 @@ impl<S: Sink> PreparedStore<S> {
             lost: lost.clone(),
             gave_up: gave_up.clone(),
         };
+        let capture = owner.capture.clone();
         let task = runtime.spawn(async move {
             // What earlier runs left goes first: recovery aborts the uploads left open in this
             // capture's key space, which must come before its own. Chunks wait meanwhile, in
@@ -356,6 +360,7 @@ impl<S: Sink> PreparedStore<S> {
             workers,
             uploader: Some(task),
             runtime,
+            capture,
             next_seq: 0,
             failed,
             gave_up,
@@ -404,7 +409,10 @@ impl StoreOutput {
             let _ = w.join();
         }
         let task = self.uploader.take().expect("finished once");
-        let result = self.runtime.block_on(task).map_err(|e| UploadError::Task(e.to_string()))?;
+        let result = self
+            .runtime
+            .block_on(task)
+            .map_err(|source| UploadError::Uploader { capture: self.capture.clone(), source })?;
         if let Some(e) = self.failed.lock().unwrap_or_else(|e| e.into_inner()).take() {
             return Err(e);
         }
@@ -493,7 +501,7 @@ where
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| UploadError::Task(format!("cannot start the upload runtime: {e}")))?;
+        .map_err(|source| UploadError::Runtime { source })?;
     runtime.block_on(async {
         let sink = Arc::new(make_sink().await?);
         let global = Arc::new(Semaphore::new(config.parts_in_flight_per_object.max(1)));
@@ -516,7 +524,7 @@ where
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| UploadError::Task(format!("cannot start the upload runtime: {e}")))?;
+        .map_err(|source| UploadError::Runtime { source })?;
     runtime.block_on(async {
         let sink = Arc::new(make_sink().await?);
         let global = Arc::new(Semaphore::new(config.parts_in_flight_per_object.max(1)));
