@@ -50,22 +50,36 @@ pub struct PendingUpload {
     pub upload_id: String,
 }
 
-/// Errors of a store. Each says whether trying again may help.
+/// The error underneath an [`UploadError`]: the S3 SDK's, or another library's.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Errors of a store. Each says whether trying again may help. Each message reads on its own
+/// (a log line that prints one); [`error_chain`] adds what lies underneath.
 #[derive(Debug, thiserror::Error)]
 pub enum UploadError {
-    #[error("{operation} {key}: {message}")]
+    /// A request the store did not carry out: `reason` is what the store answered (its error
+    /// code and message) or why no answer came; `source`, the client's error, in full.
+    #[error("{operation} {key}: {reason}")]
     Store {
         operation: &'static str,
         key: String,
-        message: String,
+        reason: String,
         /// Whether the same request may succeed later (network, throttling, 5xx).
         retryable: bool,
+        #[source]
+        source: Option<BoxError>,
     },
     /// The request itself can never succeed: the client could not build it (a header the
     /// HTTP rules forbid) or the store refused it as invalid. Retrying, now or after a
     /// restart, gives the same answer.
-    #[error("{operation} {key}: {message} (the request is invalid and is not retried)")]
-    Refused { operation: &'static str, key: String, message: String },
+    #[error("{operation} {key}: {reason} (the request is invalid and is not retried)")]
+    Refused {
+        operation: &'static str,
+        key: String,
+        reason: String,
+        #[source]
+        source: BoxError,
+    },
     #[error("{operation} {path}")]
     Io {
         operation: &'static str,
@@ -108,12 +122,36 @@ pub enum UploadError {
         #[source]
         source: tokio::task::JoinError,
     },
-    /// The store failed for good while a capture ran; what it did not confirm is spooled.
+    /// The store failed for good while a capture ran (`cause`); what it did not confirm is
+    /// spooled.
     #[error(
-        "{cause}; the {chunks} chunks ({bytes} bytes) the store did not confirm are kept in the spool \
-         {dir}{lost}, and are uploaded when a capture next starts with a store that accepts them"
+        "the {chunks} chunks ({bytes} bytes) the store did not confirm are kept in the spool {dir}{lost}, \
+         and are uploaded when a capture next starts with a store that accepts them; the store failed for good"
     )]
-    Spooled { cause: Box<UploadError>, chunks: usize, bytes: u64, dir: String, lost: LostPackets },
+    Spooled {
+        #[source]
+        cause: Box<UploadError>,
+        chunks: usize,
+        bytes: u64,
+        dir: String,
+        lost: LostPackets,
+    },
+}
+
+/// `e` and its sources on one line, `: ` between them, as anyhow's `{:#}` shows them; a
+/// source whose text is already there is left out.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
 }
 
 /// Packets that did not fit in a full spool, for [`UploadError::Spooled`]'s message.

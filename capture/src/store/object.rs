@@ -9,7 +9,7 @@ use std::{
 use tokio::{sync::Semaphore, task::JoinSet};
 
 use super::{
-    ObjectMeta, PartDone, Sink, UploadError,
+    ObjectMeta, PartDone, Sink, UploadError, error_chain,
     spool::{Journal, JournalEntry},
 };
 use crate::metrics as m;
@@ -81,7 +81,7 @@ where
             Err(e) if e.is_retryable() && started.elapsed() < outage_max => {
                 metrics::counter!(m::UPLOAD_RETRIES, "operation" => what).increment(1);
                 if !warned {
-                    log::warn!("{what}: {e}; retrying (chunks spool to disk meanwhile)");
+                    log::warn!("{what}: {}; retrying (chunks spool to disk meanwhile)", error_chain(&e));
                     warned = true;
                 }
                 tokio::time::sleep(wait).await;
@@ -590,7 +590,7 @@ impl<S: Sink> Uploader<S> {
             && !obj.resumed
             && let Err(e) = self.sink.abort_multipart(&obj.key, id).await
         {
-            log::error!("cannot abort the upload of {}: {e}", obj.key);
+            log::error!("cannot abort the upload of {}: {}", obj.key, error_chain(&e));
         }
     }
 }
@@ -696,8 +696,9 @@ mod tests {
                 return Err(UploadError::Store {
                     operation: "UploadPart",
                     key: key.into(),
-                    message: "AccessDenied: revoked".into(),
+                    reason: "AccessDenied: revoked".into(),
                     retryable: false,
+                    source: None,
                 });
             }
             self.inner.upload_part(key, id, number, body).await

@@ -19,7 +19,7 @@ use std::{
 use tokio::sync::{Semaphore, mpsc};
 
 use super::{
-    LostPackets, Sink, UploadError,
+    LostPackets, Sink, UploadError, error_chain,
     object::{CompressedChunk, ObjectOwner, UploadConfig, Uploader, with_retry},
     spool::{JournalState, Leftover, SalvageRecord, Spool, SpoolOwner, read_chunk},
 };
@@ -107,8 +107,9 @@ impl<S: Sink> Store<S> {
     async fn give_up(&mut self, error: UploadError, next: u64) -> Result<(), UploadError> {
         let mut uploader = self.uploader.take().expect("a live uploader");
         log::error!(
-            "capture {}: {error}; keeping what the store has not confirmed in the spool {}",
+            "capture {}: {}; keeping what the store has not confirmed in the spool {}",
             self.owner.capture,
+            error_chain(&error),
             self.spool.dir().display()
         );
         self.gave_up.store(true, Ordering::Relaxed);
@@ -122,7 +123,7 @@ impl<S: Sink> Store<S> {
             compression: self.compression,
             next_object: salvage.next_object,
             resume: salvage.resume,
-            error: error.to_string(),
+            error: error_chain(&error),
         };
         self.spool.write_salvage(&record).map_err(|e| self.spool_error(e))?;
         self.failure = Some(error);
@@ -207,8 +208,9 @@ impl StoreOutput {
                 Err(UploadError::Store {
                     operation: "ListMultipartUploads",
                     key: prefix.clone(),
-                    message: format!("no answer within {} s", wait.as_secs()),
+                    reason: format!("no answer within {} s", wait.as_secs()),
                     retryable: true,
+                    source: None,
                 })
             })
         });
@@ -719,18 +721,6 @@ async fn abort_dead_uploads<S: Sink>(
     Ok(aborted)
 }
 
-/// `e` and its sources, on one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
-
 /// The error of a failed file operation of recovery on `path`.
 fn recover_io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> UploadError {
     let path = path.display().to_string();
@@ -777,7 +767,7 @@ async fn recover_one<S: Sink>(
     if let Some(r) = resume.take_if(|r| r.parts.is_empty()) {
         // No part of it was confirmed: its chunks are all in the spool.
         if let Err(e) = sink.abort_multipart(&r.key, &r.upload_id).await {
-            log::warn!("cannot abort the upload of {} left by an earlier run: {e}", r.key);
+            log::warn!("cannot abort the upload of {} left by an earlier run: {}", r.key, error_chain(&e));
         }
     }
     if !left.chunks.is_empty() || resume.is_some() {
