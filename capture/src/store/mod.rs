@@ -5,13 +5,15 @@
 //! [`Sink`]. [`settings`] turns configuration into a destination; [`read`] reads back.
 //!
 //! [`Sink`] is the small interface to a store, with two implementations: [`s3::S3Sink`]
-//! (aws-sdk-s3, any S3-compatible endpoint) and [`dir::DirSink`] (a local directory).
+//! (aws-sdk-s3, any S3-compatible endpoint) and [`dir::DirSink`] (a local directory); tests
+//! wrap either in a [`fault::FaultSink`], which counts calls and fails those it is told to.
 //! [`object::Uploader`] turns a capture's compressed frames into objects: rotation by size and
 //! age, multipart uploads with parts in order and CRC32C checksums, a single PutObject for small
 //! objects, bounded parts in flight, and an index object beside each object.
 
 pub mod compress;
 pub mod dir;
+pub mod fault;
 pub mod object;
 pub mod read;
 pub mod s3;
