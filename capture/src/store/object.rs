@@ -641,6 +641,7 @@ pub fn utc_compact(ns: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::fault::{Fault, FaultSink, Operation, When};
 
     #[test]
     fn keys_follow_the_template() {
@@ -665,67 +666,6 @@ mod tests {
         // 2100 is not a leap year; `date -u -d @4107542399` agrees.
         assert_eq!(utc_compact(4_107_542_399 * 1_000_000_000), "21000228T235959Z");
         assert_eq!(utc_compact(4_107_542_400 * 1_000_000_000), "21000301T000000Z");
-    }
-
-    /// The directory store, failing part `fail_part` of every upload for good.
-    struct FailingPart {
-        inner: crate::store::dir::DirSink,
-        fail_part: i32,
-    }
-
-    impl Sink for FailingPart {
-        async fn put_object(
-            &self,
-            key: &str,
-            body: bytes::Bytes,
-            meta: &ObjectMeta,
-        ) -> Result<(), UploadError> {
-            self.inner.put_object(key, body, meta).await
-        }
-        async fn create_multipart(&self, key: &str, meta: &ObjectMeta) -> Result<String, UploadError> {
-            self.inner.create_multipart(key, meta).await
-        }
-        async fn upload_part(
-            &self,
-            key: &str,
-            id: &str,
-            number: i32,
-            body: bytes::Bytes,
-        ) -> Result<PartDone, UploadError> {
-            if number == self.fail_part {
-                return Err(UploadError::Store {
-                    operation: "UploadPart",
-                    key: key.into(),
-                    reason: "AccessDenied: revoked".into(),
-                    retryable: false,
-                    source: None,
-                });
-            }
-            self.inner.upload_part(key, id, number, body).await
-        }
-        async fn complete_multipart(
-            &self,
-            key: &str,
-            id: &str,
-            parts: Vec<PartDone>,
-        ) -> Result<(), UploadError> {
-            self.inner.complete_multipart(key, id, parts).await
-        }
-        async fn abort_multipart(&self, key: &str, id: &str) -> Result<(), UploadError> {
-            self.inner.abort_multipart(key, id).await
-        }
-        async fn list_multipart(
-            &self,
-            prefix: &str,
-        ) -> Result<Vec<super::super::PendingUpload>, UploadError> {
-            self.inner.list_multipart(prefix).await
-        }
-        async fn get(&self, key: &str, range: Option<(u64, u64)>) -> Result<Vec<u8>, UploadError> {
-            self.inner.get(key, range).await
-        }
-        fn url(&self, key: &str) -> String {
-            self.inner.url(key)
-        }
     }
 
     /// Chunks of incompressible bytes, so that parts fill quickly.
@@ -757,6 +697,47 @@ mod tests {
     }
 
     #[test]
+    fn requests_the_store_fails_for_a_moment_are_sent_again_and_the_object_is_exact() {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let header = b"pcap-file-header".to_vec();
+        // 12 MiB in 5 MiB parts: three parts.
+        let chunks = random_chunks(12, 1 << 20);
+        let owner =
+            ObjectOwner { prefix: "p".into(), node: "n".into(), capture: "c".into(), ..Default::default() };
+        let config =
+            UploadConfig { part_bytes: MIN_PART_BYTES, parts_in_flight_per_object: 2, ..Default::default() };
+        let sink = Arc::new(FaultSink::new(crate::store::dir::DirSink::new(dir.path()).unwrap()));
+        sink.inject(Operation::UploadPart, When::Call(2), Fault::Retryable("SlowDown: busy".into()));
+        sink.inject(
+            Operation::CompleteMultipart,
+            When::Call(1),
+            Fault::Retryable("InternalError: later".into()),
+        );
+        let urls = rt.block_on(async {
+            let mut up =
+                Uploader::new(sink.clone(), config, owner, &header, Arc::new(Semaphore::new(4))).unwrap();
+            for (_, chunk) in &chunks {
+                up.push(CompressedChunk { data: chunk.data.clone(), ..*chunk }).await.unwrap();
+            }
+            up.finish().await.unwrap()
+        });
+        let parts = sink.counts(Operation::UploadPart);
+        assert_eq!((parts.calls, parts.injected), (4, 1), "three parts, one sent twice: {parts:?}");
+        let complete = sink.counts(Operation::CompleteMultipart);
+        assert_eq!((complete.calls, complete.injected), (2, 1), "{complete:?}");
+        assert_eq!(urls.len(), 1, "{urls:?}");
+        let stored =
+            zstd::stream::decode_all(&std::fs::read(urls[0].strip_prefix("file://").unwrap()).unwrap()[..])
+                .unwrap();
+        let mut expected = header.clone();
+        for (raw, _) in &chunks {
+            expected.extend_from_slice(raw);
+        }
+        assert!(stored == expected, "the object holds every chunk once, in order");
+    }
+
+    #[test]
     fn a_failed_upload_is_salvaged_and_the_next_run_completes_it_byte_for_byte() {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let dir = tempfile::tempdir().unwrap();
@@ -768,13 +749,17 @@ mod tests {
             UploadConfig { part_bytes: MIN_PART_BYTES, parts_in_flight_per_object: 2, ..Default::default() };
         let mut chunks_iter = chunks.iter().map(|(_, c)| CompressedChunk { data: c.data.clone(), ..*c });
         let (salvage, error) = rt.block_on(async {
-            let sink = Arc::new(FailingPart {
-                inner: crate::store::dir::DirSink::new(dir.path()).unwrap(),
-                fail_part: 3,
-            });
-            let mut up =
-                Uploader::new(sink, config.clone(), owner.clone(), &header, Arc::new(Semaphore::new(4)))
-                    .unwrap();
+            // The directory store, refusing part 3 of every upload for good.
+            let sink = Arc::new(FaultSink::new(crate::store::dir::DirSink::new(dir.path()).unwrap()));
+            sink.inject(Operation::UploadPart, When::Part(3), Fault::Failed("AccessDenied: revoked".into()));
+            let mut up = Uploader::new(
+                sink.clone(),
+                config.clone(),
+                owner.clone(),
+                &header,
+                Arc::new(Semaphore::new(4)),
+            )
+            .unwrap();
             let mut error = None;
             for chunk in chunks_iter.by_ref() {
                 if let Err(e) = up.push(chunk).await {
@@ -785,7 +770,11 @@ mod tests {
             if error.is_none() {
                 error = up.finish_objects().await.err();
             }
-            (up.salvage().await, error.expect("part 3 fails"))
+            let salvage = up.salvage().await;
+            let parts = sink.counts(Operation::UploadPart);
+            assert_eq!(parts.injected, 1, "part 3 is refused once, and not retried: {parts:?}");
+            assert_eq!(parts.in_flight, 0, "no part is still uploading after the salvage");
+            (salvage, error.expect("part 3 fails"))
         });
         assert!(error.to_string().contains("AccessDenied"), "{error}");
         let resume = salvage.resume.clone().expect("an open multipart upload");
