@@ -500,13 +500,7 @@ where
     S: Sink,
     F: std::future::Future<Output = Result<S, UploadError>>,
 {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|source| UploadError::Runtime { source })?;
-    runtime.block_on(async {
-        let sink = Arc::new(make_sink().await?);
-        let global = Arc::new(Semaphore::new(config.parts_in_flight_per_object.max(1)));
+    on_own_runtime(make_sink, config.parts_in_flight_per_object, |sink, global| async move {
         recover_leftovers(&sink, &config, &owner, &options, &global).await
     })
 }
@@ -523,14 +517,31 @@ where
     S: Sink,
     F: std::future::Future<Output = Result<S, UploadError>>,
 {
+    on_own_runtime(make_sink, config.parts_in_flight_per_object, |sink, global| async move {
+        recover_capture(&sink, &config, &owner, &options, &global).await
+    })
+}
+
+/// Runs `work` with the store `make_sink` makes and a limit of `parts_in_flight`, on a runtime
+/// of its own that ends with it.
+fn on_own_runtime<S, F, T, W>(
+    make_sink: impl FnOnce() -> F,
+    parts_in_flight: usize,
+    work: impl FnOnce(Arc<S>, Arc<Semaphore>) -> W,
+) -> Result<T, UploadError>
+where
+    S: Sink,
+    F: std::future::Future<Output = Result<S, UploadError>>,
+    W: std::future::Future<Output = Result<T, UploadError>>,
+{
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|source| UploadError::Runtime { source })?;
+    let global = Arc::new(Semaphore::new(parts_in_flight.max(1)));
     runtime.block_on(async {
         let sink = Arc::new(make_sink().await?);
-        let global = Arc::new(Semaphore::new(config.parts_in_flight_per_object.max(1)));
-        recover_capture(&sink, &config, &owner, &options, &global).await
+        work(sink, global).await
     })
 }
 
