@@ -696,24 +696,38 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn requests_the_store_fails_for_a_moment_are_sent_again_and_the_object_is_exact() {
+    /// What the upload tests share: a runtime, an owner, and 5 MiB parts, two in flight.
+    fn fixture() -> (tokio::runtime::Runtime, ObjectOwner, UploadConfig) {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let header = b"pcap-file-header".to_vec();
-        // 12 MiB in 5 MiB parts: three parts.
-        let chunks = random_chunks(12, 1 << 20);
         let owner =
             ObjectOwner { prefix: "p".into(), node: "n".into(), capture: "c".into(), ..Default::default() };
         let config =
             UploadConfig { part_bytes: MIN_PART_BYTES, parts_in_flight_per_object: 2, ..Default::default() };
+        (rt, owner, config)
+    }
+
+    /// Asserts that the object at `url` is `header` and then every chunk once, in order.
+    fn assert_holds(url: &str, header: &[u8], chunks: &[(Vec<u8>, CompressedChunk)]) {
+        let path = url.strip_prefix("file://").unwrap();
+        let stored = zstd::stream::decode_all(&std::fs::read(path).unwrap()[..]).unwrap();
+        let mut expected = header.to_vec();
+        for (raw, _) in chunks {
+            expected.extend_from_slice(raw);
+        }
+        assert!(stored == expected, "the object holds every chunk once, in order");
+    }
+
+    #[test]
+    fn requests_the_store_fails_for_a_moment_are_sent_again_and_the_object_is_exact() {
+        let (rt, owner, config) = fixture();
+        let dir = tempfile::tempdir().unwrap();
+        let header = b"pcap-file-header".to_vec();
+        // 12 MiB in 5 MiB parts: three parts.
+        let chunks = random_chunks(12, 1 << 20);
         let sink = Arc::new(FaultSink::new(crate::store::dir::DirSink::new(dir.path()).unwrap()));
         sink.inject(Operation::UploadPart, When::Call(2), Fault::Retryable("SlowDown: busy".into()));
-        sink.inject(
-            Operation::CompleteMultipart,
-            When::Call(1),
-            Fault::Retryable("InternalError: later".into()),
-        );
+        let later = Fault::Retryable("InternalError: later".into());
+        sink.inject(Operation::CompleteMultipart, When::Call(1), later);
         let urls = rt.block_on(async {
             let mut up =
                 Uploader::new(sink.clone(), config, owner, &header, Arc::new(Semaphore::new(4))).unwrap();
@@ -727,26 +741,15 @@ mod tests {
         let complete = sink.counts(Operation::CompleteMultipart);
         assert_eq!((complete.calls, complete.injected), (2, 1), "{complete:?}");
         assert_eq!(urls.len(), 1, "{urls:?}");
-        let stored =
-            zstd::stream::decode_all(&std::fs::read(urls[0].strip_prefix("file://").unwrap()).unwrap()[..])
-                .unwrap();
-        let mut expected = header.clone();
-        for (raw, _) in &chunks {
-            expected.extend_from_slice(raw);
-        }
-        assert!(stored == expected, "the object holds every chunk once, in order");
+        assert_holds(&urls[0], &header, &chunks);
     }
 
     #[test]
     fn a_failed_upload_is_salvaged_and_the_next_run_completes_it_byte_for_byte() {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let (rt, owner, config) = fixture();
         let dir = tempfile::tempdir().unwrap();
         let header = b"pcap-file-header".to_vec();
         let chunks = random_chunks(24, 1 << 20);
-        let owner =
-            ObjectOwner { prefix: "p".into(), node: "n".into(), capture: "c".into(), ..Default::default() };
-        let config =
-            UploadConfig { part_bytes: MIN_PART_BYTES, parts_in_flight_per_object: 2, ..Default::default() };
         let mut chunks_iter = chunks.iter().map(|(_, c)| CompressedChunk { data: c.data.clone(), ..*c });
         let (salvage, error) = rt.block_on(async {
             // The directory store, refusing part 3 of every upload for good.
@@ -804,13 +807,8 @@ mod tests {
             up.finish_objects().await.unwrap()
         });
         assert_eq!(urls.len(), 1, "{urls:?}");
+        assert_holds(&urls[0], &header, &chunks);
         let path = urls[0].strip_prefix("file://").unwrap();
-        let stored = zstd::stream::decode_all(&std::fs::read(path).unwrap()[..]).unwrap();
-        let mut expected = header.clone();
-        for (raw, _) in &chunks {
-            expected.extend_from_slice(raw);
-        }
-        assert!(stored == expected, "the object holds every chunk once, in order");
         let index: Index = serde_json::from_slice(&std::fs::read(index_key(path)).unwrap()).unwrap();
         assert_eq!(index.frames.iter().map(|f| f.packets).sum::<u64>(), chunks.len() as u64);
         assert_eq!(std::fs::read_dir(dir.path().join(".uploads")).unwrap().count(), 0, "no upload left open");
