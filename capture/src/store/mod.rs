@@ -109,6 +109,10 @@ pub enum UploadError {
         #[source]
         source: std::io::Error,
     },
+    /// Compression thread `name` panicked: the chunk it was compressing is lost, and with
+    /// one thread, every chunk after it.
+    #[error("the compression thread {name} panicked: {message}")]
+    CompressionPanicked { name: String, message: String },
     /// The task uploading a part of `key` panicked or was cancelled: the part is not
     /// confirmed.
     #[error("the upload of a part of {key} did not finish")]

@@ -407,18 +407,34 @@ impl StoreOutput {
     /// Waits for every chunk to be stored and every object finished; returns their URLs.
     pub fn finish(mut self) -> Result<Vec<String>, UploadError> {
         self.chunks = None;
+        let mut panicked = None;
         for w in self.workers.drain(..) {
-            let _ = w.join();
+            let name = w.thread().name().unwrap_or("tapstream-zstd").to_owned();
+            if let Err(payload) = w.join() {
+                panicked.get_or_insert(UploadError::CompressionPanicked {
+                    name,
+                    message: panic_message(&*payload),
+                });
+            }
         }
         let task = self.uploader.take().expect("finished once");
         let result = self
             .runtime
             .block_on(task)
             .map_err(|source| UploadError::Uploader { capture: self.capture.clone(), source })?;
-        if let Some(e) = self.failed.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(e) = self.failed.lock().unwrap_or_else(|e| e.into_inner()).take().or(panicked) {
             return Err(e);
         }
         result
+    }
+}
+
+/// The message a thread panicked with.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    match (payload.downcast_ref::<&str>(), payload.downcast_ref::<String>()) {
+        (Some(s), _) => (*s).to_owned(),
+        (None, Some(s)) => s.clone(),
+        (None, None) => "no message".to_owned(),
     }
 }
 
