@@ -12,7 +12,8 @@ use std::{
 use tapstream::{
     store::compress::Compression,
     store::{
-        ObjectMeta, PartDone, PendingUpload, Sink, UploadError,
+        ObjectMeta, Sink, UploadError,
+        fault::{FaultSink, Operation},
         object::{CompressedChunk, ObjectOwner, UploadConfig, Uploader},
         s3::{S3Config, S3Sink},
         spool::Spool,
@@ -221,60 +222,13 @@ fn a_missing_bucket_is_named_and_nothing_starts() {
     assert!(!stderr.contains(&garage.secret_key), "the secret never appears in the log");
 }
 
-/// Counts parts in flight around a real store.
-struct Counting<S> {
-    inner: S,
-    now: AtomicUsize,
-    max: AtomicUsize,
-}
-
-impl<S: Sink> Sink for Counting<S> {
-    async fn put_object(&self, key: &str, body: bytes::Bytes, meta: &ObjectMeta) -> Result<(), UploadError> {
-        self.inner.put_object(key, body, meta).await
-    }
-    async fn create_multipart(&self, key: &str, meta: &ObjectMeta) -> Result<String, UploadError> {
-        self.inner.create_multipart(key, meta).await
-    }
-    async fn upload_part(
-        &self,
-        key: &str,
-        id: &str,
-        number: i32,
-        body: bytes::Bytes,
-    ) -> Result<PartDone, UploadError> {
-        let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
-        self.max.fetch_max(now, Ordering::SeqCst);
-        let r = self.inner.upload_part(key, id, number, body).await;
-        self.now.fetch_sub(1, Ordering::SeqCst);
-        r
-    }
-    async fn complete_multipart(&self, key: &str, id: &str, parts: Vec<PartDone>) -> Result<(), UploadError> {
-        self.inner.complete_multipart(key, id, parts).await
-    }
-    async fn abort_multipart(&self, key: &str, id: &str) -> Result<(), UploadError> {
-        self.inner.abort_multipart(key, id).await
-    }
-    async fn list_multipart(&self, prefix: &str) -> Result<Vec<PendingUpload>, UploadError> {
-        self.inner.list_multipart(prefix).await
-    }
-    async fn get(&self, key: &str, range: Option<(u64, u64)>) -> Result<Vec<u8>, UploadError> {
-        self.inner.get(key, range).await
-    }
-    fn url(&self, key: &str) -> String {
-        self.inner.url(key)
-    }
-}
-
 #[test]
 fn parts_in_flight_never_exceed_the_limit_and_the_object_is_exact() {
     let garage = Garage::start();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async {
-        let sink = Arc::new(Counting {
-            inner: sink(&garage).await,
-            now: AtomicUsize::new(0),
-            max: AtomicUsize::new(0),
-        });
+        // Counts the parts in flight around the real store.
+        let sink = Arc::new(FaultSink::new(sink(&garage).await));
         let limit = 2;
         let config = UploadConfig {
             part_bytes: 5 << 20,
@@ -315,7 +269,7 @@ fn parts_in_flight_never_exceed_the_limit_and_the_object_is_exact() {
         }
         let urls = up.finish().await.unwrap();
         assert_eq!(urls.len(), 1);
-        let max = sink.max.load(Ordering::SeqCst);
+        let max = sink.counts(Operation::UploadPart).max_in_flight as usize;
         assert!(max <= limit, "{max} parts were in flight with a limit of {limit}");
         assert_eq!(max, limit, "parts did upload concurrently");
         let key = urls[0].strip_prefix(&format!("s3://{}/", garage.bucket)).unwrap();

@@ -5,13 +5,15 @@
 //! [`Sink`]. [`settings`] turns configuration into a destination; [`read`] reads back.
 //!
 //! [`Sink`] is the small interface to a store, with two implementations: [`s3::S3Sink`]
-//! (aws-sdk-s3, any S3-compatible endpoint) and [`dir::DirSink`] (a local directory).
+//! (aws-sdk-s3, any S3-compatible endpoint) and [`dir::DirSink`] (a local directory); tests
+//! wrap either in a [`fault::FaultSink`], which counts calls and fails those it is told to.
 //! [`object::Uploader`] turns a capture's compressed frames into objects: rotation by size and
 //! age, multipart uploads with parts in order and CRC32C checksums, a single PutObject for small
 //! objects, bounded parts in flight, and an index object beside each object.
 
 pub mod compress;
 pub mod dir;
+pub mod fault;
 pub mod object;
 pub mod read;
 pub mod s3;
@@ -50,22 +52,36 @@ pub struct PendingUpload {
     pub upload_id: String,
 }
 
-/// Errors of a store. Each says whether trying again may help.
+/// The error underneath an [`UploadError`]: the S3 SDK's, or another library's.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Errors of a store. Each says whether trying again may help. Each message reads on its own
+/// (a log line that prints one); [`error_chain`] adds what lies underneath.
 #[derive(Debug, thiserror::Error)]
 pub enum UploadError {
-    #[error("{operation} {key}: {message}")]
+    /// A request the store did not carry out: `reason` is what the store answered (its error
+    /// code and message) or why no answer came; `source`, the client's error, in full.
+    #[error("{operation} {key}: {reason}")]
     Store {
         operation: &'static str,
         key: String,
-        message: String,
+        reason: String,
         /// Whether the same request may succeed later (network, throttling, 5xx).
         retryable: bool,
+        #[source]
+        source: Option<BoxError>,
     },
     /// The request itself can never succeed: the client could not build it (a header the
     /// HTTP rules forbid) or the store refused it as invalid. Retrying, now or after a
     /// restart, gives the same answer.
-    #[error("{operation} {key}: {message} (the request is invalid and is not retried)")]
-    Refused { operation: &'static str, key: String, message: String },
+    #[error("{operation} {key}: {reason} (the request is invalid and is not retried)")]
+    Refused {
+        operation: &'static str,
+        key: String,
+        reason: String,
+        #[source]
+        source: BoxError,
+    },
     #[error("{operation} {path}")]
     Io {
         operation: &'static str,
@@ -75,16 +91,73 @@ pub enum UploadError {
     },
     #[error("invalid destination {url:?}: {reason}")]
     Destination { url: String, reason: String },
+    /// A store setting has a value that cannot be used.
+    #[error("store setting {field}: {reason}")]
+    Setting { field: &'static str, reason: String },
     #[error("compression failed")]
     Compress(#[from] crate::store::compress::CompressError),
-    #[error("upload task failed: {0}")]
-    Task(String),
-    /// The store failed for good while a capture ran; what it did not confirm is spooled.
+    /// The threads of the runtime that runs the uploads could not start.
+    #[error("cannot start the upload runtime")]
+    Runtime {
+        #[source]
+        source: std::io::Error,
+    },
+    /// A compression thread could not start.
+    #[error("cannot start the compression thread {name}")]
+    Thread {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Compression thread `name` panicked: the chunk it was compressing is lost, and with
+    /// one thread, every chunk after it.
+    #[error("the compression thread {name} panicked: {message}")]
+    CompressionPanicked { name: String, message: String },
+    /// The task uploading a part of `key` panicked or was cancelled: the part is not
+    /// confirmed.
+    #[error("the upload of a part of {key} did not finish")]
+    PartTask {
+        key: String,
+        #[source]
+        source: tokio::task::JoinError,
+    },
+    /// The task making capture `capture`'s objects panicked or was cancelled.
+    #[error("the uploader of capture {capture} did not finish")]
+    Uploader {
+        capture: String,
+        #[source]
+        source: tokio::task::JoinError,
+    },
+    /// The store failed for good while a capture ran (`cause`); what it did not confirm is
+    /// spooled.
     #[error(
-        "{cause}; the {chunks} chunks ({bytes} bytes) the store did not confirm are kept in the spool \
-         {dir}{lost}, and are uploaded when a capture next starts with a store that accepts them"
+        "the {chunks} chunks ({bytes} bytes) the store did not confirm are kept in the spool {dir}{lost}, \
+         and are uploaded when a capture next starts with a store that accepts them; the store failed for good"
     )]
-    Spooled { cause: Box<UploadError>, chunks: usize, bytes: u64, dir: String, lost: LostPackets },
+    Spooled {
+        #[source]
+        cause: Box<UploadError>,
+        chunks: usize,
+        bytes: u64,
+        dir: String,
+        lost: LostPackets,
+    },
+}
+
+/// `e` and its sources on one line, `: ` between them, as anyhow's `{:#}` shows them; a
+/// source whose text is already there is left out.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
 }
 
 /// Packets that did not fit in a full spool, for [`UploadError::Spooled`]'s message.

@@ -9,7 +9,7 @@ use std::{
 use tokio::{sync::Semaphore, task::JoinSet};
 
 use super::{
-    ObjectMeta, PartDone, Sink, UploadError,
+    ObjectMeta, PartDone, Sink, UploadError, error_chain,
     spool::{Journal, JournalEntry},
 };
 use crate::metrics as m;
@@ -81,7 +81,7 @@ where
             Err(e) if e.is_retryable() && started.elapsed() < outage_max => {
                 metrics::counter!(m::UPLOAD_RETRIES, "operation" => what).increment(1);
                 if !warned {
-                    log::warn!("{what}: {e}; retrying (chunks spool to disk meanwhile)");
+                    log::warn!("{what}: {}; retrying (chunks spool to disk meanwhile)", error_chain(&e));
                     warned = true;
                 }
                 tokio::time::sleep(wait).await;
@@ -415,9 +415,8 @@ impl<S: Sink> Uploader<S> {
             .await?;
             obj.upload_id = Some(id);
         }
-        let closed = |_| UploadError::Task("semaphore closed".into());
-        let global = self.global.clone().acquire_owned().await.map_err(closed)?;
-        let local = self.per_object.clone().acquire_owned().await.map_err(closed)?;
+        let global = self.global.clone().acquire_owned().await.expect("the limits are never closed");
+        let local = self.per_object.clone().acquire_owned().await.expect("the limits are never closed");
         let body = bytes::Bytes::from(std::mem::take(&mut obj.pending));
         let number = obj.next_part;
         obj.next_part += 1;
@@ -447,7 +446,7 @@ impl<S: Sink> Uploader<S> {
         // Surface failures early rather than at the end of the object. A failed uploader keeps
         // its open object for [`Uploader::salvage`].
         while let Some(done) = obj.parts.try_join_next() {
-            obj.confirm(done.map_err(|e| UploadError::Task(e.to_string())).and_then(|r| r)?);
+            obj.confirm(part_result(&obj.key, done)?);
             obj.journal_confirmed(self.journal.as_deref());
         }
         Ok(())
@@ -485,7 +484,7 @@ impl<S: Sink> Uploader<S> {
         }
         let obj = self.open.as_mut().expect("open");
         while let Some(done) = obj.parts.join_next().await {
-            obj.confirm(done.map_err(|e| UploadError::Task(e.to_string())).and_then(|r| r)?);
+            obj.confirm(part_result(&obj.key, done)?);
             obj.journal_confirmed(self.journal.as_deref());
         }
         let mut parts = obj.done.clone();
@@ -591,9 +590,17 @@ impl<S: Sink> Uploader<S> {
             && !obj.resumed
             && let Err(e) = self.sink.abort_multipart(&obj.key, id).await
         {
-            log::error!("cannot abort the upload of {}: {e}", obj.key);
+            log::error!("cannot abort the upload of {}: {}", obj.key, error_chain(&e));
         }
     }
+}
+
+/// What the task uploading a part of `key` ended with.
+fn part_result(
+    key: &str,
+    done: Result<Result<PartDone, UploadError>, tokio::task::JoinError>,
+) -> Result<PartDone, UploadError> {
+    done.map_err(|source| UploadError::PartTask { key: key.to_owned(), source })?
 }
 
 /// The key of an index object.
@@ -634,6 +641,7 @@ pub fn utc_compact(ns: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::fault::{Fault, FaultSink, Operation, When};
 
     #[test]
     fn keys_follow_the_template() {
@@ -658,66 +666,6 @@ mod tests {
         // 2100 is not a leap year; `date -u -d @4107542399` agrees.
         assert_eq!(utc_compact(4_107_542_399 * 1_000_000_000), "21000228T235959Z");
         assert_eq!(utc_compact(4_107_542_400 * 1_000_000_000), "21000301T000000Z");
-    }
-
-    /// The directory store, failing part `fail_part` of every upload for good.
-    struct FailingPart {
-        inner: crate::store::dir::DirSink,
-        fail_part: i32,
-    }
-
-    impl Sink for FailingPart {
-        async fn put_object(
-            &self,
-            key: &str,
-            body: bytes::Bytes,
-            meta: &ObjectMeta,
-        ) -> Result<(), UploadError> {
-            self.inner.put_object(key, body, meta).await
-        }
-        async fn create_multipart(&self, key: &str, meta: &ObjectMeta) -> Result<String, UploadError> {
-            self.inner.create_multipart(key, meta).await
-        }
-        async fn upload_part(
-            &self,
-            key: &str,
-            id: &str,
-            number: i32,
-            body: bytes::Bytes,
-        ) -> Result<PartDone, UploadError> {
-            if number == self.fail_part {
-                return Err(UploadError::Store {
-                    operation: "UploadPart",
-                    key: key.into(),
-                    message: "AccessDenied: revoked".into(),
-                    retryable: false,
-                });
-            }
-            self.inner.upload_part(key, id, number, body).await
-        }
-        async fn complete_multipart(
-            &self,
-            key: &str,
-            id: &str,
-            parts: Vec<PartDone>,
-        ) -> Result<(), UploadError> {
-            self.inner.complete_multipart(key, id, parts).await
-        }
-        async fn abort_multipart(&self, key: &str, id: &str) -> Result<(), UploadError> {
-            self.inner.abort_multipart(key, id).await
-        }
-        async fn list_multipart(
-            &self,
-            prefix: &str,
-        ) -> Result<Vec<super::super::PendingUpload>, UploadError> {
-            self.inner.list_multipart(prefix).await
-        }
-        async fn get(&self, key: &str, range: Option<(u64, u64)>) -> Result<Vec<u8>, UploadError> {
-            self.inner.get(key, range).await
-        }
-        fn url(&self, key: &str) -> String {
-            self.inner.url(key)
-        }
     }
 
     /// Chunks of incompressible bytes, so that parts fill quickly.
@@ -748,25 +696,73 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn a_failed_upload_is_salvaged_and_the_next_run_completes_it_byte_for_byte() {
+    /// What the upload tests share: a runtime, an owner, and 5 MiB parts, two in flight.
+    fn fixture() -> (tokio::runtime::Runtime, ObjectOwner, UploadConfig) {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let header = b"pcap-file-header".to_vec();
-        let chunks = random_chunks(24, 1 << 20);
         let owner =
             ObjectOwner { prefix: "p".into(), node: "n".into(), capture: "c".into(), ..Default::default() };
         let config =
             UploadConfig { part_bytes: MIN_PART_BYTES, parts_in_flight_per_object: 2, ..Default::default() };
+        (rt, owner, config)
+    }
+
+    /// Asserts that the object at `url` is `header` and then every chunk once, in order.
+    fn assert_holds(url: &str, header: &[u8], chunks: &[(Vec<u8>, CompressedChunk)]) {
+        let path = url.strip_prefix("file://").unwrap();
+        let stored = zstd::stream::decode_all(&std::fs::read(path).unwrap()[..]).unwrap();
+        let mut expected = header.to_vec();
+        for (raw, _) in chunks {
+            expected.extend_from_slice(raw);
+        }
+        assert!(stored == expected, "the object holds every chunk once, in order");
+    }
+
+    #[test]
+    fn requests_the_store_fails_for_a_moment_are_sent_again_and_the_object_is_exact() {
+        let (rt, owner, config) = fixture();
+        let dir = tempfile::tempdir().unwrap();
+        let header = b"pcap-file-header".to_vec();
+        // 12 MiB in 5 MiB parts: three parts.
+        let chunks = random_chunks(12, 1 << 20);
+        let sink = Arc::new(FaultSink::new(crate::store::dir::DirSink::new(dir.path()).unwrap()));
+        sink.inject(Operation::UploadPart, When::Call(2), Fault::Retryable("SlowDown: busy".into()));
+        let later = Fault::Retryable("InternalError: later".into());
+        sink.inject(Operation::CompleteMultipart, When::Call(1), later);
+        let urls = rt.block_on(async {
+            let mut up =
+                Uploader::new(sink.clone(), config, owner, &header, Arc::new(Semaphore::new(4))).unwrap();
+            for (_, chunk) in &chunks {
+                up.push(CompressedChunk { data: chunk.data.clone(), ..*chunk }).await.unwrap();
+            }
+            up.finish().await.unwrap()
+        });
+        let parts = sink.counts(Operation::UploadPart);
+        assert_eq!((parts.calls, parts.injected), (4, 1), "three parts, one sent twice: {parts:?}");
+        let complete = sink.counts(Operation::CompleteMultipart);
+        assert_eq!((complete.calls, complete.injected), (2, 1), "{complete:?}");
+        assert_eq!(urls.len(), 1, "{urls:?}");
+        assert_holds(&urls[0], &header, &chunks);
+    }
+
+    #[test]
+    fn a_failed_upload_is_salvaged_and_the_next_run_completes_it_byte_for_byte() {
+        let (rt, owner, config) = fixture();
+        let dir = tempfile::tempdir().unwrap();
+        let header = b"pcap-file-header".to_vec();
+        let chunks = random_chunks(24, 1 << 20);
         let mut chunks_iter = chunks.iter().map(|(_, c)| CompressedChunk { data: c.data.clone(), ..*c });
         let (salvage, error) = rt.block_on(async {
-            let sink = Arc::new(FailingPart {
-                inner: crate::store::dir::DirSink::new(dir.path()).unwrap(),
-                fail_part: 3,
-            });
-            let mut up =
-                Uploader::new(sink, config.clone(), owner.clone(), &header, Arc::new(Semaphore::new(4)))
-                    .unwrap();
+            // The directory store, refusing part 3 of every upload for good.
+            let sink = Arc::new(FaultSink::new(crate::store::dir::DirSink::new(dir.path()).unwrap()));
+            sink.inject(Operation::UploadPart, When::Part(3), Fault::Failed("AccessDenied: revoked".into()));
+            let mut up = Uploader::new(
+                sink.clone(),
+                config.clone(),
+                owner.clone(),
+                &header,
+                Arc::new(Semaphore::new(4)),
+            )
+            .unwrap();
             let mut error = None;
             for chunk in chunks_iter.by_ref() {
                 if let Err(e) = up.push(chunk).await {
@@ -777,7 +773,11 @@ mod tests {
             if error.is_none() {
                 error = up.finish_objects().await.err();
             }
-            (up.salvage().await, error.expect("part 3 fails"))
+            let salvage = up.salvage().await;
+            let parts = sink.counts(Operation::UploadPart);
+            assert_eq!(parts.injected, 1, "part 3 is refused once, and not retried: {parts:?}");
+            assert_eq!(parts.in_flight, 0, "no part is still uploading after the salvage");
+            (salvage, error.expect("part 3 fails"))
         });
         assert!(error.to_string().contains("AccessDenied"), "{error}");
         let resume = salvage.resume.clone().expect("an open multipart upload");
@@ -807,13 +807,8 @@ mod tests {
             up.finish_objects().await.unwrap()
         });
         assert_eq!(urls.len(), 1, "{urls:?}");
+        assert_holds(&urls[0], &header, &chunks);
         let path = urls[0].strip_prefix("file://").unwrap();
-        let stored = zstd::stream::decode_all(&std::fs::read(path).unwrap()[..]).unwrap();
-        let mut expected = header.clone();
-        for (raw, _) in &chunks {
-            expected.extend_from_slice(raw);
-        }
-        assert!(stored == expected, "the object holds every chunk once, in order");
         let index: Index = serde_json::from_slice(&std::fs::read(index_key(path)).unwrap()).unwrap();
         assert_eq!(index.frames.iter().map(|f| f.packets).sum::<u64>(), chunks.len() as u64);
         assert_eq!(std::fs::read_dir(dir.path().join(".uploads")).unwrap().count(), 0, "no upload left open");

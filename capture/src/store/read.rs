@@ -30,16 +30,18 @@ pub async fn read_window<S: Sink>(
     let index: Index = serde_json::from_slice(&raw).map_err(|e| UploadError::Store {
         operation: "read index",
         key: index_key(key),
-        message: e.to_string(),
+        reason: "not an index of frames".into(),
         retryable: false,
+        source: Some(Box::new(e)),
     })?;
     let io_err = |source| UploadError::Io { operation: "write", path: "output".into(), source };
     let mut stats = ReadStats { object_bytes: index.object_length, ..ReadStats::default() };
     let head = index.frames.first().ok_or_else(|| UploadError::Store {
         operation: "read index",
         key: index_key(key),
-        message: "no frames".into(),
+        reason: "no frames".into(),
         retryable: false,
+        source: None,
     })?;
     let bytes = sink.get(key, Some((head.offset, head.offset + head.length - 1))).await?;
     stats.bytes_fetched += bytes.len() as u64;
@@ -62,26 +64,24 @@ pub async fn read_window<S: Sink>(
             let frame = bytes.get(at..at + entry.length as usize).ok_or_else(|| UploadError::Store {
                 operation: "GetObject",
                 key: key.to_owned(),
-                message: format!("short ranged read for frame {n}"),
+                reason: format!("short ranged read for frame {n}"),
                 retryable: true,
+                source: None,
             })?;
             let records = decompress_frame(index.compression, n, entry, frame)?;
             let mut file = header.clone();
             file.extend_from_slice(&records);
-            let reader = tapstream_pcap::Reader::new(&file).map_err(|e| UploadError::Store {
+            let not_pcap = |e: tapstream_pcap::PcapError| UploadError::Store {
                 operation: "read frame",
                 key: key.to_owned(),
-                message: e.to_string(),
+                reason: format!("frame {n} is not PCAP records"),
                 retryable: false,
-            })?;
+                source: Some(Box::new(e)),
+            };
+            let reader = tapstream_pcap::Reader::new(&file).map_err(not_pcap)?;
             let mut pos = header.len();
             for record in reader {
-                let record = record.map_err(|e| UploadError::Store {
-                    operation: "read frame",
-                    key: key.to_owned(),
-                    message: e.to_string(),
-                    retryable: false,
-                })?;
+                let record = record.map_err(not_pcap)?;
                 let len = tapstream_pcap::RECORD_HEADER_LEN + record.data.len();
                 if (since..=until).contains(&record.ts_nanos) {
                     out.write_all(&file[pos..pos + len]).map_err(io_err)?;

@@ -163,8 +163,9 @@ impl S3Sink {
     }
 }
 
-/// Turns an SDK error into ours: the service's code and message when there is one, whether
-/// retrying may help, and whether the request can never succeed.
+/// Turns an SDK error into ours, kept whole as its source: what the store answered (its
+/// error code and message) or why no answer came, whether retrying may help, and whether the
+/// request can never succeed.
 fn store_error<E>(operation: &'static str, key: &str, err: SdkError<E, HttpResponse>) -> UploadError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
@@ -173,18 +174,21 @@ where
     let retryable = matches!(err, SdkError::TimeoutError(_) | SdkError::DispatchFailure(_))
         || status.is_some_and(|s| s >= 500 || s == 429);
     let code = err.as_service_error().and_then(|e| e.code()).map(str::to_owned);
-    let message = match err.as_service_error() {
-        Some(e) => format!("{}: {}", e.code().unwrap_or("error"), e.message().unwrap_or("(no message)")),
-        None => {
-            let mut text = err.to_string();
-            let mut source = std::error::Error::source(&err);
-            while let Some(s) = source {
-                text.push_str(": ");
-                text.push_str(&s.to_string());
-                source = s.source();
+    let reason = match &err {
+        SdkError::ServiceError(_) => {
+            let message = err.as_service_error().and_then(|e| e.message());
+            let code = code.clone().or(status.map(|s| format!("HTTP {s}")));
+            match (code, message) {
+                (Some(code), Some(message)) => format!("{code}: {message}"),
+                (Some(code), None) => code,
+                (None, message) => message.unwrap_or("the store refused it").to_owned(),
             }
-            text
         }
+        SdkError::ConstructionFailure(_) => "the request cannot be built".to_owned(),
+        SdkError::TimeoutError(_) => "no answer in time".to_owned(),
+        SdkError::DispatchFailure(_) => "cannot reach the store".to_owned(),
+        SdkError::ResponseError(_) => "the store's answer cannot be read".to_owned(),
+        _ => "the request failed".to_owned(),
     };
     // A request the client cannot build, or one the store calls invalid (not a 400 about
     // credentials or time, which an operator or the clock can fix).
@@ -199,10 +203,11 @@ where
             ]
             .contains(&c)
         });
+    let key = key.to_owned();
     if refused {
-        return UploadError::Refused { operation, key: key.to_owned(), message };
+        return UploadError::Refused { operation, key, reason, source: Box::new(err) };
     }
-    UploadError::Store { operation, key: key.to_owned(), message, retryable }
+    UploadError::Store { operation, key, reason, retryable, source: Some(Box::new(err)) }
 }
 
 impl Sink for S3Sink {
@@ -249,8 +254,9 @@ impl Sink for S3Sink {
         out.upload_id.ok_or_else(|| UploadError::Store {
             operation: "CreateMultipartUpload",
             key: key.to_owned(),
-            message: "no upload id in the reply".into(),
+            reason: "the reply has no upload id".into(),
             retryable: false,
+            source: None,
         })
     }
 
@@ -361,8 +367,9 @@ impl Sink for S3Sink {
         let body = out.body.collect().await.map_err(|e| UploadError::Store {
             operation: "GetObject",
             key: key.to_owned(),
-            message: e.to_string(),
+            reason: "cannot read the body".into(),
             retryable: true,
+            source: Some(Box::new(e)),
         })?;
         Ok(body.into_bytes().to_vec())
     }
@@ -404,5 +411,59 @@ impl Sink for S3Sink {
             None => "AWS S3".to_owned(),
         };
         format!("s3://{}/ at {endpoint}", self.config.bucket)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::error_chain;
+    use aws_sdk_s3::{
+        error::{ConnectorError, ErrorMetadata},
+        operation::list_multipart_uploads::ListMultipartUploadsError,
+        primitives::SdkBody,
+    };
+
+    type ListError = SdkError<ListMultipartUploadsError, HttpResponse>;
+
+    /// The error the SDK gives for an answer of the store.
+    fn answer(status: u16, code: &str, message: &str) -> ListError {
+        let meta = ErrorMetadata::builder().code(code).message(message).build();
+        let raw = HttpResponse::new(status.try_into().expect("a status"), SdkBody::empty());
+        SdkError::service_error(ListMultipartUploadsError::generic(meta), raw)
+    }
+
+    #[test]
+    fn sdk_errors_stay_whole_underneath_and_the_message_names_request_and_answer() {
+        let e = store_error("ListMultipartUploads", "caps/", answer(403, "AccessDenied", "Forbidden"));
+        assert_eq!(e.to_string(), "ListMultipartUploads caps/: AccessDenied: Forbidden");
+        assert!(!e.is_retryable() && !e.is_permanent(), "{e:?}");
+        let source = std::error::Error::source(&e).expect("the SDK's error underneath");
+        assert!(source.downcast_ref::<ListError>().is_some(), "{source:?}");
+
+        let e = store_error("ListMultipartUploads", "caps/", answer(503, "SlowDown", "Reduce your rate"));
+        assert!(e.is_retryable(), "{e:?}");
+
+        let e = store_error("ListMultipartUploads", "caps/", answer(400, "InvalidArgument", "Bad prefix"));
+        assert!(matches!(e, UploadError::Refused { .. }) && e.is_permanent(), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            "ListMultipartUploads caps/: InvalidArgument: Bad prefix (the request is invalid and is not retried)"
+        );
+
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");
+        let e = store_error(
+            "ListMultipartUploads",
+            "caps/",
+            ListError::dispatch_failure(ConnectorError::io(refused.into())),
+        );
+        assert!(e.is_retryable(), "{e:?}");
+        assert_eq!(e.to_string(), "ListMultipartUploads caps/: cannot reach the store");
+        let chain = error_chain(&e);
+        assert!(
+            chain.starts_with("ListMultipartUploads caps/: cannot reach the store: dispatch failure"),
+            "{chain}"
+        );
+        assert!(chain.ends_with("connection refused"), "{chain}");
     }
 }

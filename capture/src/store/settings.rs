@@ -226,7 +226,8 @@ impl StoreSettings {
         labels: ObjectLabels,
         recover_killed: bool,
     ) -> Result<(Destination, UploadConfig, ObjectOwner, StoreOptions), UploadError> {
-        let compression = self.compression().map_err(UploadError::Task)?;
+        let compression =
+            self.compression().map_err(|reason| UploadError::Setting { field: "compression", reason })?;
         let destination: Destination = url.parse()?;
         let prefix = match &destination {
             Destination::S3 { prefix, .. } => prefix.clone(),

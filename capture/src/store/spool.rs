@@ -125,6 +125,8 @@ impl JournalState {
             match entry {
                 JournalEntry::Begun { seq } => state.next_object = state.next_object.max(seq + 1),
                 JournalEntry::Confirmed { key, upload_id, parts, frames, length, sealed } => {
+                    // A new object's upload replaces the one before (finished or given up).
+                    state.open.take_if(|o| o.upload_id != *upload_id);
                     let open = state.open.get_or_insert_with(|| ResumeRecord {
                         key: key.clone(),
                         upload_id: upload_id.clone(),
@@ -133,17 +135,6 @@ impl JournalState {
                         length: 0,
                         sealed: false,
                     });
-                    if open.upload_id != *upload_id {
-                        // A new object's upload (the one before was finished or given up).
-                        *open = ResumeRecord {
-                            key: key.clone(),
-                            upload_id: upload_id.clone(),
-                            parts: Vec::new(),
-                            frames: Vec::new(),
-                            length: 0,
-                            sealed: false,
-                        };
-                    }
                     open.parts.extend(parts.iter().cloned());
                     open.frames.extend(frames.iter().copied());
                     open.length = *length;
@@ -239,10 +230,7 @@ impl Spool {
             body.extend_from_slice(&v.to_le_bytes());
         }
         body.extend_from_slice(&chunk.data);
-        let path = self.path(seq);
-        let tmp = path.with_extension("partial");
-        std::fs::write(&tmp, &body)?;
-        std::fs::rename(&tmp, &path)?;
+        write_whole(&self.path(seq), &body)?;
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         state.files.insert(seq, len);
         state.bytes += len;
@@ -293,19 +281,13 @@ impl Spool {
 
     /// Writes the record that tells the next run how to finish this capture's objects.
     pub fn write_salvage(&self, record: &SalvageRecord) -> std::io::Result<()> {
-        let path = self.dir.join(SALVAGE_FILE);
-        let tmp = path.with_extension("partial");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?)?;
-        std::fs::rename(&tmp, &path)
+        write_json(&self.dir.join(SALVAGE_FILE), record)
     }
 
     /// Records whose chunks these are (see [`SpoolOwner`]) and opens the journal the
     /// capture's uploader keeps here.
     pub fn record_owner(&self, owner: &SpoolOwner) -> std::io::Result<Journal> {
-        let path = self.dir.join(OWNER_FILE);
-        let tmp = path.with_extension("partial");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(owner).map_err(std::io::Error::other)?)?;
-        std::fs::rename(&tmp, &path)?;
+        write_json(&self.dir.join(OWNER_FILE), owner)?;
         let path = self.dir.join(JOURNAL_FILE);
         let file = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
         Ok(Journal { path, file: Mutex::new(file) })
@@ -364,27 +346,9 @@ impl Spool {
                 .collect();
             chunks.sort();
             let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            let salvage = match std::fs::read(dir.join(SALVAGE_FILE)) {
-                Ok(body) => Some(serde_json::from_slice(&body).map_err(|e| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        format!("{}: {e}", dir.join(SALVAGE_FILE).display()),
-                    )
-                })?),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-                Err(e) => return Err(e),
-            };
+            let salvage = read_json(&dir.join(SALVAGE_FILE))?;
             let destination = std::fs::read_to_string(dir.join(DESTINATION_FILE)).ok();
-            let owner = match std::fs::read(dir.join(OWNER_FILE)) {
-                Ok(body) => Some(serde_json::from_slice(&body).map_err(|e| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        format!("{}: {e}", dir.join(OWNER_FILE).display()),
-                    )
-                })?),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-                Err(e) => return Err(e),
-            };
+            let owner = read_json(&dir.join(OWNER_FILE))?;
             let journal = read_journal(&dir.join(JOURNAL_FILE))?;
             out.push(Leftover { name, header, chunks, salvage, destination, owner, journal, _lock: lock });
         }
@@ -411,6 +375,39 @@ pub struct Leftover {
     pub journal: Vec<JournalEntry>,
     /// The spool's lock, held so that no other process recovers it at the same time.
     _lock: Option<std::fs::File>,
+}
+
+/// Writes `body` to `path` through a temporary file, so that the next run never finds half of
+/// it.
+fn write_whole(path: &Path, body: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("partial");
+    std::fs::write(&tmp, body)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Writes `value` to `path` as JSON, whole.
+fn write_json(path: &Path, value: &impl serde::Serialize) -> std::io::Result<()> {
+    write_whole(path, &serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?)
+}
+
+/// A spool file that does not hold the JSON it should.
+#[derive(Debug, thiserror::Error)]
+#[error("{path} cannot be read")]
+struct NotJson {
+    path: PathBuf,
+    #[source]
+    source: serde_json::Error,
+}
+
+/// Reads the JSON file `path`, if there is one.
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> std::io::Result<Option<T>> {
+    match std::fs::read(path) {
+        Ok(body) => serde_json::from_slice(&body).map(Some).map_err(|source| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, NotJson { path: path.to_owned(), source })
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// Reads a journal; a last line cut short (the process died while writing it) ends it.

@@ -19,7 +19,7 @@ use std::{
 use tokio::sync::{Semaphore, mpsc};
 
 use super::{
-    LostPackets, Sink, UploadError,
+    LostPackets, Sink, UploadError, error_chain,
     object::{CompressedChunk, ObjectOwner, UploadConfig, Uploader, with_retry},
     spool::{JournalState, Leftover, SalvageRecord, Spool, SpoolOwner, read_chunk},
 };
@@ -60,6 +60,8 @@ pub struct StoreOutput {
     workers: Vec<JoinHandle<()>>,
     uploader: Option<tokio::task::JoinHandle<Result<Vec<String>, UploadError>>>,
     runtime: tokio::runtime::Runtime,
+    /// The capture's id, for errors.
+    capture: String,
     next_seq: u64,
     /// The first failure of a compression thread.
     failed: Arc<Mutex<Option<UploadError>>>,
@@ -114,8 +116,9 @@ impl<S: Sink> Store<S> {
     async fn give_up(&mut self, error: UploadError, next: u64) -> Result<(), UploadError> {
         let mut uploader = self.uploader.take().expect("a live uploader");
         log::error!(
-            "capture {}: {error}; keeping what the store has not confirmed in the spool {}",
+            "capture {}: {}; keeping what the store has not confirmed in the spool {}",
             self.owner.capture,
+            error_chain(&error),
             self.spool.dir().display()
         );
         self.gave_up.store(true, Ordering::Relaxed);
@@ -129,7 +132,7 @@ impl<S: Sink> Store<S> {
             compression: self.compression,
             next_object: salvage.next_object,
             resume: salvage.resume,
-            error: error.to_string(),
+            error: error_chain(&error),
         };
         self.spool.write_salvage(&record).map_err(|e| self.spool_error(e))?;
         self.failure = Some(error);
@@ -204,7 +207,7 @@ impl StoreOutput {
             .thread_name("tapstream-upload")
             .enable_all()
             .build()
-            .map_err(|e| UploadError::Task(format!("cannot start the upload runtime: {e}")))?;
+            .map_err(|source| UploadError::Runtime { source })?;
         let sink = Arc::new(runtime.block_on(make_sink())?);
         let prefix = key_space(&config, &owner);
         // The sink bounds its check; this bounds the wait for a connection of the pool too.
@@ -214,8 +217,9 @@ impl StoreOutput {
                 Err(UploadError::Store {
                     operation: "ListMultipartUploads",
                     key: prefix.clone(),
-                    message: format!("no answer within {} s", wait.as_secs()),
+                    reason: format!("no answer within {} s", wait.as_secs()),
                     retryable: true,
+                    source: None,
                 })
             })
         });
@@ -280,10 +284,11 @@ impl<S: Sink> PreparedStore<S> {
             let (rx, tx, pool, failed) = (chunk_rx.clone(), done_tx.clone(), pool.clone(), failed.clone());
             let (spool, lost) = (spool.clone(), lost.clone());
             let compression = config.compression;
+            let name = format!("tapstream-zstd{i}");
             let worker = std::thread::Builder::new()
-                .name(format!("tapstream-zstd{i}"))
+                .name(name.clone())
                 .spawn(move || compress_loop(compression, &rx, &tx, &pool, &spool, &failed, &lost))
-                .map_err(|e| UploadError::Task(format!("cannot start a compression thread: {e}")))?;
+                .map_err(|source| UploadError::Thread { name, source })?;
             workers.push(worker);
         }
         drop(done_tx);
@@ -298,6 +303,7 @@ impl<S: Sink> PreparedStore<S> {
             lost: lost.clone(),
             gave_up: gave_up.clone(),
         };
+        let capture = owner.capture.clone();
         let task = runtime.spawn(async move {
             // What earlier runs left goes first: recovery aborts the uploads left open in this
             // capture's key space, which must come before its own. Chunks wait meanwhile, in
@@ -365,6 +371,7 @@ impl<S: Sink> PreparedStore<S> {
             workers,
             uploader: Some(task),
             runtime,
+            capture,
             next_seq: 0,
             failed,
             gave_up,
@@ -409,15 +416,34 @@ impl StoreOutput {
     /// Waits for every chunk to be stored and every object finished; returns their URLs.
     pub fn finish(mut self) -> Result<Vec<String>, UploadError> {
         self.chunks = None;
+        let mut panicked = None;
         for w in self.workers.drain(..) {
-            let _ = w.join();
+            let name = w.thread().name().unwrap_or("tapstream-zstd").to_owned();
+            if let Err(payload) = w.join() {
+                panicked.get_or_insert(UploadError::CompressionPanicked {
+                    name,
+                    message: panic_message(&*payload),
+                });
+            }
         }
         let task = self.uploader.take().expect("finished once");
-        let result = self.runtime.block_on(task).map_err(|e| UploadError::Task(e.to_string()))?;
-        if let Some(e) = self.failed.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        let result = self
+            .runtime
+            .block_on(task)
+            .map_err(|source| UploadError::Uploader { capture: self.capture.clone(), source })?;
+        if let Some(e) = self.failed.lock().unwrap_or_else(|e| e.into_inner()).take().or(panicked) {
             return Err(e);
         }
         result
+    }
+}
+
+/// The message a thread panicked with.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    match (payload.downcast_ref::<&str>(), payload.downcast_ref::<String>()) {
+        (Some(s), _) => (*s).to_owned(),
+        (None, Some(s)) => s.clone(),
+        (None, None) => "no message".to_owned(),
     }
 }
 
@@ -499,13 +525,7 @@ where
     S: Sink,
     F: std::future::Future<Output = Result<S, UploadError>>,
 {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| UploadError::Task(format!("cannot start the upload runtime: {e}")))?;
-    runtime.block_on(async {
-        let sink = Arc::new(make_sink().await?);
-        let global = Arc::new(Semaphore::new(config.parts_in_flight_per_object.max(1)));
+    on_own_runtime(make_sink, config.parts_in_flight_per_object, |sink, global| async move {
         recover_leftovers(&sink, &config, &owner, &options, &global).await
     })
 }
@@ -522,14 +542,31 @@ where
     S: Sink,
     F: std::future::Future<Output = Result<S, UploadError>>,
 {
+    on_own_runtime(make_sink, config.parts_in_flight_per_object, |sink, global| async move {
+        recover_capture(&sink, &config, &owner, &options, &global).await
+    })
+}
+
+/// Runs `work` with the store `make_sink` makes and a limit of `parts_in_flight`, on a runtime
+/// of its own that ends with it.
+fn on_own_runtime<S, F, T, W>(
+    make_sink: impl FnOnce() -> F,
+    parts_in_flight: usize,
+    work: impl FnOnce(Arc<S>, Arc<Semaphore>) -> W,
+) -> Result<T, UploadError>
+where
+    S: Sink,
+    F: std::future::Future<Output = Result<S, UploadError>>,
+    W: std::future::Future<Output = Result<T, UploadError>>,
+{
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| UploadError::Task(format!("cannot start the upload runtime: {e}")))?;
+        .map_err(|source| UploadError::Runtime { source })?;
+    let global = Arc::new(Semaphore::new(parts_in_flight.max(1)));
     runtime.block_on(async {
         let sink = Arc::new(make_sink().await?);
-        let global = Arc::new(Semaphore::new(config.parts_in_flight_per_object.max(1)));
-        recover_capture(&sink, &config, &owner, &options, &global).await
+        work(sink, global).await
     })
 }
 
@@ -720,18 +757,6 @@ async fn abort_dead_uploads<S: Sink>(
     Ok(aborted)
 }
 
-/// `e` and its sources, on one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
-
 /// The error of a failed file operation of recovery on `path`.
 fn recover_io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> UploadError {
     let path = path.display().to_string();
@@ -778,7 +803,7 @@ async fn recover_one<S: Sink>(
     if let Some(r) = resume.take_if(|r| r.parts.is_empty()) {
         // No part of it was confirmed: its chunks are all in the spool.
         if let Err(e) = sink.abort_multipart(&r.key, &r.upload_id).await {
-            log::warn!("cannot abort the upload of {} left by an earlier run: {e}", r.key);
+            log::warn!("cannot abort the upload of {} left by an earlier run: {}", r.key, error_chain(&e));
         }
     }
     if !left.chunks.is_empty() || resume.is_some() {
