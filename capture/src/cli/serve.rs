@@ -109,7 +109,10 @@ fn spawn_recovery(
         if !shutdown.is_set() {
             for (url, result) in store.recover_spools(&node) {
                 if let Err(e) = result {
-                    log::warn!("what earlier runs spooled for {url} stays in the spool for now: {e}");
+                    log::warn!(
+                        "what earlier runs spooled for {url} stays in the spool for now: {}",
+                        crate::report::chain(&e)
+                    );
                 }
             }
         }

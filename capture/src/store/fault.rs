@@ -267,7 +267,7 @@ impl<S: Sink> Sink for FaultSink<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{dir::DirSink, error_chain};
+    use crate::{report::chain as error_chain, store::dir::DirSink};
 
     #[test]
     fn faults_hit_the_calls_named_and_the_rest_reach_the_real_store() {

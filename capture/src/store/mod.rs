@@ -56,7 +56,7 @@ pub struct PendingUpload {
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// Errors of a store. Each says whether trying again may help. Each message reads on its own
-/// (a log line that prints one); [`error_chain`] adds what lies underneath.
+/// (a log line that prints one); [`crate::report::chain`] adds what lies underneath.
 #[derive(Debug, thiserror::Error)]
 pub enum UploadError {
     /// A request the store did not carry out: `reason` is what the store answered (its error
@@ -142,22 +142,6 @@ pub enum UploadError {
         dir: String,
         lost: LostPackets,
     },
-}
-
-/// `e` and its sources on one line, `: ` between them, as anyhow's `{:#}` shows them; a
-/// source whose text is already there is left out.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
 }
 
 /// Packets that did not fit in a full spool, for [`UploadError::Spooled`]'s message.

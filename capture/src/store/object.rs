@@ -9,7 +9,7 @@ use std::{
 use tokio::{sync::Semaphore, task::JoinSet};
 
 use super::{
-    ObjectMeta, PartDone, Sink, UploadError, error_chain,
+    ObjectMeta, PartDone, Sink, UploadError,
     spool::{Journal, JournalEntry},
 };
 use crate::metrics as m;
@@ -81,7 +81,10 @@ where
             Err(e) if e.is_retryable() && started.elapsed() < outage_max => {
                 metrics::counter!(m::UPLOAD_RETRIES, "operation" => what).increment(1);
                 if !warned {
-                    log::warn!("{what}: {}; retrying (chunks spool to disk meanwhile)", error_chain(&e));
+                    log::warn!(
+                        "{what}: {}; retrying (chunks spool to disk meanwhile)",
+                        crate::report::chain(&e)
+                    );
                     warned = true;
                 }
                 tokio::time::sleep(wait).await;
@@ -590,7 +593,7 @@ impl<S: Sink> Uploader<S> {
             && !obj.resumed
             && let Err(e) = self.sink.abort_multipart(&obj.key, id).await
         {
-            log::error!("cannot abort the upload of {}: {}", obj.key, error_chain(&e));
+            log::error!("cannot abort the upload of {}: {}", obj.key, crate::report::chain(&e));
         }
     }
 }

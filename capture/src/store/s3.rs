@@ -417,7 +417,7 @@ impl Sink for S3Sink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::error_chain;
+    use crate::report::chain as error_chain;
     use aws_sdk_s3::{
         error::{ConnectorError, ErrorMetadata},
         operation::list_multipart_uploads::ListMultipartUploadsError,

@@ -19,7 +19,7 @@ use std::{
 use tokio::sync::{Semaphore, mpsc};
 
 use super::{
-    LostPackets, Sink, UploadError, error_chain,
+    LostPackets, Sink, UploadError,
     object::{CompressedChunk, ObjectOwner, UploadConfig, Uploader, with_retry},
     spool::{JournalState, Leftover, SalvageRecord, Spool, SpoolOwner, read_chunk},
 };
@@ -118,7 +118,7 @@ impl<S: Sink> Store<S> {
         log::error!(
             "capture {}: {}; keeping what the store has not confirmed in the spool {}",
             self.owner.capture,
-            error_chain(&error),
+            crate::report::chain(&error),
             self.spool.dir().display()
         );
         self.gave_up.store(true, Ordering::Relaxed);
@@ -132,7 +132,7 @@ impl<S: Sink> Store<S> {
             compression: self.compression,
             next_object: salvage.next_object,
             resume: salvage.resume,
-            error: error_chain(&error),
+            error: crate::report::chain(&error),
         };
         self.spool.write_salvage(&record).map_err(|e| self.spool_error(e))?;
         self.failure = Some(error);
@@ -230,7 +230,7 @@ impl StoreOutput {
                  its chunks wait in the spool under {} (at most {} bytes) until the store answers",
                 owner.capture,
                 sink.describe(),
-                error_chain(&e),
+                crate::report::chain(&e),
                 options.spool_root.display(),
                 options.spool_max_bytes
             ),
@@ -649,14 +649,14 @@ async fn recover_leftover<S: Sink>(
             Ok(recovered)
         }
         Err(e) if e.is_permanent() => {
-            let to = Spool::quarantine(&options.spool_root, &left.name, &error_chain(&e))
+            let to = Spool::quarantine(&options.spool_root, &left.name, &crate::report::chain(&e))
                 .map_err(recover_io(&dir))?;
             metrics::counter!(crate::metrics::SPOOL_QUARANTINED).increment(1);
             log::error!(
                 "the spool {} can never be uploaded ({}); moved to {} with the reason, so it no \
                  longer holds up other captures",
                 dir.display(),
-                error_chain(&e),
+                crate::report::chain(&e),
                 to.display()
             );
             Err(e)
@@ -665,7 +665,7 @@ async fn recover_leftover<S: Sink>(
             log::warn!(
                 "cannot upload the spool {} now ({}); it stays for the next start",
                 dir.display(),
-                error_chain(&e)
+                crate::report::chain(&e)
             );
             Err(e)
         }
@@ -803,7 +803,11 @@ async fn recover_one<S: Sink>(
     if let Some(r) = resume.take_if(|r| r.parts.is_empty()) {
         // No part of it was confirmed: its chunks are all in the spool.
         if let Err(e) = sink.abort_multipart(&r.key, &r.upload_id).await {
-            log::warn!("cannot abort the upload of {} left by an earlier run: {}", r.key, error_chain(&e));
+            log::warn!(
+                "cannot abort the upload of {} left by an earlier run: {}",
+                r.key,
+                crate::report::chain(&e)
+            );
         }
     }
     if !left.chunks.is_empty() || resume.is_some() {
