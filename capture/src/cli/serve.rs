@@ -10,6 +10,7 @@ use crate::{
     cli::serve_metrics,
     config::Config,
     control::{daemon::Daemon, server},
+    fleet::redis::RedisFleet,
     store::settings::hostname,
 };
 use anyhow::Context as _;
@@ -69,6 +70,15 @@ pub fn daemon(file: &std::path::Path) -> anyhow::Result<()> {
         signal_hook::flag::register(signal, stop.clone()).context("install signal handler")?;
     }
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    // Capture requests through a broker, when one is configured: read until the shutdown,
+    // their events sent until the captures have ended.
+    let fleet = match daemon.config().fleet.redis.clone() {
+        Some(redis) => {
+            let _guard = runtime.enter();
+            Some(RedisFleet::start(daemon.clone(), &redis, shutdown_rx.clone())?)
+        }
+        None => None,
+    };
     let server = runtime.spawn(server::serve(daemon.clone(), unix, tcp, shutdown_rx));
     log::info!("daemon ready: control socket {}", socket.display());
     // Signals are checked twice a second; running captures' progress is saved every 2 s (what a
@@ -95,6 +105,9 @@ pub fn daemon(file: &std::path::Path) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&socket);
     // Requests still being served hold the daemon, which ends its captures all the same.
     daemon.shutdown();
+    if let Some(fleet) = fleet {
+        runtime.block_on(fleet.finish(Duration::from_secs(3)));
+    }
     // Blocking tasks still running (a request's last moments) must not hold up the exit.
     runtime.shutdown_timeout(Duration::from_secs(1));
     log::info!("stopped");
