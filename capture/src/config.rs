@@ -113,6 +113,49 @@ pub struct Config {
     pub defaults: DefaultsSection,
     /// Where captures are stored and how objects are cut, compressed and uploaded.
     pub store: StoreSettings,
+    /// Captures asked through a broker, for fleets of tap hosts (see the README's "Fleet").
+    pub fleet: FleetSection,
+}
+
+/// `[fleet]`: the brokers the daemon takes capture requests from.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FleetSection {
+    /// Redis Streams; none: no requests through Redis.
+    pub redis: Option<RedisSection>,
+}
+
+/// `[fleet.redis]`: capture requests read from a Redis stream, events written to another.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisSection {
+    /// The server: `redis://[user[:password]@]host:port[/db]` (`rediss://` is not supported),
+    /// or `unix:///path/to/redis.sock`. A password may also come from the environment
+    /// variable `TAPSTREAM_REDIS_PASSWORD` (and a user from `TAPSTREAM_REDIS_USERNAME`);
+    /// it is never logged.
+    pub url: String,
+    /// Stream the capture requests are read from.
+    pub requests_stream: String,
+    /// Stream the events (accepted, refused, started, finished, failed) are added to.
+    pub events_stream: String,
+    /// Each node reads through its own consumer group, `<group_prefix><node>`, so every node
+    /// sees every request.
+    pub group_prefix: String,
+    /// Events kept in memory while the broker is unreachable; beyond it the oldest are
+    /// dropped (and counted).
+    pub max_pending_events: usize,
+}
+
+impl Default for RedisSection {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379".into(),
+            requests_stream: "tapstream:requests".into(),
+            events_stream: "tapstream:events".into(),
+            group_prefix: "tapstream-".into(),
+            max_pending_events: 10_000,
+        }
+    }
 }
 
 /// `[daemon]`.
@@ -139,6 +182,9 @@ pub struct DaemonSection {
     pub metrics_listen: Option<String>,
     /// This host's name in object keys and metadata; default: the hostname.
     pub node: Option<String>,
+    /// Labels of this host (e.g. `{ site = "fra1", role = "edge" }`): a fleet request whose
+    /// target names labels is for the hosts that have all of them.
+    pub labels: BTreeMap<String, String>,
     /// Ended captures whose state is kept (the oldest are forgotten first; their objects stay
     /// in the store).
     pub keep_finished: usize,
@@ -155,6 +201,7 @@ impl Default for DaemonSection {
             state_dir: "/var/lib/tapstream".into(),
             metrics_listen: None,
             node: None,
+            labels: BTreeMap::new(),
             keep_finished: 1000,
         }
     }
@@ -391,6 +438,25 @@ impl Config {
                 ),
             ));
         }
+        if let Some(r) = &self.fleet.redis {
+            let scheme = r.url.split_once("://").map(|(s, _)| s);
+            if !matches!(scheme, Some("redis" | "unix" | "redis+unix")) {
+                return Err(invalid("fleet.redis.url", "must start with redis://, unix:// or redis+unix://"));
+            }
+            for (field, value) in
+                [("requests_stream", &r.requests_stream), ("events_stream", &r.events_stream)]
+            {
+                if value.is_empty() {
+                    return Err(invalid(format!("fleet.redis.{field}"), "must name a stream"));
+                }
+            }
+            if r.requests_stream == r.events_stream {
+                return Err(invalid("fleet.redis.events_stream", "must differ from requests_stream"));
+            }
+            if r.max_pending_events == 0 {
+                return Err(invalid("fleet.redis.max_pending_events", "must be at least 1"));
+            }
+        }
         self.store.validate().map_err(|(field, message)| invalid(format!("store.{field}"), message))
     }
 
@@ -557,6 +623,7 @@ mod tests {
             ("limits", config, "LimitsSection"),
             ("defaults", config, "DefaultsSection"),
             ("store", settings, "StoreSettings"),
+            ("fleet.redis", config, "RedisSection"),
         ] {
             for (name, doc) in documented_fields(source, strukt) {
                 out.push((format!("{section}.{name}"), doc));

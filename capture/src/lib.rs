@@ -7,7 +7,7 @@
 //! [`captures`] (each capture's output) ->
 //! [`store`] (zstd frames, objects, multipart streams, the spool, S3 and local directories).
 //!
-//! A request's path: [`cli`] or the HTTP API in [`control`] ->
+//! A request's path: [`cli`], a broker's message in [`fleet`], or the HTTP API in [`control`] ->
 //! [`request`] (one capture request, resolved into a plan) ->
 //! [`control`] (the daemon's registry of captures) -> [`captures`] -> events.
 //! Beside them: [`config`], [`metrics`] and [`sys`] (every system call outside the rings and
@@ -19,6 +19,7 @@ pub mod config;
 pub mod control;
 pub mod datapath;
 pub mod filter;
+pub mod fleet;
 pub mod metrics;
 pub mod report;
 pub mod request;
@@ -31,6 +32,7 @@ pub mod sys;
 const LAYERS: &[&[&str]] = &[
     &["main"],
     &["cli"],
+    &["fleet"],
     &["control"],
     &["request"],
     &["config"],

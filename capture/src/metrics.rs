@@ -70,6 +70,48 @@ pub const CAPTURES_ACTIVE: &str = "tapstream_captures_active";
 /// Captures ended, by `reason` (duration, packets, bytes, idle, stopped, error, interrupted).
 pub const CAPTURES_ENDED: &str = "tapstream_captures_ended_total";
 
+/// Fleet requests read from the broker (every message, whatever became of it).
+pub const FLEET_REQUESTS_RECEIVED: &str = "tapstream_fleet_requests_received_total";
+/// Fleet requests handled, by `outcome`: accepted, refused, ignored (not for this node),
+/// duplicate (seen before: nothing new started).
+pub const FLEET_REQUESTS: &str = "tapstream_fleet_requests_total";
+/// Fleet requests refused, by `code` (expired, over_cap, bad_filter, bad_request,
+/// not_allowed, unavailable).
+pub const FLEET_REFUSED: &str = "tapstream_fleet_requests_refused_total";
+/// Fleet events added to the broker's events stream.
+pub const FLEET_EVENTS_PUBLISHED: &str = "tapstream_fleet_events_published_total";
+/// Attempts to add an event that failed (the event is kept and sent again).
+pub const FLEET_EVENTS_FAILED: &str = "tapstream_fleet_events_failed_total";
+/// Events dropped unsent because too many waited while the broker was unreachable.
+pub const FLEET_EVENTS_DROPPED: &str = "tapstream_fleet_events_dropped_total";
+/// 1 while the fleet's broker is reachable, else 0.
+pub const FLEET_BROKER_CONNECTED: &str = "tapstream_fleet_broker_connected";
+
+/// The `outcome` labels of [`FLEET_REQUESTS`].
+pub const FLEET_OUTCOMES: [&str; 4] = ["accepted", "refused", "ignored", "duplicate"];
+
+/// Registers the fleet's series at zero (when a broker is configured); `codes` are the
+/// `code` labels of refusals.
+pub fn register_fleet(codes: impl IntoIterator<Item = &'static str>) {
+    describe_counter!(FLEET_REQUESTS_RECEIVED, Unit::Count, "Fleet requests read from the broker");
+    describe_counter!(FLEET_REQUESTS, Unit::Count, "Fleet requests handled, by outcome");
+    describe_counter!(FLEET_REFUSED, Unit::Count, "Fleet requests refused, by code");
+    describe_counter!(FLEET_EVENTS_PUBLISHED, Unit::Count, "Fleet events added to the events stream");
+    describe_counter!(FLEET_EVENTS_FAILED, Unit::Count, "Attempts to add a fleet event that failed");
+    describe_counter!(FLEET_EVENTS_DROPPED, Unit::Count, "Fleet events dropped unsent");
+    describe_gauge!(FLEET_BROKER_CONNECTED, Unit::Count, "Whether the fleet's broker is reachable");
+    for name in [FLEET_REQUESTS_RECEIVED, FLEET_EVENTS_PUBLISHED, FLEET_EVENTS_FAILED, FLEET_EVENTS_DROPPED] {
+        counter!(name).absolute(0);
+    }
+    for outcome in FLEET_OUTCOMES {
+        counter!(FLEET_REQUESTS, "outcome" => outcome).absolute(0);
+    }
+    for code in codes {
+        counter!(FLEET_REFUSED, "code" => code).absolute(0);
+    }
+    gauge!(FLEET_BROKER_CONNECTED).set(0.0);
+}
+
 /// Operations that are retried, for the `operation` label.
 pub const OPERATIONS: [&str; 4] =
     ["PutObject", "CreateMultipartUpload", "UploadPart", "CompleteMultipartUpload"];

@@ -23,6 +23,8 @@ pub struct TestDaemon {
     pub dir: tempfile::TempDir,
     pub running: Option<Running>,
     config: PathBuf,
+    /// Its `daemon.node` (`testnode` unless started with [`TestDaemon::start_as`]).
+    pub node: String,
     /// Extra environment of the daemon process (e.g. S3 credentials).
     env: Vec<(&'static str, String)>,
 }
@@ -39,9 +41,14 @@ impl TestDaemon {
         Self::start_with_limits(veth, extra, "")
     }
 
+    /// Like [`TestDaemon::start`], with `node` as `daemon.node`.
+    pub fn start_as(veth: &VethPair, node: &str, extra: &str) -> Self {
+        Self::start_full(veth, node, extra, "", local_store, Vec::new())
+    }
+
     /// Like [`TestDaemon::start`], with `limits` added to the `[limits]` section.
     pub fn start_with_limits(veth: &VethPair, extra: &str, limits: &str) -> Self {
-        Self::start_full(veth, extra, limits, local_store, Vec::new())
+        Self::start_full(veth, "testnode", extra, limits, local_store, Vec::new())
     }
 
     /// Like [`TestDaemon::start`], with the `[store]` section `store(dir)` (`dir`: the daemon's
@@ -52,11 +59,12 @@ impl TestDaemon {
         store: impl FnOnce(&str) -> String,
         env: Vec<(&'static str, String)>,
     ) -> Self {
-        Self::start_full(veth, extra, "", store, env)
+        Self::start_full(veth, "testnode", extra, "", store, env)
     }
 
     fn start_full(
         veth: &VethPair,
+        node: &str,
         extra: &str,
         limits: &str,
         store: impl FnOnce(&str) -> String,
@@ -70,7 +78,7 @@ impl TestDaemon {
         std::fs::write(
             &config,
             format!(
-                "[daemon]\nsocket = \"{d}/control.sock\"\nstate_dir = \"{d}/state\"\nnode = \"testnode\"\n{extra}\n\
+                "[daemon]\nsocket = \"{d}/control.sock\"\nstate_dir = \"{d}/state\"\nnode = \"{node}\"\n{extra}\n\
                  [interfaces.tap]\ndevice = \"{}\"\ndrop_unmatched = false\nring_size = {CORPUS_RING_SIZE}\n\
                  [limits]\nmax_duration_secs = 600\nmax_packets = 100000\nmax_concurrent_captures = 8\n{limits}\n\
                  [store]\n{}",
@@ -79,7 +87,7 @@ impl TestDaemon {
             ),
         )
         .unwrap();
-        let mut daemon = Self { dir, running: None, config, env };
+        let mut daemon = Self { dir, running: None, config, node: node.to_owned(), env };
         daemon.restart(veth);
         daemon
     }
@@ -142,7 +150,7 @@ impl TestDaemon {
 
     /// Every frame stored for capture `id`, in object order.
     pub fn stored(&self, id: &str) -> Vec<Vec<u8>> {
-        let dir = self.dir.path().join("store/testnode").join(id);
+        let dir = self.dir.path().join("store").join(&self.node).join(id);
         let mut objects: Vec<PathBuf> = match std::fs::read_dir(&dir) {
             Ok(entries) => entries
                 .map(|e| e.unwrap().path())

@@ -10,6 +10,7 @@ mod deploy;
 mod filter_check;
 mod filter_kernel;
 mod filter_limits;
+mod fleet;
 mod full_disk;
 mod fuzz;
 mod interface_loss;

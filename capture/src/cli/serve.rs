@@ -7,6 +7,7 @@ use crate::{
     cli::serve_metrics,
     config::Config,
     control::{daemon::Daemon, server},
+    fleet::redis::RedisFleet,
     store::settings::{StoreSettings, hostname},
     sys::Shutdown,
 };
@@ -56,6 +57,15 @@ pub fn daemon(file: &std::path::Path) -> anyhow::Result<()> {
     let recovery = spawn_recovery(daemon.clone(), store, node, shutdown.clone())
         .context("start the spool recovery thread")?;
     shutdown.trigger_on_termination().context("install signal handlers")?;
+    // Capture requests through a broker, when one is configured: read until the shutdown,
+    // their events sent until the captures have ended.
+    let fleet = match daemon.config().fleet.redis.clone() {
+        Some(redis) => {
+            let _guard = runtime.enter();
+            Some(RedisFleet::start(daemon.clone(), &redis, shutdown.clone())?)
+        }
+        None => None,
+    };
     let server = runtime.spawn(server::serve(daemon.clone(), unix, tcp, shutdown.clone()));
     log::info!("daemon ready: control socket {}", socket.display());
     // Running captures' progress is saved every 2 s until the stop, which ends the wait at once.
@@ -76,6 +86,10 @@ pub fn daemon(file: &std::path::Path) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&socket);
     // Requests still being served hold the daemon, which ends its captures all the same.
     daemon.shutdown();
+    // The fleet's last events (the captures' ends) go out now.
+    if let Some(fleet) = fleet {
+        runtime.block_on(fleet.finish(Duration::from_secs(3)));
+    }
     // A recovery under way (an upload to a slow or unreachable store) gets a little longer;
     // what it has not finished then stays in the spool and in the captures' state, and the
     // next start takes it up.

@@ -91,6 +91,8 @@ struct Shared {
     state_dir: PathBuf,
     /// Ended captures kept (`daemon.keep_finished`).
     keep_finished: usize,
+    /// Told of each capture that starts and each that ends ([`Daemon::subscribe`]).
+    subscribers: Mutex<Vec<tokio::sync::mpsc::UnboundedSender<CaptureInfo>>>,
 }
 
 /// The daemon's interfaces and captures.
@@ -121,6 +123,7 @@ impl Daemon {
             stopping: shutdown,
             state_dir,
             keep_finished: config.daemon.keep_finished,
+            subscribers: Mutex::new(Vec::new()),
         });
         shared.load()?;
         let mut services = HashMap::new();
@@ -147,6 +150,20 @@ impl Daemon {
     /// The configuration in force.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// This host's name (`daemon.node`, else the hostname).
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// A channel that gets each capture started from now on as it starts, and each capture as
+    /// it ends (finished or failed): the start first (not told for a capture that ended before
+    /// its start was complete), then the end.
+    pub fn subscribe(&self) -> tokio::sync::mpsc::UnboundedReceiver<CaptureInfo> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        self.shared.subscribers.lock().unwrap_or_else(|e| e.into_inner()).push(tx);
+        rx
     }
 
     /// Resolves `request` into a plan ([`CapturePlan::resolve`]) and starts the capture.
@@ -218,6 +235,10 @@ impl Daemon {
                 let mut captures = self.shared.lock();
                 if let Some(entry) = captures.get_mut(&id) {
                     entry.progress = Some(progress);
+                    // Under the lock, and only if it has not ended yet: its end is told after.
+                    if entry.info.state == CaptureState::Running {
+                        self.shared.notify(&info);
+                    }
                 }
                 log::info!(
                     "capture {id} started on {} ({}) for uid {requested_by:?}: filter {:?}, into {destination}",
@@ -556,6 +577,12 @@ impl Shared {
         self.persist(&info);
         self.forget_oldest();
         self.changed.notify_all();
+        self.notify(&info);
+    }
+
+    /// Tells the subscribers; forgets those gone.
+    fn notify(&self, info: &CaptureInfo) {
+        self.subscribers.lock().unwrap_or_else(|e| e.into_inner()).retain(|s| s.send(info.clone()).is_ok());
     }
 
     /// Forgets the oldest ended captures beyond `keep_finished`, so the state directory does

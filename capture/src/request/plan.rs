@@ -338,9 +338,6 @@ fn check_id(id: String) -> Result<String, PlanError> {
 /// A fresh capture id: the UTC start time and a random suffix.
 fn generate_id() -> String {
     let now = crate::sys::unix_now_ns();
-    let mut random = [0u8; 3];
-    // getrandom does not fail for so few bytes once the pool is initialised; the time alone
-    // still makes an id.
-    let _ = crate::sys::fill_random(&mut random);
+    let random = crate::sys::random_bytes::<3>();
     format!("{}-{:02x}{:02x}{:02x}", crate::store::object::utc_compact(now), random[0], random[1], random[2])
 }

@@ -412,6 +412,14 @@ pub fn memlock_limit() -> Option<u64> {
     (rc == 0 && limit.rlim_cur != libc::RLIM_INFINITY).then_some(limit.rlim_cur)
 }
 
+/// `N` random bytes from the kernel; zeros if it has none to give (getrandom does not fail for
+/// so few bytes once the pool is initialised: callers add the time).
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut random = [0u8; N];
+    let _ = fill_random(&mut random);
+    random
+}
+
 /// Now, in ns since the Unix epoch (0 for a clock set before 1970).
 pub fn unix_now_ns() -> u64 {
     std::time::SystemTime::now()

@@ -7,7 +7,8 @@
 //! - [`Sender`]: an `AF_PACKET` socket on the sending end, to replay corpus files or send
 //!   generated frames;
 //! - [`Garage`]: an S3-compatible server on a free loopback port, with its own directory,
-//!   keys and bucket.
+//!   keys and bucket;
+//! - [`Redis`]: a Redis server on a Unix socket (which daemons in any namespace reach).
 //!
 //! Everything here needs root (or CAP_NET_ADMIN and CAP_SYS_ADMIN) and the tools that
 //! `cargo xtask setup` installs.
@@ -15,6 +16,7 @@
 mod garage;
 mod netns;
 mod prometheus;
+mod redis;
 mod sender;
 
 use std::path::PathBuf;
@@ -22,6 +24,7 @@ use std::path::PathBuf;
 pub use garage::Garage;
 pub use netns::{Netns, VethPair};
 pub use prometheus::Prometheus;
+pub use redis::Redis;
 pub use sender::{
     CANARY_FILTER, CANARY_PORT, CORPUS_RING_SIZE, CorpusFrame, Sender, canary_frame, canary_seq,
     corpus_frames, read_pcap_frames,

@@ -1,0 +1,423 @@
+//! Fleet requests from a Redis stream, events to another (`[fleet.redis]`).
+//!
+//! A request is an entry of the requests stream whose field `request` holds the JSON. Each
+//! node reads through its own consumer group (`<group_prefix><node>`, created at the end of
+//! the stream when missing, so a new node does not replay old requests), as consumer
+//! `<node>`, with `XREADGROUP ... BLOCK`, and acknowledges (`XACK`) each entry once decided.
+//! At every (re)connection it first takes back its group's pending entries (`XAUTOCLAIM`),
+//! those received before a crash or an outage and not acknowledged, and decides them.
+//!
+//! Each event is an entry of the events stream with the fields `event` (its kind), `node`,
+//! `request_id` and `json` (the whole [`Event`](super::Event)). Events wait in a bounded
+//! [`Outbox`] while the broker is unreachable, and are sent in order when it is back.
+//!
+//! Two connections: one blocks in `XREADGROUP`, the other adds events. Both reconnect with a
+//! backoff from 200 ms to 5 s.
+
+use std::{sync::Arc, time::Duration};
+
+use ::redis::{
+    AsyncConnectionConfig, Client, ConnectionInfo, IntoConnectionInfo as _, RedisError,
+    aio::MultiplexedConnection,
+    streams::{StreamAutoClaimReply, StreamId, StreamReadReply},
+};
+use tokio::{sync::watch, task::JoinHandle};
+
+use super::{Node, Outbox};
+use crate::{config::RedisSection, control::daemon::Daemon, sys::Shutdown};
+
+/// The field of a requests stream entry that holds the request's JSON.
+pub const REQUEST_FIELD: &str = "request";
+/// How long one `XREADGROUP` blocks.
+const BLOCK: Duration = Duration::from_secs(1);
+/// Entries read or claimed at a time.
+const BATCH: usize = 16;
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Errors setting up the transport.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetRedisError {
+    /// The URL cannot be used (the message names the URL with its password masked).
+    #[error("fleet.redis.url {url}: {message}")]
+    Url { url: String, message: String },
+}
+
+/// The running transport: reader, event sender and the watcher of captures' ends.
+pub struct RedisFleet {
+    reader: JoinHandle<()>,
+    watcher: JoinHandle<()>,
+    sender: JoinHandle<()>,
+    /// Tells the watcher, then the sender, to finish.
+    finish: watch::Sender<bool>,
+    outbox: Arc<Outbox>,
+}
+
+/// Where to connect and what to use there.
+#[derive(Clone)]
+struct Link {
+    client: Client,
+    /// The URL with its password masked, for logs.
+    shown: String,
+    requests: String,
+    events: String,
+    group: String,
+    consumer: String,
+}
+
+impl RedisFleet {
+    /// Starts reading requests for `daemon` on the current tokio runtime; stops reading
+    /// when `shutdown` turns true. Events are sent until [`RedisFleet::finish`].
+    pub fn start(
+        daemon: Arc<Daemon>,
+        settings: &RedisSection,
+        shutdown: Shutdown,
+    ) -> Result<Self, FleetRedisError> {
+        crate::metrics::register_fleet(super::RefusalCode::ALL.map(super::RefusalCode::as_str));
+        let info = connection_info(settings, |name| std::env::var(name).ok())?;
+        let shown = mask_password(&settings.url);
+        let client = Client::open(info)
+            .map_err(|e| FleetRedisError::Url { url: shown.clone(), message: e.to_string() })?;
+        let node_name = daemon.node().to_owned();
+        let link = Link {
+            client,
+            shown,
+            requests: settings.requests_stream.clone(),
+            events: settings.events_stream.clone(),
+            group: format!("{}{node_name}", settings.group_prefix),
+            consumer: node_name,
+        };
+        let outbox = Arc::new(Outbox::new(settings.max_pending_events));
+        let mut ends = daemon.subscribe();
+        let node = Arc::new(Node::new(daemon, outbox.clone()));
+        let (finish, finishing) = watch::channel(false);
+        let reader = tokio::spawn(read_requests(node.clone(), link.clone(), shutdown));
+        let watcher = {
+            let mut finishing = finishing.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        info = ends.recv() => match info {
+                            Some(info) => node.capture_changed(&info),
+                            None => return,
+                        },
+                        _ = finishing.wait_for(|f| *f) => {
+                            // The ends told before the finish.
+                            while let Ok(info) = ends.try_recv() {
+                                node.capture_changed(&info);
+                            }
+                            return;
+                        }
+                    }
+                }
+            })
+        };
+        let sender = tokio::spawn(send_events(outbox.clone(), link, finishing));
+        Ok(Self { reader, watcher, sender, finish, outbox })
+    }
+
+    /// After the daemon's captures have ended: reports their ends and sends what events are
+    /// left, for at most `grace`.
+    pub async fn finish(self, grace: Duration) {
+        let _ = self.finish.send(true);
+        let _ = self.watcher.await;
+        if tokio::time::timeout(grace, self.sender).await.is_err() {
+            log::warn!("fleet: {} events could not be sent before the daemon stopped", self.outbox.len());
+        }
+        self.reader.abort();
+    }
+}
+
+/// The connection settings: the URL's, with the user and password from the environment
+/// (`TAPSTREAM_REDIS_USERNAME`, `TAPSTREAM_REDIS_PASSWORD`) when set.
+fn connection_info(
+    settings: &RedisSection,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<ConnectionInfo, FleetRedisError> {
+    let bad = |message: String| FleetRedisError::Url { url: mask_password(&settings.url), message };
+    let mut info = settings.url.as_str().into_connection_info().map_err(|e| bad(e.to_string()))?;
+    let mut redis = info.redis_settings().clone();
+    if let Some(user) = env("TAPSTREAM_REDIS_USERNAME") {
+        redis = redis.set_username(user);
+    }
+    if let Some(password) = env("TAPSTREAM_REDIS_PASSWORD") {
+        redis = redis.set_password(password);
+    }
+    info = info.set_redis_settings(redis);
+    Ok(info)
+}
+
+/// `url` with the password of its user part replaced by `***`.
+pub fn mask_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(end);
+    let Some((user_info, host)) = authority.rsplit_once('@') else { return url.to_owned() };
+    let user = match user_info.split_once(':') {
+        Some((user, _)) => format!("{user}:***"),
+        None => user_info.to_owned(),
+    };
+    // A password in the query (`?password=`) is masked too.
+    let path = match path.find("password=") {
+        Some(at) => {
+            let value_end = path[at..].find('&').map_or(path.len(), |i| at + i);
+            format!("{}password=***{}", &path[..at], &path[value_end..])
+        }
+        None => path.to_owned(),
+    };
+    format!("{scheme}://{user}@{host}{path}")
+}
+
+async fn connect(link: &Link) -> Result<MultiplexedConnection, RedisError> {
+    // A blocked read answers after BLOCK; a connection silent well beyond that is dead.
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(Some(BLOCK + Duration::from_secs(5)));
+    link.client.get_multiplexed_async_connection_with_config(&config).await
+}
+
+fn connected(up: bool) {
+    metrics::gauge!(crate::metrics::FLEET_BROKER_CONNECTED).set(if up { 1.0 } else { 0.0 });
+}
+
+/// Reads and decides requests until `shutdown`; reconnects after errors.
+async fn read_requests(node: Arc<Node>, link: Link, shutdown: Shutdown) {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        if shutdown.is_set() {
+            return;
+        }
+        let result = match connect(&link).await {
+            Ok(mut conn) => read_from(&node, &link, &mut conn, &shutdown, &mut backoff).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => return,
+            Err(e) => {
+                connected(false);
+                log::warn!("fleet: Redis at {}: {e}; trying again in {backoff:?}", link.shown);
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            () = shutdown.wait() => return,
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// Reads from one connection: the group's pending entries first, then new ones. Returns Ok
+/// at shutdown.
+async fn read_from(
+    node: &Arc<Node>,
+    link: &Link,
+    conn: &mut MultiplexedConnection,
+    shutdown: &Shutdown,
+    backoff: &mut Duration,
+) -> Result<(), RedisError> {
+    let created: Result<(), RedisError> = ::redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&link.requests)
+        .arg(&link.group)
+        .arg("$")
+        .arg("MKSTREAM")
+        .query_async(conn)
+        .await;
+    match created {
+        Err(e) if e.code() != Some("BUSYGROUP") => return Err(e),
+        _ => {}
+    }
+    connected(true);
+    *backoff = BACKOFF_MIN;
+    log::info!(
+        "fleet: reading requests from {} on {} as group {}, consumer {}",
+        link.requests,
+        link.shown,
+        link.group,
+        link.consumer
+    );
+    // What was received before and not acknowledged (a crash, an outage).
+    let mut cursor = "0-0".to_owned();
+    loop {
+        let reply: StreamAutoClaimReply = ::redis::cmd("XAUTOCLAIM")
+            .arg(&link.requests)
+            .arg(&link.group)
+            .arg(&link.consumer)
+            .arg(0)
+            .arg(&cursor)
+            .arg("COUNT")
+            .arg(BATCH)
+            .query_async(conn)
+            .await?;
+        if !reply.claimed.is_empty() {
+            log::info!(
+                "fleet: {} requests received earlier and not decided: deciding them now",
+                reply.claimed.len()
+            );
+        }
+        for entry in reply.claimed {
+            decide(node, link, conn, entry).await?;
+        }
+        cursor = reply.next_stream_id;
+        if cursor == "0-0" {
+            break;
+        }
+    }
+    loop {
+        let read = ::redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(&link.group)
+            .arg(&link.consumer)
+            .arg("COUNT")
+            .arg(BATCH)
+            .arg("BLOCK")
+            .arg(BLOCK.as_millis() as u64)
+            .arg("STREAMS")
+            .arg(&link.requests)
+            .arg(">")
+            .to_owned();
+        let reply: Option<StreamReadReply> = tokio::select! {
+            reply = read.query_async(conn) => reply?,
+            () = shutdown.wait() => return Ok(()),
+        };
+        for entry in reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids) {
+            decide(node, link, conn, entry).await?;
+            if shutdown.is_set() {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Decides one entry (on a blocking thread) and acknowledges it if decided.
+async fn decide(
+    node: &Arc<Node>,
+    link: &Link,
+    conn: &mut MultiplexedConnection,
+    entry: StreamId,
+) -> Result<(), RedisError> {
+    let body: Option<Vec<u8>> =
+        entry.map.get(REQUEST_FIELD).and_then(|v| ::redis::from_redis_value_ref::<Vec<u8>>(v).ok());
+    let deciding = node.clone();
+    let outcome = match tokio::task::spawn_blocking(move || deciding.handle(body.as_deref())).await {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            log::error!("fleet: deciding entry {} failed: {e}; it stays pending", entry.id);
+            return Ok(());
+        }
+    };
+    log::debug!("fleet: entry {}: {outcome:?}", entry.id);
+    if outcome.decided() {
+        let _: i64 = ::redis::cmd("XACK")
+            .arg(&link.requests)
+            .arg(&link.group)
+            .arg(&entry.id)
+            .query_async(conn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Sends the outbox's events in order until `finish` and the outbox is empty; keeps each
+/// until the broker took it.
+async fn send_events(outbox: Arc<Outbox>, link: Link, mut finish: watch::Receiver<bool>) {
+    let mut conn: Option<MultiplexedConnection> = None;
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let Some(event) = outbox.front() else {
+            if *finish.borrow() {
+                return;
+            }
+            tokio::select! {
+                _ = outbox.wait() => {}
+                _ = finish.wait_for(|f| *f) => {}
+            }
+            continue;
+        };
+        let result = async {
+            if conn.is_none() {
+                conn = Some(connect(&link).await?);
+            }
+            let json =
+                serde_json::to_string(&event).map_err(|e| RedisError::from(std::io::Error::other(e)))?;
+            let id: String = ::redis::cmd("XADD")
+                .arg(&link.events)
+                .arg("*")
+                .arg("event")
+                .arg(event.kind())
+                .arg("node")
+                .arg(&event.node)
+                .arg("request_id")
+                .arg(event.request_id.as_deref().unwrap_or(""))
+                .arg("json")
+                .arg(json)
+                .query_async(conn.as_mut().expect("connected above"))
+                .await?;
+            Ok::<_, RedisError>(id)
+        }
+        .await;
+        match result {
+            Ok(id) => {
+                outbox.sent();
+                metrics::counter!(crate::metrics::FLEET_EVENTS_PUBLISHED).increment(1);
+                log::debug!("fleet: event {} of request {:?} sent as {id}", event.kind(), event.request_id);
+                backoff = BACKOFF_MIN;
+            }
+            Err(e) => {
+                conn = None;
+                connected(false);
+                metrics::counter!(crate::metrics::FLEET_EVENTS_FAILED).increment(1);
+                log::warn!(
+                    "fleet: cannot send events to {} ({e}); {} wait, trying again in {backoff:?}",
+                    link.shown,
+                    outbox.len()
+                );
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_masked_in_logs() {
+        assert_eq!(mask_password("redis://:s3cret@host:6379/0"), "redis://:***@host:6379/0");
+        assert_eq!(mask_password("redis://user:s3cret@host"), "redis://user:***@host");
+        assert_eq!(mask_password("redis://user@host"), "redis://user@host");
+        assert_eq!(mask_password("redis://host:6379"), "redis://host:6379");
+        assert_eq!(mask_password("unix:///run/redis.sock"), "unix:///run/redis.sock");
+        assert_eq!(
+            mask_password("unix://x@/run/redis.sock?db=1&password=s3cret&x=1"),
+            "unix://x@/run/redis.sock?db=1&password=***&x=1"
+        );
+    }
+
+    #[test]
+    fn the_password_may_come_from_the_environment() {
+        let settings =
+            RedisSection { url: "redis://alice@127.0.0.1:6390/2".into(), ..RedisSection::default() };
+        let info =
+            connection_info(&settings, |name| (name == "TAPSTREAM_REDIS_PASSWORD").then(|| "pw".into()))
+                .unwrap();
+        assert_eq!(info.redis_settings().password(), Some("pw"));
+        assert_eq!(info.redis_settings().username(), Some("alice"));
+        let info = connection_info(
+            &RedisSection { url: "unix:///tmp/r.sock".into(), ..RedisSection::default() },
+            |_| None,
+        )
+        .unwrap();
+        assert_eq!(info.redis_settings().password(), None);
+        let err =
+            connection_info(&RedisSection { url: "redis://:pw@".into(), ..RedisSection::default() }, |_| {
+                None
+            })
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("pw@"), "{err}");
+    }
+}

@@ -1,0 +1,90 @@
+//! A Redis server on a Unix socket, for the fleet tests.
+//!
+//! Unix sockets are files: a daemon in any network namespace reaches the server through its
+//! socket, so the server runs in the test's own namespace. `cargo xtask setup` installs
+//! Debian's `redis-server`.
+
+use std::{
+    io::{Read as _, Write as _},
+    os::unix::net::UnixStream,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+/// A running `redis-server` with its own directory, killed and removed on drop.
+#[derive(Debug)]
+pub struct Redis {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Redis {
+    /// Starts a server (no TCP port, no persistence) and waits until it answers PING.
+    pub fn start() -> Self {
+        let dir = tempfile::Builder::new().prefix("tapstream-redis-").tempdir().expect("temp dir");
+        // The daemons may run as other users in other tests' setups: let them reach the socket.
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod the redis dir");
+        let log = std::fs::File::create(dir.path().join("redis.log")).expect("redis log");
+        let child = Command::new("redis-server")
+            .args(["--port", "0", "--unixsocket"])
+            .arg(dir.path().join("redis.sock"))
+            .args(["--unixsocketperm", "777", "--save", "", "--appendonly", "no", "--dir"])
+            .arg(dir.path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .spawn()
+            .expect("start redis-server (install it with `cargo xtask setup`)");
+        let mut redis = Self { child, dir };
+        redis.wait_ready();
+        redis
+    }
+
+    /// The server's socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("redis.sock")
+    }
+
+    /// A URL for clients: `unix:///path/redis.sock`.
+    pub fn url(&self) -> String {
+        format!("unix://{}", self.socket().display())
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait redis-server") {
+                panic!("redis-server exited ({status}) before it was ready:\n{}", self.log());
+            }
+            if self.answers_ping() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "redis-server not ready after 10 s:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn answers_ping(&self) -> bool {
+        let Ok(mut stream) = UnixStream::connect(self.socket()) else { return false };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+        if stream.write_all(b"PING\r\n").is_err() {
+            return false;
+        }
+        let mut reply = [0u8; 7];
+        stream.read_exact(&mut reply).is_ok() && &reply == b"+PONG\r\n"
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,311 @@
+//! Captures asked through Redis Streams: daemons in their own namespaces, one real
+//! `redis-server` they reach over its Unix socket, traffic on each daemon's veth, and what an
+//! operator reads back: the events stream and the stored frames.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use redis::streams::{StreamInfoGroupsReply, StreamRangeReply};
+use serde_json::{Value, json};
+use tapstream_testenv::{Redis, Sender, VethPair};
+
+use crate::daemon::{TestDaemon, data, sendable};
+
+const REQUESTS: &str = "tapstream:requests";
+const EVENTS: &str = "tapstream:events";
+
+/// The `[daemon]` additions of a fleet node: its labels and the broker.
+fn fleet_config(redis: &Redis, labels: &str) -> String {
+    format!("labels = {{ {labels} }}\n[fleet.redis]\nurl = \"{}\"\n", redis.url())
+}
+
+fn connect(redis: &Redis) -> redis::Connection {
+    redis::Client::open(redis.url()).and_then(|c| c.get_connection()).expect("connect to redis")
+}
+
+/// Unix seconds `secs` from now.
+fn in_secs(secs: u64) -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() + secs
+}
+
+/// Adds a request (its JSON text) to the requests stream; returns the entry's id.
+fn publish(con: &mut redis::Connection, body: &str) -> String {
+    redis::cmd("XADD").arg(REQUESTS).arg("*").arg("request").arg(body).query(con).expect("XADD")
+}
+
+/// A request for `packets` frames on `target`, valid for a minute.
+fn request(id: &str, target: Value, packets: u64) -> String {
+    json!({
+        "id": id,
+        "not_after": in_secs(60),
+        "target": target,
+        "capture": {"packets": packets, "duration_secs": 60, "alert_id": "alert-7", "customer": "acme",
+                    "tags": {"case": "c1"}}
+    })
+    .to_string()
+}
+
+/// Every event in the stream, as JSON, checking the entry's fields against the JSON.
+fn events(con: &mut redis::Connection) -> Vec<Value> {
+    let reply: StreamRangeReply =
+        redis::cmd("XRANGE").arg(EVENTS).arg("-").arg("+").query(con).expect("XRANGE");
+    reply
+        .ids
+        .iter()
+        .map(|entry| {
+            let field =
+                |name: &str| -> String { entry.get(name).unwrap_or_else(|| panic!("no {name}: {entry:?}")) };
+            let event: Value = serde_json::from_str(&field("json")).expect("event JSON");
+            assert_eq!(event["event"], field("event"));
+            assert_eq!(event["node"], field("node"));
+            event
+        })
+        .collect()
+}
+
+/// The events of request `id`, as (node, kind, event).
+fn events_of(con: &mut redis::Connection, id: &str) -> Vec<(String, String, Value)> {
+    events(con)
+        .into_iter()
+        .filter(|e| e["request_id"] == id)
+        .map(|e| (e["node"].as_str().unwrap().to_owned(), e["event"].as_str().unwrap().to_owned(), e))
+        .collect()
+}
+
+/// Polls `f` until it returns `Some`, for at most 30 s.
+fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(value) = f() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "gave up waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits for the event `kind` of request `id` from each of `nodes`; returns them by node.
+fn wait_events(con: &mut redis::Connection, id: &str, kind: &str, nodes: &[&str]) -> Vec<Value> {
+    eventually(&format!("{kind} of {id} from {nodes:?}"), || {
+        let all = events_of(con, id);
+        nodes
+            .iter()
+            .map(|node| all.iter().find(|(n, k, _)| n == node && k == kind).map(|(_, _, e)| e.clone()))
+            .collect()
+    })
+}
+
+/// The consumer group of `node`, if it exists.
+fn group(con: &mut redis::Connection, node: &str) -> Option<redis::streams::StreamInfoGroup> {
+    let reply: StreamInfoGroupsReply = redis::cmd("XINFO").arg("GROUPS").arg(REQUESTS).query(con).ok()?;
+    reply.groups.into_iter().find(|g| g.name == format!("tapstream-{node}"))
+}
+
+/// Waits until `node` has read and acknowledged everything up to entry `id`.
+fn wait_decided(con: &mut redis::Connection, node: &str, id: &str) {
+    eventually(&format!("{node} to decide entry {id}"), || {
+        group(con, node).filter(|g| g.last_delivered_id == id && g.pending == 0)
+    });
+}
+
+fn wait_group(con: &mut redis::Connection, node: &str) {
+    eventually(&format!("the consumer group of {node}"), || group(con, node));
+}
+
+/// Sends `range` of the sendable corpus frames into `veth`; returns their bytes.
+fn send(veth: &VethPair, range: std::ops::Range<usize>) -> Vec<Vec<u8>> {
+    let frames = sendable(veth);
+    let sent = Sender::new(veth).send_all(&frames[range]);
+    data(&sent)
+}
+
+/// Checks a `finished` event: 20 frames, ended by the packet limit, with outputs; and that the
+/// node stored exactly the first 20 frames sent to it.
+fn check_finished(event: &Value, daemon: &TestDaemon, id: &str, sent: &[Vec<u8>]) {
+    assert_eq!(event["stop_reason"], "packets", "{event}");
+    assert_eq!(event["packets"], 20, "{event}");
+    assert_eq!(event["capture_id"], id, "{event}");
+    assert_eq!(
+        (&event["alert_id"], &event["customer"], &event["tags"]["case"]),
+        (&json!("alert-7"), &json!("acme"), &json!("c1"))
+    );
+    let outputs = event["outputs"].as_array().unwrap_or_else(|| panic!("no outputs: {event}"));
+    assert!(!outputs.is_empty(), "{event}");
+    assert!(
+        outputs.iter().all(|o| o.as_str().unwrap().contains(&format!("/{}/{id}/", daemon.node))),
+        "{event}"
+    );
+    assert!(daemon.stored(id) == sent[..20], "{} stored the first 20 frames sent to it", daemon.node);
+}
+
+#[test]
+fn a_request_runs_on_exactly_the_nodes_it_targets_and_they_report_what_they_stored() {
+    let redis = Redis::start();
+    let mut con = connect(&redis);
+    let nodes = [
+        ("fra1-a", "site = \"fra1\", role = \"edge\""),
+        ("fra1-b", "site = \"fra1\", role = \"core\""),
+        ("ams1-a", "site = \"ams1\", role = \"edge\""),
+    ];
+    let veths: Vec<VethPair> = nodes.iter().map(|_| VethPair::new(1)).collect();
+    let daemons: Vec<TestDaemon> = nodes
+        .iter()
+        .zip(&veths)
+        .map(|((node, labels), veth)| TestDaemon::start_as(veth, node, &fleet_config(&redis, labels)))
+        .collect();
+    for (node, _) in nodes {
+        wait_group(&mut con, node);
+    }
+    // By name, then by labels: two of the three nodes each time.
+    for (id, target, chosen, left) in [
+        ("by-regex", json!({"node_regex": "fra1-.*"}), [0, 1], 2),
+        ("by-labels", json!({"node": "any", "labels": {"role": "edge"}}), [0, 2], 1),
+    ] {
+        let entry = publish(&mut con, &request(id, target, 20));
+        let names: Vec<&str> = chosen.iter().map(|&i| nodes[i].0).collect();
+        wait_events(&mut con, id, "started", &names);
+        let sent: Vec<Vec<Vec<u8>>> = (0..3).map(|i| send(&veths[i], 100 * i..100 * i + 60)).collect();
+        let finished = wait_events(&mut con, id, "finished", &names);
+        for (event, &i) in finished.iter().zip(&chosen) {
+            check_finished(event, &daemons[i], id, &sent[i]);
+        }
+        // The third read the request, acknowledged it, and said nothing.
+        wait_decided(&mut con, nodes[left].0, &entry);
+        let all = events_of(&mut con, id);
+        assert!(
+            all.iter().all(|(n, _, _)| n != nodes[left].0),
+            "{} reported on {id}: {all:?}",
+            nodes[left].0
+        );
+        let kinds: Vec<(&str, &str)> = all.iter().map(|(n, k, _)| (n.as_str(), k.as_str())).collect();
+        for name in &names {
+            let mine: Vec<&str> = kinds.iter().filter(|(n, _)| n == name).map(|(_, k)| *k).collect();
+            assert_eq!(mine, ["accepted", "started", "finished"], "{name} on {id}");
+        }
+        assert!(daemons[left].client().status(id).is_err(), "no capture {id} on {}", nodes[left].0);
+        assert!(daemons[left].stored(id).is_empty());
+    }
+}
+
+#[test]
+fn duplicates_start_one_capture_and_bad_requests_are_refused_with_a_reason() {
+    let redis = Redis::start();
+    let mut con = connect(&redis);
+    let veth = VethPair::new(1);
+    let daemon = TestDaemon::start_as(&veth, "solo", &fleet_config(&redis, ""));
+    wait_group(&mut con, "solo");
+
+    // The same request twice: one capture, one `accepted`.
+    let body = request("dup-1", json!({"node": "solo"}), 20);
+    publish(&mut con, &body);
+    let second = publish(&mut con, &body);
+    wait_decided(&mut con, "solo", &second);
+    wait_events(&mut con, "dup-1", "started", &["solo"]);
+    let sent = send(&veth, 0..60);
+    let finished = wait_events(&mut con, "dup-1", "finished", &["solo"]);
+    check_finished(&finished[0], &daemon, "dup-1", &sent);
+    // And once more after it ended: still nothing new.
+    let third = publish(&mut con, &body);
+    wait_decided(&mut con, "solo", &third);
+    let kinds: Vec<String> = events_of(&mut con, "dup-1").into_iter().map(|(_, k, _)| k).collect();
+    assert_eq!(kinds, ["accepted", "started", "finished"]);
+    assert_eq!(daemon.client().list().unwrap().len(), 1);
+
+    // Refusals, each with its code and the daemon's reason.
+    let refusals = [
+        (
+            "old-1",
+            json!({"id": "old-1", "not_after": 1000, "capture": {"packets": 5}}).to_string(),
+            "expired",
+            "expired",
+        ),
+        (
+            "typo-1",
+            json!({"id": "typo-1", "not_after": in_secs(60), "capture": {"filtre": "tcp"}}).to_string(),
+            "bad_request",
+            "unknown field `filtre`",
+        ),
+        (
+            "filter-1",
+            json!({"id": "filter-1", "not_after": in_secs(60), "capture": {"filter": "tcp and and", "packets": 5}})
+                .to_string(),
+            "bad_filter",
+            "syntax error",
+        ),
+        (
+            "cap-1",
+            json!({"id": "cap-1", "not_after": in_secs(60), "capture": {"packets": 1_000_000}}).to_string(),
+            "over_cap",
+            "limits.max_packets",
+        ),
+        (
+            "id with spaces",
+            json!({"id": "id with spaces", "not_after": in_secs(60), "capture": {"packets": 5}}).to_string(),
+            "bad_request",
+            "capture id",
+        ),
+    ];
+    for (id, body, code, reason) in refusals {
+        publish(&mut con, &body);
+        let refused = wait_events(&mut con, id, "refused", &["solo"]);
+        assert_eq!(refused[0]["code"], code, "{id}: {}", refused[0]);
+        let text = refused[0]["reason"].as_str().unwrap();
+        assert!(text.contains(reason), "{id}: {text}");
+    }
+    // Not JSON at all: refused, without a request id.
+    let before = events(&mut con).len();
+    let last = publish(&mut con, "{{{");
+    wait_decided(&mut con, "solo", &last);
+    let all = events(&mut con);
+    assert_eq!(all.len(), before + 1, "{all:?}");
+    let refused = all.last().unwrap();
+    assert_eq!(
+        (&refused["event"], &refused["code"]),
+        (&json!("refused"), &json!("bad_request")),
+        "{refused}"
+    );
+    assert!(refused["reason"].as_str().unwrap().starts_with("malformed request"), "{refused}");
+    assert!(refused.get("request_id").is_none(), "{refused}");
+    // Nothing of these started, and the daemon still serves.
+    let ids: Vec<String> = daemon.client().list().unwrap().into_iter().map(|c| c.id).collect();
+    assert_eq!(ids, ["dup-1"]);
+}
+
+#[test]
+fn a_request_received_before_a_crash_runs_once_after_the_restart() {
+    let redis = Redis::start();
+    let mut con = connect(&redis);
+    let veth = VethPair::new(1);
+    let mut daemon = TestDaemon::start_as(&veth, "crash", &fleet_config(&redis, ""));
+    wait_group(&mut con, "crash");
+    let (status, _) = daemon.running.take().unwrap().signal_and_wait(libc::SIGKILL);
+    assert!(!status.success());
+    // What the dead daemon had read and not acknowledged: an entry delivered to its consumer.
+    let body = request("crash-1", json!({}), 20);
+    let entry = publish(&mut con, &body);
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("tapstream-crash")
+        .arg("crash")
+        .arg("STREAMS")
+        .arg(REQUESTS)
+        .arg(">")
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(group(&mut con, "crash").unwrap().pending, 1);
+
+    daemon.restart(&veth);
+    wait_events(&mut con, "crash-1", "started", &["crash"]);
+    let sent = send(&veth, 0..60);
+    let finished = wait_events(&mut con, "crash-1", "finished", &["crash"]);
+    check_finished(&finished[0], &daemon, "crash-1", &sent);
+    wait_decided(&mut con, "crash", &entry);
+
+    // Killed again and restarted, with the request published once more: it does not run again.
+    let (_, _) = daemon.running.take().unwrap().signal_and_wait(libc::SIGKILL);
+    daemon.restart(&veth);
+    let again = publish(&mut con, &body);
+    wait_decided(&mut con, "crash", &again);
+    let kinds: Vec<String> = events_of(&mut con, "crash-1").into_iter().map(|(_, k, _)| k).collect();
+    assert_eq!(kinds, ["accepted", "started", "finished"]);
+    assert_eq!(daemon.client().list().unwrap().len(), 1);
+}
