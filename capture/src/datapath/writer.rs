@@ -129,7 +129,19 @@ impl Writer {
                         Err(e) => log::warn!("writer for queue {queue}: cannot pin to core {core}: {e}"),
                     }
                 }
-                let mut state = WriterState::new(socket, config, output, pool, stats, command_rx);
+                let mut state = WriterState {
+                    metrics: WriterMetrics::new(socket.queue()),
+                    socket,
+                    config,
+                    output,
+                    pool,
+                    stats,
+                    commands: command_rx,
+                    slots: (0..MAX_CAPTURES).map(|_| None).collect(),
+                    active: 0,
+                    present: 0,
+                    clock: TaiClock::measure(),
+                };
                 state.run(&shutdown);
                 state.socket
             }
@@ -228,30 +240,6 @@ struct BatchCounts {
 }
 
 impl WriterState {
-    fn new(
-        socket: XskSocket,
-        config: WriterConfig,
-        output: Sender<Output>,
-        pool: Arc<ChunkPool>,
-        stats: Arc<QueueStats>,
-        commands: Receiver<WriterCommand>,
-    ) -> Self {
-        let metrics = WriterMetrics::new(socket.queue());
-        Self {
-            socket,
-            config,
-            output,
-            pool,
-            stats,
-            commands,
-            slots: (0..MAX_CAPTURES).map(|_| None).collect(),
-            active: 0,
-            present: 0,
-            clock: TaiClock::measure(),
-            metrics,
-        }
-    }
-
     fn run(&mut self, shutdown: &AtomicBool) {
         let mut last_tick = Instant::now();
         let mut shutting_down = false;

@@ -8,7 +8,9 @@
 //! ([`BoundedCompiler`]): the `tapstream` binary itself, run as `tapstream filter
 //! compile-child`, killed at a deadline. A runaway compile then holds no lock and no thread of
 //! the daemon beyond that deadline; other requests compile beside it, and a stopping daemon
-//! kills it at once.
+//! kills it at once. At most one compile a core runs at once ([`Slots`]): a burst of requests
+//! waits its turn instead of starting a process each, and a compile's deadline counts its own
+//! run, not its wait.
 //!
 //! The child reads the expression on stdin and writes to stdout either `ok` and one
 //! instruction per line (`code jt jf k`, in decimal), or `error` and libpcap's message,
@@ -59,6 +61,44 @@ pub struct BoundedCompiler {
     timeout: Duration,
     /// Names the time limit in messages (e.g. `limits.filter_compile_timeout_secs`).
     setting: &'static str,
+    /// Compiles that may run at once, shared by the clones.
+    slots: std::sync::Arc<Slots>,
+}
+
+/// A count of free places, taken while a compile runs.
+#[derive(Debug)]
+pub struct Slots {
+    free: std::sync::Mutex<usize>,
+    freed: std::sync::Condvar,
+}
+
+impl Slots {
+    fn new(places: usize) -> Self {
+        Self { free: std::sync::Mutex::new(places.max(1)), freed: std::sync::Condvar::new() }
+    }
+
+    /// Waits for a free place; `None` if `cancel` is triggered first.
+    fn take(&self, cancel: &Shutdown) -> Option<SlotGuard<'_>> {
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        while *free == 0 {
+            if cancel.is_set() {
+                return None;
+            }
+            free = self.freed.wait_timeout(free, POLL).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        *free -= 1;
+        Some(SlotGuard(self))
+    }
+}
+
+/// A place taken; given back when dropped.
+struct SlotGuard<'a>(&'a Slots);
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        *self.0.free.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        self.0.freed.notify_one();
+    }
 }
 
 impl BoundedCompiler {
@@ -76,7 +116,13 @@ impl BoundedCompiler {
         timeout: Duration,
         setting: &'static str,
     ) -> Self {
-        Self { program: program.into(), args: args.into_iter().map(Into::into).collect(), timeout, setting }
+        Self {
+            program: program.into(),
+            args: args.into_iter().map(Into::into).collect(),
+            timeout,
+            setting,
+            slots: std::sync::Arc::new(Slots::new(sys::online_cores())),
+        }
     }
 
     /// The time limit.
@@ -90,6 +136,7 @@ impl BoundedCompiler {
         if expression.contains('\0') {
             return Err(FilterError::Nul);
         }
+        let Some(_slot) = self.slots.take(cancel) else { return Err(FilterError::Cancelled) };
         let failed = |reason: String| FilterError::CompilerFailed { reason };
         let mut command = Command::new(&self.program);
         command.args(&self.args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit());
@@ -313,6 +360,38 @@ mod tests {
         });
         assert!(matches!(err, FilterError::Cancelled), "{err:?}");
         assert!(start.elapsed() < Duration::from_secs(30), "ended after {:?}", start.elapsed());
+    }
+
+    /// A burst of compiles runs one a core at a time, and a compile's wait for its turn does
+    /// not count against its time limit.
+    #[test]
+    fn a_burst_of_compiles_takes_turns_and_waiting_is_not_running() {
+        let never = Shutdown::new();
+        let dir = tempfile::tempdir().unwrap();
+        let running = dir.path().join("running");
+        std::fs::create_dir(&running).unwrap();
+        let seen = dir.path().join("seen");
+        // Each child marks itself running, records how many are, runs 300 ms, and answers.
+        let script = format!(
+            "cat >/dev/null; mkdir {r}/$$; ls {r} | wc -l >> {s}; sleep 0.3; rmdir {r}/$$; \
+             printf 'ok\\n6 0 0 262144\\n'",
+            r = running.display(),
+            s = seen.display()
+        );
+        // Each compile may run 2 s: three rounds of waiting would exceed it if they counted.
+        let compiler = fake(&script, Duration::from_secs(2));
+        let places = sys::online_cores();
+        let compiles = places * 8;
+        let results: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> =
+                (0..compiles).map(|_| s.spawn(|| compiler.compile("tcp", &never))).collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+        let counts: Vec<usize> =
+            std::fs::read_to_string(&seen).unwrap().lines().map(|l| l.trim().parse().unwrap()).collect();
+        assert_eq!(counts.len(), compiles);
+        assert!(counts.iter().all(|&n| n <= places), "{places} at most at once: {counts:?}");
     }
 
     #[test]
