@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{ObjectMeta, PartDone, PendingUpload, Sink, UploadError};
+use super::{ObjectMeta, PartDone, PendingUpload, Result, Sink, UploadError};
 
 /// Objects under a directory.
 pub struct DirSink {
@@ -14,7 +14,7 @@ const UPLOADS: &str = ".uploads";
 
 impl DirSink {
     /// A store in `root` (created if missing).
-    pub fn new(root: impl Into<PathBuf>) -> Result<Self, UploadError> {
+    pub fn new(root: impl Into<PathBuf>) -> Result<Self> {
         let root = root.into();
         std::fs::create_dir_all(root.join(UPLOADS)).map_err(|source| io("create", &root, source))?;
         Ok(Self { root })
@@ -34,7 +34,7 @@ fn io(operation: &'static str, path: &Path, source: std::io::Error) -> UploadErr
 }
 
 /// Writes `body` to `path` through a temporary file, so readers never see half an object.
-fn write_atomic(path: &Path, body: &[u8]) -> Result<(), UploadError> {
+fn write_atomic(path: &Path, body: &[u8]) -> Result<()> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(|e| io("create", parent, e))?;
     }
@@ -44,11 +44,11 @@ fn write_atomic(path: &Path, body: &[u8]) -> Result<(), UploadError> {
 }
 
 impl Sink for DirSink {
-    async fn put_object(&self, key: &str, body: bytes::Bytes, _meta: &ObjectMeta) -> Result<(), UploadError> {
+    async fn put_object(&self, key: &str, body: bytes::Bytes, _meta: &ObjectMeta) -> Result<()> {
         write_atomic(&self.path(key), &body)
     }
 
-    async fn create_multipart(&self, key: &str, _meta: &ObjectMeta) -> Result<String, UploadError> {
+    async fn create_multipart(&self, key: &str, _meta: &ObjectMeta) -> Result<String> {
         let id = format!("{:016x}", rand_id());
         let dir = self.upload_dir(&id);
         std::fs::create_dir_all(&dir).map_err(|e| io("create", &dir, e))?;
@@ -62,18 +62,13 @@ impl Sink for DirSink {
         upload_id: &str,
         number: i32,
         body: bytes::Bytes,
-    ) -> Result<PartDone, UploadError> {
+    ) -> Result<PartDone> {
         let path = self.upload_dir(upload_id).join(format!("{number:05}"));
         write_atomic(&path, &body)?;
         Ok(PartDone { number, etag: format!("{number}-{}", body.len()), crc32c: None })
     }
 
-    async fn complete_multipart(
-        &self,
-        key: &str,
-        upload_id: &str,
-        parts: Vec<PartDone>,
-    ) -> Result<(), UploadError> {
+    async fn complete_multipart(&self, key: &str, upload_id: &str, parts: Vec<PartDone>) -> Result<()> {
         let dir = self.upload_dir(upload_id);
         let mut body = Vec::new();
         for p in &parts {
@@ -84,12 +79,12 @@ impl Sink for DirSink {
         std::fs::remove_dir_all(&dir).map_err(|e| io("remove", &dir, e))
     }
 
-    async fn abort_multipart(&self, _key: &str, upload_id: &str) -> Result<(), UploadError> {
+    async fn abort_multipart(&self, _key: &str, upload_id: &str) -> Result<()> {
         let dir = self.upload_dir(upload_id);
         std::fs::remove_dir_all(&dir).map_err(|e| io("remove", &dir, e))
     }
 
-    async fn list_multipart(&self, prefix: &str) -> Result<Vec<PendingUpload>, UploadError> {
+    async fn list_multipart(&self, prefix: &str) -> Result<Vec<PendingUpload>> {
         let dir = self.root.join(UPLOADS);
         let mut out = Vec::new();
         for entry in std::fs::read_dir(&dir).map_err(|e| io("list", &dir, e))? {
@@ -102,7 +97,7 @@ impl Sink for DirSink {
         Ok(out)
     }
 
-    async fn get(&self, key: &str, range: Option<(u64, u64)>) -> Result<Vec<u8>, UploadError> {
+    async fn get(&self, key: &str, range: Option<(u64, u64)>) -> Result<Vec<u8>> {
         let path = self.path(key);
         let all = std::fs::read(&path).map_err(|e| io("read", &path, e))?;
         Ok(match range {

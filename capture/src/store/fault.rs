@@ -20,7 +20,7 @@ use std::{
     sync::{Mutex, MutexGuard},
 };
 
-use super::{ObjectMeta, PartDone, PendingUpload, Sink, UploadError};
+use super::{ObjectMeta, PartDone, PendingUpload, Result, Sink, UploadError};
 
 /// A call of the [`Sink`] interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -160,8 +160,8 @@ impl<S: Sink> FaultSink<S> {
         operation: Operation,
         key: &str,
         part: Option<i32>,
-        call: impl Future<Output = Result<T, UploadError>>,
-    ) -> Result<T, UploadError> {
+        call: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
         let _in_flight = {
             let mut state = self.state();
             let n = {
@@ -210,11 +210,11 @@ impl Drop for InFlight<'_> {
 }
 
 impl<S: Sink> Sink for FaultSink<S> {
-    async fn put_object(&self, key: &str, body: bytes::Bytes, meta: &ObjectMeta) -> Result<(), UploadError> {
+    async fn put_object(&self, key: &str, body: bytes::Bytes, meta: &ObjectMeta) -> Result<()> {
         self.call(Operation::PutObject, key, None, self.inner.put_object(key, body, meta)).await
     }
 
-    async fn create_multipart(&self, key: &str, meta: &ObjectMeta) -> Result<String, UploadError> {
+    async fn create_multipart(&self, key: &str, meta: &ObjectMeta) -> Result<String> {
         self.call(Operation::CreateMultipart, key, None, self.inner.create_multipart(key, meta)).await
     }
 
@@ -224,30 +224,25 @@ impl<S: Sink> Sink for FaultSink<S> {
         upload_id: &str,
         number: i32,
         body: bytes::Bytes,
-    ) -> Result<PartDone, UploadError> {
+    ) -> Result<PartDone> {
         let call = self.inner.upload_part(key, upload_id, number, body);
         self.call(Operation::UploadPart, key, Some(number), call).await
     }
 
-    async fn complete_multipart(
-        &self,
-        key: &str,
-        upload_id: &str,
-        parts: Vec<PartDone>,
-    ) -> Result<(), UploadError> {
+    async fn complete_multipart(&self, key: &str, upload_id: &str, parts: Vec<PartDone>) -> Result<()> {
         let call = self.inner.complete_multipart(key, upload_id, parts);
         self.call(Operation::CompleteMultipart, key, None, call).await
     }
 
-    async fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<(), UploadError> {
+    async fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<()> {
         self.call(Operation::AbortMultipart, key, None, self.inner.abort_multipart(key, upload_id)).await
     }
 
-    async fn list_multipart(&self, prefix: &str) -> Result<Vec<PendingUpload>, UploadError> {
+    async fn list_multipart(&self, prefix: &str) -> Result<Vec<PendingUpload>> {
         self.call(Operation::ListMultipart, prefix, None, self.inner.list_multipart(prefix)).await
     }
 
-    async fn get(&self, key: &str, range: Option<(u64, u64)>) -> Result<Vec<u8>, UploadError> {
+    async fn get(&self, key: &str, range: Option<(u64, u64)>) -> Result<Vec<u8>> {
         self.call(Operation::Get, key, None, self.inner.get(key, range)).await
     }
 
@@ -255,7 +250,7 @@ impl<S: Sink> Sink for FaultSink<S> {
         self.inner.url(key)
     }
 
-    async fn check(&self, prefix: &str) -> Result<(), UploadError> {
+    async fn check(&self, prefix: &str) -> Result<()> {
         self.call(Operation::Check, prefix, None, self.inner.check(prefix)).await
     }
 

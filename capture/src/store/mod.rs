@@ -144,6 +144,9 @@ pub enum UploadError {
     },
 }
 
+/// What a store's operations return.
+pub type Result<T, E = UploadError> = std::result::Result<T, E>;
+
 /// Packets that did not fit in a full spool, for [`UploadError::Spooled`]'s message.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LostPackets(pub u64);

@@ -36,7 +36,7 @@ use aws_smithy_http_client::{
 
 use tokio::sync::{Semaphore, SemaphorePermit};
 
-use super::{ObjectMeta, PartDone, PendingUpload, Sink, UploadError};
+use super::{ObjectMeta, PartDone, PendingUpload, Result, Sink, UploadError};
 
 /// Where and how objects are stored.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -211,7 +211,7 @@ where
 }
 
 impl Sink for S3Sink {
-    async fn put_object(&self, key: &str, body: bytes::Bytes, meta: &ObjectMeta) -> Result<(), UploadError> {
+    async fn put_object(&self, key: &str, body: bytes::Bytes, meta: &ObjectMeta) -> Result<()> {
         let _connection = self.connection().await;
         let c = &self.config;
         let mut req = self
@@ -233,7 +233,7 @@ impl Sink for S3Sink {
         Ok(())
     }
 
-    async fn create_multipart(&self, key: &str, meta: &ObjectMeta) -> Result<String, UploadError> {
+    async fn create_multipart(&self, key: &str, meta: &ObjectMeta) -> Result<String> {
         let _connection = self.connection().await;
         let c = &self.config;
         let mut req = self
@@ -266,7 +266,7 @@ impl Sink for S3Sink {
         upload_id: &str,
         number: i32,
         body: bytes::Bytes,
-    ) -> Result<PartDone, UploadError> {
+    ) -> Result<PartDone> {
         let _connection = self.connection().await;
         let out = self
             .client
@@ -283,12 +283,7 @@ impl Sink for S3Sink {
         Ok(PartDone { number, etag: out.e_tag.unwrap_or_default(), crc32c: out.checksum_crc32_c })
     }
 
-    async fn complete_multipart(
-        &self,
-        key: &str,
-        upload_id: &str,
-        parts: Vec<PartDone>,
-    ) -> Result<(), UploadError> {
+    async fn complete_multipart(&self, key: &str, upload_id: &str, parts: Vec<PartDone>) -> Result<()> {
         let _connection = self.connection().await;
         let parts = parts
             .into_iter()
@@ -312,7 +307,7 @@ impl Sink for S3Sink {
         Ok(())
     }
 
-    async fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<(), UploadError> {
+    async fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<()> {
         let _connection = self.connection().await;
         self.client
             .abort_multipart_upload()
@@ -325,7 +320,7 @@ impl Sink for S3Sink {
         Ok(())
     }
 
-    async fn list_multipart(&self, prefix: &str) -> Result<Vec<PendingUpload>, UploadError> {
+    async fn list_multipart(&self, prefix: &str) -> Result<Vec<PendingUpload>> {
         let mut out = Vec::new();
         let (mut key_marker, mut id_marker) = (None, None);
         loop {
@@ -353,7 +348,7 @@ impl Sink for S3Sink {
         }
     }
 
-    async fn get(&self, key: &str, range: Option<(u64, u64)>) -> Result<Vec<u8>, UploadError> {
+    async fn get(&self, key: &str, range: Option<(u64, u64)>) -> Result<Vec<u8>> {
         let _connection = self.connection().await;
         let out = self
             .client
@@ -381,7 +376,7 @@ impl Sink for S3Sink {
     /// One ListMultipartUploads of the capture's key space (what starting a capture lists
     /// anyway), with no retry and a deadline: a store that does not answer is known in
     /// seconds, not after the SDK's retries.
-    async fn check(&self, prefix: &str) -> Result<(), UploadError> {
+    async fn check(&self, prefix: &str) -> Result<()> {
         let _connection = self.connection().await;
         let once = aws_sdk_s3::config::Builder::default()
             .retry_config(RetryConfig::standard().with_max_attempts(1))
