@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+use bytes::Bytes;
+
 use super::{ObjectMeta, PartDone, PendingUpload, Result, Sink, UploadError};
 
 /// Objects under a directory.
@@ -44,7 +46,7 @@ fn write_atomic(path: &Path, body: &[u8]) -> Result<()> {
 }
 
 impl Sink for DirSink {
-    async fn put_object(&self, key: &str, body: bytes::Bytes, _meta: &ObjectMeta) -> Result<()> {
+    async fn put_object(&self, key: &str, body: Bytes, _meta: &ObjectMeta) -> Result<()> {
         write_atomic(&self.path(key), &body)
     }
 
@@ -56,13 +58,7 @@ impl Sink for DirSink {
         Ok(id)
     }
 
-    async fn upload_part(
-        &self,
-        _key: &str,
-        upload_id: &str,
-        number: i32,
-        body: bytes::Bytes,
-    ) -> Result<PartDone> {
+    async fn upload_part(&self, _key: &str, upload_id: &str, number: i32, body: Bytes) -> Result<PartDone> {
         let path = self.upload_dir(upload_id).join(format!("{number:05}"));
         write_atomic(&path, &body)?;
         Ok(PartDone { number, etag: format!("{number}-{}", body.len()), crc32c: None })

@@ -20,6 +20,8 @@ use std::{
     sync::{Mutex, MutexGuard},
 };
 
+use bytes::Bytes;
+
 use super::{ObjectMeta, PartDone, PendingUpload, Result, Sink, UploadError};
 
 /// A call of the [`Sink`] interface.
@@ -210,7 +212,7 @@ impl Drop for InFlight<'_> {
 }
 
 impl<S: Sink> Sink for FaultSink<S> {
-    async fn put_object(&self, key: &str, body: bytes::Bytes, meta: &ObjectMeta) -> Result<()> {
+    async fn put_object(&self, key: &str, body: Bytes, meta: &ObjectMeta) -> Result<()> {
         self.call(Operation::PutObject, key, None, self.inner.put_object(key, body, meta)).await
     }
 
@@ -218,13 +220,7 @@ impl<S: Sink> Sink for FaultSink<S> {
         self.call(Operation::CreateMultipart, key, None, self.inner.create_multipart(key, meta)).await
     }
 
-    async fn upload_part(
-        &self,
-        key: &str,
-        upload_id: &str,
-        number: i32,
-        body: bytes::Bytes,
-    ) -> Result<PartDone> {
+    async fn upload_part(&self, key: &str, upload_id: &str, number: i32, body: Bytes) -> Result<PartDone> {
         let call = self.inner.upload_part(key, upload_id, number, body);
         self.call(Operation::UploadPart, key, Some(number), call).await
     }

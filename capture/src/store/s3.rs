@@ -36,6 +36,8 @@ use aws_smithy_http_client::{
 
 use tokio::sync::{Semaphore, SemaphorePermit};
 
+use bytes::Bytes;
+
 use super::{ObjectMeta, PartDone, PendingUpload, Result, Sink, UploadError};
 
 /// Where and how objects are stored.
@@ -211,7 +213,7 @@ where
 }
 
 impl Sink for S3Sink {
-    async fn put_object(&self, key: &str, body: bytes::Bytes, meta: &ObjectMeta) -> Result<()> {
+    async fn put_object(&self, key: &str, body: Bytes, meta: &ObjectMeta) -> Result<()> {
         let _connection = self.connection().await;
         let c = &self.config;
         let mut req = self
@@ -260,13 +262,7 @@ impl Sink for S3Sink {
         })
     }
 
-    async fn upload_part(
-        &self,
-        key: &str,
-        upload_id: &str,
-        number: i32,
-        body: bytes::Bytes,
-    ) -> Result<PartDone> {
+    async fn upload_part(&self, key: &str, upload_id: &str, number: i32, body: Bytes) -> Result<PartDone> {
         let _connection = self.connection().await;
         let out = self
             .client
