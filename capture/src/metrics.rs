@@ -6,7 +6,7 @@
 //! handles created when the stage starts, which also makes every series exist at zero from the
 //! start.
 
-use metrics::{Counter, Gauge, Unit, counter, describe_counter, describe_gauge, gauge};
+use metrics::{Counter, Gauge, Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge};
 
 use capture_common::XdpCounters;
 
@@ -151,30 +151,22 @@ pub fn register_all(stop_reasons: impl IntoIterator<Item = &'static str>) {
 pub fn describe() {
     describe_counter!(UPLOAD_BYTES, Unit::Bytes, "Bytes of objects sent to the store");
     describe_counter!(UPLOAD_PARTS, Unit::Count, "Multipart parts uploaded");
-    metrics::describe_histogram!(
-        UPLOAD_PART_SECONDS,
-        Unit::Seconds,
-        "Time to upload one part, retries included"
-    );
+    describe_histogram!(UPLOAD_PART_SECONDS, Unit::Seconds, "Time to upload one part, retries included");
     describe_gauge!(UPLOAD_PARTS_IN_FLIGHT, Unit::Count, "Parts uploading now");
     describe_gauge!(
         UPLOAD_CONNECTIONS_WAITING,
         Unit::Count,
-        "Store requests waiting for a connection of the pool"
+        "Store requests waiting for a pooled connection"
     );
     describe_counter!(UPLOAD_RETRIES, Unit::Count, "Store requests retried, by operation");
     describe_counter!(UPLOAD_ERRORS, Unit::Count, "Store requests failed for good");
     describe_counter!(OBJECTS, Unit::Count, "Objects completed");
     describe_gauge!(SPOOL_CHUNKS, Unit::Count, "Chunks waiting in spools");
     describe_gauge!(SPOOL_BYTES, Unit::Bytes, "Bytes of the chunks waiting in spools");
-    describe_counter!(
-        SPOOL_QUARANTINED,
-        Unit::Count,
-        "Spools quarantined because they can never be uploaded"
-    );
+    describe_counter!(SPOOL_QUARANTINED, Unit::Count, "Spools quarantined: they can never be uploaded");
     describe_counter!(COMPRESS_INPUT_BYTES, Unit::Bytes, "Chunk bytes compressed");
     describe_counter!(COMPRESS_OUTPUT_BYTES, Unit::Bytes, "Compressed bytes produced");
-    metrics::describe_histogram!(COMPRESS_SECONDS, Unit::Seconds, "Time to compress one chunk");
+    describe_histogram!(COMPRESS_SECONDS, Unit::Seconds, "Time to compress one chunk");
     describe_gauge!(CAPTURES_ACTIVE, Unit::Count, "Captures running");
     describe_counter!(CAPTURES_ENDED, Unit::Count, "Captures ended, by reason");
     describe_counter!(XDP_FRAMES, Unit::Count, "Frames the XDP program handled, by result");

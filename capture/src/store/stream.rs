@@ -242,7 +242,7 @@ impl StoreOutput {
 
 impl<S: Sink> PreparedStore<S> {
     /// Starts `threads` compression threads and the uploader for the capture. Sends no request
-    /// to the store: the uploader first finishes what earlier runs left ([`recover`]), then
+    /// to the store: the uploader first finishes what earlier runs left ([`recover_leftovers`], [`abort_open_uploads`]), then
     /// uploads, each waiting for a store that is down; chunks spool meanwhile.
     pub fn start(self, pool: Arc<ChunkPool>, pcap_header: &[u8]) -> Result<StoreOutput, UploadError> {
         let Self { runtime, sink, config, owner, options } = self;
@@ -309,7 +309,12 @@ impl<S: Sink> PreparedStore<S> {
             // capture's key space, which must come before its own. Chunks wait meanwhile, in
             // memory and then in the spool; a store that fails recovery for good, or stays
             // down longer than the outage allows, fails the capture's uploads as it would.
-            if let Err(e) = recover(&sink, &config, &owner, &options, &global).await {
+            let recovered =
+                match recover_leftovers(Recovery::of(&sink, &config, &owner, &options, &global)).await {
+                    Ok(()) => abort_open_uploads(&sink, &config, &owner).await,
+                    failed => failed,
+                };
+            if let Err(e) = recovered {
                 store.give_up(e, 0).await?;
             }
             let mut waiting = BTreeMap::new();
@@ -513,7 +518,7 @@ fn compress_loop(
     }
 }
 
-/// Uploads what earlier runs left in the spool for `sink`'s store (see [`recover`]) without
+/// Uploads what earlier runs left in the spool for `sink`'s store (see [`abort_open_uploads`]) without
 /// starting a capture: what a daemon does when it starts.
 pub fn recover_spools<S, F>(
     make_sink: impl FnOnce() -> F,
@@ -526,7 +531,7 @@ where
     F: std::future::Future<Output = Result<S, UploadError>>,
 {
     on_own_runtime(make_sink, config.parts_in_flight_per_object, |sink, global| async move {
-        recover_leftovers(&sink, &config, &owner, &options, &global).await
+        recover_leftovers(Recovery::of(&sink, &config, &owner, &options, &global)).await
     })
 }
 
@@ -570,17 +575,13 @@ where
     })
 }
 
-/// Finishes what an earlier run left: spooled chunks become objects (under their capture's
-/// name), and multipart uploads under the prefix that no running capture owns are aborted, so
-/// none keeps costing money.
-async fn recover<S: Sink>(
+/// Aborts the multipart uploads left open in this capture's own key space by an earlier run
+/// (call after [`recover_leftovers`]), so none keeps costing money.
+async fn abort_open_uploads<S: Sink>(
     sink: &Arc<S>,
     config: &UploadConfig,
     owner: &ObjectOwner,
-    options: &StoreOptions,
-    global: &Arc<Semaphore>,
 ) -> Result<(), UploadError> {
-    recover_leftovers(sink, config, owner, options, global).await?;
     // Without a daemon that knows every live capture, only this capture's own key space is
     // certain to hold no live upload: the key up to its last '/'.
     // A store that is down is waited for, as the capture's own uploads would wait.
@@ -603,17 +604,41 @@ fn key_space(config: &UploadConfig, owner: &ObjectOwner) -> String {
     own.rsplit_once('/').map(|(p, _)| format!("{p}/")).unwrap_or_default()
 }
 
-/// Uploads the spools earlier runs left for `sink`'s store (see [`recover`]). One that can
-/// never upload (its requests are invalid, or its files are corrupt) is moved to the
+/// What finishing earlier runs' leftovers works with: the store, how objects are made and whose
+/// they are, where spools are, and the limit on parts in flight.
+struct Recovery<'a, S> {
+    sink: &'a Arc<S>,
+    config: &'a UploadConfig,
+    owner: &'a ObjectOwner,
+    options: &'a StoreOptions,
+    global: &'a Arc<Semaphore>,
+}
+
+impl<'a, S> Recovery<'a, S> {
+    fn of(
+        sink: &'a Arc<S>,
+        config: &'a UploadConfig,
+        owner: &'a ObjectOwner,
+        options: &'a StoreOptions,
+        global: &'a Arc<Semaphore>,
+    ) -> Self {
+        Self { sink, config, owner, options, global }
+    }
+}
+
+// Copied whatever `S` is: it holds only references.
+impl<S> Clone for Recovery<'_, S> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<S> Copy for Recovery<'_, S> {}
+
+/// Uploads the spools earlier runs left for the sink's store. One that can never upload (its requests are invalid, or its files are corrupt) is moved to the
 /// quarantine and reported; one the store cannot take now stays for the next start. Neither
 /// stops the others, nor the capture that is starting.
-async fn recover_leftovers<S: Sink>(
-    sink: &Arc<S>,
-    config: &UploadConfig,
-    owner: &ObjectOwner,
-    options: &StoreOptions,
-    global: &Arc<Semaphore>,
-) -> Result<(), UploadError> {
+async fn recover_leftovers<S: Sink>(r: Recovery<'_, S>) -> Result<(), UploadError> {
+    let Recovery { sink, options, .. } = r;
     for left in Spool::leftovers(&options.spool_root).map_err(recover_io(&options.spool_root))? {
         // Chunks for another bucket or directory wait for a capture that goes there.
         if left.destination.as_ref().is_some_and(|d| *d != sink.url("")) {
@@ -622,7 +647,7 @@ async fn recover_leftovers<S: Sink>(
         if !options.recover_killed && left.salvage.is_none() && left.owner.is_some() {
             continue;
         }
-        match recover_leftover(sink, config, owner, options, global, &left).await {
+        match recover_leftover(r, &left).await {
             Ok(_) => {}
             // The store is unreachable or refuses: the next leftovers would wait as long.
             Err(e) if e.is_retryable() => break,
@@ -634,14 +659,8 @@ async fn recover_leftovers<S: Sink>(
 
 /// Recovers one leftover spool: removed once uploaded, quarantined if it never can be, left
 /// for the next start otherwise (logged in each case).
-async fn recover_leftover<S: Sink>(
-    sink: &Arc<S>,
-    config: &UploadConfig,
-    owner: &ObjectOwner,
-    options: &StoreOptions,
-    global: &Arc<Semaphore>,
-    left: &Leftover,
-) -> Result<Recovered, UploadError> {
+async fn recover_leftover<S: Sink>(r: Recovery<'_, S>, left: &Leftover) -> Result<Recovered, UploadError> {
+    let Recovery { sink, config, owner, options, global } = r;
     let dir = options.spool_root.join(&left.name);
     match recover_one(sink, config, owner, global, left).await {
         Ok(recovered) => {
@@ -722,7 +741,8 @@ pub async fn recover_capture<S: Sink>(
         }
         let named = UploadConfig { key_template: spool_owner.key_template.clone(), ..config.clone() };
         key_spaces.push(key_space(&named, &spool_owner.owner));
-        recovered.add(recover_leftover(sink, config, fallback, options, global, &left).await?);
+        let r = Recovery { sink, config, owner: fallback, options, global };
+        recovered.add(recover_leftover(r, &left).await?);
     }
     if key_spaces.is_empty() {
         key_spaces.push(key_space(config, fallback));
@@ -929,11 +949,13 @@ mod tests {
             walkdir(dir).into_iter().filter(|p| p.extension().is_some_and(|x| x == "pcap")).count()
         };
 
-        rt.block_on(recover(&sink_b, &config, &owner, &options, &global)).unwrap();
+        rt.block_on(recover_leftovers(Recovery::of(&sink_b, &config, &owner, &options, &global))).unwrap();
+        rt.block_on(abort_open_uploads(&sink_b, &config, &owner)).unwrap();
         assert_eq!(objects(&store_b), 0, "a capture to store B leaves store A's chunks alone");
         assert!(spools.join("cap-1").is_dir());
 
-        rt.block_on(recover(&sink_a, &config, &owner, &options, &global)).unwrap();
+        rt.block_on(recover_leftovers(Recovery::of(&sink_a, &config, &owner, &options, &global))).unwrap();
+        rt.block_on(abort_open_uploads(&sink_a, &config, &owner)).unwrap();
         assert_eq!(objects(&store_a), 1, "a capture to store A uploads them");
         assert!(!spools.join("cap-1").exists());
     }
