@@ -144,6 +144,9 @@ pub struct RedisSection {
     /// Events kept in memory while the broker is unreachable; beyond it the oldest are
     /// dropped (and counted).
     pub max_pending_events: usize,
+    /// Each node announces itself every 5 s in the key `<nodes_prefix><node>` (expiring after
+    /// 15 s without a heartbeat): what `tapstream fleet nodes` lists.
+    pub nodes_prefix: String,
 }
 
 impl Default for RedisSection {
@@ -154,6 +157,7 @@ impl Default for RedisSection {
             events_stream: "tapstream:events".into(),
             group_prefix: "tapstream-".into(),
             max_pending_events: 10_000,
+            nodes_prefix: "tapstream:nodes:".into(),
         }
     }
 }
@@ -452,6 +456,9 @@ impl Config {
             }
             if r.requests_stream == r.events_stream {
                 return Err(invalid("fleet.redis.events_stream", "must differ from requests_stream"));
+            }
+            if r.nodes_prefix.is_empty() || r.nodes_prefix.contains(['*', '?', '[', ']', '\\']) {
+                return Err(invalid("fleet.redis.nodes_prefix", "must be non-empty, without * ? [ ] \\"));
             }
             if r.max_pending_events == 0 {
                 return Err(invalid("fleet.redis.max_pending_events", "must be at least 1"));

@@ -13,6 +13,7 @@
 
 pub mod event;
 pub mod message;
+pub mod presence;
 pub mod redis;
 
 use std::{

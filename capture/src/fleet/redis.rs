@@ -130,7 +130,7 @@ impl RedisFleet {
 
 /// The connection settings: the URL's, with the user and password from the environment
 /// (`TAPSTREAM_REDIS_USERNAME`, `TAPSTREAM_REDIS_PASSWORD`) when set.
-fn connection_info(
+pub(crate) fn connection_info(
     settings: &RedisSection,
     env: impl Fn(&str) -> Option<String>,
 ) -> Result<ConnectionInfo, FleetRedisError> {
