@@ -14,6 +14,7 @@
 pub mod event;
 pub mod message;
 pub mod presence;
+pub mod publish;
 pub mod redis;
 
 use std::{
