@@ -253,6 +253,9 @@ fn table(answers: &Answers, ended: bool) -> Vec<String> {
     for node in answers.silent() {
         lines.push(format!("{node:<20} {}", if ended { "no answer" } else { "waiting" }));
     }
+    if ended && lines.len() == 1 {
+        lines.push("(no node answered, and no live node matches the target)".into());
+    }
     lines
 }
 
