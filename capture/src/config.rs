@@ -144,6 +144,9 @@ pub struct RedisSection {
     /// Events kept in memory while the broker is unreachable; beyond it the oldest are
     /// dropped (and counted).
     pub max_pending_events: usize,
+    /// Entries the events stream keeps, about (each event is added with `MAXLEN ~`): older
+    /// ones are trimmed. 0: never trimmed.
+    pub events_max_len: u64,
 }
 
 impl Default for RedisSection {
@@ -154,6 +157,7 @@ impl Default for RedisSection {
             events_stream: "tapstream:events".into(),
             group_prefix: "tapstream-".into(),
             max_pending_events: 10_000,
+            events_max_len: 100_000,
         }
     }
 }
