@@ -141,7 +141,8 @@ pub struct RedisSection {
     /// Each node reads through its own consumer group, `<group_prefix><node>`, so every node
     /// sees every request.
     pub group_prefix: String,
-    /// Events kept in memory while the broker is unreachable; beyond it the oldest are
+    /// Events kept while the broker is unreachable (in memory, and in
+    /// `<state_dir>/fleet/outbox.jsonl` so a restart loses none); beyond it the oldest are
     /// dropped (and counted).
     pub max_pending_events: usize,
     /// Entries the events stream keeps, about (each event is added with `MAXLEN ~`): older

@@ -9,6 +9,10 @@
 //! decided when it died is decided after its restart; one decided twice starts one capture,
 //! since the daemon refuses a second capture of the same id (its state survives restarts).
 //!
+//! The events not sent yet ([`Outbox`]) and the captures fleet requests started are kept in
+//! the daemon's state directory: events are sent at least once, across broker outages and
+//! daemon restarts, and a capture cut by the daemon's death is reported, once, as interrupted.
+//!
 //! [`Node`] is this decision, whatever the broker; [`redis`] reads and writes Redis Streams.
 
 pub mod event;
