@@ -355,23 +355,7 @@ async fn send_events(outbox: Arc<Outbox>, link: Link, mut finish: watch::Receive
             if conn.is_none() {
                 conn = Some(connect(&link).await?);
             }
-            let json =
-                serde_json::to_string(&event).map_err(|e| RedisError::from(std::io::Error::other(e)))?;
-            let mut xadd = ::redis::cmd("XADD");
-            xadd.arg(&link.events);
-            if link.events_max_len > 0 {
-                xadd.arg("MAXLEN").arg("~").arg(link.events_max_len);
-            }
-            let id: String = xadd
-                .arg("*")
-                .arg("event")
-                .arg(event.kind())
-                .arg("node")
-                .arg(&event.node)
-                .arg("request_id")
-                .arg(event.request_id.as_deref().unwrap_or(""))
-                .arg("json")
-                .arg(json)
+            let id: String = add_event(&link.events, link.events_max_len, &event)?
                 .query_async(conn.as_mut().expect("connected above"))
                 .await?;
             Ok::<_, RedisError>(id)
@@ -400,9 +384,51 @@ async fn send_events(outbox: Arc<Outbox>, link: Link, mut finish: watch::Receive
     }
 }
 
+/// The `XADD` of `event` to `stream`, trimmed to about `max_len` entries (0: not trimmed).
+fn add_event(stream: &str, max_len: u64, event: &super::Event) -> Result<::redis::Cmd, RedisError> {
+    let json = serde_json::to_string(event).map_err(|e| RedisError::from(std::io::Error::other(e)))?;
+    let mut xadd = ::redis::cmd("XADD");
+    xadd.arg(stream);
+    if max_len > 0 {
+        xadd.arg("MAXLEN").arg("~").arg(max_len);
+    }
+    xadd.arg("*")
+        .arg("event")
+        .arg(event.kind())
+        .arg("node")
+        .arg(&event.node)
+        .arg("request_id")
+        .arg(event.request_id.as_deref().unwrap_or(""))
+        .arg("json")
+        .arg(json);
+    Ok(xadd)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The arguments of a command, as text.
+    fn args(cmd: &::redis::Cmd) -> Vec<String> {
+        cmd.args_iter()
+            .map(|a| match a {
+                ::redis::Arg::Simple(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+                _ => "<not simple>".into(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn events_are_added_with_an_approximate_max_len() {
+        let request =
+            super::super::FleetRequest::parse(br#"{"id": "r1", "not_after": 1, "capture": {}}"#).unwrap();
+        let event = super::super::Event::about(&request, "n1", super::super::What::Accepted);
+        let trimmed = args(&add_event("ev", 100_000, &event).unwrap());
+        assert_eq!(trimmed[..8], ["XADD", "ev", "MAXLEN", "~", "100000", "*", "event", "accepted"]);
+        assert_eq!(trimmed[8..12], ["node", "n1", "request_id", "r1"]);
+        let untrimmed = args(&add_event("ev", 0, &event).unwrap());
+        assert_eq!(untrimmed[..4], ["XADD", "ev", "*", "event"]);
+    }
 
     #[test]
     fn passwords_are_masked_in_logs() {
