@@ -141,9 +141,16 @@ pub struct RedisSection {
     /// Each node reads through its own consumer group, `<group_prefix><node>`, so every node
     /// sees every request.
     pub group_prefix: String,
-    /// Events kept in memory while the broker is unreachable; beyond it the oldest are
+    /// Events kept while the broker is unreachable (in memory, and in
+    /// `<state_dir>/fleet/outbox.jsonl` so a restart loses none); beyond it the oldest are
     /// dropped (and counted).
     pub max_pending_events: usize,
+    /// Each node announces itself every 5 s in the key `<nodes_prefix><node>` (expiring after
+    /// 15 s without a heartbeat): what `tapstream fleet nodes` lists.
+    pub nodes_prefix: String,
+    /// Entries the events stream keeps, about (each event is added with `MAXLEN ~`): older
+    /// ones are trimmed. 0: never trimmed.
+    pub events_max_len: u64,
 }
 
 impl Default for RedisSection {
@@ -154,6 +161,8 @@ impl Default for RedisSection {
             events_stream: "tapstream:events".into(),
             group_prefix: "tapstream-".into(),
             max_pending_events: 10_000,
+            nodes_prefix: "tapstream:nodes:".into(),
+            events_max_len: 100_000,
         }
     }
 }
@@ -452,6 +461,9 @@ impl Config {
             }
             if r.requests_stream == r.events_stream {
                 return Err(invalid("fleet.redis.events_stream", "must differ from requests_stream"));
+            }
+            if r.nodes_prefix.is_empty() || r.nodes_prefix.contains(['*', '?', '[', ']', '\\']) {
+                return Err(invalid("fleet.redis.nodes_prefix", "must be non-empty, without * ? [ ] \\"));
             }
             if r.max_pending_events == 0 {
                 return Err(invalid("fleet.redis.max_pending_events", "must be at least 1"));

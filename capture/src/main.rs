@@ -5,7 +5,7 @@ use clap::Parser as _;
 use tapstream::{
     cli::{
         args::{Cli, Command, FilterCommand},
-        control, oneshot, serve, tools,
+        control, fleet, oneshot, serve, tools,
     },
     filter::compiler,
 };
@@ -21,6 +21,7 @@ fn main() {
         Command::Daemon(args) => serve::daemon(&args.config),
         Command::CheckConfig { file } => tools::check_config(&file),
         Command::Read(args) => tools::read(*args),
+        Command::Fleet(command) => fleet::fleet(command),
         Command::Filter(FilterCommand::Check { expression, file }) => {
             tools::filter_check(&expression, file.as_deref())
         }

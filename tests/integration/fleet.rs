@@ -8,7 +8,7 @@ use redis::streams::{StreamInfoGroupsReply, StreamRangeReply};
 use serde_json::{Value, json};
 use tapstream_testenv::{Redis, Sender, VethPair};
 
-use crate::daemon::{TestDaemon, data, sendable};
+use crate::daemon::{TestDaemon, data, reason, sendable};
 
 const REQUESTS: &str = "tapstream:requests";
 const EVENTS: &str = "tapstream:events";
@@ -308,4 +308,134 @@ fn a_request_received_before_a_crash_runs_once_after_the_restart() {
     let kinds: Vec<String> = events_of(&mut con, "crash-1").into_iter().map(|(_, k, _)| k).collect();
     assert_eq!(kinds, ["accepted", "started", "finished"]);
     assert_eq!(daemon.client().list().unwrap().len(), 1);
+}
+
+/// The fleet metric `name` (summed over its labels) of the daemon in `veth`'s namespace, whose
+/// `metrics_listen` is `127.0.0.1:9464`.
+fn metric(veth: &VethPair, name: &str) -> f64 {
+    let out = veth
+        .capture_ns
+        .command("curl")
+        .args(["-sf", "http://127.0.0.1:9464/metrics"])
+        .output()
+        .expect("run curl");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with([' ', '{'])))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+const CONNECTED: &str = "tapstream_fleet_broker_connected";
+const PUBLISHED: &str = "tapstream_fleet_events_published_total";
+const FAILED: &str = "tapstream_fleet_events_failed_total";
+
+/// A fleet node with its metrics served in its namespace.
+fn metered_node(veth: &VethPair, redis: &Redis, node: &str) -> TestDaemon {
+    let extra = format!("metrics_listen = \"127.0.0.1:9464\"\n{}", fleet_config(redis, ""));
+    TestDaemon::start_as(veth, node, &extra)
+}
+
+/// The kinds of the events of request `id`, in order.
+fn kinds_of(con: &mut redis::Connection, id: &str) -> Vec<String> {
+    events_of(con, id).into_iter().map(|(_, k, _)| k).collect()
+}
+
+/// Kills the broker once the daemon has sent what it had, and waits until the daemon has
+/// tried to send an event without it (the capture's end).
+fn wait_failed_send(veth: &VethPair) {
+    eventually("a failed send and the broker seen gone", || {
+        (metric(veth, FAILED) > 0.0 && metric(veth, CONNECTED) == 0.0).then_some(())
+    });
+}
+
+#[test]
+fn a_capture_that_ends_during_a_broker_outage_is_reported_once_when_the_broker_is_back() {
+    let mut redis = Redis::start_persistent();
+    let mut con = connect(&redis);
+    let veth = VethPair::new(1);
+    let daemon = metered_node(&veth, &redis, "outage");
+    wait_group(&mut con, "outage");
+    publish(&mut con, &request("out-1", json!({}), 20));
+    wait_events(&mut con, "out-1", "started", &["outage"]);
+    eventually("the broker connected", || (metric(&veth, CONNECTED) == 1.0).then_some(()));
+    let published = metric(&veth, PUBLISHED);
+    assert_eq!(published, 2.0, "accepted and started");
+
+    redis.kill();
+    let sent = send(&veth, 0..60);
+    // The capture ends while the broker is away, and the daemon serves its API throughout.
+    let info = daemon.wait("out-1");
+    assert_eq!(reason(&info), "packets", "{info:?}");
+    assert_eq!(info.summary.as_ref().map(|s| s.packets), Some(20), "{info:?}");
+    wait_failed_send(&veth);
+    assert_eq!(daemon.client().list().unwrap().len(), 1);
+    assert_eq!(metric(&veth, PUBLISHED), published);
+
+    let back_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis();
+    redis.restart();
+    let mut con = connect(&redis);
+    let finished = wait_events(&mut con, "out-1", "finished", &["outage"]);
+    check_finished(&finished[0], &daemon, "out-1", &sent);
+    // Sent after the return: the entry's id is its time.
+    let last: StreamRangeReply =
+        redis::cmd("XREVRANGE").arg(EVENTS).arg("+").arg("-").arg("COUNT").arg(1).query(&mut con).unwrap();
+    let entry_ms: u128 = last.ids[0].id.split('-').next().unwrap().parse().unwrap();
+    assert!(
+        entry_ms >= back_ms,
+        "the finished event was added at {entry_ms}, the broker was back at {back_ms}"
+    );
+    eventually("the broker connected again", || {
+        (metric(&veth, CONNECTED) == 1.0 && metric(&veth, PUBLISHED) == published + 1.0).then_some(())
+    });
+    assert_eq!(kinds_of(&mut con, "out-1"), ["accepted", "started", "finished"]);
+    assert_eq!(daemon.client().list().unwrap().len(), 1);
+}
+
+#[test]
+fn events_not_sent_and_captures_cut_by_a_crash_are_reported_once_after_the_restart() {
+    let mut redis = Redis::start_persistent();
+    let mut con = connect(&redis);
+    let veth = VethPair::new(1);
+    let mut daemon = metered_node(&veth, &redis, "restart");
+    wait_group(&mut con, "restart");
+    // One capture ends during an outage, its end not sent; the other runs when the daemon dies.
+    publish(&mut con, &request("rs-ends", json!({}), 20));
+    let running = request("rs-cut", json!({}), 100_000);
+    publish(&mut con, &running);
+    wait_events(&mut con, "rs-ends", "started", &["restart"]);
+    wait_events(&mut con, "rs-cut", "started", &["restart"]);
+
+    redis.kill();
+    let sent = send(&veth, 0..60);
+    let info = daemon.wait("rs-ends");
+    assert_eq!(reason(&info), "packets", "{info:?}");
+    wait_failed_send(&veth);
+    let (status, _) = daemon.running.take().unwrap().signal_and_wait(libc::SIGKILL);
+    assert!(!status.success());
+    redis.restart();
+    let mut con = connect(&redis);
+    daemon.restart(&veth);
+
+    let finished = wait_events(&mut con, "rs-ends", "finished", &["restart"]);
+    check_finished(&finished[0], &daemon, "rs-ends", &sent);
+    let cut = wait_events(&mut con, "rs-cut", "finished", &["restart"]);
+    assert_eq!(cut[0]["stop_reason"], "interrupted", "{}", cut[0]);
+    assert_eq!(cut[0]["capture_id"], "rs-cut", "{}", cut[0]);
+    assert_eq!(
+        daemon.client().status("rs-cut").unwrap().summary.unwrap().stop_reason.as_str(),
+        "interrupted"
+    );
+
+    // Killed and restarted again, the request read once more: nothing is reported twice.
+    let (_, _) = daemon.running.take().unwrap().signal_and_wait(libc::SIGKILL);
+    daemon.restart(&veth);
+    let again = publish(&mut con, &running);
+    wait_decided(&mut con, "restart", &again);
+    eventually("the broker connected", || (metric(&veth, CONNECTED) == 1.0).then_some(()));
+    std::thread::sleep(Duration::from_secs(1));
+    for id in ["rs-ends", "rs-cut"] {
+        assert_eq!(kinds_of(&mut con, id), ["accepted", "started", "finished"], "{id}");
+    }
+    assert_eq!(daemon.client().list().unwrap().len(), 2);
 }

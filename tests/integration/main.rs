@@ -11,6 +11,7 @@ mod filter_check;
 mod filter_kernel;
 mod filter_limits;
 mod fleet;
+mod fleet_cli;
 mod full_disk;
 mod fuzz;
 mod interface_loss;

@@ -39,6 +39,81 @@ pub enum Command {
     /// tcpdump filter expressions.
     #[command(subcommand)]
     Filter(FilterCommand),
+    /// The fleet through its broker (`[fleet.redis]`): the live nodes, captures on many
+    /// nodes at once.
+    #[command(subcommand)]
+    Fleet(FleetCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum FleetCommand {
+    /// The live nodes: their labels, interfaces and running captures.
+    Nodes(FleetNodesArgs),
+    /// Publish a capture request for the nodes the target matches; print its id, or with
+    /// `--wait` follow each node's answer until every node that took it is done.
+    Capture(Box<FleetCaptureArgs>),
+}
+
+/// Where the fleet's broker is.
+#[derive(Args, Debug)]
+pub struct BrokerArgs {
+    /// The broker: redis://[user[:password]@]host:port[/db] or unix:///path (default: the
+    /// `[fleet.redis]` url of the configuration file).
+    #[arg(long, value_name = "URL", env = "TAPSTREAM_REDIS")]
+    pub redis: Option<String>,
+    /// A daemon configuration file whose `[fleet.redis]` names the broker and its streams
+    /// (default: /etc/tapstream/tapstream.toml if it exists).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct FleetNodesArgs {
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct FleetCaptureArgs {
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    /// Only the node of this name.
+    #[arg(long, value_name = "NAME")]
+    pub node: Option<String>,
+    /// Only the nodes whose whole name matches this regular expression.
+    #[arg(long = "nodes", value_name = "REGEX")]
+    pub node_regex: Option<String>,
+    /// Only the nodes with this label (repeatable: all of them).
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// Nodes refuse the request after this time (RFC 3339 or Unix seconds).
+    #[arg(long, value_name = "TIME", value_parser = parse_time, conflicts_with = "deadline")]
+    pub not_after: Option<u64>,
+    /// Nodes refuse the request this long after it is published (default 60s).
+    #[arg(long, value_name = "TIME", value_parser = humantime::parse_duration)]
+    pub deadline: Option<Duration>,
+    /// Where each node stores it: one of its destinations, a place under one, or `local`.
+    #[arg(long, value_name = "URL")]
+    pub destination: Option<String>,
+    /// Follow the nodes' answers until the deadline has passed (or every live node the
+    /// target matches has answered) and every node that took it is done; exit non-zero if
+    /// one refused or failed.
+    #[arg(long)]
+    pub wait: bool,
+    #[command(flatten)]
+    pub request: RequestArgs,
+}
+
+/// A `KEY=VALUE` label of a fleet target.
+pub fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("a label is KEY=VALUE, not {s:?}"))?;
+    if k.is_empty() {
+        return Err(format!("a label needs a key: {s:?}"));
+    }
+    Ok((k.to_owned(), v.to_owned()))
 }
 
 #[derive(Args, Debug)]

@@ -1,8 +1,10 @@
 //! The command line: [`args`] parses; [`oneshot`] runs a capture in this process; [`serve`]
-//! runs the daemon; [`control`] asks it; [`tools`] needs neither; [`output`] prints.
+//! runs the daemon; [`control`] asks it; [`fleet`] asks the fleet through its broker;
+//! [`tools`] needs none; [`output`] prints.
 
 pub mod args;
 pub mod control;
+pub mod fleet;
 pub mod oneshot;
 pub mod output;
 pub mod serve;

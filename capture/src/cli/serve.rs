@@ -7,7 +7,7 @@ use crate::{
     cli::serve_metrics,
     config::Config,
     control::{daemon::Daemon, server},
-    fleet::redis::RedisFleet,
+    fleet::{presence::Heartbeat, redis::RedisFleet},
     store::settings::{StoreSettings, hostname},
     sys::Shutdown,
 };
@@ -59,12 +59,16 @@ pub fn daemon(file: &std::path::Path) -> anyhow::Result<()> {
     shutdown.trigger_on_termination().context("install signal handlers")?;
     // Capture requests through a broker, when one is configured: read until the shutdown,
     // their events sent until the captures have ended.
-    let fleet = match daemon.config().fleet.redis.clone() {
+    // This node's presence is announced until the shutdown.
+    let (fleet, presence) = match daemon.config().fleet.redis.clone() {
         Some(redis) => {
             let _guard = runtime.enter();
-            Some(RedisFleet::start(daemon.clone(), &redis, shutdown.clone())?)
+            (
+                Some(RedisFleet::start(daemon.clone(), &redis, shutdown.clone())?),
+                Some(Heartbeat::start(daemon.clone(), &redis, shutdown.clone())?),
+            )
         }
-        None => None,
+        None => (None, None),
     };
     let server = runtime.spawn(server::serve(daemon.clone(), unix, tcp, shutdown.clone()));
     log::info!("daemon ready: control socket {}", socket.display());
@@ -73,6 +77,9 @@ pub fn daemon(file: &std::path::Path) -> anyhow::Result<()> {
         daemon.save_progress();
     }
     log::info!("stopping: running captures end as interrupted, their outputs are finished");
+    if let Some(presence) = presence {
+        runtime.block_on(presence.finish(Duration::from_secs(3)));
+    }
     // New captures are already refused and the server stops accepting; pending waits return
     // now (with the capture as it is), and the server's connections finish their requests
     // within its grace.

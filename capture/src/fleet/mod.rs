@@ -9,17 +9,28 @@
 //! decided when it died is decided after its restart; one decided twice starts one capture,
 //! since the daemon refuses a second capture of the same id (its state survives restarts).
 //!
+//! The events not sent yet ([`Outbox`]) and the captures fleet requests started are kept in
+//! the daemon's state directory: events are sent at least once, across broker outages and
+//! daemon restarts, and a capture cut by the daemon's death is reported, once, as interrupted.
+//!
 //! [`Node`] is this decision, whatever the broker; [`redis`] reads and writes Redis Streams.
 
 pub mod event;
 pub mod message;
+pub mod presence;
+pub mod publish;
 pub mod redis;
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
+    fs::{File, OpenOptions},
+    io::Write as _,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::SystemTime,
 };
+
+use serde::{Deserialize, Serialize};
 
 pub use event::{Event, RefusalCode, What};
 pub use message::{FleetRequest, MessageError, Target};
@@ -59,48 +70,120 @@ impl Outcome {
 }
 
 /// Events waiting to be sent, oldest first; bounded: when full, the oldest is dropped (and
-/// counted).
+/// counted). Kept in a journal file too, when opened with [`Outbox::open`], so that the events
+/// not sent before the daemon stopped (or was killed) are sent after its next start.
 pub struct Outbox {
-    queue: Mutex<VecDeque<Event>>,
+    state: Mutex<OutboxState>,
     max: usize,
     ready: tokio::sync::Notify,
 }
 
+struct OutboxState {
+    queue: VecDeque<Event>,
+    journal: Option<Journal>,
+}
+
+/// One line of the outbox's journal: an event added, or the oldest one gone (sent or dropped).
+/// Replaying the lines gives the events waiting.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Record {
+    Event(Box<Event>),
+    Gone,
+}
+
+/// The outbox's journal: lines appended, the file rewritten with what waits when it holds
+/// much more than that (and emptied when nothing waits).
+struct Journal {
+    path: PathBuf,
+    file: File,
+    /// Lines in the file.
+    lines: usize,
+}
+
+/// Lines a journal may hold beyond twice the events waiting before it is rewritten.
+const JOURNAL_SLACK: usize = 1024;
+
 impl Outbox {
+    /// An outbox in memory only.
     pub fn new(max: usize) -> Self {
-        Self { queue: Mutex::new(VecDeque::new()), max: max.max(1), ready: tokio::sync::Notify::new() }
+        Self::with(VecDeque::new(), None, max)
+    }
+
+    /// An outbox kept in the journal `path` too: the events it holds (those not sent by an
+    /// earlier run) wait first.
+    pub fn open(path: &Path, max: usize) -> std::io::Result<Self> {
+        let mut queue = VecDeque::new();
+        match std::fs::read(path) {
+            Ok(bytes) => {
+                for line in bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+                    match serde_json::from_slice(line) {
+                        Ok(Record::Event(event)) => queue.push_back(*event),
+                        Ok(Record::Gone) => {
+                            queue.pop_front();
+                        }
+                        // A line cut by a crash: the last one, and never acknowledged.
+                        Err(e) => log::warn!("fleet: skipping an unreadable line of {}: {e}", path.display()),
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        while queue.len() > max.max(1) {
+            queue.pop_front();
+            metrics::counter!(crate::metrics::FLEET_EVENTS_DROPPED).increment(1);
+        }
+        if !queue.is_empty() {
+            log::info!("fleet: {} events of an earlier run wait to be sent", queue.len());
+        }
+        let journal = Journal::rewrite(path.to_owned(), &queue)?;
+        Ok(Self::with(queue, Some(journal), max))
+    }
+
+    fn with(queue: VecDeque<Event>, journal: Option<Journal>, max: usize) -> Self {
+        Self {
+            state: Mutex::new(OutboxState { queue, journal }),
+            max: max.max(1),
+            ready: tokio::sync::Notify::new(),
+        }
     }
 
     pub fn push(&self, event: Event) {
-        let mut queue = self.lock();
-        if queue.len() >= self.max {
-            if let Some(lost) = queue.pop_front() {
+        let mut state = self.lock();
+        if state.queue.len() >= self.max {
+            if let Some(lost) = state.queue.pop_front() {
                 log::warn!(
                     "fleet: {} events wait for the broker; dropping the oldest ({} of request {:?})",
                     self.max,
                     lost.kind(),
                     lost.request_id
                 );
+                state.record(&Record::Gone);
             }
             metrics::counter!(crate::metrics::FLEET_EVENTS_DROPPED).increment(1);
         }
-        queue.push_back(event);
-        drop(queue);
+        state.record(&Record::Event(Box::new(event.clone())));
+        state.queue.push_back(event);
+        drop(state);
         self.ready.notify_one();
     }
 
     /// The oldest event, left in place until [`Outbox::sent`].
     pub fn front(&self) -> Option<Event> {
-        self.lock().front().cloned()
+        self.lock().queue.front().cloned()
     }
 
     /// The oldest event was sent.
     pub fn sent(&self) {
-        self.lock().pop_front();
+        let mut state = self.lock();
+        if state.queue.pop_front().is_some() {
+            state.record(&Record::Gone);
+        }
     }
 
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().queue.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -112,8 +195,49 @@ impl Outbox {
         self.ready.notified().await;
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Event>> {
-        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, OutboxState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl OutboxState {
+    /// Appends `record` to the journal, then rewrites it if it has grown well beyond the
+    /// events waiting. A journal that cannot be written is logged: the events still go out
+    /// while the daemon runs.
+    fn record(&mut self, record: &Record) {
+        let Some(journal) = self.journal.as_mut() else { return };
+        let mut line = serde_json::to_vec(record).expect("an event serializes");
+        line.push(b'\n');
+        let waiting = self.queue.len() + usize::from(matches!(record, Record::Event(_)));
+        let result = journal.file.write_all(&line).and_then(|()| {
+            journal.lines += 1;
+            if matches!(record, Record::Gone) && (waiting == 0 || journal.lines > 2 * waiting + JOURNAL_SLACK)
+            {
+                *journal = Journal::rewrite(journal.path.clone(), &self.queue)?;
+            }
+            Ok(())
+        });
+        if let Err(e) = result {
+            log::error!("fleet: cannot write the outbox journal {}: {e}", journal.path.display());
+        }
+    }
+}
+
+impl Journal {
+    /// Replaces the file at `path` with one holding `queue` (through a temporary file, so a
+    /// crash leaves the old or the new one).
+    fn rewrite(path: PathBuf, queue: &VecDeque<Event>) -> std::io::Result<Self> {
+        let tmp = path.with_extension("tmp");
+        let mut bytes = Vec::new();
+        for event in queue {
+            serde_json::to_writer(&mut bytes, &Record::Event(Box::new(event.clone())))
+                .map_err(std::io::Error::other)?;
+            bytes.push(b'\n');
+        }
+        std::fs::write(&tmp, bytes)?;
+        std::fs::rename(&tmp, &path)?;
+        let file = OpenOptions::new().append(true).open(&path)?;
+        Ok(Self { path, file, lines: queue.len() })
     }
 }
 
@@ -126,6 +250,16 @@ struct Started {
     ended: Option<CaptureInfo>,
 }
 
+/// What the state directory keeps of a capture a fleet request started, from just before it
+/// starts until its end is in the outbox: `<dir>/<id>.json`. A daemon that finds one at its
+/// start reports the capture's end (interrupted, if it was running when the daemon died).
+#[derive(Serialize, Deserialize)]
+struct StartedFile {
+    request: FleetRequest,
+    /// `accepted` and `started` are in the outbox.
+    announced: bool,
+}
+
 /// This node's side of the fleet: decides requests, reports events.
 pub struct Node {
     daemon: Arc<Daemon>,
@@ -134,13 +268,102 @@ pub struct Node {
     outbox: Arc<Outbox>,
     /// The captures fleet requests started in this process, by id, until they end.
     started: Mutex<HashMap<String, Started>>,
+    /// Where each of them is kept ([`StartedFile`]); `None`: in memory only.
+    started_dir: Option<PathBuf>,
 }
 
 impl Node {
+    /// A node that keeps what it started in memory only.
     pub fn new(daemon: Arc<Daemon>, outbox: Arc<Outbox>) -> Self {
         let name = daemon.node().to_owned();
         let labels = daemon.config().daemon.labels.clone();
-        Self { daemon, name, labels, outbox, started: Mutex::new(HashMap::new()) }
+        Self { daemon, name, labels, outbox, started: Mutex::new(HashMap::new()), started_dir: None }
+    }
+
+    /// A node that keeps the captures it started in `dir`, one file each until its end is
+    /// reported, and reports now the ends of those an earlier run left there (the captures
+    /// that were running when it died end as interrupted). Call it after the daemon has loaded
+    /// its captures and before deciding requests.
+    pub fn persistent(daemon: Arc<Daemon>, outbox: Arc<Outbox>, dir: PathBuf) -> std::io::Result<Self> {
+        std::fs::create_dir_all(&dir)?;
+        let mut node = Self::new(daemon, outbox);
+        let mut earlier = Vec::new();
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            match std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice::<StartedFile>(&b).map_err(|e| e.to_string()))
+            {
+                Ok(file) => earlier.push(file),
+                Err(e) => log::warn!("fleet: ignoring the unreadable {}: {e}", path.display()),
+            }
+        }
+        node.started_dir = Some(dir);
+        for file in earlier {
+            node.report_earlier(file);
+        }
+        Ok(node)
+    }
+
+    /// Reports what became of a capture an earlier run started for the fleet.
+    fn report_earlier(&self, file: StartedFile) {
+        let StartedFile { request, announced } = file;
+        let info = match self.daemon.get(&request.id) {
+            Ok(info) => info,
+            Err(_) => {
+                // It never started (the daemon died first; the request, not acknowledged, is
+                // decided again), or it ended so long ago the daemon forgot it.
+                log::info!("fleet: capture {} is unknown to the daemon: nothing to report", request.id);
+                self.forget(&request.id);
+                return;
+            }
+        };
+        if !announced {
+            self.outbox.push(Event::about(&request, &self.name, What::Accepted));
+            self.outbox.push(Event::about(
+                &request,
+                &self.name,
+                What::Started { interface: info.interface.clone(), location: info.location.clone() },
+            ));
+        }
+        if info.state == CaptureState::Running {
+            // Not after a restart (the daemon marks those interrupted); its end is told later.
+            self.keep(&request, true);
+            self.lock().insert(request.id.clone(), Started { request, announced: true, ended: None });
+            return;
+        }
+        log::info!("fleet: reporting the end of capture {}, started before the restart", request.id);
+        self.outbox.push(Event::ended(&request, &self.name, &info));
+        self.forget(&request.id);
+    }
+
+    /// Writes the [`StartedFile`] of `request` (through a temporary file).
+    fn keep(&self, request: &FleetRequest, announced: bool) {
+        let Some(dir) = &self.started_dir else { return };
+        let path = dir.join(format!("{}.json", request.id));
+        let tmp = path.with_extension("json.tmp");
+        let file = StartedFile { request: request.clone(), announced };
+        let result = serde_json::to_vec(&file)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = result {
+            log::error!("fleet: cannot save {}: {e}", path.display());
+        }
+    }
+
+    /// Removes the [`StartedFile`] of capture `id`: its end is reported (or it never started).
+    fn forget(&self, id: &str) {
+        let Some(dir) = &self.started_dir else { return };
+        let path = dir.join(format!("{id}.json"));
+        if let Err(e) = std::fs::remove_file(&path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            log::error!("fleet: cannot remove {}: {e}", path.display());
+        }
     }
 
     /// This node's name.
@@ -209,6 +432,8 @@ impl Node {
                 Started { request: request.clone(), announced: false, ended: None },
             );
         }
+        // Before it starts: a daemon killed from now on reports it at its next start.
+        self.keep(&request, false);
         let mut capture = request.capture.clone();
         capture.id = Some(request.id.clone());
         match self.daemon.start_capture(capture, None) {
@@ -231,14 +456,19 @@ impl Node {
                         Some(end) => {
                             self.outbox.push(Event::ended(&request, &self.name, &end));
                             started.remove(&request.id);
+                            self.forget(&request.id);
                         }
-                        None => entry.announced = true,
+                        None => {
+                            entry.announced = true;
+                            self.keep(&request, true);
+                        }
                     }
                 }
                 Outcome::Accepted
             }
             Err(e) => {
                 self.lock().remove(&request.id);
+                self.forget(&request.id);
                 match e {
                     RequestError::IdTaken { .. } => {
                         log::info!("fleet: request {} was seen before: duplicate", request.id);
@@ -268,6 +498,7 @@ impl Node {
         if entry.announced {
             self.outbox.push(Event::ended(&entry.request, &self.name, info));
             started.remove(&info.id);
+            self.forget(&info.id);
         } else {
             entry.ended = Some(info.clone());
         }
@@ -307,6 +538,63 @@ mod tests {
         assert_eq!(outbox.front().unwrap().request_id.as_deref(), Some("c"));
         outbox.sent();
         assert!(outbox.is_empty());
+    }
+
+    fn ids(outbox: &Outbox) -> Vec<String> {
+        outbox.lock().queue.iter().map(|e| e.request_id.clone().unwrap()).collect()
+    }
+
+    #[test]
+    fn the_outbox_journal_keeps_what_was_not_sent_across_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.jsonl");
+        {
+            let outbox = Outbox::open(&path, 3).unwrap();
+            for id in ["a", "b", "c", "d"] {
+                outbox.push(event(id));
+            }
+            // "a" was dropped (full), "b" sent: "c" and "d" wait.
+            outbox.sent();
+            assert_eq!(ids(&outbox), ["c", "d"]);
+        }
+        let outbox = Outbox::open(&path, 3).unwrap();
+        assert_eq!(ids(&outbox), ["c", "d"]);
+        // Reopening rewrote the journal with what waits.
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 2);
+        outbox.sent();
+        outbox.sent();
+        assert!(outbox.is_empty());
+        // Nothing waits: the journal is emptied.
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
+        outbox.push(event("e"));
+        // A line cut by a crash is skipped.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(b"{\"event\": {\"ev")
+            .unwrap();
+        drop(outbox);
+        assert_eq!(ids(&Outbox::open(&path, 3).unwrap()), ["e"]);
+    }
+
+    #[test]
+    fn the_outbox_journal_is_rewritten_when_it_grows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.jsonl");
+        let outbox = Outbox::open(&path, 10).unwrap();
+        outbox.push(event("kept"));
+        for _ in 0..JOURNAL_SLACK {
+            outbox.push(event("x"));
+            outbox.push(event("y"));
+            outbox.sent();
+            outbox.sent();
+            outbox.push(event("kept"));
+            outbox.sent();
+        }
+        let lines = std::fs::read_to_string(&path).unwrap().lines().count();
+        assert!(lines <= 2 * outbox.len() + JOURNAL_SLACK + 1, "{lines} lines");
+        assert_eq!(ids(&Outbox::open(&path, 10).unwrap()), ids(&outbox));
     }
 
     #[test]

@@ -8,13 +8,15 @@
 //! those received before a crash or an outage and not acknowledged, and decides them.
 //!
 //! Each event is an entry of the events stream with the fields `event` (its kind), `node`,
-//! `request_id` and `json` (the whole [`Event`](super::Event)). Events wait in a bounded
-//! [`Outbox`] while the broker is unreachable, and are sent in order when it is back.
+//! `request_id` and `json` (the whole [`Event`](super::Event)), added with `MAXLEN ~` so the
+//! stream keeps about `events_max_len` entries. Events wait in a bounded [`Outbox`] while the
+//! broker is unreachable, and are sent in order when it is back; the outbox and the captures
+//! started are kept in `<state_dir>/fleet/`, so neither is lost when the daemon restarts.
 //!
 //! Two connections: one blocks in `XREADGROUP`, the other adds events. Both reconnect with a
 //! backoff from 200 ms to 5 s.
 
-use std::{sync::Arc, time::Duration};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use ::redis::{
     AsyncConnectionConfig, Client, ConnectionInfo, IntoConnectionInfo as _, RedisError,
@@ -41,6 +43,13 @@ pub enum FleetRedisError {
     /// The URL cannot be used (the message names the URL with its password masked).
     #[error("fleet.redis.url {url}: {message}")]
     Url { url: String, message: String },
+    /// The fleet's part of the state directory cannot be used.
+    #[error("cannot use the fleet's state in {path}")]
+    State {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// The running transport: reader, event sender and the watcher of captures' ends.
@@ -61,6 +70,8 @@ struct Link {
     shown: String,
     requests: String,
     events: String,
+    /// `MAXLEN ~` of each `XADD` to the events stream; 0: none.
+    events_max_len: u64,
     group: String,
     consumer: String,
 }
@@ -84,12 +95,18 @@ impl RedisFleet {
             shown,
             requests: settings.requests_stream.clone(),
             events: settings.events_stream.clone(),
+            events_max_len: settings.events_max_len,
             group: format!("{}{node_name}", settings.group_prefix),
             consumer: node_name,
         };
-        let outbox = Arc::new(Outbox::new(settings.max_pending_events));
+        // What must survive a restart: the events not sent yet, and the captures started.
+        let dir = daemon.config().daemon.state_dir.join("fleet");
+        let state = |source| FleetRedisError::State { path: dir.clone(), source };
+        std::fs::create_dir_all(&dir).map_err(state)?;
+        let outbox =
+            Arc::new(Outbox::open(&dir.join("outbox.jsonl"), settings.max_pending_events).map_err(state)?);
         let mut ends = daemon.subscribe();
-        let node = Arc::new(Node::new(daemon, outbox.clone()));
+        let node = Arc::new(Node::persistent(daemon, outbox.clone(), dir.join("requests")).map_err(state)?);
         let (finish, finishing) = watch::channel(false);
         let reader = tokio::spawn(read_requests(node.clone(), link.clone(), shutdown));
         let watcher = {
@@ -130,7 +147,7 @@ impl RedisFleet {
 
 /// The connection settings: the URL's, with the user and password from the environment
 /// (`TAPSTREAM_REDIS_USERNAME`, `TAPSTREAM_REDIS_PASSWORD`) when set.
-fn connection_info(
+pub(crate) fn connection_info(
     settings: &RedisSection,
     env: impl Fn(&str) -> Option<String>,
 ) -> Result<ConnectionInfo, FleetRedisError> {
@@ -338,19 +355,7 @@ async fn send_events(outbox: Arc<Outbox>, link: Link, mut finish: watch::Receive
             if conn.is_none() {
                 conn = Some(connect(&link).await?);
             }
-            let json =
-                serde_json::to_string(&event).map_err(|e| RedisError::from(std::io::Error::other(e)))?;
-            let id: String = ::redis::cmd("XADD")
-                .arg(&link.events)
-                .arg("*")
-                .arg("event")
-                .arg(event.kind())
-                .arg("node")
-                .arg(&event.node)
-                .arg("request_id")
-                .arg(event.request_id.as_deref().unwrap_or(""))
-                .arg("json")
-                .arg(json)
+            let id: String = add_event(&link.events, link.events_max_len, &event)?
                 .query_async(conn.as_mut().expect("connected above"))
                 .await?;
             Ok::<_, RedisError>(id)
@@ -379,9 +384,51 @@ async fn send_events(outbox: Arc<Outbox>, link: Link, mut finish: watch::Receive
     }
 }
 
+/// The `XADD` of `event` to `stream`, trimmed to about `max_len` entries (0: not trimmed).
+fn add_event(stream: &str, max_len: u64, event: &super::Event) -> Result<::redis::Cmd, RedisError> {
+    let json = serde_json::to_string(event).map_err(|e| RedisError::from(std::io::Error::other(e)))?;
+    let mut xadd = ::redis::cmd("XADD");
+    xadd.arg(stream);
+    if max_len > 0 {
+        xadd.arg("MAXLEN").arg("~").arg(max_len);
+    }
+    xadd.arg("*")
+        .arg("event")
+        .arg(event.kind())
+        .arg("node")
+        .arg(&event.node)
+        .arg("request_id")
+        .arg(event.request_id.as_deref().unwrap_or(""))
+        .arg("json")
+        .arg(json);
+    Ok(xadd)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The arguments of a command, as text.
+    fn args(cmd: &::redis::Cmd) -> Vec<String> {
+        cmd.args_iter()
+            .map(|a| match a {
+                ::redis::Arg::Simple(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+                _ => "<not simple>".into(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn events_are_added_with_an_approximate_max_len() {
+        let request =
+            super::super::FleetRequest::parse(br#"{"id": "r1", "not_after": 1, "capture": {}}"#).unwrap();
+        let event = super::super::Event::about(&request, "n1", super::super::What::Accepted);
+        let trimmed = args(&add_event("ev", 100_000, &event).unwrap());
+        assert_eq!(trimmed[..8], ["XADD", "ev", "MAXLEN", "~", "100000", "*", "event", "accepted"]);
+        assert_eq!(trimmed[8..12], ["node", "n1", "request_id", "r1"]);
+        let untrimmed = args(&add_event("ev", 0, &event).unwrap());
+        assert_eq!(untrimmed[..4], ["XADD", "ev", "*", "event"]);
+    }
 
     #[test]
     fn passwords_are_masked_in_logs() {

@@ -17,29 +17,72 @@ use std::{
 pub struct Redis {
     child: Child,
     dir: tempfile::TempDir,
+    /// Every write is in an append-only file (fsynced), so the data survives a kill.
+    persistent: bool,
 }
 
 impl Redis {
     /// Starts a server (no TCP port, no persistence) and waits until it answers PING.
     pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// Starts a server that keeps every write in an append-only file, so that its streams
+    /// survive [`Redis::kill`] and [`Redis::restart`].
+    pub fn start_persistent() -> Self {
+        Self::start_with(true)
+    }
+
+    fn start_with(persistent: bool) -> Self {
         let dir = tempfile::Builder::new().prefix("tapstream-redis-").tempdir().expect("temp dir");
         // The daemons may run as other users in other tests' setups: let them reach the socket.
         std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .expect("chmod the redis dir");
-        let log = std::fs::File::create(dir.path().join("redis.log")).expect("redis log");
-        let child = Command::new("redis-server")
+        let child = Self::spawn(&dir, persistent);
+        let mut redis = Self { child, dir, persistent };
+        redis.wait_ready();
+        redis
+    }
+
+    fn spawn(dir: &tempfile::TempDir, persistent: bool) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.path().join("redis.log"))
+            .expect("redis log");
+        let aof: &[&str] = if persistent {
+            &["--appendonly", "yes", "--appendfsync", "always"]
+        } else {
+            &["--appendonly", "no"]
+        };
+        Command::new("redis-server")
             .args(["--port", "0", "--unixsocket"])
             .arg(dir.path().join("redis.sock"))
-            .args(["--unixsocketperm", "777", "--save", "", "--appendonly", "no", "--dir"])
+            .args(["--unixsocketperm", "777", "--save", ""])
+            .args(aof)
+            .arg("--dir")
             .arg(dir.path())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log)
             .spawn()
-            .expect("start redis-server (install it with `cargo xtask setup`)");
-        let mut redis = Self { child, dir };
-        redis.wait_ready();
-        redis
+            .expect("start redis-server (install it with `cargo xtask setup`)")
+    }
+
+    /// Kills the server (SIGKILL: its clients' connections break) and removes its socket:
+    /// the broker is away until [`Redis::restart`].
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(self.socket());
+    }
+
+    /// Starts a new server on the same socket and directory (after [`Redis::kill`], or
+    /// killing it first); a persistent one has its data back.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.child = Self::spawn(&self.dir, self.persistent);
+        self.wait_ready();
     }
 
     /// The server's socket.

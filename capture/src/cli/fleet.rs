@@ -1,0 +1,345 @@
+//! `tapstream fleet nodes|capture`: the fleet from the operator's side, through its broker.
+
+use std::{
+    collections::BTreeMap,
+    io::IsTerminal as _,
+    path::Path,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context as _, bail};
+use serde_json::json;
+
+use crate::{
+    cli::args::{BrokerArgs, FleetCaptureArgs, FleetCommand},
+    config::{Config, RedisSection},
+    control::InterfaceState,
+    fleet::{
+        FleetRequest, Target,
+        message::NotAfter,
+        presence::Presence,
+        publish::{Answer, Answers, Broker},
+    },
+};
+
+/// The configuration file read when `--config` is not given, if it exists.
+const DEFAULT_CONFIG: &str = "/etc/tapstream/tapstream.toml";
+/// How long one read of the events stream blocks.
+const POLL: Duration = Duration::from_millis(500);
+
+pub fn fleet(command: FleetCommand) -> anyhow::Result<()> {
+    match command {
+        FleetCommand::Nodes(args) => nodes(&args.broker),
+        FleetCommand::Capture(args) => capture(CapturePlan::resolve(*args)?),
+    }
+}
+
+/// The broker's settings: the configuration file's `[fleet.redis]`, its URL replaced by
+/// `--redis` (or `TAPSTREAM_REDIS`) if given.
+fn broker_settings(args: &BrokerArgs) -> anyhow::Result<RedisSection> {
+    let default = Path::new(DEFAULT_CONFIG);
+    let file = match &args.config {
+        Some(path) => Some((path.as_path(), true)),
+        None => default.exists().then_some((default, false)),
+    };
+    let mut section = None;
+    if let Some((path, explicit)) = file {
+        match Config::load(path) {
+            Ok(config) => section = config.fleet.redis,
+            Err(e) if explicit || args.redis.is_none() => return Err(e.into()),
+            Err(e) => log::warn!("ignoring {}: {e}", path.display()),
+        }
+        if explicit && section.is_none() && args.redis.is_none() {
+            bail!("{} has no [fleet.redis] section: give the broker with --redis URL", path.display());
+        }
+    }
+    match (section, &args.redis) {
+        (Some(mut section), Some(url)) => {
+            section.url = url.clone();
+            Ok(section)
+        }
+        (Some(section), None) => Ok(section),
+        (None, Some(url)) => Ok(RedisSection { url: url.clone(), ..RedisSection::default() }),
+        (None, None) => {
+            bail!("no broker: give --redis URL (or TAPSTREAM_REDIS), or a --config FILE with [fleet.redis]")
+        }
+    }
+}
+
+fn nodes(args: &BrokerArgs) -> anyhow::Result<()> {
+    let settings = broker_settings(args)?;
+    let nodes = Broker::connect(&settings)?.nodes()?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&nodes)?);
+        return Ok(());
+    }
+    if nodes.is_empty() {
+        eprintln!("no live node announces itself under {}*", settings.nodes_prefix);
+        return Ok(());
+    }
+    println!("{:<20} {:<24} {:<32} captures", "node", "labels", "interfaces");
+    for node in &nodes {
+        println!(
+            "{:<20} {:<24} {:<32} {}",
+            node.node,
+            labels(&node.labels),
+            interfaces(node),
+            captures(node)
+        );
+    }
+    Ok(())
+}
+
+fn labels(labels: &BTreeMap<String, String>) -> String {
+    let all: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    if all.is_empty() { "-".into() } else { all.join(",") }
+}
+
+fn interfaces(node: &Presence) -> String {
+    let all: Vec<String> = node
+        .interfaces
+        .iter()
+        .map(|i| {
+            let state = match i.state {
+                InterfaceState::Attached => "attached",
+                InterfaceState::Absent => "absent",
+            };
+            format!("{} ({}) {state}", i.alias, i.device)
+        })
+        .collect();
+    if all.is_empty() { "-".into() } else { all.join(", ") }
+}
+
+fn captures(node: &Presence) -> String {
+    let all: Vec<String> = node
+        .captures
+        .iter()
+        .map(|c| match &c.filter {
+            Some(filter) => format!("{} on {} ({filter})", c.id, c.interface),
+            None => format!("{} on {}", c.id, c.interface),
+        })
+        .collect();
+    if all.is_empty() { "-".into() } else { all.join(", ") }
+}
+
+/// `fleet capture`, resolved: the broker, the request, how to follow it.
+struct CapturePlan {
+    settings: RedisSection,
+    request: FleetRequest,
+    wait: bool,
+    json: bool,
+}
+
+impl CapturePlan {
+    fn resolve(args: FleetCaptureArgs) -> anyhow::Result<Self> {
+        let settings = broker_settings(&args.broker)?;
+        let target = Target {
+            node: args.node.clone(),
+            node_regex: args.node_regex.clone(),
+            labels: args.labels.iter().cloned().collect(),
+        };
+        // A regular expression no node could use is refused here, not by every node.
+        Target { node_regex: target.node_regex.clone(), ..Target::default() }
+            .matches("", &BTreeMap::new())
+            .context("--nodes")?;
+        let mut request = FleetRequest::new(args.request.request(args.destination.clone()), target);
+        let now = SystemTime::now();
+        if let Some(ns) = args.not_after {
+            request.not_after = NotAfter(UNIX_EPOCH + Duration::from_nanos(ns));
+        } else if let Some(deadline) = args.deadline {
+            request.not_after = NotAfter(now + deadline);
+        }
+        if request.expired(now) {
+            bail!("the deadline has passed already: nodes would refuse the request as expired");
+        }
+        Ok(Self { settings, request, wait: args.wait, json: args.broker.json })
+    }
+}
+
+fn capture(plan: CapturePlan) -> anyhow::Result<()> {
+    let CapturePlan { settings, request, wait, json } = plan;
+    let mut broker = Broker::connect(&settings)?;
+    // Nodes decide whether a request is theirs; the live ones that should are expected.
+    let expected: Vec<String> = broker
+        .nodes()?
+        .into_iter()
+        .filter(|n| request.target.matches(&n.node, &n.labels).unwrap_or(false))
+        .map(|n| n.node)
+        .collect();
+    let mut cursor = broker.publish(&request)?;
+    let not_after = humantime::format_rfc3339_seconds(request.not_after.0).to_string();
+    if !wait {
+        if json {
+            let doc = json!({"request_id": request.id, "not_after": not_after, "expected": expected});
+            println!("{}", serde_json::to_string_pretty(&doc)?);
+        } else {
+            println!("{}", request.id);
+        }
+        return Ok(());
+    }
+    if !json {
+        eprintln!(
+            "request {} published on {}, valid until {not_after}; live nodes it targets: {}",
+            request.id,
+            broker.shown(),
+            if expected.is_empty() { "none".to_owned() } else { expected.join(", ") }
+        );
+    }
+    let live = !json && std::io::stderr().is_terminal();
+    let mut answers = Answers::new(&request.id, expected);
+    let mut shown_lines = 0;
+    if live {
+        shown_lines = redraw(&table(&answers, false), 0);
+    }
+    while !answers.done(SystemTime::now(), request.not_after.0) {
+        let mut changed = Vec::new();
+        for event in broker.events(&mut cursor, POLL)? {
+            let node = event.node.clone();
+            if answers.take(event) {
+                changed.push(node);
+            }
+        }
+        if changed.is_empty() || json {
+            continue;
+        }
+        if live {
+            shown_lines = redraw(&table(&answers, false), shown_lines);
+        } else {
+            for node in changed {
+                if let Some(answer) = answers.by_node.get(&node) {
+                    eprintln!("{node}: {}", describe(answer));
+                }
+            }
+        }
+    }
+    if json {
+        let doc = json!({
+            "request_id": request.id,
+            "not_after": not_after,
+            "target": request.target,
+            "nodes": answers.by_node,
+            "no_answer": answers.silent(),
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        if live {
+            redraw(&[], shown_lines);
+        }
+        for line in table(&answers, true) {
+            println!("{line}");
+        }
+        for (node, answer) in &answers.by_node {
+            if let Answer::Finished { outputs, .. } = answer {
+                for output in outputs {
+                    println!("  {node} stored: {output}");
+                }
+            }
+        }
+    }
+    let problems = answers.problems();
+    if !problems.is_empty() {
+        let all: Vec<String> = problems.iter().map(|(node, why)| format!("{node} {why}")).collect();
+        bail!("request {}: {}", request.id, all.join("; "));
+    }
+    Ok(())
+}
+
+/// One line per node: those that answered, then those expected that did not (yet).
+fn table(answers: &Answers, ended: bool) -> Vec<String> {
+    let mut lines = vec![format!("{:<20} {}", "node", "answer")];
+    for (node, answer) in &answers.by_node {
+        lines.push(format!("{node:<20} {}", describe(answer)));
+    }
+    for node in answers.silent() {
+        lines.push(format!("{node:<20} {}", if ended { "no answer" } else { "waiting" }));
+    }
+    if ended && lines.len() == 1 {
+        lines.push("(no node answered, and no live node matches the target)".into());
+    }
+    lines
+}
+
+fn describe(answer: &Answer) -> String {
+    match answer {
+        Answer::Accepted => "accepted".into(),
+        Answer::Refused { code, reason } => format!("refused ({}): {reason}", code.as_str()),
+        Answer::Started { interface } => format!("started on {interface}"),
+        Answer::Finished { stop_reason, packets, bytes, dropped, outputs, error, .. } => {
+            let mut line = format!(
+                "finished ({stop_reason}): {packets} packets, {bytes} bytes, {dropped} dropped, {} outputs",
+                outputs.len()
+            );
+            if let Some(error) = error {
+                line.push_str(&format!("; error: {error}"));
+            }
+            line
+        }
+        Answer::Failed { error } => format!("failed: {error}"),
+    }
+}
+
+/// Replaces the `previous` lines last drawn on stderr with `lines`; returns how many it drew.
+fn redraw(lines: &[String], previous: usize) -> usize {
+    let mut out = String::new();
+    if previous > 0 {
+        out.push_str(&format!("\x1b[{previous}A"));
+    }
+    for line in lines {
+        out.push_str(&format!("\x1b[2K{line}\n"));
+    }
+    // Lines left over from a longer drawing.
+    if previous > lines.len() {
+        out.push_str("\x1b[J");
+    }
+    eprint!("{out}");
+    lines.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::args::{Cli, Command};
+    use clap::Parser as _;
+
+    fn plan(args: &[&str]) -> anyhow::Result<CapturePlan> {
+        let all = [&["tapstream", "fleet", "capture"][..], args].concat();
+        let Command::Fleet(FleetCommand::Capture(args)) = Cli::try_parse_from(all)?.command else {
+            panic!("not fleet capture")
+        };
+        CapturePlan::resolve(*args)
+    }
+
+    #[test]
+    fn a_fleet_capture_resolves_into_a_request() {
+        let p = plan(&[
+            "--redis",
+            "redis://:pw@host",
+            "--label",
+            "site=fra1",
+            "--nodes",
+            "tap-.*",
+            "--deadline",
+            "10s",
+            "-c",
+            "5",
+            "udp",
+            "port",
+            "53",
+        ])
+        .unwrap();
+        assert_eq!(p.settings.url, "redis://:pw@host");
+        assert_eq!(p.settings.requests_stream, "tapstream:requests");
+        assert_eq!(p.request.target.labels["site"], "fra1");
+        assert_eq!(p.request.target.node_regex.as_deref(), Some("tap-.*"));
+        assert_eq!(p.request.capture.filter.as_deref(), Some("udp port 53"));
+        assert_eq!(p.request.capture.packets, Some(5));
+        let left = p.request.not_after.0.duration_since(SystemTime::now()).unwrap();
+        assert!(left <= Duration::from_secs(10) && left > Duration::from_secs(5), "{left:?}");
+        let err = plan(&["--redis", "redis://h", "--nodes", "("]).err().unwrap();
+        assert!(format!("{err:#}").contains("--nodes"), "{err:#}");
+        let err = plan(&["--redis", "redis://h", "--not-after", "1000"]).err().unwrap();
+        assert!(err.to_string().contains("passed"), "{err}");
+        let err = plan(&["--config", "/nonexistent"]).err().unwrap();
+        assert!(format!("{err:#}").contains("/nonexistent"), "{err:#}");
+    }
+}

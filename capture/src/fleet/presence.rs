@@ -1,0 +1,206 @@
+//! A node's presence: a heartbeat in the broker, so an operator sees which nodes are live.
+//!
+//! Every [`HEARTBEAT`] a daemon with `[fleet.redis]` sets the key `<nodes_prefix><node>` to a
+//! [`Presence`] (JSON), expiring after [`TTL`]: a node that dies vanishes within 15 s; one that
+//! stops in order deletes its key. `tapstream fleet nodes` lists these keys.
+//!
+//! ```json
+//! {"node": "tap-fra1-01", "version": "0.1.0", "labels": {"site": "fra1"},
+//!  "interfaces": [{"alias": "tap0", "device": "eth1", "state": "attached"}],
+//!  "captures": [{"id": "alert-4711", "interface": "tap0", "filter": "udp", "started_ns": 1}],
+//!  "updated_ns": 1795000000000000000}
+//! ```
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use ::redis::{AsyncConnectionConfig, Client, aio::MultiplexedConnection};
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinHandle;
+
+use super::redis::{FleetRedisError, connection_info, mask_password};
+use crate::{
+    config::RedisSection,
+    control::{CaptureState, InterfaceInfo, daemon::Daemon},
+    sys::Shutdown,
+};
+
+/// How often a node announces itself.
+pub const HEARTBEAT: Duration = Duration::from_secs(5);
+/// How long an announcement lasts: three heartbeats.
+pub const TTL: Duration = Duration::from_secs(15);
+
+/// What a node says of itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Presence {
+    /// Its name (`daemon.node`, else the hostname).
+    pub node: String,
+    /// Its tapstream version.
+    pub version: String,
+    /// Its `daemon.labels`.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Its configured interfaces, attached or absent.
+    #[serde(default)]
+    pub interfaces: Vec<InterfaceInfo>,
+    /// Its running captures.
+    #[serde(default)]
+    pub captures: Vec<RunningCapture>,
+    /// When it said so, ns since the Unix epoch.
+    pub updated_ns: u64,
+}
+
+/// A running capture, as a node's presence shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunningCapture {
+    pub id: String,
+    /// Interface alias.
+    pub interface: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<String>,
+    /// Start time, ns since the Unix epoch.
+    pub started_ns: u64,
+}
+
+impl Presence {
+    /// The daemon's presence now.
+    pub fn of(daemon: &Daemon) -> Self {
+        Self {
+            node: daemon.node().to_owned(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            labels: daemon.config().daemon.labels.clone(),
+            interfaces: daemon.interfaces(),
+            captures: daemon
+                .list()
+                .into_iter()
+                .filter(|c| c.state == CaptureState::Running)
+                .map(|c| RunningCapture {
+                    id: c.id,
+                    interface: c.interface,
+                    filter: c.request.filter,
+                    started_ns: c.started_ns,
+                })
+                .collect(),
+            updated_ns: crate::sys::unix_now_ns(),
+        }
+    }
+}
+
+/// The key of `node`'s presence.
+pub fn key(settings: &RedisSection, node: &str) -> String {
+    format!("{}{node}", settings.nodes_prefix)
+}
+
+/// A client for the broker of `settings` (the password possibly from the environment).
+pub fn client(settings: &RedisSection) -> Result<Client, FleetRedisError> {
+    let info = connection_info(settings, |name| std::env::var(name).ok())?;
+    Client::open(info)
+        .map_err(|e| FleetRedisError::Url { url: mask_password(&settings.url), message: e.to_string() })
+}
+
+/// The heartbeat task of a daemon; it deletes its key when the shutdown comes.
+pub struct Heartbeat {
+    task: JoinHandle<()>,
+}
+
+impl Heartbeat {
+    /// Starts announcing `daemon` on the current tokio runtime until `shutdown`.
+    pub fn start(
+        daemon: Arc<Daemon>,
+        settings: &RedisSection,
+        shutdown: Shutdown,
+    ) -> Result<Self, FleetRedisError> {
+        let client = client(settings)?;
+        let key = key(settings, daemon.node());
+        let shown = mask_password(&settings.url);
+        Ok(Self { task: tokio::spawn(beat(daemon, client, shown, key, shutdown)) })
+    }
+
+    /// After the shutdown: waits up to `grace` for the key to be deleted.
+    pub async fn finish(self, grace: Duration) {
+        if tokio::time::timeout(grace, self.task).await.is_err() {
+            log::warn!("fleet: this node's presence could not be withdrawn; it expires within {TTL:?}");
+        }
+    }
+}
+
+async fn connect(client: &Client) -> Result<MultiplexedConnection, ::redis::RedisError> {
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(Some(Duration::from_secs(2)));
+    client.get_multiplexed_async_connection_with_config(&config).await
+}
+
+async fn beat(daemon: Arc<Daemon>, client: Client, shown: String, key: String, shutdown: Shutdown) {
+    let mut conn: Option<MultiplexedConnection> = None;
+    let mut failing = false;
+    while !shutdown.is_set() {
+        let json = match serde_json::to_string(&Presence::of(&daemon)) {
+            Ok(json) => json,
+            Err(e) => {
+                log::error!("fleet: cannot describe this node: {e}");
+                return;
+            }
+        };
+        let result = async {
+            if conn.is_none() {
+                conn = Some(connect(&client).await?);
+            }
+            let conn = conn.as_mut().expect("connected above");
+            ::redis::cmd("SET").arg(&key).arg(json).arg("EX").arg(TTL.as_secs()).query_async::<()>(conn).await
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                if failing {
+                    log::info!("fleet: presence in {key} on {shown} again");
+                }
+                failing = false;
+            }
+            Err(e) => {
+                conn = None;
+                if !failing {
+                    log::warn!("fleet: cannot announce this node in {key} on {shown}: {e}");
+                }
+                failing = true;
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(HEARTBEAT) => {}
+            () = shutdown.wait() => {}
+        }
+    }
+    // An orderly stop: withdraw at once rather than expire.
+    let deleted = async {
+        let mut conn = match conn {
+            Some(conn) => conn,
+            None => connect(&client).await?,
+        };
+        ::redis::cmd("DEL").arg(&key).query_async::<()>(&mut conn).await
+    }
+    .await;
+    match deleted {
+        Ok(()) => log::info!("fleet: presence {key} withdrawn"),
+        Err(e) => log::warn!("fleet: cannot withdraw presence {key} ({e}); it expires within {TTL:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_presence_round_trips_and_its_key_has_the_prefix() {
+        let settings = RedisSection::default();
+        assert_eq!(key(&settings, "tap1"), "tapstream:nodes:tap1");
+        let json = r#"{"node": "tap1", "version": "0.1.0", "labels": {"site": "fra1"},
+            "interfaces": [{"alias": "tap0", "device": "eth1", "state": "absent"}],
+            "captures": [{"id": "c1", "interface": "tap0", "filter": "udp", "started_ns": 7}],
+            "updated_ns": 9}"#;
+        let presence: Presence = serde_json::from_str(json).unwrap();
+        assert_eq!(presence.labels["site"], "fra1");
+        assert_eq!(presence.captures[0].filter.as_deref(), Some("udp"));
+        let back: Presence = serde_json::from_str(&serde_json::to_string(&presence).unwrap()).unwrap();
+        assert_eq!(back, presence);
+        assert!(TTL >= HEARTBEAT * 3);
+    }
+}

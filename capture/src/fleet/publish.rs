@@ -1,0 +1,302 @@
+//! The operator's side of the fleet: the live nodes, publishing a request, and following what
+//! each node answers.
+//!
+//! [`Broker`] speaks to Redis (blocking: the CLI has no runtime); [`Answers`] folds the
+//! events of one request into one answer per node, and says when nothing more is to come.
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, SystemTime},
+};
+
+use ::redis::{
+    Connection, RedisError,
+    streams::{StreamRangeReply, StreamReadReply},
+};
+use serde::Serialize;
+
+use super::{
+    Event, FleetRequest, RefusalCode, What,
+    presence::{Presence, client},
+    redis::{FleetRedisError, REQUEST_FIELD, mask_password},
+};
+use crate::config::RedisSection;
+
+/// Errors speaking to the broker.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error(transparent)]
+    Url(#[from] FleetRedisError),
+    #[error("Redis at {url}: {source}")]
+    Redis {
+        url: String,
+        #[source]
+        source: RedisError,
+    },
+    #[error("encode the request: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// A connection to the fleet's broker.
+pub struct Broker {
+    conn: Connection,
+    settings: RedisSection,
+    /// The URL with its password masked.
+    shown: String,
+}
+
+impl Broker {
+    pub fn connect(settings: &RedisSection) -> Result<Self, PublishError> {
+        let shown = mask_password(&settings.url);
+        let conn = client(settings)?
+            .get_connection_with_timeout(Duration::from_secs(5))
+            .map_err(|source| PublishError::Redis { url: shown.clone(), source })?;
+        Ok(Self { conn, settings: settings.clone(), shown })
+    }
+
+    /// The URL, password masked.
+    pub fn shown(&self) -> &str {
+        &self.shown
+    }
+
+    fn failed(&self) -> impl Fn(RedisError) -> PublishError + '_ {
+        |source| PublishError::Redis { url: self.shown.clone(), source }
+    }
+
+    /// The live nodes (their presence keys), by name.
+    pub fn nodes(&mut self) -> Result<Vec<Presence>, PublishError> {
+        let pattern = format!("{}*", self.settings.nodes_prefix);
+        let mut keys: Vec<String> = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, batch): (u64, Vec<String>) = ::redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(500)
+                .query(&mut self.conn)
+                .map_err(self.failed())?;
+            keys.extend(batch);
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+        keys.sort();
+        keys.dedup();
+        let mut nodes = Vec::new();
+        for key in keys {
+            // Expired since the scan: gone.
+            let json: Option<String> =
+                ::redis::cmd("GET").arg(&key).query(&mut self.conn).map_err(self.failed())?;
+            match json.map(|j| serde_json::from_str::<Presence>(&j)) {
+                Some(Ok(presence)) => nodes.push(presence),
+                Some(Err(e)) => log::warn!("{key} is not a node's presence: {e}"),
+                None => {}
+            }
+        }
+        nodes.sort_by(|a, b| a.node.cmp(&b.node));
+        Ok(nodes)
+    }
+
+    /// Publishes `request`; returns the events stream's position just before, from which
+    /// [`Broker::events`] reads its answers.
+    pub fn publish(&mut self, request: &FleetRequest) -> Result<String, PublishError> {
+        let last: StreamRangeReply = ::redis::cmd("XREVRANGE")
+            .arg(&self.settings.events_stream)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query(&mut self.conn)
+            .map_err(self.failed())?;
+        let cursor = last.ids.first().map_or_else(|| "0-0".to_owned(), |e| e.id.clone());
+        let json = serde_json::to_string(request)?;
+        let _: String = ::redis::cmd("XADD")
+            .arg(&self.settings.requests_stream)
+            .arg("*")
+            .arg(REQUEST_FIELD)
+            .arg(json)
+            .query(&mut self.conn)
+            .map_err(self.failed())?;
+        Ok(cursor)
+    }
+
+    /// The events after `cursor`, waiting up to `block` for one; moves `cursor` past them.
+    /// Entries that are not events are skipped.
+    pub fn events(&mut self, cursor: &mut String, block: Duration) -> Result<Vec<Event>, PublishError> {
+        let reply: Option<StreamReadReply> = ::redis::cmd("XREAD")
+            .arg("COUNT")
+            .arg(256)
+            .arg("BLOCK")
+            .arg(block.as_millis().max(1) as u64)
+            .arg("STREAMS")
+            .arg(&self.settings.events_stream)
+            .arg(cursor.as_str())
+            .query(&mut self.conn)
+            .map_err(self.failed())?;
+        let mut events = Vec::new();
+        for entry in reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids) {
+            *cursor = entry.id.clone();
+            let json: Option<String> = entry.get("json");
+            match json.map(|j| serde_json::from_str::<Event>(&j)) {
+                Some(Ok(event)) => events.push(event),
+                _ => log::debug!("events entry {} is not an event", entry.id),
+            }
+        }
+        Ok(events)
+    }
+}
+
+/// What one node answered to a request, so far.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum Answer {
+    Accepted,
+    Refused {
+        code: RefusalCode,
+        reason: String,
+    },
+    Started {
+        interface: String,
+    },
+    Finished {
+        interface: Option<String>,
+        stop_reason: String,
+        packets: u64,
+        bytes: u64,
+        dropped: u64,
+        outputs: Vec<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+    Failed {
+        error: String,
+    },
+}
+
+impl Answer {
+    /// Nothing more is to come from this node.
+    pub fn is_final(&self) -> bool {
+        matches!(self, Self::Refused { .. } | Self::Finished { .. } | Self::Failed { .. })
+    }
+
+    /// What went wrong, for a node that refused, failed or ended on an error.
+    pub fn problem(&self) -> Option<String> {
+        match self {
+            Self::Refused { code, reason } => Some(format!("refused ({}): {reason}", code.as_str())),
+            Self::Failed { error } => Some(format!("failed: {error}")),
+            Self::Finished { error: Some(error), .. } => Some(format!("ended on an error: {error}")),
+            _ => None,
+        }
+    }
+}
+
+/// The answers to one request, by node.
+#[derive(Debug)]
+pub struct Answers {
+    request_id: String,
+    /// The live nodes the target matched when it was published: those expected to answer.
+    expected: Vec<String>,
+    pub by_node: BTreeMap<String, Answer>,
+}
+
+impl Answers {
+    pub fn new(request_id: &str, expected: Vec<String>) -> Self {
+        Self { request_id: request_id.to_owned(), expected, by_node: BTreeMap::new() }
+    }
+
+    /// Takes in an event; returns whether it was about this request.
+    pub fn take(&mut self, event: Event) -> bool {
+        if event.request_id.as_deref() != Some(self.request_id.as_str()) {
+            return false;
+        }
+        let interface = match self.by_node.get(&event.node) {
+            Some(Answer::Started { interface }) => Some(interface.clone()),
+            _ => None,
+        };
+        let answer = match event.what {
+            What::Accepted => Answer::Accepted,
+            What::Refused { code, reason } => Answer::Refused { code, reason },
+            What::Started { interface, .. } => Answer::Started { interface },
+            What::Finished { stop_reason, packets, bytes, dropped, outputs, error } => {
+                Answer::Finished { interface, stop_reason, packets, bytes, dropped, outputs, error }
+            }
+            What::Failed { error } => Answer::Failed { error },
+        };
+        // A late duplicate of an earlier step does not undo a final answer.
+        if !self.by_node.get(&event.node).is_some_and(Answer::is_final) {
+            self.by_node.insert(event.node, answer);
+        }
+        true
+    }
+
+    /// The expected nodes that have not answered.
+    pub fn silent(&self) -> Vec<&str> {
+        self.expected.iter().filter(|n| !self.by_node.contains_key(*n)).map(String::as_str).collect()
+    }
+
+    /// Whether to stop following: every node that answered is done, and either every
+    /// expected node answered or the request's `not_after` is past (no node takes it after).
+    pub fn done(&self, now: SystemTime, not_after: SystemTime) -> bool {
+        self.by_node.values().all(Answer::is_final)
+            && (now > not_after || self.silent().is_empty() && !self.by_node.is_empty())
+    }
+
+    /// The nodes that refused or failed, with why.
+    pub fn problems(&self) -> Vec<(&str, String)> {
+        self.by_node.iter().filter_map(|(n, a)| a.problem().map(|p| (n.as_str(), p))).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(node: &str, id: &str, what: What) -> Event {
+        let request =
+            FleetRequest::parse(format!(r#"{{"id": "{id}", "not_after": 1, "capture": {{}}}}"#).as_bytes())
+                .unwrap();
+        Event::about(&request, node, what)
+    }
+
+    fn finished(packets: u64) -> What {
+        What::Finished {
+            stop_reason: "packets".into(),
+            packets,
+            bytes: 10,
+            dropped: 0,
+            outputs: vec!["o".into()],
+            error: None,
+        }
+    }
+
+    #[test]
+    fn answers_end_when_every_expected_node_is_done_or_the_deadline_passed() {
+        let now = SystemTime::now();
+        let later = now + Duration::from_secs(60);
+        let mut answers = Answers::new("r1", vec!["a".into(), "b".into()]);
+        assert!(!answers.done(now, later));
+        assert!(answers.done(later + Duration::from_secs(1), later), "nobody answered by the deadline");
+        assert!(!answers.take(event("a", "other", What::Accepted)));
+        assert!(answers.take(event("a", "r1", What::Accepted)));
+        answers.take(event("a", "r1", What::Started { interface: "tap0".into(), location: "x".into() }));
+        assert!(!answers.done(later + Duration::from_secs(1), later), "a is still capturing");
+        answers.take(event("a", "r1", finished(5)));
+        assert!(!answers.done(now, later), "b has not answered yet");
+        assert_eq!(answers.silent(), ["b"]);
+        answers.take(event(
+            "b",
+            "r1",
+            What::Refused { code: RefusalCode::BadFilter, reason: "syntax error".into() },
+        ));
+        assert!(answers.done(now, later));
+        let Answer::Finished { interface, packets, .. } = &answers.by_node["a"] else { panic!() };
+        assert_eq!((interface.as_deref(), *packets), (Some("tap0"), 5));
+        assert_eq!(answers.problems(), [("b", "refused (bad_filter): syntax error".to_owned())]);
+        // A node that was not expected but answered counts as well.
+        answers.take(event("c", "r1", What::Accepted));
+        assert!(!answers.done(now, later));
+    }
+}

@@ -1,0 +1,168 @@
+//! The fleet from the operator's side: `tapstream fleet nodes` and `tapstream fleet capture
+//! --wait` run as processes against a real `redis-server` and two daemons in their
+//! namespaces.
+
+use std::{
+    path::Path,
+    process::{Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use tapstream_testenv::{Redis, Sender, VethPair};
+
+use crate::{
+    common::tapstream_bin,
+    daemon::{TestDaemon, sendable},
+};
+
+/// The `[daemon]` additions of a fleet node: its labels and the broker.
+fn fleet_config(redis: &Redis, labels: &str) -> String {
+    format!("labels = {{ {labels} }}\n[fleet.redis]\nurl = \"{}\"\n", redis.url())
+}
+
+/// `tapstream fleet SUBCOMMAND --redis URL ARGS` (the test host has no /etc/tapstream; the
+/// filter's words come last).
+fn fleet(redis: &Redis, subcommand: &str, args: &[&str]) -> Command {
+    let mut command = Command::new(tapstream_bin());
+    command
+        .args(["fleet", subcommand, "--redis", &redis.url()])
+        .args(args)
+        .env_remove("TAPSTREAM_REDIS")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    command
+}
+
+/// `fleet nodes --json`, by node name.
+fn nodes(redis: &Redis) -> Vec<Value> {
+    let out = fleet(redis, "nodes", &["--json"]).output().expect("run fleet nodes");
+    assert!(out.status.success(), "fleet nodes: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice::<Vec<Value>>(&out.stdout).expect("fleet nodes JSON")
+}
+
+fn names(nodes: &[Value]) -> Vec<&str> {
+    nodes.iter().map(|n| n["node"].as_str().unwrap()).collect()
+}
+
+/// Polls `f` until it returns `Some`, for at most 30 s.
+fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(value) = f() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "gave up waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits until `node` reads requests (its consumer group exists).
+fn wait_group(redis: &Redis, node: &str) {
+    let mut con = redis::Client::open(redis.url()).and_then(|c| c.get_connection()).expect("connect");
+    eventually(&format!("the consumer group of {node}"), || {
+        let reply: redis::streams::StreamInfoGroupsReply =
+            redis::cmd("XINFO").arg("GROUPS").arg("tapstream:requests").query(&mut con).ok()?;
+        reply.groups.iter().any(|g| g.name == format!("tapstream-{node}")).then_some(())
+    });
+}
+
+/// Runs `fleet capture` with `args` while sending frames into `veth` until it exits.
+fn capture_while_sending(redis: &Redis, veth: &VethPair, args: &[&str]) -> Output {
+    let mut child = fleet(redis, "capture", &[&["--wait", "--json"], args].concat()).spawn().expect("spawn");
+    // UDP over IPv4 or IPv6, untagged: what the filter `udp` takes.
+    let frames: Vec<_> = sendable(veth)
+        .into_iter()
+        .filter(|f| match f.data.get(12..14) {
+            Some([0x08, 0x00]) => f.data.get(23) == Some(&17),
+            Some([0x86, 0xdd]) => f.data.get(20) == Some(&17),
+            _ => false,
+        })
+        .take(20)
+        .collect();
+    assert!(frames.len() >= 5, "the corpus has {} UDP frames", frames.len());
+    let sender = Sender::new(veth);
+    let deadline = Instant::now() + Duration::from_secs(45);
+    // Its output is a few lines: the pipes do not fill while it runs.
+    while child.try_wait().expect("poll fleet capture").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("fleet capture still running after 45 s: {:?}", child.wait_with_output());
+        }
+        sender.send_all(&frames);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    child.wait_with_output().expect("fleet capture's output")
+}
+
+#[test]
+fn the_operator_lists_the_nodes_and_runs_a_capture_on_those_a_label_targets() {
+    let redis = Redis::start();
+    let (veth_a, veth_b) = (VethPair::new(1), VethPair::new(1));
+    let a = TestDaemon::start_as(&veth_a, "cli-fra1", &fleet_config(&redis, "site = \"fra1\""));
+    let mut b = TestDaemon::start_as(&veth_b, "cli-ams1", &fleet_config(&redis, "site = \"ams1\""));
+    wait_group(&redis, "cli-fra1");
+    wait_group(&redis, "cli-ams1");
+
+    // Both nodes, with their labels and interfaces.
+    let listed = eventually("both nodes in `fleet nodes`", || {
+        let listed = nodes(&redis);
+        (names(&listed) == ["cli-ams1", "cli-fra1"]).then_some(listed)
+    });
+    for (node, site, veth) in [(&listed[0], "ams1", &veth_b), (&listed[1], "fra1", &veth_a)] {
+        assert_eq!(node["labels"]["site"], site, "{node}");
+        assert_eq!(node["version"], env!("CARGO_PKG_VERSION"), "{node}");
+        let interfaces = node["interfaces"].as_array().unwrap();
+        assert_eq!(interfaces.len(), 1, "{node}");
+        assert_eq!(
+            (&interfaces[0]["alias"], &interfaces[0]["device"], &interfaces[0]["state"]),
+            (&Value::from("tap"), &Value::from(veth.capture_if.as_str()), &Value::from("attached")),
+            "{node}"
+        );
+    }
+
+    // A capture on the fra1 node only, followed to its end.
+    let out = capture_while_sending(
+        &redis,
+        &veth_a,
+        &["--label", "site=fra1", "--packets", "5", "--duration", "20s", "--deadline", "20s", "udp"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "fleet capture failed: {stderr}");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {stderr}"));
+    let nodes_answered = report["nodes"].as_object().unwrap();
+    assert_eq!(nodes_answered.keys().collect::<Vec<_>>(), ["cli-fra1"], "{report}");
+    let answer = &report["nodes"]["cli-fra1"];
+    assert_eq!(
+        (&answer["state"], &answer["packets"]),
+        (&Value::from("finished"), &Value::from(5)),
+        "{report}"
+    );
+    assert_eq!(answer["stop_reason"], "packets", "{report}");
+    let outputs = answer["outputs"].as_array().unwrap();
+    assert!(!outputs.is_empty(), "{report}");
+    for output in outputs {
+        let path = output.as_str().unwrap().trim_start_matches("file://");
+        assert!(Path::new(path).is_file(), "{path} is not on disk: {report}");
+    }
+    assert_eq!(report["no_answer"], Value::Array(vec![]), "{report}");
+    let id = report["request_id"].as_str().unwrap();
+    assert!(b.client().status(id).is_err(), "no capture {id} on cli-ams1");
+
+    // A bad filter: refused by the node, named with the reason, and a non-zero exit.
+    let out = fleet(&redis, "capture", &["--node", "cli-fra1", "--packets", "5", "--wait", "tcp and and"])
+        .output()
+        .expect("run fleet capture");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a refused request exits non-zero: {stderr}");
+    assert!(stderr.contains("cli-fra1 refused (bad_filter)") && stderr.contains("syntax error"), "{stderr}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("refused (bad_filter)"));
+
+    // An orderly stop withdraws the node at once.
+    let (status, _) = b.running.take().unwrap().signal_and_wait(libc::SIGTERM);
+    assert!(status.success());
+    let listed = nodes(&redis);
+    assert_eq!(names(&listed), ["cli-fra1"], "{listed:?}");
+    drop(a);
+}
