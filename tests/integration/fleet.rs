@@ -2,13 +2,16 @@
 //! `redis-server` they reach over its Unix socket, traffic on each daemon's veth, and what an
 //! operator reads back: the events stream and the stored frames.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redis::streams::{StreamInfoGroupsReply, StreamRangeReply};
 use serde_json::{Value, json};
 use tapstream_testenv::{Redis, Sender, VethPair};
 
-use crate::daemon::{TestDaemon, data, reason, sendable};
+use crate::{
+    common::eventually,
+    daemon::{TestDaemon, data, reason, sendable},
+};
 
 const REQUESTS: &str = "tapstream:requests";
 const EVENTS: &str = "tapstream:events";
@@ -69,18 +72,6 @@ fn events_of(con: &mut redis::Connection, id: &str) -> Vec<(String, String, Valu
         .filter(|e| e["request_id"] == id)
         .map(|e| (e["node"].as_str().unwrap().to_owned(), e["event"].as_str().unwrap().to_owned(), e))
         .collect()
-}
-
-/// Polls `f` until it returns `Some`, for at most 30 s.
-fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(value) = f() {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "gave up waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Waits for the event `kind` of request `id` from each of `nodes`; returns them by node.

@@ -12,7 +12,7 @@ use serde_json::Value;
 use tapstream_testenv::{Redis, Sender, VethPair};
 
 use crate::{
-    common::tapstream_bin,
+    common::{eventually, tapstream_bin},
     daemon::{TestDaemon, sendable},
 };
 
@@ -44,18 +44,6 @@ fn nodes(redis: &Redis) -> Vec<Value> {
 
 fn names(nodes: &[Value]) -> Vec<&str> {
     nodes.iter().map(|n| n["node"].as_str().unwrap()).collect()
-}
-
-/// Polls `f` until it returns `Some`, for at most 30 s.
-fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(value) = f() {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "gave up waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// Waits until `node` reads requests (its consumer group exists).

@@ -7,7 +7,7 @@ use std::{
     net::{SocketAddr, TcpListener, TcpStream},
     path::PathBuf,
     process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use crate::{random_hex, tools_dir};
@@ -124,7 +124,9 @@ api_bind_addr = "127.0.0.1:{admin}"
             .spawn()
             .expect("start garage");
         self.child = Some(child);
-        self.wait_ready();
+        // Garage creates the default key and bucket before it starts listening, so an answer
+        // means the bucket is there.
+        crate::wait_ready(self, Duration::from_secs(30));
     }
 
     /// Stops the server process (an outage); [`Garage::resume`] starts it again.
@@ -138,22 +140,6 @@ api_bind_addr = "127.0.0.1:{admin}"
     /// The server's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("garage.log")).unwrap_or_default()
-    }
-
-    /// Waits until the S3 API answers HTTP. Garage creates the default key and bucket before
-    /// it starts listening, so an answer means the bucket is there.
-    fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().expect("wait garage")) {
-                panic!("Garage exited ({status}) before it was ready:\n{}", self.log());
-            }
-            if self.answers_http() {
-                return;
-            }
-            assert!(Instant::now() < deadline, "Garage not ready after 30 s:\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
     }
 
     /// Whether the S3 port answers an (anonymous) HTTP request.
@@ -246,5 +232,18 @@ impl Garage {
 impl Drop for Garage {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+impl crate::Server for Garage {
+    const NAME: &'static str = "Garage";
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().expect("wait garage"))
+    }
+    fn answers(&self) -> bool {
+        self.answers_http()
+    }
+    fn log(&self) -> String {
+        Garage::log(self)
     }
 }

@@ -108,3 +108,35 @@ pub fn run(cmd: &mut std::process::Command) -> String {
     );
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
+
+/// A server this environment starts: its process, whether it answers, and its log.
+pub(crate) trait Server {
+    /// Its name in messages.
+    const NAME: &'static str;
+    /// Its exit status, if its process has exited.
+    fn exited(&mut self) -> Option<std::process::ExitStatus>;
+    /// Whether it answers requests.
+    fn answers(&self) -> bool;
+    /// What it logged.
+    fn log(&self) -> String;
+}
+
+/// Waits until `server` answers; panics with its log if it exits first or `within` passes.
+pub(crate) fn wait_ready<S: Server>(server: &mut S, within: std::time::Duration) {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(status) = server.exited() {
+            panic!("{} exited ({status}) before it was ready:\n{}", S::NAME, server.log());
+        }
+        if server.answers() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} not ready after {within:?}:\n{}",
+            S::NAME,
+            server.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

@@ -9,7 +9,7 @@ use std::{
     os::unix::net::UnixStream,
     path::PathBuf,
     process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 /// A running `redis-server` with its own directory, killed and removed on drop.
@@ -40,7 +40,7 @@ impl Redis {
             .expect("chmod the redis dir");
         let child = Self::spawn(&dir, persistent);
         let mut redis = Self { child, dir, persistent };
-        redis.wait_ready();
+        crate::wait_ready(&mut redis, Duration::from_secs(10));
         redis
     }
 
@@ -82,7 +82,7 @@ impl Redis {
     pub fn restart(&mut self) {
         self.kill();
         self.child = Self::spawn(&self.dir, self.persistent);
-        self.wait_ready();
+        crate::wait_ready(self, Duration::from_secs(10));
     }
 
     /// The server's socket.
@@ -100,20 +100,6 @@ impl Redis {
         std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
     }
 
-    fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait redis-server") {
-                panic!("redis-server exited ({status}) before it was ready:\n{}", self.log());
-            }
-            if self.answers_ping() {
-                return;
-            }
-            assert!(Instant::now() < deadline, "redis-server not ready after 10 s:\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
     fn answers_ping(&self) -> bool {
         let Ok(mut stream) = UnixStream::connect(self.socket()) else { return false };
         let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
@@ -129,5 +115,18 @@ impl Drop for Redis {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl crate::Server for Redis {
+    const NAME: &'static str = "redis-server";
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().expect("wait redis-server")
+    }
+    fn answers(&self) -> bool {
+        self.answers_ping()
+    }
+    fn log(&self) -> String {
+        Redis::log(self)
     }
 }
