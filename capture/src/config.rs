@@ -472,14 +472,6 @@ impl Config {
         self.store.validate().map_err(|(field, message)| invalid(format!("store.{field}"), message))
     }
 
-    /// The interface a request names: an alias, or a device name. Returns the alias.
-    pub fn interface(&self, name: &str) -> Option<(&str, &InterfaceSection)> {
-        self.interfaces
-            .get_key_value(name)
-            .or_else(|| self.interfaces.iter().find(|(_, i)| i.device == name))
-            .map(|(alias, i)| (alias.as_str(), i))
-    }
-
     /// The socket's permission bits (validated).
     pub fn socket_mode(&self) -> u32 {
         u32::from_str_radix(self.daemon.socket_mode.trim_start_matches("0o"), 8).unwrap_or(0o660)
@@ -601,7 +593,7 @@ mod tests {
     #[test]
     fn the_shipped_config_is_valid() {
         let config = parse(EXAMPLE).unwrap();
-        assert!(config.interface("capture").is_some());
+        assert!(config.interfaces.contains_key("capture"));
     }
 
     /// Each public field of `strukt` in `source` with its doc comment, joined into one line.
@@ -760,13 +752,5 @@ mod tests {
         assert_eq!((config.limits.max_filter_bytes, config.limits.filter_compile_timeout_secs), (65536, 1));
         let err = parse(&format!("{base}filter_compile_timeout = 5\n")).unwrap_err().to_string();
         assert!(err.contains("unknown field"), "units in the name: {err}");
-    }
-
-    #[test]
-    fn an_interface_is_found_by_alias_or_device() {
-        let config = parse("[interfaces.public]\ndevice = \"eth1\"\n").unwrap();
-        assert_eq!(config.interface("public").unwrap().0, "public");
-        assert_eq!(config.interface("eth1").unwrap().0, "public");
-        assert!(config.interface("eth2").is_none());
     }
 }

@@ -88,6 +88,14 @@ impl Policy {
         }
     }
 
+    /// The interface a request names, by its alias or its device: (alias, device).
+    pub fn interface(&self, name: &str) -> Option<&(String, String)> {
+        self.interfaces
+            .iter()
+            .find(|(alias, _)| alias == name)
+            .or_else(|| self.interfaces.iter().find(|(_, device)| device == name))
+    }
+
     /// `alias (device), ...`.
     fn describe_interfaces(&self) -> String {
         self.interfaces
@@ -175,15 +183,10 @@ impl CapturePlan {
         compile: impl FnOnce(&str) -> Result<CbpfProgram, FilterError>,
     ) -> Result<Self, PlanError> {
         let (interface, device) = match request.interface.as_deref() {
-            Some(name) => policy
-                .interfaces
-                .iter()
-                .find(|(alias, _)| alias == name)
-                .or_else(|| policy.interfaces.iter().find(|(_, device)| device == name))
-                .ok_or_else(|| PlanError::UnknownInterface {
-                    name: name.to_owned(),
-                    configured: policy.describe_interfaces(),
-                })?,
+            Some(name) => policy.interface(name).ok_or_else(|| PlanError::UnknownInterface {
+                name: name.to_owned(),
+                configured: policy.describe_interfaces(),
+            })?,
             None => match policy.interfaces.as_slice() {
                 [only] => only,
                 _ => return Err(PlanError::NoInterface { configured: policy.describe_interfaces() }),
@@ -340,4 +343,19 @@ fn generate_id() -> String {
     let now = crate::sys::unix_now_ns();
     let random = crate::sys::random_bytes::<3>();
     format!("{}-{:02x}{:02x}{:02x}", crate::store::object::utc_compact(now), random[0], random[1], random[2])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_interface_is_found_by_alias_or_device() {
+        let text = "[interfaces.public]\ndevice = \"eth1\"\n";
+        let config = Config::parse(text, std::path::Path::new("test.toml")).unwrap();
+        let policy = Policy::daemon(&config, "node");
+        assert_eq!(policy.interface("public").unwrap().0, "public");
+        assert_eq!(policy.interface("eth1").unwrap().0, "public");
+        assert!(policy.interface("eth2").is_none());
+    }
 }
