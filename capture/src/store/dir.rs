@@ -51,7 +51,7 @@ impl Sink for DirSink {
     }
 
     async fn create_multipart(&self, key: &str, _meta: &ObjectMeta) -> Result<String> {
-        let id = format!("{:016x}", rand_id());
+        let id = format!("{:016x}", u64::from_ne_bytes(crate::sys::random_bytes()));
         let dir = self.upload_dir(&id);
         std::fs::create_dir_all(&dir).map_err(|e| io("create", &dir, e))?;
         std::fs::write(dir.join("key"), key).map_err(|e| io("write", &dir, e))?;
@@ -108,13 +108,4 @@ impl Sink for DirSink {
     fn url(&self, key: &str) -> String {
         format!("file://{}", self.path(key).display())
     }
-}
-
-fn rand_id() -> u64 {
-    use std::hash::{BuildHasher as _, Hasher as _};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos(),
-    );
-    h.finish()
 }

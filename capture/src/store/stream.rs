@@ -248,8 +248,7 @@ impl<S: Sink> PreparedStore<S> {
         let Self { runtime, sink, config, owner, options } = self;
         let threads = options.threads;
         let global = Arc::new(Semaphore::new(config.parts_in_flight_per_object.max(1)));
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        let spool_dir = options.spool_root.join(format!("{}-{}", owner.capture, now.as_nanos()));
+        let spool_dir = options.spool_root.join(format!("{}-{}", owner.capture, crate::sys::unix_now_ns()));
         let spool = Arc::new(
             Spool::create(spool_dir.clone(), options.spool_max_bytes, pcap_header, &sink.url("")).map_err(
                 |source| UploadError::Io {
