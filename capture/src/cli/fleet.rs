@@ -139,9 +139,7 @@ impl CapturePlan {
             labels: args.labels.iter().cloned().collect(),
         };
         // A regular expression no node could use is refused here, not by every node.
-        Target { node_regex: target.node_regex.clone(), ..Target::default() }
-            .matches("", &BTreeMap::new())
-            .context("--nodes")?;
+        target.node_regex().context("--nodes")?;
         let mut request = FleetRequest::new(args.request.request(args.destination.clone()), target);
         let now = SystemTime::now();
         if let Some(ns) = args.not_after {

@@ -105,22 +105,29 @@ impl Target {
         {
             return Ok(false);
         }
-        if let Some(pattern) = &self.node_regex {
-            if pattern.len() > MAX_REGEX_BYTES {
-                return Err(MessageError::Regex {
-                    message: format!("{} bytes, more than {MAX_REGEX_BYTES}", pattern.len()),
-                });
-            }
-            let regex = regex::RegexBuilder::new(&format!("^(?:{pattern})$"))
-                .size_limit(REGEX_SIZE_LIMIT)
-                .dfa_size_limit(REGEX_SIZE_LIMIT)
-                .build()
-                .map_err(|e| MessageError::Regex { message: e.to_string() })?;
-            if !regex.is_match(node) {
-                return Ok(false);
-            }
+        if let Some(regex) = self.node_regex()?
+            && !regex.is_match(node)
+        {
+            return Ok(false);
         }
         Ok(self.labels.iter().all(|(k, v)| labels.get(k) == Some(v)))
+    }
+
+    /// `node_regex` compiled, anchored to the whole name, within the size limits; refused
+    /// with the reason if it is too long or not a regular expression.
+    pub fn node_regex(&self) -> Result<Option<regex::Regex>, MessageError> {
+        let Some(pattern) = &self.node_regex else { return Ok(None) };
+        if pattern.len() > MAX_REGEX_BYTES {
+            return Err(MessageError::Regex {
+                message: format!("{} bytes, more than {MAX_REGEX_BYTES}", pattern.len()),
+            });
+        }
+        regex::RegexBuilder::new(&format!("^(?:{pattern})$"))
+            .size_limit(REGEX_SIZE_LIMIT)
+            .dfa_size_limit(REGEX_SIZE_LIMIT)
+            .build()
+            .map(Some)
+            .map_err(|e| MessageError::Regex { message: e.to_string() })
     }
 }
 
