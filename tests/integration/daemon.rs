@@ -150,8 +150,16 @@ impl TestDaemon {
 
     /// Every frame stored for capture `id`, in object order.
     pub fn stored(&self, id: &str) -> Vec<Vec<u8>> {
-        let dir = self.dir.path().join("store").join(&self.node).join(id);
-        let mut objects: Vec<PathBuf> = match std::fs::read_dir(&dir) {
+        self.stored_in(&self.dir.path().join("store").join(&self.node).join(id))
+    }
+
+    /// Every frame stored for interface `alias` of capture `id` over several, in object order.
+    pub fn stored_part(&self, id: &str, alias: &str) -> Vec<Vec<u8>> {
+        self.stored_in(&self.dir.path().join("store").join(&self.node).join(id).join(alias))
+    }
+
+    fn stored_in(&self, dir: &std::path::Path) -> Vec<Vec<u8>> {
+        let mut objects: Vec<PathBuf> = match std::fs::read_dir(dir) {
             Ok(entries) => entries
                 .map(|e| e.unwrap().path())
                 .filter(|p| p.extension().is_some_and(|e| e == "pcap"))

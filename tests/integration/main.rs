@@ -15,6 +15,7 @@ mod fleet_cli;
 mod full_disk;
 mod fuzz;
 mod interface_loss;
+mod interfaces;
 mod live_drops;
 mod metrics;
 mod recovery;

@@ -88,11 +88,12 @@ fn the_cli_and_the_http_api_make_the_same_plans() {
         let info: CaptureInfo = serde_json::from_str(&reply).unwrap();
         // The one difference: the daemon names the interface by its configured alias, the
         // one-shot (which has no configuration) by its device.
-        assert_eq!(info.interface, "tap");
-        assert_eq!(plan.interface, veth.capture_if);
-        assert_eq!((&info.device, &plan.device), (&veth.capture_if, &veth.capture_if));
+        assert_eq!(info.interfaces, ["tap"]);
+        let device = &veth.capture_if;
+        assert_eq!(plan.interfaces, [(device.clone(), device.clone())]);
+        assert_eq!(info.devices, std::slice::from_ref(device));
         let mut daemon_request = info.request.clone();
-        daemon_request.interface = plan.request.interface.clone();
+        daemon_request.interfaces = plan.request.interfaces.clone();
         assert_eq!(daemon_request, plan.request, "{flags:?} and {body}");
         assert_eq!(Some(&info.location), plan.location().as_ref());
         assert_eq!(plan.spec.filter.as_ref().map(|f| f.expression()), info.request.filter.as_deref());

@@ -1,13 +1,18 @@
 //! Captures at work on an interface: [`InterfaceService`] runs any number of them at once
 //! (the daemon), [`run_capture`] one until its first limit (the one-shot `tapstream
 //! capture`). Each capture's chunks go to its own output: a local PCAP file, or objects in a
-//! store ([`crate::store`]).
+//! store ([`crate::store`]). A capture over several interfaces is a part on each interface's
+//! service, sharing one budget for its limits, whose outcomes are [`gather`]ed into one.
 
 pub mod output;
 pub mod service;
 pub mod single;
 
-use std::{path::PathBuf, sync::Mutex, time::Instant};
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
 
 use crate::{
     datapath::capture::StopReason,
@@ -120,6 +125,101 @@ pub struct CaptureSummary {
     /// For a capture whose daemon died while it ran: what the next start recovered of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recovery: Option<Recovery>,
+    /// For a capture over several interfaces, each one's own summary (the fields above are
+    /// their sums); empty for a capture of one interface.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parts: Vec<CaptureSummary>,
+}
+
+impl CaptureSummary {
+    /// The summary of a capture over several interfaces from its parts' outcomes (`alias`,
+    /// outcome), in the order of its interfaces: counts summed, outputs in that order. It
+    /// ended on an error if one part did (what the others stored is kept and counted); it
+    /// failed only if every part failed.
+    pub fn combine(parts: Vec<(String, Result<CaptureSummary, SessionError>)>) -> Result<Self, SessionError> {
+        let mut errors = Vec::new();
+        let mut done = Vec::new();
+        let mut failure = None;
+        for (alias, outcome) in parts {
+            match outcome {
+                Ok(summary) => {
+                    if let Some(error) = &summary.error {
+                        errors.push(format!("{alias}: {error}"));
+                    }
+                    done.push(summary);
+                }
+                Err(e) => {
+                    errors.push(format!("{alias}: {}", crate::report::chain(&e)));
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+        let Some(first) = done.first() else {
+            return Err(failure.unwrap_or(SessionError::ServiceGone));
+        };
+        let reasons = || done.iter().map(|s| s.stop_reason);
+        let stop_reason = if failure.is_some() || reasons().any(|r| r == StopReason::Error) {
+            StopReason::Error
+        } else {
+            reasons()
+                .find(|r| matches!(r, StopReason::Packets | StopReason::Bytes))
+                .unwrap_or(first.stop_reason)
+        };
+        let sum = |field: fn(&CaptureSummary) -> u64| done.iter().map(field).sum::<u64>();
+        Ok(Self {
+            id: first.id.clone(),
+            interface: done.iter().map(|s| s.interface.as_str()).collect::<Vec<_>>().join(","),
+            stop_reason,
+            packets: sum(|s| s.packets),
+            bytes: sum(|s| s.bytes),
+            elapsed_secs: done.iter().map(|s| s.elapsed_secs).fold(0.0, f64::max),
+            outputs: done.iter().flat_map(|s| s.outputs.iter().cloned()).collect(),
+            dropped_writer: sum(|s| s.dropped_writer),
+            dropped_spool_full: sum(|s| s.dropped_spool_full),
+            dropped_kernel: sum(|s| s.dropped_kernel),
+            redirect_errors: sum(|s| s.redirect_errors),
+            truncated: sum(|s| s.truncated),
+            queues: Vec::new(),
+            error: (!errors.is_empty()).then(|| errors.join("; ")),
+            recovery: None,
+            parts: done,
+        })
+    }
+}
+
+/// Outcomes of the parts of one capture over several interfaces (their aliases, in order),
+/// gathered into one for `on_done` once every part has ended ([`CaptureSummary::combine`]).
+/// Returns one [`OnDone`] per part, in the same order.
+pub fn gather(aliases: Vec<String>, on_done: OnDone) -> Vec<OnDone> {
+    struct Gathered {
+        outcomes: Vec<Option<Result<CaptureSummary, SessionError>>>,
+        aliases: Vec<String>,
+        on_done: Option<OnDone>,
+    }
+    let count = aliases.len();
+    let shared = Arc::new(Mutex::new(Gathered {
+        outcomes: (0..count).map(|_| None).collect(),
+        aliases,
+        on_done: Some(on_done),
+    }));
+    (0..count)
+        .map(|i| {
+            let shared = shared.clone();
+            let part: OnDone = Box::new(move |outcome| {
+                let mut gathered = shared.lock().unwrap_or_else(|e| e.into_inner());
+                gathered.outcomes[i] = Some(outcome);
+                if gathered.outcomes.iter().any(Option::is_none) {
+                    return;
+                }
+                let Some(on_done) = gathered.on_done.take() else { return };
+                let outcomes = std::mem::take(&mut gathered.outcomes).into_iter().flatten();
+                let parts = gathered.aliases.iter().cloned().zip(outcomes).collect();
+                drop(gathered);
+                on_done(CaptureSummary::combine(parts));
+            });
+            part
+        })
+        .collect()
 }
 
 pub(super) fn is_zero(n: &u64) -> bool {

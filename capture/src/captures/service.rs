@@ -12,7 +12,7 @@ use std::{
 use tapstream_pcap::{FileHeader, LINKTYPE_ETHERNET};
 
 use crate::{
-    datapath::capture::{CaptureShared, CaptureSpec, Limits, StopReason},
+    datapath::capture::{Budget, CaptureShared, CaptureSpec, Limits, StopReason},
     datapath::chunk::Chunk,
     datapath::clock::TaiClock,
     datapath::pipeline::{InterfaceConfig, InterfaceRuntime, QueueSnapshot},
@@ -35,6 +35,9 @@ pub struct CaptureOrder {
     pub spec: CaptureSpec,
     /// When to stop.
     pub limits: Limits,
+    /// What its frames are admitted against: its own ([`Budget::new`]), or the one the
+    /// interfaces of a capture over several share.
+    pub budget: Arc<Budget>,
     /// Where the frames go.
     pub target: Target,
     /// Receives the outcome, from a thread of its own once the output is finished.
@@ -388,7 +391,7 @@ impl Service {
     }
 
     pub(super) fn start(&mut self, order: CaptureOrder) -> Result<Arc<Mutex<Progress>>, SessionError> {
-        let capture = CaptureShared::new(order.spec, order.limits);
+        let capture = CaptureShared::sharing(order.spec, order.limits, order.budget);
         let header =
             FileHeader { snaplen: capture.spec.snaplen, linktype: LINKTYPE_ETHERNET, nanos: true }.encode();
         let out = match order.target {
@@ -543,6 +546,7 @@ impl Service {
                     queues,
                     error: a.cause.or(failure),
                     recovery: None,
+                    parts: Vec::new(),
                 }));
             });
             match spawned {

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use crate::{
-    datapath::capture::{CaptureSpec, Limits, StopReason},
+    datapath::capture::{Budget, CaptureSpec, Limits, StopReason},
     datapath::pipeline::InterfaceConfig,
     sys::Shutdown,
 };
@@ -27,7 +27,8 @@ pub fn run_capture(
     let on_done: OnDone = Box::new(move |result| {
         let _ = done_tx.send(result);
     });
-    let shared = service.start_capture(CaptureOrder { spec, limits, target, on_done })?;
+    let shared =
+        service.start_capture(CaptureOrder { spec, limits, budget: Budget::new(), target, on_done })?;
     log::info!("capturing on {}", service.interface());
     let mut stopping = false;
     let result = loop {

@@ -177,8 +177,9 @@ pub struct CaptureArgs {
 #[derive(Args, Debug)]
 pub struct RequestArgs {
     /// Interface: the device (one-shot), or an alias or device the daemon is configured with.
+    /// The daemon takes several (repeat it): one capture over all of them, its limits on the sum.
     #[arg(short, long = "iface", value_name = "IF")]
-    pub interface: Option<String>,
+    pub interface: Vec<String>,
     /// Stop after this many frames.
     #[arg(short = 'c', long, value_name = "N")]
     pub packets: Option<u64>,
@@ -225,7 +226,7 @@ impl RequestArgs {
     pub fn request(&self, destination: Option<String>) -> CaptureRequest {
         CaptureRequest {
             id: self.id.clone(),
-            interface: self.interface.clone(),
+            interfaces: self.interface.clone(),
             filter: self.filter(),
             snaplen: self.snaplen,
             packets: self.packets,

@@ -19,7 +19,7 @@ pub fn control(action: CaptureAction) -> anyhow::Result<()> {
                 return show(&info, args.client.json);
             }
             if !args.client.json {
-                eprintln!("capture {} started on {} ({})", info.id, info.interface, info.device);
+                eprintln!("capture {} started on {}", info.id, info.interfaces_shown());
             }
             let info = wait_for(&client, &info.id, !args.client.json && std::io::stderr().is_terminal())?;
             show(&info, args.client.json)?;
@@ -42,7 +42,7 @@ pub fn control(action: CaptureAction) -> anyhow::Result<()> {
                     println!(
                         "{:<28} {:<10} {:<9} {:>10} {:>12}  {}",
                         c.id,
-                        c.interface,
+                        c.interfaces.join(","),
                         state,
                         c.progress.packets,
                         c.progress.bytes,

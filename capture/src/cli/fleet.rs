@@ -115,8 +115,8 @@ fn captures(node: &Presence) -> String {
         .captures
         .iter()
         .map(|c| match &c.filter {
-            Some(filter) => format!("{} on {} ({filter})", c.id, c.interface),
-            None => format!("{} on {}", c.id, c.interface),
+            Some(filter) => format!("{} on {} ({filter})", c.id, c.interfaces.join(",")),
+            None => format!("{} on {}", c.id, c.interfaces.join(",")),
         })
         .collect();
     if all.is_empty() { "-".into() } else { all.join(", ") }
@@ -261,7 +261,7 @@ fn describe(answer: &Answer) -> String {
     match answer {
         Answer::Accepted => "accepted".into(),
         Answer::Refused { code, reason } => format!("refused ({}): {reason}", code.as_str()),
-        Answer::Started { interface } => format!("started on {interface}"),
+        Answer::Started { interfaces } => format!("started on {}", interfaces.join(",")),
         Answer::Finished { stop_reason, packets, bytes, dropped, outputs, error, .. } => {
             let mut line = format!(
                 "finished ({stop_reason}): {packets} packets, {bytes} bytes, {dropped} dropped, {} outputs",

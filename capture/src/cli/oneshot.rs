@@ -20,7 +20,11 @@ use anyhow::{Context as _, bail};
 /// The filter is compiled in this process (whoever runs it can interrupt it).
 pub fn plan(args: &CaptureArgs) -> anyhow::Result<CapturePlan> {
     let r = &args.request;
-    let Some(device) = r.interface.as_deref() else { bail!("give the interface to capture from with -i IF") };
+    let device = match r.interface.as_slice() {
+        [device] => device,
+        [] => bail!("give the interface to capture from with -i IF"),
+        _ => bail!("the one-shot capture takes one interface (-i IF); the daemon takes several"),
+    };
     let node = args.objects.node.clone().unwrap_or_else(hostname);
     let policy = Policy::one_shot(device, args.upload.as_deref(), &node);
     Ok(CapturePlan::resolve(r.request(args.upload.clone()), &policy, 0, compile_cli)?)
@@ -34,8 +38,9 @@ pub fn capture(args: CaptureArgs) -> anyhow::Result<()> {
         LoadedFilter::load(&[CaptureFilter { slot: 0, filter: Some(program) }])?;
     }
     // The same settings as an interface of the daemon's configuration.
+    let device = plan.interfaces[0].1.clone();
     let mut config = InterfaceSection {
-        device: plan.device.clone(),
+        device: device.clone(),
         queues: args.queues,
         cores: args.cores.clone(),
         attach: args.xdp_mode,
@@ -52,7 +57,7 @@ pub fn capture(args: CaptureArgs) -> anyhow::Result<()> {
     .pipeline();
     // Kept exact: the flag takes any duration, the file whole microseconds.
     config.writer.coalesce = args.batch_wait;
-    let interface = plan.device.clone();
+    let interface = device;
 
     if let Some(addr) = args.metrics_listen {
         serve_metrics(addr)?;

@@ -31,7 +31,7 @@ pub fn show(info: &CaptureInfo, json: bool) -> anyhow::Result<()> {
         (_, Some(summary), _) => print_summary(summary),
         (CaptureState::Failed, _, Some(error)) => println!("capture {} failed: {error}", info.id),
         _ => {
-            println!("capture {} running on {} ({})", info.id, info.interface, info.device);
+            println!("capture {} running on {}", info.id, info.interfaces_shown());
             println!("  {}", progress_line(info));
             println!("  into {}", info.location);
         }

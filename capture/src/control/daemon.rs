@@ -15,10 +15,14 @@ use std::{
 use crate::{
     captures::{
         CaptureOrder, CaptureSummary, InterfaceService, OnDone, Progress, Recovery, SessionError, Target,
+        gather,
     },
     config::Config,
     control::{CaptureInfo, CaptureRequest, CaptureState, InterfaceInfo, InterfaceState},
-    datapath::{capture::StopReason, pipeline::PipelineError},
+    datapath::{
+        capture::{Budget, StopReason},
+        pipeline::PipelineError,
+    },
     filter::BoundedCompiler,
     report,
     request::{CapturePlan, PlanError, Policy},
@@ -78,7 +82,8 @@ impl RequestError {
 
 struct Entry {
     info: CaptureInfo,
-    progress: Option<Arc<Mutex<Progress>>>,
+    /// While it runs: the progress of its part on each interface.
+    progress: Vec<Arc<Mutex<Progress>>>,
 }
 
 struct Shared {
@@ -178,26 +183,40 @@ impl Daemon {
         let plan = CapturePlan::resolve(request, &self.policy, self.running(), |expression| {
             self.compiler.compile(expression, &self.shared.stopping)
         })?;
-        if self.services().get(&plan.interface).is_some_and(|s| !s.attached()) {
+        let services = self.services();
+        if let Some((alias, device)) =
+            plan.interfaces.iter().find(|(alias, _)| services.get(alias).is_some_and(|s| !s.attached()))
+        {
             return Err(RequestError::Absent(SessionError::InterfaceAbsent {
-                alias: Some(plan.interface.clone()),
-                device: plan.device.clone(),
+                alias: Some(alias.clone()),
+                device: device.clone(),
             }));
         }
+        drop(services);
         let destination = plan.destination.clone().ok_or(RequestError::Plan(PlanError::NoDestinations))?;
-        let target = self
-            .config
-            .store
-            // The spools of interrupted captures are theirs to recover (recover_interrupted).
-            .target(&destination, plan.labels.clone(), false)
-            // The store is checked here, on this request's thread, not the interface's: one that
-            // refuses is named and nothing starts; one that is down does not stop the start.
-            .map_err(RequestError::Store)?;
+        // A capture over several interfaces stores each one's frames under `<id>/<alias>/`.
+        let several = plan.interfaces.len() > 1;
+        let targets = plan
+            .interfaces
+            .iter()
+            .map(|(alias, _)| {
+                let labels = ObjectLabels { part: several.then(|| alias.clone()), ..plan.labels.clone() };
+                self.config
+                    .store
+                    // The spools of interrupted captures are theirs to recover (recover_interrupted).
+                    .target(&destination, labels, false)
+                    // The store is checked here, on this request's thread, not the interface's: one
+                    // that refuses is named and nothing starts; one that is down does not stop the
+                    // start.
+                    .map_err(RequestError::Store)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let id = plan.id.clone();
+        let (aliases, devices): (Vec<String>, Vec<String>) = plan.interfaces.iter().cloned().unzip();
         let info = CaptureInfo {
             id: id.clone(),
-            interface: plan.interface.clone(),
-            device: plan.device.clone(),
+            interfaces: aliases.clone(),
+            devices,
             request: plan.request.clone(),
             location: plan.location().unwrap_or_default(),
             started_ns: crate::sys::unix_now_ns(),
@@ -214,52 +233,71 @@ impl Daemon {
             }
             let running = captures.values().filter(|e| e.info.state == CaptureState::Running).count();
             plan.check_caps(&self.policy, running)?;
-            captures.insert(id.clone(), Entry { info: info.clone(), progress: None });
+            captures.insert(id.clone(), Entry { info: info.clone(), progress: Vec::new() });
         }
         self.shared.persist(&info);
 
         let shared = self.shared.clone();
         let done_id = id.clone();
         let on_done: OnDone = Box::new(move |result| shared.finish(&done_id, result));
-        let started = match self.services().get(&plan.interface) {
-            Some(service) if !self.shared.stopping.is_set() => service.start_capture(CaptureOrder {
-                spec: plan.spec,
+        let on_done = if several { gather(aliases.clone(), on_done) } else { vec![on_done] };
+        // Its limits apply to the sum of its interfaces.
+        let budget = Budget::new();
+        let mut started = Vec::new();
+        let mut failed = None;
+        for ((alias, target), on_done) in aliases.iter().zip(targets).zip(on_done) {
+            let order = CaptureOrder {
+                spec: plan.spec.clone(),
                 limits: plan.limits,
+                budget: budget.clone(),
                 target: Target::Store(target),
                 on_done,
-            }),
-            _ => Err(SessionError::ServiceGone),
-        };
-        match started {
-            Ok(progress) => {
-                let mut captures = self.shared.lock();
-                if let Some(entry) = captures.get_mut(&id) {
-                    entry.progress = Some(progress);
-                    // Under the lock, and only if it has not ended yet: its end is told after.
-                    if entry.info.state == CaptureState::Running {
-                        self.shared.notify(&info);
-                    }
+            };
+            let result = match self.services().get(alias) {
+                Some(service) if !self.shared.stopping.is_set() => service.start_capture(order),
+                _ => Err(SessionError::ServiceGone),
+            };
+            match result {
+                Ok(progress) => started.push(progress),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
                 }
-                log::info!(
-                    "capture {id} started on {} ({}) for uid {requested_by:?}: filter {:?}, into {destination}",
-                    plan.interface,
-                    plan.device,
-                    plan.request.filter.as_deref().unwrap_or("")
-                );
-                Ok(info)
-            }
-            Err(e) => {
-                self.shared.lock().remove(&id);
-                self.shared.forget(&id);
-                Err(match e {
-                    SessionError::Pipeline(PipelineError::Filter(_))
-                    | SessionError::InterfaceAbsent { .. }
-                    | SessionError::InterfaceRemoved { .. } => RequestError::Start(e),
-                    _ if self.shared.stopping.is_set() => RequestError::Stopping,
-                    e => RequestError::Start(e),
-                })
             }
         }
+        if let Some(e) = failed {
+            // Nothing starts: the parts started already are stopped, and their outcome (to a
+            // capture the daemon no longer knows) is dropped.
+            self.shared.lock().remove(&id);
+            self.shared.forget(&id);
+            for alias in aliases.iter().take(started.len()) {
+                if let Some(service) = self.services().get(alias) {
+                    service.stop_capture(&id, StopReason::Stopped);
+                }
+            }
+            return Err(match e {
+                SessionError::Pipeline(PipelineError::Filter(_))
+                | SessionError::InterfaceAbsent { .. }
+                | SessionError::InterfaceRemoved { .. } => RequestError::Start(e),
+                _ if self.shared.stopping.is_set() => RequestError::Stopping,
+                e => RequestError::Start(e),
+            });
+        }
+        let mut captures = self.shared.lock();
+        if let Some(entry) = captures.get_mut(&id) {
+            entry.progress = started;
+            // Under the lock, and only if it has not ended yet: its end is told after.
+            if entry.info.state == CaptureState::Running {
+                self.shared.notify(&info);
+            }
+        }
+        drop(captures);
+        log::info!(
+            "capture {id} started on {} for uid {requested_by:?}: filter {:?}, into {destination}",
+            info.interfaces_shown(),
+            plan.request.filter.as_deref().unwrap_or("")
+        );
+        Ok(info)
     }
 
     /// The configured interfaces, and whether each one's device is there and attached.
@@ -295,10 +333,11 @@ impl Daemon {
     /// Ends a running capture (its output is finished as for any other end).
     pub fn stop_capture(&self, id: &str) -> Result<CaptureInfo, RequestError> {
         let info = self.get(id)?;
-        if info.state == CaptureState::Running
-            && let Some(service) = self.services().get(&info.interface)
-        {
-            service.stop_capture(id, StopReason::Stopped);
+        if info.state == CaptureState::Running {
+            let services = self.services();
+            for service in info.interfaces.iter().filter_map(|alias| services.get(alias)) {
+                service.stop_capture(id, StopReason::Stopped);
+            }
         }
         Ok(info)
     }
@@ -341,8 +380,12 @@ impl Daemon {
                 return false;
             }
             let Some(destination) = info.request.destination.clone() else { continue };
-            let labels =
-                ObjectLabels { capture: info.id.clone(), node: self.node.clone(), metadata: Vec::new() };
+            let labels = ObjectLabels {
+                capture: info.id.clone(),
+                node: self.node.clone(),
+                part: None,
+                metadata: Vec::new(),
+            };
             let result = self.config.store.recover_capture(&destination, labels);
             let mut captures = self.shared.lock();
             let Some(entry) = captures.get_mut(&info.id) else { continue };
@@ -446,10 +489,16 @@ impl Daemon {
 impl Entry {
     fn current(&self) -> CaptureInfo {
         let mut info = self.info.clone();
-        if let Some(p) = &self.progress
-            && info.state == CaptureState::Running
-        {
-            info.progress = *p.lock().unwrap_or_else(|e| e.into_inner());
+        if info.state == CaptureState::Running && !self.progress.is_empty() {
+            let mut sum = Progress::default();
+            for part in &self.progress {
+                let p = *part.lock().unwrap_or_else(|e| e.into_inner());
+                sum.packets += p.packets;
+                sum.bytes += p.bytes;
+                sum.dropped += p.dropped;
+                sum.elapsed_secs = sum.elapsed_secs.max(p.elapsed_secs);
+            }
+            info.progress = sum;
         }
         info
     }
@@ -509,7 +558,7 @@ impl Shared {
                 info.state = CaptureState::Finished;
                 info.summary = Some(CaptureSummary {
                     id: info.id.clone(),
-                    interface: info.device.clone(),
+                    interface: info.devices.join(","),
                     stop_reason: StopReason::Interrupted,
                     packets: info.progress.packets,
                     bytes: info.progress.bytes,
@@ -523,12 +572,13 @@ impl Shared {
                     queues: Vec::new(),
                     error: None,
                     recovery: Some(Recovery { pending: true, ..Recovery::default() }),
+                    parts: Vec::new(),
                 });
                 metrics::counter!(crate::metrics::CAPTURES_ENDED, "reason" => StopReason::Interrupted.as_str())
                     .increment(1);
                 self.persist(&info);
             }
-            captures.insert(info.id.clone(), Entry { info, progress: None });
+            captures.insert(info.id.clone(), Entry { info, progress: Vec::new() });
         }
         drop(captures);
         self.forget_oldest();
@@ -571,7 +621,7 @@ impl Shared {
                     entry.info.error = Some(message);
                 }
             }
-            entry.progress = None;
+            entry.progress.clear();
             entry.info.clone()
         };
         self.persist(&info);

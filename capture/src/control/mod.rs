@@ -47,10 +47,10 @@ pub enum CaptureState {
 pub struct CaptureInfo {
     /// Capture id.
     pub id: String,
-    /// Interface alias.
-    pub interface: String,
-    /// Network device.
-    pub device: String,
+    /// Interface aliases: one, or several for a capture over several interfaces.
+    pub interfaces: Vec<String>,
+    /// Their network devices, in the same order.
+    pub devices: Vec<String>,
     /// The request as the daemon completed it (defaults filled in).
     pub request: CaptureRequest,
     /// Where its objects go (URL prefix).
@@ -68,6 +68,18 @@ pub struct CaptureInfo {
     /// Why it failed, if it did (then without a summary); or the error that ended it early
     /// (its interface removed), also in its summary.
     pub error: Option<String>,
+}
+
+impl CaptureInfo {
+    /// `alias (device), ...`.
+    pub fn interfaces_shown(&self) -> String {
+        self.interfaces
+            .iter()
+            .zip(&self.devices)
+            .map(|(alias, device)| format!("{alias} ({device})"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
 /// One of the daemon's interfaces.

@@ -3,7 +3,9 @@
 //! Several writers (one per RX queue) append frames of the same capture at once. The packet
 //! and byte limits are exact across them: each frame is admitted by an atomic reservation
 //! against the limit before it is appended, so the stored capture never holds more than asked.
-//! Captures without a packet or byte limit skip the reservation.
+//! Captures without a packet or byte limit skip the reservation. A capture over several
+//! interfaces is one [`CaptureShared`] per interface sharing one [`Budget`]: the limits, and
+//! the idle timeout, apply to the sum.
 
 use std::{
     sync::{
@@ -103,32 +105,43 @@ const LIMIT_NONE: u8 = 0;
 const LIMIT_PACKETS: u8 = 1;
 const LIMIT_BYTES: u8 = 2;
 
-/// State of a running capture, shared by its writers and its controller.
+/// What a capture has admitted against its packet and byte limits, which limit it reached,
+/// and when its latest frame arrived: shared by the interfaces of a capture over several.
+#[derive(Debug, Default)]
+pub struct Budget {
+    admitted_packets: AtomicU64,
+    admitted_bytes: AtomicU64,
+    limit_hit: AtomicU8,
+    last_frame_tai_ns: AtomicU64,
+}
+
+impl Budget {
+    pub fn new() -> Arc<Self> {
+        Arc::default()
+    }
+}
+
+/// State of a running capture on one interface, shared by its writers and its controller.
 #[derive(Debug)]
 pub struct CaptureShared {
     /// What was asked.
     pub spec: CaptureSpec,
     /// The limits.
     pub limits: Limits,
-    admitted_packets: AtomicU64,
-    admitted_bytes: AtomicU64,
-    limit_hit: AtomicU8,
+    budget: Arc<Budget>,
     dropped: AtomicU64,
-    last_frame_tai_ns: AtomicU64,
 }
 
 impl CaptureShared {
-    /// New shared state.
+    /// New shared state, with a budget of its own.
     pub fn new(spec: CaptureSpec, limits: Limits) -> Arc<Self> {
-        Arc::new(Self {
-            spec,
-            limits,
-            admitted_packets: AtomicU64::new(0),
-            admitted_bytes: AtomicU64::new(0),
-            limit_hit: AtomicU8::new(LIMIT_NONE),
-            dropped: AtomicU64::new(0),
-            last_frame_tai_ns: AtomicU64::new(0),
-        })
+        Self::sharing(spec, limits, Budget::new())
+    }
+
+    /// New shared state admitting frames against `budget`, which other interfaces' parts of
+    /// the same capture share.
+    pub fn sharing(spec: CaptureSpec, limits: Limits, budget: Arc<Budget>) -> Arc<Self> {
+        Arc::new(Self { spec, limits, budget, dropped: AtomicU64::new(0) })
     }
 
     /// Whether this capture has a packet or byte limit (and so admission to check).
@@ -142,14 +155,14 @@ impl CaptureShared {
     #[inline]
     pub fn admit(&self, stored_len: u64) -> bool {
         if let Some(max) = self.limits.bytes {
-            let before = self.admitted_bytes.fetch_add(stored_len, Ordering::Relaxed);
+            let before = self.budget.admitted_bytes.fetch_add(stored_len, Ordering::Relaxed);
             if before + stored_len > max {
                 self.hit(LIMIT_BYTES);
                 return false;
             }
         }
         if let Some(max) = self.limits.packets {
-            let before = self.admitted_packets.fetch_add(1, Ordering::Relaxed);
+            let before = self.budget.admitted_packets.fetch_add(1, Ordering::Relaxed);
             if before >= max {
                 self.hit(LIMIT_PACKETS);
                 return false;
@@ -164,12 +177,13 @@ impl CaptureShared {
     }
 
     fn hit(&self, which: u8) {
-        let _ = self.limit_hit.compare_exchange(LIMIT_NONE, which, Ordering::Relaxed, Ordering::Relaxed);
+        let _ =
+            self.budget.limit_hit.compare_exchange(LIMIT_NONE, which, Ordering::Relaxed, Ordering::Relaxed);
     }
 
     /// The packet or byte limit reached first, if any.
     pub fn limit_reached(&self) -> Option<StopReason> {
-        match self.limit_hit.load(Ordering::Relaxed) {
+        match self.budget.limit_hit.load(Ordering::Relaxed) {
             LIMIT_PACKETS => Some(StopReason::Packets),
             LIMIT_BYTES => Some(StopReason::Bytes),
             _ => None,
@@ -190,12 +204,13 @@ impl CaptureShared {
     /// Notes the receive time (kernel TAI ns) of the latest frame seen for this capture.
     #[inline]
     pub fn saw_frame(&self, tai_ns: u64) {
-        self.last_frame_tai_ns.fetch_max(tai_ns, Ordering::Relaxed);
+        self.budget.last_frame_tai_ns.fetch_max(tai_ns, Ordering::Relaxed);
     }
 
-    /// Receive time of the latest frame (kernel TAI ns), 0 if none.
+    /// Receive time of the latest frame (kernel TAI ns), 0 if none; over every interface of
+    /// a capture over several.
     pub fn last_frame_tai_ns(&self) -> u64 {
-        self.last_frame_tai_ns.load(Ordering::Relaxed)
+        self.budget.last_frame_tai_ns.load(Ordering::Relaxed)
     }
 }
 
@@ -236,5 +251,23 @@ mod tests {
         assert_eq!(capture.limit_reached(), None);
         assert!(capture.admit(1));
         assert_eq!(capture.limit_reached(), Some(StopReason::Packets));
+    }
+
+    #[test]
+    fn parts_sharing_a_budget_are_limited_together() {
+        let budget = Budget::new();
+        let limits = Limits { packets: Some(3), ..Limits::default() };
+        let a = CaptureShared::sharing(CaptureSpec::default(), limits, budget.clone());
+        let b = CaptureShared::sharing(CaptureSpec::default(), limits, budget);
+        assert!(a.admit(1));
+        assert!(b.admit(1));
+        a.saw_frame(7);
+        assert_eq!(b.last_frame_tai_ns(), 7, "idle is judged over both");
+        assert!(b.admit(1));
+        assert_eq!(a.limit_reached(), Some(StopReason::Packets), "b's frame was the third of both");
+        assert!(!a.admit(1));
+        // Drops stay each part's own.
+        a.count_dropped(2);
+        assert_eq!((a.dropped(), b.dropped()), (2, 0));
     }
 }

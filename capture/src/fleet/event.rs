@@ -12,7 +12,7 @@
 //! `capture_id`, `alert_id`, `customer`, `tags` and `time`. Then, by `event`:
 //! - `accepted`: the request is for this node and passed every check;
 //! - `refused`: `code` (one of [`RefusalCode`]) and `reason` (the daemon's message);
-//! - `started`: `interface` and `location` (where its objects go);
+//! - `started`: `interfaces` (their aliases) and `location` (where its objects go);
 //! - `finished`: `stop_reason`, `packets`, `bytes`, `dropped` (every frame lost, all
 //!   causes), `outputs` (the objects or files stored) and `error` (what ended it early, if
 //!   something did);
@@ -61,7 +61,8 @@ pub enum What {
         reason: String,
     },
     Started {
-        interface: String,
+        /// The aliases of the interfaces it captures from.
+        interfaces: Vec<String>,
         location: String,
     },
     Finished {

@@ -326,7 +326,7 @@ impl Node {
             self.outbox.push(Event::about(
                 &request,
                 &self.name,
-                What::Started { interface: info.interface.clone(), location: info.location.clone() },
+                What::Started { interfaces: info.interfaces.clone(), location: info.location.clone() },
             ));
         }
         if info.state == CaptureState::Running {
@@ -442,13 +442,13 @@ impl Node {
                     "fleet: request {} accepted: capture {} on {}",
                     request.id,
                     info.id,
-                    info.interface
+                    info.interfaces_shown()
                 );
                 self.outbox.push(Event::about(&request, &self.name, What::Accepted));
                 self.outbox.push(Event::about(
                     &request,
                     &self.name,
-                    What::Started { interface: info.interface.clone(), location: info.location.clone() },
+                    What::Started { interfaces: info.interfaces.clone(), location: info.location.clone() },
                 ));
                 let mut started = self.lock();
                 if let Some(entry) = started.get_mut(&request.id) {

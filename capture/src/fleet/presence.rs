@@ -7,7 +7,7 @@
 //! ```json
 //! {"node": "tap-fra1-01", "version": "0.1.0", "labels": {"site": "fra1"},
 //!  "interfaces": [{"alias": "tap0", "device": "eth1", "state": "attached"}],
-//!  "captures": [{"id": "alert-4711", "interface": "tap0", "filter": "udp", "started_ns": 1}],
+//!  "captures": [{"id": "alert-4711", "interfaces": ["tap0"], "filter": "udp", "started_ns": 1}],
 //!  "updated_ns": 1795000000000000000}
 //! ```
 
@@ -53,8 +53,8 @@ pub struct Presence {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunningCapture {
     pub id: String,
-    /// Interface alias.
-    pub interface: String,
+    /// Interface aliases.
+    pub interfaces: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub filter: Option<String>,
     /// Start time, ns since the Unix epoch.
@@ -75,7 +75,7 @@ impl Presence {
                 .filter(|c| c.state == CaptureState::Running)
                 .map(|c| RunningCapture {
                     id: c.id,
-                    interface: c.interface,
+                    interfaces: c.interfaces,
                     filter: c.request.filter,
                     started_ns: c.started_ns,
                 })
@@ -194,7 +194,7 @@ mod tests {
         assert_eq!(key(&settings, "tap1"), "tapstream:nodes:tap1");
         let json = r#"{"node": "tap1", "version": "0.1.0", "labels": {"site": "fra1"},
             "interfaces": [{"alias": "tap0", "device": "eth1", "state": "absent"}],
-            "captures": [{"id": "c1", "interface": "tap0", "filter": "udp", "started_ns": 7}],
+            "captures": [{"id": "c1", "interfaces": ["tap0"], "filter": "udp", "started_ns": 7}],
             "updated_ns": 9}"#;
         let presence: Presence = serde_json::from_str(json).unwrap();
         assert_eq!(presence.labels["site"], "fra1");

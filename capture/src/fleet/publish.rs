@@ -159,10 +159,12 @@ pub enum Answer {
         reason: String,
     },
     Started {
-        interface: String,
+        interfaces: Vec<String>,
     },
     Finished {
-        interface: Option<String>,
+        /// Its interfaces, if its start was seen.
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        interfaces: Vec<String>,
         stop_reason: String,
         packets: u64,
         bytes: u64,
@@ -212,16 +214,16 @@ impl Answers {
         if event.request_id.as_deref() != Some(self.request_id.as_str()) {
             return false;
         }
-        let interface = match self.by_node.get(&event.node) {
-            Some(Answer::Started { interface }) => Some(interface.clone()),
-            _ => None,
+        let interfaces = match self.by_node.get(&event.node) {
+            Some(Answer::Started { interfaces }) => interfaces.clone(),
+            _ => Vec::new(),
         };
         let answer = match event.what {
             What::Accepted => Answer::Accepted,
             What::Refused { code, reason } => Answer::Refused { code, reason },
-            What::Started { interface, .. } => Answer::Started { interface },
+            What::Started { interfaces, .. } => Answer::Started { interfaces },
             What::Finished { stop_reason, packets, bytes, dropped, outputs, error } => {
-                Answer::Finished { interface, stop_reason, packets, bytes, dropped, outputs, error }
+                Answer::Finished { interfaces, stop_reason, packets, bytes, dropped, outputs, error }
             }
             What::Failed { error } => Answer::Failed { error },
         };
@@ -281,7 +283,11 @@ mod tests {
         assert!(answers.done(later + Duration::from_secs(1), later), "nobody answered by the deadline");
         assert!(!answers.take(event("a", "other", What::Accepted)));
         assert!(answers.take(event("a", "r1", What::Accepted)));
-        answers.take(event("a", "r1", What::Started { interface: "tap0".into(), location: "x".into() }));
+        answers.take(event(
+            "a",
+            "r1",
+            What::Started { interfaces: vec!["tap0".into()], location: "x".into() },
+        ));
         assert!(!answers.done(later + Duration::from_secs(1), later), "a is still capturing");
         answers.take(event("a", "r1", finished(5)));
         assert!(!answers.done(now, later), "b has not answered yet");
@@ -292,8 +298,8 @@ mod tests {
             What::Refused { code: RefusalCode::BadFilter, reason: "syntax error".into() },
         ));
         assert!(answers.done(now, later));
-        let Answer::Finished { interface, packets, .. } = &answers.by_node["a"] else { panic!() };
-        assert_eq!((interface.as_deref(), *packets), (Some("tap0"), 5));
+        let Answer::Finished { interfaces, packets, .. } = &answers.by_node["a"] else { panic!() };
+        assert_eq!((interfaces.as_slice(), *packets), (&["tap0".to_owned()][..], 5));
         assert_eq!(answers.problems(), [("b", "refused (bad_filter): syntax error".to_owned())]);
         // A node that was not expected but answered counts as well.
         answers.take(event("c", "r1", What::Accepted));

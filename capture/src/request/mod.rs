@@ -22,9 +22,12 @@ pub use plan::{CapturePlan, Defaults, MAX_REQUEST_SECS, PlanError, Policy};
 pub struct CaptureRequest {
     /// Capture id (letters, digits, `.`, `_`, `-`); default: generated.
     pub id: Option<String>,
-    /// Interface alias (from the configuration) or device name; default: the only
-    /// configured interface.
-    pub interface: Option<String>,
+    /// Interfaces, each an alias (from the configuration) or a device name: one capture over
+    /// all of them (both directions of a tap), its limits applying to the sum, each
+    /// interface's frames in objects of their own. Default: the only configured interface.
+    /// The JSON may also give one name as `"interface": "public"`.
+    #[serde(alias = "interface", deserialize_with = "one_or_many", skip_serializing_if = "Vec::is_empty")]
+    pub interfaces: Vec<String>,
     /// tcpdump filter expression; none: every frame.
     pub filter: Option<String>,
     /// Bytes stored per frame at most.
@@ -46,4 +49,45 @@ pub struct CaptureRequest {
     /// Where to store it: one of the configured destinations or a place under one, or
     /// `local` (the first local directory); default: the first destination.
     pub destination: Option<String>,
+}
+
+/// A list of interface names, or one name alone: `"a"` or `["a", "b"]`.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    struct Names;
+    impl<'de> serde::de::Visitor<'de> for Names {
+        type Value = Vec<String>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an interface name or a list of interface names")
+        }
+
+        fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<Self::Value, E> {
+            Ok(vec![name.to_owned()])
+        }
+
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut names = Vec::new();
+            while let Some(name) = seq.next_element()? {
+                names.push(name);
+            }
+            Ok(names)
+        }
+    }
+    deserializer.deserialize_any(Names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interfaces_are_one_name_or_a_list() {
+        let one: CaptureRequest = serde_json::from_str(r#"{"interface": "public"}"#).unwrap();
+        assert_eq!(one.interfaces, ["public"]);
+        let many: CaptureRequest = serde_json::from_str(r#"{"interfaces": ["east", "west"]}"#).unwrap();
+        assert_eq!(many.interfaces, ["east", "west"]);
+        let error = serde_json::from_str::<CaptureRequest>(r#"{"interfaces": 3}"#).unwrap_err();
+        assert!(error.to_string().contains("expected an interface name or a list"), "{error}");
+        assert_eq!(serde_json::to_value(&many).unwrap()["interfaces"], serde_json::json!(["east", "west"]));
+    }
 }

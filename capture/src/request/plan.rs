@@ -157,10 +157,9 @@ pub struct CapturePlan {
     pub request: CaptureRequest,
     /// The capture's id.
     pub id: String,
-    /// The interface's alias (the one-shot: its device).
-    pub interface: String,
-    /// Its network device.
-    pub device: String,
+    /// The interfaces, (alias, device) (the one-shot: its device twice), each once, in the
+    /// order asked.
+    pub interfaces: Vec<(String, String)>,
     /// What the writers store: id, compiled filter, snaplen.
     pub spec: CaptureSpec,
     /// When it ends.
@@ -182,17 +181,8 @@ impl CapturePlan {
         running: usize,
         compile: impl FnOnce(&str) -> Result<CbpfProgram, FilterError>,
     ) -> Result<Self, PlanError> {
-        let (interface, device) = match request.interface.as_deref() {
-            Some(name) => policy.interface(name).ok_or_else(|| PlanError::UnknownInterface {
-                name: name.to_owned(),
-                configured: policy.describe_interfaces(),
-            })?,
-            None => match policy.interfaces.as_slice() {
-                [only] => only,
-                _ => return Err(PlanError::NoInterface { configured: policy.describe_interfaces() }),
-            },
-        };
-        request.interface = Some(interface.clone());
+        let interfaces = interfaces(&request.interfaces, policy)?;
+        request.interfaces = interfaces.iter().map(|(alias, _)| alias.clone()).collect();
         request.tags = std::mem::take(&mut request.tags)
             .iter()
             .map(|(k, v)| check_tag(k, v))
@@ -254,12 +244,11 @@ impl CapturePlan {
         };
         Ok(Self {
             id: id.clone(),
-            interface: interface.clone(),
-            device: device.clone(),
+            interfaces,
             spec: CaptureSpec { id: id.clone(), filter, snaplen },
             limits,
             destination,
-            labels: ObjectLabels { capture: id, node: policy.node.clone(), metadata },
+            labels: ObjectLabels { capture: id, node: policy.node.clone(), part: None, metadata },
             request,
         })
     }
@@ -276,6 +265,27 @@ impl CapturePlan {
             .as_ref()
             .map(|d| format!("{}/{}/{}/", d.trim_end_matches('/'), self.labels.node, self.id))
     }
+}
+
+/// The interfaces `asked` names, each once, (alias, device); none asked: the only one.
+fn interfaces(asked: &[String], policy: &Policy) -> Result<Vec<(String, String)>, PlanError> {
+    if asked.is_empty() {
+        return match policy.interfaces.as_slice() {
+            [only] => Ok(vec![only.clone()]),
+            _ => Err(PlanError::NoInterface { configured: policy.describe_interfaces() }),
+        };
+    }
+    let mut found: Vec<(String, String)> = Vec::with_capacity(asked.len());
+    for name in asked {
+        let interface = policy.interface(name).ok_or_else(|| PlanError::UnknownInterface {
+            name: name.clone(),
+            configured: policy.describe_interfaces(),
+        })?;
+        if !found.contains(interface) {
+            found.push(interface.clone());
+        }
+    }
+    Ok(found)
 }
 
 /// A number of seconds a `Duration` holds and a capture can mean (Durations are made of it:
@@ -357,5 +367,19 @@ mod tests {
         assert_eq!(policy.interface("public").unwrap().0, "public");
         assert_eq!(policy.interface("eth1").unwrap().0, "public");
         assert!(policy.interface("eth2").is_none());
+    }
+
+    #[test]
+    fn several_interfaces_are_each_taken_once() {
+        let text = "[interfaces.east]\ndevice = \"eth1\"\n[interfaces.west]\ndevice = \"eth2\"\n";
+        let config = Config::parse(text, std::path::Path::new("test.toml")).unwrap();
+        let policy = Policy::daemon(&config, "node");
+        let names = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let both = interfaces(&names(&["eth2", "east", "west", "eth1"]), &policy).unwrap();
+        assert_eq!(both, [("west".into(), "eth2".into()), ("east".into(), "eth1".into())]);
+        let error = interfaces(&[], &policy).unwrap_err().to_string();
+        assert_eq!(error, "name an interface: east (eth1), west (eth2)");
+        let error = interfaces(&names(&["east", "bond0"]), &policy).unwrap_err().to_string();
+        assert_eq!(error, "no interface \"bond0\" here; configured: east (eth1), west (eth2)");
     }
 }

@@ -122,8 +122,22 @@ pub struct ObjectOwner {
     pub node: String,
     /// Capture id.
     pub capture: String,
+    /// For a capture over several interfaces, the interface (alias) these objects hold: its
+    /// objects are named under `{capture}/<part>/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part: Option<String>,
     /// Object metadata (capture id, filter, node, tags, ...).
     pub metadata: Vec<(String, String)>,
+}
+
+impl ObjectOwner {
+    /// What `{capture}` stands for in keys: the capture id, and the part below it if any.
+    pub fn capture_path(&self) -> String {
+        match &self.part {
+            Some(part) => format!("{}/{part}", self.capture),
+            None => self.capture.clone(),
+        }
+    }
 }
 
 struct OpenObject {
@@ -617,7 +631,7 @@ pub fn object_key(config: &UploadConfig, owner: &ObjectOwner, first_ns: u64, seq
         .key_template
         .replace("{prefix}", &owner.prefix)
         .replace("{node}", &owner.node)
-        .replace("{capture}", &owner.capture)
+        .replace("{capture}", &owner.capture_path())
         .replace("{start}", &utc_compact(first_ns))
         .replace("{seq}", &format!("{seq:04}"))
         .replace("{ext}", config.compression.extension());
@@ -656,6 +670,9 @@ mod tests {
         };
         let key = object_key(&UploadConfig::default(), &owner, 1_795_000_000_123_000_000, 3);
         assert_eq!(key, "caps/tap1/c42/20261118T110640Z-0003.pcap.zst");
+        let part = ObjectOwner { part: Some("west".into()), ..owner.clone() };
+        let key = object_key(&UploadConfig::default(), &part, 1_795_000_000_123_000_000, 3);
+        assert_eq!(key, "caps/tap1/c42/west/20261118T110640Z-0003.pcap.zst");
         let owner = ObjectOwner { prefix: "".into(), ..owner };
         assert!(
             object_key(&UploadConfig::default(), &owner, 0, 0).starts_with("tap1/c42/19700101T000000Z-0000")

@@ -99,6 +99,9 @@ pub struct ObjectLabels {
     pub capture: String,
     /// This host.
     pub node: String,
+    /// For a capture over several interfaces, the interface these objects hold (their keys
+    /// are under `<capture>/<part>/`); `None`: the capture's only one.
+    pub part: Option<String>,
     /// S3 user metadata (capture id, node, filter, tags...).
     pub metadata: Vec<(String, String)>,
 }
@@ -179,7 +182,7 @@ impl StoreSettings {
             .iter()
             .map(|url| {
                 let labels =
-                    ObjectLabels { capture: "recovery".into(), node: node.into(), metadata: Vec::new() };
+                    ObjectLabels { capture: "recovery".into(), node: node.into(), ..Default::default() };
                 (url.clone(), self.recover_one(url, labels))
             })
             .collect()
@@ -242,8 +245,13 @@ impl StoreSettings {
             compression,
             outage_max: Duration::from_secs(self.outage_max_secs),
         };
-        let owner =
-            ObjectOwner { prefix, node: labels.node, capture: labels.capture, metadata: labels.metadata };
+        let owner = ObjectOwner {
+            prefix,
+            node: labels.node,
+            capture: labels.capture,
+            part: labels.part,
+            metadata: labels.metadata,
+        };
         let options = StoreOptions {
             threads: self.compress_threads,
             spool_root: self.spool_dir.clone(),

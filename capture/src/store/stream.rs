@@ -248,7 +248,11 @@ impl<S: Sink> PreparedStore<S> {
         let Self { runtime, sink, config, owner, options } = self;
         let threads = options.threads;
         let global = Arc::new(Semaphore::new(config.parts_in_flight_per_object.max(1)));
-        let spool_dir = options.spool_root.join(format!("{}-{}", owner.capture, crate::sys::unix_now_ns()));
+        let spool_name = match &owner.part {
+            Some(part) => format!("{}-{part}-{}", owner.capture, crate::sys::unix_now_ns()),
+            None => format!("{}-{}", owner.capture, crate::sys::unix_now_ns()),
+        };
+        let spool_dir = options.spool_root.join(spool_name);
         let spool = Arc::new(
             Spool::create(spool_dir.clone(), options.spool_max_bytes, pcap_header, &sink.url("")).map_err(
                 |source| UploadError::Io {

@@ -159,6 +159,14 @@ impl VethPair {
         self.add();
     }
 
+    /// Moves the capture end into `ns` (up, same MTU), beside another pair's capture end: a
+    /// host with two tapped links. `capture_ns` no longer holds it; `remove` no longer works.
+    pub fn move_capture_end(&self, ns: &Netns) {
+        run(self.capture_ns.command("ip").args(["link", "set", &self.capture_if, "netns", ns.name()]));
+        let mtu = self.mtu.to_string();
+        run(ns.command("ip").args(["link", "set", &self.capture_if, "mtu", &mtu, "up"]));
+    }
+
     /// The largest frame (Ethernet header included, one VLAN tag allowed) the sender can send.
     pub fn max_frame_len(&self) -> usize {
         self.mtu as usize + 14 + 4
