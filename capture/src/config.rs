@@ -151,6 +151,11 @@ pub struct RedisSection {
     /// Entries the events stream keeps, about (each event is added with `MAXLEN ~`): older
     /// ones are trimmed. 0: never trimmed.
     pub events_max_len: u64,
+    /// A pub/sub channel whose messages are capture requests in pcapdaemon's format (e.g.
+    /// `capture`, pcapdaemon's default), for fleets moving from pcapdaemon; their events go to
+    /// `events_stream`. Pub/sub delivers a message only to the nodes connected when it is
+    /// published. Empty: not subscribed.
+    pub pcapdaemon_channel: String,
 }
 
 impl Default for RedisSection {
@@ -163,6 +168,7 @@ impl Default for RedisSection {
             max_pending_events: 10_000,
             nodes_prefix: "tapstream:nodes:".into(),
             events_max_len: 100_000,
+            pcapdaemon_channel: String::new(),
         }
     }
 }

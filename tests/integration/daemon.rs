@@ -70,6 +70,19 @@ impl TestDaemon {
         store: impl FnOnce(&str) -> String,
         env: Vec<(&'static str, String)>,
     ) -> Self {
+        Self::start_aliased(veth, node, "tap", extra, limits, store, env)
+    }
+
+    /// The daemon of every other constructor, with `alias` as the veth's interface alias.
+    pub fn start_aliased(
+        veth: &VethPair,
+        node: &str,
+        alias: &str,
+        extra: &str,
+        limits: &str,
+        store: impl FnOnce(&str) -> String,
+        env: Vec<(&'static str, String)>,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         // Others may use the socket (the test drops privileges for one request).
         std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
@@ -79,7 +92,7 @@ impl TestDaemon {
             &config,
             format!(
                 "[daemon]\nsocket = \"{d}/control.sock\"\nstate_dir = \"{d}/state\"\nnode = \"{node}\"\n{extra}\n\
-                 [interfaces.tap]\ndevice = \"{}\"\ndrop_unmatched = false\nring_size = {CORPUS_RING_SIZE}\n\
+                 [interfaces.{alias}]\ndevice = \"{}\"\ndrop_unmatched = false\nring_size = {CORPUS_RING_SIZE}\n\
                  [limits]\nmax_duration_secs = 600\nmax_packets = 100000\nmax_concurrent_captures = 8\n{limits}\n\
                  [store]\n{}",
                 veth.capture_if,

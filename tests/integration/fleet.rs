@@ -6,11 +6,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redis::streams::{StreamInfoGroupsReply, StreamRangeReply};
 use serde_json::{Value, json};
-use tapstream_testenv::{Redis, Sender, VethPair};
+use tapstream_testenv::{Garage, Redis, Sender, VethPair};
 
 use crate::{
     common::eventually,
     daemon::{TestDaemon, data, reason, sendable},
+    upload::{read, records},
 };
 
 const REQUESTS: &str = "tapstream:requests";
@@ -429,4 +430,171 @@ fn events_not_sent_and_captures_cut_by_a_crash_are_reported_once_after_the_resta
         assert_eq!(kinds_of(&mut con, id), ["accepted", "started", "finished"], "{id}");
     }
     assert_eq!(daemon.client().list().unwrap().len(), 2);
+}
+
+/// An IPv4 UDP frame of `len` bytes to `dst` (a.b.c.d), numbered `seq` in its payload.
+fn udp_frame(dst: [u8; 4], seq: u16, len: usize) -> Vec<u8> {
+    let mut f = vec![0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1, 0x08, 0x00];
+    let ip_len = (len - 14) as u16;
+    f.extend_from_slice(&[0x45, 0, (ip_len >> 8) as u8, ip_len as u8, 0, 0, 0x40, 0, 64, 17, 0, 0]);
+    f.extend_from_slice(&[10, 9, 9, 9]);
+    f.extend_from_slice(&dst);
+    let udp_len = ip_len - 20;
+    f.extend_from_slice(&[0x30, 0x39, 0x30, 0x39, (udp_len >> 8) as u8, udp_len as u8, 0, 0]);
+    f.extend_from_slice(&seq.to_be_bytes());
+    f.resize(len, 0xab);
+    f
+}
+
+/// pcapdaemon's message format, verbatim from its README (the daemon's own example).
+const PCAPDAEMON_README_EXAMPLE: &str = r#"    {
+        "node": "node name",
+        "nodere": "node regex",
+        "interface": ["bond1","bond2"],
+        "alias": ["local","public"],
+        "tags": "blah,tagme,stuff",
+        "bpf": "dst host 10.0.0.1",
+        "customer": "importantcustomer",
+        "snap": 1500,
+        "packets": 50,
+        "alertid": 655443,
+        "timeout": 15,
+        "duration": 60,
+        "bytes": 1000,
+        "packetdebug":false,
+        "logrequest":false,
+        "folder": "myfolder",
+        "bucket": "mybucket",
+        "acl": "public-read",
+        "region": "us-east-1",
+        "endpoint": "s3.amazonaws.com",
+        "encryption": false
+    }"#;
+
+#[test]
+fn pcapdaemons_readme_example_published_verbatim_starts_the_capture_it_describes() {
+    let redis = Redis::start();
+    let mut con = connect(&redis);
+    // The host the example names: "node name", with bond1 and bond2, aliased local and public,
+    // and the bucket "mybucket".
+    let mut east = VethPair::new(1);
+    let mut west = VethPair::new(1);
+    east.rename_capture_end("bond1");
+    west.rename_capture_end("bond2");
+    west.move_capture_end(&east.capture_ns);
+    let garage = Garage::start_in(&east.capture_ns);
+    garage.admin(&["bucket", "create", "mybucket"]);
+    garage.admin(&[
+        "bucket",
+        "allow",
+        "--read",
+        "--write",
+        "--owner",
+        "mybucket",
+        "--key",
+        &garage.access_key,
+    ]);
+    let extra = format!(
+        "[interfaces.public]\ndevice = \"bond2\"\ndrop_unmatched = false\n[fleet.redis]\nurl = \"{}\"\n\
+         pcapdaemon_channel = \"capture\"\n",
+        redis.url()
+    );
+    let (endpoint, region) = (garage.endpoint.clone(), garage.region.clone());
+    let daemon = TestDaemon::start_aliased(
+        &east,
+        "node name",
+        "local",
+        &extra,
+        "",
+        move |d| {
+            format!(
+                "destinations = [\"s3://mybucket/myfolder\"]\ns3_endpoint = \"{endpoint}\"\n\
+                 s3_region = \"{region}\"\ns3_path_style = true\ncompression = \"none\"\n\
+                 spool_dir = \"{d}/spool\"\n"
+            )
+        },
+        garage.aws_env(),
+    );
+    let subscribed = || {
+        let counts: Vec<(String, u64)> =
+            redis::cmd("PUBSUB").arg("NUMSUB").arg("capture").query(&mut connect(&redis)).unwrap();
+        (counts[0].1 == 1).then_some(())
+    };
+    eventually("the daemon's subscription to channel capture", subscribed);
+
+    // A message pcapdaemon would not know: refused, naming the field; nothing starts.
+    let receivers: u64 = redis::cmd("PUBLISH")
+        .arg("capture")
+        .arg(r#"{"node": "any", "interface": ["bond1"], "hostname": "x"}"#)
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(receivers, 1);
+    let refused =
+        eventually("the refusal", || events(&mut con).into_iter().find(|e| e["event"] == "refused"));
+    assert_eq!(refused["code"], "bad_request", "{refused}");
+    assert!(refused["reason"].as_str().unwrap().contains("unknown field `hostname`"), "{refused}");
+
+    let _: u64 = redis::cmd("PUBLISH").arg("capture").arg(PCAPDAEMON_README_EXAMPLE).query(&mut con).unwrap();
+    let started = eventually("the example's capture to start", || {
+        events(&mut con).into_iter().find(|e| e["event"] == "started")
+    });
+    let id = started["request_id"].as_str().unwrap().to_owned();
+    assert!(id.starts_with("pd-655443-"), "{started}");
+    assert_eq!(started["interfaces"], json!(["local", "public"]), "one capture over both links: {started}");
+    let accepted = events_of(&mut con, &id).into_iter().find(|(_, k, _)| k == "accepted").unwrap().2;
+    assert_eq!(accepted["ignored"], json!(["endpoint", "region", "acl", "encryption"]), "{accepted}");
+    assert_eq!(
+        (&accepted["node"], &accepted["alert_id"], &accepted["customer"], &accepted["tags"]),
+        (
+            &json!("node name"),
+            &json!("655443"),
+            &json!("importantcustomer"),
+            &json!({"tags": "blah,tagme,stuff"})
+        )
+    );
+
+    // 100-byte frames: the byte limit of 1000 takes 10, over both links; `dst host 10.0.0.1`
+    // leaves the others out.
+    let frame = |dst: u8, seq: u16| udp_frame([10, 0, 0, dst], seq, 100);
+    let (east_sender, west_sender) = (Sender::new(&east), Sender::new(&west));
+    let mut wanted_east = Vec::new();
+    for seq in 0..6 {
+        east_sender.send_retrying(&frame(2, seq), || "frame".into());
+        east_sender.send_retrying(&frame(1, seq), || "frame".into());
+        wanted_east.push(frame(1, seq));
+    }
+    eventually("the 6 frames of bond1", || {
+        (daemon.client().status(&id).unwrap().progress.packets >= 6).then_some(())
+    });
+    for seq in 100..106 {
+        west_sender.send_retrying(&frame(1, seq), || "frame".into());
+    }
+    let finished = wait_events(&mut con, &id, "finished", &["node name"]).remove(0);
+    assert_eq!(
+        (&finished["stop_reason"], &finished["packets"], &finished["bytes"]),
+        (&json!("bytes"), &json!(10), &json!(1000)),
+        "{finished}"
+    );
+    let mut stored: Vec<Vec<u8>> = Vec::new();
+    let outputs = finished["outputs"].as_array().unwrap();
+    for (part, expected) in
+        [("local", wanted_east.clone()), ("public", (100..104).map(|s| frame(1, s)).collect())]
+    {
+        let mine: Vec<&str> = outputs
+            .iter()
+            .map(|o| o.as_str().unwrap())
+            .filter(|o| o.contains(&format!("/{id}/{part}/")))
+            .collect();
+        assert!(!mine.is_empty(), "no object of {part}: {finished}");
+        let mut frames = Vec::new();
+        for url in mine {
+            assert!(url.starts_with("s3://mybucket/myfolder/node name/"), "{url}");
+            let (pcap, stderr) = read(&east.capture_ns, &garage, url, &[]);
+            assert!(!pcap.is_empty(), "{url}: {stderr}");
+            frames.extend(records(&pcap).into_iter().map(|(_, data)| data));
+        }
+        assert!(frames == expected, "{part} holds the frames to 10.0.0.1 sent on it, up to the byte limit");
+        stored.extend(frames);
+    }
+    assert_eq!(stored.len(), 10);
 }

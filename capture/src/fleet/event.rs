@@ -49,6 +49,10 @@ pub struct Event {
     pub tags: BTreeMap<String, String>,
     /// When it happened, RFC 3339 (UTC).
     pub time: String,
+    /// In `accepted`: fields of the message that were not applied (see
+    /// [`super::pcapdaemon`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ignored: Vec<String>,
 }
 
 /// What happened, with what it carries.
@@ -149,6 +153,7 @@ impl MessageError {
 impl Event {
     /// An event about `request` on `node`.
     pub fn about(request: &FleetRequest, node: &str, what: What) -> Self {
+        let what_is_accepted = what == What::Accepted;
         Self {
             what,
             node: node.to_owned(),
@@ -158,6 +163,7 @@ impl Event {
             customer: request.capture.customer.clone(),
             tags: request.capture.tags.clone(),
             time: now(),
+            ignored: if what_is_accepted { request.ignored.clone() } else { Vec::new() },
         }
     }
 
@@ -172,6 +178,7 @@ impl Event {
             customer: None,
             tags: BTreeMap::new(),
             time: now(),
+            ignored: Vec::new(),
         }
     }
 

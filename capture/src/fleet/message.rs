@@ -42,6 +42,10 @@ pub struct FleetRequest {
     pub target: Target,
     /// The capture, as the control API takes it.
     pub capture: CaptureRequest,
+    /// Fields of the message it was made from that are not applied (a pcapdaemon message's
+    /// `endpoint`...): named in the `accepted` event. Not part of the JSON.
+    #[serde(skip)]
+    pub ignored: Vec<String>,
 }
 
 /// Which hosts a request is for: those that match every condition given.
@@ -72,6 +76,9 @@ pub enum MessageError {
     NoBody { field: &'static str },
     #[error("target.node_regex: {message}")]
     Regex { message: String },
+    /// A pcapdaemon message that cannot be made a request.
+    #[error("pcapdaemon message: {message}")]
+    Pcapdaemon { message: String },
 }
 
 impl FleetRequest {
@@ -82,7 +89,13 @@ impl FleetRequest {
             let random = crate::sys::random_bytes::<6>();
             format!("fleet-{}", random.iter().map(|b| format!("{b:02x}")).collect::<String>())
         });
-        Self { id, not_after: NotAfter(SystemTime::now() + DEFAULT_VALIDITY), target, capture }
+        Self {
+            id,
+            not_after: NotAfter(SystemTime::now() + DEFAULT_VALIDITY),
+            target,
+            capture,
+            ignored: Vec::new(),
+        }
     }
 
     /// Parses a message (JSON).

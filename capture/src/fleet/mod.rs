@@ -17,6 +17,7 @@
 
 pub mod event;
 pub mod message;
+pub mod pcapdaemon;
 pub mod presence;
 pub mod publish;
 pub mod redis;
@@ -374,8 +375,26 @@ impl Node {
     /// Decides one message (`None`: it had no request body) and reports it. Blocks: it may
     /// compile a filter and start a capture.
     pub fn handle(&self, message: Option<&[u8]>) -> Outcome {
+        let parsed = match message {
+            Some(json) => FleetRequest::parse(json),
+            None => Err(MessageError::NoBody { field: self::redis::REQUEST_FIELD }),
+        };
+        self.count(self.decide(parsed, || message.and_then(request_id)))
+    }
+
+    /// Decides one message in pcapdaemon's format ([`pcapdaemon`]) and reports it. Blocks.
+    pub fn handle_pcapdaemon(&self, message: &[u8]) -> Outcome {
+        let parsed = pcapdaemon::PcapdaemonMessage::parse(message).and_then(|m| {
+            if m.logrequest == Some(true) {
+                log::info!("fleet: pcapdaemon message: {}", String::from_utf8_lossy(message));
+            }
+            m.request()
+        });
+        self.count(self.decide(parsed, || None))
+    }
+
+    fn count(&self, outcome: Outcome) -> Outcome {
         metrics::counter!(crate::metrics::FLEET_REQUESTS_RECEIVED).increment(1);
-        let outcome = self.decide(message);
         if let Some(label) = outcome.label() {
             metrics::counter!(crate::metrics::FLEET_REQUESTS, "outcome" => label).increment(1);
         }
@@ -385,15 +404,16 @@ impl Node {
         outcome
     }
 
-    fn decide(&self, message: Option<&[u8]>) -> Outcome {
-        let parsed = match message {
-            Some(json) => FleetRequest::parse(json),
-            None => Err(MessageError::NoBody { field: self::redis::REQUEST_FIELD }),
-        };
+    /// Decides a request, or refuses a message that is none (naming the id `id_of` finds).
+    fn decide(
+        &self,
+        parsed: Result<FleetRequest, MessageError>,
+        id_of: impl FnOnce() -> Option<String>,
+    ) -> Outcome {
         let request = match parsed {
             Ok(request) => request,
             Err(e) => {
-                let id = message.and_then(request_id);
+                let id = id_of();
                 log::warn!("fleet: refusing a message (request {id:?}): {e}");
                 self.outbox.push(Event::malformed(&self.name, id, &e));
                 return Outcome::Refused(e.code());

@@ -55,6 +55,8 @@ pub enum FleetRedisError {
 /// The running transport: reader, event sender and the watcher of captures' ends.
 pub struct RedisFleet {
     reader: JoinHandle<()>,
+    /// Reads `pcapdaemon_channel`, when set.
+    pubsub: Option<JoinHandle<()>>,
     watcher: JoinHandle<()>,
     sender: JoinHandle<()>,
     /// Tells the watcher, then the sender, to finish.
@@ -108,6 +110,10 @@ impl RedisFleet {
         let mut ends = daemon.subscribe();
         let node = Arc::new(Node::persistent(daemon, outbox.clone(), dir.join("requests")).map_err(state)?);
         let (finish, finishing) = watch::channel(false);
+        let pubsub = (!settings.pcapdaemon_channel.is_empty()).then(|| {
+            let channel = settings.pcapdaemon_channel.clone();
+            tokio::spawn(read_pcapdaemon(node.clone(), link.clone(), channel, shutdown.clone()))
+        });
         let reader = tokio::spawn(read_requests(node.clone(), link.clone(), shutdown));
         let watcher = {
             let mut finishing = finishing.clone();
@@ -130,7 +136,7 @@ impl RedisFleet {
             })
         };
         let sender = tokio::spawn(send_events(outbox.clone(), link, finishing));
-        Ok(Self { reader, watcher, sender, finish, outbox })
+        Ok(Self { reader, pubsub, watcher, sender, finish, outbox })
     }
 
     /// After the daemon's captures have ended: reports their ends and sends what events are
@@ -142,6 +148,9 @@ impl RedisFleet {
             log::warn!("fleet: {} events could not be sent before the daemon stopped", self.outbox.len());
         }
         self.reader.abort();
+        if let Some(pubsub) = self.pubsub {
+            pubsub.abort();
+        }
     }
 }
 
@@ -215,6 +224,53 @@ async fn read_requests(node: Arc<Node>, link: Link, shutdown: Shutdown) {
                 log::warn!("fleet: Redis at {}: {e}; trying again in {backoff:?}", link.shown);
             }
         }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            () = shutdown.wait() => return,
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// Decides the pcapdaemon-format messages of `channel` until `shutdown`; subscribes again
+/// after errors (what is published meanwhile is not delivered: pub/sub keeps nothing).
+async fn read_pcapdaemon(node: Arc<Node>, link: Link, channel: String, shutdown: Shutdown) {
+    use futures_util::StreamExt as _;
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let subscribed = async {
+            let mut pubsub = link.client.get_async_pubsub().await?;
+            pubsub.subscribe(&channel).await?;
+            Ok::<_, RedisError>(pubsub)
+        };
+        let error = match tokio::time::timeout(Duration::from_secs(5), subscribed).await {
+            Ok(Ok(pubsub)) => {
+                log::info!("fleet: taking pcapdaemon messages from channel {channel} on {}", link.shown);
+                backoff = BACKOFF_MIN;
+                let mut messages = pubsub.into_on_message();
+                loop {
+                    let message = tokio::select! {
+                        message = messages.next() => message,
+                        () = shutdown.wait() => return,
+                    };
+                    let Some(message) = message else { break };
+                    let payload = message.get_payload_bytes().to_vec();
+                    let deciding = node.clone();
+                    match tokio::task::spawn_blocking(move || deciding.handle_pcapdaemon(&payload)).await {
+                        Ok(outcome) => log::debug!("fleet: pcapdaemon message on {channel}: {outcome:?}"),
+                        Err(e) => log::error!("fleet: deciding a pcapdaemon message failed: {e}"),
+                    }
+                }
+                "the subscription ended".to_owned()
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "no answer within 5 s".to_owned(),
+        };
+        log::warn!(
+            "fleet: channel {channel} on {}: {error}; subscribing again in {backoff:?} (messages published \
+             meanwhile are not delivered)",
+            link.shown
+        );
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
             () = shutdown.wait() => return,

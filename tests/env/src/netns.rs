@@ -167,6 +167,15 @@ impl VethPair {
         run(ns.command("ip").args(["link", "set", &self.capture_if, "mtu", &mtu, "up"]));
     }
 
+    /// Renames the capture end (as a host names its NICs: `bond1`); names are per namespace.
+    pub fn rename_capture_end(&mut self, name: &str) {
+        let ip = |args: &[&str]| run(self.capture_ns.command("ip").args(args));
+        ip(&["link", "set", &self.capture_if, "down"]);
+        ip(&["link", "set", &self.capture_if, "name", name]);
+        ip(&["link", "set", name, "up"]);
+        self.capture_if = name.to_owned();
+    }
+
     /// The largest frame (Ethernet header included, one VLAN tag allowed) the sender can send.
     pub fn max_frame_len(&self) -> usize {
         self.mtu as usize + 14 + 4
