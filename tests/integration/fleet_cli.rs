@@ -58,7 +58,12 @@ fn wait_group(redis: &Redis, node: &str) {
 
 /// Runs `fleet capture` with `args` while sending frames into `veth` until it exits.
 fn capture_while_sending(redis: &Redis, veth: &VethPair, args: &[&str]) -> Output {
-    let mut child = fleet(redis, "capture", &[&["--wait", "--json"], args].concat()).spawn().expect("spawn");
+    run_while_sending(fleet(redis, "capture", &[&["--wait", "--json"], args].concat()), veth)
+}
+
+/// Runs `command` while sending UDP frames into `veth` until it exits.
+fn run_while_sending(mut command: Command, veth: &VethPair) -> Output {
+    let mut child = command.spawn().expect("spawn");
     // UDP over IPv4 or IPv6, untagged: what the filter `udp` takes.
     let frames: Vec<_> = sendable(veth)
         .into_iter()
@@ -153,4 +158,103 @@ fn the_operator_lists_the_nodes_and_runs_a_capture_on_those_a_label_targets() {
     let listed = nodes(&redis);
     assert_eq!(names(&listed), ["cli-fra1"], "{listed:?}");
     drop(a);
+}
+
+/// What a terminal shows after `output`: the lines drawn, with the cursor moves, line
+/// clearing and clearing to the end that the live table uses applied.
+fn screen(output: &[u8]) -> Vec<String> {
+    let text = String::from_utf8_lossy(output);
+    let mut lines: Vec<Vec<char>> = vec![Vec::new()];
+    let (mut row, mut col) = (0usize, 0usize);
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\r' => col = 0,
+            '\n' => {
+                row += 1;
+                col = 0;
+                if lines.len() <= row {
+                    lines.push(Vec::new());
+                }
+            }
+            '\x1b' if chars.peek() == Some(&'[') => {
+                chars.next();
+                let mut n = String::new();
+                while let Some(d) = chars.next_if(char::is_ascii_digit) {
+                    n.push(d);
+                }
+                match chars.next() {
+                    Some('A') => row = row.saturating_sub(n.parse().unwrap_or(1)),
+                    Some('K') => lines[row].clear(),
+                    Some('J') => {
+                        lines[row].truncate(col);
+                        lines.truncate(row + 1);
+                    }
+                    other => panic!("an escape the table does not use: {n:?} {other:?}"),
+                }
+            }
+            c => {
+                let line = &mut lines[row];
+                if line.len() <= col {
+                    line.resize(col, ' ');
+                    line.push(c);
+                } else {
+                    line[col] = c;
+                }
+                col += 1;
+            }
+        }
+    }
+    lines
+        .into_iter()
+        .map(|l| l.into_iter().collect::<String>().trim_end().to_owned())
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+#[test]
+fn on_a_terminal_fleet_capture_draws_a_live_table_and_leaves_the_final_one() {
+    let redis = Redis::start();
+    let veth = VethPair::new(1);
+    let _daemon = TestDaemon::start_as(&veth, "tty-fra1", &fleet_config(&redis, "site = \"fra1\""));
+    wait_group(&redis, "tty-fra1");
+    // `script` runs it on a pseudo-terminal: stdout and stderr are a terminal, as an
+    // operator's are.
+    let line = format!(
+        "{} fleet capture --redis {} --node tty-fra1 --packets 5 --duration 20s --deadline 20s --wait udp",
+        tapstream_bin(),
+        redis.url()
+    );
+    let mut command = Command::new("script");
+    command
+        .args(["--quiet", "--return", "--flush", "--command", &line, "/dev/null"])
+        .env_remove("TAPSTREAM_REDIS")
+        .env("TERM", "xterm")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let out = run_while_sending(command, &veth);
+    let raw = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "fleet capture on a terminal failed: {raw}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // It drew the table live (moving up over its last drawing), not line after line.
+    assert!(raw.contains("\x1b[2Knode"), "no live table: {raw:?}");
+    assert!(raw.contains("\x1b[2A"), "it never drew over its table: {raw:?}");
+    let shown = screen(&out.stdout);
+    let [intro, header, row, stored] = &shown[..] else { panic!("the terminal shows {shown:#?}") };
+    assert!(
+        intro.starts_with("request fleet-") && intro.ends_with("live nodes it targets: tty-fra1"),
+        "{intro}"
+    );
+    assert_eq!(header, "node                 answer");
+    assert!(
+        row.starts_with("tty-fra1             finished (packets): 5 packets, ")
+            && row.ends_with(" bytes, 0 dropped, 1 outputs"),
+        "{row}"
+    );
+    let path = stored.strip_prefix("  tty-fra1 stored: file://").unwrap_or_else(|| panic!("{stored}"));
+    assert!(Path::new(path).is_file(), "{path}");
 }
