@@ -403,6 +403,8 @@ fn events_not_sent_and_captures_cut_by_a_crash_are_reported_once_after_the_resta
     let info = daemon.wait("rs-ends");
     assert_eq!(reason(&info), "packets", "{info:?}");
     wait_failed_send(&veth);
+    // The running one's frames are in an object (rotated after a second) when the daemon dies.
+    eventually("rs-cut's first object", || (daemon.stored("rs-cut").len() == sent.len()).then_some(()));
     let (status, _) = daemon.running.take().unwrap().signal_and_wait(libc::SIGKILL);
     assert!(!status.success());
     redis.restart();
@@ -414,10 +416,16 @@ fn events_not_sent_and_captures_cut_by_a_crash_are_reported_once_after_the_resta
     let cut = wait_events(&mut con, "rs-cut", "finished", &["restart"]);
     assert_eq!(cut[0]["stop_reason"], "interrupted", "{}", cut[0]);
     assert_eq!(cut[0]["capture_id"], "rs-cut", "{}", cut[0]);
-    assert_eq!(
-        daemon.client().status("rs-cut").unwrap().summary.unwrap().stop_reason.as_str(),
-        "interrupted"
-    );
+    let summary = daemon.client().status("rs-cut").unwrap().summary.unwrap();
+    assert_eq!(summary.stop_reason.as_str(), "interrupted");
+    // Reported once what it stored was recovered: the objects, in the event as in its summary,
+    // hold the frames the recovery kept, the first ones sent.
+    let recovery = summary.recovery.as_ref().unwrap();
+    assert!(!recovery.pending && recovery.packets_kept > 0, "{summary:?}");
+    let outputs: Vec<String> = serde_json::from_value(cut[0]["outputs"].clone()).unwrap();
+    assert!(!outputs.is_empty() && outputs == summary.outputs, "{} against {summary:?}", cut[0]);
+    assert!(daemon.stored("rs-cut") == sent, "every frame, in the objects its event lists");
+    assert_eq!(recovery.packets_kept, sent.len() as u64);
 
     // Killed and restarted again, the request read once more: nothing is reported twice.
     let (_, _) = daemon.running.take().unwrap().signal_and_wait(libc::SIGKILL);

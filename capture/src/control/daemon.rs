@@ -164,7 +164,8 @@ impl Daemon {
 
     /// A channel that gets each capture started from now on as it starts, and each capture as
     /// it ends (finished or failed): the start first (not told for a capture that ended before
-    /// its start was complete), then the end.
+    /// its start was complete), then the end. A capture interrupted by the death of an earlier
+    /// run is told again each time its recovery has got further ([`Daemon::recover_interrupted`]).
     pub fn subscribe(&self) -> tokio::sync::mpsc::UnboundedReceiver<CaptureInfo> {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         self.shared.subscribers.lock().unwrap_or_else(|e| e.into_inner()).push(tx);
@@ -437,6 +438,7 @@ impl Daemon {
             drop(captures);
             self.shared.persist(&info);
             self.shared.changed.notify_all();
+            self.shared.notify(&info);
         }
         left
     }
@@ -657,6 +659,6 @@ impl Shared {
 }
 
 /// Whether an interrupted capture's leftovers are still to be recovered.
-fn recovery_pending(info: &CaptureInfo) -> bool {
+pub fn recovery_pending(info: &CaptureInfo) -> bool {
     info.summary.as_ref().and_then(|s| s.recovery.as_ref()).is_some_and(|r| r.pending)
 }

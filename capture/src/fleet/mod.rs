@@ -36,7 +36,10 @@ use serde::{Deserialize, Serialize};
 pub use event::{Event, RefusalCode, What};
 pub use message::{FleetRequest, MessageError, Target};
 
-use crate::control::{CaptureInfo, CaptureState, daemon::Daemon, daemon::RequestError};
+use crate::control::{
+    CaptureInfo, CaptureState,
+    daemon::{Daemon, RequestError, recovery_pending},
+};
 
 /// What became of a message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -210,7 +213,13 @@ impl OutboxState {
         let mut line = serde_json::to_vec(record).expect("an event serializes");
         line.push(b'\n');
         let waiting = self.queue.len() + usize::from(matches!(record, Record::Event(_)));
-        let result = journal.file.write_all(&line).and_then(|()| {
+        // An event is on disk before it counts as kept (a power cut loses none); a `Gone` line
+        // lost only sends its event again, which readers tolerate.
+        let durable = |file: &mut File| match record {
+            Record::Event(_) => file.sync_data(),
+            Record::Gone => Ok(()),
+        };
+        let result = journal.file.write_all(&line).and_then(|()| durable(&mut journal.file)).and_then(|()| {
             journal.lines += 1;
             if matches!(record, Record::Gone) && (waiting == 0 || journal.lines > 2 * waiting + JOURNAL_SLACK)
             {
@@ -235,7 +244,9 @@ impl Journal {
                 .map_err(std::io::Error::other)?;
             bytes.push(b'\n');
         }
-        std::fs::write(&tmp, bytes)?;
+        let mut file = File::create(&tmp)?;
+        file.write_all(&bytes)?;
+        file.sync_all()?;
         std::fs::rename(&tmp, &path)?;
         let file = OpenOptions::new().append(true).open(&path)?;
         Ok(Self { path, file, lines: queue.len() })
@@ -330,8 +341,9 @@ impl Node {
                 What::Started { interfaces: info.interfaces.clone(), location: info.location.clone() },
             ));
         }
-        if info.state == CaptureState::Running {
-            // Not after a restart (the daemon marks those interrupted); its end is told later.
+        if info.state == CaptureState::Running || recovery_pending(&info) {
+            // Not after a restart (the daemon marks those interrupted), or interrupted with
+            // what it stored still to be recovered: its end is told later, with its objects.
             self.keep(&request, true);
             self.lock().insert(request.id.clone(), Started { request, announced: true, ended: None });
             return;
@@ -510,7 +522,7 @@ impl Node {
     /// A capture of the daemon started or ended ([`Daemon::subscribe`]): reports the end of
     /// those fleet requests started.
     pub fn capture_changed(&self, info: &CaptureInfo) {
-        if info.state == CaptureState::Running {
+        if info.state == CaptureState::Running || recovery_pending(info) {
             return;
         }
         let mut started = self.lock();
