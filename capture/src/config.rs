@@ -129,11 +129,19 @@ pub struct FleetSection {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisSection {
-    /// The server: `redis://[user[:password]@]host:port[/db]` (`rediss://` is not supported),
-    /// or `unix:///path/to/redis.sock`. A password may also come from the environment
+    /// The server: `redis://[user[:password]@]host:port[/db]`, `rediss://...` for TLS, or
+    /// `unix:///path/to/redis.sock`. A password may also come from the environment
     /// variable `TAPSTREAM_REDIS_PASSWORD` (and a user from `TAPSTREAM_REDIS_USERNAME`);
     /// it is never logged.
     pub url: String,
+    /// With `rediss://`: PEM certificates of the authorities trusted for the server's
+    /// certificate; none: the system's.
+    pub tls_ca_file: Option<PathBuf>,
+    /// With `rediss://`, for servers that require client certificates: this node's
+    /// certificate (PEM), with `tls_key_file`.
+    pub tls_cert_file: Option<PathBuf>,
+    /// The key of `tls_cert_file` (PEM). Keep it readable by the daemon only.
+    pub tls_key_file: Option<PathBuf>,
     /// Stream the capture requests are read from.
     pub requests_stream: String,
     /// Stream the events (accepted, refused, started, finished, failed) are added to.
@@ -162,6 +170,9 @@ impl Default for RedisSection {
     fn default() -> Self {
         Self {
             url: "redis://127.0.0.1:6379".into(),
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
             requests_stream: "tapstream:requests".into(),
             events_stream: "tapstream:events".into(),
             group_prefix: "tapstream-".into(),
@@ -455,8 +466,27 @@ impl Config {
         }
         if let Some(r) = &self.fleet.redis {
             let scheme = r.url.split_once("://").map(|(s, _)| s);
-            if !matches!(scheme, Some("redis" | "unix" | "redis+unix")) {
-                return Err(invalid("fleet.redis.url", "must start with redis://, unix:// or redis+unix://"));
+            if !matches!(scheme, Some("redis" | "rediss" | "unix" | "redis+unix")) {
+                return Err(invalid(
+                    "fleet.redis.url",
+                    "must start with redis://, rediss:// (TLS), unix:// or redis+unix://",
+                ));
+            }
+            let tls_files = [
+                ("tls_ca_file", &r.tls_ca_file),
+                ("tls_cert_file", &r.tls_cert_file),
+                ("tls_key_file", &r.tls_key_file),
+            ];
+            if scheme != Some("rediss")
+                && let Some((field, _)) = tls_files.iter().find(|(_, f)| f.is_some())
+            {
+                return Err(invalid(format!("fleet.redis.{field}"), "is for a rediss:// url only"));
+            }
+            if r.tls_cert_file.is_some() != r.tls_key_file.is_some() {
+                return Err(invalid(
+                    "fleet.redis.tls_key_file",
+                    "give tls_cert_file and tls_key_file together",
+                ));
             }
             for (field, value) in
                 [("requests_stream", &r.requests_stream), ("events_stream", &r.events_stream)]

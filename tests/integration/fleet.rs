@@ -606,3 +606,51 @@ fn pcapdaemons_readme_example_published_verbatim_starts_the_capture_it_describes
     }
     assert_eq!(stored.len(), 10);
 }
+
+#[test]
+fn a_node_and_an_operator_reach_the_broker_over_tls_and_a_wrong_authority_is_named() {
+    let veth = VethPair::new(1);
+    // The server takes TLS on 127.0.0.1 in the node's namespace; the test itself publishes
+    // over the Unix socket.
+    let redis = Redis::start_tls_in(&veth.capture_ns);
+    let mut con = connect(&redis);
+    let broker = |ca: &std::path::Path| {
+        format!("[fleet.redis]\nurl = \"{}\"\ntls_ca_file = \"{}\"\n", redis.tls_url(), ca.display())
+    };
+    let daemon = TestDaemon::start_as(&veth, "tls-1", &broker(&redis.ca_file()));
+    wait_group(&mut con, "tls-1");
+    publish(&mut con, &request("tls-req", json!({"node": "tls-1"}), 20));
+    wait_events(&mut con, "tls-req", "started", &["tls-1"]);
+    let sent = send(&veth, 0..60);
+    let finished = wait_events(&mut con, "tls-req", "finished", &["tls-1"]);
+    check_finished(&finished[0], &daemon, "tls-req", &sent);
+
+    // The operator's CLI on the host, over TLS: the node is listed.
+    let cli = |config: &std::path::Path| {
+        veth.capture_ns
+            .command(crate::common::tapstream_bin())
+            .args(["fleet", "nodes", "--json", "--config"])
+            .arg(config)
+            .env_remove("TAPSTREAM_REDIS")
+            .output()
+            .expect("run fleet nodes")
+    };
+    // The node's own configuration, as on a tap host; and the same trusting another authority.
+    let right = daemon.dir.path().join("tapstream.toml");
+    let wrong = daemon.dir.path().join("wrong-ca.toml");
+    let text = std::fs::read_to_string(&right).unwrap();
+    let ca = redis.ca_file().display().to_string();
+    assert!(text.contains(&ca));
+    std::fs::write(&wrong, text.replace(&ca, &redis.other_ca_file().display().to_string())).unwrap();
+    let listed = eventually("tls-1 in fleet nodes", || {
+        let out = cli(&right);
+        let nodes: Vec<Value> = serde_json::from_slice(&out.stdout).ok()?;
+        nodes.iter().any(|n| n["node"] == "tls-1").then_some(out)
+    });
+    assert!(listed.status.success());
+    // Trusting an authority that did not sign the server's certificate: refused, saying why.
+    let out = cli(&wrong);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("UnknownIssuer") || stderr.contains("unknown issuer"), "{stderr}");
+}

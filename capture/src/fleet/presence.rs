@@ -17,7 +17,7 @@ use ::redis::{AsyncConnectionConfig, Client, aio::MultiplexedConnection};
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 
-use super::redis::{FleetRedisError, connection_info, mask_password};
+use super::redis::{FleetRedisError, client, mask_password};
 use crate::{
     config::RedisSection,
     control::{CaptureState, InterfaceInfo, daemon::Daemon},
@@ -88,13 +88,6 @@ impl Presence {
 /// The key of `node`'s presence.
 pub fn key(settings: &RedisSection, node: &str) -> String {
     format!("{}{node}", settings.nodes_prefix)
-}
-
-/// A client for the broker of `settings` (the password possibly from the environment).
-pub fn client(settings: &RedisSection) -> Result<Client, FleetRedisError> {
-    let info = connection_info(settings, |name| std::env::var(name).ok())?;
-    Client::open(info)
-        .map_err(|e| FleetRedisError::Url { url: mask_password(&settings.url), message: e.to_string() })
 }
 
 /// The heartbeat task of a daemon; it deletes its key when the shutdown comes.

@@ -17,8 +17,8 @@ use serde::Serialize;
 
 use super::{
     Event, FleetRequest, RefusalCode, What,
-    presence::{Presence, client},
-    redis::{FleetRedisError, REQUEST_FIELD, mask_password},
+    presence::Presence,
+    redis::{FleetRedisError, REQUEST_FIELD, client, mask_password},
 };
 use crate::config::RedisSection;
 

@@ -43,6 +43,14 @@ pub enum FleetRedisError {
     /// The URL cannot be used (the message names the URL with its password masked).
     #[error("fleet.redis.url {url}: {message}")]
     Url { url: String, message: String },
+    /// A TLS file of the configuration cannot be read.
+    #[error("fleet.redis.{field} {}", path.display())]
+    TlsFile {
+        field: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// The fleet's part of the state directory cannot be used.
     #[error("cannot use the fleet's state in {path}")]
     State {
@@ -87,10 +95,8 @@ impl RedisFleet {
         shutdown: Shutdown,
     ) -> Result<Self, FleetRedisError> {
         crate::metrics::register_fleet(super::RefusalCode::ALL.map(super::RefusalCode::as_str));
-        let info = connection_info(settings, |name| std::env::var(name).ok())?;
         let shown = mask_password(&settings.url);
-        let client = Client::open(info)
-            .map_err(|e| FleetRedisError::Url { url: shown.clone(), message: e.to_string() })?;
+        let client = client(settings)?;
         let node_name = daemon.node().to_owned();
         let link = Link {
             client,
@@ -152,6 +158,29 @@ impl RedisFleet {
             pubsub.abort();
         }
     }
+}
+
+/// A client for the server of `settings`: over TLS for `rediss://`, trusting `tls_ca_file`
+/// (else the system's authorities) and presenting `tls_cert_file` if given.
+pub fn client(settings: &RedisSection) -> Result<Client, FleetRedisError> {
+    let info = connection_info(settings, |name| std::env::var(name).ok())?;
+    let bad =
+        |e: RedisError| FleetRedisError::Url { url: mask_password(&settings.url), message: e.to_string() };
+    if !settings.url.starts_with("rediss://") {
+        return Client::open(info).map_err(bad);
+    }
+    let read = |field: &'static str, path: &PathBuf| {
+        std::fs::read(path).map_err(|source| FleetRedisError::TlsFile { field, path: path.clone(), source })
+    };
+    let root_cert = settings.tls_ca_file.as_ref().map(|p| read("tls_ca_file", p)).transpose()?;
+    let client_tls = match (&settings.tls_cert_file, &settings.tls_key_file) {
+        (Some(cert), Some(key)) => Some(::redis::ClientTlsConfig {
+            client_cert: read("tls_cert_file", cert)?,
+            client_key: read("tls_key_file", key)?,
+        }),
+        _ => None,
+    };
+    Client::build_with_tls(info, ::redis::TlsCertificates { client_tls, root_cert }).map_err(bad)
 }
 
 /// The connection settings: the URL's, with the user and password from the environment

@@ -1,8 +1,9 @@
 //! A Redis server on a Unix socket, for the fleet tests.
 //!
 //! Unix sockets are files: a daemon in any network namespace reaches the server through its
-//! socket, so the server runs in the test's own namespace. `cargo xtask setup` installs
-//! Debian's `redis-server`.
+//! socket, so the server runs in the test's own namespace. A server with TLS also listens on
+//! TCP inside a namespace the test gives ([`Redis::start_tls_in`]), with certificates made
+//! for it by `openssl`. `cargo xtask setup` installs Debian's `redis-server`.
 
 use std::{
     io::{Read as _, Write as _},
@@ -19,7 +20,12 @@ pub struct Redis {
     dir: tempfile::TempDir,
     /// Every write is in an append-only file (fsynced), so the data survives a kill.
     persistent: bool,
+    /// The namespace whose 127.0.0.1:[`TLS_PORT`] takes TLS connections, if any.
+    tls_netns: Option<String>,
 }
+
+/// The TCP port of a server with TLS, in its namespace.
+pub const TLS_PORT: u16 = 6380;
 
 impl Redis {
     /// Starts a server (no TCP port, no persistence) and waits until it answers PING.
@@ -33,18 +39,32 @@ impl Redis {
         Self::start_with(true)
     }
 
+    /// Starts a server that also takes TLS connections on 127.0.0.1:[`TLS_PORT`] inside `ns`,
+    /// with a certificate for `127.0.0.1` signed by its own authority ([`Redis::ca_file`]).
+    /// Another authority, which signed nothing of it, is in [`Redis::other_ca_file`].
+    pub fn start_tls_in(ns: &crate::Netns) -> Self {
+        Self::start_full(false, Some(ns.name().to_owned()))
+    }
+
     fn start_with(persistent: bool) -> Self {
+        Self::start_full(persistent, None)
+    }
+
+    fn start_full(persistent: bool, tls_netns: Option<String>) -> Self {
         let dir = tempfile::Builder::new().prefix("tapstream-redis-").tempdir().expect("temp dir");
         // The daemons may run as other users in other tests' setups: let them reach the socket.
         std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .expect("chmod the redis dir");
-        let child = Self::spawn(&dir, persistent);
-        let mut redis = Self { child, dir, persistent };
+        if tls_netns.is_some() {
+            make_certificates(dir.path());
+        }
+        let child = Self::spawn(&dir, persistent, tls_netns.as_deref());
+        let mut redis = Self { child, dir, persistent, tls_netns };
         crate::wait_ready(&mut redis, Duration::from_secs(10));
         redis
     }
 
-    fn spawn(dir: &tempfile::TempDir, persistent: bool) -> Child {
+    fn spawn(dir: &tempfile::TempDir, persistent: bool, tls_netns: Option<&str>) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -55,7 +75,23 @@ impl Redis {
         } else {
             &["--appendonly", "no"]
         };
-        Command::new("redis-server")
+        let mut command = match tls_netns {
+            Some(ns) => {
+                let d = |name: &str| dir.path().join(name);
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "redis-server"])
+                    .args(["--tls-port", &TLS_PORT.to_string(), "--bind", "127.0.0.1", "--tls-cert-file"])
+                    .arg(d("server.pem"))
+                    .arg("--tls-key-file")
+                    .arg(d("server.key"))
+                    .arg("--tls-ca-cert-file")
+                    .arg(d("ca.pem"))
+                    .args(["--tls-auth-clients", "optional"]);
+                c
+            }
+            None => Command::new("redis-server"),
+        };
+        command
             .args(["--port", "0", "--unixsocket"])
             .arg(dir.path().join("redis.sock"))
             .args(["--unixsocketperm", "777", "--save", ""])
@@ -81,7 +117,7 @@ impl Redis {
     /// killing it first); a persistent one has its data back.
     pub fn restart(&mut self) {
         self.kill();
-        self.child = Self::spawn(&self.dir, self.persistent);
+        self.child = Self::spawn(&self.dir, self.persistent, self.tls_netns.as_deref());
         crate::wait_ready(self, Duration::from_secs(10));
     }
 
@@ -93,6 +129,21 @@ impl Redis {
     /// A URL for clients: `unix:///path/redis.sock`.
     pub fn url(&self) -> String {
         format!("unix://{}", self.socket().display())
+    }
+
+    /// The URL of the TLS listener, for clients in its namespace: `rediss://127.0.0.1:6380`.
+    pub fn tls_url(&self) -> String {
+        format!("rediss://127.0.0.1:{TLS_PORT}")
+    }
+
+    /// The authority that signed the server's certificate (PEM).
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// An authority that signed nothing of this server (PEM).
+    pub fn other_ca_file(&self) -> PathBuf {
+        self.dir.path().join("other-ca.pem")
     }
 
     /// The server's log so far.
@@ -129,4 +180,59 @@ impl crate::Server for Redis {
     fn log(&self) -> String {
         Redis::log(self)
     }
+}
+
+/// Makes in `dir`: an authority (`ca.pem`), a certificate for 127.0.0.1 it signed
+/// (`server.pem`, `server.key`), and an unrelated authority (`other-ca.pem`).
+fn make_certificates(dir: &std::path::Path) {
+    let openssl = |args: &[&str]| {
+        crate::run(Command::new("openssl").current_dir(dir).args(args));
+    };
+    for ca in ["ca", "other-ca"] {
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN=tapstream test {ca}"),
+            "-keyout",
+            &format!("{ca}.key"),
+            "-out",
+            &format!("{ca}.pem"),
+        ]);
+    }
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ]);
+    std::fs::write(dir.join("server.ext"), "subjectAltName = IP:127.0.0.1\n").expect("write server.ext");
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "server.ext",
+        "-out",
+        "server.pem",
+    ]);
 }
