@@ -22,6 +22,10 @@
 //! `accepted` and `started` are timed when a reader blocked in `XREAD` on the events stream
 //! receives them: the events' own `time` field has a resolution of one second.
 //!
+//! The peer in the same run: the same captures asked through the daemon's control API (a
+//! `POST /v1/captures` on its Unix socket), timed the same way from just before the request
+//! is written; the difference is what the broker path adds.
+//!
 //! Requests per second: `--burst` requests published in one pipeline, first requests the
 //! daemon accepts (a capture of 1 s with a filter for a port no traffic uses), then requests
 //! refused for a cap (`packets` above `limits.max_packets`); from just before the pipeline is
@@ -52,6 +56,8 @@ const MAX_PACKETS: u64 = 100_000;
 /// `BURST_PORT + j` (no probe is sent there).
 const LATENCY_PORT: u32 = 20_000;
 const BURST_PORT: u32 = 50_000;
+/// Request i asked through the control API uses `API_PORT + i`.
+const API_PORT: u32 = 35_000;
 /// How often a probe is sent.
 const PROBE_EVERY: Duration = Duration::from_millis(1);
 const PROBE_MAGIC: &[u8; 8] = b"tsprobe1";
@@ -93,9 +99,9 @@ struct Latency {
 pub fn trigger(root: &Path, opts: &TriggerBench) -> anyhow::Result<()> {
     anyhow::ensure!(opts.requests >= 1, "--requests must be at least 1");
     anyhow::ensure!(
-        opts.requests <= (BURST_PORT - LATENCY_PORT) as usize && opts.burst <= (65_535 - BURST_PORT) as usize,
+        opts.requests <= (API_PORT - LATENCY_PORT) as usize && opts.burst <= (65_535 - BURST_PORT) as usize,
         "at most {} requests and {} per burst",
-        BURST_PORT - LATENCY_PORT,
+        API_PORT - LATENCY_PORT,
         65_535 - BURST_PORT
     );
     crate::cargo(root, None, &["build", "--release", "--package", "tapstream"])?;
@@ -150,7 +156,7 @@ fn run(bin: &Path, work: &Path, opts: &TriggerBench) -> anyhow::Result<()> {
         let probes = scope.spawn(move || send_probes(sender, port, stop));
         // Owns the channel's sending end: a reader that fails ends the waits at once.
         let reader = scope.spawn(move || read_events(&mut reader_con, &events_tx, stop));
-        let result = measure(&mut con, &events, port, opts);
+        let result = measure(&mut con, &events, port, &work.join("control.sock"), opts);
         stop.store(true, Ordering::Relaxed);
         let _ = probes.join();
         let read = reader.join().unwrap_or_else(|_| Err(anyhow::anyhow!("the event reader panicked")));
@@ -160,8 +166,8 @@ fn run(bin: &Path, work: &Path, opts: &TriggerBench) -> anyhow::Result<()> {
     });
     drop(daemon);
     let log = log.join().unwrap_or_default();
-    let (latencies, bursts) = outcome.with_context(|| format!("the daemon's log:\n{log}"))?;
-    report(&latencies, &bursts, opts);
+    let (fleet, api, bursts) = outcome.with_context(|| format!("the daemon's log:\n{log}"))?;
+    report(&fleet, &api, &bursts, opts);
     drop(redis);
     drop(veth);
     Ok(())
@@ -290,10 +296,11 @@ fn measure(
     con: &mut redis::Connection,
     events: &mpsc::Receiver<Seen>,
     port: &AtomicU32,
+    socket: &Path,
     opts: &TriggerBench,
-) -> anyhow::Result<(Vec<Latency>, Vec<Burst>)> {
+) -> anyhow::Result<(Vec<Latency>, Vec<Latency>, Vec<Burst>)> {
     let not_after = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() + 3600;
-    let mut latencies = Vec::new();
+    let mut fleet = Vec::new();
     for i in 0..opts.requests {
         let p = LATENCY_PORT + i as u32;
         let id = format!("lat-{i}");
@@ -321,24 +328,26 @@ fn measure(
             started.context("no started event before finished")?,
         );
         let output = finished["outputs"][0].as_str().with_context(|| format!("no output: {finished}"))?;
-        // A local destination's objects are named by file:// URLs.
-        let output = output.strip_prefix("file://").unwrap_or(output);
-        let bytes = std::fs::read(output).with_context(|| format!("read {output}"))?;
-        let mut reader = tapstream_pcap::Reader::new(&bytes).map_err(|e| anyhow::anyhow!("{output}: {e}"))?;
-        let record = reader
-            .next()
-            .with_context(|| format!("{output} holds no frame"))?
-            .map_err(|e| anyhow::anyhow!("{output}: {e}"))?;
-        let (probe_port, seq, sent, prev) =
-            parse_probe(record.data).with_context(|| format!("{output}: the stored frame is no probe"))?;
-        anyhow::ensure!(u32::from(probe_port) == p, "{output}: a probe for port {probe_port}, not {p}");
-        latencies.push(Latency {
-            accepted: accepted.saturating_sub(published),
-            started: started.saturating_sub(published),
-            first_frame: sent.saturating_sub(published),
-            lower_bound: if seq == 0 { 0 } else { prev as i64 - published as i64 },
-            delivery: record.ts_nanos as i64 - sent as i64,
-        });
+        fleet.push(first_frame(output, p, published, accepted, started)?);
+    }
+    // The same captures asked through the control API (its Unix socket), for comparison: the
+    // reply comes once the capture runs.
+    let mut api = Vec::new();
+    for i in 0..opts.requests {
+        let p = API_PORT + i as u32;
+        let id = format!("api-{i}");
+        let body =
+            json!({"id": id, "filter": format!("udp dst port {p}"), "packets": 1, "duration_secs": 30});
+        port.store(p, Ordering::Release);
+        let asked = realtime_ns();
+        api_call(socket, "POST", "/v1/captures", Some(&body.to_string()))?;
+        let replied = realtime_ns();
+        let info = api_call(socket, "GET", &format!("/v1/captures/{id}/wait?timeout_secs=60"), None)?;
+        port.store(0, Ordering::Release);
+        let output = info["summary"]["outputs"][0]
+            .as_str()
+            .with_context(|| format!("capture {id}: no output: {info}"))?;
+        api.push(first_frame(output, p, asked, replied, replied)?);
     }
     let mut bursts = Vec::new();
     for (what, packets) in
@@ -348,7 +357,50 @@ fn measure(
             bursts.push(burst(con, events, what, packets, not_after, opts.burst)?);
         }
     }
-    Ok((latencies, bursts))
+    Ok((fleet, api, bursts))
+}
+
+/// The figures of a capture asked at `asked` (CLOCK_REALTIME ns) whose object `output` must
+/// hold a probe for port `p` first.
+fn first_frame(output: &str, p: u32, asked: u64, accepted: u64, started: u64) -> anyhow::Result<Latency> {
+    // A local destination's objects are named by file:// URLs.
+    let output = output.strip_prefix("file://").unwrap_or(output);
+    let bytes = std::fs::read(output).with_context(|| format!("read {output}"))?;
+    let mut reader = tapstream_pcap::Reader::new(&bytes).map_err(|e| anyhow::anyhow!("{output}: {e}"))?;
+    let record = reader
+        .next()
+        .with_context(|| format!("{output} holds no frame"))?
+        .map_err(|e| anyhow::anyhow!("{output}: {e}"))?;
+    let (probe_port, seq, sent, prev) =
+        parse_probe(record.data).with_context(|| format!("{output}: the stored frame is no probe"))?;
+    anyhow::ensure!(u32::from(probe_port) == p, "{output}: a probe for port {probe_port}, not {p}");
+    Ok(Latency {
+        accepted: accepted.saturating_sub(asked),
+        started: started.saturating_sub(asked),
+        first_frame: sent.saturating_sub(asked),
+        lower_bound: if seq == 0 { 0 } else { prev as i64 - asked as i64 },
+        delivery: record.ts_nanos as i64 - sent as i64,
+    })
+}
+
+/// One request to the daemon's control API over its Unix socket; the reply's JSON, or an
+/// error with its status and body.
+fn api_call(socket: &Path, method: &str, path: &str, body: Option<&str>) -> anyhow::Result<Value> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket)
+        .with_context(|| format!("connect to {}", socket.display()))?;
+    let body = body.unwrap_or_default();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: tapstream\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).with_context(|| format!("{method} {path}: the reply"))?;
+    let (head, json) = reply.split_once("\r\n\r\n").with_context(|| format!("{method} {path}: {reply}"))?;
+    let status = head.split_whitespace().nth(1).unwrap_or_default();
+    anyhow::ensure!(status.starts_with('2'), "{method} {path}: {head}\n{json}");
+    serde_json::from_str(json).with_context(|| format!("{method} {path}: {json}"))
 }
 
 /// The next event of request `id`, skipping those of others; fails after [`REQUEST_TIMEOUT`].
@@ -425,32 +477,36 @@ fn quantile<T: Copy>(v: &[T], q: f64) -> T {
     v[((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1]
 }
 
-fn report(latencies: &[Latency], bursts: &[Burst], opts: &TriggerBench) {
+fn report(fleet: &[Latency], api: &[Latency], bursts: &[Burst], opts: &TriggerBench) {
     let ms = |ns: f64| ns / 1e6;
     println!(
-        "\n{} requests one after another; times from just before the XADD of the request (ms):\n\n\
-         | from publish to | median | p90 | p99 | max |\n|---|---:|---:|---:|---:|",
+        "\n{} requests one after another on each path; times from just before the request is \
+         written (the XADD, or the control API's POST), in ms:\n\n\
+         | path | from request to | median | p90 | p99 | max |\n|---|---|---:|---:|---:|---:|",
         opts.requests
     );
-    let row = |name: &str, mut v: Vec<f64>| {
+    let row = |path: &str, name: &str, mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
         println!(
-            "| {name} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            "| {path} | {name} | {:.2} | {:.2} | {:.2} | {:.2} |",
             quantile(&v, 0.5),
             quantile(&v, 0.9),
             quantile(&v, 0.99),
             quantile(&v, 1.0)
         );
     };
-    row("`accepted` event seen", latencies.iter().map(|l| ms(l.accepted as f64)).collect());
-    row("`started` event seen", latencies.iter().map(|l| ms(l.started as f64)).collect());
-    row("first frame marked (its send time)", latencies.iter().map(|l| ms(l.first_frame as f64)).collect());
-    row("previous probe sent (lower bound)", latencies.iter().map(|l| ms(l.lower_bound as f64)).collect());
-    row(
-        "probe gap (resolution)",
-        latencies.iter().map(|l| ms(l.first_frame as f64 - l.lower_bound.max(0) as f64)).collect(),
-    );
-    row("pcap timestamp - send time", latencies.iter().map(|l| ms(l.delivery as f64)).collect());
+    let of = |v: &[Latency], f: fn(&Latency) -> f64| v.iter().map(|l| ms(f(l))).collect::<Vec<f64>>();
+    row("fleet", "`accepted` event seen", of(fleet, |l| l.accepted as f64));
+    row("fleet", "`started` event seen", of(fleet, |l| l.started as f64));
+    for (path, v) in [("fleet", fleet), ("control API", api)] {
+        if path == "control API" {
+            row(path, "reply (capture running)", of(v, |l| l.started as f64));
+        }
+        row(path, "first frame marked (its send time)", of(v, |l| l.first_frame as f64));
+        row(path, "previous probe sent (lower bound)", of(v, |l| l.lower_bound as f64));
+        row(path, "probe gap (resolution)", of(v, |l| (l.first_frame as i64 - l.lower_bound.max(0)) as f64));
+        row(path, "pcap timestamp - send time", of(v, |l| l.delivery as f64));
+    }
     if !bursts.is_empty() {
         println!(
             "\n| burst | published | accepted | refused (codes) | first XADD to last decision (s) | requests/s |\n|---|---:|---:|---:|---:|---:|"
