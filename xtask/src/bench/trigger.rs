@@ -513,19 +513,20 @@ fn report(fleet: &[Latency], api: &[Latency], bursts: &[Burst], opts: &TriggerBe
         );
         for b in bursts {
             let codes: Vec<String> = b.codes.iter().map(|(c, n)| format!("{c} {n}")).collect();
+            let codes = if codes.is_empty() { "-".to_owned() } else { codes.join(", ") };
             println!(
                 "| {} | {} | {} | {} ({}) | {:.3} | {:.0} |",
                 b.what,
                 b.published,
                 b.accepted,
                 b.refused,
-                codes.join(", "),
+                codes,
                 b.secs,
                 b.published as f64 / b.secs.max(1e-9)
             );
         }
     }
-    println!("\npeers: none; pcapdaemon (Go) is not installed on this machine, so it does not run here.");
+    println!("\npcapdaemon (Go) is not installed on this machine: it is not in this run.");
 }
 
 #[cfg(test)]
