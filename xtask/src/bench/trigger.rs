@@ -197,7 +197,8 @@ fn send_probes(sender: &Sender, port: &AtomicU32, stop: &AtomicBool) {
     let mut seq = 0;
     let mut prev_ns = 0;
     while !stop.load(Ordering::Relaxed) {
-        let p = port.load(Ordering::Acquire);
+        // Relaxed: the port is the only thing shared, and a probe a moment late is harmless.
+        let p = port.load(Ordering::Relaxed);
         if p != current {
             (current, seq, prev_ns) = (p, 0, 0);
         }
@@ -309,7 +310,7 @@ fn measure(
             "capture": {"filter": format!("udp dst port {p}"), "packets": 1, "duration_secs": 30}
         })
         .to_string();
-        port.store(p, Ordering::Release);
+        port.store(p, Ordering::Relaxed);
         let published = realtime_ns();
         let _: String = redis::cmd("XADD").arg(REQUESTS).arg("*").arg("request").arg(&body).query(con)?;
         let (mut accepted, mut started) = (None, None);
@@ -322,7 +323,7 @@ fn measure(
                 _ => bail!("request {id}: {}", seen.event),
             }
         };
-        port.store(0, Ordering::Release);
+        port.store(0, Ordering::Relaxed);
         let (accepted, started) = (
             accepted.context("no accepted event before finished")?,
             started.context("no started event before finished")?,
@@ -338,12 +339,12 @@ fn measure(
         let id = format!("api-{i}");
         let body =
             json!({"id": id, "filter": format!("udp dst port {p}"), "packets": 1, "duration_secs": 30});
-        port.store(p, Ordering::Release);
+        port.store(p, Ordering::Relaxed);
         let asked = realtime_ns();
         api_call(socket, "POST", "/v1/captures", Some(&body.to_string()))?;
         let replied = realtime_ns();
         let info = api_call(socket, "GET", &format!("/v1/captures/{id}/wait?timeout_secs=60"), None)?;
-        port.store(0, Ordering::Release);
+        port.store(0, Ordering::Relaxed);
         let output = info["summary"]["outputs"][0]
             .as_str()
             .with_context(|| format!("capture {id}: no output: {info}"))?;
