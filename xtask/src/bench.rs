@@ -18,6 +18,10 @@ use std::{
 use anyhow::{Context as _, bail};
 use tapstream_testenv::VethPair;
 
+mod trigger;
+
+pub use trigger::{TriggerBench, trigger};
+
 /// Options of `bench capture`.
 pub struct CaptureBench {
     /// Frames offered per run.

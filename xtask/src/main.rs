@@ -34,7 +34,8 @@ enum Task {
     Demo,
     /// Whole-system benchmarks (see BENCHMARKS.md).
     /// Without a subcommand: every whole-system benchmark in turn (capture at rising rates,
-    /// the 1% filter, concurrent captures, capture to S3), each printing its table.
+    /// the 1% filter, concurrent captures, capture to S3, fleet trigger latency), each printing
+    /// its table.
     Bench {
         #[command(subcommand)]
         what: Option<BenchTask>,
@@ -64,6 +65,18 @@ enum BenchTask {
         /// Numbers of captures to run at once.
         #[arg(long, value_delimiter = ',', default_value = "1,4,16,32")]
         captures: Vec<usize>,
+    },
+    /// Fleet requests through a real redis-server to one daemon: the time from publishing a
+    /// request to its `accepted` and `started` events and to its capture's first frame, and
+    /// the requests per second the daemon decides.
+    Trigger {
+        /// Requests of the latency run, one after another.
+        #[arg(long, default_value_t = 100)]
+        requests: usize,
+        /// Requests published at once in each throughput run (accepted, then refused for a
+        /// cap); 0: no throughput run.
+        #[arg(long, default_value_t = 200)]
+        burst: usize,
     },
     /// tapstream vs `tcpdump -w` on a veth fed by trafgen: frames captured, CPU per frame.
     Capture {
@@ -129,7 +142,13 @@ fn main() -> anyhow::Result<()> {
             println!("\n## bench concurrent --frames 2000000 --captures 1,4,16,32");
             bench::concurrent(&root, 2_000_000, &[1, 4, 16, 32])?;
             println!("\n## bench s3 --frames 300000 --rate 100000");
-            bench::s3(&root, 300_000, 100_000)
+            bench::s3(&root, 300_000, 100_000)?;
+            println!("\n## bench trigger --requests 100 --burst 200");
+            bench::trigger(&root, &bench::TriggerBench { requests: 100, burst: 200 })
+        }
+        Task::Bench { what: Some(BenchTask::Trigger { requests, burst }) } => {
+            setup::run(&root)?;
+            bench::trigger(&root, &bench::TriggerBench { requests, burst })
         }
         Task::Bench { what: Some(BenchTask::S3 { frames, rate }) } => {
             setup::run(&root)?;
