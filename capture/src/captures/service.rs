@@ -317,7 +317,22 @@ impl Service {
                     }
                 }
             }
-            match self.runtime.outputs().recv_timeout(Duration::from_millis(20)) {
+            let next = match self.runtime.outputs().try_recv() {
+                Err(crossbeam_channel::TryRecvError::Empty) => {
+                    // Nothing from the writers: wait for them or for a command, whichever
+                    // comes first (a capture's start is not held up behind the wait).
+                    let mut ready = crossbeam_channel::Select::new();
+                    ready.recv(self.runtime.outputs());
+                    ready.recv(&self.commands);
+                    let _ = ready.ready_timeout(Duration::from_millis(20));
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout)
+                }
+                Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                    Err(crossbeam_channel::RecvTimeoutError::Disconnected)
+                }
+                Ok(output) => Ok(output),
+            };
+            match next {
                 Ok(Output::Chunk(chunk)) => self.dispatch(chunk),
                 Ok(Output::Done { capture, .. }) => {
                     if let Some(a) = self.active.iter_mut().find(|a| Arc::ptr_eq(&a.capture, &capture)) {
