@@ -30,7 +30,7 @@ pub struct TestDaemon {
 }
 
 /// The `[store]` section of [`TestDaemon::start`]: a local directory, plain PCAP.
-fn local_store(d: &str) -> String {
+pub(crate) fn local_store(d: &str) -> String {
     format!(
         "destinations = [\"{d}/store\"]\ncompression = \"none\"\nspool_dir = \"{d}/spool\"\nrotate_age_secs = 1\n"
     )

@@ -258,3 +258,93 @@ fn on_a_terminal_fleet_capture_draws_a_live_table_and_leaves_the_final_one() {
     let path = stored.strip_prefix("  tty-fra1 stored: file://").unwrap_or_else(|| panic!("{stored}"));
     assert!(Path::new(path).is_file(), "{path}");
 }
+
+/// Runs `redis-cli` on the server's socket as `user` (the harness's `default` when `None`).
+fn redis_cli(redis: &Redis, user: Option<(&str, &str)>, args: &[&str]) -> String {
+    let mut command = Command::new("redis-cli");
+    command.arg("-s").arg(redis.socket());
+    if let Some((name, password)) = user {
+        command.args(["--user", name, "--pass", password, "--no-auth-warning"]);
+    }
+    let out = command.args(args).output().expect("run redis-cli");
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+#[test]
+fn the_shipped_redis_users_let_nodes_and_operators_do_their_part_and_no_more() {
+    let shipped = std::fs::read_to_string(
+        tapstream_testenv::workspace_root().join("deploy/fleet/redis-tapstream.conf"),
+    )
+    .expect("deploy/fleet/redis-tapstream.conf");
+    // The shipped users, and a default user for the harness's own checks.
+    let redis = Redis::start_with_config(&format!("{shipped}\nuser default on nopass ~* &* +@all\n"));
+    for (user, password) in [("tapstream-node", "node-pw"), ("tapstream-operator", "op-pw")] {
+        let set = redis_cli(&redis, None, &["ACL", "SETUSER", user, "on", &format!(">{password}")]);
+        assert_eq!(set.trim(), "OK", "{set}");
+    }
+    let veth = VethPair::new(1);
+    let node = [
+        ("TAPSTREAM_REDIS_USERNAME", "tapstream-node".to_owned()),
+        ("TAPSTREAM_REDIS_PASSWORD", "node-pw".to_owned()),
+    ];
+    let extra = format!("{}pcapdaemon_channel = \"capture\"\n", fleet_config(&redis, ""));
+    let _daemon = TestDaemon::start_aliased(
+        &veth,
+        "acl-1",
+        "tap",
+        &extra,
+        "",
+        crate::daemon::local_store,
+        node.to_vec(),
+    );
+    wait_group(&redis, "acl-1");
+    // Subscribed to pcapdaemon's channel too.
+    eventually("acl-1 on channel capture", || {
+        redis_cli(&redis, None, &["PUBSUB", "NUMSUB", "capture"])
+            .lines()
+            .nth(1)
+            .filter(|n| *n == "1")
+            .map(|_| ())
+    });
+
+    // The operator's part: list the nodes, run a capture and follow it to its end.
+    let operator = |mut command: Command| {
+        command
+            .env("TAPSTREAM_REDIS_USERNAME", "tapstream-operator")
+            .env("TAPSTREAM_REDIS_PASSWORD", "op-pw");
+        command
+    };
+    eventually("acl-1 in fleet nodes", || {
+        let out = operator(fleet(&redis, "nodes", &["--json"])).output().expect("run fleet nodes");
+        let nodes: Vec<Value> = serde_json::from_slice(&out.stdout).ok()?;
+        (names(&nodes) == ["acl-1"]).then_some(())
+    });
+    let out = run_while_sending(
+        operator(fleet(
+            &redis,
+            "capture",
+            &["--node", "acl-1", "--packets", "5", "--deadline", "20s", "--wait", "--json", "udp"],
+        )),
+        &veth,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {stderr}"));
+    assert_eq!(report["nodes"]["acl-1"]["state"], "finished", "{report}");
+    assert_eq!(report["nodes"]["acl-1"]["packets"], 5, "{report}");
+
+    // And no more: a node cannot publish a request, an operator cannot forge an event or read
+    // the requests through a group, and neither can touch anything else.
+    let (as_node, as_operator) = (Some(("tapstream-node", "node-pw")), Some(("tapstream-operator", "op-pw")));
+    for (user, args) in [
+        (as_node, &["XADD", "tapstream:requests", "*", "request", "{}"][..]),
+        (as_node, &["GET", "other"]),
+        (as_operator, &["XADD", "tapstream:events", "*", "json", "{}"]),
+        (as_operator, &["XREADGROUP", "GROUP", "tapstream-acl-1", "x", "STREAMS", "tapstream:requests", ">"]),
+        (as_operator, &["SET", "tapstream:nodes:fake", "{}"]),
+        (as_operator, &["PUBLISH", "capture", "{}"]),
+    ] {
+        let reply = redis_cli(&redis, user, args);
+        assert!(reply.contains("NOPERM"), "{:?} {args:?}: {reply}", user.unwrap().0);
+    }
+}

@@ -24,6 +24,10 @@ pub struct Redis {
     tls_netns: Option<String>,
 }
 
+/// The configuration file of a server started with [`Redis::start_with_config`], in its
+/// directory.
+const CONFIG_FILE: &str = "redis.conf";
+
 /// The TCP port of a server with TLS, in its namespace.
 pub const TLS_PORT: u16 = 6380;
 
@@ -43,20 +47,30 @@ impl Redis {
     /// with a certificate for `127.0.0.1` signed by its own authority ([`Redis::ca_file`]).
     /// Another authority, which signed nothing of it, is in [`Redis::other_ca_file`].
     pub fn start_tls_in(ns: &crate::Netns) -> Self {
-        Self::start_full(false, Some(ns.name().to_owned()))
+        Self::start_full(false, Some(ns.name().to_owned()), None)
+    }
+
+    /// Starts a server with the configuration file text `config` (users, say), the harness's
+    /// own settings after it (the harness checks readiness as `default`: keep that user able
+    /// to PING).
+    pub fn start_with_config(config: &str) -> Self {
+        Self::start_full(false, None, Some(config))
     }
 
     fn start_with(persistent: bool) -> Self {
-        Self::start_full(persistent, None)
+        Self::start_full(persistent, None, None)
     }
 
-    fn start_full(persistent: bool, tls_netns: Option<String>) -> Self {
+    fn start_full(persistent: bool, tls_netns: Option<String>, config: Option<&str>) -> Self {
         let dir = tempfile::Builder::new().prefix("tapstream-redis-").tempdir().expect("temp dir");
         // The daemons may run as other users in other tests' setups: let them reach the socket.
         std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .expect("chmod the redis dir");
         if tls_netns.is_some() {
             make_certificates(dir.path());
+        }
+        if let Some(config) = config {
+            std::fs::write(dir.path().join(CONFIG_FILE), config).expect("write the configuration file");
         }
         let child = Self::spawn(&dir, persistent, tls_netns.as_deref());
         let mut redis = Self { child, dir, persistent, tls_netns };
@@ -91,6 +105,10 @@ impl Redis {
             }
             None => Command::new("redis-server"),
         };
+        let config = dir.path().join(CONFIG_FILE);
+        if config.exists() {
+            command.arg(config);
+        }
         command
             .args(["--port", "0", "--unixsocket"])
             .arg(dir.path().join("redis.sock"))
