@@ -3,7 +3,7 @@
 //! ```json
 //! {"event": "finished", "node": "tap-fra1-01", "request_id": "alert-4711",
 //!  "capture_id": "alert-4711", "alert_id": "4711", "customer": "acme", "tags": {},
-//!  "time": "2026-05-01T11:59:30Z",
+//!  "time": "2026-05-01T11:59:30.123Z",
 //!  "stop_reason": "packets", "packets": 10000, "bytes": 912345, "dropped": 0,
 //!  "outputs": ["s3://bucket/captures/tap-fra1-01/alert-4711/...pcap.zst"]}
 //! ```
@@ -47,7 +47,7 @@ pub struct Event {
     pub customer: Option<String>,
     #[serde(default)]
     pub tags: BTreeMap<String, String>,
-    /// When it happened, RFC 3339 (UTC).
+    /// When it happened, RFC 3339 (UTC, milliseconds).
     pub time: String,
     /// In `accepted`: fields of the message that were not applied (see
     /// [`super::pcapdaemon`]).
@@ -213,7 +213,7 @@ impl Event {
 }
 
 fn now() -> String {
-    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
 }
 
 #[cfg(test)]
