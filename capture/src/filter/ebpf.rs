@@ -15,10 +15,22 @@
 //! - `M[]` lives on the stack; the program zeroes the words filters use, since the verifier
 //!   refuses reads of memory never written.
 //! - Code no path reaches is left out: the verifier refuses unreachable instructions.
-//! - What the kernel cannot run is refused with a reason: backward jumps (`protochain`),
-//!   Linux extension loads (`SKF_AD_*`), shifts by a constant of 32 or more.
+//! - libpcap's only loop (`protochain`, which walks IPv6 extension headers and IPv4/IPv6 AH
+//!   with a backward `ja`) is unrolled: the program is laid out [`LOOP_PASSES`] + 1 times,
+//!   each backward jump going forward to its target in the next copy, so the kernel sees
+//!   only forward jumps. A frame that would take the loop more than [`LOOP_PASSES`] times (a
+//!   chain of more headers than that) does not match; libpcap walks on (and, on a header
+//!   chain that leads back to itself, never ends).
+//! - What the kernel cannot run is refused with a reason: Linux extension loads
+//!   (`SKF_AD_*`), shifts by a constant of 32 or more.
 
 use super::pcap::BpfInsn;
+
+/// How many times a filter may take a backward jump (go round `protochain`'s loop, one
+/// extension header each), in all its loops together, before the frame is taken as not
+/// matching. Real chains are a few
+/// headers long; the kernel's verifier and the program's size bound it.
+pub const LOOP_PASSES: usize = 32;
 
 /// Most eBPF instructions one filter may become. libpcap's own limit is 4096 classic
 /// instructions; real expressions are far smaller (a 500-host `or` is about 3000).
@@ -35,10 +47,8 @@ pub enum TranslateError {
     Unsupported { pc: usize, code: u16, reason: &'static str },
     #[error("instruction {pc} jumps outside the program")]
     JumpOutOfRange { pc: usize },
-    #[error(
-        "instruction {pc} jumps backwards (libpcap emits loops only for `protochain`, which the \
-         kernel cannot run in XDP; name the protocol with `ip proto`/`ip6 proto` instead)"
-    )]
+    /// Never after unrolling (an internal check).
+    #[error("instruction {pc} jumps backwards")]
     BackwardJump { pc: usize },
     #[error("the program runs past its last instruction")]
     FallsOffEnd,
@@ -599,11 +609,51 @@ impl Translator<'_> {
     }
 }
 
+/// The target of `ja k` at `pc` if it jumps backwards (`k` wraps around), `Ok(None)` if not.
+fn backward_target(pc: usize, insn: &BpfInsn) -> Result<Option<usize>, TranslateError> {
+    if cbpf::class(insn.code) != cbpf::JMP || cbpf::op(insn.code) != 0 || insn.k <= i32::MAX as u32 {
+        return Ok(None);
+    }
+    let to = pc as i64 + 1 + i64::from(insn.k) - (1i64 << 32);
+    if to < 0 { Err(TranslateError::JumpOutOfRange { pc }) } else { Ok(Some(to as usize)) }
+}
+
+/// `prog` with its loops unrolled ([`LOOP_PASSES`]): copies of it one after the other, each
+/// backward jump going forward to its target in the next copy, and from the last copy to a
+/// final `ret #0`. `None` if it has no backward jump.
+fn unroll(prog: &[BpfInsn]) -> Result<Option<Vec<BpfInsn>>, TranslateError> {
+    let mut backward = Vec::new();
+    for (pc, insn) in prog.iter().enumerate() {
+        if let Some(to) = backward_target(pc, insn)? {
+            backward.push((pc, to));
+        }
+    }
+    if backward.is_empty() {
+        return Ok(None);
+    }
+    let len = prog.len();
+    let copies = LOOP_PASSES + 1;
+    let mut out = Vec::with_capacity(copies * len + 1);
+    for copy in 0..copies {
+        out.extend_from_slice(prog);
+        for &(pc, to) in &backward {
+            let at = copy * len + pc;
+            // The next copy's `to`, or past the last copy: the `ret #0` below.
+            let target = if copy + 1 < copies { (copy + 1) * len + to } else { copies * len };
+            out[at].k = (target - at - 1) as u32;
+        }
+    }
+    out.push(BpfInsn { code: cbpf::RET, jt: 0, jf: 0, k: 0 });
+    Ok(Some(out))
+}
+
 /// Translates a classic BPF program.
 pub fn translate(prog: &[BpfInsn]) -> Result<Fragment, TranslateError> {
     if prog.is_empty() {
         return Err(TranslateError::Empty);
     }
+    let unrolled = unroll(prog)?;
+    let prog = unrolled.as_deref().unwrap_or(prog);
     let reach = reachable(prog)?;
     let mut t = Translator { prog, out: Vec::new(), jumps: Vec::new(), scratch: 0 };
     let mut map = vec![usize::MAX; prog.len()];
@@ -676,11 +726,41 @@ mod tests {
     }
 
     #[test]
-    fn protochain_is_refused_with_a_reason() {
-        let prog = CbpfProgram::compile("ip protochain 6").unwrap();
-        let err = translate(prog.instructions()).unwrap_err();
-        assert!(matches!(err, TranslateError::BackwardJump { .. }), "{err:?}");
-        assert!(err.to_string().contains("protochain"), "{err}");
+    fn protochains_loop_is_unrolled_into_forward_jumps() {
+        for expression in ["ip protochain 6", "ip6 protochain \\udp", "protochain 17"] {
+            let prog = CbpfProgram::compile(expression).unwrap();
+            let original = prog.instructions();
+            assert!(original.iter().enumerate().any(|(pc, i)| backward_target(pc, i).unwrap().is_some()));
+            let unrolled = unroll(original).unwrap().unwrap();
+            assert_eq!(unrolled.len(), (LOOP_PASSES + 1) * original.len() + 1);
+            for (pc, insn) in unrolled.iter().enumerate() {
+                assert_eq!(backward_target(pc, insn).unwrap(), None, "{expression}: {pc}");
+            }
+            let fragment = translate(original).unwrap_or_else(|e| panic!("{expression}: {e}"));
+            assert!(fragment.len() < MAX_FILTER_INSNS, "{expression}: {}", fragment.len());
+        }
+        // A program without loops is translated as it is.
+        assert!(unroll(CbpfProgram::compile("tcp").unwrap().instructions()).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_loop_is_taken_at_most_loop_passes_times() {
+        // A = A + 1; if A > 1000 return it; else jump back: 1000 passes needed, LOOP_PASSES
+        // allowed: the unrolled program ends in `ret #0`.
+        let prog = [
+            insn(0x04, 0, 0, 1),
+            insn(0x25, 1, 0, 1000),
+            insn(0x05, 0, 0, u32::MAX - 2),
+            insn(0x16, 0, 0, 0),
+        ];
+        let unrolled = unroll(&prog).unwrap().unwrap();
+        let last = unrolled.len() - 1;
+        assert_eq!((unrolled[last].code, unrolled[last].k), (cbpf::RET, 0));
+        let last_jump = LOOP_PASSES * prog.len() + 2;
+        assert_eq!(last_jump + 1 + unrolled[last_jump].k as usize, last);
+        // The first copy's jump goes to the second copy's first instruction.
+        assert_eq!(2 + 1 + unrolled[2].k as usize, prog.len());
+        translate(&prog).unwrap();
     }
 
     #[test]

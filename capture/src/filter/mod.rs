@@ -13,6 +13,7 @@ pub mod pcap;
 pub mod program;
 
 pub use compiler::BoundedCompiler;
+pub use ebpf::LOOP_PASSES;
 pub use pcap::CbpfProgram;
 pub use program::{CaptureFilter, LoadedFilter};
 
