@@ -7,7 +7,7 @@ use crate::{
     cli::serve_metrics,
     config::Config,
     control::{daemon::Daemon, server},
-    fleet::{presence::Heartbeat, redis::RedisFleet},
+    fleet::{nats::NatsFleet, presence::Heartbeat, redis::RedisFleet},
     store::settings::{StoreSettings, hostname},
     sys::Shutdown,
 };
@@ -70,6 +70,11 @@ pub fn daemon(file: &std::path::Path) -> anyhow::Result<()> {
         }
         None => (None, None),
     };
+    // The same through NATS JetStream, beside Redis or instead of it.
+    let nats = match daemon.config().fleet.nats.clone() {
+        Some(nats) => Some(runtime.block_on(NatsFleet::start(daemon.clone(), &nats, shutdown.clone()))?),
+        None => None,
+    };
     let server = runtime.spawn(server::serve(daemon.clone(), unix, tcp, shutdown.clone()));
     log::info!("daemon ready: control socket {}", socket.display());
     // Running captures' progress is saved every 2 s until the stop, which ends the wait at once.
@@ -96,6 +101,9 @@ pub fn daemon(file: &std::path::Path) -> anyhow::Result<()> {
     // The fleet's last events (the captures' ends) go out now.
     if let Some(fleet) = fleet {
         runtime.block_on(fleet.finish(Duration::from_secs(3)));
+    }
+    if let Some(nats) = nats {
+        runtime.block_on(nats.finish(Duration::from_secs(3)));
     }
     // A recovery under way (an upload to a slow or unreachable store) gets a little longer;
     // what it has not finished then stays in the spool and in the captures' state, and the
