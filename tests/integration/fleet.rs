@@ -36,7 +36,7 @@ fn publish(con: &mut redis::Connection, body: &str) -> String {
 }
 
 /// A request for `packets` frames on `target`, valid for a minute.
-fn request(id: &str, target: Value, packets: u64) -> String {
+pub(crate) fn request(id: &str, target: Value, packets: u64) -> String {
     json!({
         "id": id,
         "not_after": in_secs(60),
@@ -103,7 +103,7 @@ fn wait_group(con: &mut redis::Connection, node: &str) {
 }
 
 /// Sends `range` of the sendable corpus frames into `veth`; returns their bytes.
-fn send(veth: &VethPair, range: std::ops::Range<usize>) -> Vec<Vec<u8>> {
+pub(crate) fn send(veth: &VethPair, range: std::ops::Range<usize>) -> Vec<Vec<u8>> {
     let frames = sendable(veth);
     let sent = Sender::new(veth).send_all(&frames[range]);
     data(&sent)
@@ -111,7 +111,7 @@ fn send(veth: &VethPair, range: std::ops::Range<usize>) -> Vec<Vec<u8>> {
 
 /// Checks a `finished` event: 20 frames, ended by the packet limit, with outputs; and that the
 /// node stored exactly the first 20 frames sent to it.
-fn check_finished(event: &Value, daemon: &TestDaemon, id: &str, sent: &[Vec<u8>]) {
+pub(crate) fn check_finished(event: &Value, daemon: &TestDaemon, id: &str, sent: &[Vec<u8>]) {
     assert_eq!(event["stop_reason"], "packets", "{event}");
     assert_eq!(event["packets"], 20, "{event}");
     assert_eq!(event["capture_id"], id, "{event}");
@@ -303,7 +303,7 @@ fn a_request_received_before_a_crash_runs_once_after_the_restart() {
 
 /// The fleet metric `name` (summed over its labels) of the daemon in `veth`'s namespace, whose
 /// `metrics_listen` is `127.0.0.1:9464`.
-fn metric(veth: &VethPair, name: &str) -> f64 {
+pub(crate) fn metric(veth: &VethPair, name: &str) -> f64 {
     let out = veth
         .capture_ns
         .command("curl")
@@ -317,9 +317,9 @@ fn metric(veth: &VethPair, name: &str) -> f64 {
         .sum()
 }
 
-const CONNECTED: &str = "tapstream_fleet_broker_connected";
-const PUBLISHED: &str = "tapstream_fleet_events_published_total";
-const FAILED: &str = "tapstream_fleet_events_failed_total";
+pub(crate) const CONNECTED: &str = "tapstream_fleet_broker_connected";
+pub(crate) const PUBLISHED: &str = "tapstream_fleet_events_published_total";
+pub(crate) const FAILED: &str = "tapstream_fleet_events_failed_total";
 
 /// A fleet node with its metrics served in its namespace.
 fn metered_node(veth: &VethPair, redis: &Redis, node: &str) -> TestDaemon {

@@ -1,0 +1,357 @@
+//! Captures asked through NATS JetStream: daemons in their own namespaces, each linked by veth
+//! to a hub namespace where one real `nats-server -js` runs, traffic on each daemon's capture
+//! veth, and what an operator reads back: the events stream and the stored frames.
+
+use std::{future::Future, path::Path, time::SystemTime};
+
+use async_nats::jetstream::{self, consumer, message::PublishMessage, publish::PublishAck};
+use serde_json::{Value, json};
+use tapstream_testenv::{Nats, VethPair};
+
+use crate::{
+    common::{eventually, read_capture},
+    daemon::{TestDaemon, reason},
+    fleet::{CONNECTED, FAILED, PUBLISHED, check_finished, metric, request, send},
+};
+
+const REQUESTS: &str = "TAPSTREAM_REQUESTS";
+const EVENTS: &str = "TAPSTREAM_EVENTS";
+
+/// The test's client of the server, from inside the hub namespace: a runtime whose threads
+/// were made there (so are its sockets), and one connection.
+struct Hub {
+    rt: tokio::runtime::Runtime,
+    js: jetstream::Context,
+}
+
+/// An event as read back: the message's subject, its `Nats-Msg-Id`, when the server stored it
+/// (ns since the epoch), and its JSON.
+struct Stored {
+    subject: String,
+    msg_id: String,
+    stored_ns: i128,
+    event: Value,
+}
+
+impl Hub {
+    fn connect(nats: &Nats) -> Self {
+        let rt = nats.hub().enter(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("runtime")
+        });
+        let url = nats.local_url();
+        let js = rt
+            .block_on(rt.spawn(async move {
+                let client = async_nats::ConnectOptions::new().retry_on_initial_connect().connect(url).await;
+                jetstream::new(client.expect("connect to nats"))
+            }))
+            .expect("hub task");
+        Self { rt, js }
+    }
+
+    /// Runs `f` on the hub's runtime (its threads, its namespace).
+    fn run<T: Send + 'static>(&self, f: impl Future<Output = T> + Send + 'static) -> T {
+        self.rt.block_on(self.rt.spawn(f)).expect("hub task")
+    }
+
+    /// Publishes `body` on `tapstream.requests.<to>` with `Nats-Msg-Id` `msg_id`; returns the
+    /// server's acknowledgement.
+    fn publish(&self, to: &str, msg_id: &str, body: &str) -> PublishAck {
+        let (js, subject, msg_id, body) =
+            (self.js.clone(), format!("tapstream.requests.{to}"), msg_id.to_owned(), body.to_owned());
+        self.run(async move {
+            let publish = PublishMessage::build().payload(body.into()).message_id(msg_id);
+            js.send_publish(subject, publish).await.expect("publish").await.expect("publish ack")
+        })
+    }
+
+    /// Every event in the events stream, in order.
+    fn events(&self) -> Vec<Stored> {
+        let js = self.js.clone();
+        self.run(async move {
+            let Ok(stream) = js.get_stream(EVENTS).await else { return Vec::new() };
+            let info = stream.get_info().await.expect("events stream info");
+            let mut out = Vec::new();
+            for seq in info.state.first_sequence.max(1)..=info.state.last_sequence {
+                let Ok(message) = stream.get_raw_message(seq).await else { continue };
+                let event: Value = serde_json::from_slice(&message.payload).expect("event JSON");
+                assert_eq!(
+                    message.subject.as_str(),
+                    format!("tapstream.events.{}", event["node"].as_str().unwrap())
+                );
+                out.push(Stored {
+                    subject: message.subject.to_string(),
+                    msg_id: message.headers.get("Nats-Msg-Id").map(|v| v.to_string()).unwrap_or_default(),
+                    stored_ns: message.time.unix_timestamp_nanos(),
+                    event,
+                });
+            }
+            out
+        })
+    }
+
+    /// The events of request `id`, in order.
+    fn events_of(&self, id: &str) -> Vec<Stored> {
+        self.events().into_iter().filter(|e| e.event["request_id"] == id).collect()
+    }
+
+    /// `(node, kind)` of the events of request `id`, in order.
+    fn kinds_of(&self, id: &str) -> Vec<(String, String)> {
+        self.events_of(id)
+            .iter()
+            .map(|e| {
+                (e.event["node"].as_str().unwrap().to_owned(), e.event["event"].as_str().unwrap().to_owned())
+            })
+            .collect()
+    }
+
+    /// Waits for the event `kind` of request `id` from each of `nodes`; returns them by node.
+    fn wait_events(&self, id: &str, kind: &str, nodes: &[&str]) -> Vec<Stored> {
+        eventually(&format!("{kind} of {id} from {nodes:?}"), || {
+            let mut all = self.events_of(id);
+            nodes
+                .iter()
+                .map(|node| {
+                    let at = all.iter().position(|e| e.event["node"] == *node && e.event["event"] == kind)?;
+                    Some(all.remove(at))
+                })
+                .collect()
+        })
+    }
+
+    /// The durable consumer of `node`, if it exists.
+    fn consumer(&self, node: &str) -> Option<consumer::Info> {
+        let (js, name) = (self.js.clone(), format!("tapstream-{node}"));
+        self.run(async move {
+            let stream = js.get_stream(REQUESTS).await.ok()?;
+            stream.consumer_info(name).await.ok()
+        })
+    }
+
+    fn wait_consumer(&self, node: &str) {
+        eventually(&format!("the consumer of {node}"), || self.consumer(node));
+    }
+
+    /// Waits until `node` has acknowledged everything up to the stream's message `seq`.
+    fn wait_decided(&self, node: &str, seq: u64) {
+        eventually(&format!("{node} to decide message {seq}"), || {
+            self.consumer(node).filter(|c| c.ack_floor.stream_sequence >= seq && c.num_ack_pending == 0)
+        });
+    }
+
+    /// Pulls one message through `node`'s consumer, as that node would, without acknowledging it.
+    fn pull_without_ack(&self, node: &str) -> u64 {
+        let (js, name) = (self.js.clone(), format!("tapstream-{node}"));
+        self.run(async move {
+            use futures_util::StreamExt as _;
+            let stream = js.get_stream(REQUESTS).await.expect("requests stream");
+            let consumer: consumer::PullConsumer = stream.get_consumer(&name).await.expect("consumer");
+            let mut batch = consumer
+                .batch()
+                .max_messages(1)
+                .expires(std::time::Duration::from_secs(5))
+                .messages()
+                .await
+                .expect("pull");
+            let message = batch.next().await.expect("a message").expect("a message");
+            message.info().expect("message info").stream_sequence
+        })
+    }
+}
+
+/// The `[daemon]` additions of a node: its labels and the broker at `url`, with a short ack wait.
+fn nats_config(url: &str, labels: &str) -> String {
+    format!("labels = {{ {labels} }}\n[fleet.nats]\nurl = \"{url}\"\nack_wait_secs = 2\n")
+}
+
+/// A node in `veth`'s capture namespace, linked to the hub.
+fn node(nats: &Nats, veth: &VethPair, name: &str, labels: &str, metered: bool) -> TestDaemon {
+    let url = nats.link(&veth.capture_ns);
+    let metrics = if metered { "metrics_listen = \"127.0.0.1:9464\"\n" } else { "" };
+    TestDaemon::start_as(veth, name, &format!("{metrics}{}", nats_config(&url, labels)))
+}
+
+/// Reads back every object a `finished` event names and checks they hold exactly `frames`.
+fn check_outputs(event: &Value, frames: &[Vec<u8>]) {
+    let read: Vec<Vec<u8>> = event["outputs"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no outputs: {event}"))
+        .iter()
+        .flat_map(|o| read_capture(Path::new(o.as_str().unwrap().trim_start_matches("file://"))))
+        .map(|(_, data)| data)
+        .collect();
+    assert!(
+        read == frames,
+        "the objects of {event} hold {} frames, not the {} expected",
+        read.len(),
+        frames.len()
+    );
+}
+
+#[test]
+fn a_nats_request_runs_on_exactly_the_nodes_it_targets_and_they_report_what_they_stored() {
+    let nats = Nats::start();
+    let hub = Hub::connect(&nats);
+    let nodes = [("fra1-a", "site = \"fra1\""), ("fra1-b", "site = \"fra1\""), ("ams1-a", "site = \"ams1\"")];
+    let veths: Vec<VethPair> = nodes.iter().map(|_| VethPair::new(1)).collect();
+    let daemons: Vec<TestDaemon> = nodes
+        .iter()
+        .zip(&veths)
+        .map(|((name, labels), veth)| node(&nats, veth, name, labels, false))
+        .collect();
+    for (name, _) in nodes {
+        hub.wait_consumer(name);
+    }
+    // By regex, to every node; then on one node's own subject, whatever the body's target.
+    for (id, to, target, chosen, silent) in [
+        ("nats-regex", "all", json!({"node_regex": "fra1-.*"}), vec![0, 1], vec![2]),
+        ("nats-subject", "fra1-b", json!({}), vec![1], vec![0, 2]),
+    ] {
+        let ack = hub.publish(to, id, &request(id, target, 20));
+        assert!(!ack.duplicate);
+        let names: Vec<&str> = chosen.iter().map(|&i| nodes[i].0).collect();
+        hub.wait_events(id, "started", &names);
+        let sent: Vec<Vec<Vec<u8>>> = (0..3).map(|i| send(&veths[i], 100 * i..100 * i + 60)).collect();
+        let finished = hub.wait_events(id, "finished", &names);
+        for (stored, &i) in finished.iter().zip(&chosen) {
+            check_finished(&stored.event, &daemons[i], id, &sent[i]);
+            check_outputs(&stored.event, &sent[i][..20]);
+            assert_eq!(stored.subject, format!("tapstream.events.{}", nodes[i].0));
+            assert_eq!(stored.msg_id, format!("{}.{id}.finished", nodes[i].0));
+        }
+        // The others read the request, acknowledged it, and said nothing.
+        for &i in &silent {
+            hub.wait_decided(nodes[i].0, ack.sequence);
+            assert!(daemons[i].client().status(id).is_err(), "no capture {id} on {}", nodes[i].0);
+            assert!(daemons[i].stored(id).is_empty());
+        }
+        let kinds = hub.kinds_of(id);
+        for name in nodes.iter().map(|n| n.0) {
+            let mine: Vec<&str> = kinds.iter().filter(|(n, _)| n == name).map(|(_, k)| k.as_str()).collect();
+            let expected: &[&str] =
+                if names.contains(&name) { &["accepted", "started", "finished"] } else { &[] };
+            assert_eq!(mine, expected, "{name} on {id}");
+        }
+    }
+}
+
+#[test]
+fn a_nats_duplicate_runs_once_and_an_expired_request_is_refused() {
+    let nats = Nats::start();
+    let hub = Hub::connect(&nats);
+    let veth = VethPair::new(1);
+    let daemon = node(&nats, &veth, "solo", "", false);
+    hub.wait_consumer("solo");
+
+    // The same request twice with one Nats-Msg-Id: the server keeps one.
+    let body = request("ndup-1", json!({"node": "solo"}), 20);
+    let first = hub.publish("solo", "ndup-1", &body);
+    let second = hub.publish("solo", "ndup-1", &body);
+    assert!(!first.duplicate && second.duplicate, "{first:?} {second:?}");
+    assert_eq!(second.sequence, first.sequence);
+    hub.wait_events("ndup-1", "started", &["solo"]);
+    let sent = send(&veth, 0..60);
+    let finished = hub.wait_events("ndup-1", "finished", &["solo"]);
+    check_finished(&finished[0].event, &daemon, "ndup-1", &sent);
+    // Published again under another message id, past the server's de-duplication: the node
+    // knows the capture, and says nothing new.
+    let third = hub.publish("all", "ndup-1-again", &body);
+    assert!(!third.duplicate);
+    hub.wait_decided("solo", third.sequence);
+    let kinds: Vec<String> = hub.kinds_of("ndup-1").into_iter().map(|(_, k)| k).collect();
+    assert_eq!(kinds, ["accepted", "started", "finished"]);
+    assert_eq!(daemon.client().list().unwrap().len(), 1);
+
+    // Past its not_after: refused as expired, nothing started.
+    let old = json!({"id": "nold-1", "not_after": 1000, "capture": {"packets": 5}}).to_string();
+    let ack = hub.publish("solo", "nold-1", &old);
+    let refused = hub.wait_events("nold-1", "refused", &["solo"]);
+    assert_eq!(refused[0].event["code"], "expired", "{}", refused[0].event);
+    assert!(refused[0].event["reason"].as_str().unwrap().contains("expired"), "{}", refused[0].event);
+    assert_eq!(refused[0].msg_id, "solo.nold-1.refused.expired");
+    hub.wait_decided("solo", ack.sequence);
+    let ids: Vec<String> = daemon.client().list().unwrap().into_iter().map(|c| c.id).collect();
+    assert_eq!(ids, ["ndup-1"]);
+}
+
+#[test]
+fn a_nats_request_received_but_not_acknowledged_before_a_crash_runs_once_after_the_restart() {
+    let nats = Nats::start();
+    let hub = Hub::connect(&nats);
+    let veth = VethPair::new(1);
+    let mut daemon = node(&nats, &veth, "ncrash", "", false);
+    hub.wait_consumer("ncrash");
+    let (status, _) = daemon.running.take().unwrap().signal_and_wait(libc::SIGKILL);
+    assert!(!status.success());
+    // What the dead daemon had received and not acknowledged: a message delivered through its
+    // consumer.
+    let body = request("ncrash-1", json!({}), 20);
+    let ack = hub.publish("all", "ncrash-1", &body);
+    assert_eq!(hub.pull_without_ack("ncrash"), ack.sequence);
+    assert_eq!(hub.consumer("ncrash").unwrap().num_ack_pending, 1);
+
+    // Delivered again once its ack wait (2 s) has passed, and decided by the restarted daemon.
+    daemon.restart(&veth);
+    hub.wait_events("ncrash-1", "started", &["ncrash"]);
+    let sent = send(&veth, 0..60);
+    let finished = hub.wait_events("ncrash-1", "finished", &["ncrash"]);
+    check_finished(&finished[0].event, &daemon, "ncrash-1", &sent);
+    hub.wait_decided("ncrash", ack.sequence);
+    let info = hub.consumer("ncrash").unwrap();
+    assert!(info.delivered.stream_sequence >= ack.sequence && info.num_ack_pending == 0, "{info:?}");
+
+    // Killed again and restarted, the request published once more: it does not run again.
+    let (_, _) = daemon.running.take().unwrap().signal_and_wait(libc::SIGKILL);
+    daemon.restart(&veth);
+    let again = hub.publish("all", "ncrash-1-again", &body);
+    hub.wait_decided("ncrash", again.sequence);
+    let kinds: Vec<String> = hub.kinds_of("ncrash-1").into_iter().map(|(_, k)| k).collect();
+    assert_eq!(kinds, ["accepted", "started", "finished"]);
+    assert_eq!(daemon.client().list().unwrap().len(), 1);
+}
+
+#[test]
+fn a_capture_across_a_nats_outage_completes_and_its_events_arrive_once_when_the_broker_is_back() {
+    let mut nats = Nats::start();
+    let hub = Hub::connect(&nats);
+    let veth = VethPair::new(1);
+    let daemon = node(&nats, &veth, "noutage", "", true);
+    hub.wait_consumer("noutage");
+    hub.publish("all", "nout-1", &request("nout-1", json!({}), 20));
+    hub.wait_events("nout-1", "started", &["noutage"]);
+    eventually("the broker connected", || (metric(&veth, CONNECTED) == 1.0).then_some(()));
+    let published = metric(&veth, PUBLISHED);
+    assert_eq!(published, 2.0, "accepted and started");
+
+    // The broker goes away mid-capture; the capture completes, and the daemon serves its API.
+    nats.kill();
+    let sent = send(&veth, 0..60);
+    let info = daemon.wait("nout-1");
+    assert_eq!(reason(&info), "packets", "{info:?}");
+    assert_eq!(info.summary.as_ref().map(|s| s.packets), Some(20), "{info:?}");
+    eventually("a failed send and the broker seen gone", || {
+        (metric(&veth, FAILED) > 0.0 && metric(&veth, CONNECTED) == 0.0).then_some(())
+    });
+    assert_eq!(metric(&veth, PUBLISHED), published);
+
+    let back_ns = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_nanos() as i128;
+    nats.restart();
+    let finished = hub.wait_events("nout-1", "finished", &["noutage"]);
+    check_finished(&finished[0].event, &daemon, "nout-1", &sent);
+    check_outputs(&finished[0].event, &sent[..20]);
+    assert!(
+        finished[0].stored_ns >= back_ns,
+        "the finished event was stored at {} ns, the broker was back at {back_ns} ns",
+        finished[0].stored_ns
+    );
+    eventually("the broker connected again, the end sent", || {
+        (metric(&veth, CONNECTED) == 1.0 && metric(&veth, PUBLISHED) == published + 1.0).then_some(())
+    });
+    // None lost, none twice (whatever the client re-sent after the outage).
+    let kinds: Vec<String> = hub.kinds_of("nout-1").into_iter().map(|(_, k)| k).collect();
+    assert_eq!(kinds, ["accepted", "started", "finished"]);
+    assert_eq!(daemon.client().list().unwrap().len(), 1);
+}
