@@ -142,6 +142,16 @@ impl Hub {
         });
     }
 
+    /// The presence `node` announces in the nodes bucket, if any.
+    fn presence(&self, node: &str) -> Option<Value> {
+        let (js, node) = (self.js.clone(), node.to_owned());
+        self.run(async move {
+            let store = js.get_key_value("tapstream_nodes").await.ok()?;
+            let bytes = store.get(node).await.expect("get from the nodes bucket")?;
+            Some(serde_json::from_slice(&bytes).expect("presence JSON"))
+        })
+    }
+
     /// Pulls one message through `node`'s consumer, as that node would, without acknowledging it.
     fn pull_without_ack(&self, node: &str) -> u64 {
         let (js, name) = (self.js.clone(), format!("tapstream-{node}"));
@@ -205,6 +215,14 @@ fn a_nats_request_runs_on_exactly_the_nodes_it_targets_and_they_report_what_they
     for (name, _) in nodes {
         hub.wait_consumer(name);
     }
+    // Each announces itself, with its labels and interface.
+    for ((name, labels), veth) in nodes.iter().zip(&veths) {
+        let presence = eventually(&format!("the presence of {name}"), || hub.presence(name));
+        assert_eq!(presence["node"], *name, "{presence}");
+        assert_eq!(presence["labels"]["site"], labels.split('"').nth(1).unwrap(), "{presence}");
+        assert_eq!(presence["interfaces"][0]["device"], veth.capture_if.as_str(), "{presence}");
+        assert_eq!(presence["interfaces"][0]["state"], "attached", "{presence}");
+    }
     // By regex, to every node; then on one node's own subject, whatever the body's target.
     for (id, to, target, chosen, silent) in [
         ("nats-regex", "all", json!({"node_regex": "fra1-.*"}), vec![0, 1], vec![2]),
@@ -236,6 +254,12 @@ fn a_nats_request_runs_on_exactly_the_nodes_it_targets_and_they_report_what_they
             assert_eq!(mine, expected, "{name} on {id}");
         }
     }
+    // An orderly stop withdraws the node's presence at once; the others stay.
+    let mut daemons = daemons;
+    let (status, _) = daemons[2].running.take().unwrap().signal_and_wait(libc::SIGTERM);
+    assert!(status.success());
+    assert_eq!(hub.presence("ams1-a"), None);
+    assert!(hub.presence("fra1-a").is_some() && hub.presence("fra1-b").is_some());
 }
 
 #[test]
