@@ -56,9 +56,10 @@ fn wait_group(redis: &Redis, node: &str) {
     });
 }
 
-/// Runs `fleet capture` with `args` while sending frames into `veth` until it exits.
-fn capture_while_sending(redis: &Redis, veth: &VethPair, args: &[&str]) -> Output {
-    let mut child = fleet(redis, "capture", &[&["--wait", "--json"], args].concat()).spawn().expect("spawn");
+/// Runs `command` (a `fleet capture --wait`) while sending UDP frames into `veth` until it
+/// exits.
+pub(crate) fn capture_while_sending(mut command: Command, veth: &VethPair) -> Output {
+    let mut child = command.spawn().expect("spawn");
     // UDP over IPv4 or IPv6, untagged: what the filter `udp` takes.
     let frames: Vec<_> = sendable(veth)
         .into_iter()
@@ -112,9 +113,24 @@ fn the_operator_lists_the_nodes_and_runs_a_capture_on_those_a_label_targets() {
 
     // A capture on the fra1 node only, followed to its end.
     let out = capture_while_sending(
-        &redis,
+        fleet(
+            &redis,
+            "capture",
+            &[
+                "--wait",
+                "--json",
+                "--label",
+                "site=fra1",
+                "--packets",
+                "5",
+                "--duration",
+                "20s",
+                "--deadline",
+                "20s",
+                "udp",
+            ],
+        ),
         &veth_a,
-        &["--label", "site=fra1", "--packets", "5", "--duration", "20s", "--deadline", "20s", "udp"],
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "fleet capture failed: {stderr}");

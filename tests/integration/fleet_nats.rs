@@ -2,16 +2,22 @@
 //! to a hub namespace where one real `nats-server -js` runs, traffic on each daemon's capture
 //! veth, and what an operator reads back: the events stream and the stored frames.
 
-use std::{future::Future, path::Path, time::SystemTime};
+use std::{
+    future::Future,
+    path::Path,
+    process::{Command, Stdio},
+    time::SystemTime,
+};
 
 use async_nats::jetstream::{self, consumer, message::PublishMessage, publish::PublishAck};
 use serde_json::{Value, json};
 use tapstream_testenv::{Nats, VethPair};
 
 use crate::{
-    common::{eventually, read_capture},
+    common::{eventually, read_capture, tapstream_bin},
     daemon::{TestDaemon, reason},
     fleet::{CONNECTED, FAILED, PUBLISHED, check_finished, metric, request, send},
+    fleet_cli::capture_while_sending,
 };
 
 const REQUESTS: &str = "TAPSTREAM_REQUESTS";
@@ -140,6 +146,16 @@ impl Hub {
         eventually(&format!("{node} to decide message {seq}"), || {
             self.consumer(node).filter(|c| c.ack_floor.stream_sequence >= seq && c.num_ack_pending == 0)
         });
+    }
+
+    /// The subject of the last request published.
+    fn last_request_subject(&self) -> String {
+        let js = self.js.clone();
+        self.run(async move {
+            let stream = js.get_stream(REQUESTS).await.expect("requests stream");
+            let last = stream.get_info().await.expect("requests stream info").state.last_sequence;
+            stream.get_raw_message(last).await.expect("the last request").subject.to_string()
+        })
     }
 
     /// The presence `node` announces in the nodes bucket, if any.
@@ -378,4 +394,91 @@ fn a_capture_across_a_nats_outage_completes_and_its_events_arrive_once_when_the_
     let kinds: Vec<String> = hub.kinds_of("nout-1").into_iter().map(|(_, k)| k).collect();
     assert_eq!(kinds, ["accepted", "started", "finished"]);
     assert_eq!(daemon.client().list().unwrap().len(), 1);
+}
+
+/// `tapstream fleet SUBCOMMAND --nats URL ARGS`, run in the hub namespace (the filter's words
+/// come last).
+fn fleet_cli(nats: &Nats, subcommand: &str, args: &[&str]) -> Command {
+    let mut command = nats.hub().command(tapstream_bin());
+    command
+        .args(["fleet", subcommand, "--nats", &nats.local_url()])
+        .args(args)
+        .env_remove("TAPSTREAM_NATS")
+        .env_remove("TAPSTREAM_REDIS")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    command
+}
+
+#[test]
+fn the_operator_lists_the_nodes_and_runs_a_capture_over_nats() {
+    let nats = Nats::start();
+    let hub = Hub::connect(&nats);
+    let (veth_a, veth_b) = (VethPair::new(1), VethPair::new(1));
+    let _a = node(&nats, &veth_a, "ncli-fra1", "site = \"fra1\"", false);
+    let b = node(&nats, &veth_b, "ncli-ams1", "site = \"ams1\"", false);
+    hub.wait_consumer("ncli-fra1");
+    hub.wait_consumer("ncli-ams1");
+
+    // Both nodes, with their labels and interfaces.
+    let listed = eventually("both nodes in `fleet nodes`", || {
+        let out = fleet_cli(&nats, "nodes", &["--json"]).output().expect("run fleet nodes");
+        assert!(out.status.success(), "fleet nodes: {}", String::from_utf8_lossy(&out.stderr));
+        let listed: Vec<Value> = serde_json::from_slice(&out.stdout).expect("fleet nodes JSON");
+        let names: Vec<&str> = listed.iter().map(|n| n["node"].as_str().unwrap()).collect();
+        (names == ["ncli-ams1", "ncli-fra1"]).then_some(listed)
+    });
+    assert_eq!(listed[0]["labels"]["site"], "ams1", "{}", listed[0]);
+    assert_eq!(listed[1]["interfaces"][0]["device"], veth_a.capture_if.as_str(), "{}", listed[1]);
+
+    // A capture on the fra1 node only, followed to its end.
+    let out = capture_while_sending(
+        fleet_cli(
+            &nats,
+            "capture",
+            &[
+                "--wait",
+                "--json",
+                "--label",
+                "site=fra1",
+                "--packets",
+                "5",
+                "--duration",
+                "20s",
+                "--deadline",
+                "20s",
+                "udp",
+            ],
+        ),
+        &veth_a,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "fleet capture failed: {stderr}");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {stderr}"));
+    let answered: Vec<&String> = report["nodes"].as_object().unwrap().keys().collect();
+    assert_eq!(answered, ["ncli-fra1"], "{report}");
+    let answer = &report["nodes"]["ncli-fra1"];
+    assert_eq!((&answer["state"], &answer["packets"]), (&json!("finished"), &json!(5)), "{report}");
+    let outputs = answer["outputs"].as_array().unwrap();
+    assert!(!outputs.is_empty(), "{report}");
+    for output in outputs {
+        let path = output.as_str().unwrap().trim_start_matches("file://");
+        assert!(Path::new(path).is_file(), "{path} is not on disk: {report}");
+    }
+    assert_eq!(report["no_answer"], json!([]), "{report}");
+    let id = report["request_id"].as_str().unwrap();
+    assert!(b.client().status(id).is_err(), "no capture {id} on ncli-ams1");
+
+    // A bad filter for one node (published on its subject): refused, named, non-zero exit.
+    let out =
+        fleet_cli(&nats, "capture", &["--node", "ncli-ams1", "--packets", "5", "--wait", "tcp and and"])
+            .output()
+            .expect("run fleet capture");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a refused request exits non-zero: {stderr}");
+    assert!(stderr.contains("ncli-ams1 refused (bad_filter)") && stderr.contains("syntax error"), "{stderr}");
+    let refused = hub.events().into_iter().find(|e| e.event["event"] == "refused").expect("the refusal");
+    assert_eq!(refused.event["node"], "ncli-ams1", "{}", refused.event);
+    assert_eq!(hub.last_request_subject(), "tapstream.requests.ncli-ams1");
 }

@@ -104,8 +104,14 @@ pub fn mask(url: &str) -> String {
 }
 
 /// A client of the server of `settings`, with the credentials of the environment; it
-/// connects (and reconnects) in the background, with a backoff from 200 ms to 5 s.
-pub async fn client(settings: &NatsSection, name: &str) -> Result<async_nats::Client, FleetNatsError> {
+/// reconnects with a backoff from 200 ms to 5 s. `background`: it also makes its first
+/// connection in the background (a daemon), rather than failing when the server is away (the
+/// CLI).
+pub async fn client(
+    settings: &NatsSection,
+    name: &str,
+    background: bool,
+) -> Result<async_nats::Client, FleetNatsError> {
     let shown = mask(&settings.url);
     let bad = |message: String| FleetNatsError::Url { url: shown.clone(), message };
     let mut options = ConnectOptions::new();
@@ -117,9 +123,11 @@ pub async fn client(settings: &NatsSection, name: &str) -> Result<async_nats::Cl
         None => {}
     }
     let logged = shown.clone();
+    if background {
+        options = options.retry_on_initial_connect();
+    }
     options = options
         .name(name)
-        .retry_on_initial_connect()
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(2))
         .request_timeout(Some(REQUEST_TIMEOUT))
@@ -222,7 +230,7 @@ impl NatsFleet {
         if !crate::config::nats_name(&node_name) {
             return Err(FleetNatsError::Node { node: node_name });
         }
-        let client = client(settings, &format!("tapstream {node_name}")).await?;
+        let client = client(settings, &format!("tapstream {node_name}"), true).await?;
         let js = jetstream::ContextBuilder::new().timeout(REQUEST_TIMEOUT).build(client);
         let link = Link {
             js,

@@ -225,7 +225,8 @@ impl NatsHeartbeat {
         settings: &NatsSection,
         shutdown: Shutdown,
     ) -> Result<Self, FleetNatsError> {
-        let client = super::nats::client(settings, &format!("tapstream {} presence", daemon.node())).await?;
+        let client =
+            super::nats::client(settings, &format!("tapstream {} presence", daemon.node()), true).await?;
         let js = async_nats::jetstream::ContextBuilder::new().timeout(Duration::from_secs(2)).build(client);
         let shown = super::nats::mask(&settings.url);
         let bucket = settings.nodes_bucket.clone();
