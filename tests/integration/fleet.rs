@@ -17,11 +17,11 @@ const REQUESTS: &str = "tapstream:requests";
 const EVENTS: &str = "tapstream:events";
 
 /// The `[daemon]` additions of a fleet node: its labels and the broker.
-fn fleet_config(redis: &Redis, labels: &str) -> String {
+pub(crate) fn fleet_config(redis: &Redis, labels: &str) -> String {
     format!("labels = {{ {labels} }}\n[fleet.redis]\nurl = \"{}\"\n", redis.url())
 }
 
-fn connect(redis: &Redis) -> redis::Connection {
+pub(crate) fn connect(redis: &Redis) -> redis::Connection {
     redis::Client::open(redis.url()).and_then(|c| c.get_connection()).expect("connect to redis")
 }
 
@@ -31,7 +31,7 @@ fn in_secs(secs: u64) -> u64 {
 }
 
 /// Adds a request (its JSON text) to the requests stream; returns the entry's id.
-fn publish(con: &mut redis::Connection, body: &str) -> String {
+pub(crate) fn publish(con: &mut redis::Connection, body: &str) -> String {
     redis::cmd("XADD").arg(REQUESTS).arg("*").arg("request").arg(body).query(con).expect("XADD")
 }
 
@@ -66,7 +66,7 @@ fn events(con: &mut redis::Connection) -> Vec<Value> {
 }
 
 /// The events of request `id`, as (node, kind, event).
-fn events_of(con: &mut redis::Connection, id: &str) -> Vec<(String, String, Value)> {
+pub(crate) fn events_of(con: &mut redis::Connection, id: &str) -> Vec<(String, String, Value)> {
     events(con)
         .into_iter()
         .filter(|e| e["request_id"] == id)
@@ -75,7 +75,7 @@ fn events_of(con: &mut redis::Connection, id: &str) -> Vec<(String, String, Valu
 }
 
 /// Waits for the event `kind` of request `id` from each of `nodes`; returns them by node.
-fn wait_events(con: &mut redis::Connection, id: &str, kind: &str, nodes: &[&str]) -> Vec<Value> {
+pub(crate) fn wait_events(con: &mut redis::Connection, id: &str, kind: &str, nodes: &[&str]) -> Vec<Value> {
     eventually(&format!("{kind} of {id} from {nodes:?}"), || {
         let all = events_of(con, id);
         nodes
@@ -98,7 +98,7 @@ fn wait_decided(con: &mut redis::Connection, node: &str, id: &str) {
     });
 }
 
-fn wait_group(con: &mut redis::Connection, node: &str) {
+pub(crate) fn wait_group(con: &mut redis::Connection, node: &str) {
     eventually(&format!("the consumer group of {node}"), || group(con, node));
 }
 

@@ -11,12 +11,12 @@ use std::{
 
 use async_nats::jetstream::{self, consumer, message::PublishMessage, publish::PublishAck};
 use serde_json::{Value, json};
-use tapstream_testenv::{Nats, VethPair};
+use tapstream_testenv::{Nats, Redis, VethPair};
 
 use crate::{
     common::{eventually, read_capture, tapstream_bin},
     daemon::{TestDaemon, reason},
-    fleet::{CONNECTED, FAILED, PUBLISHED, check_finished, metric, request, send},
+    fleet::{self as redis_fleet, CONNECTED, FAILED, PUBLISHED, check_finished, metric, request, send},
     fleet_cli::capture_while_sending,
 };
 
@@ -49,9 +49,13 @@ impl Hub {
                 .expect("runtime")
         });
         let url = nats.local_url();
+        let mut options = async_nats::ConnectOptions::new().retry_on_initial_connect();
+        if let Some((user, password)) = nats.credentials() {
+            options = options.user_and_password(user.into(), password.into());
+        }
         let js = rt
             .block_on(rt.spawn(async move {
-                let client = async_nats::ConnectOptions::new().retry_on_initial_connect().connect(url).await;
+                let client = options.connect(url).await;
                 jetstream::new(client.expect("connect to nats"))
             }))
             .expect("hub task");
@@ -481,4 +485,102 @@ fn the_operator_lists_the_nodes_and_runs_a_capture_over_nats() {
     let refused = hub.events().into_iter().find(|e| e.event["event"] == "refused").expect("the refusal");
     assert_eq!(refused.event["node"], "ncli-ams1", "{}", refused.event);
     assert_eq!(hub.last_request_subject(), "tapstream.requests.ncli-ams1");
+}
+
+#[test]
+fn events_not_sent_and_captures_cut_by_a_crash_are_reported_once_after_the_restart_over_nats() {
+    let mut nats = Nats::start();
+    let hub = Hub::connect(&nats);
+    let veth = VethPair::new(1);
+    let mut daemon = node(&nats, &veth, "nrestart", "", true);
+    hub.wait_consumer("nrestart");
+    // One capture ends during an outage, its end not sent; the other runs when the daemon dies.
+    hub.publish("all", "nrs-ends", &request("nrs-ends", json!({}), 20));
+    let running = request("nrs-cut", json!({}), 100_000);
+    hub.publish("all", "nrs-cut", &running);
+    hub.wait_events("nrs-ends", "started", &["nrestart"]);
+    hub.wait_events("nrs-cut", "started", &["nrestart"]);
+
+    nats.kill();
+    let sent = send(&veth, 0..60);
+    let info = daemon.wait("nrs-ends");
+    assert_eq!(reason(&info), "packets", "{info:?}");
+    eventually("a failed send", || (metric(&veth, FAILED) > 0.0).then_some(()));
+    // The end waits in the NATS transport's own outbox; Redis's place is left alone.
+    let state = daemon.dir.path().join("state/fleet");
+    let journal = std::fs::read_to_string(state.join("nats/outbox.jsonl")).expect("the NATS outbox");
+    assert!(journal.contains("\"nrs-ends\"") && journal.contains("\"finished\""), "{journal}");
+    assert!(!state.join("outbox.jsonl").exists(), "Redis's outbox path is not used");
+    let (status, _) = daemon.running.take().unwrap().signal_and_wait(libc::SIGKILL);
+    assert!(!status.success());
+    nats.restart();
+    daemon.restart(&veth);
+
+    let finished = hub.wait_events("nrs-ends", "finished", &["nrestart"]);
+    check_finished(&finished[0].event, &daemon, "nrs-ends", &sent);
+    let cut = hub.wait_events("nrs-cut", "finished", &["nrestart"]);
+    assert_eq!(cut[0].event["stop_reason"], "interrupted", "{}", cut[0].event);
+
+    // Killed and restarted again, the request published once more: nothing is reported twice.
+    let (_, _) = daemon.running.take().unwrap().signal_and_wait(libc::SIGKILL);
+    daemon.restart(&veth);
+    let again = hub.publish("all", "nrs-cut-again", &running);
+    hub.wait_decided("nrestart", again.sequence);
+    for id in ["nrs-ends", "nrs-cut"] {
+        let kinds: Vec<String> = hub.kinds_of(id).into_iter().map(|(_, k)| k).collect();
+        assert_eq!(kinds, ["accepted", "started", "finished"], "{id}");
+    }
+    assert_eq!(daemon.client().list().unwrap().len(), 2);
+}
+
+#[test]
+fn a_daemon_takes_requests_from_redis_and_nats_at_once_and_answers_each_on_its_own() {
+    let nats = Nats::start();
+    let hub = Hub::connect(&nats);
+    let redis = Redis::start();
+    let mut con = redis_fleet::connect(&redis);
+    let veth = VethPair::new(1);
+    let url = nats.link(&veth.capture_ns);
+    let extra = format!("{}[fleet.nats]\nurl = \"{url}\"\n", redis_fleet::fleet_config(&redis, ""));
+    let daemon = TestDaemon::start_as(&veth, "both", &extra);
+    hub.wait_consumer("both");
+    redis_fleet::wait_group(&mut con, "both");
+
+    redis_fleet::publish(&mut con, &request("by-redis", json!({}), 20));
+    hub.publish("all", "by-nats", &request("by-nats", json!({}), 20));
+    redis_fleet::wait_events(&mut con, "by-redis", "started", &["both"]);
+    hub.wait_events("by-nats", "started", &["both"]);
+    let sent = send(&veth, 0..60);
+    // Both captures see the same frames; each end is told on the broker that asked.
+    let on_redis = redis_fleet::wait_events(&mut con, "by-redis", "finished", &["both"]);
+    check_finished(&on_redis[0], &daemon, "by-redis", &sent);
+    let on_nats = hub.wait_events("by-nats", "finished", &["both"]);
+    check_finished(&on_nats[0].event, &daemon, "by-nats", &sent);
+    assert!(redis_fleet::events_of(&mut con, "by-nats").is_empty());
+    assert!(hub.events_of("by-redis").is_empty());
+    let state = daemon.dir.path().join("state/fleet");
+    assert!(state.join("outbox.jsonl").is_file() && state.join("nats/outbox.jsonl").is_file());
+}
+
+#[test]
+fn credentials_come_from_the_environment_and_stay_out_of_the_log() {
+    let nats = Nats::start_with_user("tapnode", "n4ts-s3cret-pw");
+    let hub = Hub::connect(&nats);
+    let veth = VethPair::new(1);
+    let url = nats.link(&veth.capture_ns);
+    let env = vec![
+        ("TAPSTREAM_NATS_USER", "tapnode".to_owned()),
+        ("TAPSTREAM_NATS_PASSWORD", "n4ts-s3cret-pw".to_owned()),
+    ];
+    let mut daemon = TestDaemon::start_as_with_env(&veth, "authed", &nats_config(&url, ""), env);
+    hub.wait_consumer("authed");
+    hub.publish("authed", "auth-1", &request("auth-1", json!({}), 20));
+    hub.wait_events("auth-1", "started", &["authed"]);
+    let sent = send(&veth, 0..60);
+    let finished = hub.wait_events("auth-1", "finished", &["authed"]);
+    check_finished(&finished[0].event, &daemon, "auth-1", &sent);
+    let (status, log) = daemon.running.take().unwrap().signal_and_wait(libc::SIGTERM);
+    assert!(status.success(), "{log}");
+    assert!(log.contains("connected to NATS at"), "{log}");
+    assert!(!log.contains("n4ts-s3cret-pw"), "the password is in the log:\n{log}");
 }

@@ -30,26 +30,46 @@ pub struct Nats {
     hub: Netns,
     /// Links made so far (each gets its own /30).
     links: AtomicU32,
+    /// The user and password clients must give, if any.
+    credentials: Option<(String, String)>,
 }
 
 impl Nats {
     /// Starts a server in a new hub namespace and waits until JetStream is ready.
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// Like [`Nats::start`], with a server that admits only `user` with `password`.
+    pub fn start_with_user(user: &str, password: &str) -> Self {
+        Self::start_with(Some((user.to_owned(), password.to_owned())))
+    }
+
+    fn start_with(credentials: Option<(String, String)>) -> Self {
         let dir = tempfile::Builder::new().prefix("tapstream-nats-").tempdir().expect("temp dir");
         let hub = Netns::new("tsnats");
-        let child = Self::spawn(&hub, &dir);
-        let mut nats = Self { child, dir, hub, links: AtomicU32::new(0) };
+        let child = Self::spawn(&hub, &dir, credentials.as_ref());
+        let mut nats = Self { child, dir, hub, links: AtomicU32::new(0), credentials };
         crate::wait_ready(&mut nats, Duration::from_secs(10));
         nats
     }
 
-    fn spawn(hub: &Netns, dir: &tempfile::TempDir) -> Child {
+    /// The user and password clients must give, if the server asks for them.
+    pub fn credentials(&self) -> Option<(&str, &str)> {
+        self.credentials.as_ref().map(|(u, p)| (u.as_str(), p.as_str()))
+    }
+
+    fn spawn(hub: &Netns, dir: &tempfile::TempDir, credentials: Option<&(String, String)>) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(dir.path().join("nats.log"))
             .expect("nats log");
-        hub.command("nats-server")
+        let mut command = hub.command("nats-server");
+        if let Some((user, password)) = credentials {
+            command.args(["--user", user, "--pass", password]);
+        }
+        command
             .args(["-js", "-a", "0.0.0.0", "-p", &PORT.to_string(), "-m", &MONITOR_PORT.to_string()])
             .arg("-sd")
             .arg(dir.path().join("store"))
@@ -108,7 +128,7 @@ impl Nats {
     /// after [`Nats::kill`], or killing it first, and waits until JetStream is ready.
     pub fn restart(&mut self) {
         self.kill();
-        self.child = Self::spawn(&self.hub, &self.dir);
+        self.child = Self::spawn(&self.hub, &self.dir, self.credentials.as_ref());
         crate::wait_ready(self, Duration::from_secs(10));
     }
 
