@@ -29,6 +29,7 @@ fn fleet(redis: &Redis, subcommand: &str, args: &[&str]) -> Command {
         .args(["fleet", subcommand, "--redis", &redis.url()])
         .args(args)
         .env_remove("TAPSTREAM_REDIS")
+        .env_remove("TAPSTREAM_NATS")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

@@ -57,14 +57,15 @@ pub enum FleetCommand {
 /// Where the fleet's broker is.
 #[derive(Args, Debug)]
 pub struct BrokerArgs {
-    /// The broker: redis://[user[:password]@]host:port[/db] or unix:///path (default: the
-    /// `[fleet.redis]` url of the configuration file).
-    #[arg(long, value_name = "URL", env = "TAPSTREAM_REDIS", conflicts_with = "nats")]
+    /// The broker is Redis: redis://[user[:password]@]host:port[/db] or unix:///path
+    /// (default: the environment's TAPSTREAM_REDIS, else the `[fleet.redis]` url of the
+    /// configuration file).
+    #[arg(long, value_name = "URL")]
     pub redis: Option<String>,
-    /// The broker is NATS JetStream: nats://host:port (default: the `[fleet.nats]` url of the
-    /// configuration file; credentials from TAPSTREAM_NATS_USER and TAPSTREAM_NATS_PASSWORD,
-    /// or TAPSTREAM_NATS_TOKEN).
-    #[arg(long, value_name = "URL", env = "TAPSTREAM_NATS")]
+    /// The broker is NATS JetStream: nats://host:port (default: the environment's
+    /// TAPSTREAM_NATS, else the `[fleet.nats]` url of the configuration file; credentials from
+    /// TAPSTREAM_NATS_USER and TAPSTREAM_NATS_PASSWORD, or TAPSTREAM_NATS_TOKEN).
+    #[arg(long, value_name = "URL")]
     pub nats: Option<String>,
     /// A daemon configuration file whose `[fleet.redis]` (else `[fleet.nats]`) names the
     /// broker and its streams (default: /etc/tapstream/tapstream.toml if it exists).

@@ -39,33 +39,63 @@ pub fn fleet(command: FleetCommand) -> anyhow::Result<()> {
 /// section for it if it has one; without either, the file's `[fleet.redis]`, else its
 /// `[fleet.nats]`.
 fn broker_settings(args: &BrokerArgs) -> anyhow::Result<BrokerSettings> {
+    broker_settings_in(args, |name| std::env::var(name).ok())
+}
+
+/// A broker's URL given on the command line or in the environment.
+enum Given {
+    Redis(String),
+    Nats(String),
+}
+
+/// [`broker_settings`], with `env` looking the environment up. A flag wins over the
+/// environment (so `--nats` works where `TAPSTREAM_REDIS` is set).
+fn broker_settings_in(
+    args: &BrokerArgs,
+    env: impl Fn(&str) -> Option<String>,
+) -> anyhow::Result<BrokerSettings> {
+    let given = match (&args.redis, &args.nats) {
+        (Some(_), Some(_)) => bail!("--redis and --nats: give one broker"),
+        (Some(url), None) => Some(Given::Redis(url.clone())),
+        (None, Some(url)) => Some(Given::Nats(url.clone())),
+        (None, None) => match (env("TAPSTREAM_REDIS"), env("TAPSTREAM_NATS")) {
+            (Some(_), Some(_)) => {
+                bail!(
+                    "TAPSTREAM_REDIS and TAPSTREAM_NATS are both set: choose with --redis URL or --nats URL"
+                )
+            }
+            (Some(url), None) => Some(Given::Redis(url)),
+            (None, Some(url)) => Some(Given::Nats(url)),
+            (None, None) => None,
+        },
+    };
     let default = Path::new(DEFAULT_CONFIG);
     let file = match &args.config {
         Some(path) => Some((path.as_path(), true)),
         None => default.exists().then_some((default, false)),
     };
-    let given = args.redis.is_some() || args.nats.is_some();
     let (mut redis, mut nats) = (None, None);
     if let Some((path, explicit)) = file {
         match Config::load(path) {
             Ok(config) => (redis, nats) = (config.fleet.redis, config.fleet.nats),
-            Err(e) if explicit || !given => return Err(e.into()),
+            Err(e) if explicit || given.is_none() => return Err(e.into()),
             Err(e) => log::warn!("ignoring {}: {e}", path.display()),
         }
-        if explicit && redis.is_none() && nats.is_none() && !given {
+        if explicit && redis.is_none() && nats.is_none() && given.is_none() {
             bail!(
                 "{} has neither [fleet.redis] nor [fleet.nats]: give the broker with --redis URL or --nats URL",
                 path.display()
             );
         }
     }
-    if let Some(url) = &args.nats {
-        let section = nats.unwrap_or_default();
-        return Ok(BrokerSettings::Nats(NatsSection { url: url.clone(), ..section }));
-    }
-    if let Some(url) = &args.redis {
-        let section = redis.unwrap_or_default();
-        return Ok(BrokerSettings::Redis(RedisSection { url: url.clone(), ..section }));
+    match given {
+        Some(Given::Nats(url)) => {
+            return Ok(BrokerSettings::Nats(NatsSection { url, ..nats.unwrap_or_default() }));
+        }
+        Some(Given::Redis(url)) => {
+            return Ok(BrokerSettings::Redis(RedisSection { url, ..redis.unwrap_or_default() }));
+        }
+        None => {}
     }
     match (redis, nats) {
         (Some(redis), _) => Ok(BrokerSettings::Redis(redis)),
@@ -362,5 +392,37 @@ mod tests {
         assert_eq!(settings.url, "nats://h:4222");
         assert_eq!(settings.requests_subject_prefix, "tapstream.requests");
         assert!(plan(&["--nats", "nats://h:4222", "--redis", "redis://h"]).is_err(), "one broker at a time");
+    }
+
+    #[test]
+    fn a_broker_flag_wins_over_the_environment() {
+        let args = |redis: Option<&str>, nats: Option<&str>| BrokerArgs {
+            redis: redis.map(str::to_owned),
+            nats: nats.map(str::to_owned),
+            config: None,
+            json: false,
+        };
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |name: &str| vars.iter().find(|(k, _)| *k == name).map(|(_, v)| (*v).to_owned())
+        };
+        let redis_env = env(&[("TAPSTREAM_REDIS", "redis://env")]);
+        let Ok(BrokerSettings::Nats(s)) = broker_settings_in(&args(None, Some("nats://flag:1")), redis_env)
+        else {
+            panic!("--nats wins over TAPSTREAM_REDIS")
+        };
+        assert_eq!(s.url, "nats://flag:1");
+        let Ok(BrokerSettings::Redis(s)) = broker_settings_in(&args(None, None), redis_env) else {
+            panic!("TAPSTREAM_REDIS alone")
+        };
+        assert_eq!(s.url, "redis://env");
+        let Ok(BrokerSettings::Nats(s)) =
+            broker_settings_in(&args(None, None), env(&[("TAPSTREAM_NATS", "nats://env:2")]))
+        else {
+            panic!("TAPSTREAM_NATS alone")
+        };
+        assert_eq!(s.url, "nats://env:2");
+        let both = env(&[("TAPSTREAM_REDIS", "redis://env"), ("TAPSTREAM_NATS", "nats://env:2")]);
+        let err = broker_settings_in(&args(None, None), both).unwrap_err().to_string();
+        assert!(err.contains("both set"), "{err}");
     }
 }
