@@ -582,5 +582,7 @@ fn credentials_come_from_the_environment_and_stay_out_of_the_log() {
     let (status, log) = daemon.running.take().unwrap().signal_and_wait(libc::SIGTERM);
     assert!(status.success(), "{log}");
     assert!(log.contains("connected to NATS at"), "{log}");
+    // The streams and the consumer it made have the configuration's settings.
+    assert!(!log.contains("are not applied"), "{log}");
     assert!(!log.contains("n4ts-s3cret-pw"), "the password is in the log:\n{log}");
 }

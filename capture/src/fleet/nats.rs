@@ -314,9 +314,28 @@ async fn read_requests(node: Arc<Node>, link: Link, shutdown: Shutdown) {
     }
 }
 
-/// The consumer of this node, its streams created first when missing.
+/// The consumer of this node, its streams created first when missing. Streams and a
+/// consumer that exist already keep their settings (a warning says where they differ from
+/// the configuration's).
 async fn consumer(link: &Link) -> Result<PullConsumer, Error> {
-    let requests = link.js.get_or_create_stream(link.requests_stream()).await?;
+    let wanted = link.requests_stream();
+    let requests = link.js.get_or_create_stream(wanted.clone()).await?;
+    let have = &requests.cached_info().config;
+    if (&have.subjects, have.max_age, have.duplicate_window)
+        != (&wanted.subjects, wanted.max_age, wanted.duplicate_window)
+    {
+        log::warn!(
+            "fleet: NATS stream {} exists with subjects {:?}, max age {:?}, duplicate window {:?}; \
+             the configuration's {:?}, {:?}, {:?} are not applied to it",
+            wanted.name,
+            have.subjects,
+            have.max_age,
+            have.duplicate_window,
+            wanted.subjects,
+            wanted.max_age,
+            wanted.duplicate_window
+        );
+    }
     link.js.get_or_create_stream(link.events_stream()).await?;
     let config = pull::Config {
         durable_name: Some(link.consumer.clone()),
@@ -327,7 +346,20 @@ async fn consumer(link: &Link) -> Result<PullConsumer, Error> {
         max_deliver: -1,
         ..Default::default()
     };
-    Ok(requests.get_or_create_consumer(&link.consumer, config).await?)
+    let consumer: PullConsumer = requests.get_or_create_consumer(&link.consumer, config.clone()).await?;
+    let have = &consumer.cached_info().config;
+    if (&have.filter_subject, have.ack_wait) != (&config.filter_subject, config.ack_wait) {
+        log::warn!(
+            "fleet: NATS consumer {} exists with filter {:?} and ack wait {:?}; the configuration's \
+             {:?} and {:?} are not applied to it (delete the consumer to apply them)",
+            link.consumer,
+            have.filter_subject,
+            have.ack_wait,
+            config.filter_subject,
+            config.ack_wait
+        );
+    }
+    Ok(consumer)
 }
 
 /// Reads until `shutdown` (Ok) or an error.
