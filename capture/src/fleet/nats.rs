@@ -144,6 +144,11 @@ pub async fn client(
                         connected(false);
                         log::warn!("fleet: NATS at {logged} is unreachable; reconnecting");
                     }
+                    // An authorization refused, a slow consumer: what the retries' timeouts
+                    // would not say.
+                    e @ (async_nats::Event::ServerError(_) | async_nats::Event::ClientError(_)) => {
+                        log::warn!("fleet: NATS at {logged}: {e}")
+                    }
                     other => log::debug!("fleet: NATS at {logged}: {other}"),
                 }
             }
