@@ -541,7 +541,10 @@ fn a_daemon_takes_requests_from_redis_and_nats_at_once_and_answers_each_on_its_o
     let mut con = redis_fleet::connect(&redis);
     let veth = VethPair::new(1);
     let url = nats.link(&veth.capture_ns);
-    let extra = format!("{}[fleet.nats]\nurl = \"{url}\"\n", redis_fleet::fleet_config(&redis, ""));
+    let extra = format!(
+        "metrics_listen = \"127.0.0.1:9464\"\n{}[fleet.nats]\nurl = \"{url}\"\n",
+        redis_fleet::fleet_config(&redis, "")
+    );
     let daemon = TestDaemon::start_as(&veth, "both", &extra);
     hub.wait_consumer("both");
     redis_fleet::wait_group(&mut con, "both");
@@ -560,6 +563,12 @@ fn a_daemon_takes_requests_from_redis_and_nats_at_once_and_answers_each_on_its_o
     assert!(hub.events_of("by-redis").is_empty());
     let state = daemon.dir.path().join("state/fleet");
     assert!(state.join("outbox.jsonl").is_file() && state.join("nats/outbox.jsonl").is_file());
+    // One connection gauge per broker; the counters add up both.
+    for transport in ["redis", "nats"] {
+        let series = format!("{CONNECTED}{{transport=\"{transport}\"}}");
+        eventually(&format!("{series} = 1"), || (metric(&veth, &series) == 1.0).then_some(()));
+    }
+    eventually("both brokers' events counted", || (metric(&veth, PUBLISHED) == 6.0).then_some(()));
 }
 
 #[test]

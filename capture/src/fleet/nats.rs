@@ -230,7 +230,7 @@ impl NatsFleet {
         settings: &NatsSection,
         shutdown: Shutdown,
     ) -> Result<Self, FleetNatsError> {
-        crate::metrics::register_fleet(super::RefusalCode::ALL.map(super::RefusalCode::as_str));
+        crate::metrics::register_fleet(super::RefusalCode::ALL.map(super::RefusalCode::as_str), "nats");
         let node_name = daemon.node().to_owned();
         if !crate::config::nats_name(&node_name) {
             return Err(FleetNatsError::Node { node: node_name });
@@ -294,7 +294,11 @@ impl NatsFleet {
 }
 
 fn connected(up: bool) {
-    metrics::gauge!(crate::metrics::FLEET_BROKER_CONNECTED).set(if up { 1.0 } else { 0.0 });
+    metrics::gauge!(crate::metrics::FLEET_BROKER_CONNECTED, "transport" => "nats").set(if up {
+        1.0
+    } else {
+        0.0
+    });
 }
 
 /// Reads and decides requests until `shutdown`; starts again after errors.
