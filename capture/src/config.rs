@@ -123,6 +123,80 @@ pub struct Config {
 pub struct FleetSection {
     /// Redis Streams; none: no requests through Redis.
     pub redis: Option<RedisSection>,
+    /// NATS JetStream; none: no requests through NATS.
+    pub nats: Option<NatsSection>,
+}
+
+/// `[fleet.nats]`: capture requests read from a NATS JetStream stream, events published to
+/// another.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsSection {
+    /// The server: `nats://host:port`. A user and password may come from the environment
+    /// variables `TAPSTREAM_NATS_USER` and `TAPSTREAM_NATS_PASSWORD`, or a token from
+    /// `TAPSTREAM_NATS_TOKEN`; they are never logged.
+    pub url: String,
+    /// JetStream stream the capture requests are kept in (created when missing).
+    pub requests_stream: String,
+    /// Requests are published on `<requests_subject_prefix>.<node>` (for one node) or
+    /// `<requests_subject_prefix>.all`; the requests stream holds `<requests_subject_prefix>.>`.
+    pub requests_subject_prefix: String,
+    /// JetStream stream the events are kept in (created when missing).
+    pub events_stream: String,
+    /// Each node publishes its events on `<events_subject_prefix>.<node>`; the events stream
+    /// holds `<events_subject_prefix>.>`.
+    pub events_subject_prefix: String,
+    /// Each node reads through its own durable consumer, `<consumer_prefix><node>`, so every
+    /// node sees every request.
+    pub consumer_prefix: String,
+    /// How long the requests stream keeps a request, in seconds: a stale one expires on the
+    /// server.
+    pub request_max_age_secs: u64,
+    /// Window in which the server drops a message whose `Nats-Msg-Id` it has seen (a request
+    /// or an event published twice), in seconds; at most `request_max_age_secs`.
+    pub duplicate_window_secs: u64,
+    /// How long the server waits for a node to acknowledge a request before it delivers it
+    /// again, in seconds.
+    pub ack_wait_secs: u64,
+    /// Events kept while the broker is unreachable (in memory, and in
+    /// `<state_dir>/fleet/nats/outbox.jsonl` so a restart loses none); beyond it the oldest
+    /// are dropped (and counted).
+    pub max_pending_events: usize,
+    /// Messages the events stream keeps (the oldest are removed first). 0: no limit.
+    pub events_max_messages: u64,
+    /// Key-value bucket in which each node announces itself every 5 s (key: the node's name,
+    /// expiring after 15 s without a heartbeat): what `tapstream fleet nodes` lists.
+    pub nodes_bucket: String,
+}
+
+impl Default for NatsSection {
+    fn default() -> Self {
+        Self {
+            url: "nats://127.0.0.1:4222".into(),
+            requests_stream: "TAPSTREAM_REQUESTS".into(),
+            requests_subject_prefix: "tapstream.requests".into(),
+            events_stream: "TAPSTREAM_EVENTS".into(),
+            events_subject_prefix: "tapstream.events".into(),
+            consumer_prefix: "tapstream-".into(),
+            request_max_age_secs: 3600,
+            duplicate_window_secs: 120,
+            ack_wait_secs: 30,
+            max_pending_events: 10_000,
+            events_max_messages: 100_000,
+            nodes_bucket: "tapstream_nodes".into(),
+        }
+    }
+}
+
+/// Whether `name` may be a NATS stream, consumer or bucket name, or one token of a subject:
+/// letters, digits, `-` and `_`.
+pub fn nats_name(name: &str) -> bool {
+    !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Whether `prefix` is a subject of one or more [`nats_name`] tokens joined by `.`.
+fn nats_subject(prefix: &str) -> bool {
+    prefix.split('.').all(nats_name)
 }
 
 /// `[fleet.redis]`: capture requests read from a Redis stream, events written to another.
@@ -181,6 +255,64 @@ impl Default for RedisSection {
             events_max_len: 100_000,
             pcapdaemon_channel: String::new(),
         }
+    }
+}
+
+impl NatsSection {
+    /// Checks the section; an error names the field (without the section's path).
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        let Some((scheme, rest)) = self.url.split_once("://") else {
+            return Err(("url", "must be nats://host:port".into()));
+        };
+        if scheme != "nats" || rest.is_empty() || rest.contains(['/', '?', ' ']) {
+            return Err(("url", "must be nats://host:port".into()));
+        }
+        for (field, name) in [
+            ("requests_stream", &self.requests_stream),
+            ("events_stream", &self.events_stream),
+            ("nodes_bucket", &self.nodes_bucket),
+        ] {
+            if !nats_name(name) {
+                return Err((field, "must be letters, digits, - and _ only".into()));
+            }
+        }
+        if self.requests_stream == self.events_stream {
+            return Err(("events_stream", "must differ from requests_stream".into()));
+        }
+        if !self.consumer_prefix.is_empty() && !nats_name(&self.consumer_prefix) {
+            return Err(("consumer_prefix", "must be letters, digits, - and _ only".into()));
+        }
+        for (field, prefix) in [
+            ("requests_subject_prefix", &self.requests_subject_prefix),
+            ("events_subject_prefix", &self.events_subject_prefix),
+        ] {
+            if !nats_subject(prefix) {
+                return Err((field, "must be tokens of letters, digits, - and _, joined by .".into()));
+            }
+        }
+        let (a, b) = (&self.requests_subject_prefix, &self.events_subject_prefix);
+        if a == b || a.starts_with(&format!("{b}.")) || b.starts_with(&format!("{a}.")) {
+            return Err(("events_subject_prefix", "must not overlap requests_subject_prefix".into()));
+        }
+        if self.request_max_age_secs == 0 {
+            return Err(("request_max_age_secs", "must be at least 1".into()));
+        }
+        if self.duplicate_window_secs == 0 || self.duplicate_window_secs > self.request_max_age_secs {
+            return Err((
+                "duplicate_window_secs",
+                format!(
+                    "{} is not from 1 to request_max_age_secs = {}",
+                    self.duplicate_window_secs, self.request_max_age_secs
+                ),
+            ));
+        }
+        if self.ack_wait_secs == 0 {
+            return Err(("ack_wait_secs", "must be at least 1".into()));
+        }
+        if self.max_pending_events == 0 {
+            return Err(("max_pending_events", "must be at least 1".into()));
+        }
+        Ok(())
     }
 }
 
@@ -505,6 +637,17 @@ impl Config {
                 return Err(invalid("fleet.redis.max_pending_events", "must be at least 1"));
             }
         }
+        if let Some(n) = &self.fleet.nats {
+            n.validate().map_err(|(field, message)| invalid(format!("fleet.nats.{field}"), message))?;
+            if let Some(node) = &self.daemon.node
+                && !nats_name(node)
+            {
+                return Err(invalid(
+                    "daemon.node",
+                    "with [fleet.nats], must be letters, digits, - and _ only (it is a subject token)",
+                ));
+            }
+        }
         self.store.validate().map_err(|(field, message)| invalid(format!("store.{field}"), message))
     }
 
@@ -664,6 +807,7 @@ mod tests {
             ("defaults", config, "DefaultsSection"),
             ("store", settings, "StoreSettings"),
             ("fleet.redis", config, "RedisSection"),
+            ("fleet.nats", config, "NatsSection"),
         ] {
             for (name, doc) in documented_fields(source, strukt) {
                 out.push((format!("{section}.{name}"), doc));
@@ -745,6 +889,38 @@ mod tests {
             let err = parse(&format!("{base}{extra}")).unwrap_err().to_string();
             assert!(err.starts_with(field), "{extra:?}: {err}");
         }
+    }
+
+    #[test]
+    fn the_nats_section_is_validated_by_field() {
+        let base = "[interfaces.public]\ndevice = \"eth1\"\n";
+        let config = parse(&format!("{base}[fleet.nats]\n")).unwrap();
+        assert_eq!(config.fleet.nats, Some(NatsSection::default()));
+        assert_eq!(config.fleet.redis, None);
+        for (section, field) in [
+            ("url = \"redis://h:1\"", "fleet.nats.url"),
+            ("url = \"nats://h:1/x\"", "fleet.nats.url"),
+            ("requests_stream = \"a.b\"", "fleet.nats.requests_stream"),
+            ("events_stream = \"TAPSTREAM_REQUESTS\"", "fleet.nats.events_stream"),
+            ("requests_subject_prefix = \"a.*\"", "fleet.nats.requests_subject_prefix"),
+            ("events_subject_prefix = \"tapstream.requests.x\"", "fleet.nats.events_subject_prefix"),
+            ("consumer_prefix = \"a.\"", "fleet.nats.consumer_prefix"),
+            ("duplicate_window_secs = 7200", "fleet.nats.duplicate_window_secs"),
+            ("ack_wait_secs = 0", "fleet.nats.ack_wait_secs"),
+            ("max_pending_events = 0", "fleet.nats.max_pending_events"),
+            ("nodes_bucket = \"\"", "fleet.nats.nodes_bucket"),
+        ] {
+            let err = parse(&format!("{base}[fleet.nats]\n{section}\n")).unwrap_err().to_string();
+            assert!(err.starts_with(field), "{section:?}: {err}");
+        }
+        let err = parse(&format!("[daemon]\nnode = \"tap.fra1\"\n{base}[fleet.nats]\n")).unwrap_err();
+        assert!(err.to_string().starts_with("daemon.node"), "{err}");
+        // Both brokers at once, and a password in the URL is not echoed.
+        let config =
+            parse(&format!("{base}[fleet.redis]\n[fleet.nats]\nurl = \"nats://u:pw@h:4222\"\n")).unwrap();
+        assert!(config.fleet.redis.is_some() && config.fleet.nats.is_some());
+        let err = parse(&format!("{base}[fleet.nats]\nurl = \"nats://u:s3cret@h:4222/x\"\n")).unwrap_err();
+        assert!(!err.to_string().contains("s3cret"), "{err}");
     }
 
     #[test]

@@ -84,15 +84,23 @@ pub const FLEET_EVENTS_PUBLISHED: &str = "tapstream_fleet_events_published_total
 pub const FLEET_EVENTS_FAILED: &str = "tapstream_fleet_events_failed_total";
 /// Events dropped unsent because too many waited while the broker was unreachable.
 pub const FLEET_EVENTS_DROPPED: &str = "tapstream_fleet_events_dropped_total";
-/// 1 while the fleet's broker is reachable, else 0.
+/// 1 while the fleet's broker is reachable, else 0, by `transport` (redis, nats).
 pub const FLEET_BROKER_CONNECTED: &str = "tapstream_fleet_broker_connected";
 
 /// The `outcome` labels of [`FLEET_REQUESTS`].
 pub const FLEET_OUTCOMES: [&str; 4] = ["accepted", "refused", "ignored", "duplicate"];
 
-/// Registers the fleet's series at zero (when a broker is configured); `codes` are the
-/// `code` labels of refusals.
-pub fn register_fleet(codes: impl IntoIterator<Item = &'static str>) {
+/// Registers the fleet's series at zero (when a broker is configured), the counters once
+/// however many transports start (a second must not reset what the first counted), the gauge
+/// of `transport`; `codes` are the `code` labels of refusals.
+pub fn register_fleet(codes: impl IntoIterator<Item = &'static str>, transport: &'static str) {
+    gauge!(FLEET_BROKER_CONNECTED, "transport" => transport).set(0.0);
+    static COUNTERS: std::sync::Once = std::sync::Once::new();
+    let mut codes = Some(codes);
+    COUNTERS.call_once(|| register_fleet_counters(codes.take().expect("once")));
+}
+
+fn register_fleet_counters(codes: impl IntoIterator<Item = &'static str>) {
     describe_counter!(FLEET_REQUESTS_RECEIVED, Unit::Count, "Fleet requests read from the broker");
     describe_counter!(FLEET_REQUESTS, Unit::Count, "Fleet requests handled, by outcome");
     describe_counter!(FLEET_REFUSED, Unit::Count, "Fleet requests refused, by code");
@@ -109,7 +117,6 @@ pub fn register_fleet(codes: impl IntoIterator<Item = &'static str>) {
     for code in codes {
         counter!(FLEET_REFUSED, "code" => code).absolute(0);
     }
-    gauge!(FLEET_BROKER_CONNECTED).set(0.0);
 }
 
 /// Operations that are retried, for the `operation` label.

@@ -46,6 +46,16 @@ impl TestDaemon {
         Self::start_full(veth, node, extra, "", local_store, Vec::new())
     }
 
+    /// Like [`TestDaemon::start_as`], with `env` in the daemon's environment.
+    pub fn start_as_with_env(
+        veth: &VethPair,
+        node: &str,
+        extra: &str,
+        env: Vec<(&'static str, String)>,
+    ) -> Self {
+        Self::start_full(veth, node, extra, "", local_store, env)
+    }
+
     /// Like [`TestDaemon::start`], with `limits` added to the `[limits]` section.
     pub fn start_with_limits(veth: &VethPair, extra: &str, limits: &str) -> Self {
         Self::start_full(veth, "testnode", extra, limits, local_store, Vec::new())

@@ -18,11 +18,11 @@ const REQUESTS: &str = "tapstream:requests";
 const EVENTS: &str = "tapstream:events";
 
 /// The `[daemon]` additions of a fleet node: its labels and the broker.
-fn fleet_config(redis: &Redis, labels: &str) -> String {
+pub(crate) fn fleet_config(redis: &Redis, labels: &str) -> String {
     format!("labels = {{ {labels} }}\n[fleet.redis]\nurl = \"{}\"\n", redis.url())
 }
 
-fn connect(redis: &Redis) -> redis::Connection {
+pub(crate) fn connect(redis: &Redis) -> redis::Connection {
     redis::Client::open(redis.url()).and_then(|c| c.get_connection()).expect("connect to redis")
 }
 
@@ -32,12 +32,12 @@ fn in_secs(secs: u64) -> u64 {
 }
 
 /// Adds a request (its JSON text) to the requests stream; returns the entry's id.
-fn publish(con: &mut redis::Connection, body: &str) -> String {
+pub(crate) fn publish(con: &mut redis::Connection, body: &str) -> String {
     redis::cmd("XADD").arg(REQUESTS).arg("*").arg("request").arg(body).query(con).expect("XADD")
 }
 
 /// A request for `packets` frames on `target`, valid for a minute.
-fn request(id: &str, target: Value, packets: u64) -> String {
+pub(crate) fn request(id: &str, target: Value, packets: u64) -> String {
     json!({
         "id": id,
         "not_after": in_secs(60),
@@ -67,7 +67,7 @@ fn events(con: &mut redis::Connection) -> Vec<Value> {
 }
 
 /// The events of request `id`, as (node, kind, event).
-fn events_of(con: &mut redis::Connection, id: &str) -> Vec<(String, String, Value)> {
+pub(crate) fn events_of(con: &mut redis::Connection, id: &str) -> Vec<(String, String, Value)> {
     events(con)
         .into_iter()
         .filter(|e| e["request_id"] == id)
@@ -76,7 +76,7 @@ fn events_of(con: &mut redis::Connection, id: &str) -> Vec<(String, String, Valu
 }
 
 /// Waits for the event `kind` of request `id` from each of `nodes`; returns them by node.
-fn wait_events(con: &mut redis::Connection, id: &str, kind: &str, nodes: &[&str]) -> Vec<Value> {
+pub(crate) fn wait_events(con: &mut redis::Connection, id: &str, kind: &str, nodes: &[&str]) -> Vec<Value> {
     eventually(&format!("{kind} of {id} from {nodes:?}"), || {
         let all = events_of(con, id);
         nodes
@@ -99,12 +99,12 @@ fn wait_decided(con: &mut redis::Connection, node: &str, id: &str) {
     });
 }
 
-fn wait_group(con: &mut redis::Connection, node: &str) {
+pub(crate) fn wait_group(con: &mut redis::Connection, node: &str) {
     eventually(&format!("the consumer group of {node}"), || group(con, node));
 }
 
 /// Sends `range` of the sendable corpus frames into `veth`; returns their bytes.
-fn send(veth: &VethPair, range: std::ops::Range<usize>) -> Vec<Vec<u8>> {
+pub(crate) fn send(veth: &VethPair, range: std::ops::Range<usize>) -> Vec<Vec<u8>> {
     let frames = sendable(veth);
     let sent = Sender::new(veth).send_all(&frames[range]);
     data(&sent)
@@ -112,7 +112,7 @@ fn send(veth: &VethPair, range: std::ops::Range<usize>) -> Vec<Vec<u8>> {
 
 /// Checks a `finished` event: 20 frames, ended by the packet limit, with outputs; and that the
 /// node stored exactly the first 20 frames sent to it.
-fn check_finished(event: &Value, daemon: &TestDaemon, id: &str, sent: &[Vec<u8>]) {
+pub(crate) fn check_finished(event: &Value, daemon: &TestDaemon, id: &str, sent: &[Vec<u8>]) {
     assert_eq!(event["stop_reason"], "packets", "{event}");
     assert_eq!(event["packets"], 20, "{event}");
     assert_eq!(event["capture_id"], id, "{event}");
@@ -304,7 +304,7 @@ fn a_request_received_before_a_crash_runs_once_after_the_restart() {
 
 /// The fleet metric `name` (summed over its labels) of the daemon in `veth`'s namespace, whose
 /// `metrics_listen` is `127.0.0.1:9464`.
-fn metric(veth: &VethPair, name: &str) -> f64 {
+pub(crate) fn metric(veth: &VethPair, name: &str) -> f64 {
     let out = veth
         .capture_ns
         .command("curl")
@@ -318,9 +318,9 @@ fn metric(veth: &VethPair, name: &str) -> f64 {
         .sum()
 }
 
-const CONNECTED: &str = "tapstream_fleet_broker_connected";
-const PUBLISHED: &str = "tapstream_fleet_events_published_total";
-const FAILED: &str = "tapstream_fleet_events_failed_total";
+pub(crate) const CONNECTED: &str = "tapstream_fleet_broker_connected";
+pub(crate) const PUBLISHED: &str = "tapstream_fleet_events_published_total";
+pub(crate) const FAILED: &str = "tapstream_fleet_events_failed_total";
 
 /// A fleet node with its metrics served in its namespace.
 fn metered_node(veth: &VethPair, redis: &Redis, node: &str) -> TestDaemon {

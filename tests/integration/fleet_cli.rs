@@ -29,6 +29,7 @@ fn fleet(redis: &Redis, subcommand: &str, args: &[&str]) -> Command {
         .args(["fleet", subcommand, "--redis", &redis.url()])
         .args(args)
         .env_remove("TAPSTREAM_REDIS")
+        .env_remove("TAPSTREAM_NATS")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -56,13 +57,9 @@ fn wait_group(redis: &Redis, node: &str) {
     });
 }
 
-/// Runs `fleet capture` with `args` while sending frames into `veth` until it exits.
-fn capture_while_sending(redis: &Redis, veth: &VethPair, args: &[&str]) -> Output {
-    run_while_sending(fleet(redis, "capture", &[&["--wait", "--json"], args].concat()), veth)
-}
-
-/// Runs `command` while sending UDP frames into `veth` until it exits.
-fn run_while_sending(mut command: Command, veth: &VethPair) -> Output {
+/// Runs `command` (a `fleet capture --wait`) while sending UDP frames into `veth` until it
+/// exits.
+pub(crate) fn capture_while_sending(mut command: Command, veth: &VethPair) -> Output {
     let mut child = command.spawn().expect("spawn");
     // UDP over IPv4 or IPv6, untagged: what the filter `udp` takes.
     let frames: Vec<_> = sendable(veth)
@@ -117,9 +114,24 @@ fn the_operator_lists_the_nodes_and_runs_a_capture_on_those_a_label_targets() {
 
     // A capture on the fra1 node only, followed to its end.
     let out = capture_while_sending(
-        &redis,
+        fleet(
+            &redis,
+            "capture",
+            &[
+                "--wait",
+                "--json",
+                "--label",
+                "site=fra1",
+                "--packets",
+                "5",
+                "--duration",
+                "20s",
+                "--deadline",
+                "20s",
+                "udp",
+            ],
+        ),
         &veth_a,
-        &["--label", "site=fra1", "--packets", "5", "--duration", "20s", "--deadline", "20s", "udp"],
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "fleet capture failed: {stderr}");
@@ -233,7 +245,7 @@ fn on_a_terminal_fleet_capture_draws_a_live_table_and_leaves_the_final_one() {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let out = run_while_sending(command, &veth);
+    let out = capture_while_sending(command, &veth);
     let raw = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
@@ -319,7 +331,7 @@ fn the_shipped_redis_users_let_nodes_and_operators_do_their_part_and_no_more() {
         let nodes: Vec<Value> = serde_json::from_slice(&out.stdout).ok()?;
         (names(&nodes) == ["acl-1"]).then_some(())
     });
-    let out = run_while_sending(
+    let out = capture_while_sending(
         operator(fleet(
             &redis,
             "capture",

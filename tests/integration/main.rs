@@ -12,6 +12,7 @@ mod filter_kernel;
 mod filter_limits;
 mod fleet;
 mod fleet_cli;
+mod fleet_nats;
 mod full_disk;
 mod fuzz;
 mod interface_loss;

@@ -24,7 +24,8 @@ const GARAGE_OPT_LEVEL: &str = "1";
 /// Debian packages: libpcap for the filter compiler, the peers and traffic tools for tests and
 /// benchmarks, tshark/capinfos to read what we write, Prometheus for the metrics tests,
 /// systemd for `systemd-analyze verify` of the unit, libcap2-bin (capsh) to run a capture with
-/// exactly the unit's capabilities, redis-server for the fleet tests (Redis Streams).
+/// exactly the unit's capabilities, redis-server and nats-server for the fleet tests (Redis
+/// Streams, NATS JetStream).
 const PACKAGES: &[&str] = &[
     "libpcap-dev",
     "tcpdump",
@@ -41,6 +42,7 @@ const PACKAGES: &[&str] = &[
     "systemd",
     "libcap2-bin",
     "redis-server",
+    "nats-server",
 ];
 
 pub fn run(root: &Path) -> anyhow::Result<()> {

@@ -39,7 +39,7 @@ pub enum Command {
     /// tcpdump filter expressions.
     #[command(subcommand)]
     Filter(FilterCommand),
-    /// The fleet through its broker (`[fleet.redis]`): the live nodes, captures on many
+    /// The fleet through its broker (`[fleet.redis]` or `[fleet.nats]`): the live nodes, captures on many
     /// nodes at once.
     #[command(subcommand)]
     Fleet(FleetCommand),
@@ -57,12 +57,18 @@ pub enum FleetCommand {
 /// Where the fleet's broker is.
 #[derive(Args, Debug)]
 pub struct BrokerArgs {
-    /// The broker: redis://[user[:password]@]host:port[/db] or unix:///path (default: the
-    /// `[fleet.redis]` url of the configuration file).
-    #[arg(long, value_name = "URL", env = "TAPSTREAM_REDIS")]
+    /// The broker is Redis: redis://[user[:password]@]host:port[/db] or unix:///path
+    /// (default: the environment's TAPSTREAM_REDIS, else the `[fleet.redis]` url of the
+    /// configuration file).
+    #[arg(long, value_name = "URL")]
     pub redis: Option<String>,
-    /// A daemon configuration file whose `[fleet.redis]` names the broker and its streams
-    /// (default: /etc/tapstream/tapstream.toml if it exists).
+    /// The broker is NATS JetStream: nats://host:port (default: the environment's
+    /// TAPSTREAM_NATS, else the `[fleet.nats]` url of the configuration file; credentials from
+    /// TAPSTREAM_NATS_USER and TAPSTREAM_NATS_PASSWORD, or TAPSTREAM_NATS_TOKEN).
+    #[arg(long, value_name = "URL")]
+    pub nats: Option<String>,
+    /// A daemon configuration file whose `[fleet.redis]` (else `[fleet.nats]`) names the
+    /// broker and its streams (default: /etc/tapstream/tapstream.toml if it exists).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Print JSON.

@@ -12,13 +12,13 @@ use serde_json::json;
 
 use crate::{
     cli::args::{BrokerArgs, FleetCaptureArgs, FleetCommand},
-    config::{Config, RedisSection},
+    config::{Config, NatsSection, RedisSection},
     control::InterfaceState,
     fleet::{
         FleetRequest, Target,
         message::NotAfter,
         presence::Presence,
-        publish::{Answer, Answers, Broker},
+        publish::{Answer, Answers, Broker, BrokerSettings},
     },
 };
 
@@ -34,35 +34,76 @@ pub fn fleet(command: FleetCommand) -> anyhow::Result<()> {
     }
 }
 
-/// The broker's settings: the configuration file's `[fleet.redis]`, its URL replaced by
-/// `--redis` (or `TAPSTREAM_REDIS`) if given.
-fn broker_settings(args: &BrokerArgs) -> anyhow::Result<RedisSection> {
+/// The broker's settings: `--nats URL` (or `TAPSTREAM_NATS`) names a NATS server, `--redis
+/// URL` (or `TAPSTREAM_REDIS`) a Redis one, each with the names of the configuration file's
+/// section for it if it has one; without either, the file's `[fleet.redis]`, else its
+/// `[fleet.nats]`.
+fn broker_settings(args: &BrokerArgs) -> anyhow::Result<BrokerSettings> {
+    broker_settings_in(args, |name| std::env::var(name).ok())
+}
+
+/// A broker's URL given on the command line or in the environment.
+enum Given {
+    Redis(String),
+    Nats(String),
+}
+
+/// [`broker_settings`], with `env` looking the environment up. A flag wins over the
+/// environment (so `--nats` works where `TAPSTREAM_REDIS` is set).
+fn broker_settings_in(
+    args: &BrokerArgs,
+    env: impl Fn(&str) -> Option<String>,
+) -> anyhow::Result<BrokerSettings> {
+    let given = match (&args.redis, &args.nats) {
+        (Some(_), Some(_)) => bail!("--redis and --nats: give one broker"),
+        (Some(url), None) => Some(Given::Redis(url.clone())),
+        (None, Some(url)) => Some(Given::Nats(url.clone())),
+        (None, None) => match (env("TAPSTREAM_REDIS"), env("TAPSTREAM_NATS")) {
+            (Some(_), Some(_)) => {
+                bail!(
+                    "TAPSTREAM_REDIS and TAPSTREAM_NATS are both set: choose with --redis URL or --nats URL"
+                )
+            }
+            (Some(url), None) => Some(Given::Redis(url)),
+            (None, Some(url)) => Some(Given::Nats(url)),
+            (None, None) => None,
+        },
+    };
     let default = Path::new(DEFAULT_CONFIG);
     let file = match &args.config {
         Some(path) => Some((path.as_path(), true)),
         None => default.exists().then_some((default, false)),
     };
-    let mut section = None;
+    let (mut redis, mut nats) = (None, None);
     if let Some((path, explicit)) = file {
         match Config::load(path) {
-            Ok(config) => section = config.fleet.redis,
-            Err(e) if explicit || args.redis.is_none() => return Err(e.into()),
+            Ok(config) => (redis, nats) = (config.fleet.redis, config.fleet.nats),
+            Err(e) if explicit || given.is_none() => return Err(e.into()),
             Err(e) => log::warn!("ignoring {}: {e}", path.display()),
         }
-        if explicit && section.is_none() && args.redis.is_none() {
-            bail!("{} has no [fleet.redis] section: give the broker with --redis URL", path.display());
+        if explicit && redis.is_none() && nats.is_none() && given.is_none() {
+            bail!(
+                "{} has neither [fleet.redis] nor [fleet.nats]: give the broker with --redis URL or --nats URL",
+                path.display()
+            );
         }
     }
-    match (section, &args.redis) {
-        (Some(mut section), Some(url)) => {
-            section.url = url.clone();
-            Ok(section)
+    match given {
+        Some(Given::Nats(url)) => {
+            return Ok(BrokerSettings::Nats(NatsSection { url, ..nats.unwrap_or_default() }));
         }
-        (Some(section), None) => Ok(section),
-        (None, Some(url)) => Ok(RedisSection { url: url.clone(), ..RedisSection::default() }),
-        (None, None) => {
-            bail!("no broker: give --redis URL (or TAPSTREAM_REDIS), or a --config FILE with [fleet.redis]")
+        Some(Given::Redis(url)) => {
+            return Ok(BrokerSettings::Redis(RedisSection { url, ..redis.unwrap_or_default() }));
         }
+        None => {}
+    }
+    match (redis, nats) {
+        (Some(redis), _) => Ok(BrokerSettings::Redis(redis)),
+        (None, Some(nats)) => Ok(BrokerSettings::Nats(nats)),
+        (None, None) => bail!(
+            "no broker: give --redis URL (or TAPSTREAM_REDIS) or --nats URL (or TAPSTREAM_NATS), \
+             or a --config FILE with [fleet.redis] or [fleet.nats]"
+        ),
     }
 }
 
@@ -74,7 +115,12 @@ fn nodes(args: &BrokerArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     if nodes.is_empty() {
-        eprintln!("no live node announces itself under {}*", settings.nodes_prefix);
+        match &settings {
+            BrokerSettings::Redis(s) => eprintln!("no live node announces itself under {}*", s.nodes_prefix),
+            BrokerSettings::Nats(s) => {
+                eprintln!("no live node announces itself in bucket {}", s.nodes_bucket)
+            }
+        }
         return Ok(());
     }
     println!("{:<20} {:<24} {:<32} captures", "node", "labels", "interfaces");
@@ -124,7 +170,7 @@ fn captures(node: &Presence) -> String {
 
 /// `fleet capture`, resolved: the broker, the request, how to follow it.
 struct CapturePlan {
-    settings: RedisSection,
+    settings: BrokerSettings,
     request: FleetRequest,
     wait: bool,
     json: bool,
@@ -325,8 +371,9 @@ mod tests {
             "53",
         ])
         .unwrap();
-        assert_eq!(p.settings.url, "redis://:pw@host");
-        assert_eq!(p.settings.requests_stream, "tapstream:requests");
+        let BrokerSettings::Redis(settings) = &p.settings else { panic!("{:?}", p.settings) };
+        assert_eq!(settings.url, "redis://:pw@host");
+        assert_eq!(settings.requests_stream, "tapstream:requests");
         assert_eq!(p.request.target.labels["site"], "fra1");
         assert_eq!(p.request.target.node_regex.as_deref(), Some("tap-.*"));
         assert_eq!(p.request.capture.filter.as_deref(), Some("udp port 53"));
@@ -339,5 +386,43 @@ mod tests {
         assert!(err.to_string().contains("passed"), "{err}");
         let err = plan(&["--config", "/nonexistent"]).err().unwrap();
         assert!(format!("{err:#}").contains("/nonexistent"), "{err:#}");
+        // NATS, by its flag.
+        let p = plan(&["--nats", "nats://h:4222", "--node", "tap1", "udp"]).unwrap();
+        let BrokerSettings::Nats(settings) = &p.settings else { panic!("{:?}", p.settings) };
+        assert_eq!(settings.url, "nats://h:4222");
+        assert_eq!(settings.requests_subject_prefix, "tapstream.requests");
+        assert!(plan(&["--nats", "nats://h:4222", "--redis", "redis://h"]).is_err(), "one broker at a time");
+    }
+
+    #[test]
+    fn a_broker_flag_wins_over_the_environment() {
+        let args = |redis: Option<&str>, nats: Option<&str>| BrokerArgs {
+            redis: redis.map(str::to_owned),
+            nats: nats.map(str::to_owned),
+            config: None,
+            json: false,
+        };
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |name: &str| vars.iter().find(|(k, _)| *k == name).map(|(_, v)| (*v).to_owned())
+        };
+        let redis_env = env(&[("TAPSTREAM_REDIS", "redis://env")]);
+        let Ok(BrokerSettings::Nats(s)) = broker_settings_in(&args(None, Some("nats://flag:1")), redis_env)
+        else {
+            panic!("--nats wins over TAPSTREAM_REDIS")
+        };
+        assert_eq!(s.url, "nats://flag:1");
+        let Ok(BrokerSettings::Redis(s)) = broker_settings_in(&args(None, None), redis_env) else {
+            panic!("TAPSTREAM_REDIS alone")
+        };
+        assert_eq!(s.url, "redis://env");
+        let Ok(BrokerSettings::Nats(s)) =
+            broker_settings_in(&args(None, None), env(&[("TAPSTREAM_NATS", "nats://env:2")]))
+        else {
+            panic!("TAPSTREAM_NATS alone")
+        };
+        assert_eq!(s.url, "nats://env:2");
+        let both = env(&[("TAPSTREAM_REDIS", "redis://env"), ("TAPSTREAM_NATS", "nats://env:2")]);
+        let err = broker_settings_in(&args(None, None), both).unwrap_err().to_string();
+        assert!(err.contains("both set"), "{err}");
     }
 }

@@ -7,7 +7,11 @@ use crate::{
     cli::serve_metrics,
     config::Config,
     control::{daemon::Daemon, server},
-    fleet::{presence::Heartbeat, redis::RedisFleet},
+    fleet::{
+        nats::NatsFleet,
+        presence::{Heartbeat, NatsHeartbeat},
+        redis::RedisFleet,
+    },
     store::settings::{StoreSettings, hostname},
     sys::Shutdown,
 };
@@ -70,6 +74,16 @@ pub fn daemon(file: &std::path::Path) -> anyhow::Result<()> {
         }
         None => (None, None),
     };
+    // The same through NATS JetStream, beside Redis or instead of it.
+    let (nats, nats_presence) = match daemon.config().fleet.nats.clone() {
+        Some(nats) => runtime.block_on(async {
+            anyhow::Ok((
+                Some(NatsFleet::start(daemon.clone(), &nats, shutdown.clone()).await?),
+                Some(NatsHeartbeat::start(daemon.clone(), &nats, shutdown.clone()).await?),
+            ))
+        })?,
+        None => (None, None),
+    };
     let server = runtime.spawn(server::serve(daemon.clone(), unix, tcp, shutdown.clone()));
     log::info!("daemon ready: control socket {}", socket.display());
     // Running captures' progress is saved every 2 s until the stop, which ends the wait at once.
@@ -78,6 +92,9 @@ pub fn daemon(file: &std::path::Path) -> anyhow::Result<()> {
     }
     log::info!("stopping: running captures end as interrupted, their outputs are finished");
     if let Some(presence) = presence {
+        runtime.block_on(presence.finish(Duration::from_secs(3)));
+    }
+    if let Some(presence) = nats_presence {
         runtime.block_on(presence.finish(Duration::from_secs(3)));
     }
     // New captures are already refused and the server stops accepting; pending waits return
@@ -96,6 +113,9 @@ pub fn daemon(file: &std::path::Path) -> anyhow::Result<()> {
     // The fleet's last events (the captures' ends) go out now.
     if let Some(fleet) = fleet {
         runtime.block_on(fleet.finish(Duration::from_secs(3)));
+    }
+    if let Some(nats) = nats {
+        runtime.block_on(nats.finish(Duration::from_secs(3)));
     }
     // A recovery under way (an upload to a slow or unreachable store) gets a little longer;
     // what it has not finished then stays in the spool and in the captures' state, and the

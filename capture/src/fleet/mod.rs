@@ -13,10 +13,12 @@
 //! the daemon's state directory: events are sent at least once, across broker outages and
 //! daemon restarts, and a capture cut by the daemon's death is reported, once, as interrupted.
 //!
-//! [`Node`] is this decision, whatever the broker; [`redis`] reads and writes Redis Streams.
+//! [`Node`] is this decision, whatever the broker; [`redis`] reads and writes Redis Streams,
+//! [`nats`] NATS JetStream.
 
 pub mod event;
 pub mod message;
+pub mod nats;
 pub mod pcapdaemon;
 pub mod presence;
 pub mod publish;
@@ -382,6 +384,14 @@ impl Node {
     /// This node's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Counts a message a transport saw was for another node (by its address, before any
+    /// decision): acknowledge it, report nothing.
+    pub fn not_for_this_node(&self) -> Outcome {
+        metrics::counter!(crate::metrics::FLEET_REQUESTS_RECEIVED).increment(1);
+        metrics::counter!(crate::metrics::FLEET_REQUESTS, "outcome" => "ignored").increment(1);
+        Outcome::Ignored
     }
 
     /// Decides one message (`None`: it had no request body) and reports it. Blocks: it may

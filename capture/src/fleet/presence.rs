@@ -2,7 +2,10 @@
 //!
 //! Every [`HEARTBEAT`] a daemon with `[fleet.redis]` sets the key `<nodes_prefix><node>` to a
 //! [`Presence`] (JSON), expiring after [`TTL`]: a node that dies vanishes within 15 s; one that
-//! stops in order deletes its key. `tapstream fleet nodes` lists these keys.
+//! stops in order deletes its key. `tapstream fleet nodes` lists these keys. With
+//! `[fleet.nats]` it puts the same under the key `<node>` of the key-value bucket
+//! `nodes_bucket` (created when missing, its entries expiring after [`TTL`]), and purges it
+//! when it stops in order ([`NatsHeartbeat`]).
 //!
 //! ```json
 //! {"node": "tap-fra1-01", "version": "0.1.0", "labels": {"site": "fra1"},
@@ -17,9 +20,12 @@ use ::redis::{AsyncConnectionConfig, Client, aio::MultiplexedConnection};
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 
-use super::redis::{FleetRedisError, client, mask_password};
+use super::{
+    nats::FleetNatsError,
+    redis::{FleetRedisError, client, mask_password},
+};
 use crate::{
-    config::RedisSection,
+    config::{NatsSection, RedisSection},
     control::{CaptureState, InterfaceInfo, daemon::Daemon},
     sys::Shutdown,
 };
@@ -174,6 +180,134 @@ async fn beat(daemon: Arc<Daemon>, client: Client, shown: String, key: String, s
     match deleted {
         Ok(()) => log::info!("fleet: presence {key} withdrawn"),
         Err(e) => log::warn!("fleet: cannot withdraw presence {key} ({e}); it expires within {TTL:?}"),
+    }
+}
+
+/// The stream behind the key-value bucket of the nodes' presence in NATS (`KV_<bucket>`, as
+/// the key-value API lays it out): one entry per node, none kept past [`TTL`]. Made as a stream
+/// because the client's `create_key_value` first asks for the account's info, whose reply from
+/// nats-server 2.9 it cannot read.
+pub fn nats_bucket(settings: &NatsSection) -> async_nats::jetstream::stream::Config {
+    use async_nats::jetstream::stream;
+    let bucket = &settings.nodes_bucket;
+    stream::Config {
+        name: format!("KV_{bucket}"),
+        description: Some("tapstream nodes: each node's presence, expiring without a heartbeat".into()),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        max_age: TTL,
+        storage: stream::StorageType::File,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::New,
+        ..Default::default()
+    }
+}
+
+/// The NATS heartbeat task of a daemon; it purges its key when the shutdown comes.
+pub struct NatsHeartbeat {
+    task: JoinHandle<()>,
+}
+
+impl NatsHeartbeat {
+    /// Starts announcing `daemon` in the nodes bucket on the current tokio runtime until
+    /// `shutdown`.
+    pub async fn start(
+        daemon: Arc<Daemon>,
+        settings: &NatsSection,
+        shutdown: Shutdown,
+    ) -> Result<Self, FleetNatsError> {
+        let client =
+            super::nats::client(settings, &format!("tapstream {} presence", daemon.node()), true).await?;
+        let js = async_nats::jetstream::ContextBuilder::new().timeout(Duration::from_secs(2)).build(client);
+        let shown = super::nats::mask(&settings.url);
+        let bucket = settings.nodes_bucket.clone();
+        Ok(Self { task: tokio::spawn(beat_nats(daemon, js, shown, bucket, nats_bucket(settings), shutdown)) })
+    }
+
+    /// After the shutdown: waits up to `grace` for the key to be purged.
+    pub async fn finish(self, grace: Duration) {
+        if tokio::time::timeout(grace, self.task).await.is_err() {
+            log::warn!(
+                "fleet: this node's presence in NATS could not be withdrawn; it expires within {TTL:?}"
+            );
+        }
+    }
+}
+
+/// The nodes bucket, created when missing.
+async fn nodes_store(
+    js: &async_nats::jetstream::Context,
+    bucket: &str,
+    stream: &async_nats::jetstream::stream::Config,
+) -> Result<async_nats::jetstream::kv::Store, async_nats::Error> {
+    js.get_or_create_stream(stream.clone()).await?;
+    Ok(js.get_key_value(bucket).await?)
+}
+
+async fn beat_nats(
+    daemon: Arc<Daemon>,
+    js: async_nats::jetstream::Context,
+    shown: String,
+    bucket: String,
+    stream: async_nats::jetstream::stream::Config,
+    shutdown: Shutdown,
+) {
+    let key = daemon.node().to_owned();
+    let mut store = None;
+    let mut failing = false;
+    while !shutdown.is_set() {
+        let json = match serde_json::to_vec(&Presence::of(&daemon)) {
+            Ok(json) => json,
+            Err(e) => {
+                log::error!("fleet: cannot describe this node: {e}");
+                return;
+            }
+        };
+        let result = async {
+            if store.is_none() {
+                store = Some(nodes_store(&js, &bucket, &stream).await?);
+            }
+            store.as_ref().expect("made above").put(&key, json.into()).await?;
+            Ok::<_, async_nats::Error>(())
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                if failing {
+                    log::info!("fleet: presence in NATS bucket {} on {shown} again", bucket);
+                }
+                failing = false;
+            }
+            Err(e) => {
+                store = None;
+                if !failing {
+                    log::warn!("fleet: cannot announce this node in NATS bucket {} on {shown}: {e}", bucket);
+                }
+                failing = true;
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(HEARTBEAT) => {}
+            () = shutdown.wait() => {}
+        }
+    }
+    // An orderly stop: withdraw at once rather than expire.
+    let purged = async {
+        let store = match store {
+            Some(store) => store,
+            None => nodes_store(&js, &bucket, &stream).await?,
+        };
+        store.purge(&key).await?;
+        Ok::<_, async_nats::Error>(())
+    }
+    .await;
+    match purged {
+        Ok(()) => log::info!("fleet: presence {key} withdrawn from NATS bucket {}", bucket),
+        Err(e) => {
+            log::warn!("fleet: cannot withdraw presence {key} from NATS ({e}); it expires within {TTL:?}")
+        }
     }
 }
 

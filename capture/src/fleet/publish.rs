@@ -1,8 +1,9 @@
 //! The operator's side of the fleet: the live nodes, publishing a request, and following what
 //! each node answers.
 //!
-//! [`Broker`] speaks to Redis (blocking: the CLI has no runtime); [`Answers`] folds the
-//! events of one request into one answer per node, and says when nothing more is to come.
+//! [`Broker`] speaks to Redis or NATS JetStream (blocking: the CLI has no runtime of its own;
+//! NATS calls run on a small one); [`Answers`] folds the events of one request into one answer
+//! per node, and says when nothing more is to come.
 
 use std::{
     collections::BTreeMap,
@@ -17,10 +18,11 @@ use serde::Serialize;
 
 use super::{
     Event, FleetRequest, RefusalCode, What,
+    nats::FleetNatsError,
     presence::Presence,
     redis::{FleetRedisError, REQUEST_FIELD, client, mask_password},
 };
-use crate::config::RedisSection;
+use crate::config::{NatsSection, RedisSection};
 
 /// Errors speaking to the broker.
 #[derive(Debug, thiserror::Error)]
@@ -35,17 +37,77 @@ pub enum PublishError {
     },
     #[error("encode the request: {0}")]
     Json(#[from] serde_json::Error),
+    #[error(transparent)]
+    NatsUrl(#[from] FleetNatsError),
+    #[error("NATS at {url}: {message}")]
+    Nats { url: String, message: String },
+}
+
+/// The fleet's broker and its names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BrokerSettings {
+    Redis(RedisSection),
+    Nats(NatsSection),
 }
 
 /// A connection to the fleet's broker.
-pub struct Broker {
+/// (Both boxed: they differ much in size, and one is made per command.)
+pub enum Broker {
+    Redis(Box<RedisBroker>),
+    Nats(Box<NatsBroker>),
+}
+
+impl Broker {
+    pub fn connect(settings: &BrokerSettings) -> Result<Self, PublishError> {
+        Ok(match settings {
+            BrokerSettings::Redis(s) => Self::Redis(Box::new(RedisBroker::connect(s)?)),
+            BrokerSettings::Nats(s) => Self::Nats(Box::new(NatsBroker::connect(s)?)),
+        })
+    }
+
+    /// The URL, credentials masked.
+    pub fn shown(&self) -> &str {
+        match self {
+            Self::Redis(b) => b.shown(),
+            Self::Nats(b) => &b.shown,
+        }
+    }
+
+    /// The live nodes, by name.
+    pub fn nodes(&mut self) -> Result<Vec<Presence>, PublishError> {
+        match self {
+            Self::Redis(b) => b.nodes(),
+            Self::Nats(b) => b.nodes(),
+        }
+    }
+
+    /// Publishes `request`; returns the events' position just before, from which
+    /// [`Broker::events`] reads its answers.
+    pub fn publish(&mut self, request: &FleetRequest) -> Result<String, PublishError> {
+        match self {
+            Self::Redis(b) => b.publish(request),
+            Self::Nats(b) => b.publish(request),
+        }
+    }
+
+    /// The events after `cursor`, waiting up to `block` for one; moves `cursor` past them.
+    pub fn events(&mut self, cursor: &mut String, block: Duration) -> Result<Vec<Event>, PublishError> {
+        match self {
+            Self::Redis(b) => b.events(cursor, block),
+            Self::Nats(b) => b.events(cursor, block),
+        }
+    }
+}
+
+/// A connection to Redis.
+pub struct RedisBroker {
     conn: Connection,
     settings: RedisSection,
     /// The URL with its password masked.
     shown: String,
 }
 
-impl Broker {
+impl RedisBroker {
     pub fn connect(settings: &RedisSection) -> Result<Self, PublishError> {
         let shown = mask_password(&settings.url);
         let conn = client(settings)?
@@ -143,6 +205,140 @@ impl Broker {
             match json.map(|j| serde_json::from_str::<Event>(&j)) {
                 Some(Ok(event)) => events.push(event),
                 _ => log::debug!("events entry {} is not an event", entry.id),
+            }
+        }
+        Ok(events)
+    }
+}
+
+/// A connection to NATS JetStream, on a runtime of its own (the CLI blocks).
+pub struct NatsBroker {
+    rt: tokio::runtime::Runtime,
+    js: async_nats::jetstream::Context,
+    settings: NatsSection,
+    /// The URL without credentials.
+    shown: String,
+}
+
+impl NatsBroker {
+    pub fn connect(settings: &NatsSection) -> Result<Self, PublishError> {
+        let shown = super::nats::mask(&settings.url);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| PublishError::Nats { url: shown.clone(), message: e.to_string() })?;
+        let js = rt.block_on(async {
+            let client = super::nats::client(settings, "tapstream fleet", false).await?;
+            Ok::<_, FleetNatsError>(
+                async_nats::jetstream::ContextBuilder::new().timeout(Duration::from_secs(5)).build(client),
+            )
+        })?;
+        Ok(Self { rt, js, settings: settings.clone(), shown })
+    }
+
+    fn failed(&self) -> impl Fn(async_nats::Error) -> PublishError + '_ {
+        |e| PublishError::Nats { url: self.shown.clone(), message: e.to_string() }
+    }
+
+    /// The live nodes (the entries of the nodes bucket), by name.
+    fn nodes(&mut self) -> Result<Vec<Presence>, PublishError> {
+        use futures_util::TryStreamExt as _;
+        let (js, bucket) = (&self.js, &self.settings.nodes_bucket);
+        let found = self.rt.block_on(async {
+            // No bucket: no node has announced itself yet.
+            let Ok(store) = js.get_key_value(bucket.as_str()).await else { return Ok(Vec::new()) };
+            let keys: Vec<String> = store.keys().await?.try_collect().await?;
+            let mut found = Vec::new();
+            for key in keys {
+                // Expired since the listing: gone.
+                if let Some(value) = store.get(&key).await? {
+                    found.push((key, value));
+                }
+            }
+            Ok::<_, async_nats::Error>(found)
+        });
+        let mut nodes = Vec::new();
+        for (key, value) in found.map_err(self.failed())? {
+            match serde_json::from_slice::<Presence>(&value) {
+                Ok(presence) => nodes.push(presence),
+                Err(e) => log::warn!("{key} in bucket {bucket} is not a node's presence: {e}"),
+            }
+        }
+        nodes.sort_by(|a, b| a.node.cmp(&b.node));
+        Ok(nodes)
+    }
+
+    /// The last sequence of the events stream (0: none yet).
+    async fn last_event(js: &async_nats::jetstream::Context, stream: &str) -> Result<u64, async_nats::Error> {
+        match js.get_stream(stream).await {
+            Ok(stream) => Ok(stream.get_info().await?.state.last_sequence),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    async_nats::jetstream::context::GetStreamErrorKind::JetStream(j)
+                        if j.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND
+                ) =>
+            {
+                Ok(0)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Publishes `request` on the subject of the node it names, else on `.all`, with its id as
+    /// `Nats-Msg-Id`, and waits for the server's acknowledgement.
+    fn publish(&mut self, request: &FleetRequest) -> Result<String, PublishError> {
+        let json = serde_json::to_vec(request)?;
+        let s = &self.settings;
+        let to = match request.target.node.as_deref() {
+            Some(node) if node != "any" => node,
+            _ => "all",
+        };
+        let subject = format!("{}.{to}", s.requests_subject_prefix);
+        let js = &self.js;
+        let cursor = self.rt.block_on(async {
+            let cursor = Self::last_event(js, &s.events_stream).await?;
+            let publish = async_nats::jetstream::message::PublishMessage::build()
+                .payload(json.into())
+                .message_id(&request.id);
+            js.send_publish(subject, publish).await?.await?;
+            Ok::<_, async_nats::Error>(cursor)
+        });
+        Ok(cursor.map_err(self.failed())?.to_string())
+    }
+
+    /// The events after sequence `cursor`, waiting up to `block` for one.
+    fn events(&mut self, cursor: &mut String, block: Duration) -> Result<Vec<Event>, PublishError> {
+        let after: u64 = cursor.parse().unwrap_or(0);
+        let (js, stream) = (&self.js, &self.settings.events_stream);
+        let read = self.rt.block_on(async {
+            let deadline = tokio::time::Instant::now() + block;
+            loop {
+                let last = Self::last_event(js, stream).await?;
+                if last > after {
+                    let stream = js.get_stream(stream).await?;
+                    let mut read = Vec::new();
+                    for seq in after + 1..=last.min(after + 256) {
+                        // Removed (the stream's limit): skipped.
+                        if let Ok(message) = stream.get_raw_message(seq).await {
+                            read.push((seq, message.payload));
+                        }
+                    }
+                    return Ok::<_, async_nats::Error>((last.min(after + 256), read));
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Ok((after, Vec::new()));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        let (last, read) = read.map_err(self.failed())?;
+        *cursor = last.to_string();
+        let mut events = Vec::new();
+        for (seq, payload) in read {
+            match serde_json::from_slice::<Event>(&payload) {
+                Ok(event) => events.push(event),
+                Err(_) => log::debug!("events message {seq} is not an event"),
             }
         }
         Ok(events)

@@ -94,7 +94,7 @@ impl RedisFleet {
         settings: &RedisSection,
         shutdown: Shutdown,
     ) -> Result<Self, FleetRedisError> {
-        crate::metrics::register_fleet(super::RefusalCode::ALL.map(super::RefusalCode::as_str));
+        crate::metrics::register_fleet(super::RefusalCode::ALL.map(super::RefusalCode::as_str), "redis");
         let shown = mask_password(&settings.url);
         let client = client(settings)?;
         let node_name = daemon.node().to_owned();
@@ -232,7 +232,11 @@ async fn connect(link: &Link) -> Result<MultiplexedConnection, RedisError> {
 }
 
 fn connected(up: bool) {
-    metrics::gauge!(crate::metrics::FLEET_BROKER_CONNECTED).set(if up { 1.0 } else { 0.0 });
+    metrics::gauge!(crate::metrics::FLEET_BROKER_CONNECTED, "transport" => "redis").set(if up {
+        1.0
+    } else {
+        0.0
+    });
 }
 
 /// Reads and decides requests until `shutdown`; reconnects after errors.

@@ -8,12 +8,14 @@
 //!   generated frames;
 //! - [`Garage`]: an S3-compatible server on a free loopback port, with its own directory,
 //!   keys and bucket;
-//! - [`Redis`]: a Redis server on a Unix socket (which daemons in any namespace reach).
+//! - [`Redis`]: a Redis server on a Unix socket (which daemons in any namespace reach);
+//! - [`Nats`]: a NATS server with JetStream in a hub namespace, linked to others by veth.
 //!
 //! Everything here needs root (or CAP_NET_ADMIN and CAP_SYS_ADMIN) and the tools that
 //! `cargo xtask setup` installs.
 
 mod garage;
+mod nats;
 mod netns;
 mod prometheus;
 mod redis;
@@ -22,6 +24,7 @@ mod sender;
 use std::path::PathBuf;
 
 pub use garage::Garage;
+pub use nats::Nats;
 pub use netns::{Netns, VethPair};
 pub use prometheus::Prometheus;
 pub use redis::Redis;
