@@ -132,10 +132,18 @@ pub struct FleetSection {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NatsSection {
-    /// The server: `nats://host:port`. A user and password may come from the environment
-    /// variables `TAPSTREAM_NATS_USER` and `TAPSTREAM_NATS_PASSWORD`, or a token from
-    /// `TAPSTREAM_NATS_TOKEN`; they are never logged.
+    /// The server: `nats://host:port`, or `tls://host:port` for TLS. A user and password may
+    /// come from the environment variables `TAPSTREAM_NATS_USER` and `TAPSTREAM_NATS_PASSWORD`,
+    /// or a token from `TAPSTREAM_NATS_TOKEN`; they are never logged.
     pub url: String,
+    /// With `tls://`: PEM certificates of the authorities trusted for the server's
+    /// certificate; none: the system's.
+    pub tls_ca_file: Option<PathBuf>,
+    /// With `tls://`, for servers that verify clients: this node's certificate (PEM), with
+    /// `tls_key_file`.
+    pub tls_cert_file: Option<PathBuf>,
+    /// The key of `tls_cert_file` (PEM). Keep it readable by the daemon only.
+    pub tls_key_file: Option<PathBuf>,
     /// JetStream stream the capture requests are kept in (created when missing).
     pub requests_stream: String,
     /// Requests are published on `<requests_subject_prefix>.<node>` (for one node) or
@@ -173,6 +181,9 @@ impl Default for NatsSection {
     fn default() -> Self {
         Self {
             url: "nats://127.0.0.1:4222".into(),
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
             requests_stream: "TAPSTREAM_REQUESTS".into(),
             requests_subject_prefix: "tapstream.requests".into(),
             events_stream: "TAPSTREAM_EVENTS".into(),
@@ -262,10 +273,23 @@ impl NatsSection {
     /// Checks the section; an error names the field (without the section's path).
     fn validate(&self) -> Result<(), (&'static str, String)> {
         let Some((scheme, rest)) = self.url.split_once("://") else {
-            return Err(("url", "must be nats://host:port".into()));
+            return Err(("url", "must be nats://host:port or tls://host:port".into()));
         };
-        if scheme != "nats" || rest.is_empty() || rest.contains(['/', '?', ' ']) {
-            return Err(("url", "must be nats://host:port".into()));
+        if !matches!(scheme, "nats" | "tls") || rest.is_empty() || rest.contains(['/', '?', ' ']) {
+            return Err(("url", "must be nats://host:port or tls://host:port".into()));
+        }
+        let tls_files = [
+            ("tls_ca_file", &self.tls_ca_file),
+            ("tls_cert_file", &self.tls_cert_file),
+            ("tls_key_file", &self.tls_key_file),
+        ];
+        if scheme != "tls"
+            && let Some((field, _)) = tls_files.iter().find(|(_, f)| f.is_some())
+        {
+            return Err((field, "is for a tls:// url only".into()));
+        }
+        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
+            return Err(("tls_key_file", "give tls_cert_file and tls_key_file together".into()));
         }
         for (field, name) in [
             ("requests_stream", &self.requests_stream),

@@ -53,6 +53,9 @@ impl Hub {
         if let Some((user, password)) = nats.credentials() {
             options = options.user_and_password(user.into(), password.into());
         }
+        if nats.tls() {
+            options = options.require_tls(true).add_root_certificates(nats.ca_file());
+        }
         let js = rt
             .block_on(rt.spawn(async move {
                 let client = options.connect(url).await;
@@ -594,4 +597,49 @@ fn credentials_come_from_the_environment_and_stay_out_of_the_log() {
     // The streams and the consumer it made have the configuration's settings.
     assert!(!log.contains("are not applied"), "{log}");
     assert!(!log.contains("n4ts-s3cret-pw"), "the password is in the log:\n{log}");
+}
+
+#[test]
+fn a_node_and_an_operator_reach_nats_over_tls_and_a_wrong_authority_is_named() {
+    let nats = Nats::start_tls();
+    let hub = Hub::connect(&nats);
+    let veth = VethPair::new(1);
+    let url = nats.link(&veth.capture_ns).replace("nats://", "tls://");
+    let broker = |ca: &Path| {
+        format!("[fleet.nats]\nurl = \"{url}\"\ntls_ca_file = \"{}\"\nack_wait_secs = 2\n", ca.display())
+    };
+    let daemon = TestDaemon::start_as(&veth, "ntls", &broker(&nats.ca_file()));
+    hub.wait_consumer("ntls");
+    hub.publish("ntls", "ntls-1", &request("ntls-1", json!({"node": "ntls"}), 20));
+    hub.wait_events("ntls-1", "started", &["ntls"]);
+    let sent = send(&veth, 0..60);
+    let finished = hub.wait_events("ntls-1", "finished", &["ntls"]);
+    check_finished(&finished[0].event, &daemon, "ntls-1", &sent);
+
+    // The operator's CLI on the host with the node's configuration lists it over TLS; trusting
+    // another authority, it fails saying why.
+    let cli = |config: &Path| {
+        veth.capture_ns
+            .command(tapstream_bin())
+            .args(["fleet", "nodes", "--json", "--config"])
+            .arg(config)
+            .env_remove("TAPSTREAM_NATS")
+            .env_remove("TAPSTREAM_REDIS")
+            .output()
+            .expect("run fleet nodes")
+    };
+    let right = daemon.dir.path().join("tapstream.toml");
+    let wrong = daemon.dir.path().join("wrong-ca.toml");
+    let ca = nats.ca_file().display().to_string();
+    let text = std::fs::read_to_string(&right).unwrap();
+    assert!(text.contains(&ca));
+    std::fs::write(&wrong, text.replace(&ca, &nats.other_ca_file().display().to_string())).unwrap();
+    eventually("ntls in fleet nodes over TLS", || {
+        let nodes: Vec<Value> = serde_json::from_slice(&cli(&right).stdout).ok()?;
+        nodes.iter().any(|n| n["node"] == "ntls").then_some(())
+    });
+    let out = cli(&wrong);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("UnknownIssuer") || stderr.contains("unknown issuer"), "{stderr}");
 }

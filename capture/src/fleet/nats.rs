@@ -122,6 +122,15 @@ pub async fn client(
         Some(Credentials::Token(token)) => options = options.token(token),
         None => {}
     }
+    if settings.url.starts_with("tls://") {
+        options = options.require_tls(true);
+        if let Some(ca) = &settings.tls_ca_file {
+            options = options.add_root_certificates(ca.clone());
+        }
+        if let (Some(cert), Some(key)) = (&settings.tls_cert_file, &settings.tls_key_file) {
+            options = options.add_client_certificate(cert.clone(), key.clone());
+        }
+    }
     let logged = shown.clone();
     if background {
         options = options.retry_on_initial_connect();

@@ -20,6 +20,7 @@ mod netns;
 mod prometheus;
 mod redis;
 mod sender;
+mod tls;
 
 use std::path::PathBuf;
 

@@ -32,7 +32,12 @@ pub struct Nats {
     links: AtomicU32,
     /// The user and password clients must give, if any.
     credentials: Option<(String, String)>,
+    /// Whether it requires TLS (certificates in its directory).
+    tls: bool,
 }
+
+/// Links a hub's server certificate names: `10.99.<k>.1` for `k` below this.
+const TLS_LINKS: u32 = 16;
 
 impl Nats {
     /// Starts a server in a new hub namespace and waits until JetStream is ready.
@@ -45,11 +50,27 @@ impl Nats {
         Self::start_with(Some((user.to_owned(), password.to_owned())))
     }
 
+    /// Like [`Nats::start`], with a server that requires TLS, its certificate (for 127.0.0.1
+    /// and the hub's end of its first links) signed by [`Nats::ca_file`].
+    pub fn start_tls() -> Self {
+        Self::start_full(None, true)
+    }
+
     fn start_with(credentials: Option<(String, String)>) -> Self {
+        Self::start_full(credentials, false)
+    }
+
+    fn start_full(credentials: Option<(String, String)>, tls: bool) -> Self {
         let dir = tempfile::Builder::new().prefix("tapstream-nats-").tempdir().expect("temp dir");
+        if tls {
+            let sans: Vec<String> = std::iter::once("IP:127.0.0.1".to_owned())
+                .chain((0..TLS_LINKS).map(|k| format!("IP:10.99.{k}.1")))
+                .collect();
+            crate::tls::make_certificates(dir.path(), &sans);
+        }
         let hub = Netns::new("tsnats");
-        let child = Self::spawn(&hub, &dir, credentials.as_ref());
-        let mut nats = Self { child, dir, hub, links: AtomicU32::new(0), credentials };
+        let child = Self::spawn(&hub, &dir, credentials.as_ref(), tls);
+        let mut nats = Self { child, dir, hub, links: AtomicU32::new(0), credentials, tls };
         crate::wait_ready(&mut nats, Duration::from_secs(10));
         nats
     }
@@ -59,7 +80,12 @@ impl Nats {
         self.credentials.as_ref().map(|(u, p)| (u.as_str(), p.as_str()))
     }
 
-    fn spawn(hub: &Netns, dir: &tempfile::TempDir, credentials: Option<&(String, String)>) -> Child {
+    fn spawn(
+        hub: &Netns,
+        dir: &tempfile::TempDir,
+        credentials: Option<&(String, String)>,
+        tls: bool,
+    ) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -68,6 +94,10 @@ impl Nats {
         let mut command = hub.command("nats-server");
         if let Some((user, password)) = credentials {
             command.args(["--user", user, "--pass", password]);
+        }
+        if tls {
+            command.arg("--tls").arg("--tlscert").arg(dir.path().join("server.pem"));
+            command.arg("--tlskey").arg(dir.path().join("server.key"));
         }
         command
             .args(["-js", "-a", "0.0.0.0", "-p", &PORT.to_string(), "-m", &MONITOR_PORT.to_string()])
@@ -94,7 +124,7 @@ impl Nats {
     /// `.2`, a distinct `k` per link) and returns the URL processes in `ns` use.
     pub fn link(&self, ns: &Netns) -> String {
         let k = self.links.fetch_add(1, Ordering::Relaxed);
-        assert!(k < 256, "too many links to one hub");
+        assert!(k < 256 && (!self.tls || k < TLS_LINKS), "too many links to one hub");
         let (hub_if, ns_if) = (unique_name("nh"), unique_name("nl"));
         run(std::process::Command::new("ip").args([
             "link",
@@ -128,8 +158,23 @@ impl Nats {
     /// after [`Nats::kill`], or killing it first, and waits until JetStream is ready.
     pub fn restart(&mut self) {
         self.kill();
-        self.child = Self::spawn(&self.hub, &self.dir, self.credentials.as_ref());
+        self.child = Self::spawn(&self.hub, &self.dir, self.credentials.as_ref(), self.tls);
         crate::wait_ready(self, Duration::from_secs(10));
+    }
+
+    /// Whether it requires TLS ([`Nats::start_tls`]).
+    pub fn tls(&self) -> bool {
+        self.tls
+    }
+
+    /// The authority that signed the certificate of a server started with [`Nats::start_tls`].
+    pub fn ca_file(&self) -> std::path::PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// An authority that signed nothing of this server.
+    pub fn other_ca_file(&self) -> std::path::PathBuf {
+        self.dir.path().join("other-ca.pem")
     }
 
     /// The server's log so far.

@@ -67,7 +67,7 @@ impl Redis {
         std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .expect("chmod the redis dir");
         if tls_netns.is_some() {
-            make_certificates(dir.path());
+            crate::tls::make_certificates(dir.path(), &["IP:127.0.0.1".to_owned()]);
         }
         if let Some(config) = config {
             std::fs::write(dir.path().join(CONFIG_FILE), config).expect("write the configuration file");
@@ -198,59 +198,4 @@ impl crate::Server for Redis {
     fn log(&self) -> String {
         Redis::log(self)
     }
-}
-
-/// Makes in `dir`: an authority (`ca.pem`), a certificate for 127.0.0.1 it signed
-/// (`server.pem`, `server.key`), and an unrelated authority (`other-ca.pem`).
-fn make_certificates(dir: &std::path::Path) {
-    let openssl = |args: &[&str]| {
-        crate::run(Command::new("openssl").current_dir(dir).args(args));
-    };
-    for ca in ["ca", "other-ca"] {
-        openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN=tapstream test {ca}"),
-            "-keyout",
-            &format!("{ca}.key"),
-            "-out",
-            &format!("{ca}.pem"),
-        ]);
-    }
-    openssl(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        "/CN=127.0.0.1",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-    ]);
-    std::fs::write(dir.join("server.ext"), "subjectAltName = IP:127.0.0.1\n").expect("write server.ext");
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        "server.ext",
-        "-out",
-        "server.pem",
-    ]);
 }
