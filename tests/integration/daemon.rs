@@ -356,8 +356,9 @@ fn bad_requests_are_refused_with_the_reason_and_disturb_nothing() {
     assert!(!out.status.success() && err.contains("syntax error") && err.contains("400"), "{err}");
 
     // What the kernel cannot run: the reason.
-    let out = daemon.cli(&["start", "-i", "tap", "ip", "protochain", "6"]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("protochain"));
+    let out = daemon.cli(&["start", "-i", "tap", "inbound"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("SKF_AD"), "{err}");
 
     // Malformed JSON, an unknown field, a wrong type: 400 with serde's reason.
     for (body, reason) in [

@@ -96,7 +96,7 @@ fn count() -> impl Strategy<Value = Value> {
 
 fn filter() -> impl Strategy<Value = Value> {
     prop_oneof![
-        3 => prop::sample::select(vec!["udp port 9", "tcp", "arp or icmp", "vlan and udp", "ip protochain 6", "tcp port"])
+        3 => prop::sample::select(vec!["udp port 9", "tcp", "arp or icmp", "vlan and udp", "ip protochain 6", "inbound", "tcp port"])
             .prop_map(Value::from),
         // A few hosts compile in milliseconds; 700 are over the length limit, refused unread.
         1 => prop_oneof![1usize..40, Just(700)].prop_map(|n| Value::from(vec!["host 10.0.0.1"; n].join(" or "))),
