@@ -240,7 +240,22 @@ impl Daemon {
 
         let shared = self.shared.clone();
         let done_id = id.clone();
-        let on_done: OnDone = Box::new(move |result| shared.finish(&done_id, result));
+        let (catalog, store, url) =
+            (plan.labels.catalog.clone(), self.config.store.clone(), destination.clone());
+        let on_done: OnDone = Box::new(move |result| {
+            // The manifest's last write, before the capture is reported finished (on the
+            // thread that finishes it, never an interface's).
+            if let (Ok(summary), Some(catalog)) = (&result, &catalog) {
+                catalog.end(summary.catalog_end());
+                if let Err(e) = store.write_catalog(&url, catalog) {
+                    log::warn!(
+                        "capture {done_id}: cannot write its manifest to the catalog: {}",
+                        report::chain(&e)
+                    );
+                }
+            }
+            shared.finish(&done_id, result)
+        });
         let on_done = if several { gather(aliases.clone(), on_done) } else { vec![on_done] };
         // Its limits apply to the sum of its interfaces.
         let budget = Budget::new();
@@ -386,6 +401,7 @@ impl Daemon {
                 node: self.node.clone(),
                 part: None,
                 metadata: Vec::new(),
+                catalog: None,
             };
             let result = self.config.store.recover_capture(&destination, labels);
             let mut captures = self.shared.lock();
