@@ -143,13 +143,17 @@ fn output(write: Option<&std::path::Path>) -> anyhow::Result<Box<dyn std::io::Wr
 fn window(select: &SelectArgs) -> anyhow::Result<(u64, u64)> {
     let (since, until) = (select.since.unwrap_or(0), select.until.unwrap_or(u64::MAX));
     if since > until {
-        bail!(
-            "--since {} is after --until {}: the window is empty",
-            humantime::format_rfc3339_nanos(time_of(since)),
-            humantime::format_rfc3339_nanos(time_of(until))
-        );
+        bail!("--since {} is after --until {}: the window is empty", exact_time(since), exact_time(until));
     }
     Ok((since, until))
+}
+
+/// `ns` in RFC 3339, with as many decimals as it needs.
+fn exact_time(ns: u64) -> String {
+    match ns % 1_000_000_000 {
+        0 => humantime::format_rfc3339_seconds(time_of(ns)).to_string(),
+        _ => humantime::format_rfc3339_nanos(time_of(ns)).to_string(),
+    }
 }
 
 fn time_of(ns: u64) -> std::time::SystemTime {

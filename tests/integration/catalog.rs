@@ -1,0 +1,326 @@
+//! The catalog in a real Garage: captures of two nodes listed with `tapstream ls` (also while
+//! they run), and read back over the prefix with `tapstream read`, merged, windowed and
+//! filtered, against what libpcap (through tcpdump) accepts of the objects read whole.
+
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use tapstream::store::{ObjectMeta, Sink, catalog::Manifest};
+use tapstream_testenv::{CORPUS_RING_SIZE, Garage, Netns, Sender, VethPair, corpus_frames, unique_name};
+
+use crate::{
+    common::{Running, eventually, tapstream_bin},
+    recovery::zstd_d,
+    upload::{raw_object, s3_args, sink},
+};
+
+/// `tapstream COMMAND ARGS` (with the store's flags, before a filter's words, and credentials)
+/// in `ns`: (success, stdout, stderr).
+fn tapstream(ns: &Netns, garage: &Garage, args: &[&str]) -> (bool, Vec<u8>, String) {
+    let out = ns
+        .command(tapstream_bin())
+        .arg(args[0])
+        .args(s3_args(garage))
+        .args(&args[1..])
+        .envs(garage.aws_env())
+        .output()
+        .expect("run tapstream");
+    (out.status.success(), out.stdout, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// `tapstream ls URL --json ARGS`: the captures listed.
+fn ls(ns: &Netns, garage: &Garage, url: &str, args: &[&str]) -> Vec<Manifest> {
+    let all: Vec<&str> = ["ls", url, "--json"].into_iter().chain(args.iter().copied()).collect();
+    let (ok, stdout, stderr) = tapstream(ns, garage, &all);
+    assert!(ok, "tapstream ls {args:?} failed: {stderr}");
+    serde_json::from_slice(&stdout).unwrap_or_else(|e| panic!("ls --json is not JSON ({e}): {stderr}"))
+}
+
+fn ids(captures: &[Manifest]) -> Vec<String> {
+    let mut ids: Vec<String> = captures.iter().map(|m| m.capture_id.clone()).collect();
+    ids.sort();
+    ids
+}
+
+/// The records of a PCAP file (nanosecond timestamps): (time, length on the wire, bytes).
+fn records(pcap: &[u8]) -> Vec<(u64, u32, Vec<u8>)> {
+    let reader = tapstream_pcap::Reader::new(pcap).expect("a PCAP header");
+    assert!(reader.header().nanos, "nanosecond timestamps");
+    reader
+        .map(|r| r.map(|r| (r.ts_nanos, r.origlen, r.data.to_vec())))
+        .collect::<Result<_, _>>()
+        .expect("records")
+}
+
+/// What libpcap's filter accepts of `pcap`, as tcpdump reads a file (no code under test).
+fn tcpdump_filter(pcap: &[u8], filter: &str, dir: &Path) -> Vec<u8> {
+    let input = dir.join(format!("{}.pcap", unique_name("in")));
+    let output = dir.join(format!("{}.pcap", unique_name("out")));
+    std::fs::write(&input, pcap).unwrap();
+    let out = Command::new("tcpdump")
+        .args(["--time-stamp-precision=nano", "-r"])
+        .arg(&input)
+        .arg("-w")
+        .arg(&output)
+        .arg(filter)
+        .output()
+        .expect("run tcpdump");
+    assert!(out.status.success(), "tcpdump: {}", String::from_utf8_lossy(&out.stderr));
+    std::fs::read(&output).unwrap()
+}
+
+/// The numbers of "fetched A of B bytes" in the read's summary.
+fn fetched(stderr: &str) -> (u64, u64) {
+    stderr
+        .lines()
+        .find_map(|l| l.split("fetched ").nth(1))
+        .and_then(|t| {
+            let mut w = t.split_whitespace();
+            Some((w.next()?.parse().ok()?, w.nth(1)?.parse().ok()?))
+        })
+        .unwrap_or_else(|| panic!("no fetch statistics in: {stderr}"))
+}
+
+fn secs(ns: u64) -> String {
+    format!("{}.{:09}", ns / 1_000_000_000, ns % 1_000_000_000)
+}
+
+#[test]
+fn three_captures_of_two_nodes_are_listed_and_read_merged_windowed_and_filtered() {
+    // Three tapped links on one host's namespace, where the store is too.
+    let (a, b, c) = (VethPair::new(1), VethPair::new(1), VethPair::new(1));
+    b.move_capture_end(&a.capture_ns);
+    c.move_capture_end(&a.capture_ns);
+    let ns = &a.capture_ns;
+    let garage = Garage::start_in(ns);
+    let prefix = unique_name("cat");
+    let url = format!("s3://{}/{prefix}", garage.bucket);
+    let spool = tempfile::tempdir().unwrap();
+    let ring = CORPUS_RING_SIZE.to_string();
+    let senders = [Sender::new(&a), Sender::new(&b), Sender::new(&c)];
+    let frames: Vec<_> = corpus_frames()
+        .into_iter()
+        .filter(|f| senders.iter().all(|s| s.can_send(&f.data)))
+        .take(3000)
+        .collect();
+    let count = frames.len().to_string();
+    // (capture end, node, id, labels)
+    let captures = [
+        (&a.capture_if, "node-a", "cap-1", ["--customer", "acme", "--alert-id", "A-1", "--tag", "site=ams1"]),
+        (&b.capture_if, "node-b", "cap-2", ["--customer", "acme", "--alert-id", "A-2", "--tag", "site=fra1"]),
+        (
+            &c.capture_if,
+            "node-a",
+            "cap-3",
+            ["--customer", "other", "--alert-id", "A-3", "--tag", "site=ams1"],
+        ),
+    ];
+    let store_args = s3_args(&garage);
+    let mut runs: Vec<Running> = captures
+        .iter()
+        .map(|(iface, node, id, labels)| {
+            let mut args = vec!["capture", "-i", iface, "--upload", &url, "--node", node, "--id", id];
+            args.extend(store_args.iter().map(String::as_str));
+            args.extend([
+                "-c",
+                &count,
+                "--duration",
+                "300s",
+                "--json",
+                "--ring-size",
+                &ring,
+                "--rotate-age",
+                "2s",
+            ]);
+            args.extend(["--spool-dir", spool.path().to_str().unwrap()]);
+            args.extend(labels);
+            let mut run = Running::start_with_env(ns, &args, &garage.aws_env());
+            run.wait_ready();
+            run
+        })
+        .collect();
+
+    // Listed before any frame: each capture ends only at its packet count.
+    let listed = eventually("three running captures listed", || {
+        let l = ls(ns, &garage, &url, &[]);
+        (l.len() == 3).then_some(l)
+    });
+    assert_eq!(ids(&listed), ["cap-1", "cap-2", "cap-3"]);
+    assert!(listed.iter().all(|m| m.end_ns.is_none() && m.stop_reason.is_none()), "{listed:#?}");
+    let cap1 = listed.iter().find(|m| m.capture_id == "cap-1").unwrap();
+    assert_eq!((cap1.node.as_str(), cap1.customer.as_deref()), ("node-a", Some("acme")));
+    assert_eq!(cap1.interfaces[0].device, a.capture_if);
+
+    // The frames in bursts more than a chunk's flush time apart (so each burst is a zstd frame
+    // of its own), each frame to the three links in turn (so their times interleave).
+    let bursts = 6;
+    let per_burst = frames.len().div_ceil(bursts);
+    for (i, burst) in frames.chunks(per_burst).enumerate() {
+        for frame in burst {
+            for s in &senders {
+                s.send_retrying(&frame.data, || format!("frame {}", frame.index));
+            }
+        }
+        if i == 2 {
+            // Rotated objects are in the manifest of a capture still running.
+            eventually("an object of a running capture in its manifest", || {
+                let l = ls(ns, &garage, &url, &["--capture", "cap-1"]);
+                l.first().filter(|m| m.end_ns.is_none() && !m.objects.is_empty()).cloned()
+            });
+        }
+        std::thread::sleep(Duration::from_millis(1300));
+    }
+    let summaries: Vec<_> = runs.drain(..).map(Running::summary).collect();
+    for s in &summaries {
+        assert_eq!(s.packets, frames.len() as u64, "capture {}", s.id);
+    }
+
+    // Ended: the counts, the stop reason, the objects.
+    let listed = ls(ns, &garage, &url, &[]);
+    assert_eq!(ids(&listed), ["cap-1", "cap-2", "cap-3"]);
+    for m in &listed {
+        assert!(m.end_ns.is_some(), "{m:#?}");
+        assert_eq!(m.stop_reason.as_deref(), Some("packets"));
+        assert_eq!(m.frames, frames.len() as u64);
+        assert!(m.objects.len() >= 2, "rotated every 2 s: {:#?}", m.objects);
+        assert_eq!(m.objects.iter().map(|o| o.frames).sum::<u64>(), frames.len() as u64);
+    }
+    // Each selector narrows the list.
+    for (args, expected) in [
+        (vec!["--node", "^node-a$"], vec!["cap-1", "cap-3"]),
+        (vec!["--node", "b"], vec!["cap-2"]),
+        (vec!["--customer", "acme"], vec!["cap-1", "cap-2"]),
+        (vec!["--alert-id", "A-3"], vec!["cap-3"]),
+        (vec!["--tag", "site=ams1"], vec!["cap-1", "cap-3"]),
+        (vec!["--tag", "site=ams1", "--customer", "acme"], vec!["cap-1"]),
+        (vec!["--capture", "cap-2"], vec!["cap-2"]),
+        (vec!["--since", "10m"], vec!["cap-1", "cap-2", "cap-3"]),
+        (vec!["--until", "2h"], vec![]),
+        (vec!["--node", "node-c"], vec![]),
+    ] {
+        assert_eq!(ids(&ls(ns, &garage, &url, &args)), expected, "ls {args:?}");
+    }
+    let table = tapstream(ns, &garage, &["ls", &url, "--node", "node-b"]);
+    assert!(table.0, "{}", table.2);
+    let table = String::from_utf8_lossy(&table.1).into_owned();
+    assert!(table.starts_with("NODE") && table.contains("cap-2") && !table.contains("cap-1"), "{table}");
+
+    // The expectation, without the code under test: every object read whole (zstd -d), each
+    // filtered by libpcap through tcpdump, the window applied, the union in time order.
+    let filter = "tcp or icmp";
+    let dir = tempfile::tempdir().unwrap();
+    let mut stored = Vec::new();
+    let mut accepted = Vec::new();
+    let mut total_bytes = 0u64;
+    for m in &listed {
+        for o in &m.objects {
+            let raw = raw_object(ns, &garage, &o.key);
+            total_bytes += raw.len() as u64;
+            let pcap = zstd_d(&raw);
+            stored.extend(records(&pcap));
+            accepted.extend(records(&tcpdump_filter(&pcap, filter, dir.path())));
+        }
+    }
+    assert_eq!(stored.len(), 3 * frames.len());
+    let mut times: Vec<u64> = stored.iter().map(|r| r.0).collect();
+    times.sort_unstable();
+    // A small window in the middle: a twentieth of the frames.
+    let (since, until) = (times[times.len() / 2], times[times.len() / 2 + times.len() / 20]);
+    let mut expected: Vec<_> = accepted.into_iter().filter(|r| (since..=until).contains(&r.0)).collect();
+    expected.sort();
+    let in_window = stored.iter().filter(|r| (since..=until).contains(&r.0)).count();
+    assert!(!expected.is_empty() && expected.len() < in_window, "the filter keeps some frames of the window");
+
+    let mut read_args = vec!["read", &url];
+    let (since_s, until_s) = (secs(since), secs(until));
+    read_args.extend(["--since", &since_s, "--until", &until_s, filter]);
+    let (ok, pcap, stderr) = tapstream(ns, &garage, &read_args);
+    assert!(ok, "tapstream read failed: {stderr}");
+    eprintln!(
+        "read {read_args:?}: {stderr}; {} frames expected of {in_window} in the window",
+        expected.len()
+    );
+    let got = records(&pcap);
+    assert!(got.windows(2).all(|w| w[0].0 <= w[1].0), "the frames are in timestamp order");
+    let mut sorted = got.clone();
+    sorted.sort();
+    assert_eq!(sorted.len(), expected.len(), "frames read vs libpcap's over the objects: {stderr}");
+    assert!(sorted == expected, "the same frames, byte for byte");
+    let (bytes_fetched, object_bytes) = fetched(&stderr);
+    assert_eq!(object_bytes, total_bytes, "the objects' size: {stderr}");
+    assert!(
+        bytes_fetched * 3 < object_bytes,
+        "a twentieth of the frames fetched {bytes_fetched} of {object_bytes} bytes: {stderr}"
+    );
+
+    // To a file, and piped into tshark.
+    let file = dir.path().join("merged.pcap");
+    read_args.splice(1..1, ["-w", file.to_str().unwrap()]);
+    let (ok, stdout, stderr) = tapstream(ns, &garage, &read_args);
+    assert!(ok && stdout.is_empty(), "read -w: {stderr}");
+    assert_eq!(std::fs::read(&file).unwrap(), pcap, "-w FILE holds what stdout had");
+    let mut read = ns
+        .command(tapstream_bin())
+        .arg("read")
+        .args(s3_args(&garage))
+        .args([&url, "--since", &since_s, "--until", &until_s, filter])
+        .envs(garage.aws_env())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run tapstream read");
+    let tshark = Command::new("tshark")
+        .args(["-r", "-", "-T", "fields", "-e", "frame.len"])
+        .stdin(Stdio::from(read.stdout.take().unwrap()))
+        .output()
+        .expect("run tshark");
+    assert!(read.wait().unwrap().success());
+    assert!(tshark.status.success(), "tshark -r -: {}", String::from_utf8_lossy(&tshark.stderr));
+    let lengths: Vec<u32> = String::from_utf8_lossy(&tshark.stdout)
+        .lines()
+        .map(|l| l.trim().parse().expect("a length"))
+        .collect();
+    assert_eq!(lengths, got.iter().map(|r| r.1).collect::<Vec<_>>(), "tshark reads every frame, in order");
+}
+
+#[test]
+fn bad_input_is_named() {
+    let ns = Netns::new("tscat");
+    let garage = Garage::start_in(&ns);
+    let prefix = unique_name("cat");
+    let url = format!("s3://{}/{prefix}", garage.bucket);
+    let fails = |args: &[&str], needle: &str| {
+        let (ok, stdout, stderr) = tapstream(&ns, &garage, args);
+        assert!(!ok && stdout.is_empty(), "tapstream {args:?} should fail: {stderr}");
+        assert!(stderr.contains(needle), "tapstream {args:?}: expected {needle:?} in: {stderr}");
+    };
+    let window = ["--since", "2026-12-02T10:00:00Z", "--until", "2026-12-02T09:00:00Z"];
+    for command in ["ls", "read"] {
+        let args: Vec<&str> = [command, &url].into_iter().chain(window).collect();
+        fails(
+            &args,
+            "--since 2026-12-02T10:00:00Z is after --until 2026-12-02T09:00:00Z: the window is empty",
+        );
+        fails(&[command, &url], "nothing is stored under");
+    }
+    fails(&["read", &url, "tcp", "port"], "syntax error");
+    fails(&["read", &url, "--capture", "x", "host", "10.1.2.300"], "invalid filter");
+    fails(&["ls", &url, "--node", "("], "is not a regular expression");
+    // Objects written before the catalog: they are there, their manifests are not.
+    ns.enter(|| {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let key = format!("{prefix}/old-node/c1/20261201T000000Z-0000.pcap.zst");
+            sink(&garage)
+                .await
+                .put_object(&key, bytes::Bytes::from_static(b"x"), &ObjectMeta::default())
+                .await
+        })
+        .expect("PUT an object")
+    });
+    fails(&["ls", &url], "holds objects but no catalog");
+    fails(&["read", &url], "holds objects but no catalog");
+}
