@@ -8,7 +8,11 @@ use std::{
     time::Duration,
 };
 
-use tapstream::store::{ObjectMeta, Sink, catalog::Manifest};
+use tapstream::store::{
+    catalog::Manifest,
+    compress::{Compression, Compressor},
+    object::{CompressedChunk, ObjectOwner, UploadConfig, Uploader},
+};
 use tapstream_testenv::{CORPUS_RING_SIZE, Garage, Netns, Sender, VethPair, corpus_frames, unique_name};
 
 use crate::{
@@ -309,18 +313,126 @@ fn bad_input_is_named() {
     fails(&["read", &url, "tcp", "port"], "syntax error");
     fails(&["read", &url, "--capture", "x", "host", "10.1.2.300"], "invalid filter");
     fails(&["ls", &url, "--node", "("], "is not a regular expression");
-    // Objects written before the catalog: they are there, their manifests are not.
+    // An object written before the catalog (with its index, no manifest): ls names it, read
+    // reads it through its index.
+    let stored: Vec<(u64, Vec<u8>)> =
+        (0..50u64).map(|i| (1_795_000_000_000_000_000 + i * 1_000, vec![i as u8; 60])).collect();
     ns.enter(|| {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
-            let key = format!("{prefix}/old-node/c1/20261201T000000Z-0000.pcap.zst");
-            sink(&garage)
+            let owner = ObjectOwner {
+                prefix: prefix.clone(),
+                node: "old-node".into(),
+                capture: "c1".into(),
+                ..Default::default()
+            };
+            let header = tapstream_pcap::FileHeader { snaplen: 262_144, linktype: 1, nanos: true }.encode();
+            let mut up = Uploader::new(
+                std::sync::Arc::new(sink(&garage).await),
+                UploadConfig::default(),
+                owner,
+                &header,
+                std::sync::Arc::new(tokio::sync::Semaphore::new(4)),
+            )
+            .unwrap();
+            let mut compressor = Compressor::new(Compression::default()).unwrap();
+            for chunk in stored.chunks(10) {
+                let mut raw = Vec::new();
+                for (ts, data) in chunk {
+                    let len = data.len() as u32;
+                    let (ts_sec, ts_frac) = ((ts / 1_000_000_000) as u32, (ts % 1_000_000_000) as u32);
+                    raw.extend(
+                        tapstream_pcap::RecordHeader { ts_sec, ts_frac, caplen: len, origlen: len }.encode(),
+                    );
+                    raw.extend(data);
+                }
+                up.push(CompressedChunk {
+                    data: compressor.frame(&raw).unwrap(),
+                    decompressed_len: raw.len() as u64,
+                    first_ns: chunk[0].0,
+                    last_ns: chunk[chunk.len() - 1].0,
+                    packets: chunk.len() as u64,
+                })
                 .await
-                .put_object(&key, bytes::Bytes::from_static(b"x"), &ObjectMeta::default())
-                .await
+                .unwrap();
+            }
+            up.finish().await.unwrap();
         })
-        .expect("PUT an object")
     });
     fails(&["ls", &url], "holds objects but no catalog");
-    fails(&["read", &url], "holds objects but no catalog");
+    fails(&["read", &url, "--node", "old-node"], "has no catalog");
+    let (ok, pcap, stderr) = tapstream(&ns, &garage, &["read", &url, "--since", &secs(stored[20].0)]);
+    assert!(ok, "read of objects without a catalog: {stderr}");
+    assert!(
+        stderr.contains("has no catalog") && stderr.contains("reading its 1 objects with an index"),
+        "{stderr}"
+    );
+    let got: Vec<(u64, Vec<u8>)> = records(&pcap).into_iter().map(|(t, _, d)| (t, d)).collect();
+    assert_eq!(got, stored[20..], "the frames from the window on, through the index");
+}
+
+#[test]
+fn a_local_directory_store_has_a_catalog_too() {
+    let veth = VethPair::new(1);
+    let store = tempfile::tempdir().unwrap();
+    let spool = tempfile::tempdir().unwrap();
+    let sender = Sender::new(&veth);
+    let frames: Vec<_> = corpus_frames().into_iter().filter(|f| sender.can_send(&f.data)).take(500).collect();
+    let count = frames.len().to_string();
+    let dir = store.path().to_str().unwrap();
+    let args = [
+        "capture",
+        "-i",
+        &veth.capture_if,
+        "--upload",
+        dir,
+        "--node",
+        "local-node",
+        "--id",
+        "loc-1",
+        "-c",
+        &count,
+        "--duration",
+        "300s",
+        "--json",
+        "--spool-dir",
+        spool.path().to_str().unwrap(),
+        "--tag",
+        "site=lab",
+    ];
+    let mut run = Running::start(&veth.capture_ns, &args);
+    run.wait_ready();
+    let sent = sender.send_all(&frames);
+    let summary = run.summary();
+    assert_eq!(summary.packets, sent.len() as u64);
+
+    let run_here = |args: &[&str]| {
+        let out = veth.capture_ns.command(tapstream_bin()).args(args).output().expect("run tapstream");
+        assert!(out.status.success(), "tapstream {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        out.stdout
+    };
+    let listed: Vec<Manifest> =
+        serde_json::from_slice(&run_here(&["ls", dir, "--json", "--tag", "site=lab"])).unwrap();
+    assert_eq!(ids(&listed), ["loc-1"]);
+    let m = &listed[0];
+    assert_eq!(
+        (m.node.as_str(), m.frames, m.stop_reason.as_deref()),
+        ("local-node", sent.len() as u64, Some("packets"))
+    );
+    let keys: Vec<String> = crate::common::walk(store.path())
+        .iter()
+        .map(|p| p.strip_prefix(store.path()).unwrap().display().to_string())
+        .filter(|k| k.starts_with("catalog/"))
+        .collect();
+    let first = format!("catalog/{}/local-node/loc-1.json", tapstream::store::catalog::utc_day(m.start_ns));
+    assert!(keys.contains(&first), "the manifest under the day it started: {keys:?}");
+    assert!(keys.iter().all(|k| k.ends_with("/local-node/loc-1.json")), "{keys:?}");
+    let none: Vec<Manifest> =
+        serde_json::from_slice(&run_here(&["ls", dir, "--json", "--tag", "site=elsewhere"])).unwrap();
+    assert!(none.is_empty());
+
+    // Every frame, as sent, through the catalog and the index.
+    let pcap = run_here(&["read", dir]);
+    let got: Vec<Vec<u8>> = records(&pcap).into_iter().map(|(_, _, d)| d).collect();
+    assert_eq!(got, sent.iter().map(|f| f.data.clone()).collect::<Vec<_>>());
 }

@@ -1,4 +1,4 @@
-//! `check-config`, `filter check` and `read`: tools that need no daemon.
+//! `check-config`, `filter check`, `read` and `ls`: tools that need no daemon.
 
 use crate::{
     cli::args::*,
@@ -10,7 +10,7 @@ use crate::{
     },
     store::{
         Destination, Sink,
-        catalog::{self, Manifest, Selector},
+        catalog::{self, CatalogError, Manifest, Selector},
         dir::DirSink,
         parse_object_url,
         read::{MergeOptions, MergeStats, read_captures, read_window},
@@ -288,16 +288,37 @@ fn rfc3339(ns: u64) -> String {
 /// The frames of the captures the selectors match, merged.
 struct ReadCaptures<'a> {
     selector: &'a Selector,
+    /// Whether selectors besides the window were given.
+    selects: bool,
     options: MergeOptions<'a>,
     out: &'a mut dyn std::io::Write,
 }
 
 impl AsyncStore<MergeStats> for ReadCaptures<'_> {
     async fn run<S: Sink>(self, sink: Arc<S>, prefix: &str) -> anyhow::Result<MergeStats> {
-        let listing = catalog::list(&*sink, prefix, self.selector, crate::sys::unix_now_ns()).await?;
+        let captures = match catalog::list(&*sink, prefix, self.selector, crate::sys::unix_now_ns()).await {
+            Ok(listing) => listing.captures,
+            // Objects written before the catalog: read through their indexes, every one.
+            Err(CatalogError::NoManifests { url, .. }) => {
+                if self.selects {
+                    bail!(
+                        "{url} has no catalog (its objects were written before it existed): only --since \
+                         and --until apply to its objects"
+                    );
+                }
+                let found = catalog::uncatalogued(&*sink, prefix).await?;
+                eprintln!(
+                    "{url} has no catalog (its objects were written before it existed): reading its {} \
+                     objects with an index",
+                    found.len()
+                );
+                found
+            }
+            Err(e) => return Err(e.into()),
+        };
         let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
         let mut out = self.out;
-        let stats = read_captures(sink, &listing.captures, &self.options, &mut out, |s| {
+        let stats = read_captures(sink, &captures, &self.options, &mut out, |s| {
             if tty {
                 eprint!(
                     "\r{} captures, {} objects: {} frames fetched ({} bytes), {} packets written   ",
@@ -328,7 +349,7 @@ fn read_prefix(args: ReadArgs) -> anyhow::Result<()> {
             &args.url,
             args.dir.as_deref(),
             &args.store,
-            ReadCaptures { selector: &selector, options, out: &mut out },
+            ReadCaptures { selector: &selector, selects: args.select.selects(), options, out: &mut out },
         ))
         .with_context(|| format!("read {}", args.url))?;
     if args.json {

@@ -349,6 +349,39 @@ pub async fn list<S: Sink>(
     Ok(listing)
 }
 
+/// The objects under `prefix` that have an index, as manifests of unknown captures (one per
+/// object, its times unknown: a reader learns them from the index): what a prefix written
+/// before the catalog existed holds.
+pub async fn uncatalogued<S: Sink>(sink: &S, prefix: &str) -> Result<Vec<Manifest>, UploadError> {
+    let under = match prefix.trim_matches('/') {
+        "" => String::new(),
+        p => format!("{p}/"),
+    };
+    let listed = sink.list(&under, None).await?;
+    let sizes: BTreeMap<&str, u64> = listed.iter().map(|(k, n)| (k.as_str(), *n)).collect();
+    Ok(listed
+        .iter()
+        .filter_map(|(key, _)| {
+            let object = key.strip_suffix(".idx.json")?;
+            let bytes = *sizes.get(object)?;
+            Some(Manifest {
+                version: MANIFEST_VERSION,
+                capture_id: object.to_owned(),
+                objects: vec![ManifestObject {
+                    key: object.to_owned(),
+                    index: key.clone(),
+                    first_ns: 0,
+                    last_ns: u64::MAX,
+                    frames: 1,
+                    bytes,
+                    ..ManifestObject::default()
+                }],
+                ..Manifest::default()
+            })
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
