@@ -436,3 +436,76 @@ fn a_local_directory_store_has_a_catalog_too() {
     let got: Vec<Vec<u8>> = records(&pcap).into_iter().map(|(_, _, d)| d).collect();
     assert_eq!(got, sent.iter().map(|f| f.data.clone()).collect::<Vec<_>>());
 }
+
+#[test]
+fn a_daemons_capture_over_two_interfaces_has_one_manifest_with_both() {
+    let (east, west, daemon) = crate::interfaces::two_links();
+    let store = daemon.dir.path().join("store");
+    let store = store.to_str().unwrap();
+    let ls_json = |args: &[&str]| -> Vec<Manifest> {
+        let out = east
+            .capture_ns
+            .command(tapstream_bin())
+            .args(["ls", store, "--json"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ls: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let id = daemon.start_capture(&[
+        "-i",
+        "tap",
+        "-i",
+        "west",
+        "-c",
+        "60",
+        "--duration",
+        "60s",
+        "--customer",
+        "acme",
+    ]);
+    // Both interfaces' outputs write the manifest when they start: one capture, running.
+    let running = eventually("the running capture listed", || {
+        let l = ls_json(&["--customer", "acme"]);
+        (l.len() == 1).then(|| l[0].clone())
+    });
+    assert_eq!(running.capture_id, id);
+    assert_eq!(running.end_ns, None);
+    let aliases: Vec<&str> = running.interfaces.iter().map(|i| i.alias.as_str()).collect();
+    assert_eq!(aliases, ["tap", "west"]);
+
+    let sent_east = crate::daemon::data(&Sender::new(&east).send_all(&crate::daemon::sendable(&east)[..30]));
+    let sent_west =
+        crate::daemon::data(&Sender::new(&west).send_all(&crate::daemon::sendable(&west)[100..130]));
+    let info = daemon.wait(&id);
+    let summary = info.summary.as_ref().unwrap();
+    assert_eq!(summary.packets, 60);
+
+    // Ended: written last by the daemon, with the summary's counts and both interfaces' objects.
+    let ended = ls_json(&["--capture", &id]);
+    assert_eq!(ended.len(), 1);
+    let m = &ended[0];
+    assert_eq!(
+        (m.frames, m.stop_reason.as_deref(), m.node.as_str()),
+        (60, Some("packets"), daemon.node.as_str())
+    );
+    assert!(m.end_ns.is_some() && m.drops == Some(0) && m.bytes == Some(summary.bytes), "{m:#?}");
+    let mut parts: Vec<&str> = m.objects.iter().filter_map(|o| o.interface.as_deref()).collect();
+    parts.sort_unstable();
+    parts.dedup();
+    assert_eq!(parts, ["tap", "west"], "{:#?}", m.objects);
+    assert_eq!(m.objects.len(), summary.outputs.len());
+
+    // Read over the store: both links' frames, merged in time order.
+    let out =
+        east.capture_ns.command(tapstream_bin()).args(["read", store, "--capture", &id]).output().unwrap();
+    assert!(out.status.success(), "read: {}", String::from_utf8_lossy(&out.stderr));
+    let got = records(&out.stdout);
+    assert!(got.windows(2).all(|w| w[0].0 <= w[1].0), "in timestamp order");
+    let mut got: Vec<Vec<u8>> = got.into_iter().map(|(_, _, d)| d).collect();
+    let mut sent: Vec<Vec<u8>> = sent_east.into_iter().chain(sent_west).collect();
+    got.sort();
+    sent.sort();
+    assert!(got == sent, "every frame of both links, once");
+}
