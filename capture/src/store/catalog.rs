@@ -485,4 +485,33 @@ mod tests {
             assert!(list(&sink, "", &later, now).await.unwrap().captures.is_empty());
         });
     }
+
+    #[test]
+    fn a_store_that_fails_for_a_moment_gets_the_manifest_on_a_retry() {
+        use crate::store::fault::{Fault, FaultSink, Operation, When};
+        let dir = tempfile::tempdir().unwrap();
+        let sink = FaultSink::new(crate::store::dir::DirSink::new(dir.path()).unwrap());
+        sink.inject(Operation::PutObject, When::Call(1), Fault::Retryable("SlowDown: busy".into()));
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let now = crate::sys::unix_now_ns();
+        rt.block_on(async {
+            let catalog = Catalog::new(manifest("n1", "c1", now, None));
+            catalog.write(&sink, "p", Duration::from_secs(60)).await.unwrap();
+            let puts = sink.counts(Operation::PutObject);
+            assert_eq!((puts.calls, puts.injected), (2, 1), "{puts:?}");
+            let listing = list(&sink, "p", &Selector::default(), now).await.unwrap();
+            assert_eq!(listing.captures.len(), 1);
+        });
+        // A store that refuses for good: the write fails and says so (the caller logs it).
+        let refusing = FaultSink::new(crate::store::dir::DirSink::new(dir.path()).unwrap());
+        refusing.inject(Operation::PutObject, When::Always, Fault::Failed("AccessDenied: no".into()));
+        let e = rt
+            .block_on(Catalog::new(manifest("n1", "c2", now, None)).write(
+                &refusing,
+                "p",
+                Duration::from_secs(60),
+            ))
+            .unwrap_err();
+        assert!(e.to_string().contains("AccessDenied"), "{e}");
+    }
 }
