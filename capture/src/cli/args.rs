@@ -405,8 +405,8 @@ pub struct ReadArgs {
     /// or a local store directory, or with --dir a prefix under it): every capture its catalog
     /// lists that the selectors match, across nodes, merged in timestamp order.
     pub url: String,
-    /// A tcpdump filter (the remaining words, as tcpdump takes them), run on each frame by
-    /// libpcap's own interpreter; a prefix only.
+    /// A tcpdump filter (the last words, after every option, as tcpdump takes them), run on
+    /// each frame by libpcap's own interpreter; a prefix only.
     #[arg(value_name = "EXPR", trailing_var_arg = true)]
     pub filter: Vec<String>,
     /// Local store directory the key or prefix is relative to (instead of S3).

@@ -25,6 +25,8 @@ use std::{
     time::Duration,
 };
 
+use futures_util::StreamExt as _;
+
 use super::{ObjectMeta, Sink, UploadError, object::with_retry};
 
 /// The manifest's format version.
@@ -38,7 +40,8 @@ pub struct Manifest {
     pub version: u32,
     /// Capture id.
     pub capture_id: String,
-    /// The id of the request that asked for it, when it came with one (a fleet request).
+    /// The id of the request that asked for it, apart from the capture id; none so far (a
+    /// fleet request's capture takes the request's id as its own).
     pub request_id: Option<String>,
     /// The host that captured.
     pub node: String,
@@ -302,6 +305,9 @@ pub enum CatalogError {
     Store(#[from] UploadError),
 }
 
+/// Manifests fetched at once by [`list`].
+const MANIFESTS_IN_FLIGHT: usize = 8;
+
 /// The captures `selector` wants under `prefix` of `sink`. A catalog with no manifest at all
 /// is an error that says whether anything is stored under the prefix.
 pub async fn list<S: Sink>(
@@ -312,19 +318,23 @@ pub async fn list<S: Sink>(
 ) -> Result<Listing, CatalogError> {
     let mut newest: BTreeMap<(String, String), Manifest> = BTreeMap::new();
     let mut listing = Listing::default();
+    let mut keys = Vec::new();
     for under in selector.listing_prefixes(prefix, now_ns) {
-        for (key, _) in sink.list(&under, None).await? {
-            if !key.ends_with(".json") {
-                continue;
-            }
-            let raw = sink.get(&key, None).await?;
-            let m: Manifest = serde_json::from_slice(&raw)
-                .map_err(|source| CatalogError::BadManifest { key: key.clone(), source })?;
-            listing.manifests_read += 1;
-            let id = (m.node.clone(), m.capture_id.clone());
-            if newest.get(&id).is_none_or(|old| old.updated_ns < m.updated_ns) {
-                newest.insert(id, m);
-            }
+        keys.extend(
+            sink.list(&under, None).await?.into_iter().map(|(k, _)| k).filter(|k| k.ends_with(".json")),
+        );
+    }
+    // A few GETs at once: a catalog of many captures lists in a fraction of the time.
+    let mut fetched =
+        futures_util::stream::iter(keys.iter().map(|key| async move { (key, sink.get(key, None).await) }))
+            .buffered(MANIFESTS_IN_FLIGHT);
+    while let Some((key, raw)) = fetched.next().await {
+        let m: Manifest = serde_json::from_slice(&raw?)
+            .map_err(|source| CatalogError::BadManifest { key: key.clone(), source })?;
+        listing.manifests_read += 1;
+        let id = (m.node.clone(), m.capture_id.clone());
+        if newest.get(&id).is_none_or(|old| old.updated_ns < m.updated_ns) {
+            newest.insert(id, m);
         }
     }
     if listing.manifests_read == 0 {
