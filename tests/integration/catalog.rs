@@ -509,3 +509,52 @@ fn a_daemons_capture_over_two_interfaces_has_one_manifest_with_both() {
     sent.sort();
     assert!(got == sent, "every frame of both links, once");
 }
+
+#[test]
+fn a_capture_a_killed_daemon_interrupted_is_listed_as_interrupted_once_recovered() {
+    let veth = VethPair::new(1);
+    let mut daemon = crate::daemon::TestDaemon::start(&veth, "");
+    let store = daemon.dir.path().join("store");
+    let store = store.to_str().unwrap().to_owned();
+    let ls_json = |args: &[&str]| -> Vec<Manifest> {
+        let out = veth
+            .capture_ns
+            .command(tapstream_bin())
+            .args(["ls", &store, "--json"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ls: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let id = daemon.start_capture(&["-i", "tap", "--duration", "300s"]);
+    let sent = Sender::new(&veth).send_all(&crate::daemon::sendable(&veth)[..40]).len() as u64;
+    // Objects are finished every second: one is in the manifest of the running capture.
+    eventually("an object in the running capture's manifest", || {
+        let l = ls_json(&["--capture", &id]);
+        l.first()
+            .filter(|m| m.end_ns.is_none() && m.objects.iter().map(|o| o.frames).sum::<u64>() == sent)
+            .cloned()
+    });
+    let (_, log) = daemon.running.take().expect("running").signal_and_wait(libc::SIGKILL);
+    eprintln!("first daemon:\n{log}");
+    assert!(ls_json(&["--capture", &id])[0].end_ns.is_none(), "a dead daemon's capture looks running");
+
+    daemon.restart(&veth);
+    let m = eventually("the recovered capture listed as interrupted", || {
+        let l = ls_json(&["--capture", &id]);
+        l.first().filter(|m| m.end_ns.is_some()).cloned()
+    });
+    assert_eq!(m.stop_reason.as_deref(), Some("interrupted"), "{m:#?}");
+    let info = daemon.client().status(&id).unwrap();
+    let summary = info.summary.as_ref().expect("a summary");
+    assert_eq!(m.objects.len(), summary.outputs.len(), "{m:#?} vs {summary:?}");
+    assert_eq!(m.frames, sent);
+    // Read through the catalog, the recovered objects' times from their indexes.
+    let out =
+        veth.capture_ns.command(tapstream_bin()).args(["read", &store, "--capture", &id]).output().unwrap();
+    assert!(out.status.success(), "read: {}", String::from_utf8_lossy(&out.stderr));
+    let got: Vec<Vec<u8>> = records(&out.stdout).into_iter().map(|(_, _, d)| d).collect();
+    assert_eq!(got.len() as u64, sent);
+    assert!(got == daemon.stored(&id), "the frames of its objects");
+}

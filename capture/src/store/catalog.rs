@@ -96,10 +96,11 @@ pub struct ManifestObject {
     /// For a capture over several interfaces, the interface whose frames it holds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interface: Option<String>,
-    /// Time of its first and last frame (ns since the Unix epoch).
+    /// Time of its first and last frame (ns since the Unix epoch); 0 and `u64::MAX` when
+    /// unknown (objects recovered after their process died: their index has them).
     pub first_ns: u64,
     pub last_ns: u64,
-    /// Frames in it.
+    /// Frames in it; 0 when unknown.
     pub frames: u64,
     /// Bytes of the object.
     pub bytes: u64,
@@ -119,7 +120,8 @@ pub struct CaptureEnd {
 impl Manifest {
     /// The last time it holds frames of (or may: it runs until `now_ns`).
     pub fn latest_ns(&self, now_ns: u64) -> u64 {
-        let last_frame = self.objects.iter().map(|o| o.last_ns).max().unwrap_or(0);
+        let known = self.objects.iter().map(|o| o.last_ns).filter(|t| *t != u64::MAX);
+        let last_frame = known.max().unwrap_or(0);
         self.end_ns.unwrap_or(now_ns).max(last_frame).max(self.start_ns)
     }
 }
@@ -201,6 +203,25 @@ impl Catalog {
             );
         }
     }
+}
+
+/// The objects at `urls` (as a [`Sink::url`] names them) of the store at `destination`, as
+/// manifest entries whose times are unknown: what a recovery after a dead process knows.
+pub fn recovered_objects(destination: &super::Destination, urls: &[String]) -> Vec<ManifestObject> {
+    let base = match destination {
+        super::Destination::S3 { bucket, .. } => format!("s3://{bucket}/"),
+        super::Destination::Dir { path } => format!("file://{}/", path.display()),
+    };
+    urls.iter()
+        .filter_map(|url| url.strip_prefix(&base))
+        .map(|key| ManifestObject {
+            key: key.to_owned(),
+            index: super::object::index_key(key),
+            first_ns: 0,
+            last_ns: u64::MAX,
+            ..ManifestObject::default()
+        })
+        .collect()
 }
 
 /// Where the catalog is under `prefix`: `<prefix>/catalog/` (or `catalog/` with no prefix).
@@ -382,7 +403,6 @@ pub async fn uncatalogued<S: Sink>(sink: &S, prefix: &str) -> Result<Vec<Manifes
                     index: key.clone(),
                     first_ns: 0,
                     last_ns: u64::MAX,
-                    frames: 1,
                     bytes,
                     ..ManifestObject::default()
                 }],

@@ -188,7 +188,7 @@ pub async fn read_captures<S: Sink>(
     for object in captures.iter().flat_map(|m| &m.objects) {
         stats.objects += 1;
         stats.object_bytes += object.bytes;
-        if object.frames == 0 || object.last_ns < since || object.first_ns > until {
+        if object.last_ns < since || object.first_ns > until {
             continue;
         }
         let raw = sink.get(&object.index, None).await?;
