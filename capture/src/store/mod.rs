@@ -2,7 +2,9 @@
 //!
 //! [`compress`] (zstd frames and their index) -> [`stream`] (a capture's chunks, the upload
 //! queue, the spool while the store is away) -> [`object`] (objects, rotation, parts) -> a
-//! [`Sink`]. [`settings`] turns configuration into a destination; [`read`] reads back.
+//! [`Sink`]. [`settings`] turns configuration into a destination; [`catalog`] keeps each
+//! capture's manifest beside its objects and lists captures by time and labels; [`read`] reads
+//! back, one object or the captures of a prefix merged.
 //!
 //! [`Sink`] is the small interface to a store, with two implementations: [`s3::S3Sink`]
 //! (aws-sdk-s3, any S3-compatible endpoint) and [`dir::DirSink`] (a local directory); tests
