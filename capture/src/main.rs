@@ -21,6 +21,7 @@ fn main() {
         Command::Daemon(args) => serve::daemon(&args.config),
         Command::CheckConfig { file } => tools::check_config(&file),
         Command::Read(args) => tools::read(*args),
+        Command::Ls(args) => tools::ls(*args),
         Command::Fleet(command) => fleet::fleet(command),
         Command::Filter(FilterCommand::Check { expression, file }) => {
             tools::filter_check(&expression, file.as_deref())

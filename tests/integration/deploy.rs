@@ -17,8 +17,9 @@ fn iam_action(call: &str) -> Option<&'static str> {
         }
         "abort_multipart_upload" => "s3:AbortMultipartUpload",
         "list_multipart_uploads" => "s3:ListBucketMultipartUploads",
-        // Only `tapstream read` fetches objects; capture hosts need no read access.
-        "get_object" => return None,
+        // Only `tapstream read` and `ls` fetch and list objects; capture hosts need no read
+        // access (they write the catalog's manifests, never read them).
+        "get_object" | "list_objects_v2" => return None,
         other => panic!("the S3 client calls {other}, which the IAM policy test does not know"),
     })
 }

@@ -11,7 +11,7 @@ use crate::{
 
 /// Two links whose capture ends are in one namespace, and a daemon there that has the first
 /// as `tap` and the second as `west`.
-fn two_links() -> (VethPair, VethPair, TestDaemon) {
+pub(crate) fn two_links() -> (VethPair, VethPair, TestDaemon) {
     let east = VethPair::new(1);
     let west = VethPair::new(1);
     west.move_capture_end(&east.capture_ns);

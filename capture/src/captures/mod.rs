@@ -132,6 +132,18 @@ pub struct CaptureSummary {
 }
 
 impl CaptureSummary {
+    /// How the capture ended, for the last write of its manifest in the catalog.
+    pub fn catalog_end(&self) -> crate::store::catalog::CaptureEnd {
+        crate::store::catalog::CaptureEnd {
+            end_ns: crate::sys::unix_now_ns(),
+            frames: self.packets,
+            bytes: self.bytes,
+            drops: self.dropped_writer + self.dropped_spool_full + self.dropped_kernel,
+            stop_reason: self.stop_reason.as_str().to_owned(),
+            error: self.error.clone(),
+        }
+    }
+
     /// The summary of a capture over several interfaces from its parts' outcomes (`alias`,
     /// outcome), in the order of its interfaces: counts summed, outputs in that order. It
     /// ended on an error if one part did (what the others stored is kept and counted); it

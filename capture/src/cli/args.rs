@@ -33,9 +33,14 @@ pub enum Command {
         /// The configuration file.
         file: PathBuf,
     },
-    /// Write a stored capture object as PCAP to stdout (for `tshark -r -`), optionally only
-    /// the frames of a time window, fetched with ranged GETs.
+    /// Write stored frames as PCAP to stdout (for `tshark -r -`) or a file: of one object
+    /// (a key ending in .pcap.zst or .pcap), or of every capture under a prefix that the
+    /// selectors match, merged in timestamp order and filtered; only the zstd frames in the
+    /// time window are fetched, with ranged GETs.
     Read(Box<ReadArgs>),
+    /// List the captures under a prefix (s3://bucket/prefix or a local store directory) that
+    /// the selectors match, from the catalog kept beside their objects.
+    Ls(Box<LsArgs>),
     /// tcpdump filter expressions.
     #[command(subcommand)]
     Filter(FilterCommand),
@@ -401,19 +406,94 @@ pub enum FilterCommand {
 
 #[derive(Args, Debug)]
 pub struct ReadArgs {
-    /// The object: s3://bucket/key, or a path under a local store directory given with --dir.
+    /// What to read. A URL or key ending in `.pcap.zst` or `.pcap` is one object:
+    /// s3://bucket/key, or a key under --dir. Anything else is a prefix (s3://bucket/prefix,
+    /// or a local store directory, or with --dir a prefix under it): every capture its catalog
+    /// lists that the selectors match, across nodes, merged in timestamp order.
     pub url: String,
-    /// Local store directory the key is relative to (instead of S3).
+    /// A tcpdump filter (the last words, after every option, as tcpdump takes them), run on
+    /// each frame by libpcap's own interpreter; a prefix only.
+    #[arg(value_name = "EXPR", trailing_var_arg = true)]
+    pub filter: Vec<String>,
+    /// Local store directory the key or prefix is relative to (instead of S3).
     #[arg(long)]
     pub dir: Option<PathBuf>,
-    /// Only frames at or after this time (RFC 3339, e.g. 2026-11-24T01:02:03Z, or Unix seconds).
-    #[arg(long, value_name = "TIME", value_parser = parse_time)]
-    pub since: Option<u64>,
-    /// Only frames at or before this time.
-    #[arg(long, value_name = "TIME", value_parser = parse_time)]
-    pub until: Option<u64>,
+    #[command(flatten)]
+    pub select: SelectArgs,
+    /// Write the PCAP to FILE instead of stdout.
+    #[arg(short = 'w', long = "write", value_name = "FILE")]
+    pub write: Option<PathBuf>,
+    /// Ranged GETs in flight at once.
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub in_flight: u16,
+    /// Print the summary as JSON (on stderr).
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten)]
     pub store: StoreArgs,
+}
+
+/// Which captures (`ls`, and `read` of a prefix); a capture is chosen if it matches them all.
+#[derive(Args, Debug, Clone, Default)]
+pub struct SelectArgs {
+    /// Frames at or after TIME: RFC 3339 (2026-11-24T01:02:03Z), Unix seconds, or a time ago
+    /// as tcpdump and stenoread users write it (10m, 2h, 1d, 1h30m, "5m ago").
+    #[arg(long, value_name = "TIME", value_parser = parse_window_time)]
+    pub since: Option<u64>,
+    /// Frames at or before TIME (the same forms).
+    #[arg(long, value_name = "TIME", value_parser = parse_window_time)]
+    pub until: Option<u64>,
+    /// Captures of the nodes whose name this regular expression matches.
+    #[arg(long, value_name = "REGEX")]
+    pub node: Option<String>,
+    /// Captures for this customer.
+    #[arg(long, value_name = "NAME")]
+    pub customer: Option<String>,
+    /// Captures asked for by this alert.
+    #[arg(long, value_name = "ID")]
+    pub alert_id: Option<String>,
+    /// Captures with this tag (repeat: all of them).
+    #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = parse_tag)]
+    pub tags: Vec<(String, String)>,
+    /// The capture with this id.
+    #[arg(long, value_name = "ID")]
+    pub capture: Option<String>,
+}
+
+impl SelectArgs {
+    /// Whether any selector besides the window is given.
+    pub fn selects(&self) -> bool {
+        self.node.is_some()
+            || self.customer.is_some()
+            || self.alert_id.is_some()
+            || !self.tags.is_empty()
+            || self.capture.is_some()
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct LsArgs {
+    /// The store: s3://bucket/prefix or a local store directory.
+    pub url: String,
+    #[command(flatten)]
+    pub select: SelectArgs,
+    /// Print JSON (every manifest whole).
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+/// A time of a window: what [`parse_time`] takes, or a time ago (`10m`, `2h`, `1d`, `5m ago`),
+/// as ns since the Unix epoch.
+pub fn parse_window_time(s: &str) -> Result<u64, String> {
+    let ago = s.trim().strip_suffix("ago").map(str::trim_end).unwrap_or(s.trim());
+    if ago.ends_with(|c: char| c.is_ascii_alphabetic()) && !ago.contains(['-', ':']) {
+        let d = humantime::parse_duration(ago).map_err(|e| format!("not a time ago ({e}): {s}"))?;
+        let now = crate::sys::unix_now_ns();
+        return Ok(now.saturating_sub(d.as_nanos().min(u128::from(u64::MAX)) as u64));
+    }
+    parse_time(s)
 }
 
 /// A time as ns since the Unix epoch: RFC 3339 or (fractional) Unix seconds.
@@ -526,6 +606,21 @@ mod tests {
         assert_eq!(parse_time("1970-01-01T00:00:01Z"), Ok(1_000_000_000));
         assert!(parse_time("1.1234567891").is_err());
         assert!(parse_time("yesterday").unwrap_err().contains("not a time"));
+    }
+
+    #[test]
+    fn window_times_take_a_time_ago_too() {
+        let now = crate::sys::unix_now_ns();
+        for (text, ago_secs) in [("10m", 600), ("2h", 7200), ("1d", 86_400), ("5m ago", 300), ("1h30m", 5400)]
+        {
+            let t = parse_window_time(text).unwrap();
+            let expected = now - ago_secs * 1_000_000_000;
+            // The parse reads the clock after `now`: at most a few seconds later.
+            assert!((expected..expected + 5_000_000_000).contains(&t), "{text}: {t} vs {expected}");
+        }
+        assert_eq!(parse_window_time("1970-01-01T00:00:01Z"), Ok(1_000_000_000));
+        assert_eq!(parse_window_time("10"), Ok(10_000_000_000));
+        assert!(parse_window_time("10 parsecs").unwrap_err().contains("not a time ago"));
     }
 
     /// Each flag of the one-shot capture defaults to what the configuration file defaults to,

@@ -82,6 +82,17 @@ pub fn capture(args: CaptureArgs) -> anyhow::Result<()> {
     if tty {
         eprintln!();
     }
+    // The manifest's last write: the counts and the stop reason.
+    if let (None, Some(url), Some(catalog)) = (&args.write, &plan.destination, &plan.labels.catalog) {
+        catalog.end(summary.catalog_end());
+        if let Err(e) = store_settings(&args).write_catalog(url, catalog) {
+            log::warn!(
+                "capture {}: cannot write its manifest to the catalog: {}",
+                summary.id,
+                crate::report::chain(&e)
+            );
+        }
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {

@@ -28,6 +28,7 @@ use crate::{
     request::{CapturePlan, PlanError, Policy},
     store::{
         UploadError,
+        catalog::{CaptureEnd, Catalog, Manifest, ManifestInterface, recovered_objects},
         settings::{ObjectLabels, hostname},
     },
     sys::Shutdown,
@@ -240,7 +241,22 @@ impl Daemon {
 
         let shared = self.shared.clone();
         let done_id = id.clone();
-        let on_done: OnDone = Box::new(move |result| shared.finish(&done_id, result));
+        let (catalog, store, url) =
+            (plan.labels.catalog.clone(), self.config.store.clone(), destination.clone());
+        let on_done: OnDone = Box::new(move |result| {
+            // The manifest's last write, before the capture is reported finished (on the
+            // thread that finishes it, never an interface's).
+            if let (Ok(summary), Some(catalog)) = (&result, &catalog) {
+                catalog.end(summary.catalog_end());
+                if let Err(e) = store.write_catalog(&url, catalog) {
+                    log::warn!(
+                        "capture {done_id}: cannot write its manifest to the catalog: {}",
+                        report::chain(&e)
+                    );
+                }
+            }
+            shared.finish(&done_id, result)
+        });
         let on_done = if several { gather(aliases.clone(), on_done) } else { vec![on_done] };
         // Its limits apply to the sum of its interfaces.
         let budget = Budget::new();
@@ -386,6 +402,7 @@ impl Daemon {
                 node: self.node.clone(),
                 part: None,
                 metadata: Vec::new(),
+                catalog: None,
             };
             let result = self.config.store.recover_capture(&destination, labels);
             let mut captures = self.shared.lock();
@@ -393,6 +410,7 @@ impl Daemon {
             let saved_packets = entry.info.progress.packets;
             let Some(summary) = entry.info.summary.as_mut() else { continue };
             let recovery = summary.recovery.get_or_insert_default();
+            let mut ended = None;
             match result {
                 Ok(r) => {
                     let kept = r.earlier_packets + r.packets;
@@ -411,6 +429,9 @@ impl Daemon {
                         }),
                     };
                     summary.outputs = r.earlier.into_iter().chain(r.objects).collect();
+                    // Its manifest, last written while it ran, is to say how it ended.
+                    ended =
+                        Some(interrupted_manifest(&info, &self.node, &destination, &summary.outputs, kept));
                     log::info!(
                         "capture {}, interrupted: {} objects recovered, {kept} frames kept, at least {lost} \
                          lost, {} unfinished uploads aborted",
@@ -436,6 +457,16 @@ impl Daemon {
             }
             let info = entry.info.clone();
             drop(captures);
+            // Written with the registry unlocked: the store may take its time.
+            if let Some(catalog) = ended
+                && let Err(e) = self.config.store.write_catalog(&destination, &catalog)
+            {
+                log::warn!(
+                    "capture {}, interrupted: cannot write its manifest to the catalog: {}",
+                    info.id,
+                    report::chain(&e)
+                );
+            }
             self.shared.persist(&info);
             self.shared.changed.notify_all();
             self.shared.notify(&info);
@@ -661,4 +692,48 @@ impl Shared {
 /// Whether an interrupted capture's leftovers are still to be recovered.
 pub fn recovery_pending(info: &CaptureInfo) -> bool {
     info.summary.as_ref().and_then(|s| s.recovery.as_ref()).is_some_and(|r| r.pending)
+}
+
+/// The manifest of a capture a dead daemon interrupted, once recovered: what its state says of
+/// it (bytes and drops as last saved), its objects (their times are in their indexes), ended
+/// now, as `interrupted`.
+fn interrupted_manifest(
+    info: &CaptureInfo,
+    node: &str,
+    destination: &str,
+    outputs: &[String],
+    frames: u64,
+) -> std::sync::Arc<Catalog> {
+    let r = &info.request;
+    let objects = match destination.parse() {
+        Ok(d) => recovered_objects(&d, outputs),
+        Err(_) => Vec::new(),
+    };
+    let catalog = Catalog::new(Manifest {
+        capture_id: info.id.clone(),
+        node: node.to_owned(),
+        interfaces: info
+            .interfaces
+            .iter()
+            .zip(&info.devices)
+            .map(|(alias, device)| ManifestInterface { alias: alias.clone(), device: device.clone() })
+            .collect(),
+        filter: r.filter.clone(),
+        snaplen: r.snaplen.unwrap_or_default(),
+        tags: r.tags.clone(),
+        customer: r.customer.clone(),
+        alert_id: r.alert_id.clone(),
+        start_ns: info.started_ns,
+        objects,
+        ..Manifest::default()
+    });
+    catalog.end(CaptureEnd {
+        end_ns: crate::sys::unix_now_ns(),
+        frames,
+        bytes: info.progress.bytes,
+        drops: info.progress.dropped,
+        stop_reason: "interrupted".into(),
+        error: info.error.clone(),
+    });
+    catalog
 }

@@ -8,7 +8,10 @@ use crate::{
     datapath::capture::{CaptureSpec, DEFAULT_SNAPLEN, Limits},
     filter::{CaptureFilter, CbpfProgram, FilterError, program::Instructions},
     report,
-    store::settings::{ObjectLabels, check_tag, object_metadata},
+    store::{
+        catalog::{Catalog, Manifest, ManifestInterface},
+        settings::{ObjectLabels, check_tag, object_metadata},
+    },
 };
 
 /// The longest duration or idle timeout a request may ask for (a year), whatever the caps:
@@ -242,13 +245,31 @@ impl CapturePlan {
             duration: request.duration_secs.map(Duration::from_secs_f64),
             idle: request.idle_timeout_secs.map(Duration::from_secs_f64),
         };
+        // The capture's manifest in the catalog, when it goes to a store.
+        let catalog = destination.is_some().then(|| {
+            Catalog::new(Manifest {
+                capture_id: id.clone(),
+                node: policy.node.clone(),
+                interfaces: interfaces
+                    .iter()
+                    .map(|(alias, device)| ManifestInterface { alias: alias.clone(), device: device.clone() })
+                    .collect(),
+                filter: request.filter.clone(),
+                snaplen,
+                tags: request.tags.clone(),
+                customer: request.customer.clone(),
+                alert_id: request.alert_id.clone(),
+                start_ns: crate::sys::unix_now_ns(),
+                ..Manifest::default()
+            })
+        });
         Ok(Self {
             id: id.clone(),
             interfaces,
             spec: CaptureSpec { id: id.clone(), filter, snaplen },
             limits,
             destination,
-            labels: ObjectLabels { capture: id, node: policy.node.clone(), part: None, metadata },
+            labels: ObjectLabels { catalog, capture: id, node: policy.node.clone(), part: None, metadata },
             request,
         })
     }

@@ -93,16 +93,54 @@ impl Sink for DirSink {
         Ok(out)
     }
 
+    async fn list(&self, prefix: &str, max: Option<usize>) -> Result<Vec<(String, u64)>> {
+        // The directory the prefix's last `/` ends, walked whole; keys filtered by the prefix.
+        let start = match prefix.rfind('/') {
+            Some(at) => self.root.join(&prefix[..at]),
+            None => self.root.clone(),
+        };
+        let mut out = Vec::new();
+        let mut dirs = vec![start];
+        while let Some(dir) = dirs.pop() {
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io("list", &dir, e)),
+            };
+            for entry in entries {
+                let entry = entry.map_err(|e| io("list", &dir, e))?;
+                let path = entry.path();
+                let kind = entry.file_type().map_err(|e| io("list", &path, e))?;
+                if kind.is_dir() {
+                    if entry.file_name() != UPLOADS {
+                        dirs.push(path);
+                    }
+                    continue;
+                }
+                let Some(key) = path.strip_prefix(&self.root).ok().and_then(|k| k.to_str()) else { continue };
+                if key.starts_with(prefix) && !key.ends_with(".partial") {
+                    let len = entry.metadata().map_err(|e| io("list", &path, e))?.len();
+                    out.push((key.to_owned(), len));
+                }
+            }
+        }
+        out.sort();
+        out.truncate(max.unwrap_or(usize::MAX));
+        Ok(out)
+    }
+
     async fn get(&self, key: &str, range: Option<(u64, u64)>) -> Result<Vec<u8>> {
+        use std::io::{Read as _, Seek as _};
         let path = self.path(key);
-        let all = std::fs::read(&path).map_err(|e| io("read", &path, e))?;
-        Ok(match range {
-            None => all,
-            Some((a, b)) => all
-                .get(a as usize..=(b as usize).min(all.len().saturating_sub(1)))
-                .unwrap_or_default()
-                .to_vec(),
-        })
+        let Some((a, b)) = range else { return std::fs::read(&path).map_err(|e| io("read", &path, e)) };
+        // Only the range is read, as a ranged GET fetches only it.
+        let mut file = std::fs::File::open(&path).map_err(|e| io("read", &path, e))?;
+        file.seek(std::io::SeekFrom::Start(a)).map_err(|e| io("read", &path, e))?;
+        let mut out = Vec::new();
+        file.take(b.saturating_sub(a).saturating_add(1))
+            .read_to_end(&mut out)
+            .map_err(|e| io("read", &path, e))?;
+        Ok(out)
     }
 
     fn url(&self, key: &str) -> String {

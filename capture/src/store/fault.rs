@@ -33,6 +33,8 @@ pub enum Operation {
     CompleteMultipart,
     AbortMultipart,
     ListMultipart,
+    /// [`Sink::list`] (ListObjectsV2).
+    List,
     Get,
     /// [`Sink::check`], before a capture starts.
     Check,
@@ -48,6 +50,7 @@ impl Operation {
             Self::CompleteMultipart => "CompleteMultipartUpload",
             Self::AbortMultipart => "AbortMultipartUpload",
             Self::ListMultipart | Self::Check => "ListMultipartUploads",
+            Self::List => "ListObjectsV2",
             Self::Get => "GetObject",
         }
     }
@@ -236,6 +239,10 @@ impl<S: Sink> Sink for FaultSink<S> {
 
     async fn list_multipart(&self, prefix: &str) -> Result<Vec<PendingUpload>> {
         self.call(Operation::ListMultipart, prefix, None, self.inner.list_multipart(prefix)).await
+    }
+
+    async fn list(&self, prefix: &str, max: Option<usize>) -> Result<Vec<(String, u64)>> {
+        self.call(Operation::List, prefix, None, self.inner.list(prefix, max)).await
     }
 
     async fn get(&self, key: &str, range: Option<(u64, u64)>) -> Result<Vec<u8>> {

@@ -2,7 +2,9 @@
 //!
 //! [`compress`] (zstd frames and their index) -> [`stream`] (a capture's chunks, the upload
 //! queue, the spool while the store is away) -> [`object`] (objects, rotation, parts) -> a
-//! [`Sink`]. [`settings`] turns configuration into a destination; [`read`] reads back.
+//! [`Sink`]. [`settings`] turns configuration into a destination; [`catalog`] keeps each
+//! capture's manifest beside its objects and lists captures by time and labels; [`read`] reads
+//! back, one object or the captures of a prefix merged.
 //!
 //! [`Sink`] is the small interface to a store, with two implementations: [`s3::S3Sink`]
 //! (aws-sdk-s3, any S3-compatible endpoint) and [`dir::DirSink`] (a local directory); tests
@@ -11,6 +13,7 @@
 //! age, multipart uploads with parts in order and CRC32C checksums, a single PutObject for small
 //! objects, bounded parts in flight, and an index object beside each object.
 
+pub mod catalog;
 pub mod compress;
 pub mod dir;
 pub mod fault;
@@ -230,6 +233,13 @@ pub trait Sink: Send + Sync + 'static {
         key: &str,
         range: Option<(u64, u64)>,
     ) -> impl Future<Output = Result<Vec<u8>, UploadError>> + Send;
+    /// Objects whose keys start with `prefix`, as (key, bytes), in key order; at most `max`
+    /// of them. Only readers list (`tapstream ls` and `read` over a prefix).
+    fn list(
+        &self,
+        prefix: &str,
+        max: Option<usize>,
+    ) -> impl Future<Output = Result<Vec<(String, u64)>, UploadError>> + Send;
     /// A URL naming `key`, for summaries (`s3://bucket/key`, `file:///dir/key`).
     fn url(&self, key: &str) -> String;
     /// Checks, before a capture starts, that the store takes requests for keys under

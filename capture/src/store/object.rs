@@ -13,7 +13,10 @@ use super::{
     spool::{Journal, JournalEntry},
 };
 use crate::metrics as m;
-use crate::store::compress::{Compression, Compressor, FrameEntry, Index, seek_table};
+use crate::store::{
+    catalog::{Catalog, ManifestObject},
+    compress::{Compression, Compressor, FrameEntry, Index, seek_table},
+};
 
 /// The smallest part S3 accepts (except the last).
 pub const MIN_PART_BYTES: usize = 5 << 20;
@@ -128,6 +131,9 @@ pub struct ObjectOwner {
     pub part: Option<String>,
     /// Object metadata (capture id, filter, node, tags, ...).
     pub metadata: Vec<(String, String)>,
+    /// The capture's manifest, written again with each finished object.
+    #[serde(skip)]
+    pub catalog: Option<Arc<Catalog>>,
 }
 
 impl ObjectOwner {
@@ -543,6 +549,19 @@ impl<S: Sink> Uploader<S> {
         }
         self.done.push(url);
         metrics::counter!(m::OBJECTS).increment(1);
+        if let Some(catalog) = &self.owner.catalog {
+            let records = index.frames.iter().skip(1).filter(|f| f.packets > 0);
+            catalog.record_object(ManifestObject {
+                index: ikey,
+                interface: self.owner.part.clone(),
+                first_ns: records.clone().map(|f| f.first_ns).min().unwrap_or(0),
+                last_ns: records.clone().map(|f| f.last_ns).max().unwrap_or(0),
+                frames: records.map(|f| f.packets).sum(),
+                bytes: length,
+                key: index.object,
+            });
+            catalog.write_or_log(&*self.sink, &self.owner.prefix, self.config.outage_max).await;
+        }
         Ok(())
     }
 

@@ -344,6 +344,37 @@ impl Sink for S3Sink {
         }
     }
 
+    async fn list(&self, prefix: &str, max: Option<usize>) -> Result<Vec<(String, u64)>> {
+        let mut out = Vec::new();
+        let mut token = None;
+        loop {
+            let _connection = self.connection().await;
+            let page = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.config.bucket)
+                .prefix(prefix)
+                .set_continuation_token(token.take())
+                .set_max_keys(max.map(|m| m.min(1000) as i32))
+                .send()
+                .await
+                .map_err(|e| store_error("ListObjectsV2", prefix, e))?;
+            for o in page.contents() {
+                if let Some(key) = o.key() {
+                    out.push((key.to_owned(), o.size().unwrap_or(0).max(0) as u64));
+                }
+            }
+            if max.is_some_and(|m| out.len() >= m) {
+                out.truncate(max.unwrap_or(usize::MAX));
+                return Ok(out);
+            }
+            match page.next_continuation_token() {
+                Some(next) if page.is_truncated() == Some(true) => token = Some(next.to_owned()),
+                _ => return Ok(out),
+            }
+        }
+    }
+
     async fn get(&self, key: &str, range: Option<(u64, u64)>) -> Result<Vec<u8>> {
         let _connection = self.connection().await;
         let out = self

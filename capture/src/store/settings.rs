@@ -1,12 +1,13 @@
 //! Store settings shared by the one-shot CLI (its flags) and the daemon (`[store]` in its
 //! configuration): validated once, then turned into a capture's [`StoreTarget`].
 
-use std::{path::PathBuf, time::Duration};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
 use super::{
     Destination, UploadError,
+    catalog::Catalog,
     dir::DirSink,
     object::{MIN_PART_BYTES, ObjectOwner, UploadConfig},
     s3::{S3Config, S3Sink},
@@ -104,6 +105,8 @@ pub struct ObjectLabels {
     pub part: Option<String>,
     /// S3 user metadata (capture id, node, filter, tags...).
     pub metadata: Vec<(String, String)>,
+    /// The capture's manifest in the catalog, written as its objects are made; `None`: none.
+    pub catalog: Option<Arc<Catalog>>,
 }
 
 impl StoreSettings {
@@ -205,6 +208,26 @@ impl StoreSettings {
         }
     }
 
+    /// Writes `catalog`'s manifest under the destination `url` (its last write, once the
+    /// capture has ended), with a client of its own, retrying for at most 30 s of failures: a
+    /// store that is down longer keeps the manifest of the capture's last object.
+    pub fn write_catalog(&self, url: &str, catalog: &Catalog) -> Result<(), UploadError> {
+        let destination: Destination = url.parse()?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|source| UploadError::Runtime { source })?;
+        let outage = Duration::from_secs(self.outage_max_secs.min(30));
+        runtime.block_on(async {
+            match destination {
+                Destination::S3 { bucket, prefix } => {
+                    catalog.write(&S3Sink::new(self.s3(bucket)).await, &prefix, outage).await
+                }
+                Destination::Dir { path } => catalog.write(&DirSink::new(path)?, "", outage).await,
+            }
+        })
+    }
+
     fn recover_one(&self, url: &str, labels: ObjectLabels) -> Result<(), UploadError> {
         let (destination, config, owner, options) = self.parts(url, labels, true)?;
         // Recovery at start-up gives up on an unreachable store sooner: its spools wait for
@@ -251,6 +274,7 @@ impl StoreSettings {
             capture: labels.capture,
             part: labels.part,
             metadata: labels.metadata,
+            catalog: labels.catalog,
         };
         let options = StoreOptions {
             threads: self.compress_threads,

@@ -308,6 +308,11 @@ impl<S: Sink> PreparedStore<S> {
         };
         let capture = owner.capture.clone();
         let task = runtime.spawn(async move {
+            // The capture is in the catalog from its start (a failed write is logged; the
+            // manifest is written again with each object).
+            if let Some(catalog) = &owner.catalog {
+                catalog.write_or_log(&*sink, &owner.prefix, config.outage_max).await;
+            }
             // What earlier runs left goes first: recovery aborts the uploads left open in this
             // capture's key space, which must come before its own. Chunks wait meanwhile, in
             // memory and then in the spool; a store that fails recovery for good, or stays
