@@ -19,9 +19,6 @@ use tapstream::filter::{CaptureFilter, CbpfProgram, LoadedFilter};
 /// Copies of one expression in the program, so that its cost can be told from the noise.
 const COPIES: usize = 32;
 
-/// Measured beside the listed expressions: libpcap's one loop, which the kernel runs unrolled.
-const PROTOCHAIN: [&str; 2] = ["ip6 protochain 6", "protochain 17"];
-
 fn sample() -> Vec<Vec<u8>> {
     tapstream_testenv::corpus_frames()
         .into_iter()
@@ -55,9 +52,7 @@ fn filters(c: &mut Criterion) {
     });
     let compiled: Vec<CbpfProgram> =
         tapstream_testenv::LISTED_FILTERS.iter().map(|e| CbpfProgram::compile(e).unwrap()).collect();
-    // protochain's loop, unrolled (its cost on this traffic, mostly without extension headers).
-    let protochain: Vec<CbpfProgram> = PROTOCHAIN.iter().map(|e| CbpfProgram::compile(e).unwrap()).collect();
-    for program in compiled.iter().chain(&protochain) {
+    for program in &compiled {
         // The expression in 32 capture slots: its cost, 32 times over, stands clear of the
         // test run's own (about 90 ns, and noisy to a few ns).
         let slots: Vec<CaptureFilter<'_>> =

@@ -63,7 +63,10 @@ pub fn filter_check(expression: &str, file: Option<&std::path::Path>) -> anyhow:
             skipped.push((total, record.data.len()));
             continue;
         }
-        let run = loaded.test_run(record.data, 1).with_context(|| format!("frame {total}"))?;
+        // A record cut short by a snaplen is run as libpcap runs it: `len` is its length on the
+        // wire, and loads past the bytes at hand fail.
+        let wire_len = record.origlen.max(record.data.len() as u32);
+        let run = loaded.test_run_wire(record.data, wire_len, 1).with_context(|| format!("frame {total}"))?;
         if run.mask != 0 {
             matched.push(total);
         }

@@ -241,7 +241,14 @@ pub struct Fragment {
     jumps: Vec<(usize, Target)>,
     /// Words of `M[]` the filter uses (bit i = `M[i]`).
     pub scratch: u16,
+    /// Whether it reads the frame's length (`len`, `greater`, `less`), which the program
+    /// keeps at [`WIRE_LEN`].
+    pub uses_len: bool,
 }
+
+/// Bytes below the frame pointer where the program keeps the frame's length on the wire (a
+/// 32-bit word), which `len` reads: libpcap's `len` is the wire length, not the bytes at hand.
+pub const WIRE_LEN: i16 = SCRATCH_BASE - 8;
 
 /// Bytes below the frame pointer where `M[0]` is stored (`M[i]` is 4 bytes above).
 pub const SCRATCH_BASE: i16 = -64;
@@ -378,6 +385,7 @@ struct Translator<'a> {
     out: Vec<Insn>,
     jumps: Vec<(usize, Target)>,
     scratch: u16,
+    uses_len: bool,
 }
 
 impl Translator<'_> {
@@ -458,10 +466,9 @@ impl Translator<'_> {
                     match (cbpf::class(code), mode) {
                         (_, cbpf::IMM) => self.emit(alu32_imm(MOV, dst, k as i32)),
                         (_, cbpf::LEN) => {
-                            // The frame's length: end minus start (scalar registers hold it).
-                            self.emit(mov64(R0, DATA_END));
-                            self.emit(alu64_reg(SUB, R0, DATA));
-                            self.emit(alu32_reg(MOV, dst, R0));
+                            // The frame's length on the wire, as the program's prologue found it.
+                            self.uses_len = true;
+                            self.emit(load(W, dst, FP, WIRE_LEN));
                         }
                         (_, cbpf::MEM) => {
                             let off = self.scratch_slot(pc, k)?;
@@ -655,7 +662,7 @@ pub fn translate(prog: &[BpfInsn]) -> Result<Fragment, TranslateError> {
     let unrolled = unroll(prog)?;
     let prog = unrolled.as_deref().unwrap_or(prog);
     let reach = reachable(prog)?;
-    let mut t = Translator { prog, out: Vec::new(), jumps: Vec::new(), scratch: 0 };
+    let mut t = Translator { prog, out: Vec::new(), jumps: Vec::new(), scratch: 0, uses_len: false };
     let mut map = vec![usize::MAX; prog.len()];
     t.translate(&reach, &mut map)?;
     if t.out.len() > MAX_FILTER_INSNS {
@@ -673,7 +680,7 @@ pub fn translate(prog: &[BpfInsn]) -> Result<Fragment, TranslateError> {
             other => jumps.push((at, other)),
         }
     }
-    Ok(Fragment { insns: t.out, jumps, scratch: t.scratch })
+    Ok(Fragment { insns: t.out, jumps, scratch: t.scratch, uses_len: t.uses_len })
 }
 
 impl Fragment {

@@ -47,6 +47,8 @@ const XDP_MD_DATA_END: i16 = 4;
 const XDP_MD_DATA_META: i16 = 8;
 /// Offset of `FrameMeta::mask` in the metadata.
 const META_MASK: i16 = 8;
+/// Offset of `FrameMeta::orig_len` in the metadata.
+const META_ORIG_LEN: i16 = 16;
 
 /// One capture's part in the program.
 #[derive(Clone, Copy, Debug)]
@@ -85,6 +87,7 @@ impl Instructions {
             }
         }
         let scratch = fragments.iter().fold(0u16, |m, (_, f)| m | f.scratch);
+        let uses_len = fragments.iter().any(|(_, f)| f.uses_len);
 
         let mut insns = Vec::new();
         // Prologue: keep the context, the frame's bounds and the mask in registers the
@@ -97,6 +100,21 @@ impl Instructions {
             if scratch & (1 << word) != 0 {
                 insns.push(store_imm(W, FP, SCRATCH_BASE + 4 * word, 0));
             }
+        }
+        if uses_len {
+            // The frame's length on the wire, for `len`: the metadata's `orig_len` (the fixed
+            // program writes it; a test run gives the length of a record cut short), else the
+            // bytes at hand.
+            insns.push(mov64(R0, DATA_END));
+            insns.push(alu64_reg(SUB, R0, DATA));
+            insns.push(store(W, FP, ebpf::WIRE_LEN, R0));
+            insns.push(load(W, R4, CTX, XDP_MD_DATA_META));
+            insns.push(mov64(R5, R4));
+            insns.push(alu64_imm(ADD, R5, FRAME_META_LEN as i32));
+            insns.push(jmp_reg(JMP, JGT, R5, DATA, 3));
+            insns.push(load(W, R5, R4, META_ORIG_LEN));
+            insns.push(jmp_imm(JMP, JEQ, R5, 0, 1));
+            insns.push(store(W, FP, ebpf::WIRE_LEN, R5));
         }
         for (slot, fragment) in &fragments {
             fragment.link(&mut insns, *slot as u32);
@@ -250,8 +268,19 @@ impl LoadedFilter {
     /// returns the mask it stored and the mean run time in nanoseconds. Without a `NEXT` set,
     /// the tail call falls through and the program returns `XDP_PASS`.
     pub fn test_run(&self, frame: &[u8], repeat: u32) -> Result<TestRun, FilterError> {
+        self.test_run_wire(frame, frame.len() as u32, repeat)
+    }
+
+    /// Like [`LoadedFilter::test_run`], for a frame that was `wire_len` bytes long on the wire
+    /// of which `frame` holds the first (a record cut short by a snaplen): `len` is the wire
+    /// length and loads past `frame` fail, as in libpcap.
+    pub fn test_run_wire(&self, frame: &[u8], wire_len: u32, repeat: u32) -> Result<TestRun, FilterError> {
         let fd = self.fd()?.as_fd().as_raw_fd();
-        crate::sys::xdp_test_run(fd, frame, FRAME_META_LEN, repeat)
+        // The metadata the fixed program would have written: zero but the wire length.
+        let mut meta = [0u8; FRAME_META_LEN];
+        let at = META_ORIG_LEN as usize;
+        meta[at..at + 4].copy_from_slice(&wire_len.to_le_bytes());
+        crate::sys::xdp_test_run(fd, &meta, frame, repeat)
             .map(|(out, retval, duration_ns)| TestRun {
                 mask: out
                     .get(META_MASK as usize..META_MASK as usize + 8)

@@ -222,18 +222,13 @@ struct XdpMd {
     egress_ifindex: u32,
 }
 
-/// Runs the XDP program `prog_fd` on `frame` in the kernel, `repeat` times, with a zeroed
-/// metadata area of `meta_len` bytes in front of the frame; returns the metadata and frame
+/// Runs the XDP program `prog_fd` on `frame` in the kernel, `repeat` times, with the metadata
+/// area `meta` in front of the frame; returns the metadata and frame
 /// as the program left them, its return value and the mean run time in nanoseconds.
 /// Needs kernel 5.15 (metadata in test runs).
-pub fn xdp_test_run(
-    prog_fd: i32,
-    frame: &[u8],
-    meta_len: usize,
-    repeat: u32,
-) -> io::Result<(Vec<u8>, u32, u32)> {
-    let mut data_in = vec![0u8; meta_len + frame.len()];
-    data_in[meta_len..].copy_from_slice(frame);
+pub fn xdp_test_run(prog_fd: i32, meta: &[u8], frame: &[u8], repeat: u32) -> io::Result<(Vec<u8>, u32, u32)> {
+    let meta_len = meta.len();
+    let data_in = [meta, frame].concat();
     // The program may grow the frame; the kernel refuses to copy out more than this holds.
     let mut data_out = vec![0u8; data_in.len() + 4096];
     let mut ctx = XdpMd { data: meta_len as u32, data_end: data_in.len() as u32, ..Default::default() };
