@@ -454,31 +454,6 @@ fn udp_frame(dst: [u8; 4], seq: u16, len: usize) -> Vec<u8> {
     f
 }
 
-/// pcapdaemon's message format, verbatim from its README (the daemon's own example).
-const PCAPDAEMON_README_EXAMPLE: &str = r#"    {
-        "node": "node name",
-        "nodere": "node regex",
-        "interface": ["bond1","bond2"],
-        "alias": ["local","public"],
-        "tags": "blah,tagme,stuff",
-        "bpf": "dst host 10.0.0.1",
-        "customer": "importantcustomer",
-        "snap": 1500,
-        "packets": 50,
-        "alertid": 655443,
-        "timeout": 15,
-        "duration": 60,
-        "bytes": 1000,
-        "packetdebug":false,
-        "logrequest":false,
-        "folder": "myfolder",
-        "bucket": "mybucket",
-        "acl": "public-read",
-        "region": "us-east-1",
-        "endpoint": "s3.amazonaws.com",
-        "encryption": false
-    }"#;
-
 #[test]
 fn pcapdaemons_readme_example_published_verbatim_starts_the_capture_it_describes() {
     let redis = Redis::start();
@@ -542,7 +517,11 @@ fn pcapdaemons_readme_example_published_verbatim_starts_the_capture_it_describes
     assert_eq!(refused["code"], "bad_request", "{refused}");
     assert!(refused["reason"].as_str().unwrap().contains("unknown field `hostname`"), "{refused}");
 
-    let _: u64 = redis::cmd("PUBLISH").arg("capture").arg(PCAPDAEMON_README_EXAMPLE).query(&mut con).unwrap();
+    let _: u64 = redis::cmd("PUBLISH")
+        .arg("capture")
+        .arg(tapstream::fleet::pcapdaemon::README_EXAMPLE)
+        .query(&mut con)
+        .unwrap();
     let started = eventually("the example's capture to start", || {
         events(&mut con).into_iter().find(|e| e["event"] == "started")
     });

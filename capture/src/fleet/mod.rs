@@ -551,6 +551,48 @@ impl Node {
     }
 }
 
+/// What a transport keeps of a node in `dir` (its own part of the state directory): the
+/// node, with the captures it started in `dir/requests/` and the events not sent yet in
+/// `dir/outbox.jsonl` (at most `max_pending`), and the daemon's captures as they start and
+/// end, for [`watch_ends`]. Subscribed before the node reports what an earlier run left, so
+/// no end falls between.
+pub fn open_node(
+    daemon: Arc<Daemon>,
+    dir: &Path,
+    max_pending: usize,
+) -> std::io::Result<(Arc<Node>, Arc<Outbox>, tokio::sync::mpsc::UnboundedReceiver<CaptureInfo>)> {
+    std::fs::create_dir_all(dir)?;
+    let outbox = Arc::new(Outbox::open(&dir.join("outbox.jsonl"), max_pending)?);
+    let ends = daemon.subscribe();
+    let node = Arc::new(Node::persistent(daemon, outbox.clone(), dir.join("requests"))?);
+    Ok((node, outbox, ends))
+}
+
+/// Tells `node` of each capture's end from `ends` until `finishing` turns true, then of those
+/// told before it.
+pub fn watch_ends(
+    node: Arc<Node>,
+    mut ends: tokio::sync::mpsc::UnboundedReceiver<CaptureInfo>,
+    mut finishing: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                info = ends.recv() => match info {
+                    Some(info) => node.capture_changed(&info),
+                    None => return,
+                },
+                _ = finishing.wait_for(|f| *f) => {
+                    while let Ok(info) = ends.try_recv() {
+                        node.capture_changed(&info);
+                    }
+                    return;
+                }
+            }
+        }
+    })
+}
+
 /// The `id` of a message that is not a valid request, if it has a short textual one.
 fn request_id(json: &[u8]) -> Option<String> {
     let value: serde_json::Value = serde_json::from_slice(json).ok()?;

@@ -36,6 +36,32 @@ use serde::Deserialize;
 use super::{FleetRequest, MessageError, Target};
 use crate::request::CaptureRequest;
 
+/// The message format of pcapdaemon's README, as it is there (both `node` and `nodere`, both
+/// `interface` and `alias`): what a sender moving from pcapdaemon publishes, and the tests'.
+pub const README_EXAMPLE: &str = r#"    {
+        "node": "node name",
+        "nodere": "node regex",
+        "interface": ["bond1","bond2"],
+        "alias": ["local","public"],
+        "tags": "blah,tagme,stuff",
+        "bpf": "dst host 10.0.0.1",
+        "customer": "importantcustomer",
+        "snap": 1500,
+        "packets": 50,
+        "alertid": 655443,
+        "timeout": 15,
+        "duration": 60,
+        "bytes": 1000,
+        "packetdebug":false,
+        "logrequest":false,
+        "folder": "myfolder",
+        "bucket": "mybucket",
+        "acl": "public-read",
+        "region": "us-east-1",
+        "endpoint": "s3.amazonaws.com",
+        "encryption": false
+    }"#;
+
 /// A pcapdaemon capture message. Fields pcapdaemon does not know are refused.
 #[derive(Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -168,31 +194,6 @@ fn names<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The message format of pcapdaemon's README, as it is there.
-    pub const README_EXAMPLE: &str = r#"    {
-        "node": "node name",
-        "nodere": "node regex",
-        "interface": ["bond1","bond2"],
-        "alias": ["local","public"],
-        "tags": "blah,tagme,stuff",
-        "bpf": "dst host 10.0.0.1",
-        "customer": "importantcustomer",
-        "snap": 1500,
-        "packets": 50,
-        "alertid": 655443,
-        "timeout": 15,
-        "duration": 60,
-        "bytes": 1000,
-        "packetdebug":false,
-        "logrequest":false,
-        "folder": "myfolder",
-        "bucket": "mybucket",
-        "acl": "public-read",
-        "region": "us-east-1",
-        "endpoint": "s3.amazonaws.com",
-        "encryption": false
-    }"#;
 
     fn matches(request: &FleetRequest, node: &str) -> bool {
         request.target.matches(node, &BTreeMap::new()).unwrap()

@@ -109,38 +109,15 @@ impl RedisFleet {
         };
         // What must survive a restart: the events not sent yet, and the captures started.
         let dir = daemon.config().daemon.state_dir.join("fleet");
-        let state = |source| FleetRedisError::State { path: dir.clone(), source };
-        std::fs::create_dir_all(&dir).map_err(state)?;
-        let outbox =
-            Arc::new(Outbox::open(&dir.join("outbox.jsonl"), settings.max_pending_events).map_err(state)?);
-        let mut ends = daemon.subscribe();
-        let node = Arc::new(Node::persistent(daemon, outbox.clone(), dir.join("requests")).map_err(state)?);
+        let (node, outbox, ends) = super::open_node(daemon, &dir, settings.max_pending_events)
+            .map_err(|source| FleetRedisError::State { path: dir.clone(), source })?;
         let (finish, finishing) = watch::channel(false);
         let pubsub = (!settings.pcapdaemon_channel.is_empty()).then(|| {
             let channel = settings.pcapdaemon_channel.clone();
             tokio::spawn(read_pcapdaemon(node.clone(), link.clone(), channel, shutdown.clone()))
         });
         let reader = tokio::spawn(read_requests(node.clone(), link.clone(), shutdown));
-        let watcher = {
-            let mut finishing = finishing.clone();
-            tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        info = ends.recv() => match info {
-                            Some(info) => node.capture_changed(&info),
-                            None => return,
-                        },
-                        _ = finishing.wait_for(|f| *f) => {
-                            // The ends told before the finish.
-                            while let Ok(info) = ends.try_recv() {
-                                node.capture_changed(&info);
-                            }
-                            return;
-                        }
-                    }
-                }
-            })
-        };
+        let watcher = super::watch_ends(node.clone(), ends, finishing.clone());
         let sender = tokio::spawn(send_events(outbox.clone(), link, finishing));
         Ok(Self { reader, pubsub, watcher, sender, finish, outbox })
     }
