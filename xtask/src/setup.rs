@@ -25,7 +25,7 @@ const GARAGE_OPT_LEVEL: &str = "1";
 /// benchmarks, tshark/capinfos to read what we write, Prometheus for the metrics tests,
 /// systemd for `systemd-analyze verify` of the unit, libcap2-bin (capsh) to run a capture with
 /// exactly the unit's capabilities, redis-server and nats-server for the fleet tests (Redis
-/// Streams, NATS JetStream).
+/// Streams, NATS JetStream), openssl to make the certificates of their TLS tests.
 const PACKAGES: &[&str] = &[
     "libpcap-dev",
     "tcpdump",
@@ -43,6 +43,7 @@ const PACKAGES: &[&str] = &[
     "libcap2-bin",
     "redis-server",
     "nats-server",
+    "openssl",
 ];
 
 pub fn run(root: &Path) -> anyhow::Result<()> {
