@@ -98,12 +98,15 @@ impl TestDaemon {
         std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         let d = dir.path().display().to_string();
         let config = dir.path().join("tapstream.toml");
+        // Eight captures at once unless the test says otherwise.
+        let cap =
+            if limits.contains("max_concurrent_captures") { "" } else { "max_concurrent_captures = 8\n" };
         std::fs::write(
             &config,
             format!(
                 "[daemon]\nsocket = \"{d}/control.sock\"\nstate_dir = \"{d}/state\"\nnode = \"{node}\"\n{extra}\n\
                  [interfaces.{alias}]\ndevice = \"{}\"\ndrop_unmatched = false\nring_size = {CORPUS_RING_SIZE}\n\
-                 [limits]\nmax_duration_secs = 600\nmax_packets = 100000\nmax_concurrent_captures = 8\n{limits}\n\
+                 [limits]\nmax_duration_secs = 600\nmax_packets = 100000\n{cap}{limits}\n\
                  [store]\n{}",
                 veth.capture_if,
                 store(&d)

@@ -204,3 +204,71 @@ fn cmdline(pid: u32) -> String {
         .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
         .unwrap_or_default()
 }
+
+/// POSTs a capture request for ten minutes with `filter` and `id`; returns the status and the
+/// reply (the error's message when refused).
+fn post_long(socket: &std::path::Path, filter: &str, id: &str) -> (u16, String) {
+    let body = serde_json::json!({"interface": "tap", "duration_secs": 600, "filter": filter, "id": id});
+    let (status, reply) =
+        Client::new(socket).raw("POST", "/v1/captures", Some(body.to_string().as_bytes())).expect("request");
+    let reply = String::from_utf8_lossy(&reply).into_owned();
+    (status, if status >= 400 { error_of(&reply) } else { reply })
+}
+
+#[test]
+fn filters_the_verifier_takes_alone_but_not_together_are_refused_by_name_and_start_when_there_is_room() {
+    const FILTER: &str = "ip6 protochain 17";
+    let veth = VethPair::new(1);
+    let daemon = TestDaemon::start_with_limits(&veth, "", "max_concurrent_captures = 64");
+    let socket = daemon.socket();
+
+    // protochain's loop, unrolled, makes each copy thousands of instructions: start copies
+    // until the interface's program is more than the verifier takes.
+    let mut running: Vec<String> = Vec::new();
+    let error = loop {
+        assert!(running.len() < 63, "{} copies of {FILTER} all started", running.len());
+        let id = format!("chain-{}", running.len());
+        match post_long(&socket, FILTER, &id) {
+            (201, _) => running.push(id),
+            (status, error) => {
+                assert_eq!(status, 503, "{error}");
+                break error;
+            }
+        }
+    };
+    assert!(running.len() >= 8, "only {} copies of {FILTER} run together", running.len());
+    assert!(
+        error.contains("filter program of")
+            && error.contains(&format!("beside the {} running with filters", running.len()))
+            && error.contains("this filter alone is accepted")
+            && error.contains("verifier"),
+        "{error}"
+    );
+    // The refusal left the running captures as they were.
+    let listed = daemon.client().list().unwrap();
+    assert_eq!(listed.len(), running.len(), "{listed:?}");
+
+    // With one stopped, the refused request starts.
+    let first = running.remove(0);
+    daemon.client().stop(&first).unwrap();
+    daemon.wait(&first);
+    let (status, reply) = post_long(&socket, FILTER, "chain-last");
+    assert_eq!(status, 201, "{reply}");
+    running.push("chain-last".into());
+
+    // Every capture, the last one too, stores exactly the frames its filter wants.
+    let filter = tapstream::filter::CbpfProgram::compile(FILTER).unwrap();
+    let frames = sendable(&veth);
+    let sent = Sender::new(&veth).send_all(&frames);
+    let wanted: Vec<&tapstream_testenv::CorpusFrame> =
+        sent.into_iter().filter(|f| filter.matches(&f.data, f.data.len() as u32)).collect();
+    assert!(wanted.len() >= 100, "only {} frames sent match {FILTER}", wanted.len());
+    for id in &running {
+        daemon.client().stop(id).unwrap();
+    }
+    for id in &running {
+        let info = daemon.wait(id);
+        assert_eq!(reason(&info), "stopped", "{info:?}");
+        assert!(daemon.stored(id) == data(&wanted), "{id} stored other frames than {FILTER} matches");
+    }
+}

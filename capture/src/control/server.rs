@@ -526,7 +526,10 @@ impl From<RequestError> for ApiError {
             RequestError::Store(_) => 500,
             RequestError::Start(start) => match start {
                 SessionError::Pipeline(PipelineError::Filter(_)) => 400,
-                SessionError::InterfaceAbsent { .. } | SessionError::InterfaceRemoved { .. } => 503,
+                // Room on the interface may come back when captures end.
+                SessionError::Pipeline(PipelineError::Crowded { .. } | PipelineError::NoFreeSlot { .. })
+                | SessionError::InterfaceAbsent { .. }
+                | SessionError::InterfaceRemoved { .. } => 503,
                 _ => 500,
             },
         };

@@ -93,6 +93,14 @@ pub enum PipelineError {
     Filter(#[from] FilterError),
     #[error("all {MAX_CAPTURES} capture slots of {interface} are in use")]
     NoFreeSlot { interface: String },
+    /// The capture's filter is accepted alone, but not beside the running captures' filters:
+    /// the program for all of them is more than the kernel's verifier takes.
+    #[error(
+        "the filter program of {interface} for this capture beside the {running} running with \
+         filters is more than the kernel's verifier accepts (this filter alone is accepted: it \
+         can start when fewer filtered captures run there): {message}"
+    )]
+    Crowded { interface: String, running: usize, message: String },
 }
 
 /// The state of one queue at a moment.
@@ -260,7 +268,9 @@ impl InterfaceRuntime {
             .map(|i| (self.next_slot + i) % MAX_CAPTURES)
             .find(|&i| self.slots[i].is_none())
             .ok_or_else(|| PipelineError::NoFreeSlot { interface: self.config.interface.clone() })?;
-        let program = self.filter_program(Some((slot, capture.spec.filter.as_ref())))?;
+        let program = self
+            .filter_program(Some((slot, capture.spec.filter.as_ref())))
+            .map_err(|e| self.crowded(e, capture.spec.filter.as_ref()))?;
 
         // Every writer must take the capture's frames before the program marks any.
         let (started, acks) = crossbeam_channel::bounded(self.writers.len());
@@ -333,6 +343,22 @@ impl InterfaceRuntime {
             return Ok(None);
         }
         Ok(Some(LoadedFilter::load(&captures)?))
+    }
+
+    /// `error` from loading the program for the running captures plus one with `filter`: when
+    /// the verifier refused it for its size, yet takes `filter` alone, the interface is
+    /// crowded (a protochain filter, unrolled, is thousands of instructions: a dozen of them
+    /// together reach the verifier's limits).
+    fn crowded(&self, error: PipelineError, filter: Option<&CbpfProgram>) -> PipelineError {
+        let (PipelineError::Filter(FilterError::Verifier { message }), Some(filter)) = (&error, filter)
+        else {
+            return error;
+        };
+        let running = self.slots.iter().flatten().filter(|s| s.capture.spec.filter.is_some()).count();
+        if running == 0 || LoadedFilter::load(&[CaptureFilter { slot: 0, filter: Some(filter) }]).is_err() {
+            return error;
+        }
+        PipelineError::Crowded { interface: self.config.interface.clone(), running, message: message.clone() }
     }
 
     /// Puts `program` in force with the running captures' default mask. Each frame sees
