@@ -80,11 +80,23 @@ pub struct XdpConfig {
     pub max_frame_len: u32,
     /// An [`Unmatched`] value.
     pub unmatched: u32,
+    /// Raised by user space each time it puts a new filter program in force (the program
+    /// first, then this): copied into [`FrameMeta::generation`], it tells the writers which
+    /// frames the new program marked.
+    pub generation: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
 }
 
 impl Default for XdpConfig {
     fn default() -> Self {
-        Self { default_mask: 0, max_frame_len: 1792, unmatched: Unmatched::Pass as u32 }
+        Self {
+            default_mask: 0,
+            max_frame_len: 1792,
+            unmatched: Unmatched::Pass as u32,
+            generation: 0,
+            reserved: 0,
+        }
     }
 }
 
@@ -99,8 +111,8 @@ pub struct FrameMeta {
     pub mask: u64,
     /// Length of the frame on the wire, before any truncation.
     pub orig_len: u32,
-    /// Reserved, zero.
-    pub reserved: u32,
+    /// [`XdpConfig::generation`] when the program saw the frame.
+    pub generation: u32,
 }
 
 /// Size of [`FrameMeta`] in bytes (a multiple of 4, at most 32, as `bpf_xdp_adjust_meta`
@@ -118,5 +130,5 @@ unsafe impl aya::Pod for XdpConfig {}
 unsafe impl aya::Pod for FrameMeta {}
 
 const _: () = assert!(core::mem::size_of::<XdpCounters>() == 8 * 8);
-const _: () = assert!(core::mem::size_of::<XdpConfig>() == 16);
+const _: () = assert!(core::mem::size_of::<XdpConfig>() == 24);
 const _: () = assert!(FRAME_META_LEN == 24 && FRAME_META_LEN.is_multiple_of(4));

@@ -79,7 +79,7 @@ pub fn tapstream_xdp(ctx: XdpContext) -> u32 {
             rx_tai_ns: 0,
             mask: config.default_mask,
             orig_len,
-            reserved: 0,
+            generation: config.generation,
         })
     };
 

@@ -9,7 +9,11 @@ use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    datapath::{capture::DEFAULT_SNAPLEN, pipeline::InterfaceConfig, xdp::AttachMode, xsk::ZeroCopy},
+    datapath::{
+        capture::DEFAULT_SNAPLEN, lookback::LookbackConfig, pipeline::InterfaceConfig, xdp::AttachMode,
+        xsk::ZeroCopy,
+    },
+    filter::{CaptureFilter, CbpfProgram, FilterError, program::Instructions},
     store::settings::StoreSettings,
 };
 
@@ -419,6 +423,48 @@ pub struct InterfaceSection {
     pub chunk_bytes: usize,
     /// Chunk buffers in all (memory: `chunk_bytes * chunk_buffers`).
     pub chunk_buffers: usize,
+    /// A history of the interface's recent frames, from which a capture can start in the past (`lookback_secs`); none when left out.
+    pub lookback: Option<LookbackSection>,
+}
+
+/// `[interfaces.<alias>.lookback]`: the history an interface keeps.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LookbackSection {
+    /// Bytes of memory the history may hold (compressed, when compressed); the oldest frames are evicted first.
+    pub memory_bytes: u64,
+    /// tcpdump filter of the frames kept; empty: every frame.
+    pub filter: String,
+    /// Bytes kept per frame at most.
+    pub snaplen: u32,
+    /// Keep the history zstd-compressed (a fast level, on a thread of its own): a longer horizon for the memory.
+    pub compress: bool,
+}
+
+impl Default for LookbackSection {
+    fn default() -> Self {
+        Self { memory_bytes: 256 << 20, filter: String::new(), snaplen: 262_144, compress: true }
+    }
+}
+
+impl LookbackSection {
+    /// The data path's settings, the filter compiled.
+    pub fn pipeline(&self) -> Result<LookbackConfig, FilterError> {
+        let filter = match self.filter.trim() {
+            "" => None,
+            expression => {
+                let program = CbpfProgram::compile(expression)?;
+                Instructions::build(&[CaptureFilter { slot: 0, filter: Some(&program) }])?;
+                Some(program)
+            }
+        };
+        Ok(LookbackConfig {
+            memory_bytes: self.memory_bytes,
+            filter,
+            snaplen: self.snaplen,
+            compress: self.compress,
+        })
+    }
 }
 
 impl Default for InterfaceSection {
@@ -439,6 +485,7 @@ impl Default for InterfaceSection {
             drop_unmatched: true,
             chunk_bytes: path.chunk_bytes,
             chunk_buffers: path.chunk_buffers,
+            lookback: None,
         }
     }
 }
@@ -581,6 +628,17 @@ impl Config {
             if i.chunk_bytes < 64 * 1024 || i.chunk_buffers < 2 {
                 return Err(invalid(field("chunk_bytes"), "chunks need at least 64 KiB each and 2 buffers"));
             }
+            if let Some(lookback) = &i.lookback {
+                if lookback.memory_bytes < 1 << 20 {
+                    return Err(invalid(field("lookback.memory_bytes"), "must be at least 1048576 (1 MiB)"));
+                }
+                if lookback.snaplen == 0 {
+                    return Err(invalid(field("lookback.snaplen"), "must be at least 1"));
+                }
+                lookback
+                    .pipeline()
+                    .map_err(|e| invalid(field("lookback.filter"), crate::report::chain(&e)))?;
+            }
         }
         let l = &self.limits;
         if l.max_concurrent_captures == 0 || l.max_concurrent_captures > capture_common::MAX_CAPTURES {
@@ -699,6 +757,18 @@ impl InterfaceSection {
         };
         config.chunk_bytes = self.chunk_bytes;
         config.chunk_buffers = self.chunk_buffers;
+        // Checked when the configuration was loaded; a filter that fails now keeps no history.
+        config.lookback = self.lookback.as_ref().and_then(|l| match l.pipeline() {
+            Ok(lookback) => Some(lookback),
+            Err(e) => {
+                log::error!(
+                    "{}: lookback filter: {}: no history is kept",
+                    self.device,
+                    crate::report::chain(&e)
+                );
+                None
+            }
+        });
         config
     }
 }
@@ -827,6 +897,7 @@ mod tests {
         for (section, source, strukt) in [
             ("daemon", config, "DaemonSection"),
             ("interfaces.<alias>", config, "InterfaceSection"),
+            ("interfaces.<alias>.lookback", config, "LookbackSection"),
             ("limits", config, "LimitsSection"),
             ("defaults", config, "DefaultsSection"),
             ("store", settings, "StoreSettings"),

@@ -71,6 +71,18 @@ pub const CAPTURES_ACTIVE: &str = "tapstream_captures_active";
 pub const CAPTURES_ENDED: &str = "tapstream_captures_ended_total";
 
 /// Fleet requests read from the broker (every message, whatever became of it).
+/// Frames put in an interface's lookback history.
+pub const LOOKBACK_RECORDED: &str = "tapstream_lookback_recorded_frames_total";
+/// Frames the lookback recording dropped (its own drops, never a capture's).
+pub const LOOKBACK_DROPPED: &str = "tapstream_lookback_dropped_frames_total";
+/// Frames evicted from the lookback history (the oldest, beyond the memory budget).
+pub const LOOKBACK_EVICTED: &str = "tapstream_lookback_evicted_frames_total";
+/// Bytes the lookback history holds.
+pub const LOOKBACK_BYTES: &str = "tapstream_lookback_bytes";
+/// Chunks the lookback history holds.
+pub const LOOKBACK_CHUNKS: &str = "tapstream_lookback_chunks";
+/// Seconds between the oldest and the newest frame of the lookback history.
+pub const LOOKBACK_HORIZON: &str = "tapstream_lookback_horizon_seconds";
 pub const FLEET_REQUESTS_RECEIVED: &str = "tapstream_fleet_requests_received_total";
 /// Fleet requests handled, by `outcome`: accepted, refused, ignored (not for this node),
 /// duplicate (seen before: nothing new started).
@@ -188,6 +200,43 @@ pub fn describe() {
     describe_counter!(CHUNKS, Unit::Count, "Chunks handed to the next stage");
     describe_gauge!(CHUNK_BUFFERS_IN_USE, Unit::Count, "Chunk buffers in use");
     describe_gauge!(CHUNK_QUEUE_DEPTH, Unit::Count, "Chunks queued for the next stage");
+    describe_counter!(LOOKBACK_RECORDED, Unit::Count, "Frames put in the lookback history");
+    describe_counter!(LOOKBACK_DROPPED, Unit::Count, "Frames the lookback recording dropped");
+    describe_counter!(LOOKBACK_EVICTED, Unit::Count, "Frames evicted from the lookback history");
+    describe_gauge!(LOOKBACK_BYTES, Unit::Bytes, "Bytes the lookback history holds");
+    describe_gauge!(LOOKBACK_CHUNKS, Unit::Count, "Chunks the lookback history holds");
+    describe_gauge!(LOOKBACK_HORIZON, Unit::Seconds, "Age span of the lookback history");
+}
+
+/// Handles for one interface's lookback history.
+pub struct LookbackMetrics {
+    /// Frames recorded.
+    pub recorded: Counter,
+    /// Frames the recording dropped.
+    pub dropped: Counter,
+    /// Frames evicted.
+    pub evicted: Counter,
+    /// Bytes held.
+    pub bytes: Gauge,
+    /// Chunks held.
+    pub chunks: Gauge,
+    /// Oldest to newest frame held, in seconds.
+    pub horizon: Gauge,
+}
+
+impl LookbackMetrics {
+    /// Creates (at zero) the series of `interface`.
+    pub fn new(interface: &str) -> Self {
+        let i = interface.to_owned();
+        Self {
+            recorded: counter!(LOOKBACK_RECORDED, "interface" => i.clone()),
+            dropped: counter!(LOOKBACK_DROPPED, "interface" => i.clone()),
+            evicted: counter!(LOOKBACK_EVICTED, "interface" => i.clone()),
+            bytes: gauge!(LOOKBACK_BYTES, "interface" => i.clone()),
+            chunks: gauge!(LOOKBACK_CHUNKS, "interface" => i.clone()),
+            horizon: gauge!(LOOKBACK_HORIZON, "interface" => i),
+        }
+    }
 }
 
 /// Handles for one RX queue's XDP and socket counters, set from absolute kernel values.

@@ -168,7 +168,8 @@ fn concurrent_captures_each_store_exactly_what_their_filter_matches() {
                 CaptureShared::new(spec, Limits::default())
             })
             .collect();
-        let slots: Vec<usize> = captures.iter().map(|c| runtime.start_capture(c.clone()).unwrap()).collect();
+        let slots: Vec<usize> =
+            captures.iter().map(|c| runtime.start_capture(c.clone(), None).unwrap()).collect();
         let sent = sender.send_all(&frames);
 
         // Wait until every frame sent has been through XDP and off the rings.
@@ -207,6 +208,7 @@ fn concurrent_captures_each_store_exactly_what_their_filter_matches() {
                     runtime.pool().put(chunk.data);
                 }
                 Output::Done { .. } => done += 1,
+                Output::History(_) | Output::HistoryDone { .. } => panic!("no capture here has a lookback"),
             }
         }
         for (i, file) in files.iter().enumerate() {

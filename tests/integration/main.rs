@@ -19,6 +19,7 @@ mod fuzz;
 mod interface_loss;
 mod interfaces;
 mod live_drops;
+mod lookback;
 mod metrics;
 mod recovery;
 mod request_parity;

@@ -41,6 +41,9 @@ pub enum SessionError {
         interface_name(.alias.as_deref(), .device)
     )]
     InterfaceAbsent { alias: Option<String>, device: String },
+    /// A lookback on an interface that keeps no history (checked by the plan too).
+    #[error("{interface} keeps no history for a lookback (configure [interfaces.<alias>.lookback])")]
+    NoHistory { interface: String },
     #[error("cannot start the interface's service thread")]
     Thread {
         #[source]
@@ -129,6 +132,46 @@ pub struct CaptureSummary {
     /// their sums); empty for a capture of one interface.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub parts: Vec<CaptureSummary>,
+    /// For a capture that started in the past: what came from the interface's history.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lookback: Option<LookbackSummary>,
+}
+
+impl LookbackSummary {
+    /// The parts' together: the shortest reach, the sums of frames.
+    fn combine<'a>(parts: impl Iterator<Item = &'a LookbackSummary>) -> Option<Self> {
+        parts.fold(None, |sum: Option<Self>, part| {
+            Some(match sum {
+                None => part.clone(),
+                Some(s) => Self {
+                    asked_secs: s.asked_secs,
+                    since_ns: s.since_ns.min(part.since_ns),
+                    reached_secs: s.reached_secs.min(part.reached_secs),
+                    complete: s.complete && part.complete,
+                    history_frames: s.history_frames + part.history_frames,
+                    live_frames: s.live_frames + part.live_frames,
+                },
+            })
+        })
+    }
+}
+
+/// What a capture with a lookback took from the interface's history.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LookbackSummary {
+    /// Seconds before its start the capture asked to begin.
+    pub asked_secs: f64,
+    /// Where the history it asked for begins (ns since the Unix epoch): frames from then on.
+    pub since_ns: u64,
+    /// Seconds before its start the history reached (the age of its oldest frame then, or
+    /// `asked_secs` when it held more than asked).
+    pub reached_secs: f64,
+    /// Whether the history reached back as far as asked.
+    pub complete: bool,
+    /// Frames stored from the history.
+    pub history_frames: u64,
+    /// Frames stored live (after the history).
+    pub live_frames: u64,
 }
 
 impl CaptureSummary {
@@ -194,6 +237,7 @@ impl CaptureSummary {
             queues: Vec::new(),
             error: (!errors.is_empty()).then(|| errors.join("; ")),
             recovery: None,
+            lookback: LookbackSummary::combine(done.iter().filter_map(|s| s.lookback.as_ref())),
             parts: done,
         })
     }

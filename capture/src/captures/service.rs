@@ -74,6 +74,31 @@ pub(super) struct Active {
     pub(super) done_queues: u32,
     pub(super) progress: Arc<Mutex<Progress>>,
     pub(super) on_done: Option<OnDone>,
+    /// For a capture with a lookback: its history's progress.
+    pub(super) history: Option<History>,
+}
+
+/// The history of a capture with a lookback, as it arrives: each queue's history chunks come
+/// from the recorder, then its note that it is complete; the capture's live chunks are held
+/// until every queue's note has come, so the stored capture is its history, then live.
+pub(super) struct History {
+    asked: Duration,
+    /// When it started (ns since the Unix epoch).
+    start_ns: u64,
+    /// Where its history begins: `asked` before `start_ns`.
+    since_ns: u64,
+    queues_done: u32,
+    /// The oldest frame any queue's history held.
+    oldest_ns: Option<u64>,
+    held: std::collections::VecDeque<Chunk>,
+    /// Frames stored from the history.
+    frames: u64,
+}
+
+impl History {
+    fn complete(&self, queues: u32) -> bool {
+        self.queues_done >= queues
+    }
 }
 
 /// An interface at work with any number of captures: its runtime lives on a thread of its
@@ -333,7 +358,9 @@ impl Service {
                 Ok(output) => Ok(output),
             };
             match next {
-                Ok(Output::Chunk(chunk)) => self.dispatch(chunk),
+                Ok(Output::Chunk(chunk)) => self.live(chunk),
+                Ok(Output::History(chunk)) => self.history_chunk(chunk),
+                Ok(Output::HistoryDone { capture, oldest_ns, .. }) => self.history_done(&capture, oldest_ns),
                 Ok(Output::Done { capture, .. }) => {
                     if let Some(a) = self.active.iter_mut().find(|a| Arc::ptr_eq(&a.capture, &capture)) {
                         a.done_queues += 1;
@@ -427,7 +454,13 @@ impl Service {
         let start_counters = self.runtime.snapshot()?;
         let started = Instant::now();
         let started_tai = TaiClock::now_tai_ns();
-        let slot = self.runtime.start_capture(capture.clone())?;
+        let start_ns = crate::sys::unix_now_ns();
+        let lookback = capture.spec.lookback;
+        if lookback.is_some() && self.runtime.history().is_none() {
+            return Err(SessionError::NoHistory { interface: self.runtime.interface().to_owned() });
+        }
+        let since_ns = lookback.map(|l| start_ns.saturating_sub(l.as_nanos() as u64));
+        let slot = self.runtime.start_capture(capture.clone(), since_ns)?;
         log::info!("capture {} running on {}", capture.spec.id, self.runtime.interface());
         metrics::gauge!(crate::metrics::CAPTURES_ACTIVE).increment(1.0);
         let progress = Arc::new(Mutex::new(Progress::default()));
@@ -444,27 +477,106 @@ impl Service {
             done_queues: 0,
             progress: progress.clone(),
             on_done: Some(order.on_done),
+            history: lookback.map(|asked| History {
+                asked,
+                start_ns,
+                since_ns: since_ns.unwrap_or_default(),
+                queues_done: 0,
+                oldest_ns: None,
+                held: std::collections::VecDeque::new(),
+                frames: 0,
+            }),
         });
         Ok(progress)
     }
 
-    pub(super) fn dispatch(&mut self, chunk: Chunk) {
+    /// A live chunk: to the capture's output, or held while its history is on its way.
+    pub(super) fn live(&mut self, chunk: Chunk) {
+        let queues = self.runtime.queues();
+        // While a capture's history is on its way, a quarter of the chunk buffers at most are
+        // held for it; its frames beyond are dropped and counted.
+        let most_held = (self.runtime.pool().capacity() / 4).max(1);
+        if let Some(h) = self
+            .active
+            .iter_mut()
+            .find(|a| Arc::ptr_eq(&a.capture, &chunk.capture))
+            .and_then(|a| a.history.as_mut())
+            .filter(|h| !h.complete(queues))
+        {
+            if h.held.len() < most_held {
+                h.held.push_back(chunk);
+            } else {
+                chunk.capture.count_dropped(u64::from(chunk.frames));
+                self.runtime.pool().put(chunk.data);
+            }
+            return;
+        }
+        self.dispatch(chunk);
+    }
+
+    /// A chunk of a capture's history.
+    pub(super) fn history_chunk(&mut self, chunk: Chunk) {
+        let (capture, frames) = self.dispatch(chunk);
+        if let Some(h) = self
+            .active
+            .iter_mut()
+            .find(|a| Arc::ptr_eq(&a.capture, &capture))
+            .and_then(|a| a.history.as_mut())
+        {
+            h.frames += frames;
+        }
+    }
+
+    /// A queue's history for `capture` is complete: once every queue's is, the live chunks
+    /// held go out.
+    pub(super) fn history_done(&mut self, capture: &Arc<CaptureShared>, oldest_ns: Option<u64>) {
+        let queues = self.runtime.queues();
+        let Some(a) = self.active.iter_mut().find(|a| Arc::ptr_eq(&a.capture, capture)) else { return };
+        let Some(h) = a.history.as_mut() else { return };
+        h.queues_done += 1;
+        h.oldest_ns = match (h.oldest_ns, oldest_ns) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if h.complete(queues) {
+            let held = std::mem::take(&mut h.held);
+            for chunk in held {
+                self.dispatch(chunk);
+            }
+        }
+    }
+
+    /// Hands a chunk to its capture's output; returns the capture and the frames it stored.
+    /// A capture with a lookback is admitted against its limits here, record by record, in
+    /// the order stored (the writers do not: its history comes first).
+    pub(super) fn dispatch(&mut self, mut chunk: Chunk) -> (Arc<CaptureShared>, u64) {
         let pool = self.runtime.pool().clone();
+        let capture = chunk.capture.clone();
+        if capture.spec.lookback.is_some() && capture.is_counted() {
+            admit_records(&mut chunk);
+            if chunk.is_empty() {
+                pool.put(chunk.data);
+                return (capture, 0);
+            }
+        }
+        let frames = u64::from(chunk.frames);
         let Some(a) = self.active.iter_mut().find(|a| Arc::ptr_eq(&a.capture, &chunk.capture)) else {
             // Its capture has finished: nothing wants it (never expected).
             chunk.capture.count_dropped(u64::from(chunk.frames));
             pool.put(chunk.data);
-            return;
+            return (capture, 0);
         };
         if a.failure.is_some() {
             a.capture.count_dropped(u64::from(chunk.frames));
             pool.put(chunk.data);
-            return;
+            return (capture, 0);
         }
         if let Err(e) = a.out.write(chunk, &a.capture, &pool, &a.progress, a.started) {
             log::error!("capture {}: {}", a.capture.spec.id, crate::report::chain(&e));
             a.failure = Some(e);
+            return (capture, 0);
         }
+        (capture, frames)
     }
 
     /// Ends the captures `which` selects with `reason` (if still running).
@@ -508,7 +620,8 @@ impl Service {
         let mut threads = Vec::new();
         let mut i = 0;
         while i < self.active.len() {
-            if self.active[i].done_queues < queues {
+            let history_due = self.active[i].history.as_ref().is_some_and(|h| !h.complete(queues));
+            if self.active[i].done_queues < queues || history_due {
                 i += 1;
                 continue;
             }
@@ -522,6 +635,25 @@ impl Service {
             metrics::counter!(crate::metrics::CAPTURES_ENDED, "reason" => reason.as_str()).increment(1);
             a.publish_progress();
             let on_done = a.on_done.take().expect("reported once");
+            let lookback = a.history.take().map(|h| {
+                let asked_secs = h.asked.as_secs_f64();
+                let since_ns = h.since_ns;
+                let complete = h.oldest_ns.is_some_and(|oldest| oldest <= since_ns);
+                let reached_secs = match h.oldest_ns {
+                    _ if complete => asked_secs,
+                    Some(oldest) => h.start_ns.saturating_sub(oldest) as f64 / 1e9,
+                    None => 0.0,
+                };
+                let summary = LookbackSummary {
+                    asked_secs,
+                    since_ns,
+                    reached_secs,
+                    complete,
+                    history_frames: h.frames,
+                    live_frames: 0,
+                };
+                (h.frames, summary)
+            });
             let queues: Vec<QueueSummary> = end_counters
                 .iter()
                 .map(|end| {
@@ -562,6 +694,10 @@ impl Service {
                     error: a.cause.or(failure),
                     recovery: None,
                     parts: Vec::new(),
+                    lookback: lookback.map(|(history, summary)| LookbackSummary {
+                        live_frames: packets.saturating_sub(history),
+                        ..summary
+                    }),
                 }));
             });
             match spawned {
@@ -577,6 +713,25 @@ impl Active {
     pub(super) fn publish_progress(&self) {
         publish(&self.progress, self.out.stored(), self.started, self.capture.dropped() + self.out.lost());
     }
+}
+
+/// Admits a chunk's records against its capture's limits in order, cutting it at the first
+/// that is refused (beyond the limit: not stored, not a loss).
+fn admit_records(chunk: &mut Chunk) {
+    let mut kept = 0usize;
+    let mut frames = 0u32;
+    let mut last_ns = chunk.first_ns;
+    for (ts_ns, _, data) in crate::datapath::lookback::records(&chunk.data) {
+        if !chunk.capture.admit(data.len() as u64) {
+            break;
+        }
+        kept += tapstream_pcap::RECORD_HEADER_LEN + data.len();
+        frames += 1;
+        last_ns = ts_ns;
+    }
+    chunk.data.truncate(kept);
+    chunk.frames = frames;
+    chunk.last_ns = last_ns;
 }
 
 /// The limit that ends the capture now, if any.

@@ -203,6 +203,10 @@ pub struct RequestArgs {
     /// Stop after this long without a frame.
     #[arg(long, value_name = "TIME", value_parser = humantime::parse_duration)]
     pub idle: Option<Duration>,
+    /// Begin this long before the start, from the interface's history (daemon interfaces
+    /// with a `lookback` section), then continue live.
+    #[arg(long, value_name = "TIME", value_parser = humantime::parse_duration)]
+    pub lookback: Option<Duration>,
     /// Bytes stored per frame at most (default 262144).
     #[arg(short, long)]
     pub snaplen: Option<u32>,
@@ -244,6 +248,7 @@ impl RequestArgs {
             bytes: self.bytes,
             duration_secs: self.duration.map(|d| d.as_secs_f64()),
             idle_timeout_secs: self.idle.map(|d| d.as_secs_f64()),
+            lookback_secs: self.lookback.map(|d| d.as_secs_f64()),
             tags: self.tags.iter().cloned().collect(),
             customer: self.customer.clone(),
             alert_id: self.alert_id.clone(),

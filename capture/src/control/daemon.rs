@@ -606,6 +606,7 @@ impl Shared {
                     error: None,
                     recovery: Some(Recovery { pending: true, ..Recovery::default() }),
                     parts: Vec::new(),
+                    lookback: None,
                 });
                 metrics::counter!(crate::metrics::CAPTURES_ENDED, "reason" => StopReason::Interrupted.as_str())
                     .increment(1);

@@ -28,11 +28,14 @@ pub struct CaptureSpec {
     pub filter: Option<crate::filter::CbpfProgram>,
     /// Bytes stored per frame at most.
     pub snaplen: u32,
+    /// How far back before its start the capture begins, from the interface's history
+    /// ([`crate::datapath::lookback`]); `None`: it starts at its start.
+    pub lookback: Option<Duration>,
 }
 
 impl Default for CaptureSpec {
     fn default() -> Self {
-        Self { id: "capture".into(), filter: None, snaplen: DEFAULT_SNAPLEN }
+        Self { id: "capture".into(), filter: None, snaplen: DEFAULT_SNAPLEN, lookback: None }
     }
 }
 
@@ -142,6 +145,13 @@ impl CaptureShared {
     /// the same capture share.
     pub fn sharing(spec: CaptureSpec, limits: Limits, budget: Arc<Budget>) -> Arc<Self> {
         Arc::new(Self { spec, limits, budget, dropped: AtomicU64::new(0) })
+    }
+
+    /// Whether the writers reserve each frame against the packet and byte limits. A capture
+    /// with a lookback is counted by the next stage instead, which sees its history first.
+    #[inline]
+    pub fn is_counted_by_writers(&self) -> bool {
+        self.is_counted() && self.spec.lookback.is_none()
     }
 
     /// Whether this capture has a packet or byte limit (and so admission to check).

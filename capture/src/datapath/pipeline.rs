@@ -14,6 +14,7 @@ use crossbeam_channel::Receiver;
 use crate::{
     datapath::capture::CaptureShared,
     datapath::chunk::ChunkPool,
+    datapath::lookback::{HistoryStats, LookbackConfig, RECORDER_SLOT, Recorder},
     datapath::writer::{Output, QueueStats, Writer, WriterCommand, WriterConfig},
     datapath::xdp::{AttachMode, XdpError, XdpProgram},
     datapath::xsk::{XskConfig, XskError, XskMode, XskSocket, XskStats},
@@ -47,6 +48,8 @@ pub struct InterfaceConfig {
     pub chunk_buffers: usize,
     /// Chunks the queue to the next stage holds.
     pub chunk_queue: usize,
+    /// The history it keeps for captures that start in the past; `None`: none.
+    pub lookback: Option<LookbackConfig>,
 }
 
 impl InterfaceConfig {
@@ -64,6 +67,7 @@ impl InterfaceConfig {
             chunk_bytes: 1 << 20,
             chunk_buffers: 64,
             chunk_queue: 32,
+            lookback: None,
         }
     }
 }
@@ -81,6 +85,8 @@ pub enum PipelineError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot start the lookback recorder's thread")]
+    Recorder(#[source] std::io::Error),
     #[error("cannot start the writer thread for queue {queue}")]
     Thread {
         queue: u32,
@@ -163,6 +169,10 @@ pub struct InterfaceRuntime {
     xsk_mode: XskMode,
     kernel_metrics: Vec<QueueKernelMetrics>,
     chunk_gauges: crate::metrics::ChunkGauges,
+    /// The history's recorder (it holds [`RECORDER_SLOT`]), if the interface keeps one.
+    recorder: Option<Recorder>,
+    /// The generation of the filter program in force (see [`XdpConfig::generation`]).
+    generation: u32,
 }
 
 impl InterfaceRuntime {
@@ -181,9 +191,19 @@ impl InterfaceRuntime {
             default_mask: 0,
             max_frame_len: config.xsk.max_frame_len(),
             unmatched: config.unmatched as u32,
+            generation: 0,
+            reserved: 0,
         })?;
         let pool = ChunkPool::new(config.chunk_buffers, config.chunk_bytes);
         let (output_tx, outputs) = crossbeam_channel::bounded(config.chunk_queue.max(1));
+        let (recorder, mut recordings) = match &config.lookback {
+            Some(lookback) => {
+                let (recorder, sides) = Recorder::start(lookback, &interface, queues, output_tx.clone())
+                    .map_err(PipelineError::Recorder)?;
+                (Some(recorder), sides.into_iter().map(Some).collect())
+            }
+            None => (None, (0..queues).map(|_| None).collect::<Vec<_>>()),
+        };
         let mut writers = Vec::with_capacity(queues as usize);
         let mut xsk_mode = XskMode::ZeroCopy;
         for queue in 0..queues {
@@ -195,14 +215,15 @@ impl InterfaceRuntime {
             let mut writer_config = config.writer.clone();
             writer_config.core =
                 (!config.cores.is_empty()).then(|| config.cores[queue as usize % config.cores.len()]);
-            let writer = Writer::spawn(socket, writer_config, output_tx.clone(), pool.clone())
+            let recording = recordings[queue as usize].take();
+            let writer = Writer::spawn(socket, writer_config, output_tx.clone(), pool.clone(), recording)
                 .map_err(|source| PipelineError::Thread { queue, source })?;
             writers.push(writer);
         }
         let mode = xdp.attach(config.attach)?;
         log::info!("attached to {interface}: {queues} RX queue(s), XDP {mode} mode, AF_XDP {xsk_mode} mode");
         let kernel_metrics = (0..queues).map(QueueKernelMetrics::new).collect();
-        Ok(Self {
+        let mut runtime = Self {
             config,
             ifindex,
             xdp,
@@ -214,7 +235,20 @@ impl InterfaceRuntime {
             xsk_mode,
             kernel_metrics,
             chunk_gauges: crate::metrics::ChunkGauges::new(),
-        })
+            recorder,
+            generation: 0,
+        };
+        if runtime.recorder.is_some() {
+            // Recording starts now, before any capture.
+            let program = runtime.filter_program(None)?;
+            runtime.install(program)?;
+        }
+        Ok(runtime)
+    }
+
+    /// The history's counters, if the interface keeps one.
+    pub fn history(&self) -> Option<&Arc<HistoryStats>> {
+        self.recorder.as_ref().map(Recorder::stats)
     }
 
     /// The interface name.
@@ -261,21 +295,36 @@ impl InterfaceRuntime {
     /// this one is built and verified first, so a filter that cannot run starts nothing; then
     /// every writer takes the capture, and only then does the kernel mark frames for it. The
     /// capture's filter comes compiled: libpcap never runs here.
-    pub fn start_capture(&mut self, capture: Arc<CaptureShared>) -> Result<usize, PipelineError> {
+    ///
+    /// A capture with a lookback begins with the history since `since_ns` (ns since the Unix
+    /// epoch): the frames each writer handled before it took the start.
+    pub fn start_capture(
+        &mut self,
+        capture: Arc<CaptureShared>,
+        since_ns: Option<u64>,
+    ) -> Result<usize, PipelineError> {
         // Slots are taken round-robin, so a slot just freed (whose last frames may still be in
         // the rings) is not handed to the next capture at once.
+        let recording = self.recorder.is_some();
         let slot = (0..MAX_CAPTURES)
             .map(|i| (self.next_slot + i) % MAX_CAPTURES)
-            .find(|&i| self.slots[i].is_none())
+            .find(|&i| self.slots[i].is_none() && !(recording && i == RECORDER_SLOT))
             .ok_or_else(|| PipelineError::NoFreeSlot { interface: self.config.interface.clone() })?;
         let program = self
             .filter_program(Some((slot, capture.spec.filter.as_ref())))
             .map_err(|e| self.crowded(e, capture.spec.filter.as_ref()))?;
 
-        // Every writer must take the capture's frames before the program marks any.
+        // Every writer must take the capture's frames before the program marks any. A capture
+        // with a lookback learns the generation the program marking it will have.
+        let seam = since_ns.map(|since| (self.generation.wrapping_add(1), since));
         let (started, acks) = crossbeam_channel::bounded(self.writers.len());
         for writer in &self.writers {
-            writer.command(WriterCommand::Start { slot, capture: capture.clone(), started: started.clone() });
+            writer.command(WriterCommand::Start {
+                slot,
+                capture: capture.clone(),
+                started: started.clone(),
+                seam,
+            });
         }
         for writer in &self.writers {
             if acks.recv_timeout(Duration::from_secs(5)).is_err() {
@@ -339,6 +388,9 @@ impl InterfaceRuntime {
         if let Some((slot, filter)) = adding {
             captures.push(CaptureFilter { slot, filter });
         }
+        if let Some(lookback) = self.config.lookback.as_ref().filter(|_| self.recorder.is_some()) {
+            captures.push(CaptureFilter { slot: RECORDER_SLOT, filter: lookback.filter.as_ref() });
+        }
         if captures.iter().all(|c| c.filter.is_none()) {
             return Ok(None);
         }
@@ -364,14 +416,18 @@ impl InterfaceRuntime {
     /// Puts `program` in force with the running captures' default mask. Each frame sees
     /// either the state before or the state after.
     fn install(&mut self, program: Option<LoadedFilter>) -> Result<(), PipelineError> {
+        let recorder = if self.recorder.is_some() { 1u64 << RECORDER_SLOT } else { 0 };
         let mask = self
             .slots
             .iter()
             .enumerate()
             .filter(|(_, s)| s.is_some())
-            .fold(0u64, |m, (slot, _)| m | 1 << slot);
+            .fold(recorder, |m, (slot, _)| m | 1 << slot);
+        // The program first, then the generation that says it is in force.
+        self.generation = self.generation.wrapping_add(1);
         let mut config = self.xdp.config();
         config.default_mask = mask;
+        config.generation = self.generation;
         match program {
             // The program decides every bit; the default mask is not used while it is there.
             Some(program) => {

@@ -9,6 +9,10 @@
 //! waits in the writer, and frames for that capture are dropped and counted meanwhile; frames
 //! for which no chunk buffer is free are dropped and counted too.
 //!
+//! On an interface that keeps a history, the writer also appends the frames the recorder's
+//! slot marks to its recording chunk ([`crate::datapath::lookback`]), and a capture with a
+//! lookback starts at a seam: the history before it, the live frames after.
+//!
 //! Nothing on the per-frame path allocates or takes a lock: chunk buffers come from the
 //! preallocated [`ChunkPool`], the channel is a lock-free array queue, and statistics are
 //! published once per batch.
@@ -30,6 +34,7 @@ use crate::{
     datapath::capture::CaptureShared,
     datapath::chunk::{Chunk, ChunkPool},
     datapath::clock::TaiClock,
+    datapath::lookback::{QueueRecording, RECORDER_SLOT},
     datapath::xsk::{XskSocket, XskStats},
     metrics::WriterMetrics,
 };
@@ -63,7 +68,10 @@ impl Default for WriterConfig {
 pub enum WriterCommand {
     /// Start appending frames whose mask has bit `slot` to `capture`; `started` is signalled
     /// once the writer takes such frames, so the XDP program is told to mark frames only then.
-    Start { slot: usize, capture: Arc<CaptureShared>, started: Sender<()> },
+    /// A capture with a lookback also has `seam`: the generation of the filter program that
+    /// marks it (see [`capture_common::FrameMeta::generation`]) and the time its history
+    /// begins (ns since the Unix epoch).
+    Start { slot: usize, capture: Arc<CaptureShared>, started: Sender<()>, seam: Option<(u32, u64)> },
     /// Stop the capture in `slot`: hand on its open chunk, then send [`Output::Done`].
     Stop { slot: usize },
     /// The device is gone, so nothing more arrives: take every frame still on the ring now,
@@ -77,6 +85,12 @@ pub enum Output {
     Chunk(Chunk),
     /// This queue has handed on every chunk of the capture.
     Done { capture: Arc<CaptureShared>, queue: u32 },
+    /// Records from the interface's history for a capture with a lookback (they come before
+    /// the capture's live chunks of the same queue).
+    History(Chunk),
+    /// The history of `queue` for `capture` is complete: `frames` records were sent;
+    /// `oldest_ns` is the oldest frame the history held for the queue (`None`: none).
+    HistoryDone { capture: Arc<CaptureShared>, queue: u32, frames: u64, oldest_ns: Option<u64> },
 }
 
 /// Counters of one writer, readable while it runs.
@@ -114,6 +128,7 @@ impl Writer {
         config: WriterConfig,
         output: Sender<Output>,
         pool: Arc<ChunkPool>,
+        recording: Option<QueueRecording>,
     ) -> std::io::Result<Self> {
         let queue = socket.queue();
         let (commands, command_rx) = crossbeam_channel::unbounded();
@@ -140,6 +155,8 @@ impl Writer {
                     slots: (0..MAX_CAPTURES).map(|_| None).collect(),
                     active: 0,
                     present: 0,
+                    pending: 0,
+                    recording,
                     clock: TaiClock::measure(),
                 };
                 state.run(&shutdown);
@@ -192,12 +209,15 @@ struct Slot {
     seq: u64,
     stopping: bool,
     done_sent: bool,
+    /// For a capture with a lookback: the generation of the program that marks it. Until a
+    /// frame of that generation comes, recorded frames its filter accepts are its too.
+    live_from: u32,
 }
 
 impl Slot {
     fn new(capture: Arc<CaptureShared>) -> Self {
         Self {
-            counted: capture.is_counted(),
+            counted: capture.is_counted_by_writers(),
             snaplen: capture.spec.snaplen,
             capture,
             open: None,
@@ -206,6 +226,7 @@ impl Slot {
             seq: 0,
             stopping: false,
             done_sent: false,
+            live_from: 0,
         }
     }
 }
@@ -222,6 +243,10 @@ struct WriterState {
     active: u64,
     /// Slots that exist (including stopping ones with chunks left to hand on).
     present: u64,
+    /// Slots with a lookback whose filter program is not yet in force for every frame.
+    pending: u64,
+    /// This queue's side of the interface's history, if it keeps one.
+    recording: Option<QueueRecording>,
     clock: TaiClock,
     metrics: WriterMetrics,
 }
@@ -284,12 +309,33 @@ impl WriterState {
 
     fn apply(&mut self, command: WriterCommand) {
         match command {
-            WriterCommand::Start { slot, capture, started } => {
+            WriterCommand::Start { slot, capture, started, seam } => {
                 if slot >= MAX_CAPTURES {
                     log::error!("capture slot {slot} out of range");
                     return;
                 }
-                self.slots[slot] = Some(Slot::new(capture));
+                let mut new = Slot::new(capture.clone());
+                if let Some((live_from, since_ns)) = seam {
+                    // The seam: what this writer handled so far is history.
+                    let asked = self.recording.as_mut().is_some_and(|r| r.replay(capture.clone(), since_ns));
+                    if !asked {
+                        log::error!(
+                            "queue {}: no history for capture {} (the recorder is behind)",
+                            self.socket.queue(),
+                            capture.spec.id
+                        );
+                        let done = Output::HistoryDone {
+                            capture,
+                            queue: self.socket.queue(),
+                            frames: 0,
+                            oldest_ns: None,
+                        };
+                        let _ = self.output.send_timeout(done, Duration::from_secs(5));
+                    }
+                    new.live_from = live_from;
+                    self.pending |= 1 << slot;
+                }
+                self.slots[slot] = Some(new);
                 self.active |= 1 << slot;
                 self.present |= 1 << slot;
                 let _ = started.send(());
@@ -299,6 +345,7 @@ impl WriterState {
                     && !s.stopping
                 {
                     s.stopping = true;
+                    self.pending &= !(1 << slot);
                     if let Some(chunk) = s.open.take().filter(|c| !c.is_empty()) {
                         s.waiting.push_back(chunk);
                     }
@@ -321,15 +368,28 @@ impl WriterState {
         let slots = &mut self.slots;
         let pool = &self.pool;
         let output = &self.output;
+        let pending = self.pending;
+        let mut in_force = 0u64;
+        let recording = &mut self.recording;
         let (n, invalid) = self.socket.receive(self.config.batch, |meta, frame| {
             counts.bytes += frame.len() as u64;
+            let recorded = meta.mask & 1 << RECORDER_SLOT != 0;
             let mut mask = meta.mask & active;
+            if pending != 0 {
+                in_force |= seam_frame(pending, slots, meta, frame, recorded, &mut mask);
+            }
+            if mask == 0 && !recorded {
+                return;
+            }
+            let ts = clock.to_unix_ns(meta.rx_tai_ns);
+            if recorded && let Some(recording) = recording.as_mut() {
+                recording.record(ts, meta.orig_len, frame);
+            }
             if mask == 0 {
                 return;
             }
             counts.seen_mask |= mask;
             counts.last_tai_ns = counts.last_tai_ns.max(meta.rx_tai_ns);
-            let ts = clock.to_unix_ns(meta.rx_tai_ns);
             while mask != 0 {
                 let bit = mask.trailing_zeros() as usize;
                 mask &= mask - 1;
@@ -338,6 +398,10 @@ impl WriterState {
                 }
             }
         });
+        self.pending &= !in_force;
+        if let Some(recording) = self.recording.as_mut() {
+            recording.publish();
+        }
         let mut seen = counts.seen_mask;
         while seen != 0 {
             let bit = seen.trailing_zeros() as usize;
@@ -419,6 +483,39 @@ impl WriterState {
         }
         self.present = 0;
     }
+}
+
+/// For a frame that may have been marked before the filter program of a capture with a
+/// lookback was in force: adds to `mask` each such capture whose filter accepts the frame,
+/// if the recorder has it (else it is in neither the history nor the capture: the seam is
+/// exact for the frames the history keeps). Returns the slots whose program is in force
+/// (the frame's generation is theirs or later).
+#[inline]
+fn seam_frame(
+    pending: u64,
+    slots: &[Option<Slot>],
+    meta: &capture_common::FrameMeta,
+    frame: &[u8],
+    recorded: bool,
+    mask: &mut u64,
+) -> u64 {
+    let mut in_force = 0;
+    let mut bits = pending;
+    while bits != 0 {
+        let bit = bits.trailing_zeros() as usize;
+        bits &= bits - 1;
+        let Some(slot) = slots[bit].as_ref() else { continue };
+        // Generations wrap: before means behind by less than half the range.
+        if (meta.generation.wrapping_sub(slot.live_from) as i32) >= 0 {
+            in_force |= 1 << bit;
+        } else if recorded
+            && *mask & 1 << bit == 0
+            && slot.capture.spec.filter.as_ref().is_none_or(|f| f.matches(frame, meta.orig_len))
+        {
+            *mask |= 1 << bit;
+        }
+    }
+    in_force
 }
 
 /// Appends one frame to a slot's open chunk, handing on a full chunk and taking a fresh buffer

@@ -137,6 +137,8 @@ impl PcapdaemonMessage {
             bytes: positive(self.bytes),
             duration_secs: seconds(self.duration),
             idle_timeout_secs: seconds(self.timeout),
+            // pcapdaemon has no history to start in.
+            lookback_secs: None,
             tags,
             customer: self.customer.filter(|c| !c.is_empty()),
             alert_id: alert_id.clone(),

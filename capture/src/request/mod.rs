@@ -40,6 +40,9 @@ pub struct CaptureRequest {
     pub duration_secs: Option<f64>,
     /// Stop after this many seconds without a frame.
     pub idle_timeout_secs: Option<f64>,
+    /// Begin this many seconds before the start, from the interface's history (its
+    /// `lookback` section), then continue live.
+    pub lookback_secs: Option<f64>,
     /// Tags stored in the objects' metadata.
     pub tags: BTreeMap<String, String>,
     /// The customer the capture is for.

@@ -50,6 +50,8 @@ pub struct Policy {
     pub destinations: Option<Vec<String>>,
     /// This host's name, in object keys and metadata.
     pub node: String,
+    /// The interfaces (aliases) that keep a history a request may start in.
+    pub histories: Vec<String>,
 }
 
 impl Policy {
@@ -71,6 +73,12 @@ impl Policy {
             caps: Some(config.limits.clone()),
             destinations: Some(config.store.destinations.clone()),
             node: node.to_owned(),
+            histories: config
+                .interfaces
+                .iter()
+                .filter(|(_, i)| i.lookback.is_some())
+                .map(|(alias, _)| alias.clone())
+                .collect(),
         }
     }
 
@@ -88,6 +96,7 @@ impl Policy {
             caps: None,
             destinations: destination.map(|d| vec![d.to_owned()]),
             node: node.to_owned(),
+            histories: Vec::new(),
         }
     }
 
@@ -122,6 +131,8 @@ pub enum PlanError {
     Tag { message: String },
     #[error("{field} must be a number of seconds above 0 and at most {MAX_REQUEST_SECS}, not {value}")]
     Seconds { field: &'static str, value: f64 },
+    #[error("lookback_secs: {interface} keeps no history (configure [interfaces.{interface}.lookback])")]
+    NoHistory { interface: String },
     #[error("snaplen must be at least 1")]
     ZeroSnaplen,
     #[error("packets and bytes limits must be at least 1")]
@@ -201,6 +212,15 @@ impl CapturePlan {
             Some(s) => Some(seconds("idle_timeout_secs", s)?),
             None => None,
         };
+        request.lookback_secs = match request.lookback_secs {
+            Some(s) => Some(seconds("lookback_secs", s)?),
+            None => None,
+        };
+        if request.lookback_secs.is_some()
+            && let Some((alias, _)) = interfaces.iter().find(|(alias, _)| !policy.histories.contains(alias))
+        {
+            return Err(PlanError::NoHistory { interface: alias.clone() });
+        }
         let snaplen = request.snaplen.unwrap_or(defaults.snaplen);
         if snaplen == 0 {
             return Err(PlanError::ZeroSnaplen);
@@ -266,7 +286,12 @@ impl CapturePlan {
         Ok(Self {
             id: id.clone(),
             interfaces,
-            spec: CaptureSpec { id: id.clone(), filter, snaplen },
+            spec: CaptureSpec {
+                id: id.clone(),
+                filter,
+                snaplen,
+                lookback: request.lookback_secs.map(Duration::from_secs_f64),
+            },
             limits,
             destination,
             labels: ObjectLabels { catalog, capture: id, node: policy.node.clone(), part: None, metadata },

@@ -1,0 +1,556 @@
+//! Lookback: a rolling history of an interface's recent frames, from which a capture starts
+//! in the past and continues live.
+//!
+//! The recorder takes one capture slot of the interface ([`RECORDER_SLOT`]): the XDP program
+//! marks the frames it wants (its own filter, default every frame), and each writer appends
+//! them, cut to the recorder's snaplen, to a recording chunk of its own. Full chunks go to the
+//! recorder thread through a bounded channel; when it is full the chunk's frames are dropped
+//! and counted as recording drops, so recording never holds a writer up. The recorder thread
+//! compresses each chunk (zstd at a fast level) or keeps it as it is, and keeps it in a ring
+//! with its time span, evicting the oldest chunks beyond the memory budget.
+//!
+//! A capture with a lookback: the writer of each queue, as it takes the capture's start,
+//! seals its recording chunk and asks the recorder for the queue's history since the start
+//! less the lookback. That point is the seam: every frame the writer handled before it is in
+//! the history, every frame after it is live. Until the filter program that marks the new
+//! capture is in force (the frames' generation says so), the writer also hands the capture
+//! the recorded frames its filter accepts (libpcap's interpreter), so no frame falls between
+//! history and live. The recorder sends the history's frames that the capture's filter
+//! accepts, cut to its snaplen, as chunks to the next stage, then a note that the queue's
+//! history is complete; the next stage holds the capture's live chunks until every queue's
+//! note has come.
+
+use std::{
+    collections::VecDeque,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use capture_common::MAX_CAPTURES;
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use tapstream_pcap::RECORD_HEADER_LEN;
+
+use crate::{
+    datapath::capture::CaptureShared, datapath::chunk::Chunk, datapath::writer::Output, filter::CbpfProgram,
+    metrics::LookbackMetrics,
+};
+
+/// The capture slot the recorder takes on an interface that keeps a history.
+pub const RECORDER_SLOT: usize = MAX_CAPTURES - 1;
+
+/// Bytes of a writer's recording chunk.
+pub const RECORDING_CHUNK_BYTES: usize = 256 * 1024;
+
+/// Recording chunks each writer has (one filling, the others on their way to the ring).
+const WRITER_BUFFERS: usize = 8;
+
+/// Sealed chunks the recorder's channel holds.
+const RECORDER_QUEUE: usize = 64;
+
+/// zstd level of the history kept compressed: the fastest of the regular levels.
+const ZSTD_LEVEL: i32 = 1;
+
+/// How an interface keeps its history.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LookbackConfig {
+    /// Bytes the ring of chunks may hold (compressed, when compressed).
+    pub memory_bytes: u64,
+    /// The frames to keep; `None`: every frame.
+    pub filter: Option<CbpfProgram>,
+    /// Bytes kept per frame at most.
+    pub snaplen: u32,
+    /// Whether chunks are kept zstd-compressed.
+    pub compress: bool,
+}
+
+/// Counters of the history, readable while it runs.
+#[derive(Debug, Default)]
+pub struct HistoryStats {
+    /// Frames put in the history.
+    pub recorded: AtomicU64,
+    /// Frames the recording dropped (the recorder behind, or no recording buffer free).
+    pub dropped: AtomicU64,
+    /// Frames evicted (the oldest, beyond the budget).
+    pub evicted: AtomicU64,
+    /// Bytes the ring holds.
+    pub bytes: AtomicU64,
+    /// Bytes of the records the ring holds, before compression.
+    pub raw_bytes: AtomicU64,
+    /// Time of the oldest frame held (ns since the Unix epoch; 0: none).
+    pub oldest_ns: AtomicU64,
+    /// Time of the newest frame held.
+    pub newest_ns: AtomicU64,
+}
+
+/// Records of one queue: a writer's recording chunk, and a chunk of the ring.
+struct Records {
+    queue: u32,
+    frames: u32,
+    first_ns: u64,
+    last_ns: u64,
+    data: Vec<u8>,
+}
+
+enum ToRecorder {
+    Sealed(Records),
+    /// The history of `queue` since `since_ns` for `capture`.
+    Replay {
+        capture: Arc<CaptureShared>,
+        queue: u32,
+        since_ns: u64,
+    },
+}
+
+/// A writer's side of the recording.
+pub struct QueueRecording {
+    queue: u32,
+    snaplen: u32,
+    open: Option<Records>,
+    spare: Vec<Vec<u8>>,
+    to_recorder: Sender<ToRecorder>,
+    /// Buffers the recorder gives back.
+    back: Receiver<Vec<u8>>,
+    stats: Arc<HistoryStats>,
+    /// Frames dropped since the last batch's publication.
+    dropped: u64,
+    dropped_metric: metrics::Counter,
+}
+
+impl QueueRecording {
+    /// Appends a frame to the recording chunk (never allocates); a full chunk goes to the
+    /// recorder.
+    #[inline]
+    pub fn record(&mut self, ts_ns: u64, orig_len: u32, frame: &[u8]) {
+        let stored = &frame[..frame.len().min(self.snaplen as usize)];
+        let need = RECORD_HEADER_LEN + stored.len();
+        if self.open.as_ref().is_some_and(|r| r.data.len() + need > r.data.capacity()) {
+            self.seal();
+        }
+        if self.open.is_none() {
+            while let Ok(buf) = self.back.try_recv() {
+                self.spare.push(buf);
+            }
+            let Some(data) = self.spare.pop() else {
+                self.dropped += 1;
+                return;
+            };
+            self.open = Some(Records { queue: self.queue, frames: 0, first_ns: ts_ns, last_ns: ts_ns, data });
+        }
+        let records = self.open.as_mut().expect("opened above");
+        let header = tapstream_pcap::RecordHeader {
+            ts_sec: (ts_ns / 1_000_000_000) as u32,
+            ts_frac: (ts_ns % 1_000_000_000) as u32,
+            caplen: stored.len() as u32,
+            origlen: orig_len.max(stored.len() as u32),
+        };
+        records.data.extend_from_slice(&header.encode());
+        records.data.extend_from_slice(stored);
+        records.frames += 1;
+        records.last_ns = ts_ns;
+    }
+
+    /// Hands the recording chunk to the recorder; when its channel is full, the chunk's frames
+    /// are dropped and counted, and the buffer is kept.
+    pub fn seal(&mut self) {
+        let Some(records) = self.open.take() else { return };
+        if records.frames == 0 {
+            self.spare.push(records.data);
+            return;
+        }
+        match self.to_recorder.try_send(ToRecorder::Sealed(records)) {
+            Ok(()) => {}
+            Err(
+                TrySendError::Full(ToRecorder::Sealed(mut r))
+                | TrySendError::Disconnected(ToRecorder::Sealed(mut r)),
+            ) => {
+                self.dropped += u64::from(r.frames);
+                r.data.clear();
+                self.spare.push(r.data);
+            }
+            Err(_) => unreachable!("a sealed chunk was sent"),
+        }
+    }
+
+    /// The seam for a capture with a lookback: everything recorded so far goes to the
+    /// recorder, followed by the request for the history since `since_ns`. Waits up to a
+    /// second for room in the channel (the start of a capture, not the per-frame path); false
+    /// if there was none, and then no history comes for this queue.
+    pub fn replay(&mut self, capture: Arc<CaptureShared>, since_ns: u64) -> bool {
+        if let Some(records) = self.open.take() {
+            if records.frames == 0 {
+                self.spare.push(records.data);
+            } else if let Err(e) =
+                self.to_recorder.send_timeout(ToRecorder::Sealed(records), Duration::from_secs(1))
+                && let ToRecorder::Sealed(mut r) = e.into_inner()
+            {
+                self.dropped += u64::from(r.frames);
+                r.data.clear();
+                self.spare.push(r.data);
+            }
+        }
+        let replay = ToRecorder::Replay { capture, queue: self.queue, since_ns };
+        self.to_recorder.send_timeout(replay, Duration::from_secs(1)).is_ok()
+    }
+
+    /// Publishes the drops counted since the last call.
+    pub fn publish(&mut self) {
+        if self.dropped > 0 {
+            self.stats.dropped.fetch_add(self.dropped, Ordering::Relaxed);
+            self.dropped_metric.increment(self.dropped);
+            self.dropped = 0;
+        }
+    }
+}
+
+/// The recorder of one interface: its thread and its counters.
+pub struct Recorder {
+    stats: Arc<HistoryStats>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Recorder {
+    /// Starts the recorder thread of `interface` for `queues` writers; returns it and each
+    /// writer's side. `output` is the next stage, where history chunks go.
+    pub fn start(
+        config: &LookbackConfig,
+        interface: &str,
+        queues: u32,
+        output: Sender<Output>,
+    ) -> std::io::Result<(Self, Vec<QueueRecording>)> {
+        let stats = Arc::new(HistoryStats::default());
+        let metrics = LookbackMetrics::new(interface);
+        let (to_recorder, inbox) = crossbeam_channel::bounded(RECORDER_QUEUE);
+        let mut giving_back = Vec::new();
+        let mut sides = Vec::new();
+        for queue in 0..queues {
+            let (back_tx, back) = crossbeam_channel::bounded(WRITER_BUFFERS * 2);
+            giving_back.push(back_tx);
+            sides.push(QueueRecording {
+                queue,
+                snaplen: config.snaplen,
+                open: None,
+                spare: (0..WRITER_BUFFERS).map(|_| Vec::with_capacity(RECORDING_CHUNK_BYTES)).collect(),
+                to_recorder: to_recorder.clone(),
+                back,
+                stats: stats.clone(),
+                dropped: 0,
+                dropped_metric: metrics.dropped.clone(),
+            });
+        }
+        drop(to_recorder);
+        let mut ring = Ring {
+            config: config.clone(),
+            chunks: VecDeque::new(),
+            stats: stats.clone(),
+            metrics,
+            giving_back,
+            output,
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("tapstream-lb-{}", interface.chars().take(6).collect::<String>()))
+            .spawn(move || {
+                // Ends when every writer is gone.
+                while let Ok(message) = inbox.recv() {
+                    match message {
+                        ToRecorder::Sealed(records) => ring.keep(records),
+                        ToRecorder::Replay { capture, queue, since_ns } => {
+                            ring.replay(&capture, queue, since_ns)
+                        }
+                    }
+                }
+            })?;
+        Ok((Self { stats, thread: Some(thread) }, sides))
+    }
+
+    /// The history's counters.
+    pub fn stats(&self) -> &Arc<HistoryStats> {
+        &self.stats
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        // The writers hold the channel: the thread ends once they have stopped.
+        if let Some(thread) = self.thread.take()
+            && thread.is_finished()
+        {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A chunk of the ring: records of one queue, compressed or not.
+struct Kept {
+    queue: u32,
+    frames: u32,
+    first_ns: u64,
+    last_ns: u64,
+    raw_len: usize,
+    compressed: bool,
+    data: Vec<u8>,
+}
+
+struct Ring {
+    config: LookbackConfig,
+    chunks: VecDeque<Kept>,
+    stats: Arc<HistoryStats>,
+    metrics: LookbackMetrics,
+    giving_back: Vec<Sender<Vec<u8>>>,
+    output: Sender<Output>,
+}
+
+impl Ring {
+    /// Keeps a sealed chunk, evicting the oldest beyond the budget.
+    fn keep(&mut self, records: Records) {
+        let Records { queue, frames, first_ns, last_ns, mut data } = records;
+        let raw_len = data.len();
+        let (kept, buffer) = if self.config.compress {
+            match zstd::bulk::compress(&data, ZSTD_LEVEL) {
+                Ok(compressed) => {
+                    data.clear();
+                    (
+                        Kept {
+                            queue,
+                            frames,
+                            first_ns,
+                            last_ns,
+                            raw_len,
+                            compressed: true,
+                            data: compressed,
+                        },
+                        Some(data),
+                    )
+                }
+                Err(e) => {
+                    log::error!("lookback: cannot compress a chunk ({e}): kept as it is");
+                    (Kept { queue, frames, first_ns, last_ns, raw_len, compressed: false, data }, None)
+                }
+            }
+        } else {
+            (Kept { queue, frames, first_ns, last_ns, raw_len, compressed: false, data }, None)
+        };
+        self.stats.recorded.fetch_add(u64::from(frames), Ordering::Relaxed);
+        self.metrics.recorded.increment(u64::from(frames));
+        self.chunks.push_back(kept);
+        let mut freed = buffer;
+        let mut bytes: u64 = self.chunks.iter().map(|k| k.data.len() as u64).sum();
+        while bytes > self.config.memory_bytes
+            && let Some(oldest) = self.chunks.pop_front()
+        {
+            bytes -= oldest.data.len() as u64;
+            self.stats.evicted.fetch_add(u64::from(oldest.frames), Ordering::Relaxed);
+            self.metrics.evicted.increment(u64::from(oldest.frames));
+            if freed.is_none() && !oldest.compressed {
+                let mut data = oldest.data;
+                data.clear();
+                freed = Some(data);
+            }
+        }
+        // The writer gets a buffer back for the one it sent.
+        let buffer = freed.unwrap_or_else(|| Vec::with_capacity(RECORDING_CHUNK_BYTES));
+        if let Some(back) = self.giving_back.get(queue as usize) {
+            let _ = back.try_send(buffer);
+        }
+        self.publish(bytes);
+    }
+
+    fn publish(&self, bytes: u64) {
+        let raw: u64 = self.chunks.iter().map(|k| k.raw_len as u64).sum();
+        let oldest = self.chunks.iter().map(|k| k.first_ns).min().unwrap_or(0);
+        let newest = self.chunks.iter().map(|k| k.last_ns).max().unwrap_or(0);
+        self.stats.bytes.store(bytes, Ordering::Relaxed);
+        self.stats.raw_bytes.store(raw, Ordering::Relaxed);
+        self.stats.oldest_ns.store(oldest, Ordering::Relaxed);
+        self.stats.newest_ns.store(newest, Ordering::Relaxed);
+        self.metrics.bytes.set(bytes as f64);
+        self.metrics.chunks.set(self.chunks.len() as f64);
+        let horizon = if oldest == 0 { 0.0 } else { newest.saturating_sub(oldest) as f64 / 1e9 };
+        self.metrics.horizon.set(horizon);
+    }
+
+    /// Sends `capture` the frames of `queue` since `since_ns` that its filter accepts, cut to
+    /// its snaplen, then the note that the queue's history is complete.
+    fn replay(&mut self, capture: &Arc<CaptureShared>, queue: u32, since_ns: u64) {
+        let snaplen = capture.spec.snaplen;
+        let mut frames = 0u64;
+        // The oldest frame the history held for the queue, whether or not the window needs it.
+        let oldest_ns = self.chunks.iter().filter(|k| k.queue == queue).map(|k| k.first_ns).min();
+        let mut chunk = None;
+        let mut scratch = Vec::new();
+        for kept in self.chunks.iter().filter(|k| k.queue == queue && k.last_ns >= since_ns) {
+            let records: &[u8] = if kept.compressed {
+                scratch.clear();
+                match zstd::bulk::decompress_to_buffer(&kept.data, &mut scratch) {
+                    Ok(_) => &scratch,
+                    Err(_) => match zstd::bulk::decompress(&kept.data, kept.raw_len) {
+                        Ok(d) => {
+                            scratch = d;
+                            &scratch
+                        }
+                        Err(e) => {
+                            log::error!("lookback: a chunk of the history does not decompress: {e}");
+                            continue;
+                        }
+                    },
+                }
+            } else {
+                &kept.data
+            };
+            for (ts_ns, orig_len, data) in RecordsIter(records) {
+                if ts_ns < since_ns {
+                    continue;
+                }
+                if let Some(filter) = &capture.spec.filter
+                    && !filter.matches(data, orig_len)
+                {
+                    continue;
+                }
+                let need = Chunk::record_len(data.len(), snaplen);
+                let open = chunk.get_or_insert_with(|| {
+                    Chunk::new(capture.clone(), queue, 0, Vec::with_capacity(RECORDING_CHUNK_BYTES))
+                });
+                if !open.fits(need) {
+                    let full = chunk.take().expect("just used");
+                    let _ = self.output.send(Output::History(full));
+                    chunk = Some(Chunk::new(
+                        capture.clone(),
+                        queue,
+                        0,
+                        Vec::with_capacity(RECORDING_CHUNK_BYTES),
+                    ));
+                }
+                chunk.as_mut().expect("opened above").append(ts_ns, orig_len, data, snaplen);
+                frames += 1;
+            }
+        }
+        if let Some(last) = chunk.filter(|c| !c.is_empty()) {
+            let _ = self.output.send(Output::History(last));
+        }
+        let _ = self.output.send(Output::HistoryDone { capture: capture.clone(), queue, frames, oldest_ns });
+    }
+}
+
+/// (timestamp ns, wire length, data) of each record in a run of PCAP records (nanosecond
+/// timestamps), as writers make them.
+pub fn records(data: &[u8]) -> impl Iterator<Item = (u64, u32, &[u8])> {
+    RecordsIter(data)
+}
+
+struct RecordsIter<'a>(&'a [u8]);
+
+impl<'a> Iterator for RecordsIter<'a> {
+    type Item = (u64, u32, &'a [u8]);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let bytes = self.0;
+        if bytes.len() < RECORD_HEADER_LEN {
+            return None;
+        }
+        let word = |i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().expect("4 bytes"));
+        let ts_ns = u64::from(word(0)) * 1_000_000_000 + u64::from(word(4));
+        let caplen = word(8) as usize;
+        let orig_len = word(12);
+        let end = RECORD_HEADER_LEN + caplen;
+        if bytes.len() < end {
+            return None;
+        }
+        self.0 = &bytes[end..];
+        Some((ts_ns, orig_len, &bytes[RECORD_HEADER_LEN..end]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datapath::capture::{CaptureSpec, Limits};
+
+    /// A frame numbered `seq`, the rest bytes that do not compress.
+    fn frame(seq: u32, len: usize) -> Vec<u8> {
+        let mut x = u64::from(seq).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let mut f: Vec<u8> = (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        f[..4].copy_from_slice(&seq.to_be_bytes());
+        f
+    }
+
+    fn recorder(memory_bytes: u64, compress: bool) -> (Recorder, QueueRecording, Receiver<Output>) {
+        let config = LookbackConfig { memory_bytes, filter: None, snaplen: 65_535, compress };
+        let (output, outputs) = crossbeam_channel::unbounded();
+        let (recorder, mut sides) = Recorder::start(&config, "test", 1, output).unwrap();
+        (recorder, sides.remove(0), outputs)
+    }
+
+    /// (timestamp, data) of each record replayed.
+    type Replayed = Vec<(u64, Vec<u8>)>;
+
+    /// History chunks and the completion note for one replay.
+    fn replayed(outputs: &Receiver<Output>) -> (Replayed, u64, Option<u64>) {
+        let mut frames = Vec::new();
+        loop {
+            match outputs.recv_timeout(Duration::from_secs(10)).expect("the recorder answers") {
+                Output::History(chunk) => {
+                    frames.extend(RecordsIter(&chunk.data).map(|(ts, _, d)| (ts, d.to_vec())));
+                }
+                Output::HistoryDone { frames: n, oldest_ns, .. } => return (frames, n, oldest_ns),
+                _ => panic!("not from the recorder"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_replay_gives_the_window_in_order_and_the_budget_evicts_the_oldest() {
+        for compress in [false, true] {
+            // About 1,000 records of 1,000 bytes: far more than the 600 KB budget.
+            let (recorder, mut side, outputs) = recorder(600_000, compress);
+            let base = 1_700_000_000_000_000_000u64;
+            for seq in 0..3_000u32 {
+                side.record(base + u64::from(seq) * 1_000, 1_000, &frame(seq, 1_000));
+                if seq % 200 == 0 {
+                    // The recorder keeps up (the test is not about its drops).
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+            let capture =
+                CaptureShared::new(CaptureSpec { snaplen: 100, ..CaptureSpec::default() }, Limits::default());
+            // Since record 2,900: within what is kept.
+            assert!(side.replay(capture.clone(), base + 2_900_000));
+            let (frames, n, oldest) = replayed(&outputs);
+            let seqs: Vec<u32> =
+                frames.iter().map(|(_, d)| u32::from_be_bytes(d[..4].try_into().unwrap())).collect();
+            assert_eq!(seqs, (2_900..3_000).collect::<Vec<u32>>(), "compress {compress}");
+            assert_eq!(n, 100);
+            assert!(frames.iter().all(|(_, d)| d.len() == 100), "cut to the capture's snaplen");
+            let stats = recorder.stats();
+            assert!(stats.bytes.load(Ordering::Relaxed) <= 600_000, "the budget holds");
+            assert!(stats.evicted.load(Ordering::Relaxed) > 0, "the oldest were evicted");
+            let oldest = oldest.expect("something is kept");
+            assert!(oldest > base, "the oldest records are gone");
+
+            // Since before the horizon: everything kept, from the oldest on, contiguous.
+            assert!(side.replay(capture.clone(), base));
+            let (frames, n, oldest_again) = replayed(&outputs);
+            assert_eq!(oldest_again, Some(oldest));
+            assert_eq!(frames.first().map(|f| f.0), Some(oldest));
+            let first = u32::from_be_bytes(frames[0].1[..4].try_into().unwrap());
+            let seqs: Vec<u32> =
+                frames.iter().map(|(_, d)| u32::from_be_bytes(d[..4].try_into().unwrap())).collect();
+            assert_eq!(seqs, (first..3_000).collect::<Vec<u32>>());
+            assert_eq!(n, u64::from(3_000 - first));
+            assert_eq!(
+                stats.recorded.load(Ordering::Relaxed) - stats.evicted.load(Ordering::Relaxed),
+                n,
+                "recorded less evicted is what is kept"
+            );
+        }
+    }
+}
