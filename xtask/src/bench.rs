@@ -18,8 +18,10 @@ use std::{
 use anyhow::{Context as _, bail};
 use tapstream_testenv::VethPair;
 
+mod lookback;
 mod trigger;
 
+pub use lookback::{LookbackBench, lookback};
 pub use trigger::{TriggerBench, trigger};
 
 /// Options of `bench capture`.

@@ -34,7 +34,7 @@ enum Task {
     Demo,
     /// Whole-system benchmarks (see BENCHMARKS.md).
     /// Without a subcommand: every whole-system benchmark in turn (capture at rising rates,
-    /// the 1% filter, concurrent captures, capture to S3, fleet trigger latency), each printing
+    /// the 1% filter, concurrent captures, capture to S3, fleet trigger latency, lookback), each printing
     /// its table.
     Bench {
         #[command(subcommand)]
@@ -77,6 +77,16 @@ enum BenchTask {
         /// cap); 0: no throughput run.
         #[arg(long, default_value_t = 200)]
         burst: usize,
+    },
+    /// What keeping a lookback history costs per frame (none, plain, zstd), the horizon of a
+    /// 1 GiB budget, and the time from a lookback request to its history stored.
+    Lookback {
+        /// Frames offered per run.
+        #[arg(long, default_value_t = 2_000_000)]
+        frames: u64,
+        /// Corpus frames trafgen sends in turn.
+        #[arg(long, default_value_t = 1000)]
+        distinct: usize,
     },
     /// tapstream vs `tcpdump -w` on a veth fed by trafgen: frames captured, CPU per frame.
     Capture {
@@ -144,7 +154,13 @@ fn main() -> anyhow::Result<()> {
             println!("\n## bench s3 --frames 300000 --rate 100000");
             bench::s3(&root, 300_000, 100_000)?;
             println!("\n## bench trigger --requests 100 --burst 200");
-            bench::trigger(&root, &bench::TriggerBench { requests: 100, burst: 200 })
+            bench::trigger(&root, &bench::TriggerBench { requests: 100, burst: 200 })?;
+            println!("\n## bench lookback --frames 2000000");
+            bench::lookback(&root, &bench::LookbackBench { frames: 2_000_000, distinct: 1000 })
+        }
+        Task::Bench { what: Some(BenchTask::Lookback { frames, distinct }) } => {
+            setup::run(&root)?;
+            bench::lookback(&root, &bench::LookbackBench { frames, distinct })
         }
         Task::Bench { what: Some(BenchTask::Trigger { requests, burst }) } => {
             setup::run(&root)?;

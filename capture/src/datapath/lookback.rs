@@ -245,6 +245,8 @@ impl Recorder {
         let mut ring = Ring {
             config: config.clone(),
             chunks: VecDeque::new(),
+            bytes: 0,
+            raw_bytes: 0,
             stats: stats.clone(),
             metrics,
             giving_back,
@@ -297,6 +299,10 @@ struct Kept {
 struct Ring {
     config: LookbackConfig,
     chunks: VecDeque<Kept>,
+    /// Memory the chunks take (their buffers' capacity).
+    bytes: u64,
+    /// Bytes of their records before compression.
+    raw_bytes: u64,
     stats: Arc<HistoryStats>,
     metrics: LookbackMetrics,
     giving_back: Vec<Sender<Vec<u8>>>,
@@ -310,7 +316,9 @@ impl Ring {
         let raw_len = data.len();
         let (kept, buffer) = if self.config.compress {
             match zstd::bulk::compress(&data, ZSTD_LEVEL) {
-                Ok(compressed) => {
+                Ok(mut compressed) => {
+                    // The compressor's buffer has room for the worst case: give it back.
+                    compressed.shrink_to_fit();
                     data.clear();
                     (
                         Kept {
@@ -335,13 +343,16 @@ impl Ring {
         };
         self.stats.recorded.fetch_add(u64::from(frames), Ordering::Relaxed);
         self.metrics.recorded.increment(u64::from(frames));
+        // The memory a chunk takes is its buffer's, used or not.
+        self.bytes += kept.data.capacity() as u64;
+        self.raw_bytes += kept.raw_len as u64;
         self.chunks.push_back(kept);
         let mut freed = buffer;
-        let mut bytes: u64 = self.chunks.iter().map(|k| k.data.len() as u64).sum();
-        while bytes > self.config.memory_bytes
+        while self.bytes > self.config.memory_bytes
             && let Some(oldest) = self.chunks.pop_front()
         {
-            bytes -= oldest.data.len() as u64;
+            self.bytes -= oldest.data.capacity() as u64;
+            self.raw_bytes -= oldest.raw_len as u64;
             self.stats.evicted.fetch_add(u64::from(oldest.frames), Ordering::Relaxed);
             self.metrics.evicted.increment(u64::from(oldest.frames));
             if freed.is_none() && !oldest.compressed {
@@ -355,11 +366,11 @@ impl Ring {
         if let Some(back) = self.giving_back.get(queue as usize) {
             let _ = back.try_send(buffer);
         }
-        self.publish(bytes);
+        self.publish();
     }
 
-    fn publish(&self, bytes: u64) {
-        let raw: u64 = self.chunks.iter().map(|k| k.raw_len as u64).sum();
+    fn publish(&self) {
+        let (bytes, raw) = (self.bytes, self.raw_bytes);
         let oldest = self.chunks.iter().map(|k| k.first_ns).min().unwrap_or(0);
         let newest = self.chunks.iter().map(|k| k.last_ns).max().unwrap_or(0);
         self.stats.bytes.store(bytes, Ordering::Relaxed);
