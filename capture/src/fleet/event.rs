@@ -14,8 +14,9 @@
 //! - `refused`: `code` (one of [`RefusalCode`]) and `reason` (the daemon's message);
 //! - `started`: `interfaces` (their aliases) and `location` (where its objects go);
 //! - `finished`: `stop_reason`, `packets`, `bytes`, `dropped` (every frame lost, all
-//!   causes), `outputs` (the objects or files stored) and `error` (what ended it early, if
-//!   something did);
+//!   causes), `outputs` (the objects or files stored), `error` (what ended it early, if
+//!   something did) and, for a capture that started in the past, `lookback` (where its
+//!   window began, how far back the history reached, frames from history and live);
 //! - `failed`: `error`.
 
 use std::collections::BTreeMap;
@@ -77,6 +78,8 @@ pub enum What {
         outputs: Vec<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lookback: Option<crate::captures::LookbackSummary>,
     },
     Failed {
         error: String,
@@ -192,6 +195,7 @@ impl Event {
                 dropped: s.dropped_writer + s.dropped_spool_full + s.dropped_kernel + s.redirect_errors,
                 outputs: s.outputs.clone(),
                 error: s.error.clone(),
+                lookback: s.lookback.clone(),
             },
             _ => {
                 What::Failed { error: info.error.clone().unwrap_or_else(|| "ended without a summary".into()) }

@@ -418,7 +418,7 @@ impl Answers {
             What::Accepted => Answer::Accepted,
             What::Refused { code, reason } => Answer::Refused { code, reason },
             What::Started { interfaces, .. } => Answer::Started { interfaces },
-            What::Finished { stop_reason, packets, bytes, dropped, outputs, error } => {
+            What::Finished { stop_reason, packets, bytes, dropped, outputs, error, .. } => {
                 Answer::Finished { interfaces, stop_reason, packets, bytes, dropped, outputs, error }
             }
             What::Failed { error } => Answer::Failed { error },
@@ -467,6 +467,7 @@ mod tests {
             dropped: 0,
             outputs: vec!["o".into()],
             error: None,
+            lookback: None,
         }
     }
 

@@ -429,3 +429,49 @@ mod tests {
         assert_eq!(error, "no interface \"bond0\" here; configured: east (eth1), west (eth2)");
     }
 }
+
+#[cfg(test)]
+mod lookback_tests {
+    use super::*;
+
+    #[test]
+    fn a_lookback_is_for_interfaces_that_keep_a_history() {
+        let text = "[interfaces.east]\ndevice = \"eth1\"\n[interfaces.east.lookback]\nmemory_bytes = 1048576\n\
+                    [interfaces.west]\ndevice = \"eth2\"\n[store]\ndestinations = [\"/tmp/x\"]\n";
+        let config = Config::parse(text, std::path::Path::new("test.toml")).unwrap();
+        let policy = Policy::daemon(&config, "node");
+        // A broker message's capture is the same JSON.
+        let request = |json: &str| serde_json::from_str::<CaptureRequest>(json).unwrap();
+        let compile = |_: &str| -> Result<CbpfProgram, FilterError> { unreachable!("no filter") };
+        let plan = CapturePlan::resolve(
+            request(r#"{"interface": "east", "lookback_secs": 2.5}"#),
+            &policy,
+            0,
+            compile,
+        )
+        .unwrap();
+        assert_eq!(plan.spec.lookback, Some(Duration::from_millis(2_500)));
+        assert_eq!(plan.request.lookback_secs, Some(2.5));
+        let plan = CapturePlan::resolve(request(r#"{"interface": "west"}"#), &policy, 0, compile).unwrap();
+        assert_eq!(plan.spec.lookback, None);
+        let err = CapturePlan::resolve(
+            request(r#"{"interfaces": ["east", "west"], "lookback_secs": 5}"#),
+            &policy,
+            0,
+            compile,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "lookback_secs: west keeps no history (configure [interfaces.west.lookback])"
+        );
+        let err = CapturePlan::resolve(
+            request(r#"{"interface": "east", "lookback_secs": -1}"#),
+            &policy,
+            0,
+            compile,
+        )
+        .unwrap_err();
+        assert!(err.to_string().starts_with("lookback_secs must be a number of seconds above 0"), "{err}");
+    }
+}
