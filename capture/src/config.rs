@@ -439,11 +439,22 @@ pub struct LookbackSection {
     pub snaplen: u32,
     /// Keep the history zstd-compressed (a fast level, on a thread of its own): a longer horizon for the memory.
     pub compress: bool,
+    /// A local directory where chunks evicted from memory are kept, for a longer horizon (emptied when the daemon starts); empty: none.
+    pub dir: String,
+    /// Bytes the history may take in `dir`; the oldest files are deleted first.
+    pub dir_bytes: u64,
 }
 
 impl Default for LookbackSection {
     fn default() -> Self {
-        Self { memory_bytes: 256 << 20, filter: String::new(), snaplen: 262_144, compress: true }
+        Self {
+            memory_bytes: 256 << 20,
+            filter: String::new(),
+            snaplen: 262_144,
+            compress: true,
+            dir: String::new(),
+            dir_bytes: 10 << 30,
+        }
     }
 }
 
@@ -458,11 +469,13 @@ impl LookbackSection {
                 Some(program)
             }
         };
+        let disk = (!self.dir.is_empty()).then(|| (PathBuf::from(&self.dir), self.dir_bytes));
         Ok(LookbackConfig {
             memory_bytes: self.memory_bytes,
             filter,
             snaplen: self.snaplen,
             compress: self.compress,
+            disk,
         })
     }
 }
@@ -631,6 +644,12 @@ impl Config {
             if let Some(lookback) = &i.lookback {
                 if lookback.memory_bytes < 1 << 20 {
                     return Err(invalid(field("lookback.memory_bytes"), "must be at least 1048576 (1 MiB)"));
+                }
+                if !lookback.dir.is_empty() && !std::path::Path::new(&lookback.dir).is_absolute() {
+                    return Err(invalid(field("lookback.dir"), "must be an absolute path"));
+                }
+                if !lookback.dir.is_empty() && lookback.dir_bytes < 1 << 20 {
+                    return Err(invalid(field("lookback.dir_bytes"), "must be at least 1048576 (1 MiB)"));
                 }
                 if lookback.snaplen == 0 {
                     return Err(invalid(field("lookback.snaplen"), "must be at least 1"));

@@ -79,6 +79,8 @@ pub const LOOKBACK_DROPPED: &str = "tapstream_lookback_dropped_frames_total";
 pub const LOOKBACK_EVICTED: &str = "tapstream_lookback_evicted_frames_total";
 /// Bytes the lookback history holds.
 pub const LOOKBACK_BYTES: &str = "tapstream_lookback_bytes";
+/// Bytes the lookback history holds in its directory.
+pub const LOOKBACK_DISK_BYTES: &str = "tapstream_lookback_disk_bytes";
 /// Chunks the lookback history holds.
 pub const LOOKBACK_CHUNKS: &str = "tapstream_lookback_chunks";
 /// Seconds between the oldest and the newest frame of the lookback history.
@@ -204,6 +206,7 @@ pub fn describe() {
     describe_counter!(LOOKBACK_DROPPED, Unit::Count, "Frames the lookback recording dropped");
     describe_counter!(LOOKBACK_EVICTED, Unit::Count, "Frames evicted from the lookback history");
     describe_gauge!(LOOKBACK_BYTES, Unit::Bytes, "Bytes the lookback history holds");
+    describe_gauge!(LOOKBACK_DISK_BYTES, Unit::Bytes, "Bytes the lookback history holds in its directory");
     describe_gauge!(LOOKBACK_CHUNKS, Unit::Count, "Chunks the lookback history holds");
     describe_gauge!(LOOKBACK_HORIZON, Unit::Seconds, "Age span of the lookback history");
 }
@@ -218,6 +221,8 @@ pub struct LookbackMetrics {
     pub evicted: Counter,
     /// Bytes held.
     pub bytes: Gauge,
+    /// Bytes held in the directory.
+    pub disk_bytes: Gauge,
     /// Chunks held.
     pub chunks: Gauge,
     /// Oldest to newest frame held, in seconds.
@@ -233,6 +238,7 @@ impl LookbackMetrics {
             dropped: counter!(LOOKBACK_DROPPED, "interface" => i.clone()),
             evicted: counter!(LOOKBACK_EVICTED, "interface" => i.clone()),
             bytes: gauge!(LOOKBACK_BYTES, "interface" => i.clone()),
+            disk_bytes: gauge!(LOOKBACK_DISK_BYTES, "interface" => i.clone()),
             chunks: gauge!(LOOKBACK_CHUNKS, "interface" => i.clone()),
             horizon: gauge!(LOOKBACK_HORIZON, "interface" => i),
         }

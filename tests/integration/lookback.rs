@@ -302,3 +302,72 @@ fn metric(text: &str, name: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+#[test]
+fn a_history_directory_extends_the_horizon_beyond_memory_and_keeps_its_budget() {
+    let veth = VethPair::new(1);
+    let history = tempfile::tempdir().unwrap();
+    // 1 MiB of memory and 1 MiB of files of plain records of about 80 bytes: some 25,000
+    // canary frames, 6 s at 4,000 a second, half of them only on disk.
+    let section = format!(
+        "[interfaces.tap.lookback]\nmemory_bytes = 1048576\ncompress = false\ndir = \"{}\"\ndir_bytes = 1048576",
+        history.path().display()
+    );
+    // A file an earlier run left: the history starts empty.
+    std::fs::write(history.path().join("0000000000000007.hist"), b"stale").unwrap();
+    let daemon = TestDaemon::start_with_limits(&veth, "metrics_listen = \"127.0.0.1:9464\"", &section);
+    let reference = daemon.start_capture(&["-i", "tap", "--duration", "300s", "--id", "reference"]);
+    let sender = Sender::new(&veth);
+    let stop = AtomicBool::new(false);
+    let (sent, id) = std::thread::scope(|s| {
+        let traffic = s.spawn(|| sender.send_canary(u64::MAX, 4_000, &stop));
+        eventually("files deleted for the budget", || {
+            (metric(&metrics(&veth), "tapstream_lookback_evicted_frames_total") >= 2_000.0).then_some(())
+        });
+        let text = metrics(&veth);
+        let on_disk = metric(&text, "tapstream_lookback_disk_bytes");
+        assert!(on_disk > 900_000.0 && on_disk <= 1_048_576.0, "{on_disk} bytes on disk");
+        let files: u64 =
+            std::fs::read_dir(history.path()).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
+        assert!(files <= 1_048_576 + 300_000, "the directory holds {files} bytes");
+        let id = daemon.start_capture(&[
+            "-i",
+            "tap",
+            "--duration",
+            "300s",
+            "--id",
+            "deep",
+            "--lookback",
+            "60s",
+            CANARY_FILTER,
+        ]);
+        live(&daemon, &reference, 4_000);
+        daemon.client().stop(&id).unwrap();
+        daemon.wait(&id);
+        stop.store(true, Ordering::Relaxed);
+        (traffic.join().unwrap(), id)
+    });
+    daemon.client().stop(&reference).unwrap();
+    daemon.wait(&reference);
+    let reference_frames = stored(&daemon, &reference);
+    let seqs: Vec<u64> = reference_frames.iter().filter_map(|(_, d)| canary_seq(d)).collect();
+    assert_eq!(seqs, (0..sent).collect::<Vec<u64>>());
+
+    let info = daemon.wait(&id);
+    let look = lookback(&info).clone();
+    assert!(!look.complete, "{look:?}");
+    // More than memory alone holds (about 12,800 of these records).
+    assert!(look.history_frames > 20_000, "{look:?}");
+    let got = stored(&daemon, &id);
+    let first =
+        reference_frames.iter().position(|f| *f == got[0]).expect("its first frame is the reference's");
+    let expected: Vec<&(u64, Vec<u8>)> = reference_frames[first..]
+        .iter()
+        .filter(|(ts, d)| *ts <= got.last().unwrap().0 && canary_seq(d).is_some())
+        .collect();
+    assert_eq!(got.len(), expected.len());
+    assert!(got.iter().zip(&expected).all(|(g, e)| g == *e), "no gap, no duplicate across disk and memory");
+    // The earlier run's file was removed (a chunk of this run may have its name since).
+    let stale = std::fs::read(history.path().join("0000000000000007.hist"));
+    assert!(stale.map_or(true, |b| b != b"stale"), "an earlier run's chunk is left in the history");
+}

@@ -7,7 +7,10 @@
 //! recorder thread through a bounded channel; when it is full the chunk's frames are dropped
 //! and counted as recording drops, so recording never holds a writer up. The recorder thread
 //! compresses each chunk (zstd at a fast level) or keeps it as it is, and keeps it in a ring
-//! with its time span, evicting the oldest chunks beyond the memory budget.
+//! with its time span, evicting the oldest chunks beyond the memory budget. With a directory
+//! configured, evicted chunks go there instead, one file each, for a longer horizon within a
+//! byte budget of their own (the oldest files are deleted first); the directory is emptied
+//! when the recorder starts (a history covers one run of the daemon).
 //!
 //! A capture with a lookback: the writer of each queue, as it takes the capture's start,
 //! seals its recording chunk and asks the recorder for the queue's history since the start
@@ -65,6 +68,8 @@ pub struct LookbackConfig {
     pub snaplen: u32,
     /// Whether chunks are kept zstd-compressed.
     pub compress: bool,
+    /// Where chunks evicted from memory are kept, and the bytes they may take there.
+    pub disk: Option<(std::path::PathBuf, u64)>,
 }
 
 /// Counters of the history, readable while it runs.
@@ -76,8 +81,10 @@ pub struct HistoryStats {
     pub dropped: AtomicU64,
     /// Frames evicted (the oldest, beyond the budget).
     pub evicted: AtomicU64,
-    /// Bytes the ring holds.
+    /// Bytes the ring holds in memory.
     pub bytes: AtomicU64,
+    /// Bytes the history holds in its directory.
+    pub disk_bytes: AtomicU64,
     /// Bytes of the records the ring holds, before compression.
     pub raw_bytes: AtomicU64,
     /// Time of the oldest frame held (ns since the Unix epoch; 0: none).
@@ -242,7 +249,14 @@ impl Recorder {
             });
         }
         drop(to_recorder);
+        let disk = match &config.disk {
+            Some((dir, max_bytes)) => Some(Disk::open(dir, *max_bytes).map_err(|e| {
+                std::io::Error::new(e.kind(), format!("the history's directory {}: {e}", dir.display()))
+            })?),
+            None => None,
+        };
         let mut ring = Ring {
+            disk,
             config: config.clone(),
             chunks: VecDeque::new(),
             bytes: 0,
@@ -296,6 +310,41 @@ struct Kept {
     data: Vec<u8>,
 }
 
+/// A chunk of the history in its directory.
+struct OnDisk {
+    queue: u32,
+    frames: u32,
+    first_ns: u64,
+    last_ns: u64,
+    raw_len: usize,
+    compressed: bool,
+    path: std::path::PathBuf,
+    size: u64,
+}
+
+/// The history's directory: chunks evicted from memory, oldest first.
+struct Disk {
+    dir: std::path::PathBuf,
+    max_bytes: u64,
+    chunks: VecDeque<OnDisk>,
+    bytes: u64,
+    next: u64,
+}
+
+impl Disk {
+    /// The directory, created, and emptied of an earlier run's chunks.
+    fn open(dir: &std::path::Path, max_bytes: u64) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "hist") {
+                std::fs::remove_file(&path)?;
+            }
+        }
+        Ok(Self { dir: dir.to_owned(), max_bytes, chunks: VecDeque::new(), bytes: 0, next: 0 })
+    }
+}
+
 struct Ring {
     config: LookbackConfig,
     chunks: VecDeque<Kept>,
@@ -307,6 +356,7 @@ struct Ring {
     metrics: LookbackMetrics,
     giving_back: Vec<Sender<Vec<u8>>>,
     output: Sender<Output>,
+    disk: Option<Disk>,
 }
 
 impl Ring {
@@ -353,8 +403,10 @@ impl Ring {
         {
             self.bytes -= oldest.data.capacity() as u64;
             self.raw_bytes -= oldest.raw_len as u64;
-            self.stats.evicted.fetch_add(u64::from(oldest.frames), Ordering::Relaxed);
-            self.metrics.evicted.increment(u64::from(oldest.frames));
+            if !self.spill(&oldest) {
+                self.stats.evicted.fetch_add(u64::from(oldest.frames), Ordering::Relaxed);
+                self.metrics.evicted.increment(u64::from(oldest.frames));
+            }
             if freed.is_none() && !oldest.compressed {
                 let mut data = oldest.data;
                 data.clear();
@@ -369,10 +421,58 @@ impl Ring {
         self.publish();
     }
 
+    /// Keeps a chunk evicted from memory in the directory, if there is one, deleting the
+    /// oldest files beyond its budget (their frames are evicted); false if it is not kept.
+    fn spill(&mut self, kept: &Kept) -> bool {
+        let Some(disk) = self.disk.as_mut() else { return false };
+        let path = disk.dir.join(format!("{:016}.hist", disk.next));
+        disk.next += 1;
+        if let Err(e) = std::fs::write(&path, &kept.data) {
+            log::warn!(
+                "lookback: cannot keep a chunk in {}: {e} (its frames are evicted)",
+                disk.dir.display()
+            );
+            let _ = std::fs::remove_file(&path);
+            return false;
+        }
+        let size = kept.data.len() as u64;
+        disk.bytes += size;
+        disk.chunks.push_back(OnDisk {
+            queue: kept.queue,
+            frames: kept.frames,
+            first_ns: kept.first_ns,
+            last_ns: kept.last_ns,
+            raw_len: kept.raw_len,
+            compressed: kept.compressed,
+            path,
+            size,
+        });
+        while disk.bytes > disk.max_bytes
+            && let Some(oldest) = disk.chunks.pop_front()
+        {
+            disk.bytes -= oldest.size;
+            if let Err(e) = std::fs::remove_file(&oldest.path) {
+                log::warn!("lookback: cannot delete {}: {e}", oldest.path.display());
+            }
+            self.stats.evicted.fetch_add(u64::from(oldest.frames), Ordering::Relaxed);
+            self.metrics.evicted.increment(u64::from(oldest.frames));
+        }
+        true
+    }
+
+    /// The span of every chunk kept, in memory and on disk: (queue, first, last).
+    fn spans(&self) -> impl Iterator<Item = (u32, u64, u64)> + '_ {
+        let disk = self.disk.iter().flat_map(|d| d.chunks.iter().map(|c| (c.queue, c.first_ns, c.last_ns)));
+        disk.chain(self.chunks.iter().map(|k| (k.queue, k.first_ns, k.last_ns)))
+    }
+
     fn publish(&self) {
         let (bytes, raw) = (self.bytes, self.raw_bytes);
-        let oldest = self.chunks.iter().map(|k| k.first_ns).min().unwrap_or(0);
-        let newest = self.chunks.iter().map(|k| k.last_ns).max().unwrap_or(0);
+        let disk_bytes = self.disk.as_ref().map_or(0, |d| d.bytes);
+        self.stats.disk_bytes.store(disk_bytes, Ordering::Relaxed);
+        self.metrics.disk_bytes.set(disk_bytes as f64);
+        let oldest = self.spans().map(|s| s.1).min().unwrap_or(0);
+        let newest = self.spans().map(|s| s.2).max().unwrap_or(0);
         self.stats.bytes.store(bytes, Ordering::Relaxed);
         self.stats.raw_bytes.store(raw, Ordering::Relaxed);
         self.stats.oldest_ns.store(oldest, Ordering::Relaxed);
@@ -389,27 +489,43 @@ impl Ring {
         let snaplen = capture.spec.snaplen;
         let mut frames = 0u64;
         // The oldest frame the history held for the queue, whether or not the window needs it.
-        let oldest_ns = self.chunks.iter().filter(|k| k.queue == queue).map(|k| k.first_ns).min();
+        let oldest_ns = self.spans().filter(|s| s.0 == queue).map(|s| s.1).min();
         let mut chunk = None;
-        let mut scratch = Vec::new();
-        for kept in self.chunks.iter().filter(|k| k.queue == queue && k.last_ns >= since_ns) {
-            let records: &[u8] = if kept.compressed {
-                scratch.clear();
-                match zstd::bulk::decompress_to_buffer(&kept.data, &mut scratch) {
-                    Ok(_) => &scratch,
-                    Err(_) => match zstd::bulk::decompress(&kept.data, kept.raw_len) {
-                        Ok(d) => {
-                            scratch = d;
-                            &scratch
-                        }
-                        Err(e) => {
-                            log::error!("lookback: a chunk of the history does not decompress: {e}");
-                            continue;
-                        }
-                    },
+        let mut scratch: Vec<u8>;
+        let mut read: Vec<u8>;
+        // The directory's chunks are older than memory's: they come first.
+        let on_disk = self.disk.iter().flat_map(|d| d.chunks.iter());
+        let on_disk = on_disk.filter(|c| c.queue == queue && c.last_ns >= since_ns).map(Source::Disk);
+        let in_memory =
+            self.chunks.iter().filter(|k| k.queue == queue && k.last_ns >= since_ns).map(Source::Memory);
+        let sources: Vec<Source<'_>> = on_disk.chain(in_memory).collect();
+        for source in sources {
+            let (stored, compressed, raw_len): (&[u8], bool, usize) = match source {
+                Source::Memory(kept) => (&kept.data, kept.compressed, kept.raw_len),
+                Source::Disk(c) => match std::fs::read(&c.path) {
+                    Ok(bytes) => {
+                        read = bytes;
+                        (&read, c.compressed, c.raw_len)
+                    }
+                    Err(e) => {
+                        log::error!("lookback: cannot read {}: {e}", c.path.display());
+                        continue;
+                    }
+                },
+            };
+            let records: &[u8] = if compressed {
+                match zstd::bulk::decompress(stored, raw_len) {
+                    Ok(records) => {
+                        scratch = records;
+                        &scratch
+                    }
+                    Err(e) => {
+                        log::error!("lookback: a chunk of the history does not decompress: {e}");
+                        continue;
+                    }
                 }
             } else {
-                &kept.data
+                stored
             };
             for (ts_ns, orig_len, data) in RecordsIter(records) {
                 if ts_ns < since_ns {
@@ -443,6 +559,12 @@ impl Ring {
         }
         let _ = self.output.send(Output::HistoryDone { capture: capture.clone(), queue, frames, oldest_ns });
     }
+}
+
+/// Where a chunk replayed is.
+enum Source<'a> {
+    Memory(&'a Kept),
+    Disk(&'a OnDisk),
 }
 
 /// (timestamp ns, wire length, data) of each record in a run of PCAP records (nanosecond
@@ -495,7 +617,7 @@ mod tests {
     }
 
     fn recorder(memory_bytes: u64, compress: bool) -> (Recorder, QueueRecording, Receiver<Output>) {
-        let config = LookbackConfig { memory_bytes, filter: None, snaplen: 65_535, compress };
+        let config = LookbackConfig { memory_bytes, filter: None, snaplen: 65_535, compress, disk: None };
         let (output, outputs) = crossbeam_channel::unbounded();
         let (recorder, mut sides) = Recorder::start(&config, "test", 1, output).unwrap();
         (recorder, sides.remove(0), outputs)

@@ -85,7 +85,7 @@ pub enum PipelineError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot start the lookback recorder's thread")]
+    #[error("cannot start the lookback history")]
     Recorder(#[source] std::io::Error),
     #[error("cannot start the writer thread for queue {queue}")]
     Thread {
