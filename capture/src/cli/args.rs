@@ -33,7 +33,7 @@ pub enum Command {
         /// The configuration file.
         file: PathBuf,
     },
-    /// Write stored frames as PCAP to stdout (for `tshark -r -`) or a file: of one object
+    /// Write stored frames as PCAP or pcapng to stdout (for `tshark -r -`) or a file: of one object
     /// (a key ending in .pcap.zst or .pcap), or of every capture under a prefix that the
     /// selectors match, merged in timestamp order and filtered; only the zstd frames in the
     /// time window are fetched, with ranged GETs.
@@ -420,9 +420,14 @@ pub struct ReadArgs {
     pub dir: Option<PathBuf>,
     #[command(flatten)]
     pub select: SelectArgs,
-    /// Write the PCAP to FILE instead of stdout.
+    /// Write the frames to FILE instead of stdout.
     #[arg(short = 'w', long = "write", value_name = "FILE")]
     pub write: Option<PathBuf>,
+    /// The file format: pcap (the records as stored), or pcapng (one interface per node and
+    /// interface, named node/interface, with each capture's filter and drop count, and a
+    /// comment naming the captures, requests and alerts read).
+    #[arg(long, value_enum, default_value_t = FileFormat::Pcap)]
+    pub format: FileFormat,
     /// Ranged GETs in flight at once.
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub in_flight: u16,
@@ -539,6 +544,14 @@ impl StoreArgs {
     pub fn s3(&self, bucket: String) -> crate::store::s3::S3Config {
         self.settings().s3(bucket)
     }
+}
+
+/// The format of a capture file written.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FileFormat {
+    #[default]
+    Pcap,
+    Pcapng,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
