@@ -53,7 +53,7 @@ fn ids(captures: &[Manifest]) -> Vec<String> {
 }
 
 /// The records of a PCAP file (nanosecond timestamps): (time, length on the wire, bytes).
-fn records(pcap: &[u8]) -> Vec<(u64, u32, Vec<u8>)> {
+pub(crate) fn records(pcap: &[u8]) -> Vec<(u64, u32, Vec<u8>)> {
     let reader = tapstream_pcap::Reader::new(pcap).expect("a PCAP header");
     assert!(reader.header().nanos, "nanosecond timestamps");
     reader
@@ -93,7 +93,7 @@ fn fetched(stderr: &str) -> (u64, u64) {
 
 /// What `capinfos -k -I` says of a pcapng file: the capture comment, and per interface in
 /// order, its fields (`Name`, `Description`, `Filter string`, `Number of packets`, ...).
-fn capinfos(file: &Path) -> (String, Vec<BTreeMap<String, String>>) {
+pub(crate) fn capinfos(file: &Path) -> (String, Vec<BTreeMap<String, String>>) {
     let out = Command::new("capinfos").args(["-k", "-I"]).arg(file).output().expect("run capinfos");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "capinfos: {}{text}", String::from_utf8_lossy(&out.stderr));
@@ -129,7 +129,7 @@ fn interface_statistics(file: &Path, field: &str) -> Vec<u64> {
 }
 
 /// The records of a pcapng file, as editcap converts it to nanosecond PCAP.
-fn pcapng_records(file: &Path) -> Vec<(u64, u32, Vec<u8>)> {
+pub(crate) fn pcapng_records(file: &Path) -> Vec<(u64, u32, Vec<u8>)> {
     let pcap = file.with_extension("converted.pcap");
     let out =
         Command::new("editcap").args(["-F", "nsecpcap"]).arg(file).arg(&pcap).output().expect("editcap");

@@ -198,6 +198,19 @@ fn corpus_capture_lands_as_objects_that_read_back_byte_for_byte() {
     let got = records(&window);
     assert_eq!(got.len(), expected.len(), "frames in the window");
     assert!(got.iter().zip(&expected).all(|(a, b)| a == *b));
+    // The window as pcapng: the same frames, on one interface named by the object's key.
+    let (ng, _) = read(
+        &veth.capture_ns,
+        &garage,
+        object_url,
+        &["--format", "pcapng", "--since", &secs(since), "--until", &secs(until)],
+    );
+    let ng_file = tempfile::Builder::new().suffix(".pcapng").tempfile().unwrap();
+    std::fs::write(ng_file.path(), &ng).unwrap();
+    assert!(crate::catalog::pcapng_records(ng_file.path()) == crate::catalog::records(&window));
+    let (_, interfaces) = crate::catalog::capinfos(ng_file.path());
+    assert_eq!(interfaces.len(), 1);
+    assert_eq!(interfaces[0]["Name"], key);
     let fetched = log
         .lines()
         .find_map(|l| l.split("fetched ").nth(1))

@@ -229,10 +229,10 @@ impl<'w, W: Write> FrameWriter<'w, W> {
         Self { out, pcapng }
     }
 
-    /// The file's head: the PCAP file header, or the section header and interfaces (of the
-    /// link type the header gives, and its snaplen if theirs is not known).
-    fn head(&mut self, header: &tapstream_pcap::FileHeader) -> std::io::Result<()> {
-        let Some(ng) = &self.pcapng else { return self.out.write_all(&header.encode()) };
+    /// The file's head: the PCAP file header `encoded`, or the section header and interfaces
+    /// (of the link type `header` gives, and its snaplen if theirs is not known).
+    fn head(&mut self, header: &tapstream_pcap::FileHeader, encoded: &[u8]) -> std::io::Result<()> {
+        let Some(ng) = &self.pcapng else { return self.out.write_all(encoded) };
         let application = concat!("tapstream ", env!("CARGO_PKG_VERSION"));
         self.out.write_all(&pcapng::section_header(application, Some(&ng.comment)))?;
         for i in &ng.interfaces {
@@ -330,7 +330,8 @@ pub async fn read_window<S: Sink>(
         ..ReadInterface::default()
     };
     let mut out = FrameWriter::new(out, format, vec![interface]);
-    out.head(&file_header).map_err(io_err)?;
+    // The object's own header, as stored.
+    out.head(&file_header, &header).map_err(io_err)?;
 
     // Fetch runs of adjacent selected frames with one ranged GET each.
     let selected: Vec<_> = index.frames_in(since, until).collect();
@@ -529,7 +530,7 @@ pub async fn read_captures<S: Sink>(
         nanos: true,
     });
     let mut out = FrameWriter::new(out, options.format.clone(), interfaces);
-    out.head(&header).map_err(io_err)?;
+    out.head(&header, &header.encode()).map_err(io_err)?;
     progress(&stats);
 
     // The merge: a record is written once every frame that may hold an earlier one is open.
