@@ -113,7 +113,7 @@ pub(crate) fn capinfos(file: &Path) -> (String, Vec<BTreeMap<String, String>>) {
 
 /// A field of every Interface Statistics Block of a pcapng file, in order, as tshark's dissector
 /// of the file format reads it (`dropped`, `delivered_to_user`).
-fn interface_statistics(file: &Path, field: &str) -> Vec<u64> {
+pub(crate) fn interface_statistics(file: &Path, field: &str) -> Vec<u64> {
     let out = Command::new("tshark")
         .args(["-X", "read_format:MIME Files Format", "-r"])
         .arg(file)

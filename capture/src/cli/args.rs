@@ -129,7 +129,7 @@ pub fn parse_label(s: &str) -> Result<(String, String), String> {
 
 #[derive(Args, Debug)]
 pub struct CaptureArgs {
-    /// PCAP file to write (nanosecond timestamps).
+    /// PCAP (or with --format pcapng, pcapng) file to write (nanosecond timestamps).
     #[arg(
         short,
         long,
@@ -138,6 +138,10 @@ pub struct CaptureArgs {
         conflicts_with = "upload"
     )]
     pub write: Option<PathBuf>,
+    /// The format of the --write file: pcap, or pcapng (its interface named node/device, with
+    /// the filter, and the drops in the statistics at the end).
+    #[arg(long, value_enum, default_value_t = FileFormat::Pcap)]
+    pub format: FileFormat,
     /// Store the capture as compressed objects: `s3://bucket/prefix` or a local directory.
     #[arg(long, value_name = "URL")]
     pub upload: Option<String>,
