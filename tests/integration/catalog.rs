@@ -680,20 +680,22 @@ fn a_capture_a_killed_daemon_interrupted_is_listed_as_interrupted_once_recovered
 }
 
 /// Stores `frames` as one capture's objects under `prefix` of `sink`, with its manifest in
-/// the catalog, ended with `drops` frames dropped.
-async fn store_capture<S: tapstream::store::Sink + 'static>(
+/// the catalog (if `catalogued`: else as before the catalog existed), ended with `drops`
+/// frames dropped.
+pub(crate) async fn store_capture<S: tapstream::store::Sink + 'static>(
     sink: std::sync::Arc<S>,
     prefix: &str,
     manifest: Manifest,
     frames: &[(u64, Vec<u8>)],
     drops: u64,
+    catalogued: bool,
 ) {
     let catalog = Catalog::new(manifest.clone());
     let owner = ObjectOwner {
         prefix: prefix.to_owned(),
         node: manifest.node.clone(),
         capture: manifest.capture_id.clone(),
-        catalog: Some(catalog.clone()),
+        catalog: catalogued.then(|| catalog.clone()),
         ..Default::default()
     };
     let header = tapstream_pcap::FileHeader { snaplen: 262_144, linktype: 1, nanos: true }.encode();
@@ -719,6 +721,9 @@ async fn store_capture<S: tapstream::store::Sink + 'static>(
         .unwrap();
     }
     up.finish().await.unwrap();
+    if !catalogued {
+        return;
+    }
     catalog.end(CaptureEnd {
         end_ns: frames.last().unwrap().0 + 1,
         frames: frames.len() as u64,
@@ -751,8 +756,9 @@ fn a_pcapng_read_says_each_captures_filter_and_drops() {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
         let sink = std::sync::Arc::new(tapstream::store::dir::DirSink::new(store.path()).unwrap());
-        store_capture(sink.clone(), "caps", capture("c1", "tap-1", "eth0", Some("udp")), &one, 17).await;
-        store_capture(sink, "caps", capture("c2", "tap-2", "eth1", None), &two, 0).await;
+        store_capture(sink.clone(), "caps", capture("c1", "tap-1", "eth0", Some("udp")), &one, 17, true)
+            .await;
+        store_capture(sink, "caps", capture("c2", "tap-2", "eth1", None), &two, 0, true).await;
     });
     let file = store.path().join("alert.pcapng");
     let out = Command::new(tapstream_bin())

@@ -555,7 +555,7 @@ fn list_keys(ns: &Netns, garage: &Garage, prefix: &str) -> Vec<String> {
 }
 
 /// Keys under `prefix`, sorted, listed from the test's own namespace.
-fn list_keys_here(garage: &Garage, prefix: &str) -> Vec<String> {
+pub(crate) fn list_keys_here(garage: &Garage, prefix: &str) -> Vec<String> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
         let out = client(garage)
