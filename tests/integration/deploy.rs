@@ -165,6 +165,38 @@ fn the_reader_policy_grants_exactly_the_calls_ls_and_read_make() {
 }
 
 #[test]
+fn the_lifecycle_example_expires_by_the_tag_the_store_writes_and_aborts_stale_uploads() {
+    let text = std::fs::read_to_string(root().join("deploy/s3-lifecycle-example.json")).unwrap();
+    let lifecycle: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+    let rules = lifecycle["Rules"].as_array().unwrap();
+    // The tags the S3 sink writes for a capture of customer C and class K.
+    let written = tapstream::store::settings::object_tags(Some("C"), Some("K"));
+    let retention_key = &written[1].0;
+    let mut classes = Vec::new();
+    for rule in rules {
+        assert_eq!(rule["Status"], "Enabled");
+        let filter = &rule["Filter"];
+        if let Some(abort) = rule.get("AbortIncompleteMultipartUpload") {
+            assert!(abort["DaysAfterInitiation"].as_u64().is_some_and(|d| d > 0), "{rule}");
+            assert_eq!(filter["Prefix"], "CAPTURE-PREFIX/");
+            continue;
+        }
+        assert_eq!(filter["And"]["Prefix"], "CAPTURE-PREFIX/", "{rule}");
+        let tags = filter["And"]["Tags"].as_array().unwrap();
+        assert_eq!(tags.len(), 1);
+        assert_eq!(tags[0]["Key"].as_str(), Some(retention_key.as_str()), "expires by the tag written");
+        let class = tags[0]["Value"].as_str().unwrap();
+        tapstream::store::settings::check_retention(class).expect("a class a request can ask");
+        assert!(rule["Expiration"]["Days"].as_u64().is_some_and(|d| d > 0), "{rule}");
+        classes.push(class.to_owned());
+    }
+    assert_eq!(classes, ["short", "standard", "long"]);
+    assert_eq!(rules.len(), classes.len() + 1, "one rule aborts incomplete uploads");
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    assert!(readme.contains("deploy/s3-lifecycle-example.json"), "the README shows it");
+}
+
+#[test]
 fn prometheus_accepts_the_scrape_config_and_alert_rules() {
     let dir = root().join("deploy/prometheus");
     for (what, file) in [("config", "prometheus.yml"), ("rules", "tapstream-alerts.yml")] {

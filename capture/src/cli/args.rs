@@ -220,9 +220,14 @@ pub struct RequestArgs {
     /// The alert that asked for this capture, stored in the objects' metadata.
     #[arg(long, value_name = "ID")]
     pub alert_id: Option<String>,
-    /// The customer the capture is for, stored in the objects' metadata.
+    /// The customer the capture is for, stored in the objects' metadata (and as their
+    /// `customer` tag).
     #[arg(long)]
     pub customer: Option<String>,
+    /// Retention class, stored as the objects' `retention` tag for lifecycle rules that expire
+    /// by tag (default for the daemon: `[store] retention`).
+    #[arg(long, value_name = "CLASS")]
+    pub retention: Option<String>,
     /// tcpdump filter expression, as tcpdump takes it (the remaining words, e.g.
     /// `tcp port 443 and net 10.0.0.0/8`); none captures every frame. It runs in the kernel:
     /// frames it rejects never leave it.
@@ -251,6 +256,7 @@ impl RequestArgs {
             tags: self.tags.iter().cloned().collect(),
             customer: self.customer.clone(),
             alert_id: self.alert_id.clone(),
+            retention: self.retention.clone(),
             destination,
         }
     }
@@ -348,6 +354,9 @@ pub struct StoreArgs {
     /// Requests to the store at once (so HTTP connections) at most.
     #[arg(long, value_name = "N", default_value_t = StoreSettings::default().max_connections)]
     s3_max_connections: usize,
+    /// Send no object tags (customer, retention): for a store that refuses them.
+    #[arg(long)]
+    no_tagging: bool,
 }
 
 /// How objects are cut, compressed and uploaded.
@@ -541,6 +550,7 @@ impl StoreArgs {
             storage_class: self.storage_class.clone(),
             acl: self.acl.clone(),
             max_connections: self.s3_max_connections,
+            tagging: !self.no_tagging,
             ..StoreSettings::default()
         }
     }

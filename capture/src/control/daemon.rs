@@ -402,6 +402,10 @@ impl Daemon {
                 node: self.node.clone(),
                 part: None,
                 metadata: Vec::new(),
+                object_tags: crate::store::settings::object_tags(
+                    info.request.customer.as_deref(),
+                    info.request.retention.as_deref(),
+                ),
                 catalog: None,
             };
             let result = self.config.store.recover_capture(&destination, labels);
@@ -723,6 +727,7 @@ fn interrupted_manifest(
         tags: r.tags.clone(),
         customer: r.customer.clone(),
         alert_id: r.alert_id.clone(),
+        retention: r.retention.clone(),
         start_ns: info.started_ns,
         objects,
         ..Manifest::default()

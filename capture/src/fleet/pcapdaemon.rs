@@ -140,6 +140,8 @@ impl PcapdaemonMessage {
             tags,
             customer: self.customer.filter(|c| !c.is_empty()),
             alert_id: alert_id.clone(),
+            // pcapdaemon has no retention class: the node's `[store] retention`.
+            retention: None,
             destination,
         };
         let target = Target {

@@ -46,6 +46,9 @@ pub struct CaptureRequest {
     pub customer: Option<String>,
     /// The alert that asked for the capture.
     pub alert_id: Option<String>,
+    /// Retention class, stored as the objects' `retention` tag for lifecycle rules (1 to 64
+    /// letters, digits, `.`, `_` or `-`); default: `[store] retention`.
+    pub retention: Option<String>,
     /// Where to store it: one of the configured destinations or a place under one, or
     /// `local` (the first local directory); default: the first destination.
     pub destination: Option<String>,

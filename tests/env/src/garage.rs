@@ -65,6 +65,11 @@ impl Garage {
         Self::start_with(Some(ns.name().to_owned()), false)
     }
 
+    /// [`Garage::start_in`] and [`Garage::start_logging_calls`] at once.
+    pub fn start_in_logging_calls(ns: &crate::Netns) -> Self {
+        Self::start_with(Some(ns.name().to_owned()), true)
+    }
+
     fn start_with(netns: Option<String>, log_calls: bool) -> Self {
         let dir = tempfile::Builder::new().prefix("tapstream-garage-").tempdir().expect("temp dir");
         let (rpc, s3, admin) = (free_port(), free_port(), free_port());
@@ -167,6 +172,18 @@ api_bind_addr = "127.0.0.1:{admin}"
         log[from.min(log.len())..]
             .lines()
             .filter_map(|l| l.split_once("Endpoint: ").map(|(_, e)| e.trim().to_owned()))
+            .collect()
+    }
+
+    /// The requests logged after the first `from` bytes of the log, as Garage prints them (a
+    /// server started with [`Garage::start_logging_calls`]): `Request { method: PUT, uri:
+    /// /bucket/key, ..., headers: {"x-amz-tagging": "...", ...} }`, one line each.
+    pub fn requests(&self, from: usize) -> Vec<String> {
+        assert!(self.log_calls, "this server does not log its requests");
+        let log = self.log();
+        log[from.min(log.len())..]
+            .lines()
+            .filter_map(|l| l.find("Request { method: ").map(|at| l[at..].to_owned()))
             .collect()
     }
 
