@@ -180,13 +180,23 @@ fn three_captures_of_two_nodes_are_listed_and_read_merged_windowed_and_filtered(
     let count = frames.len().to_string();
     // (capture end, node, id, labels)
     let captures = [
-        (&a.capture_if, "node-a", "cap-1", ["--customer", "acme", "--alert-id", "A-1", "--tag", "site=ams1"]),
-        (&b.capture_if, "node-b", "cap-2", ["--customer", "acme", "--alert-id", "A-2", "--tag", "site=fra1"]),
+        (
+            &a.capture_if,
+            "node-a",
+            "cap-1",
+            ["--customer", "acme", "--alert-id", "A-1", "--tag", "site=ams1", "--request-id", "ticket 9"],
+        ),
+        (
+            &b.capture_if,
+            "node-b",
+            "cap-2",
+            ["--customer", "acme", "--alert-id", "A-2", "--tag", "site=fra1", "--request-id", "R-2"],
+        ),
         (
             &c.capture_if,
             "node-a",
             "cap-3",
-            ["--customer", "other", "--alert-id", "A-3", "--tag", "site=ams1"],
+            ["--customer", "other", "--alert-id", "A-3", "--tag", "site=ams1", "--request-id", "R-3"],
         ),
     ];
     let store_args = s3_args(&garage);
@@ -223,6 +233,7 @@ fn three_captures_of_two_nodes_are_listed_and_read_merged_windowed_and_filtered(
     assert!(listed.iter().all(|m| m.end_ns.is_none() && m.stop_reason.is_none()), "{listed:#?}");
     let cap1 = listed.iter().find(|m| m.capture_id == "cap-1").unwrap();
     assert_eq!((cap1.node.as_str(), cap1.customer.as_deref()), ("node-a", Some("acme")));
+    assert_eq!(cap1.request_id.as_deref(), Some("ticket 9"), "the request's id in the manifest");
     assert_eq!(cap1.interfaces[0].device, a.capture_if);
 
     // The frames in bursts more than a chunk's flush time apart (so each burst is a zstd frame
@@ -374,9 +385,11 @@ fn three_captures_of_two_nodes_are_listed_and_read_merged_windowed_and_filtered(
     assert!(pcapng_records(&ng) == got, "the frames of the PCAP read, in the same order, byte for byte");
     let (comment, interfaces) = capinfos(&ng);
     assert!(comment.starts_with(&format!("tapstream read {url} --since ")), "{comment}");
-    for words in
-        ["captures cap-1 (node node-a), cap-2 (node node-b), cap-3 (node node-a)", "alerts A-1, A-2, A-3"]
-    {
+    for words in [
+        "captures cap-1 (node node-a), cap-2 (node node-b), cap-3 (node node-a)",
+        "requests ticket 9, R-2, R-3",
+        "alerts A-1, A-2, A-3",
+    ] {
         assert!(comment.contains(words), "the comment says {words:?}: {comment}");
     }
     let shown: Vec<(String, String, usize)> = interfaces

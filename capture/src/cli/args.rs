@@ -220,6 +220,10 @@ pub struct RequestArgs {
     /// The alert that asked for this capture, stored in the objects' metadata.
     #[arg(long, value_name = "ID")]
     pub alert_id: Option<String>,
+    /// The id of the request this capture answers (a ticket, an outside system's request),
+    /// kept in the catalog's manifest.
+    #[arg(long, value_name = "ID")]
+    pub request_id: Option<String>,
     /// The customer the capture is for, stored in the objects' metadata (and as their
     /// `customer` tag).
     #[arg(long)]
@@ -256,6 +260,7 @@ impl RequestArgs {
             tags: self.tags.iter().cloned().collect(),
             customer: self.customer.clone(),
             alert_id: self.alert_id.clone(),
+            request_id: self.request_id.clone(),
             retention: self.retention.clone(),
             destination,
         }

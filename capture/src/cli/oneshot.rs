@@ -137,6 +137,7 @@ fn pcapng_head(args: &CaptureArgs, plan: &CapturePlan) -> PcapngHead {
     let device = &plan.interfaces[0].1;
     let r = &plan.request;
     let mut comment = vec![format!("tapstream capture -i {device} on node {node}: capture {}", plan.id)];
+    comment.extend(r.request_id.as_ref().map(|q| format!("request {q}")));
     comment.extend(r.alert_id.as_ref().map(|a| format!("alert {a}")));
     comment.extend(r.customer.as_ref().map(|c| format!("customer {c}")));
     if !r.tags.is_empty() {

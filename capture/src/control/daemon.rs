@@ -715,6 +715,7 @@ fn interrupted_manifest(
     };
     let catalog = Catalog::new(Manifest {
         capture_id: info.id.clone(),
+        request_id: r.request_id.clone(),
         node: node.to_owned(),
         interfaces: info
             .interfaces

@@ -20,6 +20,8 @@ pub const MAX_REQUEST_SECS: f64 = 365.0 * 24.0 * 3600.0;
 
 /// Longest capture id.
 pub const MAX_ID_BYTES: usize = 64;
+/// Longest request id.
+pub const MAX_REQUEST_ID_BYTES: usize = 128;
 
 /// What a request gets for what it leaves out.
 #[derive(Clone, Debug, PartialEq)]
@@ -154,6 +156,8 @@ pub enum PlanError {
     /// What the objects would carry breaks S3's rules for metadata.
     #[error("{message}")]
     Metadata { message: String },
+    #[error("request_id {id:?}: use 1 to {MAX_REQUEST_ID_BYTES} printable ASCII characters")]
+    BadRequestId { id: String },
     /// A retention class that cannot be an object tag (the rule is [`check_retention`]'s).
     #[error("{message}")]
     Retention { message: String },
@@ -203,6 +207,13 @@ impl CapturePlan {
         request.retention = request.retention.or_else(|| defaults.retention.clone());
         if let Some(class) = &request.retention {
             check_retention(class).map_err(|message| PlanError::Retention { message })?;
+        }
+        if let Some(id) = &request.request_id
+            && (id.is_empty()
+                || id.len() > MAX_REQUEST_ID_BYTES
+                || !id.bytes().all(|b| (0x20..0x7f).contains(&b)))
+        {
+            return Err(PlanError::BadRequestId { id: id.clone() });
         }
         request.duration_secs = match request.duration_secs.or(defaults.duration_secs) {
             Some(s) => Some(seconds("duration_secs", s)?),
@@ -260,6 +271,7 @@ impl CapturePlan {
         let catalog = destination.is_some().then(|| {
             Catalog::new(Manifest {
                 capture_id: id.clone(),
+                request_id: request.request_id.clone(),
                 node: policy.node.clone(),
                 interfaces: interfaces
                     .iter()

@@ -40,8 +40,8 @@ pub struct Manifest {
     pub version: u32,
     /// Capture id.
     pub capture_id: String,
-    /// The id of the request that asked for it, apart from the capture id; none so far (a
-    /// fleet request's capture takes the request's id as its own).
+    /// The id of the request that asked for it, apart from the capture id (a fleet request's
+    /// id, which its captures also take as theirs; an outside system's): none if not given.
     pub request_id: Option<String>,
     /// The host that captured.
     pub node: String,
