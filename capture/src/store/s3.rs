@@ -189,14 +189,20 @@ pub fn encode_tags(tags: &[(String, String)]) -> String {
     tags.iter().map(|(k, v)| format!("{}={}", encode(k), encode(v))).collect::<Vec<_>>().join("&")
 }
 
+/// Whether the store's answer `reason` is about object tags, or says the request is not
+/// implemented (as a store without tagging may). Not any mention of "Tag": an ETag is not one.
+fn about_tags(reason: &str) -> bool {
+    reason.starts_with("NotImplemented")
+        || reason.starts_with("InvalidTag")
+        || reason.to_ascii_lowercase().contains("tagging")
+}
+
 /// A write that carried object tags and that the store refused for them (an unimplemented
 /// request, or an error about tags) is refused for good, and says which setting turns the
 /// tags off; other errors are as they were.
 fn tags_refused(tagged: bool, err: UploadError) -> UploadError {
     match err {
-        UploadError::Store { operation, key, reason, source, .. }
-            if tagged && (reason.starts_with("NotImplemented") || reason.contains("Tag")) =>
-        {
+        UploadError::Store { operation, key, reason, source, .. } if tagged && about_tags(&reason) => {
             UploadError::Refused {
                 operation,
                 key,
@@ -207,7 +213,7 @@ fn tags_refused(tagged: bool, err: UploadError) -> UploadError {
                 source: source.unwrap_or_else(|| "the store refused the object tags".into()),
             }
         }
-        UploadError::Refused { operation, key, reason, source } if tagged && reason.contains("Tag") => {
+        UploadError::Refused { operation, key, reason, source } if tagged && about_tags(&reason) => {
             UploadError::Refused {
                 operation,
                 key,
@@ -541,6 +547,10 @@ mod tests {
         assert!(e.is_retryable() && !e.to_string().contains("tagging"), "{e}");
         let e = refused(403, "AccessDenied", "Forbidden", true);
         assert_eq!(e.to_string(), "PutObject k: AccessDenied: Forbidden");
+        let e = refused(412, "PreconditionFailed", "the ETag does not match", true);
+        assert!(!e.to_string().contains("tagging"), "an ETag is not a tag: {e}");
+        let e = refused(400, "InvalidArgument", "The header 'x-amz-tagging' shall be encoded", true);
+        assert!(e.to_string().contains("(--no-tagging)"), "{e}");
     }
 
     #[test]
