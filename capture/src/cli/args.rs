@@ -359,9 +359,6 @@ pub struct StoreArgs {
     /// Requests to the store at once (so HTTP connections) at most.
     #[arg(long, value_name = "N", default_value_t = StoreSettings::default().max_connections)]
     s3_max_connections: usize,
-    /// Send no object tags (customer, retention): for a store that refuses them.
-    #[arg(long)]
-    no_tagging: bool,
 }
 
 /// How objects are cut, compressed and uploaded.
@@ -404,6 +401,9 @@ pub struct ObjectArgs {
     /// Object key template: {prefix}, {node}, {capture}, {start}, {seq}, {ext}.
     #[arg(long, default_value_t = StoreSettings::default().key_template)]
     pub key_template: String,
+    /// Send no object tags (customer, retention class): for a store that refuses them.
+    #[arg(long)]
+    pub no_tagging: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -555,7 +555,6 @@ impl StoreArgs {
             storage_class: self.storage_class.clone(),
             acl: self.acl.clone(),
             max_connections: self.s3_max_connections,
-            tagging: !self.no_tagging,
             ..StoreSettings::default()
         }
     }

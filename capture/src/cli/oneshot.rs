@@ -185,6 +185,7 @@ pub fn store_settings(args: &CaptureArgs) -> StoreSettings {
         spool_max_bytes: o.spool_max,
         upload_queue: o.upload_queue,
         outage_max_secs: o.outage_max.as_secs(),
+        tagging: !o.no_tagging,
         ..args.store.settings()
     }
 }
