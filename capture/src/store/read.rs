@@ -61,6 +61,9 @@ pub fn read_interfaces(
     /// What is known of an interface's captures.
     #[derive(Default)]
     struct Seen {
+        /// The node and the interface (empty for an object with no manifest).
+        node: String,
+        alias: String,
         captures: Vec<String>,
         filters: Vec<Option<String>>,
         devices: Vec<String>,
@@ -87,7 +90,7 @@ pub fn read_interfaces(
                     dropped: Some(0),
                     ..ReadInterface::default()
                 });
-                seen.push(Seen::default());
+                seen.push(Seen { node: m.node.clone(), alias: alias.clone(), ..Seen::default() });
                 interfaces.len() - 1
             });
             let i = &mut interfaces[id];
@@ -134,10 +137,9 @@ pub fn read_interfaces(
                 .collect(),
         );
     }
-    for (i, Seen { captures: ids, filters, devices, notes }) in interfaces.iter_mut().zip(seen) {
-        let (node, alias) = i.name.split_once('/').unwrap_or(("", i.name.as_str()));
-        let mut description = match (node, devices.as_slice()) {
-            ("", _) => format!("object {alias}"),
+    for (i, Seen { node, alias, captures: ids, filters, devices, notes }) in interfaces.iter_mut().zip(seen) {
+        let mut description = match (node.as_str(), devices.as_slice()) {
+            ("", _) if alias.is_empty() => format!("object {}", i.name),
             (_, []) => format!("interface {alias} of node {node}"),
             (_, d) => format!("interface {alias} (device {}) of node {node}", d.join(", ")),
         };
@@ -670,6 +672,17 @@ mod tests {
         assert_eq!(filtered[0].filter.as_deref(), Some("(tcp) and (port 53)"));
         assert_eq!(filtered[1].filter.as_deref(), Some("port 53"));
         assert_eq!(filtered[6].filter, None, "different filters: said in the comment");
+        // An object with no manifest (written before the catalog): an interface named by its key.
+        let old = Manifest {
+            capture_id: "p/n/c/x.pcap.zst".into(),
+            objects: vec![ManifestObject::default()],
+            ..Manifest::default()
+        };
+        let (unknown, of_unknown) = read_interfaces(&[old], None);
+        assert_eq!(unknown[0].name, "p/n/c/x.pcap.zst");
+        assert_eq!(unknown[0].description, "object p/n/c/x.pcap.zst; capture p/n/c/x.pcap.zst");
+        assert_eq!((unknown[0].dropped, unknown[0].start_ns), (None, None));
+        assert_eq!(of_unknown, [vec![0]]);
         let n1 = &interfaces[0];
         assert_eq!((n1.dropped, n1.filter.as_deref(), n1.comment.as_deref()), (Some(7), Some("tcp"), None));
         assert_eq!(n1.description, "interface eth0 (device dev-eth0) of node n1; captures c1, c2");
