@@ -376,12 +376,12 @@ fn three_captures_of_two_nodes_are_listed_and_read_merged_windowed_and_filtered(
     // it is; the section comment names the captures and alerts.
     let ng = dir.path().join("merged.pcapng");
     let ng_args = ["--format", "pcapng", &url, "--since", &since_s, "--until", &until_s, filter];
-    let (ok, to_stdout, stderr) = tapstream(ns, &garage, &[&["read"][..], &ng_args].concat());
-    assert!(ok, "read --format pcapng: {stderr}");
+    let (ok, to_stdout, stderr) = tapstream(ns, &garage, &[&["read", "-w", "-"][..], &ng_args].concat());
+    assert!(ok, "read --format pcapng -w -: {stderr}");
     let (ok, _, stderr) =
         tapstream(ns, &garage, &[&["read", "-w", ng.to_str().unwrap()][..], &ng_args].concat());
     assert!(ok, "read --format pcapng -w: {stderr}");
-    assert_eq!(std::fs::read(&ng).unwrap(), to_stdout, "-w FILE holds what stdout had");
+    assert_eq!(std::fs::read(&ng).unwrap(), to_stdout, "-w FILE holds what -w - wrote to stdout");
     assert!(pcapng_records(&ng) == got, "the frames of the PCAP read, in the same order, byte for byte");
     let (comment, interfaces) = capinfos(&ng);
     assert!(comment.starts_with(&format!("tapstream read {url} --since ")), "{comment}");

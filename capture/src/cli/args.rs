@@ -438,7 +438,7 @@ pub struct ReadArgs {
     pub dir: Option<PathBuf>,
     #[command(flatten)]
     pub select: SelectArgs,
-    /// Write the frames to FILE instead of stdout.
+    /// Write the frames to FILE instead of stdout (`-w -`: stdout).
     #[arg(short = 'w', long = "write", value_name = "FILE")]
     pub write: Option<PathBuf>,
     /// The file format: pcap (the records as stored), or pcapng (one interface per node and

@@ -162,13 +162,13 @@ fn asked(args: &ReadArgs) -> String {
     words.join(" ")
 }
 
-/// Where the frames go: `-w FILE`, or stdout.
+/// Where the frames go: `-w FILE`, or stdout (no `-w`, or `-w -` as tcpdump takes it).
 fn output(write: Option<&std::path::Path>) -> anyhow::Result<Box<dyn std::io::Write>> {
     Ok(match write {
-        Some(path) => Box::new(std::io::BufWriter::new(
+        Some(path) if path != std::path::Path::new("-") => Box::new(std::io::BufWriter::new(
             std::fs::File::create(path).with_context(|| format!("create {}", path.display()))?,
         )),
-        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+        _ => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
     })
 }
 
