@@ -79,7 +79,7 @@ fn reader_action(operation: &str) -> &'static str {
 #[test]
 fn the_reader_policy_grants_exactly_the_calls_ls_and_read_make() {
     let garage = Garage::start_logging_calls();
-    let prefix = unique_name("readers");
+    let prefix = unique_name("rd");
     let url = format!("s3://{}/{prefix}", garage.bucket);
     let t0 = 1_795_000_000_000_000_000u64;
     let frames: Vec<(u64, Vec<u8>)> = (0..30u64).map(|i| (t0 + i * 1_000, vec![i as u8; 60])).collect();
