@@ -53,6 +53,7 @@ put "$here/deploy/prometheus/prometheus.yml" /usr/local/share/tapstream/promethe
 put "$here/deploy/prometheus/tapstream-alerts.yml" /usr/local/share/tapstream/prometheus/tapstream-alerts.yml 0644
 put "$here/deploy/grafana/tapstream-dashboard.json" /usr/local/share/tapstream/grafana/tapstream-dashboard.json 0644
 put "$here/deploy/iam-policy.json" /usr/local/share/tapstream/iam-policy.json 0644
+put "$here/deploy/iam-reader-policy.json" /usr/local/share/tapstream/iam-reader-policy.json 0644
 put "$here/README.md" /usr/local/share/doc/tapstream/README.md 0644
 put "$here/docs/tuning.md" /usr/local/share/doc/tapstream/tuning.md 0644
 
@@ -81,7 +82,8 @@ Installed. Next:
        tapstream check-config /etc/tapstream/tapstream.toml
   2. S3 credentials: an instance profile, or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in
      /etc/tapstream/aws.env (mode 0600). The IAM policy a capture host needs is in
-     /usr/local/share/tapstream/iam-policy.json.
+     /usr/local/share/tapstream/iam-policy.json; the one for those who run tapstream ls
+     and read (list and get, nothing else) in iam-reader-policy.json beside it.
   3. Let operators ask for captures: usermod -aG tapstream <user>
   4. systemctl enable --now tapstream; then: tapstream capture start --wait -i <alias> --duration 1m
   5. Tune the host: /usr/local/share/doc/tapstream/tuning.md. Scrape metrics with

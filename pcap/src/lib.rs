@@ -8,6 +8,10 @@
 //! resolutions, and treats the input as untrusted: a record whose length runs past the end or
 //! exceeds the snapshot length is an error naming the record, never a panic or a huge
 //! allocation.
+//!
+//! [`pcapng`] writes the newer pcapng format, whose files name their interfaces.
+
+pub mod pcapng;
 
 /// Magic number of a microsecond-resolution file, as the writer's `u32`.
 pub const MAGIC_MICROS: u32 = 0xa1b2_c3d4;
@@ -72,6 +76,13 @@ impl RecordHeader {
         out[8..12].copy_from_slice(&self.caplen.to_ne_bytes());
         out[12..16].copy_from_slice(&self.origlen.to_ne_bytes());
         out
+    }
+
+    /// A header as [`RecordHeader::encode`] wrote it (in the host's byte order).
+    #[inline]
+    pub fn decode(bytes: &[u8; RECORD_HEADER_LEN]) -> Self {
+        let word = |at: usize| u32::from_ne_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+        Self { ts_sec: word(0), ts_frac: word(4), caplen: word(8), origlen: word(12) }
     }
 }
 
@@ -218,6 +229,8 @@ mod tests {
         assert_eq!(records[0].ts_nanos, 10_000_000_005);
         assert_eq!(records[1].origlen, 100);
         assert_eq!(records[1].offset, FILE_HEADER_LEN + RECORD_HEADER_LEN + 3);
+        let header = RecordHeader { ts_sec: 1, ts_frac: 2, caplen: 3, origlen: 4 };
+        assert_eq!(RecordHeader::decode(&header.encode()), header);
     }
 
     #[test]

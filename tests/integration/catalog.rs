@@ -1,15 +1,18 @@
 //! The catalog in a real Garage: captures of two nodes listed with `tapstream ls` (also while
 //! they run), and read back over the prefix with `tapstream read`, merged, windowed and
-//! filtered, against what libpcap (through tcpdump) accepts of the objects read whole.
+//! filtered, against what libpcap (through tcpdump) accepts of the objects read whole; as
+//! pcapng too, checked with capinfos and tshark.
 
 use std::{
+    collections::BTreeMap,
+    io::Write as _,
     path::Path,
     process::{Command, Stdio},
     time::Duration,
 };
 
 use tapstream::store::{
-    catalog::Manifest,
+    catalog::{CaptureEnd, Catalog, Manifest, ManifestInterface},
     compress::{Compression, Compressor},
     object::{CompressedChunk, ObjectOwner, UploadConfig, Uploader},
 };
@@ -50,7 +53,7 @@ fn ids(captures: &[Manifest]) -> Vec<String> {
 }
 
 /// The records of a PCAP file (nanosecond timestamps): (time, length on the wire, bytes).
-fn records(pcap: &[u8]) -> Vec<(u64, u32, Vec<u8>)> {
+pub(crate) fn records(pcap: &[u8]) -> Vec<(u64, u32, Vec<u8>)> {
     let reader = tapstream_pcap::Reader::new(pcap).expect("a PCAP header");
     assert!(reader.header().nanos, "nanosecond timestamps");
     reader
@@ -88,6 +91,70 @@ fn fetched(stderr: &str) -> (u64, u64) {
         .unwrap_or_else(|| panic!("no fetch statistics in: {stderr}"))
 }
 
+/// What `capinfos -k -I` says of a pcapng file: the capture comment, and per interface in
+/// order, its fields (`Name`, `Description`, `Filter string`, `Number of packets`, ...).
+pub(crate) fn capinfos(file: &Path) -> (String, Vec<BTreeMap<String, String>>) {
+    let out = Command::new("capinfos").args(["-k", "-I"]).arg(file).output().expect("run capinfos");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "capinfos: {}{text}", String::from_utf8_lossy(&out.stderr));
+    let mut comment = String::new();
+    let mut interfaces: Vec<BTreeMap<String, String>> = Vec::new();
+    for line in text.lines() {
+        if let Some(c) = line.strip_prefix("Capture comment:") {
+            comment = c.trim().to_owned();
+        } else if line.starts_with("Interface #") {
+            interfaces.push(BTreeMap::new());
+        } else if let (Some(i), Some((k, v))) = (interfaces.last_mut(), line.split_once(" = ")) {
+            i.insert(k.trim().to_owned(), v.trim().to_owned());
+        }
+    }
+    (comment, interfaces)
+}
+
+/// A field of every Interface Statistics Block of a pcapng file, in order, as tshark's dissector
+/// of the file format reads it (`dropped`, `delivered_to_user`).
+pub(crate) fn interface_statistics(file: &Path, field: &str) -> Vec<u64> {
+    let out = Command::new("tshark")
+        .args(["-X", "read_format:MIME Files Format", "-r"])
+        .arg(file)
+        .args(["-T", "fields", "-e", &format!("pcapng.options.option.data.interface.{field}")])
+        .output()
+        .expect("run tshark");
+    assert!(out.status.success(), "tshark: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .split([',', '\n'])
+        .filter(|v| !v.trim().is_empty())
+        .map(|v| v.trim().parse().unwrap_or_else(|_| panic!("not a count: {v:?}")))
+        .collect()
+}
+
+/// The records of a pcapng file, as editcap converts it to nanosecond PCAP.
+pub(crate) fn pcapng_records(file: &Path) -> Vec<(u64, u32, Vec<u8>)> {
+    let pcap = file.with_extension("converted.pcap");
+    let out =
+        Command::new("editcap").args(["-F", "nsecpcap"]).arg(file).arg(&pcap).output().expect("editcap");
+    assert!(out.status.success(), "editcap: {}", String::from_utf8_lossy(&out.stderr));
+    records(&std::fs::read(&pcap).unwrap())
+}
+
+/// The interface name of each frame tshark reads from `pcapng` on its stdin (`tshark -r -`).
+fn tshark_interfaces(pcapng: &[u8]) -> Vec<String> {
+    let mut tshark = Command::new("tshark")
+        .args(["-r", "-", "-T", "fields", "-e", "frame.interface_name"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run tshark");
+    let mut stdin = tshark.stdin.take().unwrap();
+    let input = pcapng.to_vec();
+    let writer = std::thread::spawn(move || stdin.write_all(&input));
+    let out = tshark.wait_with_output().unwrap();
+    writer.join().unwrap().expect("tshark read its input");
+    assert!(out.status.success(), "tshark -r -: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect()
+}
+
 fn secs(ns: u64) -> String {
     format!("{}.{:09}", ns / 1_000_000_000, ns % 1_000_000_000)
 }
@@ -113,13 +180,23 @@ fn three_captures_of_two_nodes_are_listed_and_read_merged_windowed_and_filtered(
     let count = frames.len().to_string();
     // (capture end, node, id, labels)
     let captures = [
-        (&a.capture_if, "node-a", "cap-1", ["--customer", "acme", "--alert-id", "A-1", "--tag", "site=ams1"]),
-        (&b.capture_if, "node-b", "cap-2", ["--customer", "acme", "--alert-id", "A-2", "--tag", "site=fra1"]),
+        (
+            &a.capture_if,
+            "node-a",
+            "cap-1",
+            ["--customer", "acme", "--alert-id", "A-1", "--tag", "site=ams1", "--request-id", "ticket 9"],
+        ),
+        (
+            &b.capture_if,
+            "node-b",
+            "cap-2",
+            ["--customer", "acme", "--alert-id", "A-2", "--tag", "site=fra1", "--request-id", "R-2"],
+        ),
         (
             &c.capture_if,
             "node-a",
             "cap-3",
-            ["--customer", "other", "--alert-id", "A-3", "--tag", "site=ams1"],
+            ["--customer", "other", "--alert-id", "A-3", "--tag", "site=ams1", "--request-id", "R-3"],
         ),
     ];
     let store_args = s3_args(&garage);
@@ -156,6 +233,7 @@ fn three_captures_of_two_nodes_are_listed_and_read_merged_windowed_and_filtered(
     assert!(listed.iter().all(|m| m.end_ns.is_none() && m.stop_reason.is_none()), "{listed:#?}");
     let cap1 = listed.iter().find(|m| m.capture_id == "cap-1").unwrap();
     assert_eq!((cap1.node.as_str(), cap1.customer.as_deref()), ("node-a", Some("acme")));
+    assert_eq!(cap1.request_id.as_deref(), Some("ticket 9"), "the request's id in the manifest");
     assert_eq!(cap1.interfaces[0].device, a.capture_if);
 
     // The frames in bursts more than a chunk's flush time apart (so each burst is a zstd frame
@@ -218,15 +296,20 @@ fn three_captures_of_two_nodes_are_listed_and_read_merged_windowed_and_filtered(
     let dir = tempfile::tempdir().unwrap();
     let mut stored = Vec::new();
     let mut accepted = Vec::new();
+    // Per capture: node/interface, and what the filter accepts of its frames.
+    let mut accepted_by = Vec::new();
     let mut total_bytes = 0u64;
     for m in &listed {
+        let mut mine = Vec::new();
         for o in &m.objects {
             let raw = raw_object(ns, &garage, &o.key);
             total_bytes += raw.len() as u64;
             let pcap = zstd_d(&raw);
             stored.extend(records(&pcap));
-            accepted.extend(records(&tcpdump_filter(&pcap, filter, dir.path())));
+            mine.extend(records(&tcpdump_filter(&pcap, filter, dir.path())));
         }
+        accepted.extend(mine.iter().cloned());
+        accepted_by.push((format!("{}/{}", m.node, m.interfaces[0].alias), mine));
     }
     assert_eq!(stored.len(), 3 * frames.len());
     let mut times: Vec<u64> = stored.iter().map(|r| r.0).collect();
@@ -288,6 +371,56 @@ fn three_captures_of_two_nodes_are_listed_and_read_merged_windowed_and_filtered(
         .map(|l| l.trim().parse().expect("a length"))
         .collect();
     assert_eq!(lengths, got.iter().map(|r| r.1).collect::<Vec<_>>(), "tshark reads every frame, in order");
+
+    // pcapng: the same frames, each on the interface of its node and capture, which says what
+    // it is; the section comment names the captures and alerts.
+    let ng = dir.path().join("merged.pcapng");
+    let ng_args = ["--format", "pcapng", &url, "--since", &since_s, "--until", &until_s, filter];
+    let (ok, to_stdout, stderr) = tapstream(ns, &garage, &[&["read", "-w", "-"][..], &ng_args].concat());
+    assert!(ok, "read --format pcapng -w -: {stderr}");
+    let (ok, _, stderr) =
+        tapstream(ns, &garage, &[&["read", "-w", ng.to_str().unwrap()][..], &ng_args].concat());
+    assert!(ok, "read --format pcapng -w: {stderr}");
+    assert_eq!(std::fs::read(&ng).unwrap(), to_stdout, "-w FILE holds what -w - wrote to stdout");
+    assert!(pcapng_records(&ng) == got, "the frames of the PCAP read, in the same order, byte for byte");
+    let (comment, interfaces) = capinfos(&ng);
+    assert!(comment.starts_with(&format!("tapstream read {url} --since ")), "{comment}");
+    for words in [
+        "captures cap-1 (node node-a), cap-2 (node node-b), cap-3 (node node-a)",
+        "requests ticket 9, R-2, R-3",
+        "alerts A-1, A-2, A-3",
+    ] {
+        assert!(comment.contains(words), "the comment says {words:?}: {comment}");
+    }
+    let shown: Vec<(String, String, usize)> = interfaces
+        .iter()
+        .map(|i| (i["Name"].clone(), i["Filter string"].clone(), i["Number of packets"].parse().unwrap()))
+        .collect();
+    let expected_by: Vec<(String, String, usize)> = accepted_by
+        .iter()
+        .map(|(name, mine)| {
+            (name.clone(), filter.to_owned(), mine.iter().filter(|r| (since..=until).contains(&r.0)).count())
+        })
+        .collect();
+    assert_eq!(shown, expected_by, "one interface per node and interface, with its frames");
+    assert_eq!(shown.iter().map(|s| s.2).sum::<usize>(), got.len());
+    for (i, m) in interfaces.iter().zip(&listed) {
+        assert_eq!(i["Time precision"], "nanoseconds (9)");
+        assert!(i["Description"].contains(&format!("capture {}", m.capture_id)), "{i:?}");
+    }
+    let mut from_stdin = tshark_interfaces(&to_stdout);
+    from_stdin.sort();
+    from_stdin.dedup();
+    let mut names: Vec<String> = shown.iter().filter(|s| s.2 > 0).map(|s| s.0.clone()).collect();
+    names.sort();
+    assert_eq!(from_stdin, names, "tshark -r - reads the interfaces' frames");
+    let drops: Vec<u64> = listed.iter().map(|m| m.drops.expect("ended")).collect();
+    assert_eq!(interface_statistics(&ng, "dropped"), drops, "each capture's drops");
+    let delivered: Vec<u64> = shown.iter().map(|s| s.2 as u64).collect();
+    assert_eq!(interface_statistics(&ng, "delivered_to_user"), delivered);
+
+    let (ok, _, stderr) = tapstream(ns, &garage, &["read", "--format", "pcap-ng", &url]);
+    assert!(!ok && stderr.contains("possible values: pcap, pcapng"), "{stderr}");
 }
 
 #[test]
@@ -557,4 +690,119 @@ fn a_capture_a_killed_daemon_interrupted_is_listed_as_interrupted_once_recovered
     let got: Vec<Vec<u8>> = records(&out.stdout).into_iter().map(|(_, _, d)| d).collect();
     assert_eq!(got.len() as u64, sent);
     assert!(got == daemon.stored(&id), "the frames of its objects");
+}
+
+/// Stores `frames` as one capture's objects under `prefix` of `sink`, with its manifest in
+/// the catalog (if `catalogued`: else as before the catalog existed), ended with `drops`
+/// frames dropped.
+pub(crate) async fn store_capture<S: tapstream::store::Sink + 'static>(
+    sink: std::sync::Arc<S>,
+    prefix: &str,
+    manifest: Manifest,
+    frames: &[(u64, Vec<u8>)],
+    drops: u64,
+    catalogued: bool,
+) {
+    let catalog = Catalog::new(manifest.clone());
+    let owner = ObjectOwner {
+        prefix: prefix.to_owned(),
+        node: manifest.node.clone(),
+        capture: manifest.capture_id.clone(),
+        catalog: catalogued.then(|| catalog.clone()),
+        ..Default::default()
+    };
+    let header = tapstream_pcap::FileHeader { snaplen: 262_144, linktype: 1, nanos: true }.encode();
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(4));
+    let mut up = Uploader::new(sink.clone(), UploadConfig::default(), owner, &header, permits).unwrap();
+    let mut compressor = Compressor::new(Compression::default()).unwrap();
+    for chunk in frames.chunks(10) {
+        let mut raw = Vec::new();
+        for (ts, data) in chunk {
+            let len = data.len() as u32;
+            let (ts_sec, ts_frac) = ((ts / 1_000_000_000) as u32, (ts % 1_000_000_000) as u32);
+            raw.extend(tapstream_pcap::RecordHeader { ts_sec, ts_frac, caplen: len, origlen: len }.encode());
+            raw.extend(data);
+        }
+        up.push(CompressedChunk {
+            data: compressor.frame(&raw).unwrap(),
+            decompressed_len: raw.len() as u64,
+            first_ns: chunk[0].0,
+            last_ns: chunk[chunk.len() - 1].0,
+            packets: chunk.len() as u64,
+        })
+        .await
+        .unwrap();
+    }
+    up.finish().await.unwrap();
+    if !catalogued {
+        return;
+    }
+    catalog.end(CaptureEnd {
+        end_ns: frames.last().unwrap().0 + 1,
+        frames: frames.len() as u64,
+        drops,
+        stop_reason: "packets".into(),
+        ..CaptureEnd::default()
+    });
+    catalog.write(&*sink, prefix, Duration::from_secs(10)).await.unwrap();
+}
+
+#[test]
+fn a_pcapng_read_says_each_captures_filter_and_drops() {
+    let store = tempfile::tempdir().unwrap();
+    let t0 = 1_795_000_000_000_000_000u64;
+    let capture = |id: &str, node: &str, device: &str, filter: Option<&str>| Manifest {
+        capture_id: id.into(),
+        node: node.into(),
+        interfaces: vec![ManifestInterface { alias: device.into(), device: device.into() }],
+        filter: filter.map(Into::into),
+        snaplen: 1500,
+        start_ns: t0,
+        alert_id: Some("4711".into()),
+        ..Manifest::default()
+    };
+    // Two captures, their frames interleaved in time.
+    let frames = |offset: u64, byte: u8| -> Vec<(u64, Vec<u8>)> {
+        (0..40u64).map(|i| (t0 + i * 1_000 + offset, vec![byte; 60 + i as usize % 4])).collect()
+    };
+    let (one, two) = (frames(0, 1), frames(500, 2));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let sink = std::sync::Arc::new(tapstream::store::dir::DirSink::new(store.path()).unwrap());
+        store_capture(sink.clone(), "caps", capture("c1", "tap-1", "eth0", Some("udp")), &one, 17, true)
+            .await;
+        store_capture(sink, "caps", capture("c2", "tap-2", "eth1", None), &two, 0, true).await;
+    });
+    let file = store.path().join("alert.pcapng");
+    let out = Command::new(tapstream_bin())
+        .args(["read", "--dir"])
+        .arg(store.path())
+        .args(["caps", "--alert-id", "4711", "--format", "pcapng", "-w"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "read: {}", String::from_utf8_lossy(&out.stderr));
+
+    let (comment, interfaces) = capinfos(&file);
+    assert_eq!(
+        comment,
+        "tapstream read caps --alert-id 4711; captures c1 (node tap-1), c2 (node tap-2); alerts 4711"
+    );
+    let names: Vec<&str> = interfaces.iter().map(|i| i["Name"].as_str()).collect();
+    assert_eq!(names, ["tap-1/eth0", "tap-2/eth1"]);
+    assert_eq!(interfaces[0].get("Filter string").map(String::as_str), Some("udp"));
+    assert_eq!(interfaces[1].get("Filter string"), None, "no filter: every frame");
+    assert_eq!(interfaces[0]["Capture length"], "1500");
+    for i in &interfaces {
+        assert_eq!(i["Number of packets"], "40");
+        assert_eq!(i["Number of stat entries"], "1");
+    }
+    assert_eq!(interface_statistics(&file, "dropped"), [17, 0]);
+    assert_eq!(interface_statistics(&file, "delivered_to_user"), [40, 40]);
+    let mut expected: Vec<(u64, u32, Vec<u8>)> =
+        one.iter().chain(&two).map(|(t, d)| (*t, d.len() as u32, d.clone())).collect();
+    expected.sort();
+    assert!(pcapng_records(&file) == expected, "every frame of both, in time order");
+    let interface_of: Vec<String> = tshark_interfaces(&std::fs::read(&file).unwrap());
+    assert_eq!(interface_of[..2], ["tap-1/eth0", "tap-2/eth1"], "each frame on its capture's interface");
 }

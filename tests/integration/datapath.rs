@@ -135,3 +135,64 @@ fn snaplen_and_packet_limit_are_exact() {
         assert_eq!(*origlen as usize, frame.data.len());
     }
 }
+
+#[test]
+fn a_pcapng_file_names_its_interface_and_filter_and_holds_the_drops() {
+    let veth = VethPair::new(1);
+    let frames = corpus_frames();
+    let sender = Sender::new(&veth);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("capture.pcapng");
+    // A ring of 64 entries (a UMEM of 32 frames) and the writer stopped while the corpus is
+    // sent: most frames the filter accepts are dropped, and counted.
+    let filter = ["ip", "or", "ip6"];
+    let flags = ["--format", "pcapng", "--node", "tap-9", "--id", "ng-1", "--alert-id", "A-7"];
+    let limits = ["--idle", "3s", "--duration", "120s", "--ring-size", "64"];
+    let run = capture_to_file(&veth, &out, &[&flags[..], &limits, &filter].concat());
+    let sent = run.stopped_while(|| sender.send_all(&frames));
+    let summary = run.summary();
+    let drops = summary.dropped_writer + summary.dropped_kernel + summary.dropped_spool_full;
+    assert!(drops > 0 && summary.packets > 0, "{summary:?}");
+
+    let (comment, interfaces) = crate::catalog::capinfos(&out);
+    assert_eq!(
+        comment,
+        format!("tapstream capture -i {0} on node tap-9: capture ng-1; alert A-7", veth.capture_if)
+    );
+    assert_eq!(interfaces.len(), 1);
+    let i = &interfaces[0];
+    assert_eq!(i["Name"], format!("tap-9/{}", veth.capture_if));
+    assert_eq!(i["Filter string"], "ip or ip6");
+    assert_eq!(i["Time precision"], "nanoseconds (9)");
+    assert_eq!(i["Capture length"], "262144");
+    assert_eq!(i["Number of packets"], summary.packets.to_string());
+    assert_eq!(crate::catalog::interface_statistics(&out, "dropped"), [drops]);
+    assert_eq!(crate::catalog::interface_statistics(&out, "delivered_to_user"), [summary.packets]);
+
+    // The frames stored are frames sent, in the order sent, whole.
+    let stored = crate::catalog::pcapng_records(&out);
+    assert_eq!(stored.len() as u64, summary.packets);
+    let mut rest = sent.iter();
+    for (n, (_, origlen, data)) in stored.iter().enumerate() {
+        assert!(rest.any(|f| &f.data == data), "stored frame {n} is not a frame sent after the one before");
+        assert_eq!(*origlen as usize, data.len());
+    }
+
+    // pcapng is for a file; an unknown format names the known ones. Refused before anything
+    // starts (the interface is not looked at).
+    for (args, needle) in [
+        (
+            ["--upload", dir.path().to_str().unwrap(), "--format", "pcapng"],
+            "--format pcapng is for a --write file",
+        ),
+        (["-w", out.to_str().unwrap(), "--format", "pcap-ng"], "[possible values: pcap, pcapng]"),
+    ] {
+        let run = std::process::Command::new(crate::common::tapstream_bin())
+            .args(["capture", "-i", "no-such-if"])
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(!run.status.success() && stderr.contains(needle), "{args:?}: {stderr}");
+    }
+}

@@ -1,9 +1,13 @@
-//! The deployment kit agrees with the code: the IAM policy grants exactly what the S3 client
-//! calls, and Prometheus accepts the scrape config and alert rules.
+//! The deployment kit agrees with the code: the IAM policies grant exactly what the S3 client
+//! calls (a capture host's, and a reader's as a real server sees them), and Prometheus accepts
+//! the scrape config and alert rules.
 
 use std::{collections::BTreeSet, path::PathBuf, process::Command};
 
-use tapstream_testenv::VethPair;
+use tapstream::store::catalog::{Manifest, ManifestInterface};
+use tapstream_testenv::{Garage, VethPair, unique_name};
+
+use crate::common::tapstream_bin;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
@@ -17,8 +21,9 @@ fn iam_action(call: &str) -> Option<&'static str> {
         }
         "abort_multipart_upload" => "s3:AbortMultipartUpload",
         "list_multipart_uploads" => "s3:ListBucketMultipartUploads",
-        // Only `tapstream read` and `ls` fetch and list objects; capture hosts need no read
-        // access (they write the catalog's manifests, never read them).
+        // Only `tapstream read` and `ls` fetch and list objects (deploy/iam-reader-policy.json);
+        // capture hosts need no read access (they write the catalog's manifests, never read
+        // them).
         "get_object" | "list_objects_v2" => return None,
         other => panic!("the S3 client calls {other}, which the IAM policy test does not know"),
     })
@@ -41,23 +46,154 @@ fn the_iam_policy_grants_exactly_the_calls_the_s3_client_makes() {
         }
     }
     assert!(calls.len() >= 6, "found the client's calls: {calls:?}");
-    let needed: BTreeSet<&str> = calls.iter().filter_map(|c| iam_action(c)).collect();
+    let needed: BTreeSet<String> = calls.iter().filter_map(|c| iam_action(c)).map(String::from).collect();
 
+    assert_eq!(granted("deploy/iam-policy.json"), needed, "IAM actions granted vs needed by {calls:?}");
+}
+
+/// The actions a policy file grants, after checking that each statement allows (no deny) on
+/// the bucket of the placeholder's name.
+fn granted(file: &str) -> BTreeSet<String> {
     let policy: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(root().join("deploy/iam-policy.json")).unwrap())
-            .unwrap();
-    let granted: BTreeSet<&str> = policy["Statement"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|s| s["Action"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()))
-        .collect();
-    assert_eq!(granted, needed, "IAM actions granted vs needed by {calls:?}");
+        serde_json::from_str(&std::fs::read_to_string(root().join(file)).unwrap()).unwrap();
+    let mut granted = BTreeSet::new();
     for s in policy["Statement"].as_array().unwrap() {
-        assert_eq!(s["Effect"], "Allow");
+        assert_eq!(s["Effect"], "Allow", "{file}");
         let resource = s["Resource"].as_str().unwrap();
-        assert!(resource.starts_with("arn:aws:s3:::CAPTURE-BUCKET"), "{resource}");
+        assert!(resource.starts_with("arn:aws:s3:::CAPTURE-BUCKET"), "{file}: {resource}");
+        granted.extend(s["Action"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().to_owned()));
     }
+    granted
+}
+
+/// The IAM action each S3 operation of `tapstream ls` and `read` needs, by the name Garage's
+/// log gives the operation.
+fn reader_action(operation: &str) -> &'static str {
+    match operation {
+        "GetObject" | "HeadObject" => "s3:GetObject",
+        "ListObjectsV2" | "ListObjects" => "s3:ListBucket",
+        other => panic!("tapstream ls or read called {other}, which the reader policy test does not know"),
+    }
+}
+
+#[test]
+fn the_reader_policy_grants_exactly_the_calls_ls_and_read_make() {
+    let garage = Garage::start_logging_calls();
+    let prefix = unique_name("rd");
+    let url = format!("s3://{}/{prefix}", garage.bucket);
+    let t0 = 1_795_000_000_000_000_000u64;
+    let frames: Vec<(u64, Vec<u8>)> = (0..30u64).map(|i| (t0 + i * 1_000, vec![i as u8; 60])).collect();
+    let manifest = Manifest {
+        capture_id: "c1".into(),
+        node: "tap-1".into(),
+        interfaces: vec![ManifestInterface { alias: "eth0".into(), device: "eth0".into() }],
+        start_ns: t0,
+        alert_id: Some("A-1".into()),
+        ..Manifest::default()
+    };
+    // Written with the writer's key; an object of a prefix without a catalog too.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let sink = std::sync::Arc::new(rt.block_on(crate::upload::sink(&garage)));
+    rt.block_on(crate::catalog::store_capture(sink.clone(), &prefix, manifest.clone(), &frames, 0, true));
+    let old = format!("{prefix}-old");
+    let without_catalog = Manifest { capture_id: "c0".into(), ..manifest };
+    rt.block_on(crate::catalog::store_capture(sink, &old, without_catalog, &frames, 0, false));
+    let old_objects = crate::upload::list_keys_here(&garage, &format!("{old}/"));
+    let object = old_objects.iter().find(|k| k.ends_with(".pcap.zst")).expect("an object").clone();
+
+    // The reader's key may only read: every call below must work with it.
+    let (id, secret) = garage.read_only_key();
+    let from = garage.log().len();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let out = out.to_str().unwrap();
+    let object_url = format!("s3://{}/{object}", garage.bucket);
+    let old_url = format!("s3://{}/{old}", garage.bucket);
+    let since = format!("{}", t0 / 1_000_000_000);
+    for args in [
+        vec!["ls", url.as_str(), "--json"],
+        vec!["ls", &url, "--since", &since, "--alert-id", "A-1"],
+        vec!["read", &url, "-w", out],
+        vec!["read", &url, "--format", "pcapng", "-w", out, "--capture", "c1", "tcp"],
+        vec!["read", &object_url, "-w", out],
+        vec!["read", &old_url, "-w", out],
+    ] {
+        // The store's flags before a filter's words.
+        let run = Command::new(tapstream_bin())
+            .arg(args[0])
+            .args(crate::upload::s3_args(&garage))
+            .args(&args[1..])
+            .envs(garage.aws_env())
+            .env("AWS_ACCESS_KEY_ID", &id)
+            .env("AWS_SECRET_ACCESS_KEY", &secret)
+            .output()
+            .unwrap();
+        assert!(
+            run.status.success(),
+            "tapstream {args:?} with a read-only key: {}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+    }
+    let calls = garage.calls(from);
+    eprintln!("the reader's calls: {calls:?}");
+    // The key is read-only indeed: a write with it is refused.
+    let reader = tapstream::store::s3::S3Config {
+        bucket: garage.bucket.clone(),
+        endpoint: Some(garage.endpoint.clone()),
+        region: Some(garage.region.clone()),
+        path_style: true,
+        max_attempts: 1,
+        static_credentials: Some((id, secret)),
+        ..Default::default()
+    };
+    let put = rt.block_on(async {
+        let sink = tapstream::store::s3::S3Sink::new(reader).await;
+        let meta = tapstream::store::ObjectMeta::default();
+        tapstream::store::Sink::put_object(
+            &sink,
+            &format!("{prefix}/x"),
+            bytes::Bytes::from_static(b"x"),
+            &meta,
+        )
+        .await
+    });
+    let refused = put.expect_err("a read-only key cannot write").to_string();
+    assert!(refused.contains("AccessDenied"), "{refused}");
+    assert!(calls.contains("GetObject") && calls.contains("ListObjectsV2"), "the reader's calls: {calls:?}");
+    let needed: BTreeSet<String> = calls.iter().map(|c| reader_action(c).to_owned()).collect();
+    assert_eq!(granted("deploy/iam-reader-policy.json"), needed, "actions granted vs needed by {calls:?}");
+}
+
+#[test]
+fn the_lifecycle_example_expires_by_the_tag_the_store_writes_and_aborts_stale_uploads() {
+    let text = std::fs::read_to_string(root().join("deploy/s3-lifecycle-example.json")).unwrap();
+    let lifecycle: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+    let rules = lifecycle["Rules"].as_array().unwrap();
+    // The tags the S3 sink writes for a capture of customer C and class K.
+    let written = tapstream::store::settings::object_tags(Some("C"), Some("K"));
+    let retention_key = &written[1].0;
+    let mut classes = Vec::new();
+    for rule in rules {
+        assert_eq!(rule["Status"], "Enabled");
+        let filter = &rule["Filter"];
+        if let Some(abort) = rule.get("AbortIncompleteMultipartUpload") {
+            assert!(abort["DaysAfterInitiation"].as_u64().is_some_and(|d| d > 0), "{rule}");
+            assert_eq!(filter["Prefix"], "CAPTURE-PREFIX/");
+            continue;
+        }
+        assert_eq!(filter["And"]["Prefix"], "CAPTURE-PREFIX/", "{rule}");
+        let tags = filter["And"]["Tags"].as_array().unwrap();
+        assert_eq!(tags.len(), 1);
+        assert_eq!(tags[0]["Key"].as_str(), Some(retention_key.as_str()), "expires by the tag written");
+        let class = tags[0]["Value"].as_str().unwrap();
+        tapstream::store::settings::check_retention(class).expect("a class a request can ask");
+        assert!(rule["Expiration"]["Days"].as_u64().is_some_and(|d| d > 0), "{rule}");
+        classes.push(class.to_owned());
+    }
+    assert_eq!(classes, ["short", "standard", "long"]);
+    assert_eq!(rules.len(), classes.len() + 1, "one rule aborts incomplete uploads");
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    assert!(readme.contains("deploy/s3-lifecycle-example.json"), "the README shows it");
 }
 
 #[test]
@@ -178,6 +314,7 @@ fn install_sh_installs_into_a_root_and_keeps_the_configuration() {
         "usr/local/share/tapstream/prometheus/tapstream-alerts.yml",
         "usr/local/share/tapstream/grafana/tapstream-dashboard.json",
         "usr/local/share/tapstream/iam-policy.json",
+        "usr/local/share/tapstream/iam-reader-policy.json",
         "usr/local/share/doc/tapstream/tuning.md",
     ] {
         assert!(dest.path().join(file).is_file(), "{file} installed");

@@ -127,6 +127,17 @@ pub(crate) fn check_finished(event: &Value, daemon: &TestDaemon, id: &str, sent:
         "{event}"
     );
     assert!(daemon.stored(id) == sent[..20], "{} stored the first 20 frames sent to it", daemon.node);
+    // The catalog's manifest names the request.
+    let out = std::process::Command::new(crate::common::tapstream_bin())
+        .arg("ls")
+        .arg(daemon.store_dir())
+        .args(["--json", "--capture", id])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ls: {}", String::from_utf8_lossy(&out.stderr));
+    let listed: Vec<tapstream::store::catalog::Manifest> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0].request_id.as_deref(), Some(id), "the request's id in the manifest");
 }
 
 #[test]

@@ -46,7 +46,7 @@ fn the_cli_and_the_http_api_make_the_same_plans() {
     let veth = VethPair::new(1);
     let daemon = TestDaemon::start(&veth, "");
     let client = daemon.client();
-    let cases: [(&[&str], Value); 3] = [
+    let cases: [(&[&str], Value); 4] = [
         (
             &[
                 "--id",
@@ -74,6 +74,10 @@ fn the_cli_and_the_http_api_make_the_same_plans() {
         (
             &["--id", "parity-2", "--duration", "1500ms", "--idle", "1s", "--bytes", "1M"],
             json!({"id": "parity-2", "duration_secs": 1.5, "idle_timeout_secs": 1, "bytes": 1_000_000}),
+        ),
+        (
+            &["--id", "parity-4", "--duration", "20s", "--retention", "short", "--request-id", "T-9"],
+            json!({"id": "parity-4", "duration_secs": 20, "retention": "short", "request_id": "T-9"}),
         ),
         (
             &["--id", "parity-3", "--duration", "20s", "udp", "or", "icmp"],
@@ -109,7 +113,7 @@ fn the_cli_and_the_http_api_refuse_the_same_requests_in_the_same_words() {
     let veth = VethPair::new(1);
     let daemon = TestDaemon::start(&veth, "");
     let client = daemon.client();
-    let cases: [(&[&str], Value, &str); 8] = [
+    let cases: [(&[&str], Value, &str); 10] = [
         (&["--id", "bad id", "--duration", "5s"], json!({"id": "bad id", "duration_secs": 5}), "capture id"),
         (
             &["--id", ".hidden", "--duration", "5s"],
@@ -133,6 +137,16 @@ fn the_cli_and_the_http_api_refuse_the_same_requests_in_the_same_words() {
             &["--duration", "5s", "--customer", "caf\u{e9}"],
             json!({"customer": "caf\u{e9}", "duration_secs": 5}),
             "printable ASCII",
+        ),
+        (
+            &["--duration", "5s", "--retention", "a b"],
+            json!({"retention": "a b", "duration_secs": 5}),
+            "retention class \"a b\"",
+        ),
+        (
+            &["--duration", "5s", "--request-id", "caf\u{e9}"],
+            json!({"request_id": "caf\u{e9}", "duration_secs": 5}),
+            "request_id",
         ),
     ];
     for (flags, body, words) in cases {

@@ -198,6 +198,19 @@ fn corpus_capture_lands_as_objects_that_read_back_byte_for_byte() {
     let got = records(&window);
     assert_eq!(got.len(), expected.len(), "frames in the window");
     assert!(got.iter().zip(&expected).all(|(a, b)| a == *b));
+    // The window as pcapng: the same frames, on one interface named by the object's key.
+    let (ng, _) = read(
+        &veth.capture_ns,
+        &garage,
+        object_url,
+        &["--format", "pcapng", "--since", &secs(since), "--until", &secs(until)],
+    );
+    let ng_file = tempfile::Builder::new().suffix(".pcapng").tempfile().unwrap();
+    std::fs::write(ng_file.path(), &ng).unwrap();
+    assert!(crate::catalog::pcapng_records(ng_file.path()) == crate::catalog::records(&window));
+    let (_, interfaces) = crate::catalog::capinfos(ng_file.path());
+    assert_eq!(interfaces.len(), 1);
+    assert_eq!(interfaces[0]["Name"], key);
     let fetched = log
         .lines()
         .find_map(|l| l.split("fetched ").nth(1))
@@ -542,7 +555,7 @@ fn list_keys(ns: &Netns, garage: &Garage, prefix: &str) -> Vec<String> {
 }
 
 /// Keys under `prefix`, sorted, listed from the test's own namespace.
-fn list_keys_here(garage: &Garage, prefix: &str) -> Vec<String> {
+pub(crate) fn list_keys_here(garage: &Garage, prefix: &str) -> Vec<String> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
         let out = client(garage)
@@ -727,4 +740,61 @@ fn a_request_the_client_cannot_send_is_refused_for_good_not_retried() {
         "{err:?}"
     );
     assert!(err.to_string().contains("not retried"), "{err}");
+}
+
+/// The value of header `name` in a request line of Garage's log ([`Garage::requests`]).
+fn logged_header(request: &str, name: &str) -> Option<String> {
+    let (_, rest) = request.split_once(&format!("\"{name}\": \""))?;
+    rest.split_once('"').map(|(value, _)| value.to_owned())
+}
+
+#[test]
+fn every_object_written_carries_the_customer_and_retention_tags_unless_tagging_is_off() {
+    let veth = VethPair::new(1);
+    let garage = Garage::start_in_logging_calls(&veth.capture_ns);
+    let sender = Sender::new(&veth);
+    let spool = tempfile::tempdir().unwrap();
+    let prefix = unique_name("tags");
+    let url = format!("s3://{}/{prefix}", garage.bucket);
+    // Incompressible frames past a 5 MiB part: a multipart object, its index, the manifest.
+    let frames = random_frames(5_000, 11);
+    let count = frames.len().to_string();
+    let labels =
+        ["--customer", "acme & co/1", "--retention", "short", "-c", &count, "--duration", "120s", "--json"];
+    for (id, off, expected) in [
+        ("tagged", None, Some("customer=acme%20%26%20co%2F1&retention=short")),
+        ("untagged", Some("--no-tagging"), None),
+    ] {
+        let from = garage.log().len();
+        let mut run = start_multipart(
+            &veth,
+            &garage,
+            &url,
+            id,
+            spool.path(),
+            &[&labels[..], &Vec::from_iter(off)].concat(),
+        );
+        run.wait_ready();
+        for f in &frames {
+            sender.send_retrying(f, || "a random frame".into());
+        }
+        let summary = run.summary();
+        assert_eq!(summary.packets, frames.len() as u64);
+        // Every write of an object of the capture: PutObject, or CreateMultipartUpload.
+        let writes: Vec<String> = garage
+            .requests(from)
+            .into_iter()
+            .filter(|r| r.contains(&format!("/{prefix}/")))
+            .filter(|r| {
+                (r.starts_with("Request { method: PUT") && !r.contains("partNumber="))
+                    || (r.starts_with("Request { method: POST") && r.contains("?uploads"))
+            })
+            .collect();
+        let creates = writes.iter().filter(|r| r.contains("?uploads")).count();
+        let puts = writes.len() - creates;
+        assert!(creates >= 1 && puts >= 2, "a multipart object, its index and the manifest: {writes:#?}");
+        for w in &writes {
+            assert_eq!(logged_header(w, "x-amz-tagging").as_deref(), expected, "{id}: {w}");
+        }
+    }
 }

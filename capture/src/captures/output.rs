@@ -1,4 +1,4 @@
-//! A capture's output: a local PCAP file, or a stream of objects to a store.
+//! A capture's output: a local PCAP or pcapng file, or a stream of objects to a store.
 
 use std::{
     fs::File,
@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tapstream_pcap::{FileHeader, LINKTYPE_ETHERNET};
+use tapstream_pcap::{FileHeader, LINKTYPE_ETHERNET, RECORD_HEADER_LEN, RecordHeader, pcapng};
 
 use crate::{
     datapath::capture::CaptureShared,
@@ -21,12 +21,16 @@ use crate::{
 
 use super::*;
 
-/// A PCAP file written as chunks arrive; created with the first chunk. A chunk holds whole
-/// records: one that cannot be written whole (a full disk) is cut off again, so the file
-/// always ends on a whole record.
+/// A PCAP (or pcapng) file written as chunks arrive; created with the first chunk. A chunk
+/// holds whole records: one that cannot be written whole (a full disk) is cut off again, so the
+/// file always ends on a whole record (block).
 pub(super) struct FileOutput {
     pub(super) path: PathBuf,
     pub(super) snaplen: u32,
+    /// pcapng: the head of the file; none: PCAP.
+    pub(super) pcapng: Option<Box<PcapngHead>>,
+    /// pcapng: the chunk being written, as packet blocks.
+    pub(super) blocks: Vec<u8>,
     pub(super) file: Option<File>,
     /// Bytes of the file that hold its header and whole records.
     pub(super) whole: u64,
@@ -40,18 +44,31 @@ impl FileOutput {
         if self.file.is_none() {
             // Chunks are large already: written as they are, without another copy into a buffer.
             let mut file = File::create(&self.path).map_err(err)?;
-            let header = FileHeader { snaplen: self.snaplen, linktype: LINKTYPE_ETHERNET, nanos: true };
-            if let Err(source) = file.write_all(&header.encode()) {
+            let header = match &self.pcapng {
+                None => FileHeader { snaplen: self.snaplen, linktype: LINKTYPE_ETHERNET, nanos: true }
+                    .encode()
+                    .to_vec(),
+                Some(head) => head.encode(self.snaplen),
+            };
+            if let Err(source) = file.write_all(&header) {
                 // Not even the header fits: no file rather than one that is not a capture.
                 drop(file);
                 let _ = std::fs::remove_file(&self.path);
                 return Err(err(source));
             }
-            self.whole = tapstream_pcap::FILE_HEADER_LEN as u64;
+            self.whole = header.len() as u64;
             self.file = Some(file);
         }
         let file = self.file.as_mut().expect("created above");
-        if let Err(write) = file.write_all(records) {
+        let out = match &self.pcapng {
+            None => records,
+            Some(_) => {
+                self.blocks.clear();
+                to_packet_blocks(records, &mut self.blocks);
+                &self.blocks
+            }
+        };
+        if let Err(write) = file.write_all(out) {
             // Part of the chunk may be in the file: cut it back to the last whole record (and
             // put the offset there, so that nothing written later leaves a hole).
             let whole = self.whole;
@@ -61,7 +78,7 @@ impl FileOutput {
                 Err(source) => SessionError::Torn { path: self.path.clone(), write, whole, source },
             });
         }
-        self.whole += records.len() as u64;
+        self.whole += out.len() as u64;
         self.packets += u64::from(chunk_frames);
         self.bytes +=
             records.len() as u64 - u64::from(chunk_frames) * tapstream_pcap::RECORD_HEADER_LEN as u64;
@@ -80,10 +97,41 @@ impl FileOutput {
     }
 }
 
+/// What starts a pcapng file: the section's comment and its one interface.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PcapngHead {
+    pub comment: String,
+    /// The interface (its snaplen is the capture's).
+    pub interface: pcapng::Interface,
+}
+
+impl PcapngHead {
+    /// The section header and the interface, of a capture of `snaplen`.
+    pub fn encode(&self, snaplen: u32) -> Vec<u8> {
+        let application = concat!("tapstream ", env!("CARGO_PKG_VERSION"));
+        let mut out = pcapng::section_header(application, Some(&self.comment));
+        let interface = pcapng::Interface { snaplen, ..self.interface.clone() };
+        out.extend(pcapng::interface_description(&interface));
+        out
+    }
+}
+
+/// PCAP records (as the writers make them: host byte order, nanoseconds) as pcapng packet
+/// blocks of interface 0, appended to `out`; a record cut short ends the conversion.
+pub fn to_packet_blocks(mut records: &[u8], out: &mut Vec<u8>) {
+    while let Some((head, rest)) = records.split_first_chunk::<RECORD_HEADER_LEN>() {
+        let h = RecordHeader::decode(head);
+        let Some((data, rest)) = rest.split_at_checked(h.caplen as usize) else { return };
+        let ts = u64::from(h.ts_sec) * 1_000_000_000 + u64::from(h.ts_frac);
+        pcapng::enhanced_packet(out, 0, ts, data, h.origlen);
+        records = rest;
+    }
+}
+
 /// Where a capture's frames go.
 pub enum Target {
-    /// A local PCAP file.
-    File(PathBuf),
+    /// A local PCAP file, or pcapng with this head.
+    File(PathBuf, Option<Box<PcapngHead>>),
     /// Objects in a store; see [`crate::store`].
     Store(StoreTarget),
 }
@@ -192,5 +240,33 @@ impl Out {
                 Ok((packets.saturating_sub(lost.load(Ordering::Relaxed)), bytes, outputs))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_become_packet_blocks_of_the_same_frames() {
+        let mut records = Vec::new();
+        let frames: [(&[u8], u32); 3] = [(b"abcde", 5), (b"", 60), (b"0123456789ab", 1500)];
+        for (i, (data, origlen)) in frames.iter().enumerate() {
+            let h =
+                RecordHeader { ts_sec: 7, ts_frac: i as u32, caplen: data.len() as u32, origlen: *origlen };
+            records.extend(h.encode());
+            records.extend(*data);
+        }
+        let mut blocks = Vec::new();
+        to_packet_blocks(&records, &mut blocks);
+        let mut expected = Vec::new();
+        for (i, (data, origlen)) in frames.iter().enumerate() {
+            pcapng::enhanced_packet(&mut expected, 0, 7_000_000_000 + i as u64, data, *origlen);
+        }
+        assert_eq!(blocks, expected);
+        // A record cut short ends the conversion with the whole ones before it.
+        let mut cut = Vec::new();
+        to_packet_blocks(&records[..records.len() - 1], &mut cut);
+        assert_eq!(cut.len(), 2 * pcapng::ENHANCED_PACKET_OVERHEAD + 8);
     }
 }

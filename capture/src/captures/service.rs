@@ -437,9 +437,11 @@ impl Service {
         let header =
             FileHeader { snaplen: capture.spec.snaplen, linktype: LINKTYPE_ETHERNET, nanos: true }.encode();
         let out = match order.target {
-            Target::File(path) => Out::File(FileOutput {
+            Target::File(path, pcapng) => Out::File(FileOutput {
                 path,
                 snaplen: capture.spec.snaplen,
+                pcapng,
+                blocks: Vec::new(),
                 file: None,
                 whole: 0,
                 packets: 0,

@@ -33,7 +33,7 @@ pub enum Command {
         /// The configuration file.
         file: PathBuf,
     },
-    /// Write stored frames as PCAP to stdout (for `tshark -r -`) or a file: of one object
+    /// Write stored frames as PCAP or pcapng to stdout (for `tshark -r -`) or a file: of one object
     /// (a key ending in .pcap.zst or .pcap), or of every capture under a prefix that the
     /// selectors match, merged in timestamp order and filtered; only the zstd frames in the
     /// time window are fetched, with ranged GETs.
@@ -129,7 +129,7 @@ pub fn parse_label(s: &str) -> Result<(String, String), String> {
 
 #[derive(Args, Debug)]
 pub struct CaptureArgs {
-    /// PCAP file to write (nanosecond timestamps).
+    /// PCAP (or with --format pcapng, pcapng) file to write (nanosecond timestamps).
     #[arg(
         short,
         long,
@@ -138,6 +138,10 @@ pub struct CaptureArgs {
         conflicts_with = "upload"
     )]
     pub write: Option<PathBuf>,
+    /// The format of the --write file: pcap, or pcapng (its interface named node/device, with
+    /// the filter, and the drops in the statistics at the end).
+    #[arg(long, value_enum, default_value_t = FileFormat::Pcap)]
+    pub format: FileFormat,
     /// Store the capture as compressed objects: `s3://bucket/prefix` or a local directory.
     #[arg(long, value_name = "URL")]
     pub upload: Option<String>,
@@ -220,9 +224,18 @@ pub struct RequestArgs {
     /// The alert that asked for this capture, stored in the objects' metadata.
     #[arg(long, value_name = "ID")]
     pub alert_id: Option<String>,
-    /// The customer the capture is for, stored in the objects' metadata.
+    /// The id of the request this capture answers (a ticket, an outside system's request),
+    /// kept in the catalog's manifest.
+    #[arg(long, value_name = "ID")]
+    pub request_id: Option<String>,
+    /// The customer the capture is for, stored in the objects' metadata (and as their
+    /// `customer` tag).
     #[arg(long)]
     pub customer: Option<String>,
+    /// Retention class, stored as the objects' `retention` tag for lifecycle rules that expire
+    /// by tag (default for the daemon: `[store] retention`).
+    #[arg(long, value_name = "CLASS")]
+    pub retention: Option<String>,
     /// tcpdump filter expression, as tcpdump takes it (the remaining words, e.g.
     /// `tcp port 443 and net 10.0.0.0/8`); none captures every frame. It runs in the kernel:
     /// frames it rejects never leave it.
@@ -252,6 +265,8 @@ impl RequestArgs {
             tags: self.tags.iter().cloned().collect(),
             customer: self.customer.clone(),
             alert_id: self.alert_id.clone(),
+            request_id: self.request_id.clone(),
+            retention: self.retention.clone(),
             destination,
         }
     }
@@ -391,6 +406,9 @@ pub struct ObjectArgs {
     /// Object key template: {prefix}, {node}, {capture}, {start}, {seq}, {ext}.
     #[arg(long, default_value_t = StoreSettings::default().key_template)]
     pub key_template: String,
+    /// Send no object tags (customer, retention class): for a store that refuses them.
+    #[arg(long)]
+    pub no_tagging: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -425,9 +443,14 @@ pub struct ReadArgs {
     pub dir: Option<PathBuf>,
     #[command(flatten)]
     pub select: SelectArgs,
-    /// Write the PCAP to FILE instead of stdout.
+    /// Write the frames to FILE instead of stdout (`-w -`: stdout).
     #[arg(short = 'w', long = "write", value_name = "FILE")]
     pub write: Option<PathBuf>,
+    /// The file format: pcap (the records as stored), or pcapng (one interface per node and
+    /// interface, named node/interface, with each capture's filter and drop count, and a
+    /// comment naming the captures, requests and alerts read).
+    #[arg(long, value_enum, default_value_t = FileFormat::Pcap)]
+    pub format: FileFormat,
     /// Ranged GETs in flight at once.
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub in_flight: u16,
@@ -544,6 +567,14 @@ impl StoreArgs {
     pub fn s3(&self, bucket: String) -> crate::store::s3::S3Config {
         self.settings().s3(bucket)
     }
+}
+
+/// The format of a capture file written.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FileFormat {
+    #[default]
+    Pcap,
+    Pcapng,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]

@@ -3,7 +3,7 @@
 use std::io::IsTerminal as _;
 
 use crate::{
-    captures::{Target, run_capture},
+    captures::{Target, output::PcapngHead, run_capture},
     cli::{args::*, output::*, serve_metrics, tools::compile_cli},
     config::InterfaceSection,
     datapath::xsk::ZeroCopy,
@@ -25,6 +25,12 @@ pub fn plan(args: &CaptureArgs) -> anyhow::Result<CapturePlan> {
         [] => bail!("give the interface to capture from with -i IF"),
         _ => bail!("the one-shot capture takes one interface (-i IF); the daemon takes several"),
     };
+    if args.format == FileFormat::Pcapng && args.write.is_none() {
+        bail!(
+            "--format pcapng is for a --write file; a store's objects are PCAP (read them back as pcapng \
+             with tapstream read --format pcapng)"
+        );
+    }
     let node = args.objects.node.clone().unwrap_or_else(hostname);
     let policy = Policy::one_shot(device, args.upload.as_deref(), &node);
     Ok(CapturePlan::resolve(r.request(args.upload.clone()), &policy, 0, compile_cli)?)
@@ -65,8 +71,10 @@ pub fn capture(args: CaptureArgs) -> anyhow::Result<()> {
     let stop = Shutdown::new();
     stop.trigger_on_termination().context("install signal handlers")?;
     let tty = std::io::stderr().is_terminal() && !args.json;
+    let pcapng = (args.format == FileFormat::Pcapng).then(|| pcapng_head(&args, &plan));
+    let started_ns = crate::sys::unix_now_ns();
     let target = match (&args.write, &plan.destination) {
-        (Some(path), _) => Target::File(path.clone()),
+        (Some(path), _) => Target::File(path.clone(), pcapng.clone().map(Box::new)),
         (None, Some(url)) => store_target(&args, url, plan.labels.clone())?,
         (None, None) => bail!("give --write FILE or --upload URL"),
     };
@@ -81,6 +89,22 @@ pub fn capture(args: CaptureArgs) -> anyhow::Result<()> {
     .with_context(|| format!("capture on {interface}"))?;
     if tty {
         eprintln!();
+    }
+    if let (Some(path), Some(_)) = (&args.write, &pcapng) {
+        // The statistics at the end of a pcapng file (if there is one: a capture of no frame
+        // writes none).
+        let stats = tapstream_pcap::pcapng::Statistics {
+            ts_ns: crate::sys::unix_now_ns(),
+            start_ns: Some(started_ns),
+            end_ns: Some(crate::sys::unix_now_ns()),
+            dropped: Some(summary.catalog_end().drops),
+            delivered: Some(summary.packets),
+        };
+        if path.exists() {
+            append_statistics(path, &stats).with_context(|| {
+                format!("append the statistics (drops) to {}; the frames are in it", path.display())
+            })?;
+        }
     }
     // The manifest's last write: the counts and the stop reason.
     if let (None, Some(url), Some(catalog)) = (&args.write, &plan.destination, &plan.labels.catalog) {
@@ -106,6 +130,46 @@ pub fn capture(args: CaptureArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The head of a one-shot's pcapng file: its interface named `node/device` with the filter,
+/// and a comment naming the capture and what it was for.
+fn pcapng_head(args: &CaptureArgs, plan: &CapturePlan) -> PcapngHead {
+    let node = args.objects.node.clone().unwrap_or_else(hostname);
+    let device = &plan.interfaces[0].1;
+    let r = &plan.request;
+    let mut comment = vec![format!("tapstream capture -i {device} on node {node}: capture {}", plan.id)];
+    comment.extend(r.request_id.as_ref().map(|q| format!("request {q}")));
+    comment.extend(r.alert_id.as_ref().map(|a| format!("alert {a}")));
+    comment.extend(r.customer.as_ref().map(|c| format!("customer {c}")));
+    if !r.tags.is_empty() {
+        let tags: Vec<String> = r.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        comment.push(format!("tags {}", tags.join(", ")));
+    }
+    PcapngHead {
+        comment: comment.join("; "),
+        interface: tapstream_pcap::pcapng::Interface {
+            linktype: tapstream_pcap::LINKTYPE_ETHERNET as u16,
+            name: format!("{node}/{device}"),
+            description: Some(format!("device {device} of node {node}; capture {}", plan.id)),
+            filter: plan.spec.filter.as_ref().map(|f| f.expression().to_owned()),
+            ..Default::default()
+        },
+    }
+}
+
+/// Appends the statistics block of interface 0 to the pcapng file at `path`, and syncs it.
+fn append_statistics(
+    path: &std::path::Path,
+    stats: &tapstream_pcap::pcapng::Statistics,
+) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut file = std::fs::OpenOptions::new().append(true).open(path)?;
+    file.write_all(&tapstream_pcap::pcapng::interface_statistics(0, stats))?;
+    if file.metadata()?.is_file() {
+        file.sync_all()?;
+    }
+    Ok(())
+}
+
 /// The store settings the flags give.
 pub fn store_settings(args: &CaptureArgs) -> StoreSettings {
     let o = &args.objects;
@@ -121,6 +185,7 @@ pub fn store_settings(args: &CaptureArgs) -> StoreSettings {
         spool_max_bytes: o.spool_max,
         upload_queue: o.upload_queue,
         outage_max_secs: o.outage_max.as_secs(),
+        tagging: !o.no_tagging,
         ..args.store.settings()
     }
 }

@@ -13,7 +13,7 @@ use crate::{
         catalog::{self, CatalogError, Manifest, Selector},
         dir::DirSink,
         parse_object_url,
-        read::{MergeOptions, MergeStats, read_captures, read_window},
+        read::{Format, MergeOptions, MergeStats, read_captures, read_window, section_comment},
         s3::S3Sink,
     },
 };
@@ -111,14 +111,20 @@ pub fn read(args: ReadArgs) -> anyhow::Result<()> {
     let (since, until) = window(&args.select)?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let mut out = output(args.write.as_deref())?;
+    let format = match args.format {
+        FileFormat::Pcap => Format::Pcap,
+        FileFormat::Pcapng => Format::Pcapng { comment: asked(&args) },
+    };
     let stats = runtime
         .block_on(async {
             match &args.dir {
-                Some(dir) => read_window(&DirSink::new(dir)?, &args.url, since, until, &mut out).await,
+                Some(dir) => {
+                    read_window(&DirSink::new(dir)?, &args.url, since, until, format, &mut out).await
+                }
                 None => {
                     let (bucket, key) = parse_object_url(&args.url)?;
                     let sink = S3Sink::new(args.store.s3(bucket)).await;
-                    read_window(&sink, &key, since, until, &mut out).await
+                    read_window(&sink, &key, since, until, format, &mut out).await
                 }
             }
         })
@@ -132,13 +138,37 @@ pub fn read(args: ReadArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Where the PCAP goes: `-w FILE`, or stdout.
+/// What a read asked for, for a pcapng file's comment: the command's words that select.
+fn asked(args: &ReadArgs) -> String {
+    let mut words = vec!["tapstream read".to_owned(), args.url.clone()];
+    let s = &args.select;
+    let mut flag = |name: &str, value: Option<String>| {
+        if let Some(v) = value {
+            words.push(format!("--{name} {v}"));
+        }
+    };
+    flag("since", s.since.map(exact_time));
+    flag("until", s.until.map(exact_time));
+    flag("node", s.node.clone());
+    flag("customer", s.customer.clone());
+    flag("alert-id", s.alert_id.clone());
+    flag("capture", s.capture.clone());
+    for (k, v) in &s.tags {
+        flag("tag", Some(format!("{k}={v}")));
+    }
+    if !args.filter.is_empty() {
+        words.push(args.filter.join(" "));
+    }
+    words.join(" ")
+}
+
+/// Where the frames go: `-w FILE`, or stdout (no `-w`, or `-w -` as tcpdump takes it).
 fn output(write: Option<&std::path::Path>) -> anyhow::Result<Box<dyn std::io::Write>> {
     Ok(match write {
-        Some(path) => Box::new(std::io::BufWriter::new(
+        Some(path) if path != std::path::Path::new("-") => Box::new(std::io::BufWriter::new(
             std::fs::File::create(path).with_context(|| format!("create {}", path.display()))?,
         )),
-        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+        _ => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
     })
 }
 
@@ -295,6 +325,8 @@ struct ReadCaptures<'a> {
     selects: bool,
     options: MergeOptions<'a>,
     out: &'a mut dyn std::io::Write,
+    /// For pcapng: what was asked, for the file's comment.
+    asked: Option<String>,
 }
 
 impl AsyncStore<MergeStats> for ReadCaptures<'_> {
@@ -321,7 +353,11 @@ impl AsyncStore<MergeStats> for ReadCaptures<'_> {
         };
         let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
         let mut out = self.out;
-        let stats = read_captures(sink, &captures, &self.options, &mut out, |s| {
+        let mut options = self.options;
+        if let Some(asked) = &self.asked {
+            options.format = Format::Pcapng { comment: section_comment(asked, &captures) };
+        }
+        let stats = read_captures(sink, &captures, &options, &mut out, |s| {
             if tty {
                 eprint!(
                     "\r{} captures, {} objects: {} frames fetched ({} bytes), {} packets written   ",
@@ -345,14 +381,27 @@ fn read_prefix(args: ReadArgs) -> anyhow::Result<()> {
         f => Some(compile_cli(&f)?),
     };
     let mut out = output(args.write.as_deref())?;
-    let options = MergeOptions { since, until, filter: filter.as_ref(), in_flight: args.in_flight.into() };
+    let options = MergeOptions {
+        since,
+        until,
+        filter: filter.as_ref(),
+        in_flight: args.in_flight.into(),
+        format: Format::Pcap,
+    };
+    let asked = (args.format == FileFormat::Pcapng).then(|| asked(&args));
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let stats = runtime
         .block_on(with_store(
             &args.url,
             args.dir.as_deref(),
             &args.store,
-            ReadCaptures { selector: &selector, selects: args.select.selects(), options, out: &mut out },
+            ReadCaptures {
+                selector: &selector,
+                selects: args.select.selects(),
+                options,
+                out: &mut out,
+                asked,
+            },
         ))
         .with_context(|| format!("read {}", args.url))?;
     if args.json {

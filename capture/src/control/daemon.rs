@@ -402,6 +402,10 @@ impl Daemon {
                 node: self.node.clone(),
                 part: None,
                 metadata: Vec::new(),
+                object_tags: crate::store::settings::object_tags(
+                    info.request.customer.as_deref(),
+                    info.request.retention.as_deref(),
+                ),
                 catalog: None,
             };
             let result = self.config.store.recover_capture(&destination, labels);
@@ -712,6 +716,7 @@ fn interrupted_manifest(
     };
     let catalog = Catalog::new(Manifest {
         capture_id: info.id.clone(),
+        request_id: r.request_id.clone(),
         node: node.to_owned(),
         interfaces: info
             .interfaces
@@ -724,6 +729,7 @@ fn interrupted_manifest(
         tags: r.tags.clone(),
         customer: r.customer.clone(),
         alert_id: r.alert_id.clone(),
+        retention: r.retention.clone(),
         start_ns: info.started_ns,
         objects,
         ..Manifest::default()

@@ -478,6 +478,7 @@ impl Node {
         self.keep(&request, false);
         let mut capture = request.capture.clone();
         capture.id = Some(request.id.clone());
+        capture.request_id = Some(request.id.clone());
         match self.daemon.start_capture(capture, None) {
             Ok(info) => {
                 log::info!(

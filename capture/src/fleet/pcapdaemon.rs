@@ -142,6 +142,10 @@ impl PcapdaemonMessage {
             tags,
             customer: self.customer.filter(|c| !c.is_empty()),
             alert_id: alert_id.clone(),
+            // pcapdaemon has no retention class: the node's `[store] retention`.
+            retention: None,
+            // The fleet request's id, filled in by the node.
+            request_id: None,
             destination,
         };
         let target = Target {

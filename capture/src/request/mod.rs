@@ -49,6 +49,13 @@ pub struct CaptureRequest {
     pub customer: Option<String>,
     /// The alert that asked for the capture.
     pub alert_id: Option<String>,
+    /// The id of the request this capture answers, when it is not the capture's own id (an
+    /// outside system's request or ticket; a fleet request's id, which the node fills in),
+    /// kept in the catalog's manifest: 1 to 128 printable ASCII characters.
+    pub request_id: Option<String>,
+    /// Retention class, stored as the objects' `retention` tag for lifecycle rules (1 to 64
+    /// letters, digits, `.`, `_` or `-`); default: `[store] retention`.
+    pub retention: Option<String>,
     /// Where to store it: one of the configured destinations or a place under one, or
     /// `local` (the first local directory); default: the first destination.
     pub destination: Option<String>,

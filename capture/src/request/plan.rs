@@ -10,7 +10,7 @@ use crate::{
     report,
     store::{
         catalog::{Catalog, Manifest, ManifestInterface},
-        settings::{ObjectLabels, check_tag, object_metadata},
+        settings::{ObjectLabels, check_retention, check_tag, object_metadata, object_tags},
     },
 };
 
@@ -20,6 +20,8 @@ pub const MAX_REQUEST_SECS: f64 = 365.0 * 24.0 * 3600.0;
 
 /// Longest capture id.
 pub const MAX_ID_BYTES: usize = 64;
+/// Longest request id.
+pub const MAX_REQUEST_ID_BYTES: usize = 128;
 
 /// What a request gets for what it leaves out.
 #[derive(Clone, Debug, PartialEq)]
@@ -32,6 +34,8 @@ pub struct Defaults {
     pub idle_timeout_secs: Option<f64>,
     /// The capture id; `None`: a fresh one for each request (the UTC time and a random suffix).
     pub id: Option<String>,
+    /// The retention class (`[store] retention`); `None`: none.
+    pub retention: Option<String>,
 }
 
 /// What the place that runs a capture allows and fills in: the daemon's configuration, or
@@ -69,6 +73,7 @@ impl Policy {
                 duration_secs: Some(d.duration_secs as f64),
                 idle_timeout_secs: (d.idle_timeout_secs > 0).then_some(d.idle_timeout_secs as f64),
                 id: None,
+                retention: config.store.retention.clone(),
             },
             caps: Some(config.limits.clone()),
             destinations: Some(config.store.destinations.clone()),
@@ -92,6 +97,7 @@ impl Policy {
                 duration_secs: None,
                 idle_timeout_secs: None,
                 id: Some("capture".into()),
+                retention: None,
             },
             caps: None,
             destinations: destination.map(|d| vec![d.to_owned()]),
@@ -161,6 +167,11 @@ pub enum PlanError {
     /// What the objects would carry breaks S3's rules for metadata.
     #[error("{message}")]
     Metadata { message: String },
+    #[error("request_id {id:?}: use 1 to {MAX_REQUEST_ID_BYTES} printable ASCII characters")]
+    BadRequestId { id: String },
+    /// A retention class that cannot be an object tag (the rule is [`check_retention`]'s).
+    #[error("{message}")]
+    Retention { message: String },
 }
 
 /// A request resolved: every default filled in, the filter compiled, everything checked.
@@ -204,6 +215,17 @@ impl CapturePlan {
             .map_err(|message| PlanError::Tag { message })?;
         request.filter = request.filter.filter(|f| !f.trim().is_empty());
         let defaults = &policy.defaults;
+        request.retention = request.retention.or_else(|| defaults.retention.clone());
+        if let Some(class) = &request.retention {
+            check_retention(class).map_err(|message| PlanError::Retention { message })?;
+        }
+        if let Some(id) = &request.request_id
+            && (id.is_empty()
+                || id.len() > MAX_REQUEST_ID_BYTES
+                || !id.bytes().all(|b| (0x20..0x7f).contains(&b)))
+        {
+            return Err(PlanError::BadRequestId { id: id.clone() });
+        }
         request.duration_secs = match request.duration_secs.or(defaults.duration_secs) {
             Some(s) => Some(seconds("duration_secs", s)?),
             None => None,
@@ -269,6 +291,7 @@ impl CapturePlan {
         let catalog = destination.is_some().then(|| {
             Catalog::new(Manifest {
                 capture_id: id.clone(),
+                request_id: request.request_id.clone(),
                 node: policy.node.clone(),
                 interfaces: interfaces
                     .iter()
@@ -279,6 +302,7 @@ impl CapturePlan {
                 tags: request.tags.clone(),
                 customer: request.customer.clone(),
                 alert_id: request.alert_id.clone(),
+                retention: request.retention.clone(),
                 start_ns: crate::sys::unix_now_ns(),
                 ..Manifest::default()
             })
@@ -294,7 +318,14 @@ impl CapturePlan {
             },
             limits,
             destination,
-            labels: ObjectLabels { catalog, capture: id, node: policy.node.clone(), part: None, metadata },
+            labels: ObjectLabels {
+                catalog,
+                capture: id,
+                node: policy.node.clone(),
+                part: None,
+                metadata,
+                object_tags: object_tags(request.customer.as_deref(), request.retention.as_deref()),
+            },
             request,
         })
     }
@@ -427,6 +458,33 @@ mod tests {
         assert_eq!(error, "name an interface: east (eth1), west (eth2)");
         let error = interfaces(&names(&["east", "bond0"]), &policy).unwrap_err().to_string();
         assert_eq!(error, "no interface \"bond0\" here; configured: east (eth1), west (eth2)");
+    }
+
+    #[test]
+    fn the_retention_class_defaults_to_the_stores_and_is_checked() {
+        let text = "[interfaces.public]\ndevice = \"eth1\"\n[store]\ndestinations = [\"/srv/caps\"]\n\
+                    retention = \"short\"\n";
+        let config = Config::parse(text, std::path::Path::new("test.toml")).unwrap();
+        let policy = Policy::daemon(&config, "node");
+        let compile = |_: &str| -> Result<CbpfProgram, FilterError> { unreachable!("no filter") };
+        let request = CaptureRequest { customer: Some("acme corp".into()), ..CaptureRequest::default() };
+        let plan = CapturePlan::resolve(request.clone(), &policy, 0, compile).unwrap();
+        assert_eq!(plan.request.retention.as_deref(), Some("short"));
+        let tags =
+            [("customer".to_owned(), "acme corp".to_owned()), ("retention".to_owned(), "short".to_owned())];
+        assert_eq!(plan.labels.object_tags, tags);
+        assert_eq!(plan.labels.catalog.unwrap().manifest().retention.as_deref(), Some("short"));
+        // The request's own class wins; a class that cannot be a tag is refused by name.
+        let own = CaptureRequest { retention: Some("legal-hold".into()), ..request.clone() };
+        let plan = CapturePlan::resolve(own, &policy, 0, compile).unwrap();
+        assert_eq!(plan.labels.object_tags[1].1, "legal-hold");
+        let bad = CaptureRequest { retention: Some("a b".into()), ..request };
+        let error = CapturePlan::resolve(bad, &policy, 0, compile).unwrap_err().to_string();
+        assert_eq!(error, "retention class \"a b\": use 1 to 64 letters, digits, '.', '_' or '-'");
+        // And in the configuration, by the field's name.
+        let text = "[interfaces.public]\ndevice = \"eth1\"\n[store]\nretention = \"\"\n";
+        let error = Config::parse(text, std::path::Path::new("test.toml")).unwrap_err().to_string();
+        assert!(error.contains("store.retention") && error.contains("retention class"), "{error}");
     }
 }
 

@@ -40,8 +40,8 @@ pub struct Manifest {
     pub version: u32,
     /// Capture id.
     pub capture_id: String,
-    /// The id of the request that asked for it, apart from the capture id; none so far (a
-    /// fleet request's capture takes the request's id as its own).
+    /// The id of the request that asked for it, apart from the capture id (a fleet request's
+    /// id, which its captures also take as theirs; an outside system's): none if not given.
     pub request_id: Option<String>,
     /// The host that captured.
     pub node: String,
@@ -57,6 +57,9 @@ pub struct Manifest {
     pub customer: Option<String>,
     /// The alert that asked for it.
     pub alert_id: Option<String>,
+    /// Its retention class (its objects' `retention` tag).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retention: Option<String>,
     /// When it started (ns since the Unix epoch).
     pub start_ns: u64,
     /// When it ended; none while it runs.
@@ -185,7 +188,11 @@ impl Catalog {
         let mut manifest = self.manifest();
         manifest.updated_ns = now;
         let body = bytes::Bytes::from(serde_json::to_vec_pretty(&manifest).expect("a manifest serializes"));
-        let meta = ObjectMeta { content_type: "application/json".into(), metadata: Vec::new() };
+        let meta = ObjectMeta {
+            content_type: "application/json".into(),
+            metadata: Vec::new(),
+            tags: super::settings::object_tags(manifest.customer.as_deref(), manifest.retention.as_deref()),
+        };
         for key in manifest_keys(prefix, &manifest, now) {
             with_retry("PutObject", outage_max, || sink.put_object(&key, body.clone(), &meta)).await?;
         }

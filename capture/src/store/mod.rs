@@ -33,6 +33,9 @@ pub struct ObjectMeta {
     pub content_type: String,
     /// User metadata (`x-amz-meta-*`), e.g. capture id, filter, node.
     pub metadata: Vec<(String, String)>,
+    /// Object tags (`x-amz-tagging`), e.g. customer and retention class; an S3 sink sends them
+    /// unless its tagging is off.
+    pub tags: Vec<(String, String)>,
 }
 
 /// A finished part of a multipart upload.

@@ -131,6 +131,9 @@ pub struct ObjectOwner {
     pub part: Option<String>,
     /// Object metadata (capture id, filter, node, tags, ...).
     pub metadata: Vec<(String, String)>,
+    /// Object tags (customer, retention class).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub object_tags: Vec<(String, String)>,
     /// The capture's manifest, written again with each finished object.
     #[serde(skip)]
     pub catalog: Option<Arc<Catalog>>,
@@ -422,7 +425,11 @@ impl<S: Sink> Uploader<S> {
             Compression::None => "application/vnd.tcpdump.pcap",
             Compression::Zstd { .. } => "application/zstd",
         };
-        ObjectMeta { content_type: content_type.into(), metadata: self.owner.metadata.clone() }
+        ObjectMeta {
+            content_type: content_type.into(),
+            metadata: self.owner.metadata.clone(),
+            tags: self.owner.object_tags.clone(),
+        }
     }
 
     /// Uploads the pending bytes of the open object as its next part, waiting for room under
@@ -537,8 +544,11 @@ impl<S: Sink> Uploader<S> {
             object_length: length,
         };
         let body = bytes::Bytes::from(serde_json::to_vec(&index).expect("an index serializes"));
-        let meta =
-            ObjectMeta { content_type: "application/json".into(), metadata: self.owner.metadata.clone() };
+        let meta = ObjectMeta {
+            content_type: "application/json".into(),
+            metadata: self.owner.metadata.clone(),
+            tags: self.owner.object_tags.clone(),
+        };
         let (sink, ikey) = (&self.sink, index_key(&key));
         with_retry("PutObject", self.config.outage_max, || sink.put_object(&ikey, body.clone(), &meta))
             .await?;

@@ -67,6 +67,8 @@ pub struct S3Config {
     /// Fixed credentials (access key id, secret) instead of the default chain: for tests and
     /// tools that hold their own; the CLI and daemon always use the default chain.
     pub static_credentials: Option<(String, String)>,
+    /// Send objects' tags (x-amz-tagging); off, they are left out.
+    pub tagging: bool,
 }
 
 /// A bucket through aws-sdk-s3.
@@ -155,6 +157,11 @@ impl S3Sink {
         Self { client: Client::from_conf(s3), config, requests }
     }
 
+    /// The x-amz-tagging value of `meta`'s tags, if tagging is on and it has any.
+    fn tagging(&self, meta: &ObjectMeta) -> Option<String> {
+        (self.config.tagging && !meta.tags.is_empty()).then(|| encode_tags(&meta.tags))
+    }
+
     /// Waits until the pool can serve one more request; held for one request.
     async fn connection(&self) -> SemaphorePermit<'_> {
         let waiting = metrics::gauge!(crate::metrics::UPLOAD_CONNECTIONS_WAITING);
@@ -162,6 +169,59 @@ impl S3Sink {
         let permit = self.requests.acquire().await.expect("the semaphore is never closed");
         waiting.decrement(1.0);
         permit
+    }
+}
+
+/// Tags as x-amz-tagging takes them: `key=value` pairs joined by `&`, each key and value
+/// URL-encoded (every byte but letters, digits and `-_.~` as `%XX`).
+pub fn encode_tags(tags: &[(String, String)]) -> String {
+    let encode = |s: &str| {
+        let mut out = String::with_capacity(s.len());
+        for b in s.bytes() {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                out.push(b as char);
+            } else {
+                out.push_str(&format!("%{b:02X}"));
+            }
+        }
+        out
+    };
+    tags.iter().map(|(k, v)| format!("{}={}", encode(k), encode(v))).collect::<Vec<_>>().join("&")
+}
+
+/// Whether the store's answer `reason` is about object tags, or says the request is not
+/// implemented (as a store without tagging may). Not any mention of "Tag": an ETag is not one.
+fn about_tags(reason: &str) -> bool {
+    reason.starts_with("NotImplemented")
+        || reason.starts_with("InvalidTag")
+        || reason.to_ascii_lowercase().contains("tagging")
+}
+
+/// A write that carried object tags and that the store refused for them (an unimplemented
+/// request, or an error about tags) is refused for good, and says which setting turns the
+/// tags off; other errors are as they were.
+fn tags_refused(tagged: bool, err: UploadError) -> UploadError {
+    match err {
+        UploadError::Store { operation, key, reason, source, .. } if tagged && about_tags(&reason) => {
+            UploadError::Refused {
+                operation,
+                key,
+                reason: format!(
+                    "{reason}; the request carried object tags (x-amz-tagging): for a store that does not \
+                     take them, set [store] tagging = false (--no-tagging)"
+                ),
+                source: source.unwrap_or_else(|| "the store refused the object tags".into()),
+            }
+        }
+        UploadError::Refused { operation, key, reason, source } if tagged && about_tags(&reason) => {
+            UploadError::Refused {
+                operation,
+                key,
+                reason: format!("{reason}; set [store] tagging = false (--no-tagging) to leave the tags out"),
+                source,
+            }
+        }
+        other => other,
     }
 }
 
@@ -227,11 +287,13 @@ impl Sink for S3Sink {
             .set_ssekms_key_id(c.sse_kms_key_id.clone())
             .set_storage_class(c.storage_class.as_deref().map(StorageClass::from))
             .set_acl(c.acl.as_deref().map(ObjectCannedAcl::from))
+            .set_tagging(self.tagging(meta))
             .body(ByteStream::from(body));
         for (k, v) in &meta.metadata {
             req = req.metadata(k, v);
         }
-        req.send().await.map_err(|e| store_error("PutObject", key, e))?;
+        let tagged = self.tagging(meta).is_some();
+        req.send().await.map_err(|e| tags_refused(tagged, store_error("PutObject", key, e)))?;
         Ok(())
     }
 
@@ -248,11 +310,16 @@ impl Sink for S3Sink {
             .set_server_side_encryption(c.sse.as_deref().map(ServerSideEncryption::from))
             .set_ssekms_key_id(c.sse_kms_key_id.clone())
             .set_storage_class(c.storage_class.as_deref().map(StorageClass::from))
-            .set_acl(c.acl.as_deref().map(ObjectCannedAcl::from));
+            .set_acl(c.acl.as_deref().map(ObjectCannedAcl::from))
+            .set_tagging(self.tagging(meta));
         for (k, v) in &meta.metadata {
             req = req.metadata(k, v);
         }
-        let out = req.send().await.map_err(|e| store_error("CreateMultipartUpload", key, e))?;
+        let tagged = self.tagging(meta).is_some();
+        let out = req
+            .send()
+            .await
+            .map_err(|e| tags_refused(tagged, store_error("CreateMultipartUpload", key, e)))?;
         out.upload_id.ok_or_else(|| UploadError::Store {
             operation: "CreateMultipartUpload",
             key: key.to_owned(),
@@ -453,6 +520,37 @@ mod tests {
         let meta = ErrorMetadata::builder().code(code).message(message).build();
         let raw = HttpResponse::new(status.try_into().expect("a status"), SdkBody::empty());
         SdkError::service_error(ListMultipartUploadsError::generic(meta), raw)
+    }
+
+    #[test]
+    fn tags_are_url_encoded() {
+        let tags = [
+            ("customer".to_owned(), "acme & co/ü=1".to_owned()),
+            ("retention".to_owned(), "short".to_owned()),
+        ];
+        assert_eq!(encode_tags(&tags), "customer=acme%20%26%20co%2F%C3%BC%3D1&retention=short");
+        assert_eq!(encode_tags(&[]), "");
+    }
+
+    #[test]
+    fn a_store_that_refuses_the_tags_names_the_setting_that_leaves_them_out() {
+        let refused = |status, code, message, tagged| {
+            tags_refused(tagged, store_error("PutObject", "k", answer(status, code, message)))
+        };
+        let e = refused(501, "NotImplemented", "x-amz-tagging", true);
+        assert!(matches!(e, UploadError::Refused { .. }) && e.is_permanent(), "{e:?}");
+        assert!(e.to_string().contains("set [store] tagging = false (--no-tagging)"), "{e}");
+        let e = refused(400, "InvalidTag", "The TagValue you have provided is invalid", true);
+        assert!(e.is_permanent() && e.to_string().contains("[store] tagging = false"), "{e}");
+        // Without tags, or another error: as it was.
+        let e = refused(501, "NotImplemented", "x", false);
+        assert!(e.is_retryable() && !e.to_string().contains("tagging"), "{e}");
+        let e = refused(403, "AccessDenied", "Forbidden", true);
+        assert_eq!(e.to_string(), "PutObject k: AccessDenied: Forbidden");
+        let e = refused(412, "PreconditionFailed", "the ETag does not match", true);
+        assert!(!e.to_string().contains("tagging"), "an ETag is not a tag: {e}");
+        let e = refused(400, "InvalidArgument", "The header 'x-amz-tagging' shall be encoded", true);
+        assert!(e.to_string().contains("(--no-tagging)"), "{e}");
     }
 
     #[test]

@@ -64,6 +64,14 @@ pub struct StoreSettings {
     pub upload_queue: usize,
     /// How long the store may stay unreachable before a capture fails, in seconds.
     pub outage_max_secs: u64,
+    /// Tag every object written to S3 (x-amz-tagging on PutObject and CreateMultipartUpload)
+    /// with `customer=<customer>` (requests that name one) and `retention=<class>`, for
+    /// lifecycle rules that expire by tag. Garage accepts the tags and ignores them; set it
+    /// to false for a store that refuses them.
+    pub tagging: bool,
+    /// The retention class of captures whose request names none (the `retention` tag);
+    /// none: no retention tag. 1 to 64 letters, digits, `.`, `_` or `-`.
+    pub retention: Option<String>,
 }
 
 impl Default for StoreSettings {
@@ -89,6 +97,8 @@ impl Default for StoreSettings {
             spool_max_bytes: 4 << 30,
             upload_queue: 16,
             outage_max_secs: 3600,
+            tagging: true,
+            retention: None,
         }
     }
 }
@@ -105,6 +115,8 @@ pub struct ObjectLabels {
     pub part: Option<String>,
     /// S3 user metadata (capture id, node, filter, tags...).
     pub metadata: Vec<(String, String)>,
+    /// S3 object tags ([`object_tags`]).
+    pub object_tags: Vec<(String, String)>,
     /// The capture's manifest in the catalog, written as its objects are made; `None`: none.
     pub catalog: Option<Arc<Catalog>>,
 }
@@ -146,6 +158,9 @@ impl StoreSettings {
         if self.sse_kms_key_id.is_some() && self.sse.as_deref() != Some("aws:kms") {
             return Err(("sse_kms_key_id", "needs sse = \"aws:kms\"".into()));
         }
+        if let Some(class) = &self.retention {
+            check_retention(class).map_err(|m| ("retention", m))?;
+        }
         Ok(())
     }
 
@@ -174,6 +189,7 @@ impl StoreSettings {
             max_attempts: 5,
             max_connections: self.max_connections,
             static_credentials: None,
+            tagging: self.tagging,
         }
     }
 
@@ -274,6 +290,7 @@ impl StoreSettings {
             capture: labels.capture,
             part: labels.part,
             metadata: labels.metadata,
+            object_tags: labels.object_tags,
             catalog: labels.catalog,
         };
         let options = StoreOptions {
@@ -338,6 +355,31 @@ pub fn check_tag(key: &str, value: &str) -> Result<(String, String), String> {
         return Err(format!("tag {key}: the value must be printable ASCII"));
     }
     Ok((key.to_ascii_lowercase(), value.to_owned()))
+}
+
+/// Longest retention class.
+pub const MAX_RETENTION: usize = 64;
+
+/// Checks a retention class (the value of the `retention` object tag): 1 to [`MAX_RETENTION`]
+/// letters, digits, `.`, `_` or `-`.
+pub fn check_retention(class: &str) -> Result<(), String> {
+    if class.is_empty()
+        || class.len() > MAX_RETENTION
+        || !class.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    {
+        return Err(format!(
+            "retention class {class:?}: use 1 to {MAX_RETENTION} letters, digits, '.', '_' or '-'"
+        ));
+    }
+    Ok(())
+}
+
+/// The S3 object tags of a capture's objects: `customer` and `retention`, those it has.
+pub fn object_tags(customer: Option<&str>, retention: Option<&str>) -> Vec<(String, String)> {
+    let mut tags = Vec::new();
+    tags.extend(customer.map(|c| ("customer".to_owned(), c.to_owned())));
+    tags.extend(retention.map(|r| ("retention".to_owned(), r.to_owned())));
+    tags
 }
 
 /// S3 user metadata for a capture, checked against S3's rules (printable ASCII, 2 KB in all);

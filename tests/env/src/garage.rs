@@ -19,6 +19,8 @@ pub struct Garage {
     dir: tempfile::TempDir,
     /// Network namespace the server runs in (`None`: the test's own).
     netns: Option<String>,
+    /// Whether the log records every request: its endpoint (`Endpoint: GetObject`) and headers.
+    log_calls: bool,
     config: PathBuf,
     /// S3 endpoint, `http://127.0.0.1:PORT`.
     pub endpoint: String,
@@ -48,16 +50,27 @@ impl Garage {
 
     /// Starts a server with a fresh directory, keys and bucket, and waits until it answers.
     pub fn start() -> Self {
-        Self::start_with(None)
+        Self::start_with(None, false)
+    }
+
+    /// Like [`Garage::start`], with a log that records every request the server takes: its
+    /// S3 operation ([`Garage::calls`]) and its headers.
+    pub fn start_logging_calls() -> Self {
+        Self::start_with(None, true)
     }
 
     /// Like [`Garage::start`], but inside network namespace `ns`, so that processes there
     /// (a capture attached to the namespace's veth end) reach it on the namespace's loopback.
     pub fn start_in(ns: &crate::Netns) -> Self {
-        Self::start_with(Some(ns.name().to_owned()))
+        Self::start_with(Some(ns.name().to_owned()), false)
     }
 
-    fn start_with(netns: Option<String>) -> Self {
+    /// [`Garage::start_in`] and [`Garage::start_logging_calls`] at once.
+    pub fn start_in_logging_calls(ns: &crate::Netns) -> Self {
+        Self::start_with(Some(ns.name().to_owned()), true)
+    }
+
+    fn start_with(netns: Option<String>, log_calls: bool) -> Self {
         let dir = tempfile::Builder::new().prefix("tapstream-garage-").tempdir().expect("temp dir");
         let (rpc, s3, admin) = (free_port(), free_port(), free_port());
         let config = dir.path().join("garage.toml");
@@ -96,6 +109,7 @@ api_bind_addr = "127.0.0.1:{admin}"
             s3_addr: SocketAddr::from(([127, 0, 0, 1], s3)),
             dir,
             netns,
+            log_calls,
         };
         garage.resume();
         garage
@@ -117,7 +131,14 @@ api_bind_addr = "127.0.0.1:{admin}"
             .env("GARAGE_DEFAULT_ACCESS_KEY", &self.access_key)
             .env("GARAGE_DEFAULT_SECRET_KEY", &self.secret_key)
             .env("GARAGE_DEFAULT_BUCKET", &self.bucket)
-            .env("RUST_LOG", "garage=warn")
+            .env(
+                "RUST_LOG",
+                if self.log_calls {
+                    "garage=warn,garage_api_common::generic_server=debug"
+                } else {
+                    "garage=warn"
+                },
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log)
@@ -140,6 +161,39 @@ api_bind_addr = "127.0.0.1:{admin}"
     /// The server's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("garage.log")).unwrap_or_default()
+    }
+
+    /// The S3 operations of the requests logged after the first `from` bytes of the log (a
+    /// server started with [`Garage::start_logging_calls`]), each once, in Garage's names
+    /// (`GetObject`, `ListObjectsV2`, `PutObject`, ...).
+    pub fn calls(&self, from: usize) -> std::collections::BTreeSet<String> {
+        assert!(self.log_calls, "this server does not log its requests");
+        let log = self.log();
+        log[from.min(log.len())..]
+            .lines()
+            .filter_map(|l| l.split_once("Endpoint: ").map(|(_, e)| e.trim().to_owned()))
+            .collect()
+    }
+
+    /// The requests logged after the first `from` bytes of the log, as Garage prints them (a
+    /// server started with [`Garage::start_logging_calls`]): `Request { method: PUT, uri:
+    /// /bucket/key, ..., headers: {"x-amz-tagging": "...", ...} }`, one line each.
+    pub fn requests(&self, from: usize) -> Vec<String> {
+        assert!(self.log_calls, "this server does not log its requests");
+        let log = self.log();
+        log[from.min(log.len())..]
+            .lines()
+            .filter_map(|l| l.find("Request { method: ").map(|at| l[at..].to_owned()))
+            .collect()
+    }
+
+    /// Makes a second key that may only read the bucket (list and get its objects), as
+    /// (access key id, secret).
+    pub fn read_only_key(&self) -> (String, String) {
+        let (id, secret) = (format!("GK{}", random_hex(12)), random_hex(32));
+        self.admin(&["key", "import", "--yes", "-n", "reader", &id, &secret]);
+        self.admin(&["bucket", "allow", "--read", "--key", &id, &self.bucket]);
+        (id, secret)
     }
 
     /// Whether the S3 port answers an (anonymous) HTTP request.
