@@ -46,7 +46,7 @@ pub struct CaptureOrder {
 
 pub(super) enum ServiceCommand {
     Start {
-        order: CaptureOrder,
+        order: Box<CaptureOrder>,
         reply: crossbeam_channel::Sender<Result<Arc<Mutex<Progress>>, SessionError>>,
     },
     Stop {
@@ -172,7 +172,9 @@ impl InterfaceService {
     /// the kernel cannot run, or an output that cannot start, starts nothing.
     pub fn start_capture(&self, order: CaptureOrder) -> Result<Arc<Mutex<Progress>>, SessionError> {
         let (reply, result) = crossbeam_channel::bounded(1);
-        self.commands.send(ServiceCommand::Start { order, reply }).map_err(|_| SessionError::ServiceGone)?;
+        self.commands
+            .send(ServiceCommand::Start { order: Box::new(order), reply })
+            .map_err(|_| SessionError::ServiceGone)?;
         result.recv().map_err(|_| SessionError::ServiceGone)?
     }
 
@@ -331,7 +333,7 @@ impl Service {
                         } else if self.removed {
                             Err(SessionError::absent(self.runtime.config()))
                         } else {
-                            self.start(order)
+                            self.start(*order)
                         };
                         let _ = reply.send(result);
                     }
