@@ -38,7 +38,10 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use tapstream_pcap::RECORD_HEADER_LEN;
 
 use crate::{
-    datapath::capture::CaptureShared, datapath::chunk::Chunk, datapath::writer::Output, filter::CbpfProgram,
+    datapath::capture::CaptureShared,
+    datapath::chunk::{Chunk, ChunkPool},
+    datapath::writer::Output,
+    filter::CbpfProgram,
     metrics::LookbackMetrics,
 };
 
@@ -227,6 +230,7 @@ impl Recorder {
         interface: &str,
         queues: u32,
         output: Sender<Output>,
+        pool: Arc<ChunkPool>,
     ) -> std::io::Result<(Self, Vec<QueueRecording>)> {
         let stats = Arc::new(HistoryStats::default());
         let metrics = LookbackMetrics::new(interface);
@@ -257,6 +261,7 @@ impl Recorder {
         };
         let mut ring = Ring {
             disk,
+            pool,
             config: config.clone(),
             chunks: VecDeque::new(),
             bytes: 0,
@@ -356,6 +361,8 @@ struct Ring {
     metrics: LookbackMetrics,
     giving_back: Vec<Sender<Vec<u8>>>,
     output: Sender<Output>,
+    /// The interface's chunk pool, which history chunks come from.
+    pool: Arc<ChunkPool>,
     disk: Option<Disk>,
 }
 
@@ -483,6 +490,25 @@ impl Ring {
         self.metrics.horizon.set(horizon);
     }
 
+    /// A buffer for a chunk of history, from the interface's chunk pool, so that what a replay
+    /// has in flight is bounded as the live chunks are: taken only while more than half the
+    /// pool is free (the live captures keep the rest), waiting meanwhile; after a second of
+    /// waiting, a buffer of its own (the pool does not take it back), so a replay always ends.
+    fn history_buffer(&self) -> Vec<u8> {
+        let waited = std::time::Instant::now();
+        loop {
+            if self.pool.available() > self.pool.capacity() / 2
+                && let Some(buffer) = self.pool.take()
+            {
+                return buffer;
+            }
+            if waited.elapsed() > Duration::from_secs(1) {
+                return Vec::with_capacity(RECORDING_CHUNK_BYTES);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// Sends `capture` the frames of `queue` since `since_ns` that its filter accepts, cut to
     /// its snaplen, then the note that the queue's history is complete.
     fn replay(&mut self, capture: &Arc<CaptureShared>, queue: u32, since_ns: u64) {
@@ -537,18 +563,14 @@ impl Ring {
                     continue;
                 }
                 let need = Chunk::record_len(data.len(), snaplen);
-                let open = chunk.get_or_insert_with(|| {
-                    Chunk::new(capture.clone(), queue, 0, Vec::with_capacity(RECORDING_CHUNK_BYTES))
-                });
+                if chunk.is_none() {
+                    chunk = Some(Chunk::new(capture.clone(), queue, 0, self.history_buffer()));
+                }
+                let open = chunk.as_mut().expect("opened above");
                 if !open.fits(need) {
                     let full = chunk.take().expect("just used");
                     let _ = self.output.send(Output::History(full));
-                    chunk = Some(Chunk::new(
-                        capture.clone(),
-                        queue,
-                        0,
-                        Vec::with_capacity(RECORDING_CHUNK_BYTES),
-                    ));
+                    chunk = Some(Chunk::new(capture.clone(), queue, 0, self.history_buffer()));
                 }
                 chunk.as_mut().expect("opened above").append(ts_ns, orig_len, data, snaplen);
                 frames += 1;
@@ -619,7 +641,8 @@ mod tests {
     fn recorder(memory_bytes: u64, compress: bool) -> (Recorder, QueueRecording, Receiver<Output>) {
         let config = LookbackConfig { memory_bytes, filter: None, snaplen: 65_535, compress, disk: None };
         let (output, outputs) = crossbeam_channel::unbounded();
-        let (recorder, mut sides) = Recorder::start(&config, "test", 1, output).unwrap();
+        let (recorder, mut sides) =
+            Recorder::start(&config, "test", 1, output, ChunkPool::new(8, 64 * 1024)).unwrap();
         (recorder, sides.remove(0), outputs)
     }
 

@@ -198,8 +198,9 @@ impl InterfaceRuntime {
         let (output_tx, outputs) = crossbeam_channel::bounded(config.chunk_queue.max(1));
         let (recorder, mut recordings) = match &config.lookback {
             Some(lookback) => {
-                let (recorder, sides) = Recorder::start(lookback, &interface, queues, output_tx.clone())
-                    .map_err(PipelineError::Recorder)?;
+                let (recorder, sides) =
+                    Recorder::start(lookback, &interface, queues, output_tx.clone(), pool.clone())
+                        .map_err(PipelineError::Recorder)?;
                 (Some(recorder), sides.into_iter().map(Some).collect())
             }
             None => (None, (0..queues).map(|_| None).collect::<Vec<_>>()),

@@ -5,13 +5,16 @@
 //! corpus (Ethernet, 60 to 1514 bytes), in turn, as one trafgen packet each. One release-built
 //! daemon (pinned to CPU 1) runs one capture with the filter `udp port 53` (a few percent of
 //! the corpus), into a local directory, uncompressed. Three runs: no history, a plain history,
-//! a zstd-compressed history (1 GiB budget each, every frame recorded). Reported per run:
+//! a zstd-compressed history (1 GiB budget each, every frame recorded), and a plain history of
+//! 128 MiB, full after a quarter of the run (its buffers then reused: the steady state of a
+//! history that has filled). Reported per run:
 //! - the daemon's CPU per offered frame (/proc/PID/stat), and the difference recording makes;
 //!   recording brings every frame to user space, where without it only the capture's do;
 //! - the recorder's own counts (metrics): frames recorded and dropped, and the history's bytes
 //!   per recorded frame, from which the horizon a 1 GiB budget holds at 1 Gbit/s of this
 //!   traffic;
-//! - the daemon's peak resident memory (VmHWM);
+//! - the daemon's resident memory once the traffic is recorded (VmRSS), and its peak over the
+//!   whole run, the replay below included (VmHWM);
 //! - the time from a capture request with `--lookback 1h` (all of the history) to that
 //!   capture finished with its history stored: `start`, then `stop` at once, then `wait`.
 
@@ -37,6 +40,7 @@ pub struct LookbackBench {
 struct Row {
     history: &'static str,
     offered: u64,
+    rss_mib: f64,
     daemon_ns: f64,
     recorded: f64,
     dropped: f64,
@@ -66,15 +70,16 @@ pub fn lookback(root: &Path, opts: &LookbackBench) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for (history, section) in [
         ("none", ""),
-        ("plain", "[interfaces.tap.lookback]\nmemory_bytes = 1073741824\ncompress = false\n"),
-        ("zstd", "[interfaces.tap.lookback]\nmemory_bytes = 1073741824\ncompress = true\n"),
+        ("plain, 1 GiB", "[interfaces.tap.lookback]\nmemory_bytes = 1073741824\ncompress = false\n"),
+        ("zstd, 1 GiB", "[interfaces.tap.lookback]\nmemory_bytes = 1073741824\ncompress = true\n"),
+        ("plain, 128 MiB", "[interfaces.tap.lookback]\nmemory_bytes = 134217728\ncompress = false\n"),
     ] {
         rows.push(run(&bin, &work, &cfg, opts.frames, history, section)?);
     }
     println!(
         "\n{} corpus frames in turn, {mean_len:.0} bytes on average; 1 GiB budget\n\n\
-         | history | frames offered | daemon CPU ns/offered frame | added by recording | recorded | recording drops | history bytes/frame | horizon of 1 GiB at 1 Gbit/s | peak RSS MiB | lookback request to history stored |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+         | history | frames offered | daemon CPU ns/offered frame | added by recording | recorded | recording drops | history bytes/frame | horizon of 1 GiB at 1 Gbit/s | RSS MiB recorded | peak RSS MiB | lookback request to history stored |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         frames.len()
     );
     let base = rows[0].daemon_ns;
@@ -84,7 +89,7 @@ pub fn lookback(root: &Path, opts: &LookbackBench) -> anyhow::Result<()> {
         let horizon =
             if per_frame > 0.0 { (1u64 << 30) as f64 / (per_frame * 125e6 / mean_len) } else { 0.0 };
         println!(
-            "| {} | {} | {:.1} | {} | {:.0} | {:.0} | {} | {} | {:.0} | {} |",
+            "| {} | {} | {:.1} | {} | {:.0} | {:.0} | {} | {} | {:.0} | {:.0} | {} |",
             r.history,
             r.offered,
             r.daemon_ns,
@@ -93,6 +98,7 @@ pub fn lookback(root: &Path, opts: &LookbackBench) -> anyhow::Result<()> {
             r.dropped,
             if per_frame > 0.0 { format!("{per_frame:.0}") } else { "-".into() },
             if horizon > 0.0 { format!("{horizon:.0} s") } else { "-".into() },
+            r.rss_mib,
             r.peak_rss_mib,
             r.replay_secs.map_or("-".to_owned(), |s| format!("{s:.2} s ({} frames)", r.replayed)),
         );
@@ -110,7 +116,7 @@ fn run(
     section: &str,
 ) -> anyhow::Result<Row> {
     let veth = VethPair::new(1);
-    let dir = work.join(history);
+    let dir = work.join(history.replace([',', ' '], ""));
     std::fs::create_dir_all(&dir)?;
     let d = dir.display();
     let config = dir.join("tapstream.toml");
@@ -177,6 +183,11 @@ fn run(
         metric(&text, "tapstream_lookback_dropped_frames_total"),
         metric(&text, "tapstream_lookback_bytes"),
     );
+    let rss_kib = std::fs::read_to_string(format!("/proc/{pid}/status"))?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or(0);
     cli(&["stop", &capture])?;
     let (replay_secs, replayed) = if section.is_empty() {
         (None, 0)
@@ -199,6 +210,7 @@ fn run(
     Ok(Row {
         history,
         offered,
+        rss_mib: rss_kib as f64 / 1024.0,
         daemon_ns: daemon_secs * 1e9 / offered.max(1) as f64,
         recorded,
         dropped,
