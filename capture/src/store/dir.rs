@@ -66,12 +66,21 @@ impl Sink for DirSink {
 
     async fn complete_multipart(&self, key: &str, upload_id: &str, parts: Vec<PartDone>) -> Result<()> {
         let dir = self.upload_dir(upload_id);
-        let mut body = Vec::new();
-        for p in &parts {
-            let path = dir.join(format!("{:05}", p.number));
-            body.extend_from_slice(&std::fs::read(&path).map_err(|e| io("read", &path, e))?);
+        // The parts are copied file to file: an object is never whole in memory (a 1 GiB
+        // object once was, at its completion).
+        let path = self.path(key);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| io("create", parent, e))?;
         }
-        write_atomic(&self.path(key), &body)?;
+        let tmp = path.with_extension("partial");
+        let mut object = std::fs::File::create(&tmp).map_err(|e| io("write", &tmp, e))?;
+        for p in &parts {
+            let part = dir.join(format!("{:05}", p.number));
+            let mut from = std::fs::File::open(&part).map_err(|e| io("read", &part, e))?;
+            std::io::copy(&mut from, &mut object).map_err(|e| io("write", &tmp, e))?;
+        }
+        drop(object);
+        std::fs::rename(&tmp, &path).map_err(|e| io("rename", &path, e))?;
         std::fs::remove_dir_all(&dir).map_err(|e| io("remove", &dir, e))
     }
 
