@@ -67,6 +67,24 @@ pub struct RecordHeader {
 }
 
 impl RecordHeader {
+    /// The header of a frame received at `ts_ns` (nanoseconds since the Unix epoch) with
+    /// `caplen` bytes stored of its `origlen` (never less than `caplen`).
+    #[inline]
+    pub fn at_nanos(ts_ns: u64, caplen: u32, origlen: u32) -> Self {
+        Self {
+            ts_sec: (ts_ns / 1_000_000_000) as u32,
+            ts_frac: (ts_ns % 1_000_000_000) as u32,
+            caplen,
+            origlen: origlen.max(caplen),
+        }
+    }
+
+    /// The timestamp in nanoseconds since the Unix epoch, for a nanosecond file.
+    #[inline]
+    pub fn ts_nanos(&self) -> u64 {
+        u64::from(self.ts_sec) * 1_000_000_000 + u64::from(self.ts_frac)
+    }
+
     /// The header's bytes, in the host's byte order.
     #[inline]
     pub fn encode(&self) -> [u8; RECORD_HEADER_LEN] {
@@ -84,6 +102,18 @@ impl RecordHeader {
         let word = |at: usize| u32::from_ne_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
         Self { ts_sec: word(0), ts_frac: word(4), caplen: word(8), origlen: word(12) }
     }
+}
+
+/// Each (header, stored bytes) of a run of records without a file header, as tapstream's
+/// writers make them (host byte order, nanoseconds); a record cut short ends the run.
+pub fn records(mut bytes: &[u8]) -> impl Iterator<Item = (RecordHeader, &[u8])> {
+    std::iter::from_fn(move || {
+        let (head, rest) = bytes.split_first_chunk::<RECORD_HEADER_LEN>()?;
+        let header = RecordHeader::decode(head);
+        let (data, rest) = rest.split_at_checked(header.caplen as usize)?;
+        bytes = rest;
+        Some((header, data))
+    })
 }
 
 /// What is wrong with a PCAP file.
@@ -203,6 +233,28 @@ impl<'a> Iterator for Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_run_of_records_reads_back_until_one_is_cut_short() {
+        let mut run = Vec::new();
+        for (ts, data) in
+            [(1_500_000_000_123_456_789u64, &b"abc"[..]), (1_500_000_001_000_000_000, &b"de"[..])]
+        {
+            run.extend_from_slice(&RecordHeader::at_nanos(ts, data.len() as u32, 60).encode());
+            run.extend_from_slice(data);
+        }
+        let read: Vec<(u64, u32, Vec<u8>)> =
+            records(&run).map(|(h, d)| (h.ts_nanos(), h.origlen, d.to_vec())).collect();
+        assert_eq!(
+            read,
+            [
+                (1_500_000_000_123_456_789, 60, b"abc".to_vec()),
+                (1_500_000_001_000_000_000, 60, b"de".to_vec())
+            ]
+        );
+        assert_eq!(records(&run[..run.len() - 1]).count(), 1, "the last record is cut short");
+        assert_eq!(RecordHeader::at_nanos(0, 9, 3).origlen, 9, "never shorter than what is stored");
+    }
 
     fn file(records: &[(&[u8], u32)]) -> Vec<u8> {
         let mut out =

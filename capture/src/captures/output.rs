@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tapstream_pcap::{FileHeader, LINKTYPE_ETHERNET, RECORD_HEADER_LEN, RecordHeader, pcapng};
+use tapstream_pcap::{FileHeader, LINKTYPE_ETHERNET, pcapng};
 
 use crate::{
     datapath::capture::CaptureShared,
@@ -118,13 +118,9 @@ impl PcapngHead {
 
 /// PCAP records (as the writers make them: host byte order, nanoseconds) as pcapng packet
 /// blocks of interface 0, appended to `out`; a record cut short ends the conversion.
-pub fn to_packet_blocks(mut records: &[u8], out: &mut Vec<u8>) {
-    while let Some((head, rest)) = records.split_first_chunk::<RECORD_HEADER_LEN>() {
-        let h = RecordHeader::decode(head);
-        let Some((data, rest)) = rest.split_at_checked(h.caplen as usize) else { return };
-        let ts = u64::from(h.ts_sec) * 1_000_000_000 + u64::from(h.ts_frac);
-        pcapng::enhanced_packet(out, 0, ts, data, h.origlen);
-        records = rest;
+pub fn to_packet_blocks(records: &[u8], out: &mut Vec<u8>) {
+    for (h, data) in tapstream_pcap::records(records) {
+        pcapng::enhanced_packet(out, 0, h.ts_nanos(), data, h.origlen);
     }
 }
 
@@ -245,6 +241,8 @@ impl Out {
 
 #[cfg(test)]
 mod tests {
+    use tapstream_pcap::RecordHeader;
+
     use super::*;
 
     #[test]

@@ -725,13 +725,13 @@ fn admit_records(chunk: &mut Chunk) {
     let mut kept = 0usize;
     let mut frames = 0u32;
     let mut last_ns = chunk.first_ns;
-    for (ts_ns, _, data) in crate::datapath::lookback::records(&chunk.data) {
+    for (header, data) in tapstream_pcap::records(&chunk.data) {
         if !chunk.capture.admit(data.len() as u64) {
             break;
         }
         kept += tapstream_pcap::RECORD_HEADER_LEN + data.len();
         frames += 1;
-        last_ns = ts_ns;
+        last_ns = header.ts_nanos();
     }
     chunk.data.truncate(kept);
     chunk.frames = frames;

@@ -111,12 +111,7 @@ impl Chunk {
     pub fn append(&mut self, ts_ns: u64, orig_len: u32, frame: &[u8], snaplen: u32) {
         let stored = &frame[..frame.len().min(snaplen as usize)];
         debug_assert!(self.fits(RECORD_HEADER_LEN + stored.len()));
-        let header = RecordHeader {
-            ts_sec: (ts_ns / 1_000_000_000) as u32,
-            ts_frac: (ts_ns % 1_000_000_000) as u32,
-            caplen: stored.len() as u32,
-            origlen: orig_len.max(stored.len() as u32),
-        };
+        let header = RecordHeader::at_nanos(ts_ns, stored.len() as u32, orig_len);
         self.data.extend_from_slice(&header.encode());
         self.data.extend_from_slice(stored);
         if self.frames == 0 {

@@ -151,12 +151,7 @@ impl QueueRecording {
             self.open = Some(Records { queue: self.queue, frames: 0, first_ns: ts_ns, last_ns: ts_ns, data });
         }
         let records = self.open.as_mut().expect("opened above");
-        let header = tapstream_pcap::RecordHeader {
-            ts_sec: (ts_ns / 1_000_000_000) as u32,
-            ts_frac: (ts_ns % 1_000_000_000) as u32,
-            caplen: stored.len() as u32,
-            origlen: orig_len.max(stored.len() as u32),
-        };
+        let header = tapstream_pcap::RecordHeader::at_nanos(ts_ns, stored.len() as u32, orig_len);
         records.data.extend_from_slice(&header.encode());
         records.data.extend_from_slice(stored);
         records.frames += 1;
@@ -304,25 +299,27 @@ impl Drop for Recorder {
     }
 }
 
-/// A chunk of the ring: records of one queue, compressed or not.
-struct Kept {
+/// What a chunk of the history holds, wherever it is kept.
+#[derive(Clone, Copy)]
+struct Span {
     queue: u32,
     frames: u32,
     first_ns: u64,
     last_ns: u64,
+    /// Bytes of its records before compression.
     raw_len: usize,
     compressed: bool,
+}
+
+/// A chunk of the ring in memory.
+struct Kept {
+    span: Span,
     data: Vec<u8>,
 }
 
 /// A chunk of the history in its directory.
 struct OnDisk {
-    queue: u32,
-    frames: u32,
-    first_ns: u64,
-    last_ns: u64,
-    raw_len: usize,
-    compressed: bool,
+    span: Span,
     path: std::path::PathBuf,
     size: u64,
 }
@@ -371,50 +368,47 @@ impl Ring {
     fn keep(&mut self, records: Records) {
         let Records { queue, frames, first_ns, last_ns, mut data } = records;
         let raw_len = data.len();
-        let (kept, buffer) = if self.config.compress {
+        let compressed = if self.config.compress {
             match zstd::bulk::compress(&data, ZSTD_LEVEL) {
                 Ok(mut compressed) => {
                     // The compressor's buffer has room for the worst case: give it back.
                     compressed.shrink_to_fit();
-                    data.clear();
-                    (
-                        Kept {
-                            queue,
-                            frames,
-                            first_ns,
-                            last_ns,
-                            raw_len,
-                            compressed: true,
-                            data: compressed,
-                        },
-                        Some(data),
-                    )
+                    Some(compressed)
                 }
                 Err(e) => {
                     log::error!("lookback: cannot compress a chunk ({e}): kept as it is");
-                    (Kept { queue, frames, first_ns, last_ns, raw_len, compressed: false, data }, None)
+                    None
                 }
             }
         } else {
-            (Kept { queue, frames, first_ns, last_ns, raw_len, compressed: false, data }, None)
+            None
+        };
+        let span = Span { queue, frames, first_ns, last_ns, raw_len, compressed: compressed.is_some() };
+        // Compressed, the writer's buffer goes back to it at once.
+        let (kept, buffer) = match compressed {
+            Some(compressed) => {
+                data.clear();
+                (Kept { span, data: compressed }, Some(data))
+            }
+            None => (Kept { span, data }, None),
         };
         self.stats.recorded.fetch_add(u64::from(frames), Ordering::Relaxed);
         self.metrics.recorded.increment(u64::from(frames));
         // The memory a chunk takes is its buffer's, used or not.
         self.bytes += kept.data.capacity() as u64;
-        self.raw_bytes += kept.raw_len as u64;
+        self.raw_bytes += raw_len as u64;
         self.chunks.push_back(kept);
         let mut freed = buffer;
         while self.bytes > self.config.memory_bytes
             && let Some(oldest) = self.chunks.pop_front()
         {
             self.bytes -= oldest.data.capacity() as u64;
-            self.raw_bytes -= oldest.raw_len as u64;
+            self.raw_bytes -= oldest.span.raw_len as u64;
             if !self.spill(&oldest) {
-                self.stats.evicted.fetch_add(u64::from(oldest.frames), Ordering::Relaxed);
-                self.metrics.evicted.increment(u64::from(oldest.frames));
+                self.stats.evicted.fetch_add(u64::from(oldest.span.frames), Ordering::Relaxed);
+                self.metrics.evicted.increment(u64::from(oldest.span.frames));
             }
-            if freed.is_none() && !oldest.compressed {
+            if freed.is_none() && !oldest.span.compressed {
                 let mut data = oldest.data;
                 data.clear();
                 freed = Some(data);
@@ -444,16 +438,7 @@ impl Ring {
         }
         let size = kept.data.len() as u64;
         disk.bytes += size;
-        disk.chunks.push_back(OnDisk {
-            queue: kept.queue,
-            frames: kept.frames,
-            first_ns: kept.first_ns,
-            last_ns: kept.last_ns,
-            raw_len: kept.raw_len,
-            compressed: kept.compressed,
-            path,
-            size,
-        });
+        disk.chunks.push_back(OnDisk { span: kept.span, path, size });
         while disk.bytes > disk.max_bytes
             && let Some(oldest) = disk.chunks.pop_front()
         {
@@ -461,16 +446,16 @@ impl Ring {
             if let Err(e) = std::fs::remove_file(&oldest.path) {
                 log::warn!("lookback: cannot delete {}: {e}", oldest.path.display());
             }
-            self.stats.evicted.fetch_add(u64::from(oldest.frames), Ordering::Relaxed);
-            self.metrics.evicted.increment(u64::from(oldest.frames));
+            self.stats.evicted.fetch_add(u64::from(oldest.span.frames), Ordering::Relaxed);
+            self.metrics.evicted.increment(u64::from(oldest.span.frames));
         }
         true
     }
 
-    /// The span of every chunk kept, in memory and on disk: (queue, first, last).
-    fn spans(&self) -> impl Iterator<Item = (u32, u64, u64)> + '_ {
-        let disk = self.disk.iter().flat_map(|d| d.chunks.iter().map(|c| (c.queue, c.first_ns, c.last_ns)));
-        disk.chain(self.chunks.iter().map(|k| (k.queue, k.first_ns, k.last_ns)))
+    /// Every chunk kept, oldest first: the directory's, then memory's.
+    fn sources(&self) -> impl Iterator<Item = Source<'_>> {
+        let disk = self.disk.iter().flat_map(|d| d.chunks.iter().map(Source::Disk));
+        disk.chain(self.chunks.iter().map(Source::Memory))
     }
 
     fn publish(&self) {
@@ -478,8 +463,8 @@ impl Ring {
         let disk_bytes = self.disk.as_ref().map_or(0, |d| d.bytes);
         self.stats.disk_bytes.store(disk_bytes, Ordering::Relaxed);
         self.metrics.disk_bytes.set(disk_bytes as f64);
-        let oldest = self.spans().map(|s| s.1).min().unwrap_or(0);
-        let newest = self.spans().map(|s| s.2).max().unwrap_or(0);
+        let oldest = self.sources().map(|s| s.span().first_ns).min().unwrap_or(0);
+        let newest = self.sources().map(|s| s.span().last_ns).max().unwrap_or(0);
         self.stats.bytes.store(bytes, Ordering::Relaxed);
         self.stats.raw_bytes.store(raw, Ordering::Relaxed);
         self.stats.oldest_ns.store(oldest, Ordering::Relaxed);
@@ -515,23 +500,21 @@ impl Ring {
         let snaplen = capture.spec.snaplen;
         let mut frames = 0u64;
         // The oldest frame the history held for the queue, whether or not the window needs it.
-        let oldest_ns = self.spans().filter(|s| s.0 == queue).map(|s| s.1).min();
+        let oldest_ns =
+            self.sources().map(|s| *s.span()).filter(|s| s.queue == queue).map(|s| s.first_ns).min();
         let mut chunk = None;
         let mut scratch: Vec<u8>;
         let mut read: Vec<u8>;
-        // The directory's chunks are older than memory's: they come first.
-        let on_disk = self.disk.iter().flat_map(|d| d.chunks.iter());
-        let on_disk = on_disk.filter(|c| c.queue == queue && c.last_ns >= since_ns).map(Source::Disk);
-        let in_memory =
-            self.chunks.iter().filter(|k| k.queue == queue && k.last_ns >= since_ns).map(Source::Memory);
-        let sources: Vec<Source<'_>> = on_disk.chain(in_memory).collect();
+        let sources: Vec<Source<'_>> =
+            self.sources().filter(|s| s.span().queue == queue && s.span().last_ns >= since_ns).collect();
         for source in sources {
-            let (stored, compressed, raw_len): (&[u8], bool, usize) = match source {
-                Source::Memory(kept) => (&kept.data, kept.compressed, kept.raw_len),
+            let Span { compressed, raw_len, .. } = *source.span();
+            let stored: &[u8] = match source {
+                Source::Memory(kept) => &kept.data,
                 Source::Disk(c) => match std::fs::read(&c.path) {
                     Ok(bytes) => {
                         read = bytes;
-                        (&read, c.compressed, c.raw_len)
+                        &read
                     }
                     Err(e) => {
                         log::error!("lookback: cannot read {}: {e}", c.path.display());
@@ -553,7 +536,8 @@ impl Ring {
             } else {
                 stored
             };
-            for (ts_ns, orig_len, data) in RecordsIter(records) {
+            for (header, data) in tapstream_pcap::records(records) {
+                let (ts_ns, orig_len) = (header.ts_nanos(), header.origlen);
                 if ts_ns < since_ns {
                     continue;
                 }
@@ -589,32 +573,12 @@ enum Source<'a> {
     Disk(&'a OnDisk),
 }
 
-/// (timestamp ns, wire length, data) of each record in a run of PCAP records (nanosecond
-/// timestamps), as writers make them.
-pub fn records(data: &[u8]) -> impl Iterator<Item = (u64, u32, &[u8])> {
-    RecordsIter(data)
-}
-
-struct RecordsIter<'a>(&'a [u8]);
-
-impl<'a> Iterator for RecordsIter<'a> {
-    type Item = (u64, u32, &'a [u8]);
-
-    fn next(&mut self) -> Option<Self::Item> {
-        let bytes = self.0;
-        if bytes.len() < RECORD_HEADER_LEN {
-            return None;
+impl Source<'_> {
+    fn span(&self) -> &Span {
+        match self {
+            Source::Memory(kept) => &kept.span,
+            Source::Disk(on_disk) => &on_disk.span,
         }
-        let word = |i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().expect("4 bytes"));
-        let ts_ns = u64::from(word(0)) * 1_000_000_000 + u64::from(word(4));
-        let caplen = word(8) as usize;
-        let orig_len = word(12);
-        let end = RECORD_HEADER_LEN + caplen;
-        if bytes.len() < end {
-            return None;
-        }
-        self.0 = &bytes[end..];
-        Some((ts_ns, orig_len, &bytes[RECORD_HEADER_LEN..end]))
     }
 }
 
@@ -655,7 +619,9 @@ mod tests {
         loop {
             match outputs.recv_timeout(Duration::from_secs(10)).expect("the recorder answers") {
                 Output::History(chunk) => {
-                    frames.extend(RecordsIter(&chunk.data).map(|(ts, _, d)| (ts, d.to_vec())));
+                    frames.extend(
+                        tapstream_pcap::records(&chunk.data).map(|(h, d)| (h.ts_nanos(), d.to_vec())),
+                    );
                 }
                 Output::HistoryDone { frames: n, oldest_ns, .. } => return (frames, n, oldest_ns),
                 _ => panic!("not from the recorder"),
