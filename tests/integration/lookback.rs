@@ -14,6 +14,7 @@ use tapstream_testenv::{CANARY_FILTER, Sender, VethPair, canary_seq};
 
 use crate::common::eventually;
 use crate::daemon::{TestDaemon, reason};
+use crate::fleet::metric;
 
 /// (receive time in ns, frame) of every frame stored for capture `id`, in object order.
 fn stored(daemon: &TestDaemon, id: &str) -> Vec<(u64, Vec<u8>)> {
@@ -108,7 +109,7 @@ fn captures_with_lookbacks_store_their_window_then_live_frames_with_no_gap_and_n
     let (sent, histories) = std::thread::scope(|s| {
         let traffic = s.spawn(|| sender.send_canary(u64::MAX, 2_000, &stop));
         eventually("3.5 s of traffic recorded", || {
-            (metric(&metrics(&veth), "tapstream_lookback_recorded_frames_total") >= 7_000.0).then_some(())
+            (metric(&veth, "tapstream_lookback_recorded_frames_total") >= 7_000.0).then_some(())
         });
         let all = daemon.start_capture(&[
             "-i",
@@ -160,13 +161,7 @@ fn captures_with_lookbacks_store_their_window_then_live_frames_with_no_gap_and_n
         let sent = traffic.join().unwrap();
         (sent, [all, evens, limited])
     });
-    daemon.client().stop(&reference).unwrap();
-    let info = daemon.wait(&reference);
-    let reference_frames = stored(&daemon, &reference);
-    assert_eq!(info.summary.as_ref().unwrap().dropped_kernel, 0);
-    // The reference holds every canary sent, once, in order.
-    let seqs: Vec<u64> = reference_frames.iter().filter_map(|(_, d)| canary_seq(d)).collect();
-    assert_eq!(seqs, (0..sent).collect::<Vec<u64>>(), "the reference has every frame sent");
+    let reference_frames = stop_reference(&daemon, &reference, sent);
 
     let (history, live) = assert_exact(&daemon, &histories[0], CANARY_FILTER, &reference_frames);
     // 2 s of history at 2,000 a second.
@@ -226,12 +221,11 @@ fn a_lookback_beyond_the_horizon_takes_what_the_history_holds_and_says_how_far_i
     let (sent, id) = std::thread::scope(|s| {
         let traffic = s.spawn(|| sender.send_canary(u64::MAX, 2_000, &stop));
         eventually("the oldest frames evicted", || {
-            (metric(&metrics(&veth), "tapstream_lookback_evicted_frames_total") >= 4_000.0).then_some(())
+            (metric(&veth, "tapstream_lookback_evicted_frames_total") >= 4_000.0).then_some(())
         });
-        let metrics = metrics(&veth);
-        let bytes = metric(&metrics, "tapstream_lookback_bytes");
+        let bytes = metric(&veth, "tapstream_lookback_bytes");
         assert!(bytes > 900_000.0 && bytes <= 1_048_576.0, "the history holds {bytes} bytes of its 1 MiB");
-        let horizon = metric(&metrics, "tapstream_lookback_horizon_seconds");
+        let horizon = metric(&veth, "tapstream_lookback_horizon_seconds");
         assert!(horizon > 3.0 && horizon < 10.0, "horizon {horizon} s");
         let id = daemon.start_capture(&[
             "-i",
@@ -250,30 +244,41 @@ fn a_lookback_beyond_the_horizon_takes_what_the_history_holds_and_says_how_far_i
         stop.store(true, Ordering::Relaxed);
         (traffic.join().unwrap(), id)
     });
-    daemon.client().stop(&reference).unwrap();
-    daemon.wait(&reference);
-    let reference_frames = stored(&daemon, &reference);
-    let seqs: Vec<u64> = reference_frames.iter().filter_map(|(_, d)| canary_seq(d)).collect();
-    assert_eq!(seqs, (0..sent).collect::<Vec<u64>>());
+    let reference_frames = stop_reference(&daemon, &reference, sent);
 
     let info = daemon.wait(&id);
     let look = lookback(&info).clone();
     assert!(!look.complete, "60 s is beyond the horizon: {look:?}");
     assert!(look.reached_secs > 3.0 && look.reached_secs < 10.0, "{look:?}");
     let got = stored(&daemon, &id);
-    // It begins with the oldest frame the history held, and from there on it is the
-    // reference's frames, none missing, none twice.
-    let first =
-        reference_frames.iter().position(|f| *f == got[0]).expect("its first frame is the reference's");
-    let expected: Vec<&(u64, Vec<u8>)> = reference_frames[first..]
-        .iter()
-        .filter(|(ts, d)| *ts <= got.last().unwrap().0 && canary_seq(d).is_some())
-        .collect();
-    assert_eq!(got.len(), expected.len());
-    assert!(got.iter().zip(&expected).all(|(g, e)| g == *e), "no gap, no duplicate");
+    // It begins with the oldest frame the history held.
+    assert_unbroken(&got, &reference_frames);
     assert!(canary_seq(&got[0].1).unwrap() > 0, "the oldest frames were evicted");
     let reached = (info.started_ns - got[0].0) as f64 / 1e9;
     assert!((reached - look.reached_secs).abs() < 0.5, "reached {reached} s, reported {look:?}");
+}
+
+/// Stops the reference capture and returns its frames, having checked that it holds every
+/// canary frame sent (`0..sent`), once, in order, with nothing lost in the kernel.
+fn stop_reference(daemon: &TestDaemon, reference: &str, sent: u64) -> Vec<(u64, Vec<u8>)> {
+    daemon.client().stop(reference).unwrap();
+    let info = daemon.wait(reference);
+    assert_eq!(info.summary.as_ref().unwrap().dropped_kernel, 0, "{info:?}");
+    let frames = stored(daemon, reference);
+    let seqs: Vec<u64> = frames.iter().filter_map(|(_, d)| canary_seq(d)).collect();
+    assert_eq!(seqs, (0..sent).collect::<Vec<u64>>(), "the reference has every frame sent");
+    frames
+}
+
+/// Asserts that `got` is the reference's canary frames from `got`'s first frame to its last:
+/// none missing, none twice, byte for byte.
+fn assert_unbroken(got: &[(u64, Vec<u8>)], reference: &[(u64, Vec<u8>)]) {
+    let first = reference.iter().position(|f| *f == got[0]).expect("its first frame is the reference's");
+    let last = got.last().unwrap().0;
+    let expected: Vec<&(u64, Vec<u8>)> =
+        reference[first..].iter().filter(|(ts, d)| *ts <= last && canary_seq(d).is_some()).collect();
+    assert_eq!(got.len(), expected.len());
+    assert!(got.iter().zip(&expected).all(|(g, e)| g == *e), "no gap, no duplicate");
 }
 
 /// Waits until the reference capture has stored `frames` more than it had.
@@ -282,92 +287,4 @@ fn live(daemon: &TestDaemon, reference: &str, frames: u64) {
     eventually("live frames", || {
         (daemon.client().status(reference).unwrap().progress.packets > from + frames).then_some(())
     });
-}
-
-/// The daemon's metrics, as Prometheus reads them.
-fn metrics(veth: &VethPair) -> String {
-    let out = veth
-        .capture_ns
-        .command("curl")
-        .args(["-sf", "http://127.0.0.1:9464/metrics"])
-        .output()
-        .expect("curl");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// The value of a metric without labels beyond the interface's, from the Prometheus text.
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-#[test]
-fn a_history_directory_extends_the_horizon_beyond_memory_and_keeps_its_budget() {
-    let veth = VethPair::new(1);
-    let history = tempfile::tempdir().unwrap();
-    // 1 MiB of memory and 1 MiB of files of plain records of about 80 bytes: some 25,000
-    // canary frames, 6 s at 4,000 a second, half of them only on disk.
-    let section = format!(
-        "[interfaces.tap.lookback]\nmemory_bytes = 1048576\ncompress = false\ndir = \"{}\"\ndir_bytes = 1048576",
-        history.path().display()
-    );
-    // A file an earlier run left: the history starts empty.
-    std::fs::write(history.path().join("0000000000000007.hist"), b"stale").unwrap();
-    let daemon = TestDaemon::start_with_limits(&veth, "metrics_listen = \"127.0.0.1:9464\"", &section);
-    let reference = daemon.start_capture(&["-i", "tap", "--duration", "300s", "--id", "reference"]);
-    let sender = Sender::new(&veth);
-    let stop = AtomicBool::new(false);
-    let (sent, id) = std::thread::scope(|s| {
-        let traffic = s.spawn(|| sender.send_canary(u64::MAX, 4_000, &stop));
-        eventually("files deleted for the budget", || {
-            (metric(&metrics(&veth), "tapstream_lookback_evicted_frames_total") >= 2_000.0).then_some(())
-        });
-        let text = metrics(&veth);
-        let on_disk = metric(&text, "tapstream_lookback_disk_bytes");
-        assert!(on_disk > 900_000.0 && on_disk <= 1_048_576.0, "{on_disk} bytes on disk");
-        let files: u64 =
-            std::fs::read_dir(history.path()).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
-        assert!(files <= 1_048_576 + 300_000, "the directory holds {files} bytes");
-        let id = daemon.start_capture(&[
-            "-i",
-            "tap",
-            "--duration",
-            "300s",
-            "--id",
-            "deep",
-            "--lookback",
-            "60s",
-            CANARY_FILTER,
-        ]);
-        live(&daemon, &reference, 4_000);
-        daemon.client().stop(&id).unwrap();
-        daemon.wait(&id);
-        stop.store(true, Ordering::Relaxed);
-        (traffic.join().unwrap(), id)
-    });
-    daemon.client().stop(&reference).unwrap();
-    daemon.wait(&reference);
-    let reference_frames = stored(&daemon, &reference);
-    let seqs: Vec<u64> = reference_frames.iter().filter_map(|(_, d)| canary_seq(d)).collect();
-    assert_eq!(seqs, (0..sent).collect::<Vec<u64>>());
-
-    let info = daemon.wait(&id);
-    let look = lookback(&info).clone();
-    assert!(!look.complete, "{look:?}");
-    // More than memory alone holds (about 12,800 of these records).
-    assert!(look.history_frames > 20_000, "{look:?}");
-    let got = stored(&daemon, &id);
-    let first =
-        reference_frames.iter().position(|f| *f == got[0]).expect("its first frame is the reference's");
-    let expected: Vec<&(u64, Vec<u8>)> = reference_frames[first..]
-        .iter()
-        .filter(|(ts, d)| *ts <= got.last().unwrap().0 && canary_seq(d).is_some())
-        .collect();
-    assert_eq!(got.len(), expected.len());
-    assert!(got.iter().zip(&expected).all(|(g, e)| g == *e), "no gap, no duplicate across disk and memory");
-    // The earlier run's file was removed (a chunk of this run may have its name since).
-    let stale = std::fs::read(history.path().join("0000000000000007.hist"));
-    assert!(stale.map_or(true, |b| b != b"stale"), "an earlier run's chunk is left in the history");
 }
