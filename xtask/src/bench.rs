@@ -422,29 +422,7 @@ fn concurrent_run(
     let veth = VethPair::new(1);
     let dir = work.join(format!("daemon{n}"));
     std::fs::create_dir_all(&dir)?;
-    let d = dir.display();
-    let config = dir.join("tapstream.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[daemon]\nsocket = \"{d}/control.sock\"\nstate_dir = \"{d}/state\"\nnode = \"bench\"\n\
-             [interfaces.tap]\ndevice = \"{}\"\ncores = [1]\n\
-             [limits]\nmax_concurrent_captures = 64\n\
-             [store]\ndestinations = [\"{d}/store\"]\ncompression = \"none\"\nspool_dir = \"{d}/spool\"\n",
-            veth.capture_if
-        ),
-    )?;
-    let mut daemon = veth
-        .capture_ns
-        .command("taskset")
-        .args(["-c", "1"])
-        .arg(bin)
-        .args(["daemon", "--config"])
-        .arg(&config)
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("start the daemon")?;
-    let log = wait_ready(&mut daemon, "the daemon", &["daemon ready"], false)?;
+    let (mut daemon, log) = pinned_daemon(bin, &veth, &dir, "", "", "max_concurrent_captures = 64")?;
     let socket = dir.join("control.sock");
     let cli = |args: &[&str]| daemon_cli(bin, &socket, args);
     let mut ids = Vec::new();
@@ -500,6 +478,44 @@ fn concurrent_run(
         daemon_ns: daemon_secs * 1e9 / offered.max(1) as f64,
         xdp_ns: per(xdp_after, xdp_before),
     })
+}
+
+/// Starts the daemon `bin` pinned to CPU 1 in `veth`'s capture namespace, configured in `dir`
+/// with the interface `tap` (its writer on CPU 1) and an uncompressed local store, `daemon`
+/// added to `[daemon]`, `interface` after `[interfaces.tap]` (its sub-tables) and `limits` to
+/// `[limits]`; returns it once ready, with the reader of its log.
+fn pinned_daemon(
+    bin: &Path,
+    veth: &VethPair,
+    dir: &Path,
+    daemon: &str,
+    interface: &str,
+    limits: &str,
+) -> anyhow::Result<(std::process::Child, std::thread::JoinHandle<String>)> {
+    let d = dir.display();
+    let config = dir.join("tapstream.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[daemon]\nsocket = \"{d}/control.sock\"\nstate_dir = \"{d}/state\"\nnode = \"bench\"\n{daemon}\n\
+             [interfaces.tap]\ndevice = \"{}\"\ncores = [1]\n{interface}\n\
+             [limits]\n{limits}\n\
+             [store]\ndestinations = [\"{d}/store\"]\ncompression = \"none\"\nspool_dir = \"{d}/spool\"\n",
+            veth.capture_if
+        ),
+    )?;
+    let mut child = veth
+        .capture_ns
+        .command("taskset")
+        .args(["-c", "1"])
+        .arg(bin)
+        .args(["daemon", "--config"])
+        .arg(&config)
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("start the daemon")?;
+    let log = wait_ready(&mut child, "the daemon", &["daemon ready"], false)?;
+    Ok((child, log))
 }
 
 /// User + system CPU seconds of process `pid` so far (all its threads).

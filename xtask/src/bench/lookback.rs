@@ -27,7 +27,7 @@ use std::{
 use anyhow::Context as _;
 use tapstream_testenv::VethPair;
 
-use super::{daemon_cli, offered, process_cpu_secs, tempdir, wait_ready, watch_peak_rss};
+use super::{daemon_cli, offered, pinned_daemon, process_cpu_secs, tempdir, watch_peak_rss};
 
 /// Options of `bench lookback`.
 pub struct LookbackBench {
@@ -118,30 +118,14 @@ fn run(
     let veth = VethPair::new(1);
     let dir = work.join(history.replace([',', ' '], ""));
     std::fs::create_dir_all(&dir)?;
-    let d = dir.display();
-    let config = dir.join("tapstream.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[daemon]\nsocket = \"{d}/control.sock\"\nstate_dir = \"{d}/state\"\nnode = \"bench\"\n\
-             metrics_listen = \"127.0.0.1:9464\"\n\
-             [interfaces.tap]\ndevice = \"{}\"\ncores = [1]\n{section}\
-             [limits]\nmax_duration_secs = 3600\n\
-             [store]\ndestinations = [\"{d}/store\"]\ncompression = \"none\"\nspool_dir = \"{d}/spool\"\n",
-            veth.capture_if
-        ),
+    let (mut daemon, log) = pinned_daemon(
+        bin,
+        &veth,
+        &dir,
+        "metrics_listen = \"127.0.0.1:9464\"",
+        section,
+        "max_duration_secs = 3600",
     )?;
-    let mut daemon = veth
-        .capture_ns
-        .command("taskset")
-        .args(["-c", "1"])
-        .arg(bin)
-        .args(["daemon", "--config"])
-        .arg(&config)
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("start the daemon")?;
-    let log = wait_ready(&mut daemon, "the daemon", &["daemon ready"], false)?;
     let pid = daemon.id();
     let peak = watch_peak_rss(pid);
     let socket = dir.join("control.sock");
