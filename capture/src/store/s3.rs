@@ -9,8 +9,10 @@
 //! Connections: every client of the process shares one HTTP connection pool per limit
 //! (`store.max_connections`), whose capacity bounds the TCP connections open to each store
 //! endpoint: a connection holds a unit of it from before it is established until it is
-//! closed, idle ones included. The pool's connections run on a small runtime of their own, so
-//! they outlive the runtime of any one capture.
+//! closed, idle ones included. The pool returns a closing connection's unit as soon as it
+//! stops taking requests, before its socket is closed, so a request also waits until no
+//! connection is left closing ([`Admission`]). The pool's connections run on a small runtime
+//! of their own, so they outlive the runtime of any one capture.
 
 use aws_config::{BehaviorVersion, Region, retry::RetryConfig, timeout::TimeoutConfig};
 use aws_sdk_s3::{
@@ -26,15 +28,18 @@ use aws_sdk_s3::{
 
 use std::{
     collections::BTreeMap,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
 };
 
 use aws_smithy_http_client::{
-    pool::{self, ConnectionPool, DriverSpawner, Partition, PartitionId},
+    pool::{self, ConnectionEvent, ConnectionPool, DriverSpawner, Partition, PartitionId},
     tls::{self, rustls_provider::CryptoMode},
 };
 
-use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::sync::{Notify, Semaphore, SemaphorePermit};
 
 use bytes::Bytes;
 
@@ -75,9 +80,66 @@ pub struct S3Config {
 pub struct S3Sink {
     client: Client,
     config: S3Config,
+    /// Admits a request when the pool can serve it without opening a connection beyond its
+    /// limit.
+    admission: Arc<Admission>,
+}
+
+/// When a request may go to the pool.
+struct Admission {
     /// One permit per request in progress, as many as the pool has connections: a request
     /// waits here (and is counted as waiting) rather than in the pool's queue.
-    requests: Arc<Semaphore>,
+    requests: Semaphore,
+    /// Connections that take no more requests but whose sockets are not yet closed. The pool
+    /// has already returned their capacity, so a request sent now could open a connection
+    /// while one of them is still open: the limit would be passed for that moment.
+    closing: AtomicUsize,
+    /// Wakes the requests waiting for `closing` to fall to 0.
+    closed: Notify,
+}
+
+impl Admission {
+    fn new(max: usize) -> Self {
+        Self {
+            requests: Semaphore::new(if max == 0 { Semaphore::MAX_PERMITS } else { max }),
+            closing: AtomicUsize::new(0),
+            closed: Notify::new(),
+        }
+    }
+
+    /// Follows the pool's connections: each one closing counts from the moment it takes no
+    /// more requests (logical close) until the client lets go of its socket (physical close);
+    /// the pool reports the first before the second, once each per connection.
+    fn observe(&self, event: &ConnectionEvent<'_>) {
+        match event {
+            ConnectionEvent::LogicalClose(_) => self.closing_began(),
+            ConnectionEvent::PhysicalClose(_) => self.closing_ended(),
+            _ => {}
+        }
+    }
+
+    fn closing_began(&self) {
+        self.closing.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn closing_ended(&self) {
+        if self.closing.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.closed.notify_waiters();
+        }
+    }
+
+    /// Waits for a request permit, then until no connection is closing.
+    async fn admit(&self) -> SemaphorePermit<'_> {
+        let permit = self.requests.acquire().await.expect("the semaphore is never closed");
+        loop {
+            // Registered before the check, so a close that ends between the two still wakes it.
+            let closed = self.closed.notified();
+            if self.closing.load(Ordering::Acquire) == 0 {
+                return permit;
+            }
+            closed.await;
+        }
+    }
 }
 
 /// The HTTP client with at most `max` connections to each store endpoint (0: unbounded),
@@ -90,17 +152,17 @@ pub struct S3Sink {
 /// its sockets connect, and the runtime's threads take the namespace of the thread that
 /// starts them, so there is one pool per namespace: one for the daemon, one per test
 /// namespace in the tests.
-fn connection_pool(max: usize) -> (pool::Client, Arc<Semaphore>) {
+fn connection_pool(max: usize) -> (pool::Client, Arc<Admission>) {
     static POOLS: Mutex<BTreeMap<(usize, u64), Pool>> = Mutex::new(BTreeMap::new());
     let mut pools = POOLS.lock().unwrap_or_else(|e| e.into_inner());
     let pool = pools.entry((max, network_namespace())).or_insert_with(|| Pool::new(max));
-    (pool.http.clone(), pool.requests.clone())
+    (pool.http.clone(), pool.admission.clone())
 }
 
 /// One connection pool, kept for the life of the process.
 struct Pool {
     http: pool::Client,
-    requests: Arc<Semaphore>,
+    admission: Arc<Admission>,
     /// Drives the pool's connections: two threads, started from (so in the network namespace
     /// of) the thread that made the pool.
     _runtime: tokio::runtime::Runtime,
@@ -116,7 +178,11 @@ impl Pool {
             .expect("the process can start two threads");
         let partition = PartitionId::from_index(0);
         let spawner = DriverSpawner::tokio(runtime.handle().clone());
-        let mut builder = ConnectionPool::builder().partitions([Partition::new(partition, spawner)]);
+        let admission = Arc::new(Admission::new(max));
+        let observer = admission.clone();
+        let mut builder = ConnectionPool::builder()
+            .partitions([Partition::new(partition, spawner)])
+            .event_listener(move |event: &ConnectionEvent<'_>| observer.observe(event));
         if max > 0 {
             builder = builder.max_connections_per_host(max);
         }
@@ -125,8 +191,7 @@ impl Pool {
             .build_https()
             .expect("a pool with one explicit partition is valid");
         let http = pool::Client::from_partition(&pool, partition).expect("the partition was declared");
-        let requests = Arc::new(Semaphore::new(if max == 0 { Semaphore::MAX_PERMITS } else { max }));
-        Self { http, requests, _runtime: runtime }
+        Self { http, admission, _runtime: runtime }
     }
 }
 
@@ -151,10 +216,10 @@ impl S3Sink {
             loader = loader
                 .credentials_provider(aws_sdk_s3::config::Credentials::new(id, secret, None, None, "static"));
         }
-        let (http, requests) = connection_pool(config.max_connections);
+        let (http, admission) = connection_pool(config.max_connections);
         let shared = loader.http_client(http).load().await;
         let s3 = aws_sdk_s3::config::Builder::from(&shared).force_path_style(config.path_style).build();
-        Self { client: Client::from_conf(s3), config, requests }
+        Self { client: Client::from_conf(s3), config, admission }
     }
 
     /// The x-amz-tagging value of `meta`'s tags, if tagging is on and it has any.
@@ -166,7 +231,7 @@ impl S3Sink {
     async fn connection(&self) -> SemaphorePermit<'_> {
         let waiting = metrics::gauge!(crate::metrics::UPLOAD_CONNECTIONS_WAITING);
         waiting.increment(1.0);
-        let permit = self.requests.acquire().await.expect("the semaphore is never closed");
+        let permit = self.admission.admit().await;
         waiting.decrement(1.0);
         permit
     }
@@ -507,6 +572,32 @@ impl Sink for S3Sink {
 mod tests {
     use super::*;
     use crate::report::chain as error_chain;
+
+    #[test]
+    fn a_request_waits_while_a_connection_is_closing() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let admission = Arc::new(Admission::new(2));
+            admission.closing_began();
+            let waiting = {
+                let admission = admission.clone();
+                tokio::spawn(async move { drop(admission.admit().await) })
+            };
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+            assert!(!waiting.is_finished(), "admitted while a connection's socket is still open");
+            admission.closing_began();
+            admission.closing_ended();
+            tokio::task::yield_now().await;
+            assert!(!waiting.is_finished(), "one connection is still closing");
+            admission.closing_ended();
+            waiting.await.unwrap();
+            // Nothing closing: admitted at once, up to the limit.
+            let (_a, _b) = (admission.admit().await, admission.admit().await);
+            assert_eq!(admission.requests.available_permits(), 0);
+        });
+    }
     use aws_sdk_s3::{
         error::{ConnectorError, ErrorMetadata},
         operation::list_multipart_uploads::ListMultipartUploadsError,
