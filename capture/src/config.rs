@@ -411,6 +411,9 @@ pub struct InterfaceSection {
     pub zero_copy: ZeroCopy,
     /// UMEM frame size: 2048 or 4096 (longer frames are cut and counted).
     pub frame_size_bytes: u32,
+    /// Back each UMEM with huge pages: reserved ones (`vm.nr_hugepages`) if enough are free,
+    /// else transparent ones; base pages where neither is to be had. The log says which.
+    pub huge_pages: bool,
     /// Entries of each socket's RX and fill rings (a power of two); the UMEM holds half as
     /// many frames per queue.
     pub ring_size: u32,
@@ -493,6 +496,7 @@ impl Default for InterfaceSection {
             attach: path.attach,
             zero_copy: path.xsk.zero_copy,
             frame_size_bytes: path.xsk.frame_size,
+            huge_pages: path.xsk.huge_pages,
             ring_size: path.xsk.rx_ring_size,
             batch_wait_us: path.writer.coalesce.as_micros() as u64,
             drop_unmatched: true,
@@ -767,6 +771,7 @@ impl InterfaceSection {
         config.cores = self.cores.clone();
         config.xsk.frame_size = self.frame_size_bytes;
         config.xsk.zero_copy = self.zero_copy;
+        config.xsk.huge_pages = self.huge_pages;
         config.xsk.set_ring_size(self.ring_size);
         config.writer.coalesce = Duration::from_micros(self.batch_wait_us);
         config.unmatched = if self.drop_unmatched {

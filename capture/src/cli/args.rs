@@ -158,6 +158,9 @@ pub struct CaptureArgs {
     /// UMEM frame size: 2048 or 4096 (longer frames are cut and counted).
     #[arg(long, default_value_t = InterfaceSection::default().frame_size_bytes, value_parser = parse_frame_size)]
     pub frame_size: u32,
+    /// Back the UMEM with base pages only (by default: huge pages where the host has them).
+    #[arg(long)]
+    pub no_huge_pages: bool,
     /// Entries of each socket's RX and fill rings (a power of two, 64 to 2^20). The UMEM holds half as
     /// many frames, all lent to the kernel: that is how many frames a queue buffers while its
     /// writer is busy (memory per queue: ring size / 2 x frame size, 16 MiB by default).

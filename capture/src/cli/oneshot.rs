@@ -56,6 +56,7 @@ pub fn capture(args: CaptureArgs) -> anyhow::Result<()> {
             ZeroCopyArg::Off => ZeroCopy::Off,
         },
         frame_size_bytes: args.frame_size,
+        huge_pages: !args.no_huge_pages,
         ring_size: args.ring_size,
         drop_unmatched: args.drop_unmatched,
         ..InterfaceSection::default()

@@ -209,6 +209,7 @@ impl InterfaceRuntime {
         let mut xsk_mode = XskMode::ZeroCopy;
         for queue in 0..queues {
             let socket = XskSocket::open(&interface, queue, &config.xsk)?;
+            log::info!("{interface} queue {queue}: UMEM in {}", socket.umem_backing());
             if socket.mode() == XskMode::Copy {
                 xsk_mode = XskMode::Copy;
             }

@@ -72,6 +72,8 @@ pub struct XskConfig {
     pub rx_ring_size: u32,
     /// Zero-copy policy.
     pub zero_copy: ZeroCopy,
+    /// Back the UMEM with huge pages where the host has them ([`UmemBacking`]).
+    pub huge_pages: bool,
 }
 
 impl XskConfig {
@@ -95,6 +97,7 @@ impl Default for XskConfig {
             fill_frames: 4096,
             rx_ring_size: 8192,
             zero_copy: ZeroCopy::Auto,
+            huge_pages: true,
         }
     }
 }
@@ -169,21 +172,92 @@ pub struct XskStats {
     pub rx_invalid_descs: u64,
 }
 
-/// An anonymous, page-aligned mapping for the UMEM, unmapped on drop.
+/// Size of a huge page on x86-64 and arm64 (with 4 KiB base pages).
+const HUGE_PAGE: usize = 2 << 20;
+
+/// What backs a UMEM's memory. Every frame handed to user space costs a TLB miss when each
+/// 4 KiB UMEM frame sits on its own page; a 2 MiB page holds 512 of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UmemBacking {
+    /// Huge pages the operator reserved (`vm.nr_hugepages`), mapped with `MAP_HUGETLB`.
+    Reserved,
+    /// Transparent huge pages asked for with `madvise(MADV_HUGEPAGE)`: `huge_bytes` of the
+    /// UMEM got them (the kernel gives base pages where it finds no free 2 MiB).
+    Transparent { huge_bytes: u64 },
+    /// Base pages only: huge pages are off, or none was to be had.
+    Pages,
+}
+
+impl std::fmt::Display for UmemBacking {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Reserved => f.write_str("reserved huge pages"),
+            Self::Transparent { huge_bytes } => {
+                write!(f, "transparent huge pages ({} huge)", Size(*huge_bytes))
+            }
+            Self::Pages => f.write_str("base pages"),
+        }
+    }
+}
+
+/// An anonymous, page-aligned mapping for the UMEM, populated at once, unmapped on drop.
 struct Area {
     ptr: NonNull<u8>,
     len: usize,
+    backing: UmemBacking,
 }
 
 impl Area {
-    fn new(len: usize) -> std::io::Result<Self> {
+    /// Maps `len` bytes. With `huge_pages`: reserved huge pages if enough are free, else
+    /// transparent huge pages (2 MiB-aligned, advised before they are populated), else base
+    /// pages.
+    fn new(len: usize, huge_pages: bool) -> std::io::Result<Self> {
+        if huge_pages
+            && len.is_multiple_of(HUGE_PAGE)
+            && reserved_huge_pages_free() >= len
+            && let Ok(area) = Self::map(len, libc::MAP_HUGETLB | libc::MAP_POPULATE, UmemBacking::Reserved)
+        {
+            return Ok(area);
+        }
+        if !huge_pages {
+            return Self::map(len, libc::MAP_POPULATE, UmemBacking::Pages);
+        }
+        // Over-map by a huge page and trim, so the area starts on a 2 MiB boundary: the kernel
+        // backs only aligned 2 MiB ranges with a huge page.
+        let mut area = Self::map(len + HUGE_PAGE, 0, UmemBacking::Pages)?;
+        let start = area.ptr.as_ptr() as usize;
+        let head = start.next_multiple_of(HUGE_PAGE) - start;
+        let tail = HUGE_PAGE - head;
+        // SAFETY: both ranges lie inside the mapping just made, which nothing uses yet; what
+        // remains is [start + head, start + head + len), recorded below as the area.
+        unsafe {
+            if head > 0 {
+                libc::munmap(area.ptr.as_ptr().cast(), head);
+            }
+            if tail > 0 {
+                libc::munmap(area.ptr.as_ptr().add(head + len).cast(), tail);
+            }
+            area.ptr = NonNull::new_unchecked(area.ptr.as_ptr().add(head));
+        }
+        area.len = len;
+        // SAFETY: madvise(2) on the area's own range, not yet touched.
+        let advised = unsafe { libc::madvise(area.ptr.as_ptr().cast(), len, libc::MADV_HUGEPAGE) } == 0;
+        area.populate();
+        area.backing = match (advised, area.huge_bytes()) {
+            (true, huge) if huge > 0 => UmemBacking::Transparent { huge_bytes: huge },
+            _ => UmemBacking::Pages,
+        };
+        Ok(area)
+    }
+
+    fn map(len: usize, flags: libc::c_int, backing: UmemBacking) -> std::io::Result<Self> {
         // SAFETY: an anonymous private mapping with no address hint has no preconditions.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | flags,
                 -1,
                 0,
             )
@@ -192,14 +266,64 @@ impl Area {
             return Err(std::io::Error::last_os_error());
         }
         let ptr = NonNull::new(ptr.cast()).ok_or_else(std::io::Error::last_os_error)?;
-        Ok(Self { ptr, len })
+        Ok(Self { ptr, len, backing })
+    }
+
+    /// Faults every page in now (as `MAP_POPULATE` would have), not on the first frames.
+    fn populate(&self) {
+        // SAFETY: madvise(2) on the area's own range; MADV_POPULATE_WRITE (Linux 5.14) only
+        // faults pages in.
+        if unsafe { libc::madvise(self.ptr.as_ptr().cast(), self.len, libc::MADV_POPULATE_WRITE) } == 0 {
+            return;
+        }
+        // Older kernels: touch one byte per base page.
+        for offset in (0..self.len).step_by(4096) {
+            // SAFETY: `offset` is inside the area, which is writable and not yet shared with
+            // the kernel's rings.
+            unsafe { self.ptr.as_ptr().add(offset).write_volatile(0) };
+        }
+    }
+
+    /// Bytes of the area backed by transparent huge pages (`AnonHugePages` of its mapping in
+    /// /proc/self/smaps); 0 if that cannot be read.
+    fn huge_bytes(&self) -> u64 {
+        let start = self.ptr.as_ptr() as usize;
+        let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else { return 0 };
+        let mut inside = false;
+        let mut huge = 0;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ')
+                && let Some((from, to)) = range.split_once('-')
+                && let (Ok(from), Ok(to)) = (usize::from_str_radix(from, 16), usize::from_str_radix(to, 16))
+            {
+                inside = from <= start && start < to;
+            } else if inside && let Some(kb) = line.strip_prefix("AnonHugePages:") {
+                huge += kb.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap_or(0) * 1024;
+            }
+        }
+        huge
+    }
+}
+
+/// Bytes of reserved huge pages free now (`HugePages_Free` of the default size).
+fn reserved_huge_pages_free() -> usize {
+    let Ok(meminfo) = std::fs::read_to_string("/proc/meminfo") else { return 0 };
+    let field = |name: &str| {
+        meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
+    };
+    match (field("HugePages_Free:"), field("Hugepagesize:")) {
+        (Some(free), Some(kb)) if kb * 1024 == HUGE_PAGE => free * HUGE_PAGE,
+        _ => 0,
     }
 }
 
 impl Drop for Area {
     fn drop(&mut self) {
-        // SAFETY: `ptr`/`len` are exactly the mapping made in `new`; the sockets that used it
-        // are dropped before the area (field order of `XskSocket`).
+        // SAFETY: `ptr`/`len` are exactly the mapping made in `new` (trimmed there); the
+        // sockets that used it are dropped before the area (field order of `XskSocket`).
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
     }
 }
@@ -231,7 +355,8 @@ impl XskSocket {
             errno: errno.to_string(),
         };
         let bytes = config.frame_size as usize * config.umem_frames as usize;
-        let area = Area::new(bytes).map_err(|source| XskError::Mmap { queue, bytes, source })?;
+        let area =
+            Area::new(bytes, config.huge_pages).map_err(|source| XskError::Mmap { queue, bytes, source })?;
         let mut info = IfInfo::invalid();
         let name = CString::new(interface).map_err(|_| XskError::Socket {
             interface: interface.to_owned(),
@@ -380,6 +505,11 @@ impl XskSocket {
         self.mode
     }
 
+    /// What backs the socket's UMEM.
+    pub fn umem_backing(&self) -> UmemBacking {
+        self.area.backing
+    }
+
     /// The socket's descriptor, for the XDP program's socket map.
     pub fn raw_fd(&self) -> i32 {
         self.user.as_raw_fd()
@@ -464,5 +594,85 @@ impl XskSocket {
                 XskStats::default()
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UMEM: usize = 16 << 20;
+
+    /// Held by the tests whose outcome depends on the reserved huge pages free, one of which
+    /// reserves some.
+    static HUGE_PAGES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    /// Writes and reads back every page of `area`.
+    fn exercise(area: &Area) {
+        for offset in (0..area.len).step_by(4096) {
+            // SAFETY: inside the area, which this test alone uses.
+            unsafe { area.ptr.as_ptr().add(offset).write(offset as u8 | 1) };
+        }
+        for offset in (0..area.len).step_by(4096) {
+            // SAFETY: as above.
+            assert_eq!(unsafe { area.ptr.as_ptr().add(offset).read() }, offset as u8 | 1);
+        }
+    }
+
+    #[test]
+    fn a_umem_without_huge_pages_is_base_pages() {
+        let area = Area::new(UMEM, false).unwrap();
+        assert_eq!(area.backing, UmemBacking::Pages);
+        assert_eq!(area.huge_bytes(), 0);
+        exercise(&area);
+    }
+
+    #[test]
+    fn a_umem_gets_transparent_huge_pages_where_the_host_allows_them() {
+        let _alone = HUGE_PAGES.lock().unwrap_or_else(|e| e.into_inner());
+        let mode = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+        let reserved = reserved_huge_pages_free() >= UMEM;
+        let area = Area::new(UMEM, true).unwrap();
+        if reserved {
+            assert_eq!(area.backing, UmemBacking::Reserved, "reserved huge pages are free");
+        } else if mode.contains("[never]") || mode.is_empty() {
+            assert_eq!(area.backing, UmemBacking::Pages, "THP: {mode}");
+        } else {
+            assert_eq!(area.ptr.as_ptr() as usize % HUGE_PAGE, 0, "aligned to a huge page");
+            let UmemBacking::Transparent { huge_bytes } = area.backing else {
+                panic!("THP is {mode:?}, yet the UMEM got {}", area.backing)
+            };
+            assert!(huge_bytes > 0 && huge_bytes <= UMEM as u64, "{huge_bytes}");
+        }
+        exercise(&area);
+    }
+
+    #[test]
+    fn a_umem_takes_reserved_huge_pages_when_enough_are_free() {
+        let _alone = HUGE_PAGES.lock().unwrap_or_else(|e| e.into_inner());
+        let knob = "/proc/sys/vm/nr_hugepages";
+        let Ok(before) = std::fs::read_to_string(knob) else { return };
+        let before: usize = before.trim().parse().unwrap();
+        let wanted = before + UMEM / HUGE_PAGE;
+        if std::fs::write(knob, wanted.to_string()).is_err() {
+            eprintln!("cannot reserve huge pages here (not root?): skipped");
+            return;
+        }
+        struct Restore(usize);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                let _ = std::fs::write("/proc/sys/vm/nr_hugepages", self.0.to_string());
+            }
+        }
+        let _restore = Restore(before);
+        let total: usize = std::fs::read_to_string(knob).unwrap().trim().parse().unwrap();
+        assert_eq!(total, wanted, "the kernel found memory for the huge pages asked for");
+        let area = Area::new(UMEM, true).unwrap();
+        assert_eq!(area.backing, UmemBacking::Reserved);
+        exercise(&area);
+        // Not enough left for a second one: it falls back, and says so.
+        let second = Area::new(UMEM, true).unwrap();
+        assert_ne!(second.backing, UmemBacking::Reserved);
+        exercise(&second);
     }
 }
