@@ -65,6 +65,9 @@ pub const COMPRESS_INPUT_BYTES: &str = "tapstream_compress_input_bytes_total";
 pub const COMPRESS_OUTPUT_BYTES: &str = "tapstream_compress_output_bytes_total";
 /// Time to compress one chunk.
 pub const COMPRESS_SECONDS: &str = "tapstream_compress_chunk_duration_seconds";
+/// The zstd level of the chunk compressed last (with `compression = "auto"` it follows the
+/// backlog).
+pub const COMPRESS_LEVEL: &str = "tapstream_compress_level";
 /// Captures running now.
 pub const CAPTURES_ACTIVE: &str = "tapstream_captures_active";
 /// Captures ended, by `reason` (duration, packets, bytes, idle, stopped, error, interrupted).
@@ -151,6 +154,7 @@ pub fn register_all(stop_reasons: impl IntoIterator<Item = &'static str>) {
         counter!(name).absolute(0);
     }
     metrics::histogram!(COMPRESS_SECONDS).record(0.0);
+    metrics::gauge!(COMPRESS_LEVEL).set(0.0);
     for op in OPERATIONS {
         counter!(UPLOAD_RETRIES, "operation" => op).absolute(0);
     }
@@ -188,6 +192,7 @@ pub fn describe() {
     describe_counter!(COMPRESS_INPUT_BYTES, Unit::Bytes, "Chunk bytes compressed");
     describe_counter!(COMPRESS_OUTPUT_BYTES, Unit::Bytes, "Compressed bytes produced");
     describe_histogram!(COMPRESS_SECONDS, Unit::Seconds, "Time to compress one chunk");
+    describe_gauge!(COMPRESS_LEVEL, Unit::Count, "zstd level of the chunk compressed last");
     describe_gauge!(CAPTURES_ACTIVE, Unit::Count, "Captures running");
     describe_counter!(CAPTURES_ENDED, Unit::Count, "Captures ended, by reason");
     describe_counter!(XDP_FRAMES, Unit::Count, "Frames the XDP program handled, by result");

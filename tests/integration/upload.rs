@@ -181,6 +181,16 @@ fn corpus_capture_lands_as_objects_that_read_back_byte_for_byte() {
     // The raw object through the zstd tool: the same PCAP (the seek table is skipped).
     let raw = raw_object(&veth.capture_ns, &garage, key);
     assert_eq!(zstd_d(&raw), pcap, "zstd -d gives the same PCAP as tapstream read");
+    // Each chunk is a zstd frame (after the one of the PCAP header), compressed at a level of
+    // `auto`'s range, the default; the summary counts them by level.
+    let frames_in_object = u32::from_le_bytes(raw[raw.len() - 9..raw.len() - 5].try_into().unwrap());
+    assert_eq!(
+        summary.zstd_levels.values().sum::<u64>(),
+        u64::from(frames_in_object - 1),
+        "{:?}",
+        summary.zstd_levels
+    );
+    assert!(summary.zstd_levels.keys().all(|l| (-5..=6).contains(l)), "{:?}", summary.zstd_levels);
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), &pcap).unwrap();
     crate::common::read_capture(file.path());

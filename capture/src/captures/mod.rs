@@ -128,6 +128,10 @@ pub struct CaptureSummary {
     /// For a capture whose daemon died while it ran: what the next start recovered of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recovery: Option<Recovery>,
+    /// Chunks compressed at each zstd level (with `compression = "auto"` the level follows the
+    /// backlog); empty for files and plain objects.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub zstd_levels: std::collections::BTreeMap<i32, u64>,
     /// For a capture over several interfaces, each one's own summary (the fields above are
     /// their sums); empty for a capture of one interface.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -237,6 +241,13 @@ impl CaptureSummary {
             queues: Vec::new(),
             error: (!errors.is_empty()).then(|| errors.join("; ")),
             recovery: None,
+            zstd_levels: done.iter().flat_map(|s| s.zstd_levels.iter()).fold(
+                std::collections::BTreeMap::new(),
+                |mut sum, (level, chunks)| {
+                    *sum.entry(*level).or_default() += chunks;
+                    sum
+                },
+            ),
             lookback: LookbackSummary::combine(done.iter().filter_map(|s| s.lookback.as_ref())),
             parts: done,
         })

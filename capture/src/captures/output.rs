@@ -175,6 +175,15 @@ impl Out {
         }
     }
 
+    /// The counts of chunks compressed at each zstd level, which go on counting while the
+    /// output finishes; `None` for a file.
+    pub(super) fn zstd_levels(&self) -> Option<Arc<crate::store::compress::LevelCounts>> {
+        match self {
+            Out::File(_) => None,
+            Out::Store { output, .. } => Some(output.levels()),
+        }
+    }
+
     /// Hands a chunk on; the chunk's frames are counted as dropped if that fails. While the
     /// output makes it wait, the capture's progress is still published every
     /// [`PROGRESS_EVERY`] (the writers count drops meanwhile).

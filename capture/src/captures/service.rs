@@ -672,6 +672,7 @@ impl Service {
                 // was handed to an output that cannot be finished is what a failed store keeps
                 // in its spool, less what found the spool full (counted until it is finished).
                 let (handed, lost) = (a.out.handed(), a.out.lost_counter());
+                let levels = a.out.zstd_levels();
                 let lost_now = || lost.as_ref().map_or(0, |l| l.load(Ordering::Relaxed));
                 let (packets, bytes, outputs, failure) = match (a.failure, a.out.finish()) {
                     (None, Ok((packets, bytes, outputs))) => (packets, bytes, outputs, None),
@@ -697,6 +698,7 @@ impl Service {
                     queues,
                     error: a.cause.or(failure),
                     recovery: None,
+                    zstd_levels: levels.map(|l| l.snapshot()).unwrap_or_default(),
                     parts: Vec::new(),
                     lookback: lookback.map(|(history, summary)| LookbackSummary {
                         live_frames: packets.saturating_sub(history),

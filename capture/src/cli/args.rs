@@ -384,7 +384,8 @@ pub struct ObjectArgs {
     /// Start a new object when the open one is this old.
     #[arg(long, value_name = "TIME", default_value = "5m", value_parser = humantime::parse_duration)]
     pub rotate_age: Duration,
-    /// Compression: a zstd level (1-19) or `none`.
+    /// Compression: `auto` (zstd, faster levels down to -5 while chunks queue up for compression,
+    /// stronger up to 6 while none waits), a zstd level (1-19), or `none`.
     #[arg(long, value_name = "LEVEL", default_value_t = StoreSettings::default().compression)]
     pub compression: String,
     /// Compression threads (they run off the writers' cores).

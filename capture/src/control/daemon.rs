@@ -609,6 +609,7 @@ impl Shared {
                     queues: Vec::new(),
                     error: None,
                     recovery: Some(Recovery { pending: true, ..Recovery::default() }),
+                    zstd_levels: Default::default(),
                     parts: Vec::new(),
                     lookback: None,
                 });

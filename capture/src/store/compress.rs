@@ -45,6 +45,52 @@ impl Compression {
     }
 }
 
+/// zstd levels that follow the compression backlog (`compression = "auto"`): a compression
+/// thread takes the fastest level at once when chunks fill its queue, one level faster for
+/// each chunk it finds waiting, and one level stronger for each chunk it finds none waiting.
+/// So compression keeps up with the capture (a faster level rather than a lost frame) and is
+/// as strong as the time it has allows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Adaptive {
+    /// The fastest level (zstd's negative levels trade ratio for speed).
+    pub fastest: i32,
+    /// The strongest level.
+    pub strongest: i32,
+}
+
+impl Adaptive {
+    /// `compression = "auto"`'s range.
+    pub const AUTO: Self = Self { fastest: -5, strongest: 6 };
+    /// The level a thread starts at: zstd's default.
+    pub const START: i32 = 3;
+
+    /// The level for the next chunk, after `level`, with `waiting` chunks queued for the
+    /// compression threads out of `capacity`.
+    pub fn next(self, level: i32, waiting: usize, capacity: usize) -> i32 {
+        if waiting >= capacity.max(1) {
+            self.fastest
+        } else if waiting > 0 {
+            (level - 1).max(self.fastest)
+        } else {
+            (level + 1).min(self.strongest)
+        }
+    }
+}
+
+/// Chunks compressed at each zstd level, over a capture's compression threads.
+#[derive(Debug, Default)]
+pub struct LevelCounts(std::sync::Mutex<std::collections::BTreeMap<i32, u64>>);
+
+impl LevelCounts {
+    pub fn add(&self, level: i32) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()).entry(level).or_default() += 1;
+    }
+
+    pub fn snapshot(&self) -> std::collections::BTreeMap<i32, u64> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
 /// Errors of compression and of reading compressed objects.
 #[derive(Debug, thiserror::Error)]
 pub enum CompressError {
@@ -120,6 +166,15 @@ impl Compressor {
             }
         };
         Ok(Self { compression, zstd })
+    }
+
+    /// Changes the zstd level of the next frames (nothing for uncompressed objects).
+    pub fn set_level(&mut self, level: i32) -> Result<(), CompressError> {
+        if let Some(c) = &mut self.zstd {
+            c.set_parameter(zstd::zstd_safe::CParameter::CompressionLevel(level))
+                .map_err(CompressError::Zstd)?;
+        }
+        Ok(())
     }
 
     /// `data` as one independent frame.
@@ -212,6 +267,26 @@ pub fn decompress_frame(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_level_follows_the_backlog_within_its_range() {
+        let a = Adaptive::AUTO;
+        assert_eq!(a.next(3, 4, 4), a.fastest, "a full queue: the fastest at once");
+        assert_eq!(a.next(3, 1, 4), 2, "chunks waiting: one level faster");
+        assert_eq!(a.next(a.fastest, 3, 4), a.fastest);
+        assert_eq!(a.next(3, 0, 4), 4, "none waiting: one level stronger");
+        assert_eq!(a.next(a.strongest, 0, 4), a.strongest);
+        let mut c = Compressor::new(Compression::Zstd { level: 3 }).unwrap();
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 97) as u8).collect();
+        for level in [a.fastest, -1, 1, a.strongest, 19] {
+            c.set_level(level).unwrap();
+            assert_eq!(
+                zstd::bulk::decompress(&c.frame(&data).unwrap(), data.len()).unwrap(),
+                data,
+                "{level}"
+            );
+        }
+    }
 
     fn object(compression: Compression, parts: &[&[u8]]) -> (Vec<u8>, Vec<FrameEntry>) {
         let mut c = Compressor::new(compression).unwrap();

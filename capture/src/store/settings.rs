@@ -15,7 +15,7 @@ use super::{
         Recovered, StartStore, StoreOptions, StoreOutput, StoreTarget, recover_dead_capture, recover_spools,
     },
 };
-use crate::store::compress::Compression;
+use crate::store::compress::{Adaptive, Compression};
 
 /// How captures reach a store.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,7 +49,8 @@ pub struct StoreSettings {
     pub rotate_size_bytes: u64,
     /// Start a new object when the open one is this old, in seconds.
     pub rotate_age_secs: u64,
-    /// Compression: a zstd level (`"1"` to `"19"`) or `"none"`.
+    /// Compression: `"auto"` (zstd, from level -5 when chunks queue up for compression to
+    /// level 6 when none waits), a fixed zstd level (`"1"` to `"19"`), or `"none"`.
     pub compression: String,
     /// Compression threads per capture (they run off the writers' cores).
     pub compress_threads: usize,
@@ -90,7 +91,7 @@ impl Default for StoreSettings {
             max_connections: 16,
             rotate_size_bytes: 1 << 30,
             rotate_age_secs: 300,
-            compression: "3".into(),
+            compression: "auto".into(),
             compress_threads: 1,
             key_template: "{prefix}/{node}/{capture}/{start}-{seq}.{ext}".into(),
             spool_dir: "/var/tmp/tapstream/spool".into(),
@@ -168,9 +169,10 @@ impl StoreSettings {
     pub fn compression(&self) -> Result<Compression, String> {
         match self.compression.as_str() {
             "none" => Ok(Compression::None),
+            "auto" => Ok(Compression::Zstd { level: Adaptive::AUTO.strongest }),
             level => match level.parse::<i32>() {
                 Ok(l) if (1..=19).contains(&l) => Ok(Compression::Zstd { level: l }),
-                _ => Err(format!("{level:?} is not a zstd level from 1 to 19 or none")),
+                _ => Err(format!("{level:?} is not auto, a zstd level from 1 to 19, or none")),
             },
         }
     }
@@ -295,6 +297,7 @@ impl StoreSettings {
         };
         let options = StoreOptions {
             threads: self.compress_threads,
+            adaptive: (self.compression == "auto").then_some(Adaptive::AUTO),
             spool_root: self.spool_dir.clone(),
             spool_max_bytes: self.spool_max_bytes,
             memory_chunks: self.upload_queue,

@@ -25,7 +25,7 @@ use super::{
 };
 use crate::{
     datapath::chunk::{Chunk, ChunkPool},
-    store::compress::Compressor,
+    store::compress::{Adaptive, Compressor, LevelCounts},
 };
 
 /// Starts a store output, given the chunk pool and the PCAP file header objects begin with.
@@ -42,6 +42,8 @@ pub struct StoreTarget {
 pub struct StoreOptions {
     /// Compression threads.
     pub threads: usize,
+    /// zstd levels that follow the backlog; `None`: the configured level throughout.
+    pub adaptive: Option<Adaptive>,
     /// Directory for the spools of all captures (each gets a subdirectory).
     pub spool_root: std::path::PathBuf,
     /// Bytes one capture may spool at most.
@@ -65,6 +67,8 @@ pub struct StoreOutput {
     next_seq: u64,
     /// The first failure of a compression thread.
     failed: Arc<Mutex<Option<UploadError>>>,
+    /// Chunks compressed at each zstd level.
+    levels: Arc<LevelCounts>,
     /// Set when the store has failed for good and chunks only go to the spool.
     gave_up: Arc<AtomicBool>,
     /// Packets whose chunks found the spool full (the store behind or failed), counted as
@@ -279,6 +283,7 @@ impl<S: Sink> PreparedStore<S> {
         // Compressed chunks waiting for the uploader: a bounded memory budget.
         let (done_tx, mut done_rx) = mpsc::channel::<(u64, CompressedChunk)>(options.memory_chunks.max(1));
         let (chunk_tx, chunk_rx) = crossbeam_channel::bounded::<(u64, Chunk)>(threads.max(1) * 2);
+        let levels = Arc::new(LevelCounts::default());
         let failed = Arc::new(Mutex::new(None));
         // Packets lost to a full spool, counted live (progress shows them as they happen).
         let lost = Arc::new(AtomicU64::new(0));
@@ -286,11 +291,12 @@ impl<S: Sink> PreparedStore<S> {
         for i in 0..threads.max(1) {
             let (rx, tx, pool, failed) = (chunk_rx.clone(), done_tx.clone(), pool.clone(), failed.clone());
             let (spool, lost) = (spool.clone(), lost.clone());
+            let levels = Levels { adaptive: options.adaptive, counts: levels.clone() };
             let compression = config.compression;
             let name = format!("tapstream-zstd{i}");
             let worker = std::thread::Builder::new()
                 .name(name.clone())
-                .spawn(move || compress_loop(compression, &rx, &tx, &pool, &spool, &failed, &lost))
+                .spawn(move || compress_loop(compression, levels, &rx, &tx, &pool, &spool, &failed, &lost))
                 .map_err(|source| UploadError::Thread { name, source })?;
             workers.push(worker);
         }
@@ -387,6 +393,7 @@ impl<S: Sink> PreparedStore<S> {
             capture,
             next_seq: 0,
             failed,
+            levels,
             gave_up,
             lost,
         })
@@ -413,6 +420,11 @@ impl StoreOutput {
                 Err(crossbeam_channel::SendTimeoutError::Disconnected((_, chunk))) => return Err(chunk),
             }
         }
+    }
+
+    /// Chunks compressed so far at each zstd level (none for uncompressed objects).
+    pub fn levels(&self) -> Arc<LevelCounts> {
+        self.levels.clone()
     }
 
     /// The packets lost so far because their chunks found the spool full, the store being
@@ -460,8 +472,16 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
+/// The levels a compression thread uses, and where it counts them.
+struct Levels {
+    adaptive: Option<Adaptive>,
+    counts: Arc<LevelCounts>,
+}
+
+#[expect(clippy::too_many_arguments, reason = "one thread's whole context, passed once")]
 fn compress_loop(
     compression: crate::store::compress::Compression,
+    levels: Levels,
     chunks: &crossbeam_channel::Receiver<(u64, Chunk)>,
     out: &mpsc::Sender<(u64, CompressedChunk)>,
     pool: &ChunkPool,
@@ -476,7 +496,29 @@ fn compress_loop(
             return;
         }
     };
+    let fixed = match compression {
+        crate::store::compress::Compression::Zstd { level } => Some(level),
+        crate::store::compress::Compression::None => None,
+    };
+    let mut level = match levels.adaptive {
+        Some(a) => Adaptive::START.clamp(a.fastest, a.strongest),
+        None => fixed.unwrap_or(0),
+    };
+    if levels.adaptive.is_some() && compressor.set_level(level).is_err() {
+        level = fixed.unwrap_or(level);
+    }
+    let capacity = chunks.capacity().unwrap_or(1);
     for (seq, chunk) in chunks {
+        if let (Some(adaptive), Some(_)) = (levels.adaptive, fixed) {
+            let next = adaptive.next(level, chunks.len(), capacity);
+            if next != level && compressor.set_level(next).is_ok() {
+                level = next;
+            }
+        }
+        if fixed.is_some() {
+            levels.counts.add(level);
+            metrics::gauge!(crate::metrics::COMPRESS_LEVEL).set(f64::from(level));
+        }
         let started = std::time::Instant::now();
         let frame = compressor.frame(&chunk.data);
         metrics::histogram!(crate::metrics::COMPRESS_SECONDS).record(started.elapsed().as_secs_f64());
@@ -921,6 +963,7 @@ async fn upload_leftover<S: Sink>(
 mod tests {
     use super::*;
     use crate::store::{dir::DirSink, object::CompressedChunk};
+    use std::thread::JoinHandle;
 
     #[test]
     fn a_spool_is_only_uploaded_to_the_store_it_was_for() {
@@ -944,6 +987,7 @@ mod tests {
             assert!(spool.put(0, &chunk).unwrap());
         }
         let options = StoreOptions {
+            adaptive: None,
             threads: 1,
             spool_root: spools.clone(),
             spool_max_bytes: 1 << 20,
@@ -963,6 +1007,102 @@ mod tests {
         rt.block_on(abort_open_uploads(&sink_a, &config, &owner)).unwrap();
         assert_eq!(pcap_files(&store_a), 1, "a capture to store A uploads them");
         assert!(!spools.join("cap-1").exists());
+    }
+
+    /// One compression thread with `compression = "auto"`'s levels and a queue of `capacity`
+    /// chunks, each chunk's bytes a pattern of its own; `queued` chunks are in the queue
+    /// before the thread starts.
+    struct AdaptiveThread {
+        tx: Option<crossbeam_channel::Sender<(u64, Chunk)>>,
+        out: mpsc::Receiver<(u64, CompressedChunk)>,
+        capture: Arc<crate::datapath::capture::CaptureShared>,
+        counts: Arc<LevelCounts>,
+        worker: Option<JoinHandle<()>>,
+        received: Vec<(u64, CompressedChunk)>,
+        _dir: tempfile::TempDir,
+    }
+
+    impl AdaptiveThread {
+        fn start(capacity: usize, queued: u64) -> Self {
+            use crate::datapath::capture::{CaptureShared, CaptureSpec, Limits};
+            let dir = tempfile::tempdir().unwrap();
+            let spool = Spool::create(dir.path().join("spool"), 1 << 30, b"hdr", "file:///x").unwrap();
+            let pool = ChunkPool::new(1, 1 << 20);
+            let (tx, rx) = crossbeam_channel::bounded::<(u64, Chunk)>(capacity);
+            let (out_tx, out) = mpsc::channel(1024);
+            let counts = Arc::new(LevelCounts::default());
+            let levels = Levels { adaptive: Some(Adaptive::AUTO), counts: counts.clone() };
+            let capture = CaptureShared::new(CaptureSpec::default(), Limits::default());
+            let mut this =
+                Self { tx: Some(tx), out, capture, counts, worker: None, received: Vec::new(), _dir: dir };
+            for seq in 0..queued {
+                this.send(seq);
+            }
+            this.worker = Some(std::thread::spawn(move || {
+                let (failed, lost) = (Mutex::new(None), AtomicU64::new(0));
+                let compression =
+                    crate::store::compress::Compression::Zstd { level: Adaptive::AUTO.strongest };
+                compress_loop(compression, levels, &rx, &out_tx, &pool, &spool, &failed, &lost);
+                assert!(failed.lock().unwrap().is_none(), "compression failed");
+                assert_eq!(lost.load(Ordering::Relaxed), 0, "no chunk lost");
+            }));
+            this
+        }
+
+        fn bytes(seq: u64) -> Vec<u8> {
+            (0..256u64 << 10).map(|i| ((i * (seq + 7)) >> 5) as u8 ^ (i % 251) as u8).collect()
+        }
+
+        fn send(&self, seq: u64) {
+            let mut chunk = Chunk::new(self.capture.clone(), 0, seq, Self::bytes(seq));
+            chunk.frames = 1;
+            self.tx.as_ref().unwrap().send((seq, chunk)).unwrap();
+        }
+
+        /// Waits for the next compressed chunk.
+        fn receive(&mut self) {
+            let done = self.out.blocking_recv().expect("a compressed chunk");
+            self.received.push(done);
+        }
+
+        /// Ends the thread; checks every chunk sent came out and decompresses to its bytes;
+        /// returns the chunks compressed at each level.
+        fn finish(mut self, sent: u64) -> std::collections::BTreeMap<i32, u64> {
+            drop(self.tx.take());
+            self.worker.take().unwrap().join().unwrap();
+            while let Ok(done) = self.out.try_recv() {
+                self.received.push(done);
+            }
+            assert_eq!(self.received.len() as u64, sent, "every chunk compressed");
+            for (seq, done) in &self.received {
+                let plain = zstd::bulk::decompress(&done.data, 1 << 20).unwrap();
+                assert!(plain == Self::bytes(*seq), "chunk {seq} decompresses to its bytes");
+            }
+            self.counts.snapshot()
+        }
+    }
+
+    #[test]
+    fn chunks_queued_up_make_the_level_fall_one_step_a_chunk_to_the_fastest() {
+        // Forty chunks queued before the thread takes the first: it finds 39, 38, ... waiting.
+        let thread = AdaptiveThread::start(40, 40);
+        let levels = thread.finish(40);
+        // From zstd's default (3) down a level a chunk to -5, there while chunks wait; the
+        // last finds none waiting and is one level stronger.
+        let expected: std::collections::BTreeMap<i32, u64> =
+            [(2, 1), (1, 1), (0, 1), (-1, 1), (-2, 1), (-3, 1), (-4, 2), (-5, 32)].into();
+        assert_eq!(levels, expected);
+    }
+
+    #[test]
+    fn an_idle_queue_makes_the_level_rise_to_the_strongest() {
+        let mut thread = AdaptiveThread::start(2, 0);
+        for seq in 0..6 {
+            thread.send(seq);
+            thread.receive();
+        }
+        let levels = thread.finish(6);
+        assert_eq!(levels, [(4, 1), (5, 1), (6, 4)].into());
     }
 
     /// PCAP files under `dir`, at any depth.
