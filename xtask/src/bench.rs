@@ -19,9 +19,11 @@ use anyhow::{Context as _, bail};
 use tapstream_testenv::VethPair;
 
 mod lookback;
+mod read;
 mod trigger;
 
 pub use lookback::{LookbackBench, lookback};
+pub use read::{ReadBench, read};
 pub use trigger::{TriggerBench, trigger};
 
 /// Options of `bench capture`.

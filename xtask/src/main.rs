@@ -34,7 +34,8 @@ enum Task {
     Demo,
     /// Whole-system benchmarks (see BENCHMARKS.md).
     /// Without a subcommand: every whole-system benchmark in turn (capture at rising rates,
-    /// the 1% filter, concurrent captures, capture to S3, fleet trigger latency, lookback), each printing
+    /// the 1% filter, concurrent captures, capture to S3, fleet trigger latency, lookback, reading
+    /// a window back), each printing
     /// its table.
     Bench {
         #[command(subcommand)]
@@ -84,6 +85,20 @@ enum BenchTask {
         /// Frames offered per run.
         #[arg(long, default_value_t = 2_000_000)]
         frames: u64,
+        /// Corpus frames trafgen sends in turn.
+        #[arg(long, default_value_t = 1000)]
+        distinct: usize,
+    },
+    /// A 10-second window with a filter out of a long multi-object capture in Garage:
+    /// `tapstream read` (ranged GETs of the indexed frames) against downloading every object
+    /// and filtering it with tcpdump; time, CPU and bytes fetched.
+    Read {
+        /// Length of the capture, in minutes.
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
+        /// Offered rate in frames per second.
+        #[arg(long, default_value_t = 5000)]
+        rate: u64,
         /// Corpus frames trafgen sends in turn.
         #[arg(long, default_value_t = 1000)]
         distinct: usize,
@@ -156,11 +171,17 @@ fn main() -> anyhow::Result<()> {
             println!("\n## bench trigger --requests 100 --burst 200");
             bench::trigger(&root, &bench::TriggerBench { requests: 100, burst: 200 })?;
             println!("\n## bench lookback --frames 2000000");
-            bench::lookback(&root, &bench::LookbackBench { frames: 2_000_000, distinct: 1000 })
+            bench::lookback(&root, &bench::LookbackBench { frames: 2_000_000, distinct: 1000 })?;
+            println!("\n## bench read --minutes 10 --rate 5000");
+            bench::read(&root, &bench::ReadBench { minutes: 10, rate: 5000, distinct: 1000 })
         }
         Task::Bench { what: Some(BenchTask::Lookback { frames, distinct }) } => {
             setup::run(&root)?;
             bench::lookback(&root, &bench::LookbackBench { frames, distinct })
+        }
+        Task::Bench { what: Some(BenchTask::Read { minutes, rate, distinct }) } => {
+            setup::run(&root)?;
+            bench::read(&root, &bench::ReadBench { minutes, rate, distinct })
         }
         Task::Bench { what: Some(BenchTask::Trigger { requests, burst }) } => {
             setup::run(&root)?;

@@ -3,8 +3,9 @@
 //!
 //! trafgen (pinned to CPU 0) offers `--frames` frames of real traffic: the first frames of the
 //! corpus (Ethernet, 60 to 1514 bytes), in turn, as one trafgen packet each. One release-built
-//! daemon (pinned to CPU 1) runs one capture with the filter `udp port 53` (a few percent of
-//! the corpus), into a local directory, uncompressed. Three runs: no history, a plain history,
+//! daemon (pinned to CPU 1) runs one capture with the filter `udp port 53` into a local
+//! directory, uncompressed; none of these frames is DNS, so the capture keeps nothing and what
+//! a history adds is the recording's. Three runs: no history, a plain history,
 //! a zstd-compressed history (1 GiB budget each, every frame recorded), and a plain history of
 //! 128 MiB, full after a quarter of the run (its buffers then reused: the steady state of a
 //! history that has filled). Reported per run:
