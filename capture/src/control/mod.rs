@@ -21,6 +21,7 @@
 //! 500, or 503 (the daemon is stopping, or the interface's device is absent). The server's
 //! bounds on connections and its timeouts are in [`server`].
 
+pub mod audit;
 pub mod client;
 pub mod daemon;
 pub mod server;
@@ -59,6 +60,10 @@ pub struct CaptureInfo {
     pub started_ns: u64,
     /// The user id that asked (from the socket's peer credentials), if known.
     pub requested_by: Option<u32>,
+    /// The access rule it was started under (`[[access.rules]]`): only the clients of that
+    /// rule may stop or see it, unless theirs allows more; `None`: no rule.
+    #[serde(default)]
+    pub owner: Option<String>,
     /// Running, finished or failed.
     pub state: CaptureState,
     /// Packets, bytes, elapsed time and drops so far.
