@@ -396,3 +396,52 @@ fn the_audit_log_has_a_line_per_action_survives_a_kill_rotates_and_holds_no_toke
     let found = files_holding(daemon.dir.path(), TEAM_B_TOKEN);
     assert!(found.is_empty(), "{found:?}");
 }
+
+#[test]
+fn check_config_names_a_wrong_rule_by_its_field_and_never_shows_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = "check-config-token-5d2e";
+    let (_token_dir, token_path) = token_file(token);
+    std::fs::set_permissions(&token_path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let check = |daemon: &str, rule: &str| {
+        let file = dir.path().join("tapstream.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "[daemon]\n{daemon}\n[interfaces.public]\ndevice = \"eth1\"\n[store]\ndestinations = [\"/srv/caps\"]\n\
+                 [[access.rules]]\nname = \"team-a\"\n{rule}\n"
+            ),
+        )
+        .unwrap();
+        let out =
+            Command::new(tapstream_bin()).arg("check-config").arg(&file).output().expect("run tapstream");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let tcp = "tcp_listen = \"127.0.0.1:9465\"";
+    let token_rule = format!("token_file = \"{}\"", token_path.display());
+    for (daemon, rule, field, words) in [
+        (tcp, token_rule.as_str(), "access.rules.team-a.token_file", "has mode 0644"),
+        ("", "groups = [\"tapstream-no-such-group\"]", "access.rules.team-a.groups", "no group named"),
+        ("", "groups = [\"a b\"]", "access.rules.team-a.groups", "is not a group name"),
+        ("", "interfaces = [\"private\"]", "access.rules.team-a.interfaces", "no interface \"private\""),
+        (
+            "",
+            "destinations = [\"/srv/other\"]",
+            "access.rules.team-a.destinations",
+            "not one of store.destinations",
+        ),
+        ("", "forced_filter = \"net 10.20.0.0/33\"", "access.rules.team-a.forced_filter", ""),
+        ("", "token_file = \"/nonexistent/token\"", "access.rules.team-a.token_file", "tcp_listen"),
+        (tcp, "token_file = \"/nonexistent/token\"", "access.rules.team-a.token_file", "cannot read"),
+    ] {
+        let (ok, text) = check(daemon, rule);
+        assert!(!ok && text.contains(field) && text.contains(words), "{rule}: {text}");
+    }
+    std::fs::set_permissions(&token_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (ok, text) = check(tcp, &format!("{token_rule}\ninterfaces = [\"public\"]\ngroups = [\"root\"]"));
+    assert!(ok && text.contains("1 access rule(s), access.default = allow"), "{text}");
+    assert!(!text.contains(token), "{text}");
+}
