@@ -425,6 +425,19 @@ mod tests {
     }
 
     #[test]
+    fn the_readmes_two_team_example_is_valid() {
+        let readme = include_str!("../../../README.md");
+        let section = &readme[readme.find("### Access:").expect("the README's access section")..];
+        let start = section.find("```toml\n").expect("its example") + "```toml\n".len();
+        let text = &section[start..start + section[start..].find("```").unwrap()];
+        let config = Config::parse(text, std::path::Path::new("README.md")).unwrap();
+        let names: Vec<&str> = config.access.rules.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["team-a", "team-b", "soc", "fleet"]);
+        assert_eq!(config.access.default, DefaultAccess::Deny);
+        assert_eq!(config.access.brokers.redis.as_deref(), Some("fleet"));
+    }
+
+    #[test]
     fn places_under_a_destination_are_whole_segments() {
         assert!(under("s3://b/taps/team-a", "s3://b/taps"));
         assert!(under("s3://b/taps/", "s3://b/taps"));
