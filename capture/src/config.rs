@@ -356,7 +356,7 @@ impl NatsSection {
 #[serde(default, deny_unknown_fields)]
 pub struct DaemonSection {
     /// Unix socket of the control API (HTTP and JSON). Whoever may open it may start
-    /// captures.
+    /// captures, within what their access rule allows (`[access]`).
     pub socket: PathBuf,
     /// Group that owns the socket (its members may start captures); none: the daemon's.
     pub socket_group: Option<String>,
