@@ -17,7 +17,7 @@ use tapstream_testenv::{Redis, Sender, VethPair, unique_name};
 use crate::{
     common::tapstream_bin,
     daemon::{TestDaemon, data, local_store, sendable},
-    fleet::{connect, fleet_config, publish, request, wait_events, wait_group},
+    fleet::{connect, fleet_config, metric, publish, request, wait_events, wait_group},
 };
 
 /// Where the daemons of these tests serve the TCP API (inside their own namespace).
@@ -202,11 +202,11 @@ fn a_group_may_capture_on_its_interface_only_and_is_refused_another_naming_the_r
 const TEAM_B_TOKEN: &str = "team-b-token-7f3a9c0e";
 
 /// A daemon with the TCP API and a rule `team-b` whose token is [`TEAM_B_TOKEN`], with
-/// `rule` added to the rule; anyone else may do anything.
+/// `rule` added to the rule, its metrics served; anyone else may do anything.
 fn token_daemon(veth: &VethPair, rule: &str, audit: &str) -> (TestDaemon, tempfile::TempDir) {
     let (dir, path) = token_file(TEAM_B_TOKEN);
     let extra = format!(
-        "tcp_listen = \"{TCP_ADDR}\"\n[[access.rules]]\nname = \"team-b\"\ntoken_file = \"{}\"\n{rule}\n{audit}\n",
+        "tcp_listen = \"{TCP_ADDR}\"\nmetrics_listen = \"127.0.0.1:9464\"\n[[access.rules]]\nname = \"team-b\"\ntoken_file = \"{}\"\n{rule}\n{audit}\n",
         path.display()
     );
     (TestDaemon::start(veth, &extra), dir)
@@ -386,6 +386,9 @@ fn the_audit_log_has_a_line_per_action_survives_a_kill_rotates_and_holds_no_toke
     }
     let lines = audit_lines(&daemon);
     assert!(lines.len() > 60, "{}", lines.len());
+    // Counted, each written: since the restart, the 150 reads.
+    assert_eq!(metric(&veth, "tapstream_audit_lines_total"), 150.0);
+    assert_eq!(metric(&veth, "tapstream_audit_write_errors_total"), 0.0);
     assert!(lines.iter().rev().take(60).all(|l| l["action"] == "read" && l["capture"] == "a1"));
 
     // No audit file, nor any other file of the daemon, nor its log, holds the token.

@@ -99,6 +99,7 @@ impl AuditLog {
             Ok(line) => line,
             Err(e) => {
                 log::error!("audit: cannot encode a record: {e}");
+                metrics::counter!(crate::metrics::AUDIT_ERRORS).increment(1);
                 return;
             }
         };
@@ -112,8 +113,14 @@ impl AuditLog {
         }
         let result = file.0.write_all(&line).and_then(|()| file.0.sync_data());
         match result {
-            Ok(()) => file.1 += line.len() as u64,
-            Err(e) => log::error!("audit: cannot write to {}: {e}", self.path.display()),
+            Ok(()) => {
+                file.1 += line.len() as u64;
+                metrics::counter!(crate::metrics::AUDIT_LINES, "decision" => record.decision).increment(1);
+            }
+            Err(e) => {
+                log::error!("audit: cannot write to {}: {e}", self.path.display());
+                metrics::counter!(crate::metrics::AUDIT_ERRORS).increment(1);
+            }
         }
     }
 
