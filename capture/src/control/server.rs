@@ -139,7 +139,7 @@ enum Peer {
 }
 
 /// The local user on the other end of `stream`: its uid and gid, and its groups (the
-/// primary, then the supplementary ones), named where the host names them.
+/// primary, then the supplementary ones), not named yet ([`named_groups`]).
 fn local_subject(stream: &tokio::net::UnixStream) -> Subject {
     let cred = stream.peer_cred().ok();
     let gid = cred.map(|c| c.gid());
@@ -153,9 +153,26 @@ fn local_subject(stream: &tokio::net::UnixStream) -> Subject {
             gids.push(g);
         }
     }
-    let groups =
-        gids.into_iter().map(|gid| Group { gid, name: crate::sys::group_name(gid).ok().flatten() }).collect();
+    let groups = gids.into_iter().map(|gid| Group { gid, name: None }).collect();
     Subject::Local { uid: cred.map(|c| c.uid()), gid, groups }
+}
+
+/// `subject` with its groups named where the host names them. The lookup may read files or
+/// ask a directory service: it runs on a blocking thread, in the connection's own task, so
+/// neither the runtime nor the accepting of other connections waits for it.
+async fn named_groups(subject: Subject) -> Subject {
+    let unnamed = subject.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut subject = subject;
+        if let Subject::Local { groups, .. } = &mut subject {
+            for group in groups {
+                group.name = crate::sys::group_name(group.gid).ok().flatten();
+            }
+        }
+        subject
+    })
+    .await
+    .unwrap_or(unnamed)
 }
 
 /// Binds the control socket: a stale socket file is replaced; one a live daemon answers on
@@ -369,6 +386,10 @@ async fn serve_connection(
     permit: OwnedSemaphorePermit,
     shutdown: Shutdown,
 ) {
+    let peer = match peer {
+        Peer::Unix { subject } => Peer::Unix { subject: named_groups(subject).await },
+        tcp => tcp,
+    };
     let service = service_fn(move |request| handle(daemon.clone(), request, peer.clone()));
     let mut builder = http1::Builder::new();
     builder.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
