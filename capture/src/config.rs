@@ -4,6 +4,8 @@
 //! README's table is checked against them by a test). [`Config::load`] parses and validates;
 //! errors name the file and the field (`interfaces.public.ring_size: ...`).
 
+pub mod access;
+
 use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use serde::{Deserialize, Serialize};
@@ -16,6 +18,7 @@ use crate::{
     filter::{CaptureFilter, CbpfProgram, FilterError, program::Instructions},
     store::settings::StoreSettings,
 };
+use access::{AccessSection, AuditSection};
 
 /// Errors in a configuration file.
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +122,10 @@ pub struct Config {
     pub store: StoreSettings,
     /// Captures asked through a broker, for fleets of tap hosts (see the README's "Fleet").
     pub fleet: FleetSection,
+    /// Who may capture what (see the README's "Access").
+    pub access: AccessSection,
+    /// The record of every request (see the README's "Access").
+    pub audit: AuditSection,
 }
 
 /// `[fleet]`: the brokers the daemon takes capture requests from.
@@ -349,7 +356,7 @@ impl NatsSection {
 #[serde(default, deny_unknown_fields)]
 pub struct DaemonSection {
     /// Unix socket of the control API (HTTP and JSON). Whoever may open it may start
-    /// captures.
+    /// captures, within what their access rule allows (`[access]`).
     pub socket: PathBuf,
     /// Group that owns the socket (its members may start captures); none: the daemon's.
     pub socket_group: Option<String>,
@@ -358,8 +365,8 @@ pub struct DaemonSection {
     /// Also serve the control API over TCP at this address (e.g. `127.0.0.1:9465`); every
     /// request must then carry `Authorization: Bearer <token>`.
     pub tcp_listen: Option<String>,
-    /// File holding the bearer token for `tcp_listen` (required with it; never put the token
-    /// in this file). Only its owner, and its group if so chosen, may read it (mode 600 or
+    /// File holding the bearer token for `tcp_listen` (required with it unless access rules
+    /// have token files; never put the token in this file); its holder may do anything. Only its owner, and its group if so chosen, may read it (mode 600 or
     /// 640): a file others may read is refused at start.
     pub token_file: Option<PathBuf>,
     /// Directory where the state of captures is kept, so it survives a restart.
@@ -605,10 +612,14 @@ impl Config {
                     format!("{:?} is not an octal mode such as \"0660\"", d.socket_mode),
                 )
             })?;
-        if d.tcp_listen.is_some() && d.token_file.is_none() {
+        if d.tcp_listen.is_some()
+            && d.token_file.is_none()
+            && self.access.rules.iter().all(|r| r.token_file.is_none())
+        {
             return Err(invalid(
                 "daemon.token_file",
-                "is required with daemon.tcp_listen (the TCP API needs a bearer token)",
+                "is required with daemon.tcp_listen, unless access rules have token files (the TCP API needs \
+                 a bearer token)",
             ));
         }
         if let Some(addr) = &d.tcp_listen {
@@ -753,7 +764,9 @@ impl Config {
                 ));
             }
         }
-        self.store.validate().map_err(|(field, message)| invalid(format!("store.{field}"), message))
+        self.store.validate().map_err(|(field, message)| invalid(format!("store.{field}"), message))?;
+        self.access.validate(self)?;
+        self.audit.validate()
     }
 
     /// The socket's permission bits (validated).
@@ -917,6 +930,7 @@ mod tests {
     fn all_fields() -> Vec<(String, String)> {
         let config = include_str!("config.rs");
         let settings = include_str!("store/settings.rs");
+        let access = include_str!("config/access.rs");
         let mut out = Vec::new();
         for (section, source, strukt) in [
             ("daemon", config, "DaemonSection"),
@@ -927,6 +941,10 @@ mod tests {
             ("store", settings, "StoreSettings"),
             ("fleet.redis", config, "RedisSection"),
             ("fleet.nats", config, "NatsSection"),
+            ("access", access, "AccessSection"),
+            ("access.rules", access, "AccessRule"),
+            ("access.brokers", access, "BrokerAccess"),
+            ("audit", access, "AuditSection"),
         ] {
             for (name, doc) in documented_fields(source, strukt) {
                 out.push((format!("{section}.{name}"), doc));
@@ -944,9 +962,11 @@ mod tests {
         config.interfaces.insert("a".into(), InterfaceSection::default());
         let value = toml::Value::try_from(&config).unwrap();
         let count = |t: &toml::Value| t.as_table().map_or(0, |t| t.len());
-        let serde_fields =
-            ["daemon", "limits", "defaults", "store"].iter().map(|s| count(&value[s])).sum::<usize>()
-                + count(&value["interfaces"]["a"]);
+        let serde_fields = ["daemon", "limits", "defaults", "store", "access", "audit"]
+            .iter()
+            .map(|s| count(&value[s]))
+            .sum::<usize>()
+            + count(&value["interfaces"]["a"]);
         // Optional fields left unset are not serialized; count them from the sources.
         let unset = fields.iter().filter(|(f, _)| value_at(&value, f).is_none()).count();
         assert_eq!(serde_fields + unset, fields.len(), "every serde field has a doc comment");

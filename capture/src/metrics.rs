@@ -104,6 +104,12 @@ pub const FLEET_EVENTS_DROPPED: &str = "tapstream_fleet_events_dropped_total";
 /// 1 while the fleet's broker is reachable, else 0, by `transport` (redis, nats).
 pub const FLEET_BROKER_CONNECTED: &str = "tapstream_fleet_broker_connected";
 
+/// Lines written to the audit log, by `decision` (allowed, refused).
+pub const AUDIT_LINES: &str = "tapstream_audit_lines_total";
+/// Audit lines that could not be written or synced to disk (the request was answered all
+/// the same): alert on any.
+pub const AUDIT_ERRORS: &str = "tapstream_audit_write_errors_total";
+
 /// The `outcome` labels of [`FLEET_REQUESTS`].
 pub const FLEET_OUTCOMES: [&str; 4] = ["accepted", "refused", "ignored", "duplicate"];
 
@@ -164,6 +170,10 @@ pub fn register_all(stop_reasons: impl IntoIterator<Item = &'static str>) {
     for reason in stop_reasons {
         counter!(CAPTURES_ENDED, "reason" => reason).absolute(0);
     }
+    for decision in ["allowed", "refused"] {
+        counter!(AUDIT_LINES, "decision" => decision).absolute(0);
+    }
+    counter!(AUDIT_ERRORS).absolute(0);
     gauge!(UPLOAD_PARTS_IN_FLIGHT).set(0.0);
     gauge!(UPLOAD_CONNECTIONS_WAITING).set(0.0);
     gauge!(SPOOL_CHUNKS).set(0.0);
@@ -195,6 +205,8 @@ pub fn describe() {
     describe_gauge!(COMPRESS_LEVEL, Unit::Count, "zstd level of the chunk compressed last");
     describe_gauge!(CAPTURES_ACTIVE, Unit::Count, "Captures running");
     describe_counter!(CAPTURES_ENDED, Unit::Count, "Captures ended, by reason");
+    describe_counter!(AUDIT_LINES, Unit::Count, "Lines written to the audit log, by decision");
+    describe_counter!(AUDIT_ERRORS, Unit::Count, "Audit lines that could not be written or synced");
     describe_counter!(XDP_FRAMES, Unit::Count, "Frames the XDP program handled, by result");
     describe_counter!(XDP_SEEN, Unit::Count, "Frames the XDP program saw");
     describe_counter!(XDP_MATCHED, Unit::Count, "Frames at least one capture wanted");

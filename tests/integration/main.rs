@@ -2,6 +2,7 @@
 //! XDP) and the tools `cargo xtask setup` installs; each test makes its own namespaces and
 //! servers and removes them when done.
 
+mod access;
 mod catalog;
 mod common;
 mod control_hardening;

@@ -34,6 +34,9 @@ pub fn show(info: &CaptureInfo, json: bool) -> anyhow::Result<()> {
             println!("capture {} running on {}", info.id, info.interfaces_shown());
             println!("  {}", progress_line(info));
             println!("  into {}", info.location);
+            if let Some(rule) = &info.owner {
+                println!("  under access rule {rule}");
+            }
         }
     }
     Ok(())

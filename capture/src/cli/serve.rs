@@ -42,14 +42,15 @@ pub fn daemon(file: &std::path::Path) -> anyhow::Result<()> {
             config.socket_mode(),
             config.daemon.socket_group.as_deref(),
         )?;
-        let tcp = match (&config.daemon.tcp_listen, &config.daemon.token_file) {
-            (Some(addr), Some(token_file)) => {
-                let token = server::read_token(token_file)?;
+        // Access rules may have tokens of their own beside (or instead of) the daemon's.
+        let tcp = match &config.daemon.tcp_listen {
+            Some(addr) => {
+                let token = config.daemon.token_file.as_deref().map(server::read_token).transpose()?;
                 let listener =
                     tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listen on {addr}"))?;
                 Some((listener, token))
             }
-            _ => None,
+            None => None,
         };
         anyhow::Ok((unix, tcp))
     })?;

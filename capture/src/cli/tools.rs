@@ -23,12 +23,19 @@ use anyhow::{Context as _, bail};
 
 pub fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
     let config = Config::load(file)?;
+    // What the access rules need of this host: their groups, their token files.
+    crate::request::access::AccessPolicy::load(&config).with_context(|| format!("{}", file.display()))?;
     println!(
-        "{}: valid; {} interface(s): {}; {} destination(s)",
+        "{}: valid; {} interface(s): {}; {} destination(s); {} access rule(s), access.default = {}",
         file.display(),
         config.interfaces.len(),
         config.interfaces.iter().map(|(a, i)| format!("{a} ({})", i.device)).collect::<Vec<_>>().join(", "),
-        config.store.destinations.len()
+        config.store.destinations.len(),
+        config.access.rules.len(),
+        match config.access.default {
+            crate::config::access::DefaultAccess::Allow => "allow",
+            crate::config::access::DefaultAccess::Deny => "deny",
+        }
     );
     Ok(())
 }

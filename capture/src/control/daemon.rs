@@ -17,15 +17,21 @@ use crate::{
         CaptureOrder, CaptureSummary, InterfaceService, OnDone, Progress, Recovery, SessionError, Target,
         gather,
     },
-    config::Config,
-    control::{CaptureInfo, CaptureRequest, CaptureState, InterfaceInfo, InterfaceState},
+    config::{Config, ConfigError},
+    control::{
+        CaptureInfo, CaptureRequest, CaptureState, InterfaceInfo, InterfaceState,
+        audit::{Action, AuditError, AuditLog, Record},
+    },
     datapath::{
         capture::{Budget, StopReason},
         pipeline::PipelineError,
     },
     filter::BoundedCompiler,
     report,
-    request::{CapturePlan, PlanError, Policy},
+    request::{
+        CapturePlan, PlanError, Policy,
+        access::{AccessDenied, AccessPolicy, Grant, Subject},
+    },
     store::{
         UploadError,
         catalog::{CaptureEnd, Catalog, Manifest, ManifestInterface, recovered_objects},
@@ -50,6 +56,11 @@ pub enum DaemonError {
         #[source]
         source: Box<SessionError>,
     },
+    /// An access rule's group or token file is not as it must be.
+    #[error(transparent)]
+    Access(ConfigError),
+    #[error(transparent)]
+    Audit(#[from] AuditError),
 }
 
 /// Why the daemon did not do what a request asked. The HTTP layer gives each a status.
@@ -58,6 +69,9 @@ pub enum RequestError {
     /// The request itself is refused (see [`PlanError`]).
     #[error(transparent)]
     Plan(#[from] PlanError),
+    /// The access rules do not allow it (see [`AccessDenied`]).
+    #[error(transparent)]
+    Access(#[from] AccessDenied),
     /// The interface's device is not there now.
     #[error(transparent)]
     Absent(SessionError),
@@ -113,6 +127,10 @@ pub struct Daemon {
     compiler: BoundedCompiler,
     /// What requests are resolved against (from the configuration).
     policy: Policy,
+    /// Who may do what (`[access]`).
+    access: AccessPolicy,
+    /// The record of every request (`[audit]`).
+    audit: AuditLog,
 }
 
 impl Daemon {
@@ -120,6 +138,8 @@ impl Daemon {
     /// and starts every configured interface. An interface whose device does not exist yet is
     /// reported absent and attached when the device appears. `shutdown` is the daemon's stop.
     pub fn start(config: Config, shutdown: Shutdown) -> Result<Self, DaemonError> {
+        let access = AccessPolicy::load(&config).map_err(DaemonError::Access)?;
+        let audit = AuditLog::open(&config.audit.file(&config), config.audit.max_bytes, config.audit.keep)?;
         let state_dir = config.daemon.state_dir.join("captures");
         std::fs::create_dir_all(&state_dir)
             .map_err(|source| DaemonError::State { path: state_dir.clone(), source })?;
@@ -150,7 +170,7 @@ impl Daemon {
             "limits.filter_compile_timeout_secs",
         );
         let policy = Policy::daemon(&config, &node);
-        Ok(Self { config, node, services: Mutex::new(services), shared, compiler, policy })
+        Ok(Self { config, node, services: Mutex::new(services), shared, compiler, policy, access, audit })
     }
 
     /// The configuration in force.
@@ -173,18 +193,80 @@ impl Daemon {
         rx
     }
 
-    /// Resolves `request` into a plan ([`CapturePlan::resolve`]) and starts the capture.
+    /// The access rules (for the control API's tokens).
+    pub fn access(&self) -> &AccessPolicy {
+        &self.access
+    }
+
+    /// Records in the audit log what `subject` asked and what became of it: `outcome` is the
+    /// reason of a refusal.
+    pub fn audit(
+        &self,
+        action: Action,
+        subject: &Subject,
+        capture: Option<&str>,
+        request: Option<&CaptureRequest>,
+        outcome: Result<(), String>,
+    ) {
+        let rule = self.access.grant(subject).rule();
+        self.audit.write(&Record {
+            time: crate::control::audit::now(),
+            action,
+            subject,
+            rule,
+            capture,
+            request,
+            decision: if outcome.is_ok() { "allowed" } else { "refused" },
+            reason: outcome.err(),
+        });
+    }
+
+    fn audited<T>(
+        &self,
+        action: Action,
+        subject: &Subject,
+        capture: Option<&str>,
+        request: Option<&CaptureRequest>,
+        result: &Result<T, RequestError>,
+    ) {
+        let outcome = result.as_ref().map(|_| ()).map_err(|e| report::chain(e));
+        self.audit(action, subject, capture, request, outcome);
+    }
+
+    /// Checks `request` against what `subject` may do, resolves it into a plan
+    /// ([`CapturePlan::resolve`]) and starts the capture; records it in the audit log.
     pub fn start_capture(
         &self,
         request: CaptureRequest,
-        requested_by: Option<u32>,
+        subject: &Subject,
     ) -> Result<CaptureInfo, RequestError> {
+        let asked = request.clone();
+        let result = self.start_for(request, subject);
+        let id = match &result {
+            Ok(info) => Some(info.id.as_str()),
+            Err(_) => asked.id.as_deref(),
+        };
+        self.audited(Action::Start, subject, id, Some(&asked), &result);
+        result
+    }
+
+    fn start_for(&self, mut request: CaptureRequest, subject: &Subject) -> Result<CaptureInfo, RequestError> {
+        let grant = self.access.grant(subject);
+        let policy = grant.narrow(subject, &mut request, &self.policy)?;
         // Compiled here, once, on this request's own (blocking) thread, in a child process
         // within the time limit: the interface's thread gets the program and never waits for
         // libpcap, and neither do other requests or a stopping daemon.
-        let plan = CapturePlan::resolve(request, &self.policy, self.running(), |expression| {
+        let plan = CapturePlan::resolve(request, &policy, self.running(), |expression| {
             self.compiler.compile(expression, &self.shared.stopping)
+        })
+        .map_err(|e| match e {
+            PlanError::DestinationNotAllowed { ref asked, .. } => {
+                grant.destination_refused(asked).map_or(RequestError::Plan(e), RequestError::Access)
+            }
+            e => RequestError::Plan(e),
         })?;
+        grant.check_caps(&plan.request)?;
+        let owner = grant.rule().map(str::to_owned);
         let services = self.services();
         if let Some((alias, device)) =
             plan.interfaces.iter().find(|(alias, _)| services.get(alias).is_some_and(|s| !s.attached()))
@@ -222,7 +304,8 @@ impl Daemon {
             request: plan.request.clone(),
             location: plan.location().unwrap_or_default(),
             started_ns: crate::sys::unix_now_ns(),
-            requested_by,
+            requested_by: subject.uid(),
+            owner: owner.clone(),
             state: CaptureState::Running,
             progress: Progress::default(),
             summary: None,
@@ -234,7 +317,14 @@ impl Daemon {
                 return Err(RequestError::IdTaken { id });
             }
             let running = captures.values().filter(|e| e.info.state == CaptureState::Running).count();
-            plan.check_caps(&self.policy, running)?;
+            plan.check_caps(&policy, running)?;
+            if let Grant::Rule(_) = grant {
+                let theirs = captures
+                    .values()
+                    .filter(|e| e.info.state == CaptureState::Running && e.info.owner == owner)
+                    .count();
+                grant.check_concurrent(theirs)?;
+            }
             captures.insert(id.clone(), Entry { info: info.clone(), progress: Vec::new() });
         }
         self.shared.persist(&info);
@@ -310,8 +400,9 @@ impl Daemon {
         }
         drop(captures);
         log::info!(
-            "capture {id} started on {} for uid {requested_by:?}: filter {:?}, into {destination}",
+            "capture {id} started on {} for {subject}{}: filter {:?}, into {destination}",
             info.interfaces_shown(),
+            owner.as_deref().map(|r| format!(" (access rule {r})")).unwrap_or_default(),
             plan.request.filter.as_deref().unwrap_or("")
         );
         Ok(info)
@@ -342,14 +433,51 @@ impl Daemon {
         all
     }
 
+    /// Every capture `subject` may see, newest first; recorded in the audit log.
+    pub fn list_for(&self, subject: &Subject) -> Result<Vec<CaptureInfo>, RequestError> {
+        let grant = self.access.grant(subject);
+        let result = grant.check_any(subject).map_err(RequestError::from).map(|()| {
+            let mut all = self.list();
+            all.retain(|c| grant.may_read(subject, &c.id, c.owner.as_deref()).is_ok());
+            all
+        });
+        self.audited(Action::List, subject, None, None, &result);
+        result
+    }
+
     /// One capture.
     pub fn get(&self, id: &str) -> Result<CaptureInfo, RequestError> {
         self.shared.lock().get(id).map(Entry::current).ok_or_else(|| RequestError::no_capture(id))
     }
 
-    /// Ends a running capture (its output is finished as for any other end).
-    pub fn stop_capture(&self, id: &str) -> Result<CaptureInfo, RequestError> {
+    /// One capture, if `subject` may see it; recorded in the audit log.
+    pub fn read(&self, id: &str, subject: &Subject) -> Result<CaptureInfo, RequestError> {
+        let result = self.readable(id, subject);
+        self.audited(Action::Read, subject, Some(id), None, &result);
+        result
+    }
+
+    fn readable(&self, id: &str, subject: &Subject) -> Result<CaptureInfo, RequestError> {
+        let grant = self.access.grant(subject);
+        grant.check_any(subject)?;
         let info = self.get(id)?;
+        grant.may_read(subject, id, info.owner.as_deref())?;
+        Ok(info)
+    }
+
+    /// Ends a running capture (its output is finished as for any other end), if `subject` may;
+    /// recorded in the audit log.
+    pub fn stop_capture(&self, id: &str, subject: &Subject) -> Result<CaptureInfo, RequestError> {
+        let result = self.stop_for(id, subject);
+        self.audited(Action::Stop, subject, Some(id), None, &result);
+        result
+    }
+
+    fn stop_for(&self, id: &str, subject: &Subject) -> Result<CaptureInfo, RequestError> {
+        let grant = self.access.grant(subject);
+        grant.check_any(subject)?;
+        let info = self.get(id)?;
+        grant.may_stop(subject, id, info.owner.as_deref())?;
         if info.state == CaptureState::Running {
             let services = self.services();
             for service in info.interfaces.iter().filter_map(|alias| services.get(alias)) {
@@ -359,9 +487,12 @@ impl Daemon {
         Ok(info)
     }
 
-    /// Waits up to `timeout` for a capture to end, or for the daemon to begin stopping;
-    /// returns it as it is then.
-    pub fn wait(&self, id: &str, timeout: Duration) -> Result<CaptureInfo, RequestError> {
+    /// Waits up to `timeout` for a capture `subject` may see to end, or for the daemon to
+    /// begin stopping; returns it as it is then. Recorded in the audit log when it begins.
+    pub fn wait(&self, id: &str, timeout: Duration, subject: &Subject) -> Result<CaptureInfo, RequestError> {
+        let allowed = self.readable(id, subject);
+        self.audited(Action::Wait, subject, Some(id), None, &allowed);
+        allowed?;
         let deadline = Instant::now() + timeout;
         let mut captures = self.shared.lock();
         loop {

@@ -15,12 +15,20 @@
 //! A wait's `timeout_secs` is in 0..=300 (longer is shortened to 300; default 30); a wait
 //! also returns, with the capture as it then is, when the daemon stops.
 //!
+//! Who asks is held to an access rule (`[access]`, [`crate::request::access`]): a local user
+//! by the socket's credentials, a TCP client by its token. A rule that does not allow a start
+//! refuses it, naming the rule; one that does not hold a capture's owner lists it not, and
+//! refuses to show, wait for or stop it. Each start, refusal, stop, wait and read is written
+//! to the [`audit`] log before the answer.
+//!
 //! Errors are `{"error": "..."}` with 400 (malformed or invalid request), 401 (TCP without
-//! the token), 403 (above a server cap, or a destination not allowed), 404 (no such
+//! a valid token), 403 (above a server cap, a destination not allowed, or what the client's
+//! access rule does not allow), 404 (no such
 //! capture), 408 (the body did not arrive in time), 409 (id taken), 413 (body too large),
 //! 500, or 503 (the daemon is stopping, or the interface's device is absent). The server's
 //! bounds on connections and its timeouts are in [`server`].
 
+pub mod audit;
 pub mod client;
 pub mod daemon;
 pub mod server;
@@ -59,6 +67,10 @@ pub struct CaptureInfo {
     pub started_ns: u64,
     /// The user id that asked (from the socket's peer credentials), if known.
     pub requested_by: Option<u32>,
+    /// The access rule it was started under (`[[access.rules]]`): only the clients of that
+    /// rule may stop or see it, unless theirs allows more; `None`: no rule.
+    #[serde(default)]
+    pub owner: Option<String>,
     /// Running, finished or failed.
     pub state: CaptureState,
     /// Packets, bytes, elapsed time and drops so far.

@@ -23,7 +23,10 @@
 use std::{
     convert::Infallible,
     io::Read as _,
-    os::{fd::AsRawFd as _, unix::fs::PermissionsExt as _},
+    os::{
+        fd::{AsFd as _, AsRawFd as _},
+        unix::fs::PermissionsExt as _,
+    },
     path::Path,
     sync::Arc,
     time::{Duration, Instant},
@@ -47,10 +50,16 @@ use tokio::{
 use super::{CaptureRequest, ErrorReply};
 use crate::{
     captures::SessionError,
-    control::daemon::{Daemon, RequestError},
+    control::{
+        audit::Action,
+        daemon::{Daemon, RequestError},
+    },
     datapath::pipeline::PipelineError,
     filter::FilterError,
-    request::PlanError,
+    request::{
+        PlanError,
+        access::{AccessDenied, Group, Subject, constant_time_eq},
+    },
     store::UploadError,
     sys::Shutdown,
 };
@@ -122,10 +131,48 @@ pub enum ServerError {
 /// Who is on the other end of a connection.
 #[derive(Clone, Debug)]
 enum Peer {
-    /// A local user (uid from the socket's peer credentials).
-    Unix { uid: Option<u32> },
-    /// A TCP client: it must present the token.
-    Tcp { token: Arc<String> },
+    /// A local user (from the socket's peer credentials).
+    Unix { subject: Subject },
+    /// A TCP client: it must present a token, `daemon.token_file`'s (if any) or an access
+    /// rule's.
+    Tcp { token: Option<Arc<String>> },
+}
+
+/// The local user on the other end of `stream`: its uid and gid, and its groups (the
+/// primary, then the supplementary ones), not named yet ([`named_groups`]).
+fn local_subject(stream: &tokio::net::UnixStream) -> Subject {
+    let cred = stream.peer_cred().ok();
+    let gid = cred.map(|c| c.gid());
+    let supplementary = crate::sys::peer_groups(stream.as_fd()).unwrap_or_else(|e| {
+        log::warn!("cannot read the groups of a control socket client: {e}");
+        Vec::new()
+    });
+    let mut gids: Vec<u32> = gid.into_iter().collect();
+    for g in supplementary {
+        if !gids.contains(&g) {
+            gids.push(g);
+        }
+    }
+    let groups = gids.into_iter().map(|gid| Group { gid, name: None }).collect();
+    Subject::Local { uid: cred.map(|c| c.uid()), gid, groups }
+}
+
+/// `subject` with its groups named where the host names them. The lookup may read files or
+/// ask a directory service: it runs on a blocking thread, in the connection's own task, so
+/// neither the runtime nor the accepting of other connections waits for it.
+async fn named_groups(subject: Subject) -> Subject {
+    let unnamed = subject.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut subject = subject;
+        if let Subject::Local { groups, .. } = &mut subject {
+            for group in groups {
+                group.name = crate::sys::group_name(group.gid).ok().flatten();
+            }
+        }
+        subject
+    })
+    .await
+    .unwrap_or(unnamed)
 }
 
 /// Binds the control socket: a stale socket file is replaced; one a live daemon answers on
@@ -190,7 +237,7 @@ pub fn read_token(path: &Path) -> Result<String, ServerError> {
 /// A listener of the control API.
 enum Listener {
     Unix(tokio::net::UnixListener),
-    Tcp { listener: tokio::net::TcpListener, token: Arc<String> },
+    Tcp { listener: tokio::net::TcpListener, token: Option<Arc<String>> },
 }
 
 /// A connection's stream, whichever the listener.
@@ -227,9 +274,9 @@ impl Listener {
         match self {
             Self::Unix(listener) => {
                 let (stream, _) = listener.accept().await?;
-                let uid = stream.peer_cred().ok().map(|c| c.uid());
+                let subject = local_subject(&stream);
                 let fd = stream.as_raw_fd();
-                Ok((Box::new(stream), Peer::Unix { uid }, fd))
+                Ok((Box::new(stream), Peer::Unix { subject }, fd))
             }
             Self::Tcp { listener, token } => {
                 let (stream, _) = listener.accept().await?;
@@ -245,12 +292,12 @@ impl Listener {
 pub async fn serve(
     daemon: Arc<Daemon>,
     unix: tokio::net::UnixListener,
-    tcp: Option<(tokio::net::TcpListener, String)>,
+    tcp: Option<(tokio::net::TcpListener, Option<String>)>,
     shutdown: Shutdown,
 ) {
     let mut listeners = vec![Listener::Unix(unix)];
     if let Some((listener, token)) = tcp {
-        listeners.push(Listener::Tcp { listener, token: Arc::new(token) });
+        listeners.push(Listener::Tcp { listener, token: token.map(Arc::new) });
     }
     // One task per listener: a listener pausing after failed accepts does not hold up the other.
     let mut tasks = JoinSet::new();
@@ -339,6 +386,10 @@ async fn serve_connection(
     permit: OwnedSemaphorePermit,
     shutdown: Shutdown,
 ) {
+    let peer = match peer {
+        Peer::Unix { subject } => Peer::Unix { subject: named_groups(subject).await },
+        tcp => tcp,
+    };
     let service = service_fn(move |request| handle(daemon.clone(), request, peer.clone()));
     let mut builder = http1::Builder::new();
     builder.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
@@ -503,6 +554,8 @@ impl From<RequestError> for ApiError {
     fn from(e: RequestError) -> Self {
         let message = e.to_string();
         let status = match &e {
+            RequestError::Access(AccessDenied::Unbalanced { .. }) => 400,
+            RequestError::Access(_) => 403,
             RequestError::Plan(plan) => match plan {
                 PlanError::OverCap(_)
                 | PlanError::NoDestinations
@@ -537,9 +590,28 @@ impl From<RequestError> for ApiError {
     }
 }
 
-/// Whether `presented` equals `token`, in time that does not depend on where they differ.
-fn token_matches(presented: &[u8], token: &[u8]) -> bool {
-    presented.len() == token.len() && presented.iter().zip(token).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+/// What a route does, for the audit log, and the capture it names.
+fn audited_action(method: &Method, segments: &[&str]) -> Option<(Action, Option<String>)> {
+    match (method, segments) {
+        (&Method::POST, ["v1", "captures"]) => Some((Action::Start, None)),
+        (&Method::GET, ["v1", "captures"]) => Some((Action::List, None)),
+        (&Method::GET, ["v1", "captures", id]) => Some((Action::Read, Some((*id).to_owned()))),
+        (&Method::POST, ["v1", "captures", id, "stop"]) => Some((Action::Stop, Some((*id).to_owned()))),
+        (&Method::GET, ["v1", "captures", id, "wait"]) => Some((Action::Wait, Some((*id).to_owned()))),
+        _ => None,
+    }
+}
+
+/// Who a TCP client is, by the token it presents: every token is compared, each in constant
+/// time; `daemon.token_file`'s first.
+fn token_subject(daemon: &Daemon, operator: Option<&Arc<String>>, presented: &str) -> Subject {
+    let operator = operator.is_some_and(|token| constant_time_eq(presented.as_bytes(), token.as_bytes()));
+    let rule = daemon.access().token(presented.as_bytes());
+    match (operator, rule) {
+        (true, _) => Subject::OperatorToken,
+        (false, Some(rule)) => Subject::Token { rule },
+        (false, None) => Subject::Unauthenticated,
+    }
 }
 
 async fn route(
@@ -547,8 +619,13 @@ async fn route(
     request: Request<Incoming>,
     peer: &Peer,
 ) -> Result<(StatusCode, Vec<u8>), ApiError> {
-    let requested_by = match peer {
-        Peer::Unix { uid } => *uid,
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let query = request.uri().query().unwrap_or("").to_owned();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let action = audited_action(&method, &segments);
+    let subject = match peer {
+        Peer::Unix { subject } => subject.clone(),
         Peer::Tcp { token } => {
             let presented = request
                 .headers()
@@ -556,35 +633,60 @@ async fn route(
                 .and_then(|v| v.to_str().ok())
                 .and_then(bearer_token)
                 .unwrap_or("");
-            if !token_matches(presented.as_bytes(), token.as_bytes()) {
-                return Err(ApiError::new(StatusCode::UNAUTHORIZED, "a valid bearer token is required"));
+            let subject = token_subject(&daemon, token.as_ref(), presented);
+            if subject == Subject::Unauthenticated {
+                const REFUSED: &str = "a valid bearer token is required";
+                if let Some((action, id)) = action {
+                    let daemon = daemon.clone();
+                    blocking(move || {
+                        daemon.audit(action, &subject, id.as_deref(), None, Err(REFUSED.into()));
+                        Ok(())
+                    })
+                    .await?;
+                }
+                return Err(ApiError::new(StatusCode::UNAUTHORIZED, REFUSED));
             }
-            None
+            subject
         }
     };
-    let method = request.method().clone();
-    let path = request.uri().path().to_owned();
-    let query = request.uri().query().unwrap_or("").to_owned();
     let body = read_body(request.into_body()).await?;
-    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (&method, segments.as_slice()) {
         (&Method::POST, ["v1", "captures"]) => {
-            let request: CaptureRequest = serde_json::from_slice(&body).map_err(|e| {
-                ApiError::new(StatusCode::BAD_REQUEST, format!("malformed capture request: {e}"))
-            })?;
-            let info = blocking(move || Ok(daemon.start_capture(request, requested_by)?)).await?;
+            let request: CaptureRequest = match serde_json::from_slice(&body) {
+                Ok(request) => request,
+                Err(e) => {
+                    let message = format!("malformed capture request: {e}");
+                    let reason = message.clone();
+                    blocking(move || {
+                        daemon.audit(Action::Start, &subject, None, None, Err(reason));
+                        Ok(())
+                    })
+                    .await?;
+                    return Err(ApiError::new(StatusCode::BAD_REQUEST, message));
+                }
+            };
+            let info = blocking(move || Ok(daemon.start_capture(request, &subject)?)).await?;
             Ok((StatusCode::CREATED, json(&info)))
         }
-        (&Method::GET, ["v1", "captures"]) => Ok((StatusCode::OK, json(&daemon.list()))),
+        (&Method::GET, ["v1", "captures"]) => {
+            let all = blocking(move || Ok(daemon.list_for(&subject)?)).await?;
+            Ok((StatusCode::OK, json(&all)))
+        }
         (&Method::GET, ["v1", "interfaces"]) => Ok((StatusCode::OK, json(&daemon.interfaces()))),
-        (&Method::GET, ["v1", "captures", id]) => Ok((StatusCode::OK, json(&daemon.get(id)?))),
+        (&Method::GET, ["v1", "captures", id]) => {
+            let id = (*id).to_owned();
+            let info = blocking(move || Ok(daemon.read(&id, &subject)?)).await?;
+            Ok((StatusCode::OK, json(&info)))
+        }
         (&Method::POST, ["v1", "captures", id, "stop"]) => {
-            Ok((StatusCode::OK, json(&daemon.stop_capture(id)?)))
+            let id = (*id).to_owned();
+            let info = blocking(move || Ok(daemon.stop_capture(&id, &subject)?)).await?;
+            Ok((StatusCode::OK, json(&info)))
         }
         (&Method::GET, ["v1", "captures", id, "wait"]) => {
             let timeout = wait_timeout(&query)?;
             let id = (*id).to_owned();
-            let info = blocking(move || Ok(daemon.wait(&id, timeout)?)).await?;
+            let info = blocking(move || Ok(daemon.wait(&id, timeout, &subject)?)).await?;
             Ok((StatusCode::OK, json(&info)))
         }
         _ => Err(ApiError::new(StatusCode::NOT_FOUND, format!("no route {method} {path}"))),
@@ -753,13 +855,5 @@ mod tests {
         assert_eq!(printable("unknown field `\0`"), "unknown field `\\0`");
         assert_eq!(printable("a\r\nb\u{1b}[2J"), "a\\r\\nb\\u{1b}[2J");
         assert_eq!(printable("ü☃ ok"), "ü☃ ok");
-    }
-
-    #[test]
-    fn tokens_compare_whole() {
-        assert!(token_matches(b"secret", b"secret"));
-        assert!(!token_matches(b"secreT", b"secret"));
-        assert!(!token_matches(b"secret1", b"secret"));
-        assert!(!token_matches(b"", b"secret"));
     }
 }

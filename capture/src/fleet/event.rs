@@ -137,6 +137,8 @@ impl RefusalCode {
                 PlanError::NoDestinations => Self::Unavailable,
                 _ => Self::BadRequest,
             },
+            // The access rule of the broker's transport (`[access.brokers]`) forbids it.
+            RequestError::Access(_) => Self::NotAllowed,
             RequestError::IdTaken { .. } | RequestError::NoCapture { .. } => Self::BadRequest,
             RequestError::Absent(_)
             | RequestError::Stopping

@@ -38,9 +38,13 @@ use serde::{Deserialize, Serialize};
 pub use event::{Event, RefusalCode, What};
 pub use message::{FleetRequest, MessageError, Target};
 
-use crate::control::{
-    CaptureInfo, CaptureState,
-    daemon::{Daemon, RequestError, recovery_pending},
+use crate::{
+    control::{
+        CaptureInfo, CaptureState,
+        audit::Action,
+        daemon::{Daemon, RequestError, recovery_pending},
+    },
+    request::access::Subject,
 };
 
 /// What became of a message.
@@ -277,6 +281,9 @@ struct StartedFile {
 /// This node's side of the fleet: decides requests, reports events.
 pub struct Node {
     daemon: Arc<Daemon>,
+    /// The transport its requests come through (`redis`, `nats`): their subject in the access
+    /// rules (`[access.brokers]`) and the audit log. pcapdaemon's messages are `pcapdaemon`.
+    transport: &'static str,
     name: String,
     labels: BTreeMap<String, String>,
     outbox: Arc<Outbox>,
@@ -288,19 +295,32 @@ pub struct Node {
 
 impl Node {
     /// A node that keeps what it started in memory only.
-    pub fn new(daemon: Arc<Daemon>, outbox: Arc<Outbox>) -> Self {
+    pub fn new(daemon: Arc<Daemon>, transport: &'static str, outbox: Arc<Outbox>) -> Self {
         let name = daemon.node().to_owned();
         let labels = daemon.config().daemon.labels.clone();
-        Self { daemon, name, labels, outbox, started: Mutex::new(HashMap::new()), started_dir: None }
+        Self {
+            daemon,
+            transport,
+            name,
+            labels,
+            outbox,
+            started: Mutex::new(HashMap::new()),
+            started_dir: None,
+        }
     }
 
     /// A node that keeps the captures it started in `dir`, one file each until its end is
     /// reported, and reports now the ends of those an earlier run left there (the captures
     /// that were running when it died end as interrupted). Call it after the daemon has loaded
     /// its captures and before deciding requests.
-    pub fn persistent(daemon: Arc<Daemon>, outbox: Arc<Outbox>, dir: PathBuf) -> std::io::Result<Self> {
+    pub fn persistent(
+        daemon: Arc<Daemon>,
+        transport: &'static str,
+        outbox: Arc<Outbox>,
+        dir: PathBuf,
+    ) -> std::io::Result<Self> {
         std::fs::create_dir_all(&dir)?;
-        let mut node = Self::new(daemon, outbox);
+        let mut node = Self::new(daemon, transport, outbox);
         let mut earlier = Vec::new();
         for entry in std::fs::read_dir(&dir)? {
             let path = entry?.path();
@@ -401,7 +421,7 @@ impl Node {
             Some(json) => FleetRequest::parse(json),
             None => Err(MessageError::NoBody { field: self::redis::REQUEST_FIELD }),
         };
-        self.count(self.decide(parsed, || message.and_then(request_id)))
+        self.count(self.decide(self.transport, parsed, || message.and_then(request_id)))
     }
 
     /// Decides one message in pcapdaemon's format ([`pcapdaemon`]) and reports it. Blocks.
@@ -412,7 +432,7 @@ impl Node {
             }
             m.request()
         });
-        self.count(self.decide(parsed, || None))
+        self.count(self.decide("pcapdaemon", parsed, || None))
     }
 
     fn count(&self, outcome: Outcome) -> Outcome {
@@ -426,9 +446,12 @@ impl Node {
         outcome
     }
 
-    /// Decides a request, or refuses a message that is none (naming the id `id_of` finds).
+    /// Decides a request that came through `transport`, or refuses a message that is none
+    /// (naming the id `id_of` finds). Refusals before the daemon's decision are recorded in its
+    /// audit log here; the daemon records its own.
     fn decide(
         &self,
+        transport: &'static str,
         parsed: Result<FleetRequest, MessageError>,
         id_of: impl FnOnce() -> Option<String>,
     ) -> Outcome {
@@ -437,9 +460,16 @@ impl Node {
             Err(e) => {
                 let id = id_of();
                 log::warn!("fleet: refusing a message (request {id:?}): {e}");
+                let subject = Subject::Broker { transport, message_id: id.clone() };
+                self.daemon.audit(Action::Start, &subject, None, None, Err(e.to_string()));
                 self.outbox.push(Event::malformed(&self.name, id, &e));
                 return Outcome::Refused(e.code());
             }
+        };
+        let subject = Subject::Broker { transport, message_id: Some(request.id.clone()) };
+        let refuse_early = |code: RefusalCode, reason: String| {
+            self.daemon.audit(Action::Start, &subject, None, Some(&request.capture), Err(reason.clone()));
+            self.refuse(&request, code, reason)
         };
         match request.target.matches(&self.name, &self.labels) {
             Ok(true) => {}
@@ -447,18 +477,17 @@ impl Node {
                 log::debug!("fleet: request {} is not for {}", request.id, self.name);
                 return Outcome::Ignored;
             }
-            Err(e) => return self.refuse(&request, e.code(), e.to_string()),
+            Err(e) => return refuse_early(e.code(), e.to_string()),
         }
         if request.expired(SystemTime::now()) {
             let reason = format!(
                 "expired: not_after {} has passed",
                 humantime::format_rfc3339_seconds(request.not_after.0)
             );
-            return self.refuse(&request, RefusalCode::Expired, reason);
+            return refuse_early(RefusalCode::Expired, reason);
         }
         if request.capture.id.as_ref().is_some_and(|id| *id != request.id) {
-            return self.refuse(
-                &request,
+            return refuse_early(
                 RefusalCode::BadRequest,
                 "capture.id: leave it out (the capture's id is the request's id)".into(),
             );
@@ -479,7 +508,7 @@ impl Node {
         let mut capture = request.capture.clone();
         capture.id = Some(request.id.clone());
         capture.request_id = Some(request.id.clone());
-        match self.daemon.start_capture(capture, None) {
+        match self.daemon.start_capture(capture, &subject) {
             Ok(info) => {
                 log::info!(
                     "fleet: request {} accepted: capture {} on {}",
@@ -559,13 +588,14 @@ impl Node {
 /// no end falls between.
 pub fn open_node(
     daemon: Arc<Daemon>,
+    transport: &'static str,
     dir: &Path,
     max_pending: usize,
 ) -> std::io::Result<(Arc<Node>, Arc<Outbox>, tokio::sync::mpsc::UnboundedReceiver<CaptureInfo>)> {
     std::fs::create_dir_all(dir)?;
     let outbox = Arc::new(Outbox::open(&dir.join("outbox.jsonl"), max_pending)?);
     let ends = daemon.subscribe();
-    let node = Arc::new(Node::persistent(daemon, outbox.clone(), dir.join("requests"))?);
+    let node = Arc::new(Node::persistent(daemon, transport, outbox.clone(), dir.join("requests"))?);
     Ok((node, outbox, ends))
 }
 

@@ -255,7 +255,7 @@ impl NatsFleet {
         };
         // What must survive a restart: the events not sent yet, and the captures started.
         let dir = daemon.config().daemon.state_dir.join("fleet").join("nats");
-        let (node, outbox, ends) = super::open_node(daemon, &dir, settings.max_pending_events)
+        let (node, outbox, ends) = super::open_node(daemon, "nats", &dir, settings.max_pending_events)
             .map_err(|source| FleetNatsError::State { path: dir.clone(), source })?;
         let (finish, finishing) = watch::channel(false);
         let reader = tokio::spawn(read_requests(node.clone(), link.clone(), shutdown));

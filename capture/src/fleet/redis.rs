@@ -109,7 +109,7 @@ impl RedisFleet {
         };
         // What must survive a restart: the events not sent yet, and the captures started.
         let dir = daemon.config().daemon.state_dir.join("fleet");
-        let (node, outbox, ends) = super::open_node(daemon, &dir, settings.max_pending_events)
+        let (node, outbox, ends) = super::open_node(daemon, "redis", &dir, settings.max_pending_events)
             .map_err(|source| FleetRedisError::State { path: dir.clone(), source })?;
         let (finish, finishing) = watch::channel(false);
         let pubsub = (!settings.pcapdaemon_channel.is_empty()).then(|| {

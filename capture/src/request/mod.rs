@@ -7,6 +7,7 @@
 //! its filter, or refuses it with a [`PlanError`] that says what is wrong and carries the
 //! values. Every entry point calls it; only the HTTP layer turns a refusal into a status code.
 
+pub mod access;
 pub mod plan;
 
 use std::collections::BTreeMap;

@@ -168,6 +168,68 @@ pub fn group_id(name: &str) -> io::Result<Option<u32>> {
     }
 }
 
+/// The name of group `gid`, or `None` if the host has none.
+pub fn group_name(gid: u32) -> io::Result<Option<String>> {
+    /// Beyond this, a group's entry (its member list) is not believed.
+    const MAX_BUFFER: usize = 1 << 20;
+    let mut buf = vec![0u8; 1024];
+    loop {
+        // SAFETY: `struct group` is plain data (integers and pointers); all-zero is valid.
+        let mut group: libc::group = unsafe { std::mem::zeroed() };
+        let mut found: *mut libc::group = std::ptr::null_mut();
+        // SAFETY: `group` and `found` are valid for writes; the strings getgrgid_r points
+        // `group`'s fields at go in `buf`, of the length passed. The reentrant form, as other
+        // threads may look up users or groups meanwhile.
+        let rc = unsafe { libc::getgrgid_r(gid, &mut group, buf.as_mut_ptr().cast(), buf.len(), &mut found) };
+        match rc {
+            0 if found.is_null() || group.gr_name.is_null() => return Ok(None),
+            0 => {
+                // SAFETY: on success `gr_name` points at a NUL-terminated string in `buf`, which
+                // lives until the end of this function; it is copied out here.
+                let name = unsafe { std::ffi::CStr::from_ptr(group.gr_name) };
+                return Ok(Some(name.to_string_lossy().into_owned()));
+            }
+            libc::ERANGE if buf.len() < MAX_BUFFER => buf.resize(buf.len() * 2, 0),
+            libc::EINTR => {}
+            libc::ENOENT | libc::ESRCH | libc::EBADF | libc::EPERM => return Ok(None),
+            e => return Err(io::Error::from_raw_os_error(e)),
+        }
+    }
+}
+
+/// The supplementary groups of the peer of the Unix socket `fd`, as they were when it
+/// connected (`SO_PEERGROUPS`, Linux 4.13).
+pub fn peer_groups(fd: BorrowedFd<'_>) -> io::Result<Vec<u32>> {
+    /// NGROUPS_MAX on Linux.
+    const MAX_GROUPS: usize = 65_536;
+    let mut groups: Vec<libc::gid_t> = vec![0; 64];
+    loop {
+        let mut len = libc::socklen_t::try_from(groups.len() * std::mem::size_of::<libc::gid_t>())
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: `groups` is valid for writes of `len` bytes, which the kernel writes at most;
+        // it sets `len` to the bytes written, or needed when ERANGE.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        if rc == 0 {
+            groups.truncate(len as usize / std::mem::size_of::<libc::gid_t>());
+            return Ok(groups);
+        }
+        let e = io::Error::last_os_error();
+        let needed = len as usize / std::mem::size_of::<libc::gid_t>();
+        match e.raw_os_error() {
+            Some(libc::ERANGE) if needed > groups.len() && needed <= MAX_GROUPS => groups.resize(needed, 0),
+            _ => return Err(e),
+        }
+    }
+}
+
 /// Waits up to `timeout` (whole milliseconds) for `fd` to be readable; returns whether it is.
 pub fn poll_readable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<bool> {
     let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
