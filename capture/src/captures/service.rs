@@ -702,6 +702,7 @@ impl Service {
                         live_frames: packets.saturating_sub(history),
                         ..summary
                     }),
+                    cloudshark: None,
                 }));
             });
             match spawned {

@@ -29,6 +29,7 @@ use crate::{
     store::{
         UploadError,
         catalog::{CaptureEnd, Catalog, Manifest, ManifestInterface, recovered_objects},
+        cloudshark::{self, CloudShark, CloudSharkError, CloudSharkSummary, Pending, Upload},
         settings::{ObjectLabels, hostname},
     },
     sys::Shutdown,
@@ -42,6 +43,12 @@ pub enum DaemonError {
         path: PathBuf,
         #[source]
         source: std::io::Error,
+    },
+    #[error("cannot use the CloudShark appliance [cloudshark.{name}]")]
+    CloudShark {
+        name: String,
+        #[source]
+        source: CloudSharkError,
     },
     #[error("cannot start capturing on {alias} ({device})")]
     Interface {
@@ -99,6 +106,9 @@ struct Shared {
     keep_finished: usize,
     /// Told of each capture that starts and each that ends ([`Daemon::subscribe`]).
     subscribers: Mutex<Vec<tokio::sync::mpsc::UnboundedSender<CaptureInfo>>>,
+    /// The configured CloudShark appliances, by name, and the files on their way to them.
+    cloudshark: BTreeMap<String, Arc<CloudShark>>,
+    cloudshark_spool: cloudshark::Spool,
 }
 
 /// The daemon's interfaces and captures.
@@ -123,6 +133,15 @@ impl Daemon {
         let state_dir = config.daemon.state_dir.join("captures");
         std::fs::create_dir_all(&state_dir)
             .map_err(|source| DaemonError::State { path: state_dir.clone(), source })?;
+        let cloudshark = config
+            .cloudshark
+            .iter()
+            .map(|(name, section)| {
+                CloudShark::new(name, section)
+                    .map(|c| (name.clone(), Arc::new(c)))
+                    .map_err(|source| DaemonError::CloudShark { name: name.clone(), source })
+            })
+            .collect::<Result<_, _>>()?;
         let shared = Arc::new(Shared {
             captures: Mutex::new(BTreeMap::new()),
             changed: Condvar::new(),
@@ -130,6 +149,8 @@ impl Daemon {
             state_dir,
             keep_finished: config.daemon.keep_finished,
             subscribers: Mutex::new(Vec::new()),
+            cloudshark,
+            cloudshark_spool: cloudshark::Spool::new(&config.daemon.state_dir),
         });
         shared.load()?;
         let mut services = HashMap::new();
@@ -182,9 +203,27 @@ impl Daemon {
         // Compiled here, once, on this request's own (blocking) thread, in a child process
         // within the time limit: the interface's thread gets the program and never waits for
         // libpcap, and neither do other requests or a stopping daemon.
-        let plan = CapturePlan::resolve(request, &self.policy, self.running(), |expression| {
+        let mut plan = CapturePlan::resolve(request, &self.policy, self.running(), |expression| {
             self.compiler.compile(expression, &self.shared.stopping)
         })?;
+        // Also to CloudShark: one of the configured appliances, by its name or its URL.
+        let cloudshark = match plan.request.cloudshark.take() {
+            Some(asked) => {
+                let found = self.shared.cloudshark.values().find(|c| {
+                    c.name == asked || asked.parse::<cloudshark::CloudSharkUrl>().is_ok_and(|u| u == c.url)
+                });
+                let Some(found) = found else {
+                    let allowed = self.shared.cloudshark.values().map(|c| format!("{} ({})", c.url, c.name));
+                    return Err(RequestError::Plan(PlanError::DestinationNotAllowed {
+                        asked,
+                        allowed: allowed.collect(),
+                    }));
+                };
+                plan.request.cloudshark = Some(found.name.clone());
+                Some(found.clone())
+            }
+            None => None,
+        };
         let services = self.services();
         if let Some((alias, device)) =
             plan.interfaces.iter().find(|(alias, _)| services.get(alias).is_some_and(|s| !s.attached()))
@@ -243,7 +282,8 @@ impl Daemon {
         let done_id = id.clone();
         let (catalog, store, url) =
             (plan.labels.catalog.clone(), self.config.store.clone(), destination.clone());
-        let on_done: OnDone = Box::new(move |result| {
+        let described = describe(&plan, &self.node);
+        let on_done: OnDone = Box::new(move |mut result| {
             // The manifest's last write, before the capture is reported finished (on the
             // thread that finishes it, never an interface's).
             if let (Ok(summary), Some(catalog)) = (&result, &catalog) {
@@ -254,6 +294,26 @@ impl Daemon {
                         report::chain(&e)
                     );
                 }
+            }
+            // Then to CloudShark, read back from the store, before it is reported finished:
+            // its summary holds the files' ids and URLs, or where they wait.
+            if let (Ok(summary), Some(cloudshark), Some(catalog)) = (&mut result, &cloudshark, &catalog) {
+                let (tags, description) = described;
+                let pending = Pending {
+                    destination: cloudshark.name.clone(),
+                    capture: done_id.clone(),
+                    upload: Upload {
+                        filename: format!("{done_id}.pcap"),
+                        tags,
+                        description: format!("{description}, {}", window(catalog)),
+                    },
+                    refused: false,
+                };
+                let manifest = catalog.manifest();
+                summary.cloudshark =
+                    Some(cloudshark::deliver(cloudshark, &shared.cloudshark_spool, pending, |out| {
+                        store.read_capture(&url, &manifest, out).map_err(|e| report::chain(&e))
+                    }));
             }
             shared.finish(&done_id, result)
         });
@@ -478,6 +538,76 @@ impl Daemon {
         left
     }
 
+    /// Sends what waits in the CloudShark spool (files CloudShark could not take when their
+    /// capture ended) and records each file taken in its capture's summary. Files CloudShark
+    /// refused for good (the token) are sent again only when `refused_too` (at start, after a
+    /// change of the configuration). Stops at an appliance's first error of the round.
+    pub fn resend_cloudshark(&self, refused_too: bool) {
+        let spool = &self.shared.cloudshark_spool;
+        let mut failing: Vec<String> = Vec::new();
+        let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(r) => r,
+            Err(e) => {
+                log::error!("cannot start a runtime to send the CloudShark spool: {e}");
+                return;
+            }
+        };
+        for (claim, pending) in spool.pending() {
+            if self.shared.stopping.is_set() {
+                return;
+            }
+            if (pending.refused && !refused_too) || failing.contains(&pending.destination) {
+                continue;
+            }
+            let Some(cloudshark) = self.shared.cloudshark.get(&pending.destination) else {
+                log::warn!(
+                    "{} waits for [cloudshark.{}], which is not configured: left in the spool",
+                    claim.path().display(),
+                    pending.destination
+                );
+                continue;
+            };
+            let result = runtime.block_on(spool.send(cloudshark, &claim, &pending));
+            let path = claim.path().display().to_string();
+            let message = result.as_ref().err().map(|e| report::chain(e));
+            match &result {
+                Ok(done) => log::info!(
+                    "capture {}: {} sent to {} from the spool, as {}",
+                    pending.capture,
+                    done.filename,
+                    cloudshark.url,
+                    done.url
+                ),
+                Err(_) => {
+                    log::warn!(
+                        "capture {}: {} still not sent to {}: {}",
+                        pending.capture,
+                        pending.upload.filename,
+                        cloudshark.url,
+                        message.as_deref().unwrap_or_default()
+                    );
+                    failing.push(pending.destination.clone());
+                }
+            }
+            self.shared.update_cloudshark(&pending.capture, |c| match result {
+                Ok(done) => {
+                    c.spooled.retain(|p| *p != path);
+                    c.files.push(done);
+                    if c.spooled.is_empty() {
+                        c.error = None;
+                    }
+                }
+                Err(_) => c.error = message,
+            });
+        }
+    }
+
+    /// How often the CloudShark spool is sent again: the shortest `retry_secs` configured;
+    /// `None`: no appliance is configured.
+    pub fn cloudshark_retry(&self) -> Option<Duration> {
+        self.shared.cloudshark.values().map(|c| c.retry).min()
+    }
+
     /// Writes the progress of running captures to the state directory.
     pub fn save_progress(&self) {
         let running: Vec<CaptureInfo> = self
@@ -611,6 +741,7 @@ impl Shared {
                     recovery: Some(Recovery { pending: true, ..Recovery::default() }),
                     parts: Vec::new(),
                     lookback: None,
+                    cloudshark: None,
                 });
                 metrics::counter!(crate::metrics::CAPTURES_ENDED, "reason" => StopReason::Interrupted.as_str())
                     .increment(1);
@@ -668,6 +799,22 @@ impl Shared {
         self.notify(&info);
     }
 
+    /// Changes the CloudShark part of capture `id`'s summary, if it has one, and records it.
+    fn update_cloudshark(&self, id: &str, change: impl FnOnce(&mut CloudSharkSummary)) {
+        let info = {
+            let mut captures = self.lock();
+            let Some(entry) = captures.get_mut(id) else { return };
+            let Some(summary) = entry.info.summary.as_mut().and_then(|s| s.cloudshark.as_mut()) else {
+                return;
+            };
+            change(summary);
+            entry.info.clone()
+        };
+        self.persist(&info);
+        self.changed.notify_all();
+        self.notify(&info);
+    }
+
     /// Tells the subscribers; forgets those gone.
     fn notify(&self, info: &CaptureInfo) {
         self.subscribers.lock().unwrap_or_else(|e| e.into_inner()).retain(|s| s.send(info.clone()).is_ok());
@@ -692,6 +839,31 @@ impl Shared {
             self.forget(&id);
         }
     }
+}
+
+/// What a capture is sent to CloudShark with: its tags (the request's, customer, alert id,
+/// node) and the start of its description (node, interfaces, filter).
+fn describe(plan: &CapturePlan, node: &str) -> (Vec<String>, String) {
+    let r = &plan.request;
+    let tags = cloudshark::capture_tags(&r.tags, r.customer.as_deref(), r.alert_id.as_deref(), node);
+    let interfaces: Vec<String> =
+        plan.interfaces.iter().map(|(alias, device)| format!("{alias} ({device})")).collect();
+    let description = format!(
+        "tapstream capture {} on {node}, interface {}, filter {}",
+        plan.id,
+        interfaces.join(" + "),
+        r.filter.as_deref().map_or_else(|| "none (every frame)".to_owned(), |f| format!("\"{f}\""))
+    );
+    (tags, description)
+}
+
+/// A capture's time window, UTC, from its manifest (its first and last frames when known).
+fn window(catalog: &Catalog) -> String {
+    let m = catalog.manifest();
+    let first = m.objects.iter().map(|o| o.first_ns).min().unwrap_or(m.start_ns);
+    let last = m.objects.iter().map(|o| o.last_ns).max().or(m.end_ns).unwrap_or(first);
+    let utc = |ns: u64| humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_nanos(ns));
+    format!("from {} to {}", utc(first), utc(last))
 }
 
 /// Whether an interrupted capture's leftovers are still to be recovered.

@@ -16,7 +16,9 @@
 //! - `finished`: `stop_reason`, `packets`, `bytes`, `dropped` (every frame lost, all
 //!   causes), `outputs` (the objects or files stored), `error` (what ended it early, if
 //!   something did) and, for a capture that started in the past, `lookback` (where its
-//!   window began, how far back the history reached, frames from history and live);
+//!   window began, how far back the history reached, frames from history and live) and, for
+//!   a capture also sent to CloudShark, `cloudshark` (its files' ids and URLs, or the error
+//!   and the files waiting in the spool);
 //! - `failed`: `error`.
 
 use std::collections::BTreeMap;
@@ -80,6 +82,9 @@ pub enum What {
         error: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         lookback: Option<crate::captures::LookbackSummary>,
+        /// For a capture also sent to CloudShark: its files' ids and URLs, or the error.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cloudshark: Option<crate::store::cloudshark::CloudSharkSummary>,
     },
     Failed {
         error: String,
@@ -196,6 +201,7 @@ impl Event {
                 outputs: s.outputs.clone(),
                 error: s.error.clone(),
                 lookback: s.lookback.clone(),
+                cloudshark: s.cloudshark.clone(),
             },
             _ => {
                 What::Failed { error: info.error.clone().unwrap_or_else(|| "ended without a summary".into()) }

@@ -59,6 +59,9 @@ pub struct CaptureRequest {
     /// Where to store it: one of the configured destinations or a place under one, or
     /// `local` (the first local directory); default: the first destination.
     pub destination: Option<String>,
+    /// A CloudShark appliance to send it to as well when it ends: the name of a configured
+    /// `[cloudshark.<name>]` or its URL (`cloudshark://host`); none: not sent.
+    pub cloudshark: Option<String>,
 }
 
 /// A list of interface names, or one name alone: `"a"` or `["a", "b"]`.

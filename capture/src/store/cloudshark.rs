@@ -970,7 +970,10 @@ mod tests {
         };
         let (field, message) = unset.validate().unwrap_err();
         assert_eq!(field, "token_env");
-        assert!(message.contains("TAPSTREAM_TEST_UNSET_TOKEN") && message.contains("is not set"), "{message}");
+        assert!(
+            message.contains("TAPSTREAM_TEST_UNSET_TOKEN") && message.contains("is not set"),
+            "{message}"
+        );
         let bad_url = CloudSharkSection { url: "s3://b".into(), ..good.clone() };
         assert_eq!(bad_url.validate().unwrap_err().0, "url");
         let small = CloudSharkSection { split_bytes: 100, ..good };
