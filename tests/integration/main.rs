@@ -3,6 +3,7 @@
 //! servers and removes them when done.
 
 mod catalog;
+mod cloudshark;
 mod common;
 mod control_hardening;
 mod daemon;
