@@ -425,3 +425,47 @@ fn through_a_timeout_and_an_outage_the_capture_is_spooled_then_delivered_once() 
     assert!(received[0].file == stored_pcap(&daemon, &id), "whole");
     assert_eq!(delivered.files[0].url, format!("http://{}/captures/{}", server.addr, delivered.files[0].id));
 }
+
+#[test]
+fn a_capture_whose_destination_is_cloudshark_is_sent_and_not_kept() {
+    let veth = VethPair::new(1);
+    let server = CloudSharkServer::start(&veth);
+    let (daemon, _secrets) = daemon(&veth, &server.url(), TOKEN, "");
+    // An appliance that is not configured is refused, with the list of those that are.
+    let other = CaptureRequest {
+        destination: Some("cloudshark://elsewhere.example.net".into()),
+        ..CaptureRequest::default()
+    };
+    let error = daemon.client().start(&other).unwrap_err().to_string();
+    assert!(error.contains("elsewhere.example.net") && error.contains(&server.url()), "{error}");
+    let request = CaptureRequest {
+        interfaces: vec!["tap".into()],
+        packets: Some(150),
+        duration_secs: Some(60.0),
+        destination: Some(server.url()),
+        ..CaptureRequest::default()
+    };
+    let info = daemon.client().start(&request).unwrap();
+    assert_eq!(info.request.cloudshark.as_deref(), Some("lab"));
+    let frames = sendable(&veth);
+    let sent = Sender::new(&veth).send_all(&frames[..600]);
+    let info = daemon.wait(&info.id);
+    let cloudshark = cloudshark_of(&info);
+    assert_eq!((cloudshark.files.len(), cloudshark.error.as_deref()), (1, None), "{cloudshark:?}");
+    let received = server.received();
+    assert_eq!(received.len(), 1);
+    let frames: Vec<Vec<u8>> = crate::catalog::records(&received[0].file).into_iter().map(|r| r.2).collect();
+    assert!(
+        frames == crate::daemon::data(&sent[..150]),
+        "the first 150 frames sent"
+    );
+    // Nothing of it is kept here: no staged object, nothing in the spool, no output listed.
+    let staging = daemon.dir.path().join("state/cloudshark-staging");
+    let left: Vec<_> = crate::common::walk(&staging)
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains(&info.id))
+        .collect();
+    assert!(left.is_empty(), "staged files left: {left:?}");
+    assert!(spooled(&daemon).is_empty());
+    assert!(info.summary.as_ref().unwrap().outputs.is_empty());
+}

@@ -203,24 +203,41 @@ impl Daemon {
         // Compiled here, once, on this request's own (blocking) thread, in a child process
         // within the time limit: the interface's thread gets the program and never waits for
         // libpcap, and neither do other requests or a stopping daemon.
-        let mut plan = CapturePlan::resolve(request, &self.policy, self.running(), |expression| {
-            self.compiler.compile(expression, &self.shared.stopping)
-        })?;
+        // A CloudShark appliance as the destination: the capture is stored in a local staging
+        // directory of its own, sent from there when it ends, and its objects removed once
+        // the file is in CloudShark or in the CloudShark spool.
+        let mut request = request;
+        let mut staged_policy = None;
+        if let Some(asked) = request.destination.clone().filter(|d| d.starts_with("cloudshark")) {
+            let appliance = self.find_cloudshark(&asked)?;
+            if let Some(also) = &request.cloudshark
+                && self.find_cloudshark(also)?.name != appliance.name
+            {
+                return Err(RequestError::Plan(PlanError::DestinationNotAllowed {
+                    asked: also.clone(),
+                    allowed: vec![asked],
+                }));
+            }
+            let staging = self.staging_dir().display().to_string();
+            request.cloudshark = Some(appliance.name.clone());
+            request.destination = Some(staging.clone());
+            let mut policy = self.policy.clone();
+            policy.destinations.get_or_insert_default().push(staging);
+            staged_policy = Some(policy);
+        }
+        let staged = staged_policy.is_some();
+        let mut plan = CapturePlan::resolve(
+            request,
+            staged_policy.as_ref().unwrap_or(&self.policy),
+            self.running(),
+            |expression| self.compiler.compile(expression, &self.shared.stopping),
+        )?;
         // Also to CloudShark: one of the configured appliances, by its name or its URL.
         let cloudshark = match plan.request.cloudshark.take() {
             Some(asked) => {
-                let found = self.shared.cloudshark.values().find(|c| {
-                    c.name == asked || asked.parse::<cloudshark::CloudSharkUrl>().is_ok_and(|u| u == c.url)
-                });
-                let Some(found) = found else {
-                    let allowed = self.shared.cloudshark.values().map(|c| format!("{} ({})", c.url, c.name));
-                    return Err(RequestError::Plan(PlanError::DestinationNotAllowed {
-                        asked,
-                        allowed: allowed.collect(),
-                    }));
-                };
+                let found = self.find_cloudshark(&asked)?;
                 plan.request.cloudshark = Some(found.name.clone());
-                Some(found.clone())
+                Some(found)
             }
             None => None,
         };
@@ -310,10 +327,16 @@ impl Daemon {
                     refused: false,
                 };
                 let manifest = catalog.manifest();
-                summary.cloudshark =
-                    Some(cloudshark::deliver(cloudshark, &shared.cloudshark_spool, pending, |out| {
-                        store.read_capture(&url, &manifest, out).map_err(|e| report::chain(&e))
-                    }));
+                let sent = cloudshark::deliver(cloudshark, &shared.cloudshark_spool, pending, |out| {
+                    store.read_capture(&url, &manifest, out).map_err(|e| report::chain(&e))
+                });
+                // Staged for CloudShark alone: once the file is there or in its spool, the
+                // staged objects go.
+                if staged && (!sent.files.is_empty() || !sent.spooled.is_empty()) {
+                    cloudshark::remove_staged(std::path::Path::new(&url), &manifest);
+                    summary.outputs.clear();
+                }
+                summary.cloudshark = Some(sent);
             }
             shared.finish(&done_id, result)
         });
@@ -600,6 +623,27 @@ impl Daemon {
                 Err(_) => c.error = message,
             });
         }
+    }
+
+    /// The configured CloudShark appliance `asked` names (its name or its URL); refused with
+    /// the list of those configured.
+    fn find_cloudshark(&self, asked: &str) -> Result<Arc<CloudShark>, RequestError> {
+        let found = self.shared.cloudshark.values().find(|c| {
+            c.name == asked || asked.parse::<cloudshark::CloudSharkUrl>().is_ok_and(|u| u == c.url)
+        });
+        found.cloned().ok_or_else(|| {
+            let allowed = self.shared.cloudshark.values().map(|c| format!("{} ({})", c.url, c.name));
+            RequestError::Plan(PlanError::DestinationNotAllowed {
+                asked: asked.to_owned(),
+                allowed: allowed.collect(),
+            })
+        })
+    }
+
+    /// Where captures whose destination is a CloudShark appliance are stored until they are
+    /// sent.
+    fn staging_dir(&self) -> PathBuf {
+        self.config.daemon.state_dir.join("cloudshark-staging")
     }
 
     /// How often the CloudShark spool is sent again: the shortest `retry_secs` configured;

@@ -888,6 +888,33 @@ pub fn deliver(
     summary
 }
 
+/// Removes what a capture staged in the local directory `dir` for CloudShark alone: its
+/// objects, their indexes and its manifests, and the directories they leave empty.
+pub fn remove_staged(dir: &Path, manifest: &super::catalog::Manifest) {
+    let keys = manifest
+        .objects
+        .iter()
+        .flat_map(|o| [o.key.clone(), o.index.clone()])
+        .chain(super::catalog::manifest_keys("", manifest, crate::sys::unix_now_ns()));
+    for key in keys {
+        let path = dir.join(&key);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {
+                // Its directories, up to `dir`, once empty (remove_dir refuses the others).
+                let mut parent = path.parent();
+                while let Some(p) = parent.filter(|p| p.starts_with(dir) && *p != dir) {
+                    if std::fs::remove_dir(p).is_err() {
+                        break;
+                    }
+                    parent = p.parent();
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => log::warn!("cannot remove the staged {}: {e}", path.display()),
+        }
+    }
+}
+
 /// The tags a capture is sent with: its request's tags (`key:value`), `customer:<customer>`,
 /// `alert:<alert id>` and `node:<node>`.
 pub fn capture_tags(
