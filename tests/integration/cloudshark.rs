@@ -237,8 +237,11 @@ fn daemon(veth: &VethPair, url: &str, token: &str, extra: &str) -> (TestDaemon, 
     let token_file = secrets.path().join("cloudshark-token");
     std::fs::write(&token_file, format!("{token}\n")).unwrap();
     std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let section =
-        format!("[cloudshark.lab]\nurl = \"{url}\"\ntoken_file = \"{}\"\n{extra}\n", token_file.display());
+    // The daemon's metrics (in [daemon]), then the appliance.
+    let section = format!(
+        "metrics_listen = \"127.0.0.1:9464\"\n[cloudshark.lab]\nurl = \"{url}\"\ntoken_file = \"{}\"\n{extra}\n",
+        token_file.display()
+    );
     (TestDaemon::start(veth, &section), secrets)
 }
 
@@ -286,6 +289,29 @@ fn stored_pcap(daemon: &TestDaemon, id: &str) -> Vec<u8> {
         whole.extend_from_slice(if i == 0 { &bytes } else { &bytes[24..] });
     }
     whole
+}
+
+/// The CloudShark metrics of the daemon in `veth`'s namespace: uploads that went through,
+/// uploads that failed, bytes sent, files spooled.
+fn metrics(veth: &VethPair) -> (f64, f64, f64, f64) {
+    let out = veth
+        .capture_ns
+        .command("curl")
+        .args(["-sf", "http://127.0.0.1:9464/metrics"])
+        .output()
+        .expect("run curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let value = |series: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {series} in the metrics:\n{text}"))
+    };
+    (
+        value("tapstream_cloudshark_uploads_total{result=\"ok\"}"),
+        value("tapstream_cloudshark_uploads_total{result=\"failed\"}"),
+        value("tapstream_cloudshark_bytes_total"),
+        value("tapstream_cloudshark_spooled_files"),
+    )
 }
 
 fn cloudshark_of(info: &CaptureInfo) -> CloudSharkSummary {
@@ -336,6 +362,7 @@ fn a_finished_capture_lands_in_cloudshark_byte_for_byte_with_its_tags() {
         assert!(got.description.contains(part), "the description names {part:?}: {}", got.description);
     }
     assert!(spooled(&daemon).is_empty(), "nothing left in the spool");
+    assert_eq!(metrics(&veth), (1.0, 0.0, file.bytes as f64, 0.0), "ok, failed, bytes, spooled");
     // The token is in no summary, state file or log line.
     let state =
         std::fs::read_to_string(daemon.dir.path().join(format!("state/captures/{}.json", info.id))).unwrap();
@@ -370,7 +397,7 @@ fn a_large_capture_is_sent_as_files_cut_at_split_bytes() {
 fn a_wrong_token_is_a_clear_error_and_the_capture_waits_in_the_spool() {
     let veth = VethPair::new(1);
     let server = CloudSharkServer::start(&veth);
-    let (daemon, _secrets) = daemon(&veth, &server.url(), "0ther70ken", "");
+    let (mut daemon, secrets) = daemon(&veth, &server.url(), "0ther70ken", "");
     let info = capture(&daemon, &veth, 100);
     let cloudshark = cloudshark_of(&info);
     let error = cloudshark.error.clone().unwrap_or_default();
@@ -386,6 +413,22 @@ fn a_wrong_token_is_a_clear_error_and_the_capture_waits_in_the_spool() {
     assert_eq!(cloudshark.spooled, spool.iter().map(|p| p.display().to_string()).collect::<Vec<_>>());
     assert!(std::fs::read(&spool[0]).unwrap() == stored_pcap(&daemon, &info.id), "the capture is kept whole");
     assert_eq!(daemon.stored(&info.id).len(), 100, "and in the store");
+    assert_eq!(metrics(&veth).3, 1.0, "one file spooled");
+    // With the token fixed, the next start sends it, and the summary records it.
+    let (status, _) = daemon.running.take().unwrap().signal_and_wait(libc::SIGTERM);
+    assert!(status.success());
+    std::fs::write(secrets.path().join("cloudshark-token"), TOKEN).unwrap();
+    daemon.restart(&veth);
+    let id = info.id.clone();
+    let delivered = eventually("the spooled file delivered at start", || {
+        let c = cloudshark_of(&daemon.client().status(&id).unwrap());
+        (!c.files.is_empty()).then_some(c)
+    });
+    assert_eq!((delivered.error, delivered.spooled.len()), (None, 0));
+    let received = server.received();
+    assert_eq!(received.len(), 1);
+    assert!(received[0].file == stored_pcap(&daemon, &id), "the capture, whole");
+    assert!(spooled(&daemon).is_empty());
 }
 
 #[test]
@@ -423,6 +466,10 @@ fn through_a_timeout_and_an_outage_the_capture_is_spooled_then_delivered_once() 
     let received = server.received();
     assert_eq!(received.len(), 1, "delivered exactly once");
     assert!(received[0].file == stored_pcap(&daemon, &id), "whole");
+    let (ok, failed, bytes, spooled) = metrics(&veth);
+    assert_eq!((ok, spooled), (1.0, 0.0));
+    assert!(failed >= 3.0, "two timeouts at the end, then refused connections: {failed}");
+    assert!(bytes >= received[0].file.len() as f64, "{bytes}");
     assert_eq!(delivered.files[0].url, format!("http://{}/captures/{}", server.addr, delivered.files[0].id));
 }
 
@@ -455,10 +502,7 @@ fn a_capture_whose_destination_is_cloudshark_is_sent_and_not_kept() {
     let received = server.received();
     assert_eq!(received.len(), 1);
     let frames: Vec<Vec<u8>> = crate::catalog::records(&received[0].file).into_iter().map(|r| r.2).collect();
-    assert!(
-        frames == crate::daemon::data(&sent[..150]),
-        "the first 150 frames sent"
-    );
+    assert!(frames == crate::daemon::data(&sent[..150]), "the first 150 frames sent");
     // Nothing of it is kept here: no staged object, nothing in the spool, no output listed.
     let staging = daemon.dir.path().join("state/cloudshark-staging");
     let left: Vec<_> = crate::common::walk(&staging)

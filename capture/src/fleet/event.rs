@@ -257,6 +257,37 @@ mod tests {
     }
 
     #[test]
+    fn the_finished_event_carries_the_cloudshark_files_and_never_the_token() {
+        let request = FleetRequest::parse(br#"{"id": "r2", "not_after": 1, "capture": {}}"#).unwrap();
+        let summary: crate::captures::CaptureSummary = serde_json::from_value(serde_json::json!({
+            "id": "r2", "interface": "eth1", "stop_reason": "packets", "packets": 5, "bytes": 500,
+            "elapsed_secs": 1.0, "outputs": [], "dropped_writer": 0, "dropped_kernel": 0,
+            "redirect_errors": 0, "truncated": 0, "queues": [],
+            "cloudshark": {"destination": "cloudshark://cs.example.net",
+                           "files": [{"id": "c0ffee", "url": "https://cs.example.net/captures/c0ffee",
+                                      "filename": "r2.pcap", "bytes": 604}]}
+        }))
+        .unwrap();
+        let info = CaptureInfo {
+            id: "r2".into(),
+            interfaces: vec!["public".into()],
+            devices: vec!["eth1".into()],
+            request: crate::request::CaptureRequest::default(),
+            location: String::new(),
+            started_ns: 0,
+            requested_by: None,
+            state: CaptureState::Finished,
+            progress: crate::captures::Progress::default(),
+            summary: Some(summary),
+            error: None,
+        };
+        let json = serde_json::to_value(Event::ended(&request, "tap1", &info)).unwrap();
+        assert_eq!(json["event"], "finished");
+        assert_eq!(json["cloudshark"]["files"][0]["url"], "https://cs.example.net/captures/c0ffee");
+        assert_eq!(json["cloudshark"]["files"][0]["id"], "c0ffee");
+    }
+
+    #[test]
     fn refusals_get_their_code() {
         let over = RequestError::Plan(PlanError::OverCap(CapExceeded {
             what: "packet limit",
