@@ -513,3 +513,25 @@ fn a_capture_whose_destination_is_cloudshark_is_sent_and_not_kept() {
     assert!(spooled(&daemon).is_empty());
     assert!(info.summary.as_ref().unwrap().outputs.is_empty());
 }
+
+#[test]
+fn as_pcapng_the_file_holds_the_same_frames_and_names_the_capture() {
+    let veth = VethPair::new(1);
+    let server = CloudSharkServer::start(&veth);
+    let (daemon, secrets) = daemon(&veth, &server.url(), TOKEN, "format = \"pcapng\"");
+    let info = capture(&daemon, &veth, 120);
+    let cloudshark = cloudshark_of(&info);
+    assert_eq!(cloudshark.error, None, "{cloudshark:?}");
+    assert_eq!(cloudshark.files[0].filename, format!("{}.pcapng", info.id));
+    let received = server.received();
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].part_filename, format!("{}.pcapng", info.id));
+    let file = secrets.path().join("received.pcapng");
+    std::fs::write(&file, &received[0].file).unwrap();
+    let (comment, interfaces) = crate::catalog::capinfos(&file);
+    assert!(comment.contains(&info.id) && comment.contains("acme") && comment.contains("4711"), "{comment}");
+    assert_eq!(interfaces.len(), 1, "{interfaces:?}");
+    let stored = crate::catalog::records(&stored_pcap(&daemon, &info.id));
+    assert_eq!(stored.len(), 120);
+    assert!(crate::catalog::pcapng_records(&file) == stored, "the stored frames, with their times");
+}

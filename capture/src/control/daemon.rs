@@ -30,6 +30,7 @@ use crate::{
         UploadError,
         catalog::{CaptureEnd, Catalog, Manifest, ManifestInterface, recovered_objects},
         cloudshark::{self, CloudShark, CloudSharkError, CloudSharkSummary, Pending, Upload},
+        read::{Format, section_comment},
         settings::{ObjectLabels, hostname},
     },
     sys::Shutdown,
@@ -320,15 +321,21 @@ impl Daemon {
                     destination: cloudshark.name.clone(),
                     capture: done_id.clone(),
                     upload: Upload {
-                        filename: format!("{done_id}.pcap"),
+                        filename: format!("{done_id}.{}", if cloudshark.pcapng { "pcapng" } else { "pcap" }),
                         tags,
                         description: format!("{description}, {}", window(catalog)),
                     },
                     refused: false,
                 };
                 let manifest = catalog.manifest();
+                let format = if cloudshark.pcapng {
+                    let asked = format!("capture {done_id}, sent to CloudShark");
+                    Format::Pcapng { comment: section_comment(&asked, std::slice::from_ref(&manifest)) }
+                } else {
+                    Format::Pcap
+                };
                 let sent = cloudshark::deliver(cloudshark, &shared.cloudshark_spool, pending, |out| {
-                    store.read_capture(&url, &manifest, out).map_err(|e| report::chain(&e))
+                    store.read_capture(&url, &manifest, format, out).map_err(|e| report::chain(&e))
                 });
                 // Staged for CloudShark alone: once the file is there or in its spool, the
                 // staged objects go.

@@ -199,6 +199,9 @@ pub struct CloudSharkSection {
     /// How often files waiting in the spool are sent again, in seconds (also when the daemon
     /// starts).
     pub retry_secs: u64,
+    /// File format sent: `pcap`, or `pcapng` (each interface of a capture over several its own,
+    /// a section comment naming the capture); a pcapng file is not cut (`split_bytes` 0).
+    pub format: String,
 }
 
 impl Default for CloudSharkSection {
@@ -211,6 +214,7 @@ impl Default for CloudSharkSection {
             split_bytes: 0,
             attempts: 3,
             retry_secs: 60,
+            format: "pcap".into(),
         }
     }
 }
@@ -227,6 +231,15 @@ impl CloudSharkSection {
         }
         if self.retry_secs == 0 {
             return Err(("retry_secs", "must be at least 1".into()));
+        }
+        if !["pcap", "pcapng"].contains(&self.format.as_str()) {
+            return Err(("format", format!("{:?} is not pcap or pcapng", self.format)));
+        }
+        if self.format == "pcapng" && self.split_bytes != 0 {
+            return Err((
+                "split_bytes",
+                "must be 0 with format = \"pcapng\": pcapng files are not cut".into(),
+            ));
         }
         if self.split_bytes != 0 && self.split_bytes < 64 * 1024 {
             return Err(("split_bytes", format!("{} is below 65536 (and not 0)", self.split_bytes)));
@@ -366,6 +379,8 @@ pub struct CloudShark {
     attempts: u32,
     /// How often the spool is sent again.
     pub retry: Duration,
+    /// Whether files are sent as pcapng (else PCAP).
+    pub pcapng: bool,
 }
 
 impl CloudShark {
@@ -379,6 +394,7 @@ impl CloudShark {
             split_bytes: section.split_bytes,
             attempts: section.attempts,
             retry: Duration::from_secs(section.retry_secs),
+            pcapng: section.format == "pcapng",
         })
     }
 
@@ -582,7 +598,7 @@ pub struct Pending {
     pub refused: bool,
 }
 
-/// Files on their way to CloudShark, each `<capture>.<n>.pcap` with its `.json`
+/// Files on their way to CloudShark, each `<capture>.<n>.pcap` (or `.pcapng`) with its `.json`
 /// ([`Pending`]), in `<state_dir>/cloudshark`. A file leaves once CloudShark has taken it.
 #[derive(Clone, Debug)]
 pub struct Spool {
@@ -645,10 +661,11 @@ impl Spool {
         pending: &Pending,
     ) -> Result<Vec<(Claim, Pending)>, CloudSharkError> {
         let capture = &pending.capture;
+        let ext = if pending.upload.filename.ends_with(".pcapng") { "pcapng" } else { "pcap" };
         let size = std::fs::metadata(whole).map_err(io_error("read", whole))?.len();
         let mut files = Vec::new();
         if split_bytes == 0 || size <= split_bytes {
-            let path = self.dir.join(format!("{capture}.1.pcap"));
+            let path = self.dir.join(format!("{capture}.1.{ext}"));
             std::fs::rename(whole, &path).map_err(io_error("rename", whole))?;
             files.push(path);
         } else {
@@ -661,7 +678,7 @@ impl Spool {
             let mut p = pending.clone();
             if count > 1 {
                 let stem = p.upload.filename.trim_end_matches(".pcap").to_owned();
-                p.upload.filename = format!("{stem}-{}of{count}.pcap", i + 1);
+                p.upload.filename = format!("{stem}-{}of{count}.{ext}", i + 1);
             }
             // Claimed before it is described: the timer never takes a file being added.
             let claim = self.claim(&path).ok_or_else(|| CloudSharkError::Io {
@@ -683,7 +700,7 @@ impl Spool {
         let Ok(entries) = std::fs::read_dir(&self.dir) else { return Vec::new() };
         let mut found: Vec<(std::time::SystemTime, PathBuf, usize, Pending)> = Vec::new();
         for path in entries.flatten().map(|e| e.path()) {
-            if path.extension().is_none_or(|e| e != "pcap") {
+            if path.extension().is_none_or(|e| e != "pcap" && e != "pcapng") {
                 continue;
             }
             let described = std::fs::read(path.with_extension("json"))
@@ -1003,8 +1020,12 @@ mod tests {
         );
         let bad_url = CloudSharkSection { url: "s3://b".into(), ..good.clone() };
         assert_eq!(bad_url.validate().unwrap_err().0, "url");
-        let small = CloudSharkSection { split_bytes: 100, ..good };
+        let small = CloudSharkSection { split_bytes: 100, ..good.clone() };
         assert_eq!(small.validate().unwrap_err().0, "split_bytes");
+        let cut = CloudSharkSection { format: "pcapng".into(), split_bytes: 1 << 20, ..good.clone() };
+        assert!(cut.validate().unwrap_err().1.contains("pcapng files are not cut"));
+        let other = CloudSharkSection { format: "erf".into(), ..good };
+        assert_eq!(other.validate().unwrap_err().0, "format");
     }
 
     #[test]

@@ -246,12 +246,13 @@ impl StoreSettings {
     }
 
     /// Writes every frame of the capture `manifest` describes, stored under the destination
-    /// `url`, to the file `out` as one PCAP file (its interfaces merged in time order), read
-    /// back from the store with a client of its own.
+    /// `url`, to the file `out` as one file in `format` (its interfaces merged in time order),
+    /// read back from the store with a client of its own.
     pub fn read_capture(
         &self,
         url: &str,
         manifest: &Manifest,
+        format: Format,
         out: &std::path::Path,
     ) -> Result<u64, UploadError> {
         let destination: Destination = url.parse()?;
@@ -261,8 +262,7 @@ impl StoreSettings {
             .map_err(|source| UploadError::Runtime { source })?;
         let io = |source| UploadError::Io { operation: "write", path: out.display().to_string(), source };
         let mut file = std::io::BufWriter::new(std::fs::File::create(out).map_err(io)?);
-        let options =
-            MergeOptions { since: 0, until: u64::MAX, filter: None, in_flight: 4, format: Format::Pcap };
+        let options = MergeOptions { since: 0, until: u64::MAX, filter: None, in_flight: 4, format };
         let captures = std::slice::from_ref(manifest);
         let stats = runtime.block_on(async {
             match destination {
