@@ -232,6 +232,13 @@ fn parse_form(content_type: &str, body: &[u8]) -> Result<Received, String> {
 /// A daemon with the appliance `[cloudshark.lab]` at `url`, whose token file holds `token`,
 /// and `extra` lines in its section.
 fn daemon(veth: &VethPair, url: &str, token: &str, extra: &str) -> (TestDaemon, tempfile::TempDir) {
+    let (section, secrets) = appliance(url, token, extra);
+    (TestDaemon::start(veth, &section), secrets)
+}
+
+/// The daemon's lines for `[cloudshark.lab]` at `url`, its token in a file of the directory
+/// returned, and its metrics at 127.0.0.1:9464.
+fn appliance(url: &str, token: &str, extra: &str) -> (String, tempfile::TempDir) {
     use std::os::unix::fs::PermissionsExt as _;
     let secrets = tempfile::tempdir().unwrap();
     let token_file = secrets.path().join("cloudshark-token");
@@ -242,7 +249,7 @@ fn daemon(veth: &VethPair, url: &str, token: &str, extra: &str) -> (TestDaemon, 
         "metrics_listen = \"127.0.0.1:9464\"\n[cloudshark.lab]\nurl = \"{url}\"\ntoken_file = \"{}\"\n{extra}\n",
         token_file.display()
     );
-    (TestDaemon::start(veth, &section), secrets)
+    (section, secrets)
 }
 
 /// Starts a capture of `packets` frames that goes to CloudShark too, sends traffic, and
@@ -534,4 +541,58 @@ fn as_pcapng_the_file_holds_the_same_frames_and_names_the_capture() {
     let stored = crate::catalog::records(&stored_pcap(&daemon, &info.id));
     assert_eq!(stored.len(), 120);
     assert!(crate::catalog::pcapng_records(&file) == stored, "the stored frames, with their times");
+}
+
+#[test]
+fn alongside_s3_the_capture_stays_in_the_bucket_and_lands_in_cloudshark() {
+    use tapstream::store::Sink as _;
+    let veth = VethPair::new(1);
+    let garage = tapstream_testenv::Garage::start_in(&veth.capture_ns);
+    let server = CloudSharkServer::start(&veth);
+    let (section, _secrets) = appliance(&server.url(), TOKEN, "");
+    let prefix = tapstream_testenv::unique_name("cs");
+    let (bucket, endpoint, region) = (&garage.bucket, &garage.endpoint, &garage.region);
+    let daemon = TestDaemon::start_with_store(
+        &veth,
+        &section,
+        |d| {
+            format!(
+                "destinations = [\"s3://{bucket}/{prefix}\"]\ns3_endpoint = \"{endpoint}\"\n\
+                 s3_region = \"{region}\"\ns3_path_style = true\ncompression = \"3\"\n\
+                 spool_dir = \"{d}/spool\"\n"
+            )
+        },
+        garage.aws_env(),
+    );
+    let request = CaptureRequest {
+        interfaces: vec!["tap".into()],
+        packets: Some(200),
+        duration_secs: Some(60.0),
+        customer: Some("acme".into()),
+        cloudshark: Some(server.url()),
+        ..CaptureRequest::default()
+    };
+    let info = daemon.client().start(&request).unwrap();
+    let frames = sendable(&veth);
+    let sent = Sender::new(&veth).send_all(&frames[..800]);
+    let info = daemon.wait(&info.id);
+    let summary = info.summary.clone().unwrap();
+    let cloudshark = cloudshark_of(&info);
+    assert_eq!((cloudshark.files.len(), cloudshark.error.as_deref()), (1, None), "{cloudshark:?}");
+    // In the bucket, as without CloudShark.
+    assert!(!summary.outputs.is_empty());
+    let listed = veth.capture_ns.enter(|| {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async { crate::upload::sink(&garage).await.list(&prefix, None).await.unwrap() })
+    });
+    for output in &summary.outputs {
+        let key = output.strip_prefix(&format!("s3://{bucket}/")).unwrap();
+        assert!(listed.iter().any(|(k, _)| k == key), "{key} is not in the bucket: {listed:?}");
+    }
+    // And in CloudShark: the frames sent, in order, from the compressed objects read back.
+    let received = server.received();
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].tags, ["customer:acme", "node:testnode"]);
+    let got: Vec<Vec<u8>> = crate::catalog::records(&received[0].file).into_iter().map(|r| r.2).collect();
+    assert!(got == crate::daemon::data(&sent[..200]), "the first 200 frames sent");
 }
