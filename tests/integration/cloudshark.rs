@@ -596,3 +596,37 @@ fn alongside_s3_the_capture_stays_in_the_bucket_and_lands_in_cloudshark() {
     let got: Vec<Vec<u8>> = crate::catalog::records(&received[0].file).into_iter().map(|r| r.2).collect();
     assert!(got == crate::daemon::data(&sent[..200]), "the first 200 frames sent");
 }
+
+#[test]
+fn a_stopping_daemon_spools_the_capture_and_sends_it_when_it_starts_again() {
+    let veth = VethPair::new(1);
+    let server = CloudSharkServer::start(&veth);
+    let (mut daemon, _secrets) = daemon(&veth, &server.url(), TOKEN, "");
+    let request = CaptureRequest {
+        interfaces: vec!["tap".into()],
+        duration_secs: Some(600.0),
+        cloudshark: Some("lab".into()),
+        ..CaptureRequest::default()
+    };
+    let id = daemon.client().start(&request).unwrap().id;
+    let frames = sendable(&veth);
+    let sent = Sender::new(&veth).send_all(&frames[..100]);
+    eventually("the frames captured", || {
+        (daemon.client().status(&id).unwrap().progress.packets == 100).then_some(())
+    });
+    // Stopped: the capture ends interrupted, and CloudShark is not waited for.
+    let (status, _) = daemon.running.take().unwrap().signal_and_wait(libc::SIGTERM);
+    assert!(status.success());
+    assert!(server.received().is_empty());
+    assert_eq!(spooled(&daemon).len(), 1);
+    daemon.restart(&veth);
+    let delivered = eventually("the capture sent at start", || {
+        let c = cloudshark_of(&daemon.client().status(&id).unwrap());
+        (!c.files.is_empty()).then_some(c)
+    });
+    assert_eq!((delivered.error, delivered.spooled.len()), (None, 0));
+    let received = server.received();
+    assert_eq!(received.len(), 1);
+    let got: Vec<Vec<u8>> = crate::catalog::records(&received[0].file).into_iter().map(|r| r.2).collect();
+    assert!(got == crate::daemon::data(&sent), "the 100 frames sent");
+}

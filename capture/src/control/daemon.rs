@@ -334,9 +334,12 @@ impl Daemon {
                 } else {
                     Format::Pcap
                 };
-                let sent = cloudshark::deliver(cloudshark, &shared.cloudshark_spool, pending, |out| {
-                    store.read_capture(&url, &manifest, format, out).map_err(|e| report::chain(&e))
-                });
+                // A stopping daemon does not wait for CloudShark: the next start sends it.
+                let stopping = shared.stopping.is_set();
+                let sent =
+                    cloudshark::deliver(cloudshark, &shared.cloudshark_spool, pending, stopping, |out| {
+                        store.read_capture(&url, &manifest, format, out).map_err(|e| report::chain(&e))
+                    });
                 // Staged for CloudShark alone: once the file is there or in its spool, the
                 // staged objects go.
                 if staged && (!sent.files.is_empty() || !sent.spooled.is_empty()) {

@@ -829,11 +829,13 @@ fn split(whole: &Path, limit: u64, name: impl Fn(usize) -> PathBuf) -> Result<Ve
 /// (one PCAP file; it returns the frames written), which goes into the spool, cut at the
 /// appliance's `split_bytes`; each file is then sent (with retries) and leaves the spool once
 /// CloudShark has taken it. What is not taken stays in the spool, named in the summary with
-/// the error.
+/// the error. `stopping`: the daemon is stopping, and does not wait for CloudShark: the files
+/// are spooled, to be sent when it next starts.
 pub fn deliver(
     cloudshark: &CloudShark,
     spool: &Spool,
     pending: Pending,
+    stopping: bool,
     write: impl FnOnce(&Path) -> Result<u64, String>,
 ) -> CloudSharkSummary {
     let mut summary = CloudSharkSummary { destination: cloudshark.url.to_string(), ..Default::default() };
@@ -865,6 +867,11 @@ pub fn deliver(
             return summary;
         }
     };
+    if stopping {
+        summary.error = Some("the daemon was stopping: sent when it next starts".into());
+        summary.spooled = files.iter().map(|(c, _)| c.path().display().to_string()).collect();
+        return summary;
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
