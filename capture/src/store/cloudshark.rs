@@ -75,6 +75,8 @@ pub enum CloudSharkError {
     Refused { host: String, status: u16, message: String },
     #[error("CloudShark at {host} answered HTTP {status}{message}")]
     Status { host: String, status: u16, message: String },
+    #[error("cannot make the upload request for CloudShark at {host}: {reason}")]
+    Request { host: String, reason: String },
     #[error("CloudShark at {host} answered 200 but not with a capture id: {reason}")]
     BadAnswer { host: String, reason: String },
     #[error("{operation} {path}")]
@@ -422,7 +424,7 @@ impl CloudShark {
             .header(hyper::header::ACCEPT, "application/json")
             .header(hyper::header::USER_AGENT, concat!("tapstream/", env!("CARGO_PKG_VERSION")))
             .body(http_body_util::Full::new(Bytes::from(body)))
-            .map_err(|e| CloudSharkError::BadAnswer { host: host.clone(), reason: e.to_string() })?;
+            .map_err(|e| CloudSharkError::Request { host: host.clone(), reason: e.to_string() })?;
         let exchange = self.exchange(request);
         let (status, answer) = tokio::time::timeout(self.timeout, exchange)
             .await
