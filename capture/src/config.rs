@@ -16,7 +16,7 @@ use crate::{
         xsk::ZeroCopy,
     },
     filter::{CaptureFilter, CbpfProgram, FilterError, program::Instructions},
-    store::settings::StoreSettings,
+    store::{cloudshark::CloudSharkSection, settings::StoreSettings},
 };
 use access::{AccessSection, AuditSection};
 
@@ -126,6 +126,9 @@ pub struct Config {
     pub access: AccessSection,
     /// The record of every request (see the README's "Access").
     pub audit: AuditSection,
+    /// CloudShark appliances a capture may also be sent to, by name (e.g.
+    /// `[cloudshark.lab]`; see the README's "CloudShark").
+    pub cloudshark: BTreeMap<String, CloudSharkSection>,
 }
 
 /// `[fleet]`: the brokers the daemon takes capture requests from.
@@ -765,6 +768,13 @@ impl Config {
             }
         }
         self.store.validate().map_err(|(field, message)| invalid(format!("store.{field}"), message))?;
+        for (name, c) in &self.cloudshark {
+            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+                return Err(invalid(format!("cloudshark.{name}"), "name it with letters, digits, - and _"));
+            }
+            c.validate()
+                .map_err(|(field, message)| invalid(format!("cloudshark.{name}.{field}"), message))?;
+        }
         self.access.validate(self)?;
         self.audit.validate()
     }
@@ -945,6 +955,7 @@ mod tests {
             ("access.rules", access, "AccessRule"),
             ("access.brokers", access, "BrokerAccess"),
             ("audit", access, "AuditSection"),
+            ("cloudshark.<name>", include_str!("store/cloudshark.rs"), "CloudSharkSection"),
         ] {
             for (name, doc) in documented_fields(source, strukt) {
                 out.push((format!("{section}.{name}"), doc));
@@ -960,13 +971,15 @@ mod tests {
         // The structs as serde sees them have exactly these fields.
         let mut config = Config::default();
         config.interfaces.insert("a".into(), InterfaceSection::default());
+        config.cloudshark.insert("a".into(), CloudSharkSection::default());
         let value = toml::Value::try_from(&config).unwrap();
         let count = |t: &toml::Value| t.as_table().map_or(0, |t| t.len());
         let serde_fields = ["daemon", "limits", "defaults", "store", "access", "audit"]
             .iter()
             .map(|s| count(&value[s]))
             .sum::<usize>()
-            + count(&value["interfaces"]["a"]);
+            + count(&value["interfaces"]["a"])
+            + count(&value["cloudshark"]["a"]);
         // Optional fields left unset are not serialized; count them from the sources.
         let unset = fields.iter().filter(|(f, _)| value_at(&value, f).is_none()).count();
         assert_eq!(serde_fields + unset, fields.len(), "every serde field has a doc comment");
@@ -986,7 +999,7 @@ mod tests {
     }
 
     fn value_at<'a>(value: &'a toml::Value, field: &str) -> Option<&'a toml::Value> {
-        let path = field.replace("<alias>", "a");
+        let path = field.replace("<alias>", "a").replace("<name>", "a");
         path.split('.').try_fold(value, |v, k| v.get(k))
     }
 
@@ -1024,6 +1037,13 @@ mod tests {
             ("[store]\npart_size_bytes = 1000\n", "store.part_size_bytes"),
             ("[store]\ncompression = \"fast\"\n", "store.compression"),
             ("[store]\ndestinations = [\"ftp://x\"]\n", "store.destinations"),
+            ("[cloudshark.lab]\nurl = \"https://cs\"\ntoken_env = \"PATH\"\n", "cloudshark.lab.url"),
+            ("[cloudshark.lab]\nurl = \"cloudshark://cs\"\n", "cloudshark.lab.token_file"),
+            (
+                "[cloudshark.lab]\nurl = \"cloudshark://cs\"\ntoken_file = \"/nonexistent\"\n",
+                "cloudshark.lab.token_file",
+            ),
+            ("[cloudshark.\"a b\"]\nurl = \"cloudshark://cs\"\n", "cloudshark.a b"),
         ] {
             let err = parse(&format!("{base}{extra}")).unwrap_err().to_string();
             assert!(err.starts_with(field), "{extra:?}: {err}");

@@ -60,6 +60,12 @@ pub const SPOOL_CHUNKS: &str = "tapstream_spool_chunks";
 pub const SPOOL_BYTES: &str = "tapstream_spool_bytes";
 /// Spools moved to the quarantine because they can never be uploaded.
 pub const SPOOL_QUARANTINED: &str = "tapstream_spool_quarantined_total";
+/// Uploads of capture files to CloudShark, by `result` (ok, failed; each attempt counts).
+pub const CLOUDSHARK_UPLOADS: &str = "tapstream_cloudshark_uploads_total";
+/// Bytes of capture files CloudShark answered for (taken or refused).
+pub const CLOUDSHARK_BYTES: &str = "tapstream_cloudshark_bytes_total";
+/// Capture files waiting in the CloudShark spool now.
+pub const CLOUDSHARK_SPOOLED: &str = "tapstream_cloudshark_spooled_files";
 /// Chunk bytes into compression, and compressed bytes out.
 pub const COMPRESS_INPUT_BYTES: &str = "tapstream_compress_input_bytes_total";
 pub const COMPRESS_OUTPUT_BYTES: &str = "tapstream_compress_output_bytes_total";
@@ -167,6 +173,11 @@ pub fn register_all(stop_reasons: impl IntoIterator<Item = &'static str>) {
     for r in ["true", "false"] {
         counter!(UPLOAD_ERRORS, "retryable" => r).absolute(0);
     }
+    for result in ["ok", "failed"] {
+        counter!(CLOUDSHARK_UPLOADS, "result" => result).absolute(0);
+    }
+    counter!(CLOUDSHARK_BYTES).absolute(0);
+    gauge!(CLOUDSHARK_SPOOLED).set(0.0);
     for reason in stop_reasons {
         counter!(CAPTURES_ENDED, "reason" => reason).absolute(0);
     }
@@ -199,6 +210,9 @@ pub fn describe() {
     describe_gauge!(SPOOL_CHUNKS, Unit::Count, "Chunks waiting in spools");
     describe_gauge!(SPOOL_BYTES, Unit::Bytes, "Bytes of the chunks waiting in spools");
     describe_counter!(SPOOL_QUARANTINED, Unit::Count, "Spools quarantined: they can never be uploaded");
+    describe_counter!(CLOUDSHARK_UPLOADS, Unit::Count, "Uploads of capture files to CloudShark, by result");
+    describe_counter!(CLOUDSHARK_BYTES, Unit::Bytes, "Bytes of capture files sent to CloudShark");
+    describe_gauge!(CLOUDSHARK_SPOOLED, Unit::Count, "Capture files waiting in the CloudShark spool");
     describe_counter!(COMPRESS_INPUT_BYTES, Unit::Bytes, "Chunk bytes compressed");
     describe_counter!(COMPRESS_OUTPUT_BYTES, Unit::Bytes, "Compressed bytes produced");
     describe_histogram!(COMPRESS_SECONDS, Unit::Seconds, "Time to compress one chunk");

@@ -4,6 +4,7 @@
 
 mod access;
 mod catalog;
+mod cloudshark;
 mod common;
 mod control_hardening;
 mod daemon;

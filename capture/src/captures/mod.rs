@@ -139,6 +139,10 @@ pub struct CaptureSummary {
     /// For a capture that started in the past: what came from the interface's history.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lookback: Option<LookbackSummary>,
+    /// For a capture also sent to CloudShark: the files it took (their ids and URLs), or the
+    /// error and the files waiting in the spool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloudshark: Option<crate::store::cloudshark::CloudSharkSummary>,
 }
 
 impl LookbackSummary {
@@ -249,6 +253,7 @@ impl CaptureSummary {
                 },
             ),
             lookback: LookbackSummary::combine(done.iter().filter_map(|s| s.lookback.as_ref())),
+            cloudshark: None,
             parts: done,
         })
     }

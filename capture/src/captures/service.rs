@@ -704,6 +704,7 @@ impl Service {
                         live_frames: packets.saturating_sub(history),
                         ..summary
                     }),
+                    cloudshark: None,
                 }));
             });
             match spawned {

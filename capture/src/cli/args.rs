@@ -239,6 +239,10 @@ pub struct RequestArgs {
     /// by tag (default for the daemon: `[store] retention`).
     #[arg(long, value_name = "CLASS")]
     pub retention: Option<String>,
+    /// Also send the capture, when it ends, to this CloudShark appliance of the daemon's
+    /// configuration (its `[cloudshark.NAME]` name or its `cloudshark://host` URL).
+    #[arg(long, value_name = "NAME")]
+    pub cloudshark: Option<String>,
     /// tcpdump filter expression, as tcpdump takes it (the remaining words, e.g.
     /// `tcp port 443 and net 10.0.0.0/8`); none captures every frame. It runs in the kernel:
     /// frames it rejects never leave it.
@@ -271,6 +275,7 @@ impl RequestArgs {
             request_id: self.request_id.clone(),
             retention: self.retention.clone(),
             destination,
+            cloudshark: self.cloudshark.clone(),
         }
     }
 }

@@ -31,6 +31,11 @@ pub fn plan(args: &CaptureArgs) -> anyhow::Result<CapturePlan> {
              with tapstream read --format pcapng)"
         );
     }
+    if r.cloudshark.is_some() {
+        bail!(
+            "--cloudshark is for the daemon's captures (tapstream capture start), whose configuration names it"
+        );
+    }
     let node = args.objects.node.clone().unwrap_or_else(hostname);
     let policy = Policy::one_shot(device, args.upload.as_deref(), &node);
     Ok(CapturePlan::resolve(r.request(args.upload.clone()), &policy, 0, compile_cli)?)

@@ -55,6 +55,17 @@ pub fn print_summary(s: &CaptureSummary) {
     for output in &s.outputs {
         println!("  stored: {output}");
     }
+    if let Some(c) = &s.cloudshark {
+        for file in &c.files {
+            println!("  in CloudShark: {} ({}, {} bytes)", file.url, file.filename, file.bytes);
+        }
+        for spooled in &c.spooled {
+            println!("  waiting for {}: {spooled}", c.destination);
+        }
+        if let Some(error) = &c.error {
+            println!("  CloudShark {}: {error}", c.destination);
+        }
+    }
     println!(
         "  dropped: {} in writers, {} in the kernel's AF_XDP sockets, {} redirect errors; {} truncated",
         s.dropped_writer, s.dropped_kernel, s.redirect_errors, s.truncated

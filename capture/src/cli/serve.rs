@@ -61,6 +61,13 @@ pub fn daemon(file: &std::path::Path) -> anyhow::Result<()> {
     let daemon = Arc::new(Daemon::start(config, shutdown.clone())?);
     let recovery = spawn_recovery(daemon.clone(), store, node, shutdown.clone())
         .context("start the spool recovery thread")?;
+    let cloudshark = match daemon.cloudshark_retry() {
+        Some(every) => Some(
+            spawn_cloudshark(daemon.clone(), every, shutdown.clone())
+                .context("start the CloudShark spool thread")?,
+        ),
+        None => None,
+    };
     shutdown.trigger_on_termination().context("install signal handlers")?;
     // Capture requests through a broker, when one is configured: read until the shutdown,
     // their events sent until the captures have ended.
@@ -128,6 +135,13 @@ pub fn daemon(file: &std::path::Path) -> anyhow::Result<()> {
             RECOVERY_GRACE.as_secs()
         );
     }
+    if let Some(cloudshark) = cloudshark
+        && !cloudshark.join(RECOVERY_GRACE)
+    {
+        log::warn!(
+            "a CloudShark upload from the spool is still under way: stopping anyway; the file stays there"
+        );
+    }
     // Blocking tasks still running (a request's last moments) must not hold up the exit.
     runtime.shutdown_timeout(Duration::from_secs(1));
     log::info!("stopped");
@@ -160,6 +174,21 @@ fn spawn_recovery(
         }
         while pending && !shutdown.wait_timeout(RECOVERY_RETRY) {
             pending = daemon.recover_interrupted();
+        }
+    })
+}
+
+/// Starts the thread that sends what waits in the CloudShark spool: at once (files CloudShark
+/// refused included, the configuration may have changed), then every `every` until the stop.
+fn spawn_cloudshark(
+    daemon: Arc<Daemon>,
+    every: Duration,
+    shutdown: Shutdown,
+) -> std::io::Result<BoundedJoin> {
+    BoundedJoin::spawn("tapstream-cloudshark", move || {
+        daemon.resend_cloudshark(true);
+        while !shutdown.wait_timeout(every) {
+            daemon.resend_cloudshark(false);
         }
     })
 }

@@ -35,6 +35,8 @@ use crate::{
     store::{
         UploadError,
         catalog::{CaptureEnd, Catalog, Manifest, ManifestInterface, recovered_objects},
+        cloudshark::{self, CloudShark, CloudSharkError, CloudSharkSummary, Pending, Upload},
+        read::{Format, section_comment},
         settings::{ObjectLabels, hostname},
     },
     sys::Shutdown,
@@ -48,6 +50,12 @@ pub enum DaemonError {
         path: PathBuf,
         #[source]
         source: std::io::Error,
+    },
+    #[error("cannot use the CloudShark appliance [cloudshark.{name}]")]
+    CloudShark {
+        name: String,
+        #[source]
+        source: CloudSharkError,
     },
     #[error("cannot start capturing on {alias} ({device})")]
     Interface {
@@ -113,6 +121,9 @@ struct Shared {
     keep_finished: usize,
     /// Told of each capture that starts and each that ends ([`Daemon::subscribe`]).
     subscribers: Mutex<Vec<tokio::sync::mpsc::UnboundedSender<CaptureInfo>>>,
+    /// The configured CloudShark appliances, by name, and the files on their way to them.
+    cloudshark: BTreeMap<String, Arc<CloudShark>>,
+    cloudshark_spool: cloudshark::Spool,
 }
 
 /// The daemon's interfaces and captures.
@@ -143,6 +154,15 @@ impl Daemon {
         let state_dir = config.daemon.state_dir.join("captures");
         std::fs::create_dir_all(&state_dir)
             .map_err(|source| DaemonError::State { path: state_dir.clone(), source })?;
+        let cloudshark = config
+            .cloudshark
+            .iter()
+            .map(|(name, section)| {
+                CloudShark::new(name, section)
+                    .map(|c| (name.clone(), Arc::new(c)))
+                    .map_err(|source| DaemonError::CloudShark { name: name.clone(), source })
+            })
+            .collect::<Result<_, _>>()?;
         let shared = Arc::new(Shared {
             captures: Mutex::new(BTreeMap::new()),
             changed: Condvar::new(),
@@ -150,6 +170,8 @@ impl Daemon {
             state_dir,
             keep_finished: config.daemon.keep_finished,
             subscribers: Mutex::new(Vec::new()),
+            cloudshark,
+            cloudshark_spool: cloudshark::Spool::new(&config.daemon.state_dir),
         });
         shared.load()?;
         let mut services = HashMap::new();
@@ -256,9 +278,34 @@ impl Daemon {
         // Compiled here, once, on this request's own (blocking) thread, in a child process
         // within the time limit: the interface's thread gets the program and never waits for
         // libpcap, and neither do other requests or a stopping daemon.
-        let plan = CapturePlan::resolve(request, &policy, self.running(), |expression| {
-            self.compiler.compile(expression, &self.shared.stopping)
-        })
+        // A CloudShark appliance as the destination: the capture is stored in a local staging
+        // directory of its own, sent from there when it ends, and its objects removed once
+        // the file is in CloudShark or in the CloudShark spool.
+        let mut staged_policy = None;
+        if let Some(asked) = request.destination.clone().filter(|d| d.starts_with("cloudshark")) {
+            let appliance = self.find_cloudshark(&asked)?;
+            if let Some(also) = &request.cloudshark
+                && self.find_cloudshark(also)?.name != appliance.name
+            {
+                return Err(RequestError::Plan(PlanError::DestinationNotAllowed {
+                    asked: also.clone(),
+                    allowed: vec![asked],
+                }));
+            }
+            let staging = self.staging_dir().display().to_string();
+            request.cloudshark = Some(appliance.name.clone());
+            request.destination = Some(staging.clone());
+            let mut staged = policy.clone();
+            staged.destinations.get_or_insert_default().push(staging);
+            staged_policy = Some(staged);
+        }
+        let staged = staged_policy.is_some();
+        let mut plan = CapturePlan::resolve(
+            request,
+            staged_policy.as_ref().unwrap_or(&policy),
+            self.running(),
+            |expression| self.compiler.compile(expression, &self.shared.stopping),
+        )
         .map_err(|e| match e {
             PlanError::DestinationNotAllowed { ref asked, .. } => {
                 grant.destination_refused(asked).map_or(RequestError::Plan(e), RequestError::Access)
@@ -267,6 +314,15 @@ impl Daemon {
         })?;
         grant.check_caps(&plan.request)?;
         let owner = grant.rule().map(str::to_owned);
+        // Also to CloudShark: one of the configured appliances, by its name or its URL.
+        let cloudshark = match plan.request.cloudshark.take() {
+            Some(asked) => {
+                let found = self.find_cloudshark(&asked)?;
+                plan.request.cloudshark = Some(found.name.clone());
+                Some(found)
+            }
+            None => None,
+        };
         let services = self.services();
         if let Some((alias, device)) =
             plan.interfaces.iter().find(|(alias, _)| services.get(alias).is_some_and(|s| !s.attached()))
@@ -333,7 +389,8 @@ impl Daemon {
         let done_id = id.clone();
         let (catalog, store, url) =
             (plan.labels.catalog.clone(), self.config.store.clone(), destination.clone());
-        let on_done: OnDone = Box::new(move |result| {
+        let described = describe(&plan, &self.node);
+        let on_done: OnDone = Box::new(move |mut result| {
             // The manifest's last write, before the capture is reported finished (on the
             // thread that finishes it, never an interface's).
             if let (Ok(summary), Some(catalog)) = (&result, &catalog) {
@@ -344,6 +401,41 @@ impl Daemon {
                         report::chain(&e)
                     );
                 }
+            }
+            // Then to CloudShark, read back from the store, before it is reported finished:
+            // its summary holds the files' ids and URLs, or where they wait.
+            if let (Ok(summary), Some(cloudshark), Some(catalog)) = (&mut result, &cloudshark, &catalog) {
+                let (tags, description) = described;
+                let pending = Pending {
+                    destination: cloudshark.name.clone(),
+                    capture: done_id.clone(),
+                    upload: Upload {
+                        filename: format!("{done_id}.{}", if cloudshark.pcapng { "pcapng" } else { "pcap" }),
+                        tags,
+                        description: format!("{description}, {}", window(catalog)),
+                    },
+                    refused: false,
+                };
+                let manifest = catalog.manifest();
+                let format = if cloudshark.pcapng {
+                    let asked = format!("capture {done_id}, sent to CloudShark");
+                    Format::Pcapng { comment: section_comment(&asked, std::slice::from_ref(&manifest)) }
+                } else {
+                    Format::Pcap
+                };
+                // A stopping daemon does not wait for CloudShark: the next start sends it.
+                let stopping = shared.stopping.is_set();
+                let sent =
+                    cloudshark::deliver(cloudshark, &shared.cloudshark_spool, pending, stopping, |out| {
+                        store.read_capture(&url, &manifest, format, out).map_err(|e| report::chain(&e))
+                    });
+                // Staged for CloudShark alone: once the file is there or in its spool, the
+                // staged objects go.
+                if staged && (!sent.files.is_empty() || !sent.spooled.is_empty()) {
+                    cloudshark::remove_staged(std::path::Path::new(&url), &manifest);
+                    summary.outputs.clear();
+                }
+                summary.cloudshark = Some(sent);
             }
             shared.finish(&done_id, result)
         });
@@ -609,6 +701,97 @@ impl Daemon {
         left
     }
 
+    /// Sends what waits in the CloudShark spool (files CloudShark could not take when their
+    /// capture ended) and records each file taken in its capture's summary. Files CloudShark
+    /// refused for good (the token) are sent again only when `refused_too` (at start, after a
+    /// change of the configuration). Stops at an appliance's first error of the round.
+    pub fn resend_cloudshark(&self, refused_too: bool) {
+        let spool = &self.shared.cloudshark_spool;
+        let mut failing: Vec<String> = Vec::new();
+        let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(r) => r,
+            Err(e) => {
+                log::error!("cannot start a runtime to send the CloudShark spool: {e}");
+                return;
+            }
+        };
+        for (claim, pending) in spool.pending() {
+            if self.shared.stopping.is_set() {
+                return;
+            }
+            if (pending.refused && !refused_too) || failing.contains(&pending.destination) {
+                continue;
+            }
+            let Some(cloudshark) = self.shared.cloudshark.get(&pending.destination) else {
+                log::warn!(
+                    "{} waits for [cloudshark.{}], which is not configured: left in the spool",
+                    claim.path().display(),
+                    pending.destination
+                );
+                continue;
+            };
+            let result = runtime.block_on(spool.send(cloudshark, &claim, &pending));
+            let path = claim.path().display().to_string();
+            let message = result.as_ref().err().map(|e| report::chain(e));
+            match &result {
+                Ok(done) => log::info!(
+                    "capture {}: {} sent to {} from the spool, as {}",
+                    pending.capture,
+                    done.filename,
+                    cloudshark.url,
+                    done.url
+                ),
+                Err(_) => {
+                    log::warn!(
+                        "capture {}: {} still not sent to {}: {}",
+                        pending.capture,
+                        pending.upload.filename,
+                        cloudshark.url,
+                        message.as_deref().unwrap_or_default()
+                    );
+                    failing.push(pending.destination.clone());
+                }
+            }
+            self.shared.update_cloudshark(&pending.capture, |c| match result {
+                Ok(done) => {
+                    c.spooled.retain(|p| *p != path);
+                    c.files.push(done);
+                    if c.spooled.is_empty() {
+                        c.error = None;
+                    }
+                }
+                Err(_) => c.error = message,
+            });
+        }
+    }
+
+    /// The configured CloudShark appliance `asked` names (its name or its URL); refused with
+    /// the list of those configured.
+    fn find_cloudshark(&self, asked: &str) -> Result<Arc<CloudShark>, RequestError> {
+        let found = self.shared.cloudshark.values().find(|c| {
+            c.name == asked || asked.parse::<cloudshark::CloudSharkUrl>().is_ok_and(|u| u == c.url)
+        });
+        found.cloned().ok_or_else(|| {
+            let allowed = self.shared.cloudshark.values().map(|c| format!("{} ({})", c.url, c.name));
+            RequestError::Plan(PlanError::DestinationNotAllowed {
+                asked: asked.to_owned(),
+                allowed: allowed.collect(),
+            })
+        })
+    }
+
+    /// Where captures whose destination is a CloudShark appliance are stored until they are
+    /// sent.
+    fn staging_dir(&self) -> PathBuf {
+        self.config.daemon.state_dir.join("cloudshark-staging")
+    }
+
+    /// How often the CloudShark spool is sent again: the shortest `retry_secs` configured;
+    /// `None`: no appliance is configured.
+    pub fn cloudshark_retry(&self) -> Option<Duration> {
+        self.shared.cloudshark.values().map(|c| c.retry).min()
+    }
+
     /// Writes the progress of running captures to the state directory.
     pub fn save_progress(&self) {
         let running: Vec<CaptureInfo> = self
@@ -743,6 +926,7 @@ impl Shared {
                     zstd_levels: Default::default(),
                     parts: Vec::new(),
                     lookback: None,
+                    cloudshark: None,
                 });
                 metrics::counter!(crate::metrics::CAPTURES_ENDED, "reason" => StopReason::Interrupted.as_str())
                     .increment(1);
@@ -800,6 +984,22 @@ impl Shared {
         self.notify(&info);
     }
 
+    /// Changes the CloudShark part of capture `id`'s summary, if it has one, and records it.
+    fn update_cloudshark(&self, id: &str, change: impl FnOnce(&mut CloudSharkSummary)) {
+        let info = {
+            let mut captures = self.lock();
+            let Some(entry) = captures.get_mut(id) else { return };
+            let Some(summary) = entry.info.summary.as_mut().and_then(|s| s.cloudshark.as_mut()) else {
+                return;
+            };
+            change(summary);
+            entry.info.clone()
+        };
+        self.persist(&info);
+        self.changed.notify_all();
+        self.notify(&info);
+    }
+
     /// Tells the subscribers; forgets those gone.
     fn notify(&self, info: &CaptureInfo) {
         self.subscribers.lock().unwrap_or_else(|e| e.into_inner()).retain(|s| s.send(info.clone()).is_ok());
@@ -824,6 +1024,31 @@ impl Shared {
             self.forget(&id);
         }
     }
+}
+
+/// What a capture is sent to CloudShark with: its tags (the request's, customer, alert id,
+/// node) and the start of its description (node, interfaces, filter).
+fn describe(plan: &CapturePlan, node: &str) -> (Vec<String>, String) {
+    let r = &plan.request;
+    let tags = cloudshark::capture_tags(&r.tags, r.customer.as_deref(), r.alert_id.as_deref(), node);
+    let interfaces: Vec<String> =
+        plan.interfaces.iter().map(|(alias, device)| format!("{alias} ({device})")).collect();
+    let description = format!(
+        "tapstream capture {} on {node}, interface {}, filter {}",
+        plan.id,
+        interfaces.join(" + "),
+        r.filter.as_deref().map_or_else(|| "none (every frame)".to_owned(), |f| format!("\"{f}\""))
+    );
+    (tags, description)
+}
+
+/// A capture's time window, UTC, from its manifest (its first and last frames when known).
+fn window(catalog: &Catalog) -> String {
+    let m = catalog.manifest();
+    let first = m.objects.iter().map(|o| o.first_ns).min().unwrap_or(m.start_ns);
+    let last = m.objects.iter().map(|o| o.last_ns).max().or(m.end_ns).unwrap_or(first);
+    let utc = |ns: u64| humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_nanos(ns));
+    format!("from {} to {}", utc(first), utc(last))
 }
 
 /// Whether an interrupted capture's leftovers are still to be recovered.

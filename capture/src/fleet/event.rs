@@ -16,7 +16,9 @@
 //! - `finished`: `stop_reason`, `packets`, `bytes`, `dropped` (every frame lost, all
 //!   causes), `outputs` (the objects or files stored), `error` (what ended it early, if
 //!   something did) and, for a capture that started in the past, `lookback` (where its
-//!   window began, how far back the history reached, frames from history and live);
+//!   window began, how far back the history reached, frames from history and live) and, for
+//!   a capture also sent to CloudShark, `cloudshark` (its files' ids and URLs, or the error
+//!   and the files waiting in the spool);
 //! - `failed`: `error`.
 
 use std::collections::BTreeMap;
@@ -80,6 +82,9 @@ pub enum What {
         error: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         lookback: Option<crate::captures::LookbackSummary>,
+        /// For a capture also sent to CloudShark: its files' ids and URLs, or the error.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cloudshark: Option<crate::store::cloudshark::CloudSharkSummary>,
     },
     Failed {
         error: String,
@@ -198,6 +203,7 @@ impl Event {
                 outputs: s.outputs.clone(),
                 error: s.error.clone(),
                 lookback: s.lookback.clone(),
+                cloudshark: s.cloudshark.clone(),
             },
             _ => {
                 What::Failed { error: info.error.clone().unwrap_or_else(|| "ended without a summary".into()) }
@@ -250,6 +256,38 @@ mod tests {
         let back: Event = serde_json::from_value(json).unwrap();
         assert_eq!(back, event);
         assert_eq!(back.kind(), "refused");
+    }
+
+    #[test]
+    fn the_finished_event_carries_the_cloudshark_files_and_never_the_token() {
+        let request = FleetRequest::parse(br#"{"id": "r2", "not_after": 1, "capture": {}}"#).unwrap();
+        let summary: crate::captures::CaptureSummary = serde_json::from_value(serde_json::json!({
+            "id": "r2", "interface": "eth1", "stop_reason": "packets", "packets": 5, "bytes": 500,
+            "elapsed_secs": 1.0, "outputs": [], "dropped_writer": 0, "dropped_kernel": 0,
+            "redirect_errors": 0, "truncated": 0, "queues": [],
+            "cloudshark": {"destination": "cloudshark://cs.example.net",
+                           "files": [{"id": "c0ffee", "url": "https://cs.example.net/captures/c0ffee",
+                                      "filename": "r2.pcap", "bytes": 604}]}
+        }))
+        .unwrap();
+        let info = CaptureInfo {
+            id: "r2".into(),
+            interfaces: vec!["public".into()],
+            devices: vec!["eth1".into()],
+            request: crate::request::CaptureRequest::default(),
+            location: String::new(),
+            started_ns: 0,
+            requested_by: None,
+            owner: None,
+            state: CaptureState::Finished,
+            progress: crate::captures::Progress::default(),
+            summary: Some(summary),
+            error: None,
+        };
+        let json = serde_json::to_value(Event::ended(&request, "tap1", &info)).unwrap();
+        assert_eq!(json["event"], "finished");
+        assert_eq!(json["cloudshark"]["files"][0]["url"], "https://cs.example.net/captures/c0ffee");
+        assert_eq!(json["cloudshark"]["files"][0]["id"], "c0ffee");
     }
 
     #[test]

@@ -147,6 +147,8 @@ impl PcapdaemonMessage {
             // The fleet request's id, filled in by the node.
             request_id: None,
             destination,
+            // Where pcapdaemon sends to CloudShark is its configuration's, not a message's.
+            cloudshark: None,
         };
         let target = Target {
             node_regex: node_regex(self.node.as_deref(), self.nodere.as_deref()),

@@ -468,6 +468,7 @@ mod tests {
             outputs: vec!["o".into()],
             error: None,
             lookback: None,
+            cloudshark: None,
         }
     }
 

@@ -58,8 +58,13 @@ pub struct CaptureRequest {
     /// letters, digits, `.`, `_` or `-`); default: `[store] retention`.
     pub retention: Option<String>,
     /// Where to store it: one of the configured destinations or a place under one, or
-    /// `local` (the first local directory); default: the first destination.
+    /// `local` (the first local directory), or a configured CloudShark appliance's URL
+    /// (`cloudshark://host`: kept locally only until it is sent there); default: the first
+    /// destination.
     pub destination: Option<String>,
+    /// A CloudShark appliance to send it to as well when it ends: the name of a configured
+    /// `[cloudshark.<name>]` or its URL (`cloudshark://host`); none: not sent.
+    pub cloudshark: Option<String>,
 }
 
 /// A list of interface names, or one name alone: `"a"` or `["a", "b"]`.

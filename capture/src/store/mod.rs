@@ -4,7 +4,8 @@
 //! queue, the spool while the store is away) -> [`object`] (objects, rotation, parts) -> a
 //! [`Sink`]. [`settings`] turns configuration into a destination; [`catalog`] keeps each
 //! capture's manifest beside its objects and lists captures by time and labels; [`read`] reads
-//! back, one object or the captures of a prefix merged.
+//! back, one object or the captures of a prefix merged; [`cloudshark`] sends a finished
+//! capture to a CloudShark appliance.
 //!
 //! [`Sink`] is the small interface to a store, with two implementations: [`s3::S3Sink`]
 //! (aws-sdk-s3, any S3-compatible endpoint) and [`dir::DirSink`] (a local directory); tests
@@ -14,6 +15,7 @@
 //! objects, bounded parts in flight, and an index object beside each object.
 
 pub mod catalog;
+pub mod cloudshark;
 pub mod compress;
 pub mod dir;
 pub mod fault;

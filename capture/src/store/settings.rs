@@ -7,9 +7,10 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     Destination, UploadError,
-    catalog::Catalog,
+    catalog::{Catalog, Manifest},
     dir::DirSink,
     object::{MIN_PART_BYTES, ObjectOwner, UploadConfig},
+    read::{Format, MergeOptions, read_captures},
     s3::{S3Config, S3Sink},
     stream::{
         Recovered, StartStore, StoreOptions, StoreOutput, StoreTarget, recover_dead_capture, recover_spools,
@@ -244,6 +245,40 @@ impl StoreSettings {
                 Destination::Dir { path } => catalog.write(&DirSink::new(path)?, "", outage).await,
             }
         })
+    }
+
+    /// Writes every frame of the capture `manifest` describes, stored under the destination
+    /// `url`, to the file `out` as one file in `format` (its interfaces merged in time order),
+    /// read back from the store with a client of its own.
+    pub fn read_capture(
+        &self,
+        url: &str,
+        manifest: &Manifest,
+        format: Format,
+        out: &std::path::Path,
+    ) -> Result<u64, UploadError> {
+        let destination: Destination = url.parse()?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|source| UploadError::Runtime { source })?;
+        let io = |source| UploadError::Io { operation: "write", path: out.display().to_string(), source };
+        let mut file = std::io::BufWriter::new(std::fs::File::create(out).map_err(io)?);
+        let options = MergeOptions { since: 0, until: u64::MAX, filter: None, in_flight: 4, format };
+        let captures = std::slice::from_ref(manifest);
+        let stats = runtime.block_on(async {
+            match destination {
+                Destination::S3 { bucket, .. } => {
+                    let sink = Arc::new(S3Sink::new(self.s3(bucket)).await);
+                    read_captures(sink, captures, &options, &mut file, |_| {}).await
+                }
+                Destination::Dir { path } => {
+                    read_captures(Arc::new(DirSink::new(path)?), captures, &options, &mut file, |_| {}).await
+                }
+            }
+        })?;
+        std::io::Write::flush(&mut file).map_err(io)?;
+        Ok(stats.packets)
     }
 
     fn recover_one(&self, url: &str, labels: ObjectLabels) -> Result<(), UploadError> {
