@@ -322,3 +322,130 @@ fn a_missing_bucket_or_a_bad_key_file_is_named_and_nothing_starts() {
     assert!(!stderr.contains("capturing on"), "nothing started: {stderr}");
     assert!(!stderr.contains(secret), "the key never appears in the log: {stderr}");
 }
+
+/// A token endpoint of the test's own on a loopback port: it answers every request with an
+/// access token and hands each request's text (head and body) to the test.
+fn token_endpoint() -> (String, std::sync::mpsc::Receiver<String>) {
+    use std::io::{Read as _, Write as _};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/token", listener.local_addr().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut request = Vec::new();
+            let mut buf = [0u8; 8192];
+            // The head, then as many body bytes as it announces.
+            loop {
+                let n = stream.read(&mut buf).unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                request.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&request).into_owned();
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let len = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().to_owned())
+                        })
+                        .and_then(|v| v.parse::<usize>().ok())
+                        .unwrap_or(0);
+                    if body.len() >= len {
+                        break;
+                    }
+                }
+            }
+            let answer = r#"{"access_token":"test-token-1","expires_in":3600,"token_type":"Bearer"}"#;
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}",
+                answer.len()
+            );
+            if tx.send(String::from_utf8_lossy(&request).into_owned()).is_err() {
+                return;
+            }
+        }
+    });
+    (url, rx)
+}
+
+#[test]
+fn a_service_account_key_is_exchanged_for_a_token_once_with_a_jwt_it_signed() {
+    let gcs = FakeGcs::start();
+    let dir = tempfile::tempdir().unwrap();
+    let pem = dir.path().join("key.pem");
+    tapstream_testenv::run(
+        std::process::Command::new("openssl")
+            .args(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out"])
+            .arg(&pem),
+    );
+    let (token_uri, requests) = token_endpoint();
+    let key = serde_json::json!({
+        "type": "service_account",
+        "client_email": "writer@project.iam.gserviceaccount.com",
+        "private_key": std::fs::read_to_string(&pem).unwrap(),
+        "token_uri": token_uri,
+    });
+    let key_file = dir.path().join("key.json");
+    std::fs::write(&key_file, key.to_string()).unwrap();
+    let sink = GcsSink::new(GcsConfig {
+        bucket: gcs.bucket.clone(),
+        endpoint: Some(gcs.endpoint.clone()),
+        key_file: Some(key_file),
+        max_connections: 2,
+    })
+    .expect("a valid key loads");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let name = format!("{}/small", unique_name("sa"));
+    rt.block_on(async {
+        sink.check("").await.expect("the check passes with a token");
+        let meta = tapstream::store::ObjectMeta { content_type: "text/plain".into(), ..Default::default() };
+        sink.put_object(&name, bytes::Bytes::from_static(b"hello"), &meta).await.unwrap();
+        assert_eq!(sink.get(&name, None).await.unwrap(), b"hello");
+    });
+    let request = requests.try_recv().expect("one token request");
+    assert!(requests.try_recv().is_err(), "the token is reused");
+    let body = request.split_once("\r\n\r\n").unwrap().1;
+    assert!(
+        body.starts_with("grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Ajwt-bearer&assertion="),
+        "{body}"
+    );
+    let jwt = body.split("assertion=").nth(1).unwrap();
+    let parts: Vec<&str> = jwt.split('.').collect();
+    assert_eq!(parts.len(), 3, "{jwt}");
+    let decode = |s: &str| {
+        let mut s = s.replace('-', "+").replace('_', "/");
+        while !s.len().is_multiple_of(4) {
+            s.push('=');
+        }
+        aws_smithy_types::base64::decode(&s).unwrap()
+    };
+    let header: serde_json::Value = serde_json::from_slice(&decode(parts[0])).unwrap();
+    let claims: serde_json::Value = serde_json::from_slice(&decode(parts[1])).unwrap();
+    assert_eq!(header["alg"], "RS256");
+    assert_eq!(claims["iss"], "writer@project.iam.gserviceaccount.com");
+    assert_eq!(claims["aud"], token_uri.as_str());
+    assert_eq!(claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap(), 3600);
+    // The signature verifies with the key's public half.
+    let public = dir.path().join("public.pem");
+    tapstream_testenv::run(
+        std::process::Command::new("openssl")
+            .args(["pkey", "-pubout", "-in"])
+            .arg(&pem)
+            .arg("-out")
+            .arg(&public),
+    );
+    std::fs::write(dir.path().join("signed"), format!("{}.{}", parts[0], parts[1])).unwrap();
+    std::fs::write(dir.path().join("signature"), decode(parts[2])).unwrap();
+    tapstream_testenv::run(
+        std::process::Command::new("openssl")
+            .args(["dgst", "-sha256", "-verify"])
+            .arg(&public)
+            .arg("-signature")
+            .arg(dir.path().join("signature"))
+            .arg(dir.path().join("signed")),
+    );
+}
