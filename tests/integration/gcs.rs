@@ -210,6 +210,21 @@ fn corpus_capture_to_gs_reads_back_byte_for_byte_and_a_window_fetches_less() {
         assert_eq!(data, &frame.data, "frame {i} differs");
     }
 
+    // `ls` finds the capture in the catalog; `read` of the prefix gives the same frames.
+    let out = veth
+        .capture_ns
+        .command(tapstream_bin())
+        .args(["ls", &url, "--json"])
+        .args(gcs_args(&gcs))
+        .output()
+        .expect("run tapstream ls");
+    assert!(out.status.success(), "ls failed: {}", String::from_utf8_lossy(&out.stderr));
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ls --json is JSON");
+    let ids: Vec<&str> = listed.as_array().unwrap().iter().filter_map(|m| m["capture_id"].as_str()).collect();
+    assert_eq!(ids, ["corpus"], "{listed}");
+    let (merged, _) = read(&veth.capture_ns, &gcs, &url, &[]);
+    assert!(records(&merged) == stored, "the prefix reads back the same frames");
+
     let times: Vec<u64> = stored.iter().map(|(t, _)| *t).collect();
     let (since, until) = (times[times.len() / 2], times[times.len() * 3 / 4]);
     let secs = |ns: u64| format!("{}.{:09}", ns / 1_000_000_000, ns % 1_000_000_000);
