@@ -135,8 +135,8 @@ fn a_large_object_goes_up_part_by_part_in_one_resumable_session_and_reads_back_e
 }
 
 #[test]
-fn a_cancelled_upload_leaves_no_session() {
-    let gcs = FakeGcs::start();
+fn a_cancelled_upload_leaves_no_session_and_a_lost_one_is_named() {
+    let mut gcs = FakeGcs::start();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let sink = sink(&gcs);
     let key = format!("{}/cancelled.pcap.zst", unique_name("cancel"));
@@ -152,6 +152,21 @@ fn a_cancelled_upload_leaves_no_session() {
             .expect_err("a cancelled session takes nothing");
         assert!(e.to_string().contains("earlier process") || e.to_string().contains("404"), "{e}");
     });
+    // The emulator forgets open sessions when it restarts (GCS keeps them a week): the next
+    // part is refused for good, and the error says the session is gone.
+    let session = rt.block_on(async {
+        let meta =
+            tapstream::store::ObjectMeta { content_type: "application/zstd".into(), ..Default::default() };
+        let session = sink.create_multipart(&key, &meta).await.unwrap();
+        sink.upload_part(&key, &session, 1, bytes::Bytes::from(noise(300_000, 5))).await.unwrap();
+        session
+    });
+    gcs.stop();
+    gcs.resume();
+    let e = rt
+        .block_on(sink.upload_part(&key, &session, 2, bytes::Bytes::from(noise(300_000, 6))))
+        .expect_err("a forgotten session takes nothing");
+    assert!(e.to_string().contains("session is gone") && !e.is_retryable(), "{e}");
 }
 
 #[test]

@@ -68,6 +68,11 @@ struct Endpoint {
     base: String,
 }
 
+/// Checks an endpoint URL (`store.gcs_endpoint`): why it cannot be used, if so.
+pub fn check_endpoint(url: &str) -> std::result::Result<(), String> {
+    Endpoint::parse(url).map(drop)
+}
+
 impl Endpoint {
     fn parse(url: &str) -> std::result::Result<Self, String> {
         let (tls, rest) = if let Some(rest) = url.strip_prefix("https://") {
@@ -493,6 +498,9 @@ fn status_error(operation: &'static str, key: &str, bucket: &str, answer: &Answe
     let text = message(&answer.body);
     let reason = match status {
         404 if operation == "List" || operation == "Check" => format!("no bucket {bucket} (404{text})"),
+        404 | 410 if operation.contains("Resumable") || operation == "UploadChunk" => {
+            format!("the resumable upload session is gone ({status}{text})")
+        }
         404 => format!("not found (404{text})"),
         401 | 403 => format!("access denied ({status}{text})"),
         _ => format!("the store answered {status}{text}"),

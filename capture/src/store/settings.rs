@@ -164,6 +164,9 @@ impl StoreSettings {
                 ));
             }
         }
+        if let Some(url) = &self.gcs_endpoint {
+            super::gcs::check_endpoint(url).map_err(|m| ("gcs_endpoint", format!("{url:?}: {m}")))?;
+        }
         if let Some(sse) = &self.sse
             && sse != "AES256"
             && sse != "aws:kms"
