@@ -1037,6 +1037,7 @@ mod tests {
             ("[store]\npart_size_bytes = 1000\n", "store.part_size_bytes"),
             ("[store]\ncompression = \"fast\"\n", "store.compression"),
             ("[store]\ndestinations = [\"ftp://x\"]\n", "store.destinations"),
+            ("[store]\ngcs_endpoint = \"127.0.0.1:4443\"\n", "store.gcs_endpoint"),
             ("[cloudshark.lab]\nurl = \"https://cs\"\ntoken_env = \"PATH\"\n", "cloudshark.lab.url"),
             ("[cloudshark.lab]\nurl = \"cloudshark://cs\"\n", "cloudshark.lab.token_file"),
             (

@@ -18,6 +18,7 @@ mod fleet_cli;
 mod fleet_nats;
 mod full_disk;
 mod fuzz;
+mod gcs;
 mod interface_loss;
 mod interfaces;
 mod live_drops;

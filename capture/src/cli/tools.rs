@@ -12,6 +12,7 @@ use crate::{
         Destination, Sink,
         catalog::{self, CatalogError, Manifest, Selector},
         dir::DirSink,
+        gcs::GcsSink,
         parse_object_url,
         read::{Format, MergeOptions, MergeStats, read_captures, read_window, section_comment},
         s3::S3Sink,
@@ -128,11 +129,17 @@ pub fn read(args: ReadArgs) -> anyhow::Result<()> {
                 Some(dir) => {
                     read_window(&DirSink::new(dir)?, &args.url, since, until, format, &mut out).await
                 }
-                None => {
-                    let (bucket, key) = parse_object_url(&args.url)?;
-                    let sink = S3Sink::new(args.store.s3(bucket)).await;
-                    read_window(&sink, &key, since, until, format, &mut out).await
-                }
+                None => match parse_object_url(&args.url)? {
+                    (Destination::Gs { bucket, .. }, key) => {
+                        let sink = GcsSink::new(args.store.settings().gcs(bucket))?;
+                        read_window(&sink, &key, since, until, format, &mut out).await
+                    }
+                    (Destination::S3 { bucket, .. }, key) => {
+                        let sink = S3Sink::new(args.store.s3(bucket)).await;
+                        read_window(&sink, &key, since, until, format, &mut out).await
+                    }
+                    (Destination::Dir { .. }, _) => unreachable!("an object URL names a bucket"),
+                },
             }
         })
         .with_context(|| format!("read {}", args.url))?;
@@ -236,6 +243,9 @@ async fn with_store<T>(
         None => match url.parse::<Destination>()? {
             Destination::S3 { bucket, prefix } => {
                 work.run(Arc::new(S3Sink::new(store.s3(bucket)).await), &prefix).await
+            }
+            Destination::Gs { bucket, prefix } => {
+                work.run(Arc::new(GcsSink::new(store.settings().gcs(bucket))?), &prefix).await
             }
             Destination::Dir { path } => {
                 if !path.is_dir() {

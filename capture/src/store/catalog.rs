@@ -217,6 +217,7 @@ impl Catalog {
 pub fn recovered_objects(destination: &super::Destination, urls: &[String]) -> Vec<ManifestObject> {
     let base = match destination {
         super::Destination::S3 { bucket, .. } => format!("s3://{bucket}/"),
+        super::Destination::Gs { bucket, .. } => format!("gs://{bucket}/"),
         super::Destination::Dir { path } => format!("file://{}/", path.display()),
     };
     urls.iter()

@@ -564,7 +564,7 @@ where
 }
 
 /// The TLS client: the system's CA certificates, aws-lc-rs.
-fn tls_connector() -> std::io::Result<tokio_rustls::TlsConnector> {
+pub(crate) fn tls_connector() -> std::io::Result<tokio_rustls::TlsConnector> {
     use tokio_rustls::rustls;
     static CONFIG: std::sync::OnceLock<Result<Arc<rustls::ClientConfig>, String>> =
         std::sync::OnceLock::new();

@@ -7,8 +7,9 @@
 //! back, one object or the captures of a prefix merged; [`cloudshark`] sends a finished
 //! capture to a CloudShark appliance.
 //!
-//! [`Sink`] is the small interface to a store, with two implementations: [`s3::S3Sink`]
-//! (aws-sdk-s3, any S3-compatible endpoint) and [`dir::DirSink`] (a local directory); tests
+//! [`Sink`] is the small interface to a store, with three implementations: [`s3::S3Sink`]
+//! (aws-sdk-s3, any S3-compatible endpoint), [`gcs::GcsSink`] (Google Cloud Storage's JSON
+//! API) and [`dir::DirSink`] (a local directory); tests
 //! wrap either in a [`fault::FaultSink`], which counts calls and fails those it is told to.
 //! [`object::Uploader`] turns a capture's compressed frames into objects: rotation by size and
 //! age, multipart uploads with parts in order and CRC32C checksums, a single PutObject for small
@@ -19,6 +20,7 @@ pub mod cloudshark;
 pub mod compress;
 pub mod dir;
 pub mod fault;
+pub mod gcs;
 pub mod object;
 pub mod read;
 pub mod s3;
@@ -264,11 +266,14 @@ pub trait Sink: Send + Sync + 'static {
 /// How long the check of a store before a capture starts ([`Sink::check`]) may take.
 pub const CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
-/// A destination given on the command line: `s3://bucket/prefix` or a local directory.
+/// A destination given on the command line: `s3://bucket/prefix`, `gs://bucket/prefix` or a
+/// local directory.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Destination {
     /// A bucket and a key prefix (no leading or trailing slash).
     S3 { bucket: String, prefix: String },
+    /// A Google Cloud Storage bucket and a key prefix (no leading or trailing slash).
+    Gs { bucket: String, prefix: String },
     /// A local directory.
     Dir { path: std::path::PathBuf },
 }
@@ -284,21 +289,45 @@ impl std::str::FromStr for Destination {
             }
             return Ok(Self::S3 { bucket: bucket.into(), prefix: prefix.trim_matches('/').into() });
         }
+        if let Some(rest) = url.strip_prefix("gs://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(UploadError::Destination { url: url.into(), reason: "no bucket name".into() });
+            }
+            return Ok(Self::Gs { bucket: bucket.into(), prefix: prefix.trim_matches('/').into() });
+        }
         if url.contains("://") {
             return Err(UploadError::Destination {
                 url: url.into(),
-                reason: "only s3:// URLs and local directories are supported".into(),
+                reason: "only s3:// and gs:// URLs and local directories are supported".into(),
             });
         }
         Ok(Self::Dir { path: url.into() })
     }
 }
 
-/// Splits `s3://bucket/key` into bucket and key.
-pub fn parse_object_url(url: &str) -> Result<(String, String), UploadError> {
+/// Splits `s3://bucket/key` or `gs://bucket/key` into the destination (its prefix the key)
+/// and the key.
+pub fn parse_object_url(url: &str) -> Result<(Destination, String), UploadError> {
     match url.parse::<Destination>()? {
-        Destination::S3 { bucket, prefix } if !prefix.is_empty() => Ok((bucket, prefix)),
-        _ => Err(UploadError::Destination { url: url.into(), reason: "expected s3://bucket/key".into() }),
+        d @ (Destination::S3 { .. } | Destination::Gs { .. }) if !d.prefix().is_empty() => {
+            let key = d.prefix().to_owned();
+            Ok((d, key))
+        }
+        _ => Err(UploadError::Destination {
+            url: url.into(),
+            reason: "expected s3://bucket/key or gs://bucket/key".into(),
+        }),
+    }
+}
+
+impl Destination {
+    /// The key prefix in the bucket ("" for a directory).
+    pub fn prefix(&self) -> &str {
+        match self {
+            Self::S3 { prefix, .. } | Self::Gs { prefix, .. } => prefix,
+            Self::Dir { .. } => "",
+        }
     }
 }
 
@@ -320,8 +349,13 @@ mod tests {
             "/var/tmp/c".parse::<Destination>().unwrap(),
             Destination::Dir { path: "/var/tmp/c".into() }
         );
-        let e = "gs://b/x".parse::<Destination>().unwrap_err().to_string();
-        assert!(e.contains("only s3://"), "{e}");
+        assert_eq!(
+            "gs://b/captures/x/".parse::<Destination>().unwrap(),
+            Destination::Gs { bucket: "b".into(), prefix: "captures/x".into() }
+        );
+        let e = "az://b/x".parse::<Destination>().unwrap_err().to_string();
+        assert!(e.contains("only s3:// and gs://"), "{e}");
+        assert!("gs:///x".parse::<Destination>().unwrap_err().to_string().contains("no bucket"));
         assert!("s3:///x".parse::<Destination>().unwrap_err().to_string().contains("no bucket"));
         assert!(parse_object_url("s3://b").is_err());
     }

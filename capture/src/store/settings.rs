@@ -9,6 +9,7 @@ use super::{
     Destination, UploadError,
     catalog::{Catalog, Manifest},
     dir::DirSink,
+    gcs::{GcsConfig, GcsSink},
     object::{MIN_PART_BYTES, ObjectOwner, UploadConfig},
     read::{Format, MergeOptions, read_captures},
     s3::{S3Config, S3Sink},
@@ -22,7 +23,8 @@ use crate::store::compress::{Adaptive, Compression};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreSettings {
-    /// Where captures may be stored: `s3://bucket/prefix` URLs and local directories. A
+    /// Where captures may be stored: `s3://bucket/prefix` and `gs://bucket/prefix` URLs and
+    /// local directories. A
     /// request names one of them or a place under one; the first is the default.
     pub destinations: Vec<String>,
     /// Endpoint of an S3-compatible store (e.g. `http://127.0.0.1:3900`); default: AWS.
@@ -31,6 +33,13 @@ pub struct StoreSettings {
     pub s3_region: Option<String>,
     /// Path-style addressing (endpoint/bucket/key), which most S3-compatible stores need.
     pub s3_path_style: bool,
+    /// Endpoint of Google Cloud Storage's JSON API for `gs://` destinations (an emulator's,
+    /// e.g. `http://127.0.0.1:4443`); default: Google's. With it and no key file, requests
+    /// carry no credentials.
+    pub gcs_endpoint: Option<String>,
+    /// A service-account JSON key file for `gs://` destinations; default: Application Default
+    /// Credentials (`GOOGLE_APPLICATION_CREDENTIALS`, then the metadata server).
+    pub gcs_key_file: Option<PathBuf>,
     /// Server-side encryption: `AES256` or `aws:kms`.
     pub sse: Option<String>,
     /// KMS key id for `sse = "aws:kms"`.
@@ -83,6 +92,8 @@ impl Default for StoreSettings {
             s3_endpoint: None,
             s3_region: None,
             s3_path_style: false,
+            gcs_endpoint: None,
+            gcs_key_file: None,
             sse: None,
             sse_kms_key_id: None,
             storage_class: None,
@@ -144,12 +155,17 @@ impl StoreSettings {
         self.compression().map_err(|m| ("compression", m))?;
         for d in &self.destinations {
             d.parse::<Destination>().map_err(|e| ("destinations", format!("{d:?}: {e}")))?;
-            if !d.starts_with("s3://") && !d.starts_with('/') {
+            if !d.starts_with("s3://") && !d.starts_with("gs://") && !d.starts_with('/') {
                 return Err((
                     "destinations",
-                    format!("{d:?} is neither s3://bucket/prefix nor an absolute directory"),
+                    format!(
+                        "{d:?} is neither s3://bucket/prefix, gs://bucket/prefix nor an absolute directory"
+                    ),
                 ));
             }
+        }
+        if let Some(url) = &self.gcs_endpoint {
+            super::gcs::check_endpoint(url).map_err(|m| ("gcs_endpoint", format!("{url:?}: {m}")))?;
         }
         if let Some(sse) = &self.sse
             && sse != "AES256"
@@ -196,6 +212,16 @@ impl StoreSettings {
         }
     }
 
+    /// The Google Cloud Storage client settings for `bucket`.
+    pub fn gcs(&self, bucket: String) -> GcsConfig {
+        GcsConfig {
+            bucket,
+            endpoint: self.gcs_endpoint.clone(),
+            key_file: self.gcs_key_file.clone(),
+            max_connections: self.max_connections,
+        }
+    }
+
     /// Uploads what earlier runs left in the spool for each configured destination; returns
     /// each destination's outcome. Spools for a store that is unreachable now stay for the next
     /// capture that goes there.
@@ -221,6 +247,10 @@ impl StoreSettings {
                 let s3 = self.s3(bucket);
                 recover_dead_capture(|| async move { Ok(S3Sink::new(s3).await) }, config, owner, options)
             }
+            Destination::Gs { bucket, .. } => {
+                let gcs = self.gcs(bucket);
+                recover_dead_capture(|| async move { GcsSink::new(gcs) }, config, owner, options)
+            }
             Destination::Dir { path } => {
                 recover_dead_capture(|| async move { DirSink::new(path) }, config, owner, options)
             }
@@ -241,6 +271,9 @@ impl StoreSettings {
             match destination {
                 Destination::S3 { bucket, prefix } => {
                     catalog.write(&S3Sink::new(self.s3(bucket)).await, &prefix, outage).await
+                }
+                Destination::Gs { bucket, prefix } => {
+                    catalog.write(&GcsSink::new(self.gcs(bucket))?, &prefix, outage).await
                 }
                 Destination::Dir { path } => catalog.write(&DirSink::new(path)?, "", outage).await,
             }
@@ -272,6 +305,10 @@ impl StoreSettings {
                     let sink = Arc::new(S3Sink::new(self.s3(bucket)).await);
                     read_captures(sink, captures, &options, &mut file, |_| {}).await
                 }
+                Destination::Gs { bucket, .. } => {
+                    let sink = Arc::new(GcsSink::new(self.gcs(bucket))?);
+                    read_captures(sink, captures, &options, &mut file, |_| {}).await
+                }
                 Destination::Dir { path } => {
                     read_captures(Arc::new(DirSink::new(path)?), captures, &options, &mut file, |_| {}).await
                 }
@@ -291,6 +328,10 @@ impl StoreSettings {
                 let s3 = self.s3(bucket);
                 recover_spools(|| async move { Ok(S3Sink::new(s3).await) }, config, owner, options)
             }
+            Destination::Gs { bucket, .. } => {
+                let gcs = self.gcs(bucket);
+                recover_spools(|| async move { GcsSink::new(gcs) }, config, owner, options)
+            }
             Destination::Dir { path } => {
                 recover_spools(|| async move { DirSink::new(path) }, config, owner, options)
             }
@@ -308,10 +349,7 @@ impl StoreSettings {
         let compression =
             self.compression().map_err(|reason| UploadError::Setting { field: "compression", reason })?;
         let destination: Destination = url.parse()?;
-        let prefix = match &destination {
-            Destination::S3 { prefix, .. } => prefix.clone(),
-            Destination::Dir { .. } => String::new(),
-        };
+        let prefix = destination.prefix().to_owned();
         let config = UploadConfig {
             part_bytes: self.part_size_bytes as usize,
             parts_in_flight_per_object: self.parts_in_flight,
@@ -364,6 +402,12 @@ impl StoreSettings {
                     owner,
                     options,
                 )?;
+                Box::new(move |pool, header| prepared.start(pool, header))
+            }
+            Destination::Gs { bucket, .. } => {
+                let gcs = self.gcs(bucket);
+                let prepared =
+                    StoreOutput::prepare(|| async move { GcsSink::new(gcs) }, config, owner, options)?;
                 Box::new(move |pool, header| prepared.start(pool, header))
             }
             Destination::Dir { path } => {

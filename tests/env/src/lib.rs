@@ -8,12 +8,15 @@
 //!   generated frames;
 //! - [`Garage`]: an S3-compatible server on a free loopback port, with its own directory,
 //!   keys and bucket;
+//! - [`FakeGcs`]: a Google Cloud Storage emulator on a free loopback port, with its own
+//!   directory and bucket;
 //! - [`Redis`]: a Redis server on a Unix socket (which daemons in any namespace reach);
 //! - [`Nats`]: a NATS server with JetStream in a hub namespace, linked to others by veth.
 //!
 //! Everything here needs root (or CAP_NET_ADMIN and CAP_SYS_ADMIN) and the tools that
 //! `cargo xtask setup` installs.
 
+mod fake_gcs;
 mod garage;
 mod nats;
 mod netns;
@@ -24,6 +27,7 @@ mod tls;
 
 use std::path::PathBuf;
 
+pub use fake_gcs::FakeGcs;
 pub use garage::Garage;
 pub use nats::Nats;
 pub use netns::{Netns, VethPair};
