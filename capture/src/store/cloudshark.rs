@@ -478,15 +478,17 @@ impl CloudShark {
             let name = tokio_rustls::rustls::pki_types::ServerName::try_from(self.url.host.clone()).map_err(
                 |e| CloudSharkError::Tls { host: host.clone(), source: std::io::Error::other(e.to_string()) },
             )?;
-            let stream = tls_connector()
+            let stream = super::http::tls_connector()
                 .map_err(|source| CloudSharkError::Tls { host: host.clone(), source })?
                 .connect(name, tcp)
                 .await
                 .map_err(|source| CloudSharkError::Tls { host: host.clone(), source })?;
-            send(hyper_util::rt::TokioIo::new(stream), request).await.map_err(http)
+            super::http::send(hyper_util::rt::TokioIo::new(stream), request).await
         } else {
-            send(hyper_util::rt::TokioIo::new(tcp), request).await.map_err(http)
+            super::http::send(hyper_util::rt::TokioIo::new(tcp), request).await
         }
+        .map(|answer| (answer.status().as_u16(), answer.into_body()))
+        .map_err(http)
     }
 
     /// Sends one file, trying again while CloudShark is down or failing (up to `attempts`,
@@ -539,52 +541,6 @@ fn error_message(body: &[u8]) -> String {
     };
     let text: String = text.chars().filter(|c| !c.is_control()).take(200).collect();
     format!(": {text}")
-}
-
-/// One HTTP/1.1 exchange on `io`.
-async fn send<I>(
-    io: I,
-    request: hyper::Request<http_body_util::Full<Bytes>>,
-) -> Result<(u16, Bytes), hyper::Error>
-where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    use http_body_util::BodyExt as _;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await?;
-    let driver = tokio::spawn(connection);
-    let result = async {
-        let response = sender.send_request(request).await?;
-        let status = response.status().as_u16();
-        let body = response.into_body().collect().await?.to_bytes();
-        Ok((status, body))
-    }
-    .await;
-    driver.abort();
-    result
-}
-
-/// The TLS client: the system's CA certificates, aws-lc-rs.
-pub(crate) fn tls_connector() -> std::io::Result<tokio_rustls::TlsConnector> {
-    use tokio_rustls::rustls;
-    static CONFIG: std::sync::OnceLock<Result<Arc<rustls::ClientConfig>, String>> =
-        std::sync::OnceLock::new();
-    let config = CONFIG.get_or_init(|| {
-        let mut roots = rustls::RootCertStore::empty();
-        let found = rustls_native_certs::load_native_certs();
-        roots.add_parsable_certificates(found.certs);
-        if roots.is_empty() {
-            return Err("no CA certificate found on this system".to_owned());
-        }
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map(|b| Arc::new(b.with_root_certificates(roots).with_no_client_auth()))
-            .map_err(|e| e.to_string())
-    });
-    match config {
-        Ok(config) => Ok(tokio_rustls::TlsConnector::from(config.clone())),
-        Err(e) => Err(std::io::Error::other(e.clone())),
-    }
 }
 
 /// A file waiting in the spool: what it is sent with and for which capture.

@@ -606,36 +606,16 @@ async fn exchange(
     let request = request.body(http_body_util::Full::new(body))?;
     let tcp = tokio::net::TcpStream::connect((endpoint.host.as_str(), endpoint.port)).await?;
     tcp.set_nodelay(true)?;
-    if endpoint.tls {
+    let response = if endpoint.tls {
         let name = tokio_rustls::rustls::pki_types::ServerName::try_from(endpoint.host.clone())?;
-        let stream = super::cloudshark::tls_connector()?.connect(name, tcp).await?;
-        send(hyper_util::rt::TokioIo::new(stream), request).await
+        let stream = super::http::tls_connector()?.connect(name, tcp).await?;
+        super::http::send(hyper_util::rt::TokioIo::new(stream), request).await
     } else {
-        send(hyper_util::rt::TokioIo::new(tcp), request).await
-    }
-}
-
-async fn send<I>(
-    io: I,
-    request: hyper::Request<http_body_util::Full<Bytes>>,
-) -> std::result::Result<Answer, BoxError>
-where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    use http_body_util::BodyExt as _;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await?;
-    let driver = tokio::spawn(connection);
-    let result = async {
-        let response = sender.send_request(request).await?;
-        let header = |name| response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
-        let (location, range) = (header("location"), header("range"));
-        let status = response.status().as_u16();
-        let body = response.into_body().collect().await?.to_bytes();
-        Ok::<_, hyper::Error>(Answer { status, location, range, body })
-    }
-    .await;
-    driver.abort();
-    Ok(result?)
+        super::http::send(hyper_util::rt::TokioIo::new(tcp), request).await
+    }?;
+    let header = |name| response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let (location, range) = (header("location"), header("range"));
+    Ok(Answer { status: response.status().as_u16(), location, range, body: response.into_body() })
 }
 
 /// The JSON resource of a new object: name, type, metadata, and its CRC32C if known.

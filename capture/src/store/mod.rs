@@ -21,6 +21,7 @@ pub mod compress;
 pub mod dir;
 pub mod fault;
 pub mod gcs;
+pub(crate) mod http;
 pub mod object;
 pub mod read;
 pub mod s3;
