@@ -359,6 +359,24 @@ pub(crate) fn daemon_cli(bin: &Path, socket: &Path, args: &[&str]) -> anyhow::Re
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
+/// The first `distinct` Ethernet frames of the corpus of 60 to 1514 bytes, and a trafgen
+/// configuration in `work` that sends them in turn, one trafgen packet each.
+fn corpus_trafgen(work: &Path, distinct: usize) -> anyhow::Result<(Vec<Vec<u8>>, std::path::PathBuf)> {
+    let frames: Vec<Vec<u8>> = tapstream_testenv::corpus_frames()
+        .into_iter()
+        .map(|f| f.data)
+        .filter(|d| (60..=1514).contains(&d.len()))
+        .take(distinct)
+        .collect();
+    let cfg = work.join("corpus.cfg");
+    let packets: Vec<String> = frames
+        .iter()
+        .map(|f| format!("{{ {} }}", f.iter().map(|b| format!("{b:#04x}")).collect::<Vec<_>>().join(",")))
+        .collect();
+    std::fs::write(&cfg, packets.join("\n") + "\n")?;
+    Ok((frames, cfg))
+}
+
 fn tv(t: libc::timeval) -> f64 {
     t.tv_sec as f64 + t.tv_usec as f64 / 1e6
 }

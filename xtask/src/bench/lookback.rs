@@ -28,7 +28,7 @@ use std::{
 use anyhow::Context as _;
 use tapstream_testenv::VethPair;
 
-use super::{daemon_cli, offered, pinned_daemon, process_cpu_secs, tempdir, watch_peak_rss};
+use super::{corpus_trafgen, daemon_cli, offered, pinned_daemon, process_cpu_secs, tempdir, watch_peak_rss};
 
 /// Options of `bench lookback`.
 pub struct LookbackBench {
@@ -55,19 +55,8 @@ pub fn lookback(root: &Path, opts: &LookbackBench) -> anyhow::Result<()> {
     crate::cargo(root, None, &["build", "--release", "--package", "tapstream"])?;
     let bin = root.join("target/release/tapstream");
     let work = tempdir()?;
-    let frames: Vec<Vec<u8>> = tapstream_testenv::corpus_frames()
-        .into_iter()
-        .map(|f| f.data)
-        .filter(|d| (60..=1514).contains(&d.len()))
-        .take(opts.distinct)
-        .collect();
+    let (frames, cfg) = corpus_trafgen(&work, opts.distinct)?;
     let mean_len = frames.iter().map(Vec::len).sum::<usize>() as f64 / frames.len() as f64;
-    let cfg = work.join("corpus.cfg");
-    let packets: Vec<String> = frames
-        .iter()
-        .map(|f| format!("{{ {} }}", f.iter().map(|b| format!("{b:#04x}")).collect::<Vec<_>>().join(",")))
-        .collect();
-    std::fs::write(&cfg, packets.join("\n") + "\n")?;
     let mut rows = Vec::new();
     for (history, section) in [
         ("none", ""),

@@ -23,7 +23,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use tapstream_testenv::{Garage, Netns, VethPair};
 
-use super::{awscli, offered, tempdir, wait_ready};
+use super::{awscli, corpus_trafgen, offered, tempdir, wait_ready};
 
 /// Options of `bench read`.
 pub struct ReadBench {
@@ -128,18 +128,7 @@ fn capture(
     work: &Path,
     opts: &ReadBench,
 ) -> anyhow::Result<(u64, usize, u64, u64)> {
-    let frames: Vec<Vec<u8>> = tapstream_testenv::corpus_frames()
-        .into_iter()
-        .map(|f| f.data)
-        .filter(|d| (60..=1514).contains(&d.len()))
-        .take(opts.distinct)
-        .collect();
-    let cfg = work.join("corpus.cfg");
-    let packets: Vec<String> = frames
-        .iter()
-        .map(|f| format!("{{ {} }}", f.iter().map(|b| format!("{b:#04x}")).collect::<Vec<_>>().join(",")))
-        .collect();
-    std::fs::write(&cfg, packets.join("\n") + "\n")?;
+    let (_, cfg) = corpus_trafgen(work, opts.distinct)?;
     let secs = opts.minutes * 60;
     let mut child = veth
         .capture_ns
